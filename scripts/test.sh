@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs every test of hypha-rtc: formatting, lints, the Rust unit and integration tests, and the
+# conformance suites that drive the real hypha-rpc clients (PyPI and npm, pinned) against
+# servers they start on loopback. Installs what it needs, idempotently; a missing
+# prerequisite that cannot be installed fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+mkdir -p "$CACHE"
+
+step() { printf '\n== %s\n' "$*"; }
+
+apt_install() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        step "installing Debian packages: $*"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "missing prerequisite: $* (install it with apt-get)" >&2
+        exit 1
+    fi
+}
+
+command -v cargo >/dev/null || { echo "missing prerequisite: cargo (Rust toolchain)" >&2; exit 1; }
+command -v python3 >/dev/null || apt_install python3 python3-venv
+command -v node >/dev/null || apt_install nodejs npm
+command -v npm >/dev/null || apt_install npm
+
+step "Python environment (hypha-rpc, aiortc, numpy)"
+REQS=tests/conformance/python/requirements.txt
+VENV="$CACHE/venv-$(sha256sum "$REQS" | cut -c1-12)"
+if [ ! -f "$VENV/.complete" ]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -r "$REQS"
+    touch "$VENV/.complete"
+fi
+
+step "npm packages (hypha-rpc, ws)"
+JS=tests/conformance/js
+STAMP="$JS/node_modules/.lock-$(sha256sum "$JS/package-lock.json" | cut -c1-12)"
+if [ ! -f "$STAMP" ]; then
+    (cd "$JS" && npm ci --no-audit --no-fund --loglevel=error)
+    touch "$STAMP"
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo build --locked --bins
+cargo test --locked
+
+step "conformance suites (real hypha-rpc clients)"
+HYPHA_RTC_BIN="$CARGO_TARGET_DIR/debug/hypha-rtc" \
+    "$VENV/bin/python" -m pytest tests/conformance/python -q -p no:cacheprovider \
+    -W ignore::jwt.warnings.InsecureKeyLengthWarning

@@ -1,0 +1,356 @@
+//! Settings: defaults < optional file (`--config`) < `HYPHA_*` environment < command line.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+const AFTER_HELP: &str = "\
+Every option can also be set in the environment as HYPHA_<OPTION>, with dashes turned into
+underscores (--public-base-url -> HYPHA_PUBLIC_BASE_URL), or in a TOML/YAML/JSON file given
+with --config. The command line beats the environment, which beats the file, which beats the
+defaults. --jwt-secret also falls back to JWT_SECRET. An unknown HYPHA_* variable is reported
+at start-up.";
+
+/// The command line.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(name = "hypha-rtc", version, about = "WebRTC signaling and TURN-credential server, compatible with hypha-rpc clients.", after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Address to listen on [default: 127.0.0.1]
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 9527]
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The URL clients reach this server at, e.g. https://rtc.example.org [default: http://HOST:PORT]
+    #[arg(long)]
+    pub public_base_url: Option<String>,
+    /// Secret for HS256 tokens; share it with a Hypha deployment to interoperate [default: random, tokens die with the process]
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// Settings file (TOML, YAML or JSON) with the same keys as the long options (underscores)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Accepted for compatibility with Hypha; the environment is always read
+    #[arg(long)]
+    pub from_env: bool,
+    /// Server id; the manager is `manager-<id>` [default: random]
+    #[arg(long)]
+    pub server_id: Option<String>,
+    /// Close a websocket that sent no message for this many seconds [default: 600]
+    #[arg(long, value_name = "SECONDS")]
+    pub ws_idle_timeout: Option<u64>,
+    /// Send a protocol ping this often [default: 20]
+    #[arg(long, value_name = "SECONDS")]
+    pub ws_ping_interval: Option<u64>,
+    /// Close a websocket that does not answer a ping within this time [default: 20]
+    #[arg(long, value_name = "SECONDS")]
+    pub ws_ping_timeout: Option<u64>,
+    /// Largest websocket frame accepted [default: 2097152]
+    #[arg(long, value_name = "BYTES")]
+    pub max_frame_size: Option<usize>,
+    /// Frames queued for one client before it counts as slow [default: 256]
+    #[arg(long, value_name = "FRAMES")]
+    pub connection_queue: Option<usize>,
+    /// How long a full queue may block before its slow client is disconnected [default: 5]
+    #[arg(long, value_name = "SECONDS")]
+    pub slow_consumer_timeout: Option<u64>,
+    /// Messages per second one connection may send (bursts of twice that); 0 = unlimited [default: 20000]
+    #[arg(long, value_name = "PER_SECOND")]
+    pub ws_rate_limit: Option<u32>,
+    /// Lifetime of reconnection tokens [default: 172800]
+    #[arg(long, value_name = "SECONDS")]
+    pub reconnection_token_life_time: Option<i64>,
+    /// Time-out of calls the server makes to clients [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    pub method_timeout: Option<u64>,
+    /// Log format: text or json [default: text]
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Keys known in files and as `HYPHA_<KEY>` variables.
+pub const KNOWN_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "public_base_url",
+    "jwt_secret",
+    "from_env",
+    "server_id",
+    "ws_idle_timeout",
+    "ws_ping_interval",
+    "ws_ping_timeout",
+    "max_frame_size",
+    "connection_queue",
+    "slow_consumer_timeout",
+    "ws_rate_limit",
+    "reconnection_token_life_time",
+    "method_timeout",
+    "log_format",
+];
+
+#[derive(Deserialize)]
+struct Raw {
+    host: String,
+    port: u16,
+    public_base_url: Option<String>,
+    jwt_secret: Option<String>,
+    server_id: Option<String>,
+    ws_idle_timeout: u64,
+    ws_ping_interval: u64,
+    ws_ping_timeout: u64,
+    max_frame_size: usize,
+    connection_queue: usize,
+    slow_consumer_timeout: u64,
+    ws_rate_limit: u32,
+    reconnection_token_life_time: i64,
+    method_timeout: u64,
+    log_format: String,
+}
+
+/// Everything the server needs to start, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub public_base_url: Option<String>,
+    pub jwt_secret: Option<SecretString>,
+    pub server_id: Option<String>,
+    pub ws_idle_timeout: Duration,
+    pub ws_ping_interval: Duration,
+    pub ws_ping_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_frame_size: usize,
+    pub connection_queue: usize,
+    pub slow_consumer_timeout: Duration,
+    pub ws_rate_limit: u32,
+    pub reconnection_token_life_time: i64,
+    pub method_timeout: Duration,
+    pub log_format: String,
+    pub verbose: u8,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 9527,
+            public_base_url: None,
+            jwt_secret: None,
+            server_id: None,
+            ws_idle_timeout: Duration::from_secs(600),
+            ws_ping_interval: Duration::from_secs(20),
+            ws_ping_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(5),
+            max_frame_size: 2 * 1024 * 1024,
+            connection_queue: 256,
+            slow_consumer_timeout: Duration::from_secs(5),
+            ws_rate_limit: 20_000,
+            reconnection_token_life_time: 172_800,
+            method_timeout: Duration::from_secs(30),
+            log_format: "text".into(),
+            verbose: 0,
+        }
+    }
+}
+
+/// A setting that could not be read; names the key and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid settings: {0}")]
+pub struct SettingsError(String);
+
+impl Settings {
+    /// Layers the sources; returns the settings and warnings (unknown `HYPHA_*` variables).
+    pub fn load(
+        cli: &Cli,
+        env: &HashMap<String, String>,
+    ) -> Result<(Settings, Vec<String>), SettingsError> {
+        use config::{Config, Environment, File};
+        let d = Settings::default();
+        let err = |e: config::ConfigError| SettingsError(e.to_string());
+        let mut builder = Config::builder()
+            .set_default("host", d.host.clone())
+            .and_then(|b| b.set_default("port", d.port as i64))
+            .and_then(|b| b.set_default("ws_idle_timeout", 600))
+            .and_then(|b| b.set_default("ws_ping_interval", 20))
+            .and_then(|b| b.set_default("ws_ping_timeout", 20))
+            .and_then(|b| b.set_default("max_frame_size", d.max_frame_size as i64))
+            .and_then(|b| b.set_default("connection_queue", d.connection_queue as i64))
+            .and_then(|b| b.set_default("slow_consumer_timeout", 5))
+            .and_then(|b| b.set_default("ws_rate_limit", d.ws_rate_limit as i64))
+            .and_then(|b| {
+                b.set_default(
+                    "reconnection_token_life_time",
+                    d.reconnection_token_life_time,
+                )
+            })
+            .and_then(|b| b.set_default("method_timeout", 30))
+            .and_then(|b| b.set_default("log_format", d.log_format.clone()))
+            .map_err(err)?;
+        if let Some(path) = &cli.config {
+            builder = builder.add_source(File::from(path.as_path()).required(true));
+        }
+        let hypha_env: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("HYPHA_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("HYPHA")
+                .prefix_separator("_")
+                .source(Some(hypha_env.clone().into_iter().collect())),
+        );
+        macro_rules! cli_override {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &cli.$field {
+                    builder = builder.set_override(stringify!($field), v.clone()).map_err(err)?;
+                }
+            )*};
+        }
+        cli_override!(host, public_base_url, jwt_secret, server_id, log_format);
+        macro_rules! cli_override_num {
+            ($($field:ident),*) => {$(
+                if let Some(v) = cli.$field {
+                    builder = builder.set_override(stringify!($field), v as i64).map_err(err)?;
+                }
+            )*};
+        }
+        cli_override_num!(
+            port,
+            ws_idle_timeout,
+            ws_ping_interval,
+            ws_ping_timeout,
+            max_frame_size,
+            connection_queue,
+            slow_consumer_timeout,
+            ws_rate_limit,
+            reconnection_token_life_time,
+            method_timeout
+        );
+        let raw: Raw = builder
+            .build()
+            .map_err(err)?
+            .try_deserialize()
+            .map_err(err)?;
+
+        let mut warnings = Vec::new();
+        let mut unknown: Vec<&String> = hypha_env
+            .keys()
+            .filter(|k| !KNOWN_KEYS.contains(&k["HYPHA_".len()..].to_ascii_lowercase().as_str()))
+            .collect();
+        unknown.sort();
+        for key in unknown {
+            warnings.push(format!(
+                "unknown environment variable {key} is ignored (check its spelling; known: HYPHA_{})",
+                KNOWN_KEYS.join(", HYPHA_").to_ascii_uppercase()
+            ));
+        }
+        let jwt_secret = raw
+            .jwt_secret
+            .or_else(|| env.get("JWT_SECRET").cloned())
+            .filter(|s| !s.is_empty())
+            .map(SecretString::from);
+        if !matches!(raw.log_format.as_str(), "text" | "json") {
+            return Err(SettingsError(format!(
+                "log_format must be 'text' or 'json', not {:?}",
+                raw.log_format
+            )));
+        }
+        if raw.max_frame_size < 1024 {
+            return Err(SettingsError(
+                "max_frame_size must be at least 1024 bytes".into(),
+            ));
+        }
+        if raw.connection_queue == 0 || raw.ws_ping_interval == 0 {
+            return Err(SettingsError(
+                "connection_queue and ws_ping_interval must be positive".into(),
+            ));
+        }
+        if let Some(url) = &raw.public_base_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(SettingsError(format!(
+                "public_base_url must start with http:// or https://, got {url:?}"
+            )));
+        }
+        let settings = Settings {
+            host: raw.host,
+            port: raw.port,
+            public_base_url: raw
+                .public_base_url
+                .map(|u| u.trim_end_matches('/').to_string()),
+            jwt_secret,
+            server_id: raw.server_id,
+            ws_idle_timeout: Duration::from_secs(raw.ws_idle_timeout),
+            ws_ping_interval: Duration::from_secs(raw.ws_ping_interval),
+            ws_ping_timeout: Duration::from_secs(raw.ws_ping_timeout),
+            handshake_timeout: d.handshake_timeout,
+            max_frame_size: raw.max_frame_size,
+            connection_queue: raw.connection_queue,
+            slow_consumer_timeout: Duration::from_secs(raw.slow_consumer_timeout),
+            ws_rate_limit: raw.ws_rate_limit,
+            reconnection_token_life_time: raw.reconnection_token_life_time,
+            method_timeout: Duration::from_secs(raw.method_timeout.max(1)),
+            log_format: raw.log_format,
+            verbose: cli.verbose,
+        };
+        Ok((settings, warnings))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_in_order() {
+        let cli = Cli::parse_from(["hypha-rtc", "--port", "1234"]);
+        let (s, warnings) = Settings::load(
+            &cli,
+            &env(&[
+                ("HYPHA_PORT", "999"),
+                ("HYPHA_PUBLIC_BASE_URL", "https://x.org/"),
+                ("JWT_SECRET", "j"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.port, 1234);
+        assert_eq!(s.public_base_url.as_deref(), Some("https://x.org"));
+        assert_eq!(s.jwt_secret.unwrap().expose_secret(), "j");
+        assert!(warnings.is_empty());
+        let (s, _) = Settings::load(
+            &Cli::parse_from(["x"]),
+            &env(&[
+                ("HYPHA_PORT", "999"),
+                ("HYPHA_JWT_SECRET", "h"),
+                ("JWT_SECRET", "j"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.port, 999);
+        assert_eq!(s.jwt_secret.unwrap().expose_secret(), "h");
+    }
+
+    #[test]
+    fn unknown_variables_warn_and_bad_values_fail() {
+        let cli = Cli::parse_from(["hypha-rtc"]);
+        let (_, warnings) = Settings::load(&cli, &env(&[("HYPHA_COTURN_SECRT", "x")])).unwrap();
+        assert!(warnings[0].contains("HYPHA_COTURN_SECRT"));
+        let e = Settings::load(&cli, &env(&[("HYPHA_PORT", "eighty")])).unwrap_err();
+        assert!(e.to_string().contains("port"), "{e}");
+    }
+}

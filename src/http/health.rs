@@ -1,0 +1,44 @@
+//! Health probes and the client configuration document.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::AppState;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/health", get(liveness))
+        .route("/health/liveness", get(liveness))
+        .route("/health/readiness", get(readiness))
+        .route("/assets/config.json", get(config))
+}
+
+async fn liveness() -> Json<Value> {
+    Json(json!({"status": "OK"}))
+}
+
+async fn readiness(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": "OK",
+        "connections": state.hub.connection_count(),
+        "services": state.registry.len(),
+    }))
+}
+
+async fn config(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<Value> {
+    let user = super::caller(&state, &headers).ok().map(|u| u.to_json());
+    Json(json!({
+        "server_id": state.server_id,
+        "manager_id": state.manager_id,
+        "hypha_version": crate::HYPHA_VERSION,
+        "hypha_rtc_version": env!("CARGO_PKG_VERSION"),
+        "public_base_url": state.public_base_url,
+        "local_base_url": state.local_base_url,
+        "user": user,
+    }))
+}

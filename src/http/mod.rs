@@ -1,0 +1,53 @@
+//! HTTP routes: the websocket upgrade, service calls, health and client configuration.
+
+mod health;
+mod services;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use tower_http::cors::CorsLayer;
+
+use crate::AppState;
+use crate::auth::UserInfo;
+use crate::error::Error;
+
+/// All routes of the server.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .merge(ws::router())
+        .merge(health::router())
+        .merge(services::router())
+        .layer(CorsLayer::very_permissive())
+        .with_state(state)
+}
+
+/// The caller of an HTTP request: `Authorization: Bearer`, else the `access_token` cookie,
+/// else the anonymous HTTP user.
+pub fn caller(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let cookie = || {
+        headers
+            .get_all(axum::http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().strip_prefix("access_token="))
+            .next()
+    };
+    match bearer.or_else(cookie).filter(|t| !t.is_empty()) {
+        Some(token) => state
+            .tokens
+            .parse(token)
+            .map_err(|e| Error::Unauthorized(format!("Authentication error: {e}"))),
+        None => Ok(UserInfo::http_anonymous()),
+    }
+}

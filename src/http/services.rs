@@ -1,0 +1,169 @@
+//! `GET|POST /{workspace}/services/{service}/{function}`: call any service function over HTTP.
+//! `service` = `ws` is the workspace manager. Query parameters or a JSON body are the kwargs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rmpv::Value;
+
+use crate::AppState;
+use crate::error::Error;
+use crate::rpc::peer::{CallContext, CallOptions};
+use crate::rpc::value::{self, Args};
+use crate::workspace::manager;
+
+/// Largest HTTP request body accepted.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/{workspace}/services", get(list))
+        .route("/{workspace}/services/", get(list))
+        .route(
+            "/{workspace}/services/{service}/{function}",
+            get(call_function).post(call_function),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+}
+
+async fn list(
+    State(state): State<Arc<AppState>>,
+    Path(workspace): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let user = super::caller(&state, &headers)?;
+    let ctx = context(&state, &user, &workspace);
+    let args = Args::from_kwargs(vec![("query".into(), workspace.as_str().into())]);
+    let result = manager::call(&state, "list_services", &ctx, &args).await?;
+    Ok(axum::Json(value::to_json(&result)).into_response())
+}
+
+fn context(state: &AppState, user: &crate::auth::UserInfo, workspace: &str) -> CallContext {
+    let ws = if user.permission(workspace).is_some() {
+        workspace.to_string()
+    } else {
+        user.current_workspace
+            .clone()
+            .unwrap_or_else(|| user.own_workspace())
+    };
+    CallContext {
+        from: format!("{ws}/http-client"),
+        ws,
+        user: Arc::new(user.clone()),
+        to: state.peer.manager_addr(),
+    }
+}
+
+/// Query strings carry text; values that look like JSON are parsed as JSON.
+fn query_value(text: &str) -> Value {
+    let looks_json = text.starts_with(['{', '[', '"'])
+        || matches!(text, "true" | "false" | "null")
+        || text.parse::<f64>().is_ok();
+    match looks_json
+        .then(|| serde_json::from_str::<serde_json::Value>(text).ok())
+        .flatten()
+    {
+        Some(json) => value::from_json(&json),
+        None => text.into(),
+    }
+}
+
+async fn call_function(
+    State(state): State<Arc<AppState>>,
+    Path((workspace, service, function)): Path<(String, String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let user = super::caller(&state, &headers)?;
+    let mut kwargs: Vec<(String, Value)> = params
+        .iter()
+        .filter(|(k, _)| k.as_str() != "_mode")
+        .map(|(k, v)| (k.clone(), query_value(v)))
+        .collect();
+    let mut positional = Vec::new();
+    if method == Method::POST && !body.is_empty() {
+        let msgpack = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("msgpack"));
+        let decoded = if msgpack {
+            rmpv::decode::read_value_with_max_depth(&mut &body[..], 256)
+                .map_err(|e| Error::BadRequest(format!("the body is not valid msgpack: {e}")))?
+        } else {
+            let json: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| Error::BadRequest(format!("the body is not valid JSON: {e}")))?;
+            value::from_json(&json)
+        };
+        match decoded {
+            Value::Map(entries) => kwargs.extend(
+                entries
+                    .into_iter()
+                    .filter_map(|(k, v)| k.as_str().map(|k| (k.to_string(), v))),
+            ),
+            Value::Array(items) => positional = items,
+            other => positional.push(other),
+        }
+    }
+    let args = Args { positional, kwargs };
+    let ctx = context(&state, &user, &workspace);
+    let result = if service == "ws" {
+        if user.permission(&workspace).is_none() {
+            return Err(Error::PermissionDenied(format!(
+                "Permission denied for workspace {workspace}"
+            )));
+        }
+        manager::call(&state, &function, &ctx, &args).await?
+    } else {
+        let query = format!("{workspace}/{service}");
+        let mode = params.get("_mode").map(String::as_str);
+        let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode)?;
+        if entry.id.provider.client.as_str() == state.manager_id {
+            return Err(Error::NotFound(format!("Service not found: {query}")));
+        }
+        let mut call_args = args.positional;
+        let with_kwargs = !args.kwargs.is_empty();
+        if with_kwargs {
+            call_args.push(Value::Map(
+                args.kwargs
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v))
+                    .collect(),
+            ));
+        }
+        let user_value = user.to_value();
+        let options = CallOptions {
+            from: &state.peer.manager_addr(),
+            ws: &ctx.ws,
+            user: &user_value,
+            timeout: state.settings.method_timeout,
+            with_kwargs,
+        };
+        let target = entry.id.provider.to_string();
+        let method_path = format!("services.{}.{function}", entry.id.name);
+        state
+            .peer
+            .call(&target, &method_path, call_args, &options)
+            .await?
+    };
+    let accepts_msgpack = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/msgpack"));
+    if accepts_msgpack {
+        let bytes = value::encode(&result);
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/msgpack")],
+            bytes,
+        )
+            .into_response());
+    }
+    Ok(axum::Json(value::to_json(&result)).into_response())
+}

@@ -1,0 +1,401 @@
+//! One websocket connection: the handshake, then a loop that reads frames, writes the client's
+//! queue, answers pings and closes idle, dead or misbehaving clients.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::handshake::{Admitted, Hello, admit};
+use super::{ClientHandle, Outbound, Routed, Sender};
+use crate::AppState;
+use crate::auth::Permission;
+use crate::rpc::peer::Incoming;
+
+/// Close codes (RFC 6455).
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_UNSUPPORTED: u16 = 1003;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Protocol errors tolerated from one connection before it is closed.
+const MAX_PROTOCOL_ERRORS: u32 = 100;
+/// Frames written per flush when the queue has a backlog.
+const WRITE_BATCH: usize = 64;
+
+fn error_text(message: &str) -> String {
+    serde_json::json!({"type": "error", "message": message}).to_string()
+}
+
+/// How long closing a socket may wait on a client that does not read.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn close_with(socket: &mut WebSocket, code: u16, message: &str) {
+    let reason: String = message.chars().take(100).collect();
+    let close = async {
+        socket
+            .send(Message::Text(error_text(message).into()))
+            .await?;
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+}
+
+/// Serves one upgraded websocket until it closes.
+pub async fn serve(mut socket: WebSocket, state: Arc<AppState>) {
+    let settings = &state.settings;
+    let first = match tokio::time::timeout(settings.handshake_timeout, socket.recv()).await {
+        Ok(Some(Ok(message))) => message,
+        Ok(_) => return,
+        Err(_) => {
+            close_with(
+                &mut socket,
+                CLOSE_POLICY,
+                "no authentication message within the time-out",
+            )
+            .await;
+            return;
+        }
+    };
+    let text = match first {
+        Message::Text(text) => text.to_string(),
+        Message::Binary(data) => match String::from_utf8(data.to_vec()) {
+            Ok(text) => text,
+            Err(_) => {
+                close_with(
+                    &mut socket,
+                    CLOSE_UNSUPPORTED,
+                    "the first message must be UTF-8 JSON",
+                )
+                .await;
+                return;
+            }
+        },
+        _ => return,
+    };
+    let hello: Hello = match serde_json::from_str(&text) {
+        Ok(hello) => hello,
+        Err(e) => {
+            close_with(&mut socket, CLOSE_UNSUPPORTED, &format!("the first message must be a JSON object with client_id, workspace and token: {e}")).await;
+            return;
+        }
+    };
+    let admitted = match admit(&hello, &state.tokens) {
+        Ok(admitted) => admitted,
+        Err(reason) => {
+            tracing::info!(%reason, "connection refused");
+            close_with(
+                &mut socket,
+                CLOSE_POLICY,
+                &format!("Authentication error: {reason}"),
+            )
+            .await;
+            return;
+        }
+    };
+    run(socket, state, admitted).await;
+}
+
+async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
+    let settings = &state.settings;
+    let Admitted {
+        user,
+        workspace,
+        client,
+        permission,
+        reconnecting,
+    } = admitted;
+    let addr = format!("{workspace}/{client}");
+    let ws = workspace.to_string();
+    let user = Arc::new(user);
+    let user_msgpack = crate::rpc::value::encode(&user.to_value());
+    let (tx, mut rx) = mpsc::channel::<Outbound>(settings.connection_queue);
+    let kill = CancellationToken::new();
+    let conn_id = state.hub.next_conn_id();
+    let handle = ClientHandle {
+        conn_id,
+        tx: tx.clone(),
+        kill: kill.clone(),
+        user: user.clone(),
+        events: Default::default(),
+    };
+    if state.hub.insert(&addr, &ws, handle, reconnecting).is_err() {
+        close_with(
+            &mut socket,
+            CLOSE_POLICY,
+            &format!("Client already exists and is active: {addr}"),
+        )
+        .await;
+        return;
+    }
+
+    let mut scoped = (*user).clone();
+    scoped.client_id = Some(client.to_string());
+    scoped.current_workspace = Some(ws.clone());
+    scoped.workspaces.insert(ws.clone(), permission);
+    let info = serde_json::json!({
+        "type": "connection_info",
+        "hypha_version": crate::HYPHA_VERSION,
+        "public_base_url": state.public_base_url,
+        "local_base_url": state.local_base_url,
+        "manager_id": state.manager_id,
+        "workspace": ws,
+        "client_id": client.as_str(),
+        "user": user.to_json(),
+        "reconnection_token": state.tokens.issue(&scoped, settings.reconnection_token_life_time),
+        "reconnection_token_life_time": settings.reconnection_token_life_time,
+    });
+    tracing::info!(client = %addr, user = %user.id, reconnecting, "connection opened");
+    let reason = if socket
+        .send(Message::Text(info.to_string().into()))
+        .await
+        .is_err()
+    {
+        "write failed"
+    } else {
+        state.client_connected(&addr, &ws).await;
+        let sender = Sender {
+            addr: &addr,
+            workspace: &ws,
+            user_msgpack: &user_msgpack,
+            may_broadcast: permission >= Permission::ReadWrite,
+        };
+        serve_frames(
+            &mut socket,
+            &state,
+            &sender,
+            &user,
+            &scoped,
+            &tx,
+            &mut rx,
+            &kill,
+        )
+        .await
+    };
+    tracing::info!(client = %addr, reason, "connection closed");
+    state.client_gone(&addr, &ws, conn_id).await;
+}
+
+/// A token bucket: `rate` messages a second, bursts of twice that.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn allow(&mut self) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
+            .min(self.rate * 2.0);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_frames(
+    socket: &mut WebSocket,
+    state: &Arc<AppState>,
+    sender: &Sender<'_>,
+    user: &Arc<crate::auth::UserInfo>,
+    scoped: &crate::auth::UserInfo,
+    tx: &mpsc::Sender<Outbound>,
+    rx: &mut mpsc::Receiver<Outbound>,
+    kill: &CancellationToken,
+) -> &'static str {
+    let settings = &state.settings;
+    let mut ticker = tokio::time::interval(settings.ws_ping_interval);
+    ticker.tick().await;
+    let mut last_message = Instant::now();
+    let mut ping_sent: Option<Instant> = None;
+    let mut errors = 0u32;
+    let rate = settings.ws_rate_limit as f64;
+    let mut limit = RateLimit {
+        rate,
+        tokens: rate * 2.0,
+        at: Instant::now(),
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = kill.cancelled() => {
+                close_with(socket, CLOSE_GOING_AWAY, "disconnected by the server").await;
+                return "disconnected by the server";
+            }
+            out = rx.recv() => {
+                let Some(out) = out else { return "queue closed" };
+                // A client that stops reading blocks this write; the hub then cancels `kill`.
+                tokio::select! {
+                    written = write(socket, out, rx) => if written.is_err() {
+                        return "write failed";
+                    },
+                    _ = kill.cancelled() => return "stopped reading its messages",
+                }
+            }
+            incoming = socket.recv() => {
+                let message = match incoming {
+                    Some(Ok(message)) => message,
+                    Some(Err(_)) => return "read failed",
+                    None => return "closed by the client",
+                };
+                ping_sent = None;
+                match message {
+                    Message::Binary(data) => {
+                        last_message = Instant::now();
+                        if data.len() > settings.max_frame_size {
+                            close_with(socket, CLOSE_TOO_BIG, &format!(
+                                "a frame of {} bytes exceeds the limit of {} bytes; large messages must be chunked",
+                                data.len(), settings.max_frame_size)).await;
+                            return "frame too large";
+                        }
+                        if !limit.allow() {
+                            close_with(socket, CLOSE_POLICY, &format!(
+                                "more than {} messages per second; slow down", settings.ws_rate_limit)).await;
+                            return "rate limit";
+                        }
+                        if let Err(e) = route(state, sender, user, tx, data).await {
+                            errors += 1;
+                            let _ = socket.send(Message::Text(error_text(&e).into())).await;
+                            if errors >= MAX_PROTOCOL_ERRORS {
+                                close_with(socket, CLOSE_POLICY, "too many invalid frames").await;
+                                return "too many invalid frames";
+                            }
+                        }
+                    }
+                    Message::Text(text) => {
+                        last_message = Instant::now();
+                        if !limit.allow() {
+                            close_with(socket, CLOSE_POLICY, "too many messages per second").await;
+                            return "rate limit";
+                        }
+                        if let Some(reply) = control(state, scoped, text.as_str()) {
+                            let _ = socket.send(Message::Text(reply.into())).await;
+                        }
+                    }
+                    Message::Close(_) => return "closed by the client",
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                if now.duration_since(last_message) > settings.ws_idle_timeout {
+                    close_with(socket, CLOSE_GOING_AWAY, "idle time-out").await;
+                    return "idle time-out";
+                }
+                match ping_sent {
+                    Some(at) if now.duration_since(at) > settings.ws_ping_timeout => {
+                        return "ping time-out";
+                    }
+                    Some(_) => {}
+                    None => {
+                        ping_sent = Some(now);
+                        if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                            return "write failed";
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn write(
+    socket: &mut WebSocket,
+    first: Outbound,
+    rx: &mut mpsc::Receiver<Outbound>,
+) -> Result<(), axum::Error> {
+    fn to_message(out: Outbound) -> Message {
+        match out {
+            Outbound::Binary(data) => Message::Binary(data),
+            Outbound::Text(text) => Message::Text(text.into()),
+        }
+    }
+    socket.feed(to_message(first)).await?;
+    for _ in 0..WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(next) => socket.feed(to_message(next)).await?,
+            Err(_) => break,
+        }
+    }
+    socket.flush().await
+}
+
+/// Answers the text control messages: `ping` and `refresh_token`; others are ignored.
+fn control(state: &AppState, scoped: &crate::auth::UserInfo, text: &str) -> Option<String> {
+    if text.len() > 1000 {
+        return None;
+    }
+    let message: serde_json::Value = serde_json::from_str(text).ok()?;
+    match message.get("type")?.as_str()? {
+        "ping" => Some(r#"{"type":"pong"}"#.to_string()),
+        "refresh_token" => Some(
+            serde_json::json!({
+                "type": "reconnection_token",
+                "reconnection_token": state.tokens.issue(scoped, state.settings.reconnection_token_life_time),
+            })
+            .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+async fn route(
+    state: &Arc<AppState>,
+    sender: &Sender<'_>,
+    user: &Arc<crate::auth::UserInfo>,
+    tx: &mpsc::Sender<Outbound>,
+    data: Bytes,
+) -> Result<(), String> {
+    match state
+        .hub
+        .route(sender, data)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Routed::Delivered | Routed::Dropped => {}
+        Routed::ToServer { frame, to } => {
+            let incoming = Incoming {
+                from: sender.addr.to_string(),
+                ws: sender.workspace.to_string(),
+                user: user.clone(),
+                to,
+                frame,
+            };
+            let state = state.clone();
+            tokio::spawn(async move { crate::workspace::handle(state, incoming).await });
+        }
+        Routed::PeerGone { session, target } => {
+            let header = crate::rpc::value::obj([
+                ("type", "peer_not_found".into()),
+                ("from", target.as_str().into()),
+                ("to", sender.addr.into()),
+                ("session", session.into()),
+                ("peer_id", target.as_str().into()),
+                (
+                    "error",
+                    format!("Target peer {target} is not connected").into(),
+                ),
+            ]);
+            let _ = tx.try_send(Outbound::Binary(crate::rpc::frame::encode(&header, None)));
+        }
+    }
+    Ok(())
+}

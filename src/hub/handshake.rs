@@ -1,0 +1,188 @@
+//! The first message of a websocket: who the client is and which workspace it joins.
+
+use serde::Deserialize;
+
+use crate::auth::{Permission, TokenError, TokenIssuer, UserInfo};
+use crate::ids::{ClientId, WorkspaceId};
+
+/// The client's first message, as hypha-rpc sends it.
+#[derive(Debug, Deserialize)]
+pub struct Hello {
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub workspace: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub reconnection_token: Option<String>,
+}
+
+/// A client let in.
+#[derive(Debug)]
+pub struct Admitted {
+    pub user: UserInfo,
+    pub workspace: WorkspaceId,
+    pub client: ClientId,
+    pub permission: Permission,
+    /// Proved by a reconnection token: it may replace a live connection under the same address.
+    pub reconnecting: bool,
+}
+
+/// How long an anonymous user's identity lasts (as in Hypha).
+const ANONYMOUS_LIFETIME: i64 = 600;
+
+/// Decides whether a client may join, and as whom.
+pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
+    let client_id = match &hello.client_id {
+        Some(id) => id.clone(),
+        None => crate::auth::random_id(22),
+    };
+    if super::is_manager_id(&client_id) {
+        return Err("client ids starting with 'manager-' are reserved for the server".into());
+    }
+    let client = ClientId::parse(client_id).map_err(|e| e.to_string())?;
+    let requested = hello.workspace.as_deref().filter(|w| !w.is_empty());
+
+    if let Some(reconnection) = hello
+        .reconnection_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    {
+        match tokens.parse(reconnection) {
+            Ok(user) => {
+                let (Some(cid), Some(wid)) =
+                    (user.client_id.clone(), user.current_workspace.clone())
+                else {
+                    return Err("the reconnection token carries no client or workspace".into());
+                };
+                if cid != client.as_str() {
+                    return Err(format!(
+                        "the reconnection token is for client {cid}, not {client}"
+                    ));
+                }
+                if requested.is_some_and(|w| w != wid) {
+                    return Err(format!("the reconnection token is for workspace {wid}"));
+                }
+                return finish(user, &wid, client, true);
+            }
+            // A token from before a restart with another secret, or an expired one: fall back
+            // to the original token, which the client always sends along.
+            Err(e) => tracing::debug!(error = %e, "reconnection token not usable"),
+        }
+    }
+
+    let user = match hello.token.as_deref().filter(|t| !t.is_empty()) {
+        Some(token) => tokens.parse(token).map_err(|e: TokenError| e.to_string())?,
+        None => UserInfo::anonymous(ANONYMOUS_LIFETIME),
+    };
+    if let Some(scope) = user.extra_scopes.iter().find(|s| s.contains(':')) {
+        return Err(format!(
+            "this token is restricted to {scope} and cannot be used for a websocket connection"
+        ));
+    }
+    if let Some(cid) = &user.client_id
+        && cid != client.as_str()
+    {
+        return Err(format!("the token is bound to client {cid}, not {client}"));
+    }
+    if let (Some(wid), Some(req)) = (&user.current_workspace, requested)
+        && wid != req
+    {
+        return Err(format!("the token is bound to workspace {wid}, not {req}"));
+    }
+    let workspace = requested
+        .map(str::to_string)
+        .or_else(|| user.current_workspace.clone())
+        .unwrap_or_else(|| user.own_workspace());
+    finish(user, &workspace, client, false)
+}
+
+fn finish(
+    user: UserInfo,
+    workspace: &str,
+    client: ClientId,
+    reconnecting: bool,
+) -> Result<Admitted, String> {
+    let workspace = WorkspaceId::parse(workspace).map_err(|e| e.to_string())?;
+    let permission = user
+        .permission(workspace.as_str())
+        .ok_or_else(|| format!("Permission denied for workspace {workspace}"))?;
+    Ok(Admitted {
+        user,
+        workspace,
+        client,
+        permission,
+        reconnecting,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn tokens() -> TokenIssuer {
+        TokenIssuer::new(&SecretString::from("k".to_string()))
+    }
+
+    fn hello(ws: Option<&str>, token: Option<String>, rec: Option<String>) -> Hello {
+        Hello {
+            client_id: Some("c1".into()),
+            workspace: ws.map(Into::into),
+            token,
+            reconnection_token: rec,
+        }
+    }
+
+    #[test]
+    fn anonymous_gets_own_workspace_only() {
+        let a = admit(&hello(None, None, None), &tokens()).unwrap();
+        assert!(a.workspace.as_str().starts_with("ws-user-anonymouz-"));
+        assert!(admit(&hello(Some("lab"), None, None), &tokens()).is_err());
+    }
+
+    #[test]
+    fn token_scope_decides_workspace() {
+        let t = tokens();
+        let mut user = UserInfo::new("bob".into(), vec![], None);
+        user.workspaces.insert("lab".into(), Permission::ReadWrite);
+        let token = t.issue(&user, 60);
+        assert_eq!(
+            admit(&hello(Some("lab"), Some(token.clone()), None), &t)
+                .unwrap()
+                .permission,
+            Permission::ReadWrite
+        );
+        assert_eq!(
+            admit(&hello(None, Some(token.clone()), None), &t)
+                .unwrap()
+                .workspace
+                .as_str(),
+            "ws-user-bob"
+        );
+        assert!(
+            admit(&hello(Some("other"), Some(token), None), &t)
+                .unwrap_err()
+                .contains("Permission denied")
+        );
+    }
+
+    #[test]
+    fn reconnection_token_must_match_client() {
+        let t = tokens();
+        let mut user = UserInfo::new("bob".into(), vec![], None);
+        user.client_id = Some("c2".into());
+        user.current_workspace = Some("ws-user-bob".into());
+        let rec = t.issue(&user, 60);
+        assert!(
+            admit(&hello(None, None, Some(rec)), &t)
+                .unwrap_err()
+                .contains("c2")
+        );
+        user.client_id = Some("c1".into());
+        let ok = admit(&hello(None, None, Some(t.issue(&user, 60))), &t).unwrap();
+        assert!(ok.reconnecting);
+        assert_eq!(ok.workspace.as_str(), "ws-user-bob");
+    }
+}

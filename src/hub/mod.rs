@@ -1,0 +1,319 @@
+//! Live connections and routing: every client frame gets its trusted `from`/`ws`/`user` from
+//! the server, then goes to its target's bounded queue, to a workspace broadcast, or to the
+//! server's own RPC peer.
+
+pub mod connection;
+mod handshake;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::UserInfo;
+use crate::rpc::frame::{Frame, FrameError};
+
+/// What a connection's writer sends to its socket.
+#[derive(Debug)]
+pub enum Outbound {
+    Binary(Bytes),
+    Text(String),
+}
+
+/// The hub's handle on one live connection.
+#[derive(Clone)]
+pub struct ClientHandle {
+    pub conn_id: u64,
+    pub tx: mpsc::Sender<Outbound>,
+    /// Cancelled to disconnect the client (slow consumer, superseded, shutdown).
+    pub kill: CancellationToken,
+    pub user: Arc<UserInfo>,
+    /// Manager events this client subscribed to.
+    pub events: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Why a frame could not be handed to a client.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SendError {
+    #[error("Target peer {0} is not connected")]
+    NotConnected(String),
+    #[error("Target peer {0} is not reading its messages and was disconnected")]
+    SlowConsumer(String),
+}
+
+/// Another live connection already holds the address.
+#[derive(Debug, thiserror::Error)]
+#[error("Client already exists and is active")]
+pub struct AlreadyConnected;
+
+/// The sender of a frame, as the server knows it.
+pub struct Sender<'a> {
+    pub addr: &'a str,
+    pub workspace: &'a str,
+    pub user_msgpack: &'a [u8],
+    pub may_broadcast: bool,
+}
+
+/// Where a routed frame went.
+#[derive(Debug)]
+pub enum Routed {
+    Delivered,
+    /// For the server's own peer; `to` is normalised and the header's identity fields are trusted.
+    ToServer {
+        frame: Frame,
+        to: String,
+    },
+    /// The target is gone and the frame expects an answer: tell the sender at once.
+    PeerGone {
+        session: String,
+        target: String,
+    },
+    /// Gone target, no answer expected: dropped.
+    Dropped,
+}
+
+/// Routing failures that are the sender's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("broadcast to workspace {0} is not allowed")]
+    BroadcastDenied(String),
+    #[error("invalid target {0:?}")]
+    BadTarget(String),
+}
+
+/// The registry of live connections.
+pub struct Hub {
+    clients: DashMap<String, ClientHandle>,
+    workspaces: DashMap<String, HashSet<String>>,
+    next_conn: AtomicU64,
+    slow_consumer_timeout: Duration,
+    manager_id: String,
+    pub routed_messages: AtomicU64,
+    pub routed_bytes: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(manager_id: String, slow_consumer_timeout: Duration) -> Self {
+        Self {
+            clients: DashMap::new(),
+            workspaces: DashMap::new(),
+            next_conn: AtomicU64::new(1),
+            slow_consumer_timeout,
+            manager_id,
+            routed_messages: AtomicU64::new(0),
+            routed_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Adds a connection; with `replace`, an existing one under the same address is disconnected.
+    /// Fails with [`AlreadyConnected`] when a live connection holds the address.
+    pub fn insert(
+        &self,
+        addr: &str,
+        workspace: &str,
+        handle: ClientHandle,
+        replace: bool,
+    ) -> Result<(), AlreadyConnected> {
+        use dashmap::mapref::entry::Entry;
+        match self.clients.entry(addr.to_string()) {
+            Entry::Occupied(mut existing) => {
+                if !replace && !existing.get().kill.is_cancelled() && !existing.get().tx.is_closed()
+                {
+                    return Err(AlreadyConnected);
+                }
+                existing.get().kill.cancel();
+                existing.insert(handle);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(handle);
+            }
+        }
+        let client = addr.rsplit_once('/').map(|(_, c)| c).unwrap_or(addr);
+        self.workspaces
+            .entry(workspace.to_string())
+            .or_default()
+            .insert(client.to_string());
+        Ok(())
+    }
+
+    /// Removes a connection if it is still the one with `conn_id` (a newer one may have replaced it).
+    pub fn remove(&self, addr: &str, workspace: &str, conn_id: u64) -> bool {
+        let removed = self
+            .clients
+            .remove_if(addr, |_, h| h.conn_id == conn_id)
+            .is_some();
+        if removed {
+            let client = addr.rsplit_once('/').map(|(_, c)| c).unwrap_or(addr);
+            if let Some(mut members) = self.workspaces.get_mut(workspace) {
+                members.remove(client);
+            }
+            self.workspaces.remove_if(workspace, |_, m| m.is_empty());
+        }
+        removed
+    }
+
+    pub fn get(&self, addr: &str) -> Option<ClientHandle> {
+        self.clients.get(addr).map(|h| h.clone())
+    }
+
+    pub fn is_connected(&self, addr: &str) -> bool {
+        self.clients.contains_key(addr)
+    }
+
+    /// Client ids connected in a workspace.
+    pub fn clients_in(&self, workspace: &str) -> Vec<String> {
+        self.workspaces
+            .get(workspace)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Addresses of the clients in `workspace` subscribed to `event`.
+    pub fn subscribers(&self, workspace: &str, event: &str) -> Vec<String> {
+        self.clients_in(workspace)
+            .into_iter()
+            .map(|c| format!("{workspace}/{c}"))
+            .filter(|addr| {
+                self.clients.get(addr).is_some_and(|h| {
+                    h.events
+                        .lock()
+                        .map(|e| e.contains(event) || e.contains("*"))
+                        .unwrap_or(false)
+                })
+            })
+            .collect()
+    }
+
+    /// Hands a message to a client's queue. A full queue blocks the sender (back-pressure) for
+    /// at most the slow-consumer time-out; then the client that stopped reading is disconnected.
+    pub async fn send(&self, addr: &str, message: Outbound) -> Result<(), SendError> {
+        let Some((tx, kill)) = self
+            .clients
+            .get(addr)
+            .map(|h| (h.tx.clone(), h.kill.clone()))
+        else {
+            return Err(SendError::NotConnected(addr.to_string()));
+        };
+        if kill.is_cancelled() {
+            return Err(SendError::NotConnected(addr.to_string()));
+        }
+        match tx.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(SendError::NotConnected(addr.to_string()))
+            }
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                let wait = tokio::time::timeout(self.slow_consumer_timeout, tx.send(message));
+                let outcome = tokio::select! {
+                    outcome = wait => outcome,
+                    _ = kill.cancelled() => return Err(SendError::NotConnected(addr.to_string())),
+                };
+                match outcome {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(SendError::NotConnected(addr.to_string())),
+                    Err(_) => {
+                        tracing::warn!(
+                            client = addr,
+                            "disconnecting a client that stopped reading"
+                        );
+                        kill.cancel();
+                        Err(SendError::SlowConsumer(addr.to_string()))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes one binary frame from a client.
+    pub async fn route(&self, sender: &Sender<'_>, data: Bytes) -> Result<Routed, RouteError> {
+        let frame = Frame::parse(data)?;
+        let to = frame.field("to").ok_or(FrameError::MissingField("to"))?;
+        let target = normalize_target(to, sender.workspace);
+        let Some((target_ws, target_client)) = target.split_once('/') else {
+            return Err(RouteError::BadTarget(to.chars().take(100).collect()));
+        };
+        // Any `*/manager-*` address is this server's manager: a client that kept the manager id
+        // of a previous run (or of another instance) goes on working after it reconnects.
+        if target_client == self.manager_id || (target_ws == "*" && is_manager_id(target_client)) {
+            return Ok(Routed::ToServer { frame, to: target });
+        }
+        if target_client.is_empty() || target_ws.is_empty() || target_client.contains('/') {
+            return Err(RouteError::BadTarget(to.chars().take(100).collect()));
+        }
+        let out = frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
+        self.routed_messages.fetch_add(1, Ordering::Relaxed);
+        self.routed_bytes
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        if target_client == "*" {
+            if target_ws != sender.workspace || !sender.may_broadcast {
+                return Err(RouteError::BroadcastDenied(target_ws.to_string()));
+            }
+            for client in self.clients_in(target_ws) {
+                let addr = format!("{target_ws}/{client}");
+                let _ = self.send(&addr, Outbound::Binary(out.clone())).await;
+            }
+            return Ok(Routed::Delivered);
+        }
+        match self.send(&target, Outbound::Binary(out)).await {
+            Ok(()) => Ok(Routed::Delivered),
+            Err(_) => match frame.field("session") {
+                Some(session) => Ok(Routed::PeerGone {
+                    session: session.to_string(),
+                    target,
+                }),
+                None => Ok(Routed::Dropped),
+            },
+        }
+    }
+
+    /// Disconnects every client (server shutdown).
+    pub fn disconnect_all(&self) {
+        for entry in self.clients.iter() {
+            entry.kill.cancel();
+        }
+    }
+}
+
+/// Client ids of this form name a server's manager and are reserved.
+pub fn is_manager_id(client: &str) -> bool {
+    client.starts_with("manager-")
+}
+
+/// `*` means the sender's workspace; a bare client id is in the sender's workspace.
+pub fn normalize_target(to: &str, workspace: &str) -> String {
+    if to == "*" {
+        format!("{workspace}/*")
+    } else if to.contains('/') {
+        to.to_string()
+    } else {
+        format!("{workspace}/{to}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_normalised() {
+        assert_eq!(normalize_target("*", "ws1"), "ws1/*");
+        assert_eq!(normalize_target("c2", "ws1"), "ws1/c2");
+        assert_eq!(normalize_target("ws2/c2", "ws1"), "ws2/c2");
+        assert_eq!(normalize_target("*/manager-x", "ws1"), "*/manager-x");
+    }
+}

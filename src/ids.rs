@@ -1,0 +1,163 @@
+//! Identifiers that can only hold valid values: workspaces, clients, services.
+
+use std::fmt;
+
+/// An identifier that failed validation, with the reason in words.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {kind} {value:?}: {reason}")]
+pub struct InvalidId {
+    kind: &'static str,
+    value: String,
+    reason: &'static str,
+}
+
+fn check(kind: &'static str, value: &str, max: usize) -> Result<(), InvalidId> {
+    let fail = |reason| {
+        Err(InvalidId {
+            kind,
+            value: value.chars().take(80).collect(),
+            reason,
+        })
+    };
+    if value.is_empty() {
+        return fail("must not be empty");
+    }
+    if value.len() > max {
+        return fail("is too long");
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '|'))
+    {
+        return fail("may only contain letters, digits, '-', '_', '.' and '|'");
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses a value, refusing anything that is not a valid identifier.
+            pub fn parse(value: impl Into<String>) -> Result<Self, InvalidId> {
+                let value = value.into();
+                check($kind, &value, $max)?;
+                Ok(Self(value))
+            }
+
+            /// The identifier as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A workspace name such as `ws-user-alice` or `public`.
+    WorkspaceId,
+    "workspace",
+    128
+);
+id_type!(
+    /// A client id, unique within its workspace.
+    ClientId,
+    "client id",
+    128
+);
+id_type!(
+    /// The short name of a service within its client, such as `default` or `hypha-login`.
+    ServiceName,
+    "service name",
+    128
+);
+
+/// The address of a connected client: `{workspace}/{client_id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerAddr {
+    pub workspace: WorkspaceId,
+    pub client: ClientId,
+}
+
+impl PeerAddr {
+    pub fn new(workspace: WorkspaceId, client: ClientId) -> Self {
+        Self { workspace, client }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.workspace, self.client)
+    }
+}
+
+/// A full service id: `{workspace}/{client_id}:{service}[@{app_id}]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceId {
+    pub provider: PeerAddr,
+    pub name: ServiceName,
+    pub app: Option<String>,
+}
+
+impl ServiceId {
+    /// Parses an absolute service id.
+    pub fn parse(value: &str) -> Result<Self, InvalidId> {
+        let bad = |reason| InvalidId {
+            kind: "service id",
+            value: value.chars().take(80).collect(),
+            reason,
+        };
+        let (provider, service) = value
+            .split_once(':')
+            .ok_or_else(|| bad("must look like workspace/client:service"))?;
+        let (ws, client) = provider
+            .split_once('/')
+            .ok_or_else(|| bad("must look like workspace/client:service"))?;
+        let (name, app) = match service.split_once('@') {
+            Some((n, a)) => (n, Some(a.to_string())),
+            None => (service, None),
+        };
+        Ok(Self {
+            provider: PeerAddr::new(WorkspaceId::parse(ws)?, ClientId::parse(client)?),
+            name: ServiceName::parse(name)?,
+            app: app.filter(|a| !a.is_empty() && a != "*"),
+        })
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.provider, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_refuse_separators() {
+        assert!(WorkspaceId::parse("ws-user-a").is_ok());
+        assert!(WorkspaceId::parse("a/b").is_err());
+        assert!(ClientId::parse("").is_err());
+        assert!(ClientId::parse("x".repeat(200)).is_err());
+        assert!(ServiceName::parse("svc:x").is_err());
+    }
+
+    #[test]
+    fn service_id_round_trip() {
+        let id = ServiceId::parse("ws-a/c1:echo@app1").unwrap();
+        assert_eq!(id.to_string(), "ws-a/c1:echo");
+        assert_eq!(id.app.as_deref(), Some("app1"));
+        assert!(ServiceId::parse("nows:svc").is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! hypha-rtc: a WebRTC signaling and TURN-credential server that speaks the Hypha protocol to
+//! the unmodified `hypha-rpc` clients. [`App::build`] is what `main` and the tests start.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod ids;
+pub mod rpc;
+pub mod workspace;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+
+use crate::auth::{TokenIssuer, UserInfo};
+use crate::config::Settings;
+use crate::hub::Hub;
+use crate::rpc::peer::ServerPeer;
+use crate::rpc::value::obj;
+use crate::workspace::registry::Registry;
+
+/// The Hypha version whose protocol this server speaks, reported in `connection_info`.
+pub const HYPHA_VERSION: &str = "0.21.47";
+
+/// Shared state of a running server.
+pub struct AppState {
+    pub settings: Settings,
+    pub tokens: TokenIssuer,
+    pub hub: Arc<Hub>,
+    pub registry: Registry,
+    pub peer: ServerPeer,
+    pub server_id: String,
+    pub manager_id: String,
+    pub public_base_url: String,
+    pub local_base_url: String,
+}
+
+impl AppState {
+    /// Announces a new client to the subscribers of its workspace.
+    pub async fn client_connected(&self, addr: &str, workspace: &str) {
+        let client = addr.rsplit('/').next().unwrap_or(addr);
+        let data = obj([("id", client.into()), ("workspace", workspace.into())]);
+        workspace::emit(self, workspace, "client_connected", data).await;
+    }
+
+    /// Forgets a client that went away: its services, the server's calls to it, its events.
+    pub async fn client_gone(&self, addr: &str, workspace: &str, conn_id: u64) {
+        if !self.hub.remove(addr, workspace, conn_id) {
+            return;
+        }
+        let removed = self.registry.remove_client(addr);
+        self.peer.peer_gone(addr);
+        for entry in removed {
+            workspace::emit(self, workspace, "service_removed", entry.info).await;
+        }
+        let client = addr.rsplit('/').next().unwrap_or(addr);
+        let data = obj([("id", client.into()), ("workspace", workspace.into())]);
+        workspace::emit(self, workspace, "client_disconnected", data).await;
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A bound, ready-to-run server.
+pub struct App {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl App {
+    /// Binds the listener and builds the state; nothing runs until [`App::run_until_stopped`].
+    pub async fn build(settings: Settings) -> Result<App, StartupError> {
+        let addr = format!("{}:{}", settings.host, settings.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let server_id = settings
+            .server_id
+            .clone()
+            .unwrap_or_else(|| auth::random_id(10));
+        let manager_id = format!("manager-{server_id}");
+        let secret = settings.jwt_secret.clone().unwrap_or_else(|| {
+            tracing::warn!("no --jwt-secret set: using a random one, so tokens and reconnection tokens die with this process");
+            SecretString::from(auth::random_id(48))
+        });
+        let local_base_url = format!("http://{local}");
+        let public_base_url = settings
+            .public_base_url
+            .clone()
+            .unwrap_or_else(|| local_base_url.clone());
+        let hub = Arc::new(Hub::new(manager_id.clone(), settings.slow_consumer_timeout));
+        let server_user = UserInfo::new("root".into(), vec!["admin".into()], None);
+        let state = Arc::new(AppState {
+            tokens: TokenIssuer::new(&secret),
+            peer: ServerPeer::new(manager_id.clone(), hub.clone(), &server_user),
+            hub,
+            registry: Registry::default(),
+            server_id,
+            manager_id,
+            public_base_url,
+            local_base_url,
+            settings,
+        });
+        Ok(App { listener, state })
+    }
+
+    /// The address the server listens on (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until SIGINT or SIGTERM.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` completes; then disconnects every client.
+    pub async fn run_until(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        tracing::info!(addr = %self.addr(), manager_id = %state.manager_id, "hypha-rtc listening");
+        let router = http::router(self.state.clone());
+        axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            stop.await;
+            tracing::info!("shutting down");
+            state.hub.disconnect_all();
+        })
+        .await
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

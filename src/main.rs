@@ -1,0 +1,58 @@
+//! The `hypha-rtc` command: parse the command line, load settings, run.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hypha_rtc::App;
+use hypha_rtc::config::{Cli, Settings};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let (settings, warnings) = match Settings::load(&cli, &env) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("hypha-rtc: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&settings);
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let app = match App::build(settings).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("hypha-rtc: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match app.run_until_stopped().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hypha-rtc: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let default = match settings.verbose {
+        0 => "warn,hypha_rtc=info",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if settings.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

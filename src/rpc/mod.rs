@@ -1,0 +1,6 @@
+//! The wire: frames (a msgpack header followed by an opaque body), value encodings, and the
+//! server-side RPC peer that hosts the workspace manager.
+
+pub mod frame;
+pub mod peer;
+pub mod value;

@@ -1,0 +1,522 @@
+//! The server's own RPC peer: it decodes calls addressed to the services the server hosts,
+//! answers them through the caller's promise, makes calls of its own to clients (with
+//! heartbeats and time-outs), and chunks large messages through `message_cache` both ways.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use rmpv::Value;
+use tokio::sync::{Notify, oneshot};
+
+use super::frame::{self, Frame};
+use super::value::{self, Args, get, get_str, obj};
+use crate::auth::UserInfo;
+use crate::error::Error;
+use crate::hub::{Hub, Outbound, SendError};
+
+/// Messages above this size are sent in chunks; hypha-rpc clients cannot receive a single
+/// frame over 512 000 bytes. The same threshold the clients use for their own sends.
+pub const CHUNK_SIZE: usize = 256 * 1024;
+const CHUNK_THRESHOLD: usize = CHUNK_SIZE + 1024;
+/// Limits on what one client may park in the server's message cache.
+const MAX_CACHED_BYTES_PER_CLIENT: usize = 256 * 1024 * 1024;
+const MAX_CACHES_PER_CLIENT: usize = 32;
+
+/// A frame for the server, with the identity the hub established.
+#[derive(Debug)]
+pub struct Incoming {
+    pub from: String,
+    pub ws: String,
+    pub user: Arc<UserInfo>,
+    /// The normalised target, e.g. `*/manager-x` or `public/manager-x`.
+    pub to: String,
+    pub frame: Frame,
+}
+
+/// Who is calling: taken from the hub, never from the frame.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub from: String,
+    pub ws: String,
+    pub user: Arc<UserInfo>,
+    /// The address the caller sent to; replies come from it.
+    pub to: String,
+}
+
+/// Where to send a call's outcome.
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    pub resolve: String,
+    pub reject: String,
+    pub heartbeat: Option<String>,
+    pub interval: Option<Duration>,
+}
+
+/// A decoded call to a hosted service.
+#[derive(Debug)]
+pub struct Call {
+    pub ctx: CallContext,
+    pub method: String,
+    pub args: Args,
+    pub reply: Option<ReplyTo>,
+}
+
+/// What an incoming frame is.
+#[derive(Debug)]
+pub enum Decoded {
+    Call(Box<Call>),
+    /// An answer to one of the server's own calls.
+    Reply,
+    Ignored,
+}
+
+struct Pending {
+    target: String,
+    done: Option<oneshot::Sender<Result<Value, Error>>>,
+    heartbeat: Arc<Notify>,
+}
+
+struct ChunkCache {
+    chunks: BTreeMap<u64, Bytes>,
+    bytes: usize,
+}
+
+/// Options of an outgoing call.
+pub struct CallOptions<'a> {
+    /// The address the call comes from (a manager address of this server).
+    pub from: &'a str,
+    /// The `ws` the callee sees in its context.
+    pub ws: &'a str,
+    pub user: &'a Value,
+    pub timeout: Duration,
+    /// The last argument is a kwargs dict.
+    pub with_kwargs: bool,
+}
+
+/// The server's RPC peer.
+pub struct ServerPeer {
+    pub manager_id: String,
+    hub: Arc<Hub>,
+    pending: DashMap<String, Pending>,
+    caches: DashMap<(String, String), ChunkCache>,
+    /// The `user` field of messages the server itself sends.
+    pub server_user: Value,
+}
+
+impl ServerPeer {
+    pub fn new(manager_id: String, hub: Arc<Hub>, server_user: &UserInfo) -> Self {
+        Self {
+            manager_id,
+            hub,
+            pending: DashMap::new(),
+            caches: DashMap::new(),
+            server_user: server_user.to_value(),
+        }
+    }
+
+    /// The manager's global address.
+    pub fn manager_addr(&self) -> String {
+        format!("*/{}", self.manager_id)
+    }
+
+    /// Decodes a frame: a call to a hosted service, or a reply to one of our calls.
+    pub fn decode(&self, incoming: Incoming) -> Result<Decoded, Error> {
+        let Incoming {
+            from,
+            ws,
+            user,
+            to,
+            frame,
+        } = incoming;
+        if frame.field("type") != Some("method") {
+            return Ok(Decoded::Ignored);
+        }
+        let method = frame
+            .field("method")
+            .ok_or_else(|| Error::BadRequest("the call names no method".into()))?
+            .to_string();
+        let body = if frame.body.is_empty() {
+            Value::Map(Vec::new())
+        } else {
+            rmpv::decode::read_value_with_max_depth(&mut &frame.body[..], 256).map_err(|e| {
+                Error::BadRequest(format!("the call body is not valid msgpack: {e}"))
+            })?
+        };
+        if get(&body, "_enc").is_some() {
+            return Err(Error::BadRequest(
+                "end-to-end encrypted calls to the server are not supported".into(),
+            ));
+        }
+        let args = match get(&body, "args") {
+            Some(Value::Array(items)) => items.clone(),
+            Some(Value::Nil) | None => Vec::new(),
+            Some(_) => return Err(Error::BadRequest("args must be a list".into())),
+        };
+
+        if let Some((session, kind)) = method.split_once('.')
+            && let Some(mut pending) = self.pending.get_mut(session)
+        {
+            if pending.target != from {
+                tracing::warn!(%from, "reply to a session of another peer ignored");
+                return Ok(Decoded::Ignored);
+            }
+            let first = args.into_iter().next().unwrap_or(Value::Nil);
+            match kind {
+                "heartbeat" => pending.heartbeat.notify_one(),
+                "resolve" => {
+                    if let Some(done) = pending.done.take() {
+                        let _ = done.send(Ok(first));
+                    }
+                }
+                "reject" => {
+                    let message = get_str(&first, "_rvalue")
+                        .or(first.as_str())
+                        .unwrap_or("the remote call failed")
+                        .to_string();
+                    if let Some(done) = pending.done.take() {
+                        let _ = done.send(Err(Error::Remote(message)));
+                    }
+                }
+                _ => {}
+            }
+            return Ok(Decoded::Reply);
+        }
+
+        let with_kwargs = get(&body, "with_kwargs")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let session = frame.field("session").map(str::to_string);
+        let reply = match get(&body, "promise") {
+            Some(Value::String(s)) if s.as_str() == Some("*") => {
+                let session = session
+                    .ok_or_else(|| Error::BadRequest("promise \"*\" needs a session".into()))?;
+                Some(ReplyTo {
+                    resolve: format!("{session}.resolve"),
+                    reject: format!("{session}.reject"),
+                    heartbeat: Some(format!("{session}.heartbeat")),
+                    interval: get(&body, "t").and_then(seconds),
+                })
+            }
+            Some(promise @ Value::Map(_)) => {
+                let method_of = |key| {
+                    get(promise, key)
+                        .and_then(|m| get_str(m, "_rmethod"))
+                        .map(str::to_string)
+                };
+                match (method_of("resolve"), method_of("reject")) {
+                    (Some(resolve), Some(reject)) => Some(ReplyTo {
+                        resolve,
+                        reject,
+                        heartbeat: method_of("heartbeat"),
+                        interval: get(promise, "interval").and_then(seconds),
+                    }),
+                    _ => {
+                        return Err(Error::BadRequest(
+                            "the promise lacks resolve or reject".into(),
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok(Decoded::Call(Box::new(Call {
+            ctx: CallContext { from, ws, user, to },
+            method,
+            args: Args::from_call(args, with_kwargs),
+            reply,
+        })))
+    }
+
+    /// Sends a `method` message from the server. Replies always go back to the caller itself,
+    /// whatever target the caller's promise named.
+    pub async fn send_method(
+        &self,
+        from: &str,
+        to: &str,
+        method: &str,
+        args: Vec<Value>,
+        ws: &str,
+        user: &Value,
+    ) -> Result<(), Error> {
+        let header = obj([
+            ("type", "method".into()),
+            ("from", from.into()),
+            ("to", to.into()),
+            ("method", method.into()),
+            ("ws", ws.into()),
+            ("user", user.clone()),
+        ]);
+        let body = obj([("args", Value::Array(args))]);
+        let data = frame::encode(&header, Some(&body));
+        self.deliver(from, ws, to, data).await
+    }
+
+    /// Sends the outcome of a call to its caller.
+    pub async fn reply(&self, call: &Call, outcome: Result<Value, Error>) {
+        let Some(reply) = &call.reply else {
+            if let Err(e) = outcome {
+                tracing::debug!(method = %call.method, error = %e, "call without promise failed");
+            }
+            return;
+        };
+        let (method, value) = match outcome {
+            Ok(v) => (&reply.resolve, v),
+            Err(e) => (&reply.reject, e.to_reject()),
+        };
+        if let Err(e) = self
+            .send_method(
+                &call.ctx.to,
+                &call.ctx.from,
+                method,
+                vec![value],
+                "*",
+                &self.server_user,
+            )
+            .await
+        {
+            tracing::debug!(error = %e, caller = %call.ctx.from, "reply not delivered");
+        }
+    }
+
+    /// Sends a heartbeat for a long call, so the caller's time-out does not fire.
+    pub async fn heartbeat(&self, call: &Call) {
+        if let Some(method) = call.reply.as_ref().and_then(|r| r.heartbeat.as_ref()) {
+            let _ = self
+                .send_method(
+                    &call.ctx.to,
+                    &call.ctx.from,
+                    method,
+                    vec![],
+                    "*",
+                    &self.server_user,
+                )
+                .await;
+        }
+    }
+
+    /// Delivers an encoded message, chunking it through the target's `message_cache` if large.
+    async fn deliver(&self, from: &str, ws: &str, to: &str, data: Bytes) -> Result<(), Error> {
+        if data.len() <= CHUNK_THRESHOLD {
+            return self
+                .hub
+                .send(to, Outbound::Binary(data))
+                .await
+                .map_err(send_error);
+        }
+        let key = crate::auth::random_id(20);
+        let options = CallOptions {
+            from,
+            ws,
+            user: &self.server_user,
+            timeout: Duration::from_secs(30),
+            with_kwargs: false,
+        };
+        let cache = |name: &str| format!("services.built-in.message_cache.{name}");
+        self.call(
+            to,
+            &cache("create"),
+            vec![key.as_str().into(), false.into()],
+            &options,
+        )
+        .await?;
+        for (index, chunk) in data.chunks(CHUNK_SIZE).enumerate() {
+            let args = vec![
+                key.as_str().into(),
+                (index as u64).into(),
+                Value::Binary(chunk.to_vec()),
+                false.into(),
+            ];
+            self.call(to, &cache("set"), args, &options).await?;
+        }
+        self.call(
+            to,
+            &cache("process"),
+            vec![key.as_str().into(), false.into()],
+            &options,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Calls a function on a client and waits for its answer; heartbeats extend the time-out.
+    pub async fn call(
+        &self,
+        target: &str,
+        method: &str,
+        args: Vec<Value>,
+        options: &CallOptions<'_>,
+    ) -> Result<Value, Error> {
+        let session = crate::auth::random_id(20);
+        let (done, mut answer) = oneshot::channel();
+        let heartbeat = Arc::new(Notify::new());
+        self.pending.insert(
+            session.clone(),
+            Pending {
+                target: target.to_string(),
+                done: Some(done),
+                heartbeat: heartbeat.clone(),
+            },
+        );
+        let _guard = PendingGuard {
+            peer: self,
+            session: &session,
+        };
+        let callback = |kind: &str| {
+            value::method_value(options.from, &format!("{session}.{kind}"), false.into())
+        };
+        let header = obj([
+            ("type", "method".into()),
+            ("from", options.from.into()),
+            ("to", target.into()),
+            ("method", method.into()),
+            ("session", session.as_str().into()),
+            ("ws", options.ws.into()),
+            ("user", options.user.clone()),
+        ]);
+        let body = obj([
+            ("args", Value::Array(args)),
+            ("with_kwargs", options.with_kwargs.into()),
+            (
+                "promise",
+                obj([
+                    ("resolve", callback("resolve")),
+                    ("reject", callback("reject")),
+                    ("heartbeat", callback("heartbeat")),
+                    ("interval", (options.timeout.as_secs_f64() / 2.0).into()),
+                ]),
+            ),
+        ]);
+        let data = frame::encode(&header, Some(&body));
+        Box::pin(self.deliver(options.from, options.ws, target, data)).await?;
+        loop {
+            tokio::select! {
+                outcome = &mut answer => {
+                    return outcome.unwrap_or_else(|_| Err(Error::Unavailable(format!("Target peer {target} is not connected"))));
+                }
+                _ = heartbeat.notified() => continue,
+                _ = tokio::time::sleep(options.timeout) => {
+                    return Err(Error::Timeout(format!("{target} did not answer {method} within {} s", options.timeout.as_secs())));
+                }
+            }
+        }
+    }
+
+    /// Fails the server's calls to a client that went away, and drops its cached chunks.
+    pub fn peer_gone(&self, addr: &str) {
+        for mut entry in self.pending.iter_mut() {
+            if entry.target == addr
+                && let Some(done) = entry.done.take()
+            {
+                let _ = done.send(Err(Error::Unavailable(format!(
+                    "Target peer {addr} is not connected"
+                ))));
+            }
+        }
+        self.caches.retain(|(owner, _), _| owner != addr);
+    }
+
+    /// `message_cache.create`.
+    pub fn cache_create(&self, owner: &str, key: &str, overwrite: bool) -> Result<(), Error> {
+        let slot = (owner.to_string(), key.to_string());
+        if !overwrite && self.caches.contains_key(&slot) {
+            return Err(Error::BadRequest(format!(
+                "Message with the same key ({key}) already exists in the cache store"
+            )));
+        }
+        if self.caches.iter().filter(|e| e.key().0 == owner).count() >= MAX_CACHES_PER_CLIENT {
+            return Err(Error::TooManyRequests(
+                "too many chunked messages in flight".into(),
+            ));
+        }
+        self.caches.insert(
+            slot,
+            ChunkCache {
+                chunks: BTreeMap::new(),
+                bytes: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// `message_cache.set` (and `append` with `index = None`).
+    pub fn cache_put(
+        &self,
+        owner: &str,
+        key: &str,
+        index: Option<u64>,
+        data: Vec<u8>,
+    ) -> Result<(), Error> {
+        let in_use: usize = self
+            .caches
+            .iter()
+            .filter(|e| e.key().0 == owner)
+            .map(|e| e.bytes)
+            .sum();
+        if in_use + data.len() > MAX_CACHED_BYTES_PER_CLIENT {
+            self.caches.remove(&(owner.to_string(), key.to_string()));
+            return Err(Error::BadRequest(format!(
+                "chunked message exceeds the limit of {MAX_CACHED_BYTES_PER_CLIENT} bytes"
+            )));
+        }
+        let mut cache = self
+            .caches
+            .get_mut(&(owner.to_string(), key.to_string()))
+            .ok_or_else(|| Error::NotFound(format!("Message with key {key} does not exist")))?;
+        let index = index.unwrap_or(cache.chunks.len() as u64);
+        cache.bytes += data.len();
+        if let Some(old) = cache.chunks.insert(index, Bytes::from(data)) {
+            cache.bytes -= old.len();
+        }
+        Ok(())
+    }
+
+    /// `message_cache.remove`.
+    pub fn cache_remove(&self, owner: &str, key: &str) -> Result<(), Error> {
+        self.caches
+            .remove(&(owner.to_string(), key.to_string()))
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound(format!("Message with key {key} does not exist")))
+    }
+
+    /// `message_cache.process`: reassembles the message; its identity is the caller's.
+    pub fn cache_take(&self, owner: &str, key: &str) -> Result<Frame, Error> {
+        let (_, cache) = self
+            .caches
+            .remove(&(owner.to_string(), key.to_string()))
+            .ok_or_else(|| Error::NotFound(format!("Message with key {key} does not exist")))?;
+        let mut data = Vec::with_capacity(cache.bytes);
+        for (expected, (index, chunk)) in cache.chunks.iter().enumerate() {
+            if *index != expected as u64 {
+                return Err(Error::BadRequest(format!(
+                    "chunk {expected} of message {key} is missing"
+                )));
+            }
+            data.extend_from_slice(chunk);
+        }
+        Frame::parse(Bytes::from(data)).map_err(|e| Error::BadRequest(e.to_string()))
+    }
+}
+
+/// Removes a pending call however its wait ends.
+struct PendingGuard<'a> {
+    peer: &'a ServerPeer,
+    session: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.peer.pending.remove(self.session);
+    }
+}
+
+fn send_error(e: SendError) -> Error {
+    Error::Unavailable(e.to_string())
+}
+
+fn seconds(v: &Value) -> Option<Duration> {
+    let s = v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))?;
+    (s.is_finite() && s > 0.0 && s < 86_400.0).then(|| Duration::from_secs_f64(s))
+}

@@ -1,0 +1,688 @@
+//! The workspace manager (`*/manager-<id>:default`): registering, finding and listing services,
+//! tokens, events. Every function carries an `_rschema`, which the clients require.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmpv::Value;
+
+use super::registry::{ServiceEntry, ServiceQuery, Visibility};
+use crate::AppState;
+use crate::auth::{Permission, UserInfo};
+use crate::error::Error;
+use crate::ids::ServiceId;
+use crate::rpc::peer::{CallContext, CallOptions};
+use crate::rpc::value::{self, Args, get, get_str, obj};
+
+/// A manager function: name, description, and its JSON-schema parameters.
+struct Function {
+    name: &'static str,
+    doc: &'static str,
+    params: &'static str,
+    required: &'static [&'static str],
+}
+
+const FUNCTIONS: &[Function] = &[
+    Function {
+        name: "echo",
+        doc: "Return the data unchanged.",
+        params: r#"{"data":{"description":"Any value"}}"#,
+        required: &["data"],
+    },
+    Function {
+        name: "ping",
+        doc: "Answer 'pong'.",
+        params: "{}",
+        required: &[],
+    },
+    Function {
+        name: "log",
+        doc: "Write a message to the server log.",
+        params: r#"{"msg":{"type":"string"}}"#,
+        required: &["msg"],
+    },
+    Function {
+        name: "check_status",
+        doc: "Report the server status.",
+        params: "{}",
+        required: &[],
+    },
+    Function {
+        name: "get_workspace_info",
+        doc: "Describe a workspace.",
+        params: r#"{"workspace":{"type":"string","description":"Workspace name; default the caller's"}}"#,
+        required: &[],
+    },
+    Function {
+        name: "list_clients",
+        doc: "List the clients connected to a workspace.",
+        params: r#"{"workspace":{"type":"string"}}"#,
+        required: &[],
+    },
+    Function {
+        name: "register_service",
+        doc: "Register a service of the calling client.",
+        params: r#"{"service":{"type":"object","description":"Service info with id, config, name, type"},"config":{"type":"object"}}"#,
+        required: &["service"],
+    },
+    Function {
+        name: "unregister_service",
+        doc: "Remove a service of the calling client.",
+        params: r#"{"service_id":{"type":"string"}}"#,
+        required: &["service_id"],
+    },
+    Function {
+        name: "get_service_info",
+        doc: "Find a service and return its info.",
+        params: r#"{"service_id":{"type":"string","description":"svc, ws/svc or ws/client:svc[@app]"},"config":{"type":"object","description":"mode: exact, random, first or last"}}"#,
+        required: &["service_id"],
+    },
+    Function {
+        name: "get_service",
+        doc: "Find a service and return its functions.",
+        params: r#"{"service_id":{"type":"string","description":"svc, ws/svc or ws/client:svc[@app]"},"config":{"type":"object","description":"mode: exact, random, first or last; timeout in seconds"}}"#,
+        required: &["service_id"],
+    },
+    Function {
+        name: "list_services",
+        doc: "List the services visible to the caller in a workspace.",
+        params: r#"{"query":{"description":"Workspace name, or a dict with workspace, type, client_id"}}"#,
+        required: &[],
+    },
+    Function {
+        name: "generate_token",
+        doc: "Mint a token for a workspace the caller administers.",
+        params: r#"{"config":{"type":"object","description":"workspace, permission (read, read_write, admin), expires_in, client_id"}}"#,
+        required: &[],
+    },
+    Function {
+        name: "subscribe",
+        doc: "Receive manager events such as client_disconnected and service_added.",
+        params: r#"{"event_types":{"description":"An event type or a list of them"}}"#,
+        required: &["event_types"],
+    },
+    Function {
+        name: "unsubscribe",
+        doc: "Stop receiving manager events.",
+        params: r#"{"event_types":{"description":"An event type or a list of them"}}"#,
+        required: &["event_types"],
+    },
+];
+
+/// The description `built-in.get_service` returns for a service hosted by the server.
+pub fn hosted_description(state: &AppState, name: &str) -> Option<Value> {
+    let target = state.peer.manager_addr();
+    let method = |path: &str, schema: Option<Value>, doc: &str| {
+        let mut m = value::method_value(&target, path, "*".into());
+        value::set(&mut m, "_rdoc", doc.into());
+        if let Some(schema) = schema {
+            value::set(&mut m, "_rschema", schema);
+        }
+        m
+    };
+    match name {
+        "default" => {
+            let mut entries = vec![
+                ("id".into(), format!("{target}:default").into()),
+                ("name".into(), "Workspace Manager".into()),
+                (
+                    "description".into(),
+                    "The hypha-rtc workspace manager".into(),
+                ),
+                ("type".into(), "functions".into()),
+                (
+                    "config".into(),
+                    obj([
+                        ("visibility", "public".into()),
+                        ("require_context", true.into()),
+                        ("workspace", "*".into()),
+                    ]),
+                ),
+            ];
+            for f in FUNCTIONS {
+                let mut m = method(
+                    &format!("services.default.{}", f.name),
+                    Some(schema(f)),
+                    f.doc,
+                );
+                value::set(&mut m, "_rname", f.name.into());
+                entries.push((f.name.into(), m));
+            }
+            Some(Value::Map(entries))
+        }
+        "built-in" => {
+            let cache = |f: &str| {
+                method(
+                    &format!("services.built-in.message_cache.{f}"),
+                    None,
+                    "message cache",
+                )
+            };
+            Some(obj([
+                ("id", format!("{target}:built-in").into()),
+                ("name", "Builtin services of the server".into()),
+                ("type", "built-in".into()),
+                (
+                    "config",
+                    obj([
+                        ("require_context", true.into()),
+                        ("visibility", "public".into()),
+                        ("api_version", 3.into()),
+                    ]),
+                ),
+                ("ping", method("services.built-in.ping", None, "ping")),
+                (
+                    "get_service",
+                    method("services.built-in.get_service", None, "get a service"),
+                ),
+                (
+                    "message_cache",
+                    obj([
+                        ("create", cache("create")),
+                        ("append", cache("append")),
+                        ("set", cache("set")),
+                        ("process", cache("process")),
+                        ("remove", cache("remove")),
+                    ]),
+                ),
+            ]))
+        }
+        _ => None,
+    }
+}
+
+fn schema(f: &Function) -> Value {
+    let properties: serde_json::Value = serde_json::from_str(f.params).unwrap_or_default();
+    value::from_json(&serde_json::json!({
+        "name": f.name,
+        "description": f.doc,
+        "parameters": {"type": "object", "properties": properties, "required": f.required},
+    }))
+}
+
+/// Runs a manager function.
+pub async fn call(
+    state: &Arc<AppState>,
+    function: &str,
+    ctx: &CallContext,
+    args: &Args,
+) -> Result<Value, Error> {
+    match function {
+        "echo" => Ok(args.get(0, "data").cloned().unwrap_or(Value::Nil)),
+        "ping" => Ok("pong".into()),
+        "log" => {
+            tracing::info!(client = %ctx.from, message = args.get_str(0, "msg").unwrap_or(""), "client log");
+            Ok(Value::Nil)
+        }
+        "check_status" => Ok(obj([
+            ("status", "ok".into()),
+            ("version", env!("CARGO_PKG_VERSION").into()),
+            ("connections", (state.hub.connection_count() as u64).into()),
+            ("services", (state.registry.len() as u64).into()),
+        ])),
+        "get_workspace_info" => {
+            let ws = args.get_str(0, "workspace").unwrap_or(&ctx.ws);
+            let permission = need(&ctx.user, ws, Permission::Read)?;
+            Ok(obj([
+                ("id", ws.into()),
+                ("name", ws.into()),
+                ("description", "".into()),
+                ("persistent", false.into()),
+                ("read_only", (permission == Permission::Read).into()),
+                (
+                    "owners",
+                    Value::Array(if ws == ctx.user.own_workspace() {
+                        vec![ctx.user.id.as_str().into()]
+                    } else {
+                        vec![]
+                    }),
+                ),
+            ]))
+        }
+        "list_clients" => {
+            let ws = args.get_str(0, "workspace").unwrap_or(&ctx.ws);
+            need(&ctx.user, ws, Permission::Read)?;
+            let mut clients = state.hub.clients_in(ws);
+            clients.sort();
+            Ok(Value::Array(
+                clients
+                    .into_iter()
+                    .map(|c| format!("{ws}/{c}").into())
+                    .collect(),
+            ))
+        }
+        "register_service" => register_service(state, ctx, args).await,
+        "unregister_service" => {
+            let id = args
+                .get_str(0, "service_id")
+                .ok_or_else(|| Error::BadRequest("unregister_service needs a service_id".into()))?;
+            let id = own_service_id(ctx, id)?;
+            let removed = state.registry.remove(&id);
+            if removed.is_empty() {
+                return Err(Error::NotFound(format!("Service not found: {id}")));
+            }
+            for entry in removed {
+                super::emit(state, &ctx.ws, "service_removed", entry.info).await;
+            }
+            Ok(Value::Nil)
+        }
+        "get_service_info" => {
+            let (query, config) = query_args(args)?;
+            Ok(resolve(state, &ctx.ws, &ctx.user, query, mode(config))?.info)
+        }
+        "get_service" => {
+            let (query, config) = query_args(args)?;
+            get_service(state, &ctx.ws, &ctx.user, query, config).await
+        }
+        "list_services" => list_services(state, ctx, args),
+        "generate_token" => generate_token(state, ctx, args),
+        "subscribe" | "unsubscribe" => {
+            let events: Vec<String> = match args.get(0, "event_types") {
+                Some(Value::String(s)) => {
+                    s.as_str().map(|s| vec![s.to_string()]).unwrap_or_default()
+                }
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => {
+                    return Err(Error::BadRequest(
+                        "event_types must be a string or a list of strings".into(),
+                    ));
+                }
+            };
+            let handle = state
+                .hub
+                .get(&ctx.from)
+                .ok_or_else(|| Error::BadRequest("only websocket clients can subscribe".into()))?;
+            if let Ok(mut subscribed) = handle.events.lock() {
+                for event in events {
+                    if function == "subscribe" {
+                        if subscribed.len() < 64 {
+                            subscribed.insert(event);
+                        }
+                    } else {
+                        subscribed.remove(&event);
+                    }
+                }
+            }
+            Ok(Value::Nil)
+        }
+        _ => Err(Error::NotFound(format!(
+            "Method not found: services.default.{function}"
+        ))),
+    }
+}
+
+fn need(user: &UserInfo, workspace: &str, at_least: Permission) -> Result<Permission, Error> {
+    match user.permission(workspace) {
+        Some(p) if p >= at_least => Ok(p),
+        _ => Err(Error::PermissionDenied(format!(
+            "Permission denied for workspace {workspace}: {} access is required",
+            match at_least {
+                Permission::Read => "read",
+                Permission::ReadWrite => "read_write",
+                Permission::Admin => "admin",
+            }
+        ))),
+    }
+}
+
+/// Makes a service id absolute and checks that it belongs to the caller.
+fn own_service_id(ctx: &CallContext, id: &str) -> Result<ServiceId, Error> {
+    let full = if id.contains(':') {
+        if id.contains('/') {
+            id.to_string()
+        } else {
+            format!("{}/{id}", ctx.ws)
+        }
+    } else {
+        format!("{}:{id}", ctx.from)
+    };
+    let parsed = ServiceId::parse(&full).map_err(|e| Error::BadRequest(e.to_string()))?;
+    if parsed.provider.to_string() != ctx.from {
+        return Err(Error::PermissionDenied(format!(
+            "a client may only manage its own services ({}), not {full}",
+            ctx.from
+        )));
+    }
+    Ok(parsed)
+}
+
+async fn register_service(
+    state: &Arc<AppState>,
+    ctx: &CallContext,
+    args: &Args,
+) -> Result<Value, Error> {
+    let info = args
+        .get(0, "service")
+        .filter(|v| v.is_map())
+        .ok_or_else(|| {
+            Error::BadRequest("register_service needs the service info as a dict".into())
+        })?
+        .clone();
+    need(&ctx.user, &ctx.ws, Permission::ReadWrite)?;
+    let id = get_str(&info, "id")
+        .ok_or_else(|| Error::BadRequest("the service info has no id".into()))?;
+    let mut id = own_service_id(ctx, id)?;
+    let local_only = get(&info, "config")
+        .and_then(|c| get(c, "_local_only"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    if id.name.as_str().starts_with("_rintf_") || local_only {
+        return Ok(Value::Nil);
+    }
+    if let Some(app) = get_str(&info, "app_id").filter(|a| !a.is_empty() && *a != "*") {
+        id.app = Some(app.to_string());
+    }
+    let entry = ServiceEntry::from_info(id, info)?;
+    let announced = entry.info.clone();
+    state.registry.insert(entry);
+    super::emit(state, &ctx.ws, "service_added", announced).await;
+    Ok(Value::Nil)
+}
+
+fn query_args(args: &Args) -> Result<(&str, Option<&Value>), Error> {
+    let query = args
+        .get_str(0, "service_id")
+        .or_else(|| args.get_str(0, "query"))
+        .or_else(|| args.get_str(0, "id"))
+        .ok_or_else(|| Error::BadRequest("a service id is required".into()))?;
+    Ok((query, args.get(1, "config").filter(|c| c.is_map())))
+}
+
+fn mode(config: Option<&Value>) -> Option<&str> {
+    config.and_then(|c| get_str(c, "mode"))
+}
+
+/// A service found for a caller: registered by a client, or hosted by the server itself.
+pub fn resolve(
+    state: &AppState,
+    caller_ws: &str,
+    user: &UserInfo,
+    query: &str,
+    mode: Option<&str>,
+) -> Result<ServiceEntry, Error> {
+    let parsed = ServiceQuery::parse(query, caller_ws)?;
+    if parsed.client.as_deref() == Some(state.manager_id.as_str()) && parsed.name == "default" {
+        let id = ServiceId::parse(&format!("{}/{}:default", caller_ws, state.manager_id))
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let info = hosted_description(state, "default").unwrap_or(Value::Nil);
+        return ServiceEntry::from_info(id, info);
+    }
+    let found = state.registry.find(&parsed);
+    if found.is_empty() {
+        return Err(Error::NotFound(format!("Service not found: {query}")));
+    }
+    let mut allowed: Vec<ServiceEntry> = found
+        .into_iter()
+        .filter(|e| e.allows(caller_ws, user))
+        .collect();
+    if allowed.is_empty() {
+        return Err(Error::PermissionDenied(format!(
+            "Permission denied for protected service {query}: it belongs to workspace {} and is not shared with {caller_ws}",
+            parsed.workspace
+        )));
+    }
+    let mode = mode.unwrap_or(if parsed.workspace == "public" {
+        "random"
+    } else {
+        "exact"
+    });
+    match mode {
+        "exact" if allowed.len() > 1 => Err(Error::BadRequest(format!(
+            "Multiple services found for {query}: {}; pass config mode 'random', 'first' or 'last'",
+            allowed
+                .iter()
+                .map(|e| e.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        "exact" | "first" => Ok(allowed.remove(0)),
+        "last" => Ok(allowed.pop().unwrap_or_else(|| unreachable!())),
+        "random" => {
+            use rand::RngExt;
+            let pick = rand::rng().random_range(0..allowed.len());
+            Ok(allowed.swap_remove(pick))
+        }
+        other => Err(Error::BadRequest(format!(
+            "unknown mode {other:?}; use exact, random, first or last"
+        ))),
+    }
+}
+
+/// Resolves a service and fetches its functions from its provider, with absolute targets.
+pub async fn get_service(
+    state: &Arc<AppState>,
+    caller_ws: &str,
+    user: &UserInfo,
+    query: &str,
+    config: Option<&Value>,
+) -> Result<Value, Error> {
+    let entry = resolve(state, caller_ws, user, query, mode(config))?;
+    let provider = entry.id.provider.to_string();
+    if entry.id.provider.client.as_str() == state.manager_id {
+        return hosted_description(state, entry.id.name.as_str())
+            .ok_or_else(|| Error::NotFound(format!("Service not found: {query}")));
+    }
+    let timeout = config
+        .and_then(|c| get(c, "timeout"))
+        .and_then(|t| t.as_f64().or_else(|| t.as_i64().map(|i| i as f64)))
+        .filter(|t| t.is_finite() && *t > 0.0 && *t < 3600.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(state.settings.method_timeout);
+    let options = CallOptions {
+        from: &state.peer.manager_addr(),
+        ws: entry.id.provider.workspace.as_str(),
+        user: &state.peer.server_user,
+        timeout,
+        with_kwargs: false,
+    };
+    let mut description = state
+        .peer
+        .call(
+            &provider,
+            "services.built-in.get_service",
+            vec![entry.id.name.as_str().into()],
+            &options,
+        )
+        .await
+        .map_err(|e| match e {
+            Error::Unavailable(_) => Error::NotFound(format!(
+                "Service not found: {query} (its provider {provider} is gone)"
+            )),
+            other => other,
+        })?;
+    if !description.is_map() {
+        return Err(Error::Remote(format!(
+            "{provider} returned no service description for {query}"
+        )));
+    }
+    absolutize_targets(&mut description, entry.id.provider.workspace.as_str(), 0);
+    value::set(&mut description, "id", entry.id.to_string().into());
+    if let Value::Map(entries) = &mut description {
+        match entries
+            .iter_mut()
+            .find(|(k, _)| k.as_str() == Some("config"))
+        {
+            Some((_, config @ Value::Map(_))) => value::set(
+                config,
+                "workspace",
+                entry.id.provider.workspace.as_str().into(),
+            ),
+            _ => value::set(
+                &mut description,
+                "config",
+                obj([("workspace", entry.id.provider.workspace.as_str().into())]),
+            ),
+        }
+    }
+    Ok(description)
+}
+
+/// JS providers encode `_rtarget` relative to their workspace; consumers need it absolute.
+fn absolutize_targets(value: &mut Value, workspace: &str, depth: usize) {
+    if depth > 32 {
+        return;
+    }
+    match value {
+        Value::Map(entries) => {
+            let is_method = entries
+                .iter()
+                .any(|(k, v)| k.as_str() == Some("_rtype") && v.as_str() == Some("method"));
+            for (k, v) in entries.iter_mut() {
+                if is_method && k.as_str() == Some("_rtarget") {
+                    if let Some(target) = v.as_str()
+                        && !target.contains('/')
+                    {
+                        *v = format!("{workspace}/{target}").into();
+                    }
+                } else {
+                    absolutize_targets(v, workspace, depth + 1);
+                }
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|v| absolutize_targets(v, workspace, depth + 1)),
+        _ => {}
+    }
+}
+
+fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
+    let query = args.get(0, "query");
+    let (mut workspace, mut service_type, mut client) = (ctx.ws.clone(), None, None);
+    match query {
+        Some(Value::String(s)) => {
+            let text = s.as_str().unwrap_or("");
+            workspace = text.split('/').next().unwrap_or("").to_string();
+            if workspace.is_empty() || workspace == "*" {
+                workspace = ctx.ws.clone();
+            }
+        }
+        Some(q @ Value::Map(_)) => {
+            if let Some(ws) = get_str(q, "workspace").filter(|w| *w != "*") {
+                workspace = ws.to_string();
+            }
+            service_type = get_str(q, "type").map(str::to_string);
+            client = get_str(q, "client_id").map(str::to_string);
+        }
+        _ => {}
+    }
+    if let Some(t) = args.get_str(9, "type") {
+        service_type = Some(t.to_string());
+    }
+    let same = workspace == ctx.ws || ctx.user.permission(&workspace).is_some();
+    let items = state
+        .registry
+        .in_workspace(&workspace)
+        .into_iter()
+        .filter(|e| (same && e.allows(&ctx.ws, &ctx.user)) || e.visibility == Visibility::Public)
+        .filter(|e| service_type.as_deref().is_none_or(|t| e.service_type == t))
+        .filter(|e| {
+            client
+                .as_deref()
+                .is_none_or(|c| e.id.provider.client.as_str() == c)
+        })
+        .map(|e| e.info)
+        .collect();
+    Ok(Value::Array(items))
+}
+
+fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
+    let config = args.get(0, "config").filter(|c| c.is_map());
+    let field = |name: &str| {
+        config
+            .and_then(|c| get(c, name))
+            .or_else(|| args.get(99, name))
+    };
+    if ctx.user.is_anonymous() {
+        return Err(Error::PermissionDenied(
+            "Anonymous users cannot generate tokens".into(),
+        ));
+    }
+    let workspace = field("workspace")
+        .and_then(Value::as_str)
+        .unwrap_or(&ctx.ws)
+        .to_string();
+    let permission_name = field("permission")
+        .and_then(Value::as_str)
+        .unwrap_or("read");
+    let permission = Permission::parse(permission_name).ok_or_else(|| {
+        Error::BadRequest(format!(
+            "permission must be read, read_write or admin, not {permission_name:?}"
+        ))
+    })?;
+    let expires_in = match field("expires_in") {
+        None => 3600,
+        Some(v) => v
+            .as_i64()
+            .filter(|s| *s > 0 && *s <= 365 * 24 * 3600)
+            .ok_or_else(|| {
+                Error::BadRequest(
+                    "expires_in must be a positive number of seconds, at most one year".into(),
+                )
+            })?,
+    };
+    if ctx.user.permission(&workspace) != Some(Permission::Admin) {
+        return Err(Error::PermissionDenied(format!(
+            "Only an admin of workspace {workspace} may generate tokens for it"
+        )));
+    }
+    let mut child = UserInfo::new(
+        format!("{}-{}", ctx.user.id, crate::auth::random_id(8)),
+        Vec::new(),
+        None,
+    );
+    child.parent = Some(ctx.user.id.clone());
+    child.email = ctx.user.email.clone();
+    child.workspaces.insert(workspace.clone(), permission);
+    child.current_workspace = Some(workspace);
+    child.client_id = field("client_id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok(state.tokens.issue(&child, expires_in).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_targets_become_absolute() {
+        let mut desc = obj([
+            (
+                "echo",
+                value::method_value("js-a", "services.x.echo", true.into()),
+            ),
+            (
+                "nested",
+                obj([(
+                    "f",
+                    value::method_value("ws2/b", "services.x.f", true.into()),
+                )]),
+            ),
+        ]);
+        absolutize_targets(&mut desc, "ws1", 0);
+        assert_eq!(
+            get(&desc, "echo").and_then(|m| get_str(m, "_rtarget")),
+            Some("ws1/js-a")
+        );
+        let nested = get(&desc, "nested").and_then(|n| get(n, "f")).unwrap();
+        assert_eq!(get_str(nested, "_rtarget"), Some("ws2/b"));
+    }
+
+    #[test]
+    fn every_function_has_a_valid_schema() {
+        for f in FUNCTIONS {
+            let s = schema(f);
+            assert!(
+                get(&s, "parameters")
+                    .and_then(|p| get(p, "properties"))
+                    .is_some_and(Value::is_map),
+                "{}",
+                f.name
+            );
+        }
+    }
+}

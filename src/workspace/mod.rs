@@ -1,0 +1,147 @@
+//! The workspace manager service and the service registry, and the dispatcher that runs
+//! calls addressed to the server's own services.
+
+pub mod manager;
+pub mod registry;
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use rmpv::Value;
+
+use crate::AppState;
+use crate::error::Error;
+use crate::hub::Outbound;
+use crate::rpc::frame;
+use crate::rpc::peer::{Call, Decoded, Incoming};
+use crate::rpc::value::obj;
+
+/// Handles a frame addressed to the server: runs a call and answers it, or completes one of
+/// the server's own pending calls.
+pub async fn handle(state: Arc<AppState>, incoming: Incoming) {
+    let from = incoming.from.clone();
+    match state.peer.decode(incoming) {
+        Err(e) => tracing::debug!(%from, error = %e, "undecodable call to the server"),
+        Ok(Decoded::Reply | Decoded::Ignored) => {}
+        Ok(Decoded::Call(call)) => run_call(&state, *call).await,
+    }
+}
+
+async fn run_call(state: &Arc<AppState>, call: Call) {
+    let work = dispatch(state, &call);
+    tokio::pin!(work);
+    let outcome = match call.reply.as_ref().and_then(|r| r.interval) {
+        Some(interval) => loop {
+            tokio::select! {
+                outcome = &mut work => break outcome,
+                _ = tokio::time::sleep(interval) => state.peer.heartbeat(&call).await,
+            }
+        },
+        None => work.await,
+    };
+    state.peer.reply(&call, outcome).await;
+}
+
+/// Runs a call on a hosted service: `services.<service>.<function>`.
+fn dispatch<'a>(state: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Result<Value, Error>> {
+    Box::pin(async move {
+        let not_found = || Error::NotFound(format!("Method not found: {}", call.method));
+        let path = call
+            .method
+            .strip_prefix("services.")
+            .ok_or_else(not_found)?;
+        let (service, function) = path.split_once('.').ok_or_else(not_found)?;
+        match service {
+            "built-in" => builtin(state, call, function).await,
+            "default" => manager::call(state, function, &call.ctx, &call.args).await,
+            _ => Err(not_found()),
+        }
+    })
+}
+
+/// The manager's `built-in` service: `get_service`, `ping` and `message_cache`.
+async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<Value, Error> {
+    let args = &call.args;
+    let owner = call.ctx.from.as_str();
+    let key = || {
+        args.get_str(0, "key")
+            .ok_or_else(|| Error::BadRequest("message_cache needs a key".into()))
+    };
+    let data = |index: usize| match args.get(index, "data") {
+        Some(Value::Binary(b)) => Ok(b.clone()),
+        _ => Err(Error::BadRequest("message_cache data must be bytes".into())),
+    };
+    match function {
+        "ping" => Ok("pong".into()),
+        "get_service" => {
+            let name = args.get_str(0, "service_id").unwrap_or("default");
+            let name = name.rsplit(':').next().unwrap_or(name);
+            manager::hosted_description(state, name)
+                .ok_or_else(|| Error::NotFound(format!("Service not found: {name}")))
+        }
+        "message_cache.create" => {
+            let overwrite = args
+                .get(2, "overwrite")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            state
+                .peer
+                .cache_create(owner, key()?, overwrite)
+                .map(|_| Value::Nil)
+        }
+        "message_cache.append" => state
+            .peer
+            .cache_put(owner, key()?, None, data(1)?)
+            .map(|_| Value::Nil),
+        "message_cache.set" => {
+            let index = args
+                .get(1, "index")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| Error::BadRequest("message_cache.set needs an index".into()))?;
+            state
+                .peer
+                .cache_put(owner, key()?, Some(index), data(2)?)
+                .map(|_| Value::Nil)
+        }
+        "message_cache.remove" => state.peer.cache_remove(owner, key()?).map(|_| Value::Nil),
+        "message_cache.process" => {
+            let frame = state.peer.cache_take(owner, key()?)?;
+            let incoming = Incoming {
+                from: call.ctx.from.clone(),
+                ws: call.ctx.ws.clone(),
+                user: call.ctx.user.clone(),
+                to: call.ctx.to.clone(),
+                frame,
+            };
+            tokio::spawn(handle(state.clone(), incoming));
+            Ok(Value::Nil)
+        }
+        _ => Err(Error::NotFound(format!(
+            "Method not found: {}",
+            call.method
+        ))),
+    }
+}
+
+/// Sends a manager event (`client_disconnected`, `service_added`, ...) to the clients of a
+/// workspace that subscribed to it.
+pub async fn emit(state: &AppState, workspace: &str, event: &str, data: Value) {
+    let subscribers = state.hub.subscribers(workspace, event);
+    if subscribers.is_empty() {
+        return;
+    }
+    let from = state.peer.manager_addr();
+    for addr in subscribers {
+        let header = obj([
+            ("type", event.into()),
+            ("from", from.as_str().into()),
+            ("to", addr.as_str().into()),
+            ("ws", workspace.into()),
+            ("data", data.clone()),
+        ]);
+        let _ = state
+            .hub
+            .send(&addr, Outbound::Binary(frame::encode(&header, None)))
+            .await;
+    }
+}

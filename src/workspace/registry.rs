@@ -1,0 +1,273 @@
+//! The service registry: who provides what, under which visibility, and how queries resolve.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rmpv::Value;
+
+use crate::auth::UserInfo;
+use crate::error::Error;
+use crate::ids::ServiceId;
+use crate::rpc::value::{get, get_str};
+
+/// Who may see and use a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    Public,
+    Protected,
+    Unlisted,
+}
+
+impl Visibility {
+    fn parse(text: Option<&str>) -> Result<Self, Error> {
+        match text.unwrap_or("protected") {
+            "public" => Ok(Visibility::Public),
+            "protected" => Ok(Visibility::Protected),
+            "unlisted" => Ok(Visibility::Unlisted),
+            other => Err(Error::BadRequest(format!(
+                "visibility must be public, protected or unlisted, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A registered service.
+#[derive(Debug, Clone)]
+pub struct ServiceEntry {
+    pub id: ServiceId,
+    /// The service info as registered, with `id` made absolute.
+    pub info: Value,
+    pub visibility: Visibility,
+    pub authorized_workspaces: Vec<String>,
+    pub service_type: String,
+    seq: u64,
+}
+
+impl ServiceEntry {
+    /// Builds an entry from a `register_service` info dict.
+    pub fn from_info(id: ServiceId, mut info: Value) -> Result<Self, Error> {
+        let config = get(&info, "config");
+        let visibility = Visibility::parse(config.and_then(|c| get_str(c, "visibility")))?;
+        let authorized_workspaces = config
+            .and_then(|c| get(c, "authorized_workspaces"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let service_type = get_str(&info, "type").unwrap_or("generic").to_string();
+        crate::rpc::value::set(&mut info, "id", id.to_string().into());
+        Ok(Self {
+            id,
+            info,
+            visibility,
+            authorized_workspaces,
+            service_type,
+            seq: 0,
+        })
+    }
+
+    /// Whether `user`, calling from `workspace`, may use this service.
+    pub fn allows(&self, workspace: &str, user: &UserInfo) -> bool {
+        let home = self.id.provider.workspace.as_str();
+        self.visibility != Visibility::Protected
+            || workspace == home
+            || self.authorized_workspaces.iter().any(|w| w == workspace)
+            || user.permission(home).is_some()
+    }
+
+    fn key(&self) -> String {
+        key(&self.id)
+    }
+}
+
+fn key(id: &ServiceId) -> String {
+    format!("{}@{}", id, id.app.as_deref().unwrap_or("*"))
+}
+
+/// A parsed `get_service` query: `svc`, `ws/svc`, `ws/client:svc`, `client:svc`, with `@app`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceQuery {
+    pub workspace: String,
+    /// `None` matches any client.
+    pub client: Option<String>,
+    pub name: String,
+    pub app: Option<String>,
+}
+
+impl ServiceQuery {
+    pub fn parse(query: &str, caller_ws: &str) -> Result<Self, Error> {
+        let bad = || Error::BadRequest(format!("invalid service query {query:?}"));
+        if query.is_empty() || query.len() > 512 {
+            return Err(bad());
+        }
+        let (left, service) = match query.split_once(':') {
+            Some((l, s)) => (Some(l), s),
+            None => (None, query),
+        };
+        let (service, app) = match service.split_once('@') {
+            Some((s, a)) => (s, Some(a.to_string()).filter(|a| !a.is_empty() && a != "*")),
+            None => (service, None),
+        };
+        let (workspace, client, name) = match left {
+            Some(left) => match left.split_once('/') {
+                Some((ws, client)) => (ws, Some(client), service),
+                None => (caller_ws, Some(left), service),
+            },
+            None => match service.split_once('/') {
+                Some((ws, name)) => (ws, None, name),
+                None => (caller_ws, None, service),
+            },
+        };
+        if name.is_empty() || name.contains('/') || workspace.is_empty() {
+            return Err(bad());
+        }
+        let workspace = if workspace == "*" {
+            caller_ws
+        } else {
+            workspace
+        };
+        Ok(Self {
+            workspace: workspace.to_string(),
+            client: client.filter(|c| *c != "*").map(str::to_string),
+            name: name.to_string(),
+            app,
+        })
+    }
+}
+
+/// All registered services, ordered by key so one client's services are contiguous.
+#[derive(Default)]
+pub struct Registry {
+    services: RwLock<BTreeMap<String, ServiceEntry>>,
+    seq: AtomicU64,
+}
+
+impl Registry {
+    /// Adds or replaces a service.
+    pub fn insert(&self, mut entry: ServiceEntry) {
+        entry.seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut services) = self.services.write() {
+            services.insert(entry.key(), entry);
+        }
+    }
+
+    /// Removes services matching a full id (any app id); returns what was removed.
+    pub fn remove(&self, id: &ServiceId) -> Vec<ServiceEntry> {
+        let prefix = format!("{id}@");
+        self.remove_prefix(&prefix)
+    }
+
+    /// Removes every service of a client (`ws/cid`).
+    pub fn remove_client(&self, addr: &str) -> Vec<ServiceEntry> {
+        self.remove_prefix(&format!("{addr}:"))
+    }
+
+    fn remove_prefix(&self, prefix: &str) -> Vec<ServiceEntry> {
+        let Ok(mut services) = self.services.write() else {
+            return Vec::new();
+        };
+        let keys: Vec<String> = services
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter().filter_map(|k| services.remove(k)).collect()
+    }
+
+    /// Services in a workspace, in registration order.
+    pub fn in_workspace(&self, workspace: &str) -> Vec<ServiceEntry> {
+        let prefix = format!("{workspace}/");
+        let Ok(services) = self.services.read() else {
+            return Vec::new();
+        };
+        let mut found: Vec<ServiceEntry> = services
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, e)| e.clone())
+            .collect();
+        found.sort_by_key(|e| e.seq);
+        found
+    }
+
+    /// Services matching a query, in registration order.
+    pub fn find(&self, query: &ServiceQuery) -> Vec<ServiceEntry> {
+        self.in_workspace(&query.workspace)
+            .into_iter()
+            .filter(|e| {
+                e.id.name.as_str() == query.name
+                    && query
+                        .client
+                        .as_deref()
+                        .is_none_or(|c| e.id.provider.client.as_str() == c)
+                    && query
+                        .app
+                        .as_deref()
+                        .is_none_or(|a| e.id.app.as_deref() == Some(a))
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.read().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::value::obj;
+
+    fn entry(id: &str, visibility: &str) -> ServiceEntry {
+        let info = obj([
+            ("id", id.into()),
+            ("config", obj([("visibility", visibility.into())])),
+        ]);
+        ServiceEntry::from_info(ServiceId::parse(id).unwrap(), info).unwrap()
+    }
+
+    #[test]
+    fn query_forms() {
+        let q = ServiceQuery::parse("echo", "ws1").unwrap();
+        assert_eq!(
+            (q.workspace.as_str(), q.client.as_deref(), q.name.as_str()),
+            ("ws1", None, "echo")
+        );
+        let q = ServiceQuery::parse("ws2/echo", "ws1").unwrap();
+        assert_eq!((q.workspace.as_str(), q.client.as_deref()), ("ws2", None));
+        let q = ServiceQuery::parse("ws2/c1:echo@app", "ws1").unwrap();
+        assert_eq!(
+            (q.client.as_deref(), q.app.as_deref()),
+            (Some("c1"), Some("app"))
+        );
+        let q = ServiceQuery::parse("c1:echo", "ws1").unwrap();
+        assert_eq!(
+            (q.workspace.as_str(), q.client.as_deref()),
+            ("ws1", Some("c1"))
+        );
+        assert!(ServiceQuery::parse("", "ws1").is_err());
+    }
+
+    #[test]
+    fn find_and_remove_by_client() {
+        let registry = Registry::default();
+        registry.insert(entry("ws1/c1:echo", "public"));
+        registry.insert(entry("ws1/c2:echo", "protected"));
+        registry.insert(entry("ws1/c10:other", "protected"));
+        let q = ServiceQuery::parse("echo", "ws1").unwrap();
+        assert_eq!(registry.find(&q).len(), 2);
+        assert_eq!(registry.remove_client("ws1/c1").len(), 1);
+        assert_eq!(registry.find(&q).len(), 1);
+        assert_eq!(registry.len(), 2);
+        let outsider = UserInfo::new("x".into(), vec![], None);
+        assert!(!registry.find(&q)[0].allows("ws9", &outsider));
+        assert!(registry.find(&q)[0].allows("ws1", &outsider));
+    }
+}

@@ -1,0 +1,167 @@
+"""Fixtures: a real hypha-rtc process per test module, Hypha-style tokens, raw websocket helpers."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import jwt
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+BIN = os.environ.get("HYPHA_RTC_BIN", str(ROOT / "target" / "debug" / "hypha-rtc"))
+JS_DIR = ROOT / "tests" / "conformance" / "js"
+SECRET = "conformance-secret-of-at-least-64-bytes-0123456789abcdef0123456789abcdef"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout, what):
+    """Polls `predicate` until it is true or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last error
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+class Server:
+    """A hypha-rtc process on a loopback port."""
+
+    def __init__(self, *extra, port=None, secret=SECRET):
+        self.port = port or free_port()
+        self.secret = secret
+        self.extra = list(extra)
+        self.proc = None
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"hypha-rtc-{self.port}.log"
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self):
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self):
+        assert Path(BIN).exists(), f"server binary missing: {BIN} (build it first)"
+        self.proc = subprocess.Popen(
+            [BIN, "--port", str(self.port), "--jwt-secret", self.secret, *self.extra],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"),
+        )
+        wait_until(self.alive, 15, "the server to answer /health/liveness")
+        return self
+
+    def alive(self):
+        with urllib.request.urlopen(f"{self.url}/health/liveness", timeout=1) as r:
+            return r.status == 200
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        assert self.proc is None or self.proc.returncode is not None
+
+    def http(self, path, token=None, data=None, method=None):
+        """Returns (status, parsed JSON body, headers)."""
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        body = json.dumps(data).encode() if data is not None else None
+        req = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null"), r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null"), e.headers
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server().start()
+    yield s
+    s.stop()
+
+
+def hypha_token(user_id, workspaces=None, secret=SECRET, expires_in=3600, roles=None, wid=None, cid=None, alg="HS256"):
+    """A token exactly as Hypha's `_generate_presigned_token` mints it (HS256, Hypha's claims)."""
+    now = int(time.time())
+    scope = [f"ws:{ws}#{perm}" for ws, perm in (workspaces or {}).items()]
+    if wid:
+        scope.append(f"wid:{wid}")
+    if cid:
+        scope.append(f"cid:{cid}")
+    claims = {
+        "iss": "https://amun.ai/",
+        "sub": user_id,
+        "aud": "https://amun-ai.eu.auth0.com/api/v2/",
+        "iat": now,
+        "exp": now + expires_in,
+        "scope": " ".join(scope),
+        "gty": "client-credentials",
+        "https://amun.ai/roles": roles or [],
+        "https://amun.ai/email": f"{user_id}@example.org",
+    }
+    return jwt.encode(claims, secret, algorithm=alg)
+
+
+def run(coro, timeout=120):
+    """Runs a coroutine with a deadline."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def node(script, *args, timeout=60, stdin=None):
+    """Runs one of the JS helper scripts with the real npm hypha-rpc client."""
+    proc = subprocess.run(
+        ["node", str(JS_DIR / script), *args],
+        cwd=JS_DIR,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def node_background(script, *args):
+    return subprocess.Popen(
+        ["node", str(JS_DIR / script), *args],
+        cwd=JS_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def result_of(output):
+    """The JSON after `RESULT ` in a helper script's output."""
+    line = next(l for l in output.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def json_line(stream, prefix, timeout=30):
+    """Reads lines until one starts with `prefix`; returns the JSON after it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix):])
+    raise AssertionError(f"no line starting with {prefix!r}")

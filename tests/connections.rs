@@ -1,0 +1,163 @@
+//! Connection lifecycle against the real app: slow consumers, time-outs, routing identity.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rmpv::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+fn frame(header: Value, body: Option<Value>) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &header).unwrap();
+    if let Some(body) = body {
+        rmpv::encode::write_value(&mut out, &body).unwrap();
+    }
+    out
+}
+
+fn map(entries: &[(&str, Value)]) -> Value {
+    Value::Map(
+        entries
+            .iter()
+            .map(|(k, v)| (Value::from(*k), v.clone()))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_is_disconnected_and_the_sender_goes_on() {
+    let app = spawn_app(|s| {
+        s.connection_queue = 8;
+        s.slow_consumer_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (mut sender, info) = connect(&app, "fast").await;
+    let ws = info["workspace"].as_str().unwrap().to_string();
+    // The slow client joins the sender's workspace through a reconnection-free path: same user
+    // is not needed, routing is not ACL-checked by workspace.
+    let (_slow, slow_info) = connect(&app, "slow").await;
+    let target = format!("{}/slow", slow_info["workspace"].as_str().unwrap());
+    let payload = Value::Binary(vec![7u8; 64 * 1024]);
+    let data = frame(
+        map(&[("type", "event".into()), ("to", target.as_str().into())]),
+        Some(map(&[("data", payload)])),
+    );
+    // Far more than queue + socket buffers can hold: the slow client must be dropped, and the
+    // sender must not be blocked for good.
+    for _ in 0..2000 {
+        if sender
+            .send(Message::Binary(data.clone().into()))
+            .await
+            .is_err()
+        {
+            panic!("the sender was disconnected instead of the slow consumer");
+        }
+        if !app.state.hub.is_connected(&target) {
+            break;
+        }
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the slow consumer to be disconnected",
+        || !app.state.hub.is_connected(&target),
+    )
+    .await;
+    assert!(app.state.hub.is_connected(&format!("{ws}/fast")));
+    sender
+        .send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .unwrap();
+    loop {
+        let reply = next_text(&mut sender).await;
+        if reply["type"] == "pong" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_and_silent_connections_are_closed() {
+    let app = spawn_app(|s| {
+        s.ws_idle_timeout = Duration::from_millis(300);
+        s.ws_ping_interval = Duration::from_millis(100);
+        s.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (mut idle, _) = connect(&app, "idle").await;
+    let code = closed(&mut idle, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(1001));
+    let (mut mute, _) = tokio_tungstenite::connect_async(app.ws_url())
+        .await
+        .unwrap();
+    let error = next_text(&mut mute).await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("no authentication message"),
+        "{error}"
+    );
+    assert_eq!(closed(&mut mute, Duration::from_secs(5)).await, Some(1008));
+}
+
+#[tokio::test]
+async fn routed_frames_carry_the_server_identity_and_untouched_body() {
+    let app = spawn_app(|_| {}).await;
+    let (mut a, a_info) = connect(&app, "a").await;
+    let (mut b, b_info) = connect(&app, "b").await;
+    let b_addr = format!("{}/b", b_info["workspace"].as_str().unwrap());
+    let body = map(&[("args", Value::Array(vec![Value::Binary(vec![1, 2, 3])]))]);
+    let header = map(&[
+        ("type", "method".into()),
+        ("to", b_addr.as_str().into()),
+        ("from", "forged/x".into()),
+        ("user", map(&[("id", "root".into())])),
+        ("method", "services.x.y".into()),
+    ]);
+    a.send(Message::Binary(frame(header, Some(body.clone())).into()))
+        .await
+        .unwrap();
+    let received = loop {
+        match tokio::time::timeout(Duration::from_secs(5), b.next()).await {
+            Ok(Some(Ok(Message::Binary(data)))) => break data,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no frame for b: {other:?}"),
+        }
+    };
+    let mut reader: &[u8] = &received;
+    let header = rmpv::decode::read_value(&mut reader).unwrap();
+    let get = |k: &str| {
+        header
+            .as_map()
+            .unwrap()
+            .iter()
+            .find(|(key, _)| key.as_str() == Some(k))
+            .map(|(_, v)| v.clone())
+    };
+    let a_ws = a_info["workspace"].as_str().unwrap();
+    assert_eq!(
+        get("from").unwrap().as_str(),
+        Some(format!("{a_ws}/a").as_str())
+    );
+    assert_eq!(get("ws").unwrap().as_str(), Some(a_ws));
+    let user = get("user").unwrap();
+    let user_id = user
+        .as_map()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("id"))
+        .unwrap()
+        .1
+        .clone();
+    assert_eq!(user_id.as_str(), a_info["user"]["id"].as_str());
+    let mut expected = Vec::new();
+    rmpv::encode::write_value(&mut expected, &body).unwrap();
+    assert_eq!(
+        reader,
+        expected.as_slice(),
+        "the body must be forwarded byte for byte"
+    );
+}
