@@ -1,0 +1,457 @@
+//! The load client: speaks the Hypha wire protocol natively (raw frames, no RPC library) so the
+//! client is not the bottleneck, and prints routed-call latency, routed messages per second and
+//! server memory per idle connection.
+//!
+//! `cargo bench --bench load` starts the release `hypha-rtc` and measures it;
+//! `cargo bench --bench load -- --url ws://HOST:PORT/ws --pid PID --label NAME` measures any
+//! Hypha-protocol server (the Python Hypha server too). See `scripts/bench.sh`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use rmpv::Value;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser, Debug)]
+struct Options {
+    /// Websocket URL of the server; without it, the release hypha-rtc is started.
+    #[arg(long)]
+    url: Option<String>,
+    /// Process id of the server, for its memory figures.
+    #[arg(long)]
+    pid: Option<u32>,
+    #[arg(long, default_value = "hypha-rtc")]
+    label: String,
+    /// Sequential calls for the single-pair figures.
+    #[arg(long, default_value_t = 5000)]
+    calls: usize,
+    /// Concurrent pairs.
+    #[arg(long, default_value_t = 100)]
+    pairs: usize,
+    /// Seconds each concurrent phase runs.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Calls in flight per pair in the throughput phase.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Idle authenticated connections for the memory figure (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Measure idle memory only (a server that cannot release connections quickly gets a fresh
+    /// process for the other phases).
+    #[arg(long)]
+    idle_only: bool,
+    // `cargo bench` passes --bench; accept and ignore it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    Value::Map(
+        entries
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect(),
+    )
+}
+
+fn frame(header: &Value, body: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    rmpv::encode::write_value(&mut out, header).expect("encode");
+    rmpv::encode::write_value(&mut out, body).expect("encode");
+    out
+}
+
+fn field<'a>(header: &'a Value, key: &str) -> Option<&'a str> {
+    header
+        .as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))?
+        .1
+        .as_str()
+}
+
+/// A call from `from` to `to` with session `s<seq>`, as hypha-rpc encodes `promise: "*"`.
+fn call_frame(to: &str, seq: u64) -> Vec<u8> {
+    let header = map(vec![
+        ("type", "method".into()),
+        ("from", "bench".into()),
+        ("to", to.into()),
+        ("method", "services.bench.echo".into()),
+        ("session", format!("s{seq}").into()),
+    ]);
+    let body = map(vec![
+        ("args", Value::Array(vec![Value::Binary(vec![42u8; 32])])),
+        ("promise", "*".into()),
+        ("t", 15.into()),
+    ]);
+    frame(&header, &body)
+}
+
+/// The seq of a `s<seq>.resolve` reply.
+fn reply_seq(data: &[u8]) -> Option<u64> {
+    let mut reader = data;
+    let header = rmpv::decode::read_value(&mut reader).ok()?;
+    field(&header, "method")?
+        .strip_prefix('s')?
+        .strip_suffix(".resolve")?
+        .parse()
+        .ok()
+}
+
+/// Answers every call with its argument, like a hypha-rpc service would.
+async fn respond(mut socket: Socket) {
+    while let Some(Ok(message)) = socket.next().await {
+        let Message::Binary(data) = message else {
+            continue;
+        };
+        let mut reader: &[u8] = &data;
+        let Ok(header) = rmpv::decode::read_value(&mut reader) else {
+            continue;
+        };
+        let (Some(from), Some(session)) = (field(&header, "from"), field(&header, "session"))
+        else {
+            continue;
+        };
+        let reply_header = map(vec![
+            ("type", "method".into()),
+            ("from", "responder".into()),
+            ("to", from.into()),
+            ("method", format!("{session}.resolve").into()),
+        ]);
+        let body = map(vec![(
+            "args",
+            Value::Array(vec![Value::Binary(vec![42u8; 32])]),
+        )]);
+        if socket
+            .send(Message::Binary(frame(&reply_header, &body).into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Connects anonymously with a fresh client id; returns the socket and its address `ws/cid`.
+async fn try_connect(url: &str, client_id: &str) -> Result<(Socket, String), String> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = serde_json::json!({"client_id": client_id, "workspace": null, "token": null, "reconnection_token": null});
+    socket
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let info: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                if info["type"] != "connection_info" {
+                    return Err(format!("handshake refused: {info}"));
+                }
+                let ws = info["workspace"].as_str().unwrap_or_default().to_string();
+                return Ok((socket, format!("{ws}/{client_id}")));
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => return Err(format!("no connection_info: {other:?}")),
+        }
+    }
+}
+
+async fn connect(url: &str, client_id: &str) -> (Socket, String) {
+    try_connect(url, client_id).await.expect("connect")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Sequential calls over `socket` to `target`; returns sorted round trips.
+async fn sequential(socket: &mut Socket, target: &str, calls: usize) -> Vec<Duration> {
+    let mut rtts = Vec::with_capacity(calls);
+    for seq in 0..(calls as u64 + 200) {
+        let started = Instant::now();
+        socket
+            .send(Message::Binary(call_frame(target, seq).into()))
+            .await
+            .expect("send");
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Binary(data))) if reply_seq(&data) == Some(seq) => break,
+                Some(Ok(_)) => continue,
+                other => panic!("connection lost during calls: {other:?}"),
+            }
+        }
+        if seq >= 200 {
+            rtts.push(started.elapsed());
+        }
+    }
+    rtts.sort();
+    rtts
+}
+
+/// Baseline: the same calls over a direct websocket, no server in between.
+async fn direct_baseline(calls: usize) -> Vec<Duration> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Ok((stream, _)) = listener.accept().await
+            && let Ok(socket) =
+                tokio_tungstenite::accept_async(tokio_tungstenite::MaybeTlsStream::Plain(stream))
+                    .await
+        {
+            respond(socket).await;
+        }
+    });
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}"))
+        .await
+        .expect("connect");
+    sequential(&mut socket, "responder", calls).await
+}
+
+/// Caller/responder pairs connected once and reused by every concurrent phase.
+struct Pairs {
+    callers: Vec<(Socket, String)>,
+    responders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Pairs {
+    fn drop(&mut self) {
+        self.responders.iter().for_each(|r| r.abort());
+    }
+}
+
+async fn connect_pairs(url: &str, pairs: usize) -> Pairs {
+    let mut callers = Vec::new();
+    let mut responders = Vec::new();
+    for i in 0..pairs {
+        let (responder, responder_addr) =
+            connect(url, &format!("resp-{i}-{}", std::process::id())).await;
+        responders.push(tokio::spawn(respond(responder)));
+        let (caller, _) = connect(url, &format!("call-{i}-{}", std::process::id())).await;
+        callers.push((caller, responder_addr));
+    }
+    Pairs {
+        callers,
+        responders,
+    }
+}
+
+/// Every caller keeps `window` calls in flight for `seconds`; returns (sorted round trips,
+/// completed calls per second).
+async fn concurrent(pairs: &mut Pairs, window: usize, seconds: u64) -> (Vec<Duration>, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let completed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (socket, target) in pairs.callers.drain(..) {
+        let (stop, completed) = (stop.clone(), completed.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut sink, mut stream) = socket.split();
+            let mut sent_at = std::collections::HashMap::new();
+            let mut rtts = Vec::new();
+            let mut seq = 0u64;
+            for _ in 0..window {
+                sent_at.insert(seq, Instant::now());
+                sink.send(Message::Binary(call_frame(&target, seq).into()))
+                    .await
+                    .expect("send");
+                seq += 1;
+            }
+            while !sent_at.is_empty() {
+                let Some(Ok(message)) = stream.next().await else {
+                    break;
+                };
+                let Message::Binary(data) = message else {
+                    continue;
+                };
+                let Some(done) = reply_seq(&data) else {
+                    continue;
+                };
+                if let Some(at) = sent_at.remove(&done) {
+                    rtts.push(at.elapsed());
+                    completed.fetch_add(1, Ordering::Relaxed);
+                }
+                if !stop.load(Ordering::Relaxed) {
+                    sent_at.insert(seq, Instant::now());
+                    sink.send(Message::Binary(call_frame(&target, seq).into()))
+                        .await
+                        .expect("send");
+                    seq += 1;
+                }
+            }
+            let socket = sink.reunite(stream).expect("same socket");
+            (rtts, socket, target)
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let counted = completed.load(Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut rtts = Vec::new();
+    for task in tasks {
+        if let Ok(Ok((mut r, socket, target))) =
+            tokio::time::timeout(Duration::from_secs(30), task).await
+        {
+            rtts.append(&mut r);
+            pairs.callers.push((socket, target));
+        }
+    }
+    rtts.sort();
+    (rtts, (counted as f64 / elapsed) as u64)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Opens `count` idle connections; returns RSS before and after (KiB) and how many were accepted.
+async fn idle_memory(url: &str, pid: u32, count: usize) -> (u64, u64, usize, Option<String>) {
+    let before = rss_kib(pid).unwrap_or(0);
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(200));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let (url, semaphore) = (url.to_string(), semaphore.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire().await.expect("semaphore");
+            try_connect(&url, &format!("idle-{i}-{}", std::process::id()))
+                .await
+                .map(|c| c.0)
+        }));
+    }
+    let mut sockets = Vec::with_capacity(count);
+    let mut refusal = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(socket)) => sockets.push(socket),
+            Ok(Err(e)) => refusal = refusal.or(Some(e)),
+            Err(e) => refusal = refusal.or(Some(e.to_string())),
+        }
+    }
+    // Let the server settle, then read its memory with every connection still open.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid).unwrap_or(0);
+    let accepted = sockets.len();
+    drop(sockets);
+    (before, after, accepted, refusal)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let options = Options::parse();
+    let mut own_server = None;
+    let (url, pid) = match &options.url {
+        Some(url) => (url.clone(), options.pid),
+        None => {
+            let port = free_port();
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
+                .args(["--port", &port.to_string(), "--jwt-secret", "bench-secret"])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start hypha-rtc");
+            let pid = child.id();
+            own_server = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                assert!(Instant::now() < deadline, "hypha-rtc did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (format!("ws://127.0.0.1:{port}/ws"), Some(pid))
+        }
+    };
+
+    println!("== {} at {url}", options.label);
+    // Memory first, on a fresh process, before the load phases leave garbage behind.
+    if let (Some(pid), true) = (pid, options.idle > 0) {
+        let (before, after, accepted, refusal) = idle_memory(&url, pid, options.idle).await;
+        println!(
+            "idle authenticated connections: {accepted} of {}; server RSS {:.1} MiB before, {:.1} MiB after: {:.1} KiB per connection",
+            options.idle,
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            after.saturating_sub(before) as f64 / accepted.max(1) as f64
+        );
+        if let Some(refusal) = refusal {
+            println!("  some connections were refused: {refusal}");
+        }
+        // Let the server finish closing them before latency is measured.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    if options.idle_only {
+        return;
+    }
+    let direct = direct_baseline(options.calls).await;
+    let (responder, responder_addr) =
+        connect(&url, &format!("seq-resp-{}", std::process::id())).await;
+    let responder = tokio::spawn(respond(responder));
+    let (mut caller, _) = connect(&url, &format!("seq-call-{}", std::process::id())).await;
+    let routed = sequential(&mut caller, &responder_addr, options.calls).await;
+    let added50 = micros(percentile(&routed, 0.5)) - micros(percentile(&direct, 0.5));
+    let added99 = micros(percentile(&routed, 0.99)) - micros(percentile(&direct, 0.99));
+    println!(
+        "direct websocket round trip (no server): p50 {:.0} us, p99 {:.0} us",
+        micros(percentile(&direct, 0.5)),
+        micros(percentile(&direct, 0.99))
+    );
+    println!(
+        "routed call round trip, sequential ({} calls): p50 {:.0} us, p99 {:.0} us; added by the server: p50 {:.0} us, p99 {:.0} us",
+        options.calls,
+        micros(percentile(&routed, 0.5)),
+        micros(percentile(&routed, 0.99)),
+        added50,
+        added99
+    );
+    let mut pairs = connect_pairs(&url, options.pairs).await;
+    let (rtts, calls_per_s) = concurrent(&mut pairs, 1, options.seconds).await;
+    println!(
+        "routed call round trip, {} concurrent pairs: p50 {:.0} us, p99 {:.0} us; {} calls/s = {} routed messages/s",
+        options.pairs,
+        micros(percentile(&rtts, 0.5)),
+        micros(percentile(&rtts, 0.99)),
+        calls_per_s,
+        calls_per_s * 2
+    );
+    let (rtts, calls_per_s) = concurrent(&mut pairs, options.window, options.seconds).await;
+    println!(
+        "routed messages per second, {} pairs x {} calls in flight: {} routed messages/s (call p50 {:.0} us, p99 {:.0} us)",
+        options.pairs,
+        options.window,
+        calls_per_s * 2,
+        micros(percentile(&rtts, 0.5)),
+        micros(percentile(&rtts, 0.99))
+    );
+    drop(caller);
+    responder.abort();
+    if let Some(mut child) = own_server {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
