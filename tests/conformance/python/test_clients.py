@@ -159,3 +159,26 @@ def test_call_to_departed_peer_fails_fast(server):
         await b.disconnect()
 
     run(main())
+
+
+def test_manager_events_reach_subscribers(server):
+    async def main():
+        import asyncio
+
+        token = hypha_token("ivy")
+        a = await connect_to_server({"server_url": server.url, "token": token, "client_id": "watcher"})
+        added, gone = asyncio.Queue(), asyncio.Queue()
+        a.on("service_added", lambda event: added.put_nowait(event["data"]))
+        a.on("client_disconnected", lambda event: gone.put_nowait(event["data"]))
+        await a.subscribe(["service_added", "client_disconnected"])
+        b = await connect_to_server({"server_url": server.url, "token": token, "client_id": "newcomer"})
+        await b.register_service({"id": "fresh", "f": lambda: 1})
+        while (await asyncio.wait_for(added.get(), 10))["id"] != "ws-user-ivy/newcomer:fresh":
+            pass
+        await b.disconnect()
+        assert await asyncio.wait_for(gone.get(), 10) == {"id": "newcomer", "workspace": "ws-user-ivy"}
+        with pytest.raises(Exception, match="event_types"):
+            await a.subscribe(42)
+        await a.disconnect()
+
+    run(main())

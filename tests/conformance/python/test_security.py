@@ -207,3 +207,25 @@ def test_reconnection_token_is_bound_to_its_client(server):
         await other.close()
 
     run(main())
+
+
+def test_broadcast_reaches_the_workspace_only(server):
+    async def main():
+        token = hypha_token("judy")
+        sender, info = await raw_connect(server.ws_url, token=token, client_id="caster")
+        listener, _ = await raw_connect(server.ws_url, token=token, client_id="listener")
+        outsider, _ = await raw_connect(server.ws_url, client_id="outsider")
+        await sender.send(msgpack.packb({"type": "news", "to": "*", "data": "hello all"}))
+        header = (await recv_binary(listener))[0]
+        assert header["type"] == "news" and header["from"] == "ws-user-judy/caster"
+        assert header["to"] == "ws-user-judy/*"
+        with pytest.raises(asyncio.TimeoutError):
+            await recv_binary(outsider, timeout=0.5)
+        # Broadcasting into another workspace is refused.
+        await outsider.send(msgpack.packb({"type": "news", "to": "ws-user-judy/*"}))
+        error = json.loads(await asyncio.wait_for(outsider.recv(), 5))
+        assert "broadcast to workspace ws-user-judy is not allowed" in error["message"]
+        for ws in (sender, listener, outsider):
+            await ws.close()
+
+    run(main())
