@@ -26,6 +26,7 @@ command -v cargo >/dev/null || { echo "missing prerequisite: cargo (Rust toolcha
 command -v python3 >/dev/null || apt_install python3 python3-venv
 command -v node >/dev/null || apt_install nodejs npm
 command -v npm >/dev/null || apt_install npm
+command -v turnserver >/dev/null || apt_install coturn
 
 step "Python environment (hypha-rpc, aiortc, numpy)"
 REQS=tests/conformance/python/requirements.txt

@@ -67,6 +67,27 @@ pub struct Cli {
     /// Time-out of calls the server makes to clients [default: 30]
     #[arg(long, value_name = "SECONDS")]
     pub method_timeout: Option<u64>,
+    /// coturn's static-auth-secret; with --coturn-uri it turns on get_rtc_ice_servers
+    #[arg(long)]
+    pub coturn_secret: Option<String>,
+    /// Where this server reaches coturn for its probe: host:port, IPv6 as [::1]:3478
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coturn_uri: Option<String>,
+    /// What clients are given: host:port, or a comma-separated list for several TURN servers [default: --coturn-uri]
+    #[arg(long, value_name = "HOST:PORT[,...]")]
+    pub public_coturn_uri: Option<String>,
+    /// Offer turns: URLs on this TLS port of the public coturn hosts
+    #[arg(long, value_name = "PORT")]
+    pub coturn_tls_port: Option<u16>,
+    /// Longest credential lifetime handed out; longer requests are clamped [default: 86400]
+    #[arg(long, value_name = "SECONDS")]
+    pub coturn_max_ttl: Option<u64>,
+    /// Extra static ICE server, repeatable: turn:<host>:<port>[<user>:<password>] or stun:<host>:<port> (HYPHA_ICE_SERVER: several, separated by spaces)
+    #[arg(long, value_name = "URI")]
+    pub ice_server: Vec<String>,
+    /// get_rtc_ice_servers calls per minute per user; 0 turns the limit off [default: 60]
+    #[arg(long, value_name = "PER_MINUTE")]
+    pub ice_rate_limit: Option<u32>,
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -93,6 +114,13 @@ pub const KNOWN_KEYS: &[&str] = &[
     "reconnection_token_life_time",
     "method_timeout",
     "log_format",
+    "coturn_secret",
+    "coturn_uri",
+    "public_coturn_uri",
+    "coturn_tls_port",
+    "coturn_max_ttl",
+    "ice_server",
+    "ice_rate_limit",
 ];
 
 #[derive(Deserialize)]
@@ -112,6 +140,13 @@ struct Raw {
     reconnection_token_life_time: i64,
     method_timeout: u64,
     log_format: String,
+    coturn_secret: Option<String>,
+    coturn_uri: Option<String>,
+    public_coturn_uri: Option<String>,
+    coturn_tls_port: Option<u16>,
+    coturn_max_ttl: u64,
+    ice_server: Option<String>,
+    ice_rate_limit: u32,
 }
 
 /// Everything the server needs to start, validated.
@@ -134,6 +169,7 @@ pub struct Settings {
     pub method_timeout: Duration,
     pub log_format: String,
     pub verbose: u8,
+    pub turn: crate::turn::TurnSettings,
 }
 
 impl Default for Settings {
@@ -156,6 +192,11 @@ impl Default for Settings {
             method_timeout: Duration::from_secs(30),
             log_format: "text".into(),
             verbose: 0,
+            turn: crate::turn::TurnSettings {
+                max_ttl: 86_400,
+                rate_limit: 60,
+                ..Default::default()
+            },
         }
     }
 }
@@ -192,6 +233,8 @@ impl Settings {
             })
             .and_then(|b| b.set_default("method_timeout", 30))
             .and_then(|b| b.set_default("log_format", d.log_format.clone()))
+            .and_then(|b| b.set_default("coturn_max_ttl", 86_400))
+            .and_then(|b| b.set_default("ice_rate_limit", 60))
             .map_err(err)?;
         if let Some(path) = &cli.config {
             builder = builder.add_source(File::from(path.as_path()).required(true));
@@ -213,7 +256,16 @@ impl Settings {
                 }
             )*};
         }
-        cli_override!(host, public_base_url, jwt_secret, server_id, log_format);
+        cli_override!(
+            host,
+            public_base_url,
+            jwt_secret,
+            server_id,
+            log_format,
+            coturn_secret,
+            coturn_uri,
+            public_coturn_uri
+        );
         macro_rules! cli_override_num {
             ($($field:ident),*) => {$(
                 if let Some(v) = cli.$field {
@@ -231,14 +283,23 @@ impl Settings {
             slow_consumer_timeout,
             ws_rate_limit,
             reconnection_token_life_time,
-            method_timeout
+            method_timeout,
+            coturn_tls_port,
+            coturn_max_ttl,
+            ice_rate_limit
         );
+        if !cli.ice_server.is_empty() {
+            builder = builder
+                .set_override("ice_server", cli.ice_server.join(" "))
+                .map_err(err)?;
+        }
         let raw: Raw = builder
             .build()
             .map_err(err)?
             .try_deserialize()
             .map_err(err)?;
 
+        let turn = turn_settings(&raw)?;
         let mut warnings = Vec::new();
         let mut unknown: Vec<&String> = hypha_env
             .keys()
@@ -299,9 +360,87 @@ impl Settings {
             method_timeout: Duration::from_secs(raw.method_timeout.max(1)),
             log_format: raw.log_format,
             verbose: cli.verbose,
+            turn,
         };
         Ok((settings, warnings))
     }
+}
+
+/// Validates the TURN options; every error names the option and the expected form.
+fn turn_settings(raw: &Raw) -> Result<crate::turn::TurnSettings, SettingsError> {
+    use crate::turn::ice::{HostPort, StaticIceServer};
+    let option = |name: &str, e: String| {
+        SettingsError(format!(
+            "--{name} (HYPHA_{}): {e}",
+            name.replace('-', "_").to_ascii_uppercase()
+        ))
+    };
+    let secret = raw.coturn_secret.clone().filter(|s| !s.is_empty());
+    let uri = raw.coturn_uri.clone().filter(|s| !s.is_empty());
+    let coturn = match (secret, uri) {
+        (Some(secret), Some(uri)) => {
+            let internal = HostPort::parse(&uri).map_err(|e| option("coturn-uri", e))?;
+            let public = match raw.public_coturn_uri.as_deref().filter(|s| !s.is_empty()) {
+                Some(list) => list
+                    .split(',')
+                    .map(|u| HostPort::parse(u).map_err(|e| option("public-coturn-uri", e)))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => vec![internal.clone()],
+            };
+            if raw.coturn_tls_port == Some(0) {
+                return Err(option(
+                    "coturn-tls-port",
+                    "must be a port number from 1 to 65535".into(),
+                ));
+            }
+            Some(crate::turn::CoturnSettings {
+                secret: SecretString::from(secret),
+                internal,
+                public,
+                tls_port: raw.coturn_tls_port,
+            })
+        }
+        (None, None) => {
+            if raw.public_coturn_uri.is_some() {
+                return Err(option(
+                    "public-coturn-uri",
+                    "needs --coturn-secret and --coturn-uri".into(),
+                ));
+            }
+            None
+        }
+        (Some(_), None) => {
+            return Err(option(
+                "coturn-uri",
+                "is required with --coturn-secret (expected host:port)".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(option(
+                "coturn-secret",
+                "is required with --coturn-uri".into(),
+            ));
+        }
+    };
+    let static_servers = raw
+        .ice_server
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|s| StaticIceServer::parse(s).map_err(|e| option("ice-server", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if raw.coturn_max_ttl == 0 {
+        return Err(option(
+            "coturn-max-ttl",
+            "must be a positive number of seconds".into(),
+        ));
+    }
+    Ok(crate::turn::TurnSettings {
+        coturn,
+        static_servers,
+        max_ttl: raw.coturn_max_ttl,
+        rate_limit: raw.ice_rate_limit,
+    })
 }
 
 #[cfg(test)]
@@ -343,6 +482,51 @@ mod tests {
         .unwrap();
         assert_eq!(s.port, 999);
         assert_eq!(s.jwt_secret.unwrap().expose_secret(), "h");
+    }
+
+    #[test]
+    fn turn_options_are_validated_with_the_option_named() {
+        let load = |args: &[&str]| {
+            let mut argv = vec!["hypha-rtc"];
+            argv.extend_from_slice(args);
+            Settings::load(&Cli::parse_from(argv), &HashMap::new())
+        };
+        let (s, _) = load(&[
+            "--coturn-secret",
+            "s",
+            "--coturn-uri",
+            "[::1]:3478",
+            "--public-coturn-uri",
+            "a.org:3478,b.org",
+        ])
+        .unwrap();
+        let coturn = s.turn.coturn.unwrap();
+        assert_eq!(coturn.internal.authority(), "[::1]:3478");
+        assert_eq!(coturn.public.len(), 2);
+        let e = load(&["--coturn-secret", "s", "--coturn-uri", "host:port"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--coturn-uri (HYPHA_COTURN_URI)") && e.contains("host:port"),
+            "{e}"
+        );
+        let e = load(&["--coturn-secret", "s"]).unwrap_err().to_string();
+        assert!(e.contains("--coturn-uri"), "{e}");
+        let e = load(&["--ice-server", "turn:1.2.3.4:3478"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--ice-server") && e.contains("expected turn:"),
+            "{e}"
+        );
+        let (s, _) = load(&[
+            "--ice-server",
+            "turn:1.2.3.4:3478[u:p:w]",
+            "--ice-server",
+            "stun:[::1]:3478",
+        ])
+        .unwrap();
+        assert_eq!(s.turn.static_servers.len(), 2);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod rpc;
+pub mod turn;
 pub mod workspace;
 
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub registry: Registry,
     pub peer: ServerPeer,
+    pub ice: Arc<turn::IceService>,
     pub server_id: String,
     pub manager_id: String,
     pub public_base_url: String,
@@ -110,6 +112,7 @@ impl App {
         let server_user = UserInfo::new("root".into(), vec!["admin".into()], None);
         let state = Arc::new(AppState {
             tokens: TokenIssuer::new(&secret),
+            ice: turn::IceService::new(settings.turn.clone()),
             peer: ServerPeer::new(manager_id.clone(), hub.clone(), &server_user),
             hub,
             registry: Registry::default(),
@@ -119,6 +122,7 @@ impl App {
             local_base_url,
             settings,
         });
+        workspace::register_hosted(&state);
         Ok(App { listener, state })
     }
 

@@ -22,11 +22,25 @@ async fn liveness() -> Json<Value> {
     Json(json!({"status": "OK"}))
 }
 
+/// Ready to serve signaling; the coturn probe's state (cached briefly) is reported beside it.
 async fn readiness(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let coturn = match state.ice.probe() {
+        None => json!({"state": "not_configured"}),
+        Some(probe) => {
+            let outcome = probe.check().await;
+            let mut report =
+                json!({"state": outcome.state(), "detail": outcome.describe(probe.address())});
+            if let crate::turn::probe::ProbeOutcome::Ok { latency } = outcome {
+                report["latency_ms"] = json!(latency.as_secs_f64() * 1e3);
+            }
+            report
+        }
+    };
     Json(json!({
         "status": "OK",
         "connections": state.hub.connection_count(),
         "services": state.registry.len(),
+        "coturn": coturn,
     }))
 }
 

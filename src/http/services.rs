@@ -126,7 +126,15 @@ async fn call_function(
         let mode = params.get("_mode").map(String::as_str);
         let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode)?;
         if entry.id.provider.client.as_str() == state.manager_id {
-            return Err(Error::NotFound(format!("Service not found: {query}")));
+            let result = crate::workspace::call_hosted(
+                &state,
+                entry.id.name.as_str(),
+                &function,
+                &ctx,
+                &args,
+            )
+            .await?;
+            return Ok(respond(&headers, &result));
         }
         let mut call_args = args.positional;
         let with_kwargs = !args.kwargs.is_empty();
@@ -153,17 +161,22 @@ async fn call_function(
             .call(&target, &method_path, call_args, &options)
             .await?
     };
+    Ok(respond(&headers, &result))
+}
+
+/// JSON, or msgpack when the client asks for it.
+fn respond(headers: &HeaderMap, result: &Value) -> Response {
     let accepts_msgpack = headers
         .get(axum::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/msgpack"));
     if accepts_msgpack {
-        let bytes = value::encode(&result);
-        return Ok((
+        let bytes = value::encode(result);
+        return (
             [(axum::http::header::CONTENT_TYPE, "application/msgpack")],
             bytes,
         )
-            .into_response());
+            .into_response();
     }
-    Ok(axum::Json(value::to_json(&result)).into_response())
+    axum::Json(value::to_json(result)).into_response()
 }

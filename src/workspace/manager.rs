@@ -96,6 +96,12 @@ const FUNCTIONS: &[Function] = &[
         required: &[],
     },
     Function {
+        name: "get_rtc_ice_servers",
+        doc: "Time-limited TURN/STUN servers for RTCPeerConnection; refused for anonymous users.",
+        params: r#"{"ttl":{"type":"integer","description":"Credential lifetime in seconds (default 43200)"},"test_connectivity":{"type":"boolean","description":"Probe coturn first (default true)"}}"#,
+        required: &[],
+    },
+    Function {
         name: "subscribe",
         doc: "Receive manager events such as client_disconnected and service_added.",
         params: r#"{"event_types":{"description":"An event type or a list of them"}}"#,
@@ -187,6 +193,30 @@ pub fn hosted_description(state: &AppState, name: &str) -> Option<Value> {
                 ),
             ]))
         }
+        "coturn" => {
+            let f = FUNCTIONS.iter().find(|f| f.name == "get_rtc_ice_servers")?;
+            let mut m = method(
+                "services.coturn.get_rtc_ice_servers",
+                Some(schema(f)),
+                f.doc,
+            );
+            value::set(&mut m, "_rname", f.name.into());
+            Some(obj([
+                ("id", format!("public/{}:coturn", state.manager_id).into()),
+                ("name", "coturn".into()),
+                ("description", "TURN credentials for WebRTC".into()),
+                ("type", "functions".into()),
+                (
+                    "config",
+                    obj([
+                        ("visibility", "public".into()),
+                        ("require_context", true.into()),
+                        ("workspace", "public".into()),
+                    ]),
+                ),
+                ("get_rtc_ice_servers", m),
+            ]))
+        }
         _ => None,
     }
 }
@@ -273,6 +303,16 @@ pub async fn call(
         "get_service" => {
             let (query, config) = query_args(args)?;
             get_service(state, &ctx.ws, &ctx.user, query, config).await
+        }
+        "get_rtc_ice_servers" => {
+            state
+                .ice
+                .ice_servers(
+                    &ctx.user,
+                    args.get(0, "ttl"),
+                    args.get(1, "test_connectivity"),
+                )
+                .await
         }
         "list_services" => list_services(state, ctx, args),
         "generate_token" => generate_token(state, ctx, args),

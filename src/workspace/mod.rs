@@ -53,10 +53,65 @@ fn dispatch<'a>(state: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Resul
         let (service, function) = path.split_once('.').ok_or_else(not_found)?;
         match service {
             "built-in" => builtin(state, call, function).await,
-            "default" => manager::call(state, function, &call.ctx, &call.args).await,
-            _ => Err(not_found()),
+            _ => call_hosted(state, service, function, &call.ctx, &call.args).await,
         }
     })
+}
+
+/// Services the server hosts besides the manager, registered in `public` like any other.
+pub const HOSTED_PUBLIC: &[(&str, &str)] = &[("coturn", "TURN credentials for WebRTC")];
+
+/// Registers the hosted public services, so one lookup path serves them and client services.
+pub fn register_hosted(state: &AppState) {
+    for (name, description) in HOSTED_PUBLIC {
+        let id = format!("public/{}:{name}", state.manager_id);
+        let info = obj([
+            ("id", id.as_str().into()),
+            ("name", (*name).into()),
+            ("description", (*description).into()),
+            ("type", "functions".into()),
+            (
+                "config",
+                obj([
+                    ("visibility", "public".into()),
+                    ("require_context", true.into()),
+                ]),
+            ),
+        ]);
+        match crate::ids::ServiceId::parse(&id)
+            .map_err(|e| Error::Internal(e.to_string()))
+            .and_then(|id| registry::ServiceEntry::from_info(id, info))
+        {
+            Ok(entry) => state.registry.insert(entry),
+            Err(e) => tracing::error!(error = %e, "cannot register hosted service {name}"),
+        }
+    }
+}
+
+/// Runs a function of a service the server hosts: the manager (`default`) or a public one.
+pub async fn call_hosted(
+    state: &Arc<AppState>,
+    service: &str,
+    function: &str,
+    ctx: &crate::rpc::peer::CallContext,
+    args: &crate::rpc::value::Args,
+) -> Result<Value, Error> {
+    match (service, function) {
+        ("default", _) => manager::call(state, function, ctx, args).await,
+        ("coturn", "get_rtc_ice_servers") => {
+            state
+                .ice
+                .ice_servers(
+                    &ctx.user,
+                    args.get(0, "ttl"),
+                    args.get(1, "test_connectivity"),
+                )
+                .await
+        }
+        _ => Err(Error::NotFound(format!(
+            "Method not found: services.{service}.{function}"
+        ))),
+    }
 }
 
 /// The manager's `built-in` service: `get_service`, `ping` and `message_cache`.

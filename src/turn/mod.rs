@@ -1,0 +1,148 @@
+//! TURN credentials that coturn provably accepts: credentials (TURN REST API HMAC), ice (ICE
+//! server lists and `--ice-server` syntax), probe (STUN binding and TURN allocate, cached).
+
+pub mod credentials;
+pub mod ice;
+pub mod probe;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use rmpv::Value;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth::UserInfo;
+use crate::error::Error;
+use ice::{HostPort, StaticIceServer};
+use probe::Probe;
+
+/// The refusal Hypha gives anonymous callers, word for word.
+pub const ANONYMOUS_REFUSED: &str = "Anonymous users are not allowed to get RTC ICE servers";
+/// The default credential lifetime (Hypha's).
+pub const DEFAULT_TTL: u64 = 43_200;
+
+/// The coturn this server issues credentials for.
+#[derive(Debug, Clone)]
+pub struct CoturnSettings {
+    pub secret: SecretString,
+    /// Where the probe reaches coturn.
+    pub internal: HostPort,
+    /// What clients are given; one entry per TURN server.
+    pub public: Vec<HostPort>,
+    /// With a TLS port, `turns:` URLs are offered too.
+    pub tls_port: Option<u16>,
+}
+
+/// Everything about ICE servers, validated at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct TurnSettings {
+    pub coturn: Option<CoturnSettings>,
+    pub static_servers: Vec<StaticIceServer>,
+    pub max_ttl: u64,
+    /// Calls per minute per user; 0 turns the limit off.
+    pub rate_limit: u32,
+}
+
+/// Hands out ICE server lists.
+pub struct IceService {
+    settings: TurnSettings,
+    probe: Option<Probe>,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+impl IceService {
+    pub fn new(settings: TurnSettings) -> Arc<Self> {
+        let probe = settings.coturn.as_ref().map(|c| {
+            Probe::new(
+                c.internal.clone(),
+                c.secret.clone(),
+                Duration::from_secs(2),
+                Duration::from_secs(5),
+            )
+        });
+        let limiter =
+            NonZeroU32::new(settings.rate_limit).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
+        Arc::new(Self {
+            settings,
+            probe,
+            limiter,
+        })
+    }
+
+    pub fn probe(&self) -> Option<&Probe> {
+        self.probe.as_ref()
+    }
+
+    /// `get_rtc_ice_servers(ttl=43200, test_connectivity=True)`.
+    pub async fn ice_servers(
+        &self,
+        user: &UserInfo,
+        ttl: Option<&Value>,
+        test: Option<&Value>,
+    ) -> Result<Value, Error> {
+        if user.is_anonymous() {
+            return Err(Error::PermissionDenied(ANONYMOUS_REFUSED.into()));
+        }
+        let Some(coturn) = &self.settings.coturn else {
+            return Err(Error::Unavailable(
+                "WebRTC ICE servers are not configured on this server: start it with --coturn-secret and --coturn-uri (HYPHA_COTURN_SECRET, HYPHA_COTURN_URI)".into(),
+            ));
+        };
+        let ttl = match ttl {
+            None | Some(Value::Nil) => DEFAULT_TTL,
+            Some(v) => v.as_u64().filter(|t| *t > 0).ok_or_else(|| {
+                Error::BadRequest(format!(
+                    "ttl must be a positive integer number of seconds, not {v}"
+                ))
+            })?,
+        }
+        .min(self.settings.max_ttl);
+        let test = match test {
+            None | Some(Value::Nil) => true,
+            Some(Value::Boolean(b)) => *b,
+            Some(v) => {
+                return Err(Error::BadRequest(format!(
+                    "test_connectivity must be true or false, not {v}"
+                )));
+            }
+        };
+        if let Some(limiter) = &self.limiter
+            && limiter.check_key(&user.id).is_err()
+        {
+            return Err(Error::TooManyRequests(format!(
+                "Too many ICE server requests: at most {} a minute per user",
+                self.settings.rate_limit
+            )));
+        }
+        if test && let Some(probe) = &self.probe {
+            let outcome = probe.check().await;
+            if !outcome.is_ok() {
+                return Err(Error::Unavailable(outcome.describe(probe.address())));
+            }
+        }
+        let credential = credentials::mint(&coturn.secret, &user.id, ttl, crate::auth::now_secs());
+        let mut servers: Vec<serde_json::Value> = coturn
+            .public
+            .iter()
+            .map(|address| {
+                serde_json::json!({
+                    "username": credential.username,
+                    "credential": credential.credential.expose_secret(),
+                    "urls": ice::coturn_urls(address, coturn.tls_port),
+                })
+            })
+            .collect();
+        servers.extend(
+            self.settings
+                .static_servers
+                .iter()
+                .map(StaticIceServer::to_json),
+        );
+        tracing::info!(user = %user.id, ttl, expires_at = credential.expires_at, "issued TURN credentials");
+        Ok(crate::rpc::value::from_json(&serde_json::Value::Array(
+            servers,
+        )))
+    }
+}

@@ -1,0 +1,335 @@
+//! Proves that coturn is reachable and shares our secret, instead of a bare TCP connect: a STUN
+//! Binding over UDP, a TURN Allocate with freshly minted credentials (success proves the secrets
+//! match; a 401 means they do not), then a Refresh with lifetime 0 to free the allocation.
+//! The whole probe has a fixed budget; its result is cached briefly and shared by concurrent
+//! callers, so a burst of requests does not hammer coturn.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use stun_rs::attributes::stun::{MessageIntegrity, Nonce, Realm, UserName};
+use stun_rs::attributes::turn::{LifeTime, RequestedTrasport};
+use stun_rs::methods::{ALLOCATE, BINDING, REFRESH};
+use stun_rs::{
+    Algorithm, AlgorithmId, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder,
+    StunMessage, StunMessageBuilder,
+};
+use tokio::net::UdpSocket;
+
+use super::credentials;
+use super::ice::HostPort;
+
+/// How long one request waits before it is sent again.
+const RETRANSMIT: Duration = Duration::from_millis(250);
+
+/// The probe's verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeOutcome {
+    Ok { latency: Duration },
+    Unreachable(String),
+    TimedOut(&'static str),
+    SecretRejected,
+    Failed(String),
+}
+
+impl ProbeOutcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, ProbeOutcome::Ok { .. })
+    }
+
+    /// A sentence for users and operators; names the step that failed.
+    pub fn describe(&self, address: &HostPort) -> String {
+        match self {
+            ProbeOutcome::Ok { latency } => format!(
+                "coturn at {address} accepted a TURN allocation in {:.1} ms",
+                latency.as_secs_f64() * 1e3
+            ),
+            ProbeOutcome::Unreachable(why) => {
+                format!("The coturn server ({address}) is unreachable: {why}")
+            }
+            ProbeOutcome::TimedOut(step) => {
+                format!("The coturn server ({address}) timed out during the {step}")
+            }
+            ProbeOutcome::SecretRejected => format!(
+                "The coturn server ({address}) rejected credentials signed with our secret: --coturn-secret does not match its static-auth-secret"
+            ),
+            ProbeOutcome::Failed(why) => {
+                format!("The coturn server ({address}) refused the probe: {why}")
+            }
+        }
+    }
+
+    /// A short word for health output and metrics.
+    pub fn state(&self) -> &'static str {
+        match self {
+            ProbeOutcome::Ok { .. } => "ok",
+            ProbeOutcome::Unreachable(_) => "unreachable",
+            ProbeOutcome::TimedOut(_) => "timed_out",
+            ProbeOutcome::SecretRejected => "secret_rejected",
+            ProbeOutcome::Failed(_) => "failed",
+        }
+    }
+}
+
+/// The coturn prober.
+pub struct Probe {
+    address: HostPort,
+    secret: SecretString,
+    budget: Duration,
+    cache_for: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, ProbeOutcome)>>,
+}
+
+enum StepError {
+    Outcome(ProbeOutcome),
+}
+
+impl From<ProbeOutcome> for StepError {
+    fn from(outcome: ProbeOutcome) -> Self {
+        StepError::Outcome(outcome)
+    }
+}
+
+impl Probe {
+    pub fn new(
+        address: HostPort,
+        secret: SecretString,
+        budget: Duration,
+        cache_for: Duration,
+    ) -> Self {
+        Self {
+            address,
+            secret,
+            budget,
+            cache_for,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn address(&self) -> &HostPort {
+        &self.address
+    }
+
+    /// The cached verdict, or a fresh probe; concurrent callers wait for one shared probe.
+    pub async fn check(&self) -> ProbeOutcome {
+        let mut last = self.last.lock().await;
+        if let Some((at, outcome)) = last.as_ref()
+            && at.elapsed() < self.cache_for
+        {
+            return outcome.clone();
+        }
+        let outcome = self.run().await;
+        match &outcome {
+            ProbeOutcome::Ok { .. } => tracing::debug!(address = %self.address, "coturn probe ok"),
+            other => tracing::warn!(state = other.state(), "{}", other.describe(&self.address)),
+        }
+        *last = Some((Instant::now(), outcome.clone()));
+        outcome
+    }
+
+    /// The last verdict and its age, without probing.
+    pub fn last(&self) -> Option<(Duration, ProbeOutcome)> {
+        let last = self.last.try_lock().ok()?;
+        last.as_ref().map(|(at, o)| (at.elapsed(), o.clone()))
+    }
+
+    async fn run(&self) -> ProbeOutcome {
+        let started = Instant::now();
+        let mut step = "STUN binding request";
+        match tokio::time::timeout(self.budget, self.steps(&mut step)).await {
+            Ok(Ok(())) => ProbeOutcome::Ok {
+                latency: started.elapsed(),
+            },
+            Ok(Err(StepError::Outcome(outcome))) => outcome,
+            Err(_) => ProbeOutcome::TimedOut(step),
+        }
+    }
+
+    async fn steps(&self, step: &mut &'static str) -> Result<(), StepError> {
+        let target = tokio::net::lookup_host(self.address.authority())
+            .await
+            .map_err(|e| {
+                ProbeOutcome::Unreachable(format!("cannot resolve {}: {e}", self.address.host))
+            })?
+            .next()
+            .ok_or_else(|| {
+                ProbeOutcome::Unreachable(format!("{} has no address", self.address.host))
+            })?;
+        let local: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .unwrap_or_else(|_| unreachable!());
+        let socket = UdpSocket::bind(local)
+            .await
+            .map_err(|e| ProbeOutcome::Failed(format!("cannot open a UDP socket: {e}")))?;
+        socket
+            .connect(target)
+            .await
+            .map_err(|e| ProbeOutcome::Unreachable(e.to_string()))?;
+
+        let binding = transact(
+            &socket,
+            StunMessageBuilder::new(BINDING, MessageClass::Request).build(),
+        )
+        .await?;
+        if binding.class() != MessageClass::SuccessResponse {
+            return Err(ProbeOutcome::Failed("the STUN binding request was refused".into()).into());
+        }
+
+        *step = "TURN allocate request";
+        let credential =
+            credentials::mint(&self.secret, "hypha-rtc-probe", 60, crate::auth::now_secs());
+        let challenge = transact(&socket, allocate(None)).await?;
+        let (realm, nonce) = match (challenge.class(), realm_and_nonce(&challenge)) {
+            (MessageClass::ErrorResponse, Some(found)) => found,
+            (MessageClass::SuccessResponse, _) => {
+                return Err(ProbeOutcome::Failed(
+                    "coturn allocated without authentication: it is not configured with use-auth-secret".into(),
+                )
+                .into());
+            }
+            _ => {
+                return Err(ProbeOutcome::Failed(
+                    "the allocate challenge had no realm and nonce".into(),
+                )
+                .into());
+            }
+        };
+        let auth = Auth {
+            username: credential.username.clone(),
+            password: credential.credential.expose_secret().to_string(),
+            realm,
+            nonce,
+        };
+        let allocated = transact(&socket, allocate(Some(&auth))).await?;
+        match (allocated.class(), error_code(&allocated)) {
+            (MessageClass::SuccessResponse, _) => {}
+            (_, Some(401)) => return Err(ProbeOutcome::SecretRejected.into()),
+            (_, code) => {
+                return Err(
+                    ProbeOutcome::Failed(format!("allocate failed with error {code:?}")).into(),
+                );
+            }
+        }
+
+        *step = "TURN refresh request";
+        let mut builder = StunMessageBuilder::new(REFRESH, MessageClass::Request)
+            .with_attribute(LifeTime::new(0));
+        for attribute in auth.attributes()? {
+            builder = builder.with_attribute(attribute);
+        }
+        let refreshed = transact(&socket, builder.build()).await?;
+        if refreshed.class() != MessageClass::SuccessResponse {
+            tracing::debug!(code = ?error_code(&refreshed), "coturn refused to free the probe allocation");
+        }
+        Ok(())
+    }
+}
+
+struct Auth {
+    username: String,
+    password: String,
+    realm: String,
+    nonce: String,
+}
+
+impl Auth {
+    /// USERNAME, REALM, NONCE and MESSAGE-INTEGRITY (long-term credentials), in that order.
+    fn attributes(&self) -> Result<Vec<stun_rs::StunAttribute>, StepError> {
+        let bad =
+            |e: stun_rs::StunError| ProbeOutcome::Failed(format!("cannot build the request: {e}"));
+        let username = UserName::new(&self.username).map_err(bad)?;
+        let realm = Realm::new(&self.realm).map_err(bad)?;
+        let nonce = Nonce::new(&self.nonce).map_err(bad)?;
+        let key = HMACKey::new_long_term(
+            &username,
+            &realm,
+            &self.password,
+            Algorithm::from(AlgorithmId::MD5),
+        )
+        .map_err(bad)?;
+        Ok(vec![
+            username.into(),
+            realm.into(),
+            nonce.into(),
+            MessageIntegrity::new(key).into(),
+        ])
+    }
+}
+
+fn allocate(auth: Option<&Auth>) -> StunMessage {
+    let mut builder = StunMessageBuilder::new(ALLOCATE, MessageClass::Request)
+        .with_attribute(RequestedTrasport::new(stun_rs::protocols::UDP));
+    if let Some(auth) = auth
+        && let Ok(attributes) = auth.attributes()
+    {
+        for attribute in attributes {
+            builder = builder.with_attribute(attribute);
+        }
+    }
+    builder.build()
+}
+
+fn realm_and_nonce(message: &StunMessage) -> Option<(String, String)> {
+    let realm = message
+        .get::<Realm>()?
+        .as_realm()
+        .ok()?
+        .as_str()
+        .to_string();
+    let nonce = message
+        .get::<Nonce>()?
+        .as_nonce()
+        .ok()?
+        .as_str()
+        .to_string();
+    Some((realm, nonce))
+}
+
+fn error_code(message: &StunMessage) -> Option<u16> {
+    use stun_rs::attributes::stun::ErrorCode;
+    Some(
+        message
+            .get::<ErrorCode>()?
+            .as_error_code()
+            .ok()?
+            .error_code()
+            .error_code(),
+    )
+}
+
+/// Sends a request and waits for the response with its transaction id, retransmitting; the
+/// caller's time-out bounds the whole exchange.
+async fn transact(socket: &UdpSocket, request: StunMessage) -> Result<StunMessage, StepError> {
+    let mut out = [0u8; 1024];
+    let size = MessageEncoderBuilder::default()
+        .build()
+        .encode(&mut out, &request)
+        .map_err(|e| ProbeOutcome::Failed(format!("cannot encode the request: {e}")))?;
+    let decoder = MessageDecoderBuilder::default().build();
+    let mut buffer = [0u8; 2048];
+    loop {
+        socket
+            .send(&out[..size])
+            .await
+            .map_err(|e| ProbeOutcome::Unreachable(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + RETRANSMIT;
+        loop {
+            match tokio::time::timeout_at(deadline, socket.recv(&mut buffer)).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(ProbeOutcome::Unreachable(e.to_string()).into()),
+                Ok(Ok(n)) => {
+                    if let Ok((response, _)) = decoder.decode(&buffer[..n])
+                        && response.transaction_id() == request.transaction_id()
+                    {
+                        return Ok(response);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+"""TURN credentials against the real coturn from Debian, started from the repository's own
+turnserver.conf with test overrides on its command line."""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+from aioice.turn import create_turn_endpoint
+from aiortc import RTCIceServer
+from hypha_rpc import connect_to_server
+
+from conftest import BIN, ROOT, Server, free_port, hypha_token, run, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+COTURN_SECRET = "coturn-shared-secret-for-tests"
+
+
+def stun_binding_ok(port):
+    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + os.urandom(12)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.3)
+        s.sendto(request, ("127.0.0.1", port))
+        data, _ = s.recvfrom(2048)
+        return data[:2] == b"\x01\x01" and data[8:20] == request[8:20]
+
+
+class Coturn:
+    def __init__(self, secret=COTURN_SECRET):
+        assert shutil.which("turnserver"), "coturn (turnserver) is not installed"
+        self.port = free_port()
+        relay = 40000 + (self.port % 2000) * 10
+        self.proc = subprocess.Popen(
+            ["turnserver", "-c", str(ROOT / "turnserver.conf"),
+             "--listening-ip=127.0.0.1", f"--listening-port={self.port}", "--relay-ip=127.0.0.1",
+             f"--static-auth-secret={secret}", "--realm=hypha-rtc.test", "--no-tls", "--no-dtls",
+             f"--min-port={relay}", f"--max-port={relay + 9}", f"--pidfile=/tmp/turnserver-{self.port}.pid"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: stun_binding_ok(self.port), 15, "coturn to answer STUN")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def coturn():
+    c = Coturn()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def turn_server(coturn):
+    s = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}").start()
+    yield s
+    s.stop()
+
+
+async def allocate(entry, port):
+    """A TURN Allocate with aioice's client; returns the relayed address."""
+    transport, _ = await create_turn_endpoint(
+        asyncio.DatagramProtocol, ("127.0.0.1", port), entry["username"], entry["credential"], lifetime=60
+    )
+    try:
+        return transport.get_extra_info("sockname")
+    finally:
+        transport.close()
+
+
+def check_entry(entry, port, ttl):
+    assert set(entry) == {"username", "credential", "urls"}
+    RTCIceServer(**entry)  # what aiortc users do with each entry
+    assert entry["urls"][:3] == [f"turn:127.0.0.1:{port}", f"stun:127.0.0.1:{port}", f"turn:127.0.0.1:{port}?transport=tcp"]
+    expiry = int(entry["username"].split(":", 1)[0])
+    assert abs(expiry - (time.time() + ttl)) < 10
+
+
+def test_python_client_credentials_allocate_on_coturn(turn_server, coturn):
+    async def main():
+        server = await connect_to_server({"server_url": turn_server.url, "token": hypha_token("kim")})
+        servers = await server.get_rtc_ice_servers()
+        assert len(servers) == 1
+        check_entry(servers[0], coturn.port, 43200)
+        assert servers[0]["username"].endswith(":kim")
+        relayed = await allocate(servers[0], coturn.port)
+        assert relayed[0] == "127.0.0.1"
+        short = await server.get_rtc_ice_servers(ttl=120, test_connectivity=False)
+        check_entry(short[0], coturn.port, 120)
+        await server.disconnect()
+
+    run(main())
+
+
+def test_http_credentials_allocate_on_coturn(turn_server, coturn):
+    token = hypha_token("lee")
+    status, servers, _ = turn_server.http("/public/services/coturn/get_rtc_ice_servers", token)
+    assert status == 200, servers
+    check_entry(servers[0], coturn.port, 43200)
+    status, servers, _ = turn_server.http("/ws-user-lee/services/ws/get_rtc_ice_servers?ttl=60", token)
+    assert status == 200, servers
+    check_entry(servers[0], coturn.port, 60)
+    run(allocate(servers[0], coturn.port))
+    # Above the maximum: clamped.
+    status, servers, _ = turn_server.http("/ws-user-lee/services/ws/get_rtc_ice_servers?ttl=999999999", token)
+    check_entry(servers[0], coturn.port, 86400)
+
+
+def test_coturn_refuses_expired_and_foreign_credentials(coturn):
+    def credential(secret, expiry):
+        username = f"{expiry}:mallory"
+        digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+        return {"username": username, "credential": base64.b64encode(digest).decode()}
+
+    run(allocate(credential(COTURN_SECRET, int(time.time()) + 60), coturn.port))  # the control
+    for bad in [credential(COTURN_SECRET, int(time.time()) - 60), credential("another-secret", int(time.time()) + 60)]:
+        with pytest.raises(Exception, match="401|Unauthorized"):
+            run(allocate(bad, coturn.port))
+
+
+def test_refusals(turn_server):
+    async def main():
+        anon = await connect_to_server({"server_url": turn_server.url})
+        with pytest.raises(Exception) as refused:
+            await anon.get_rtc_ice_servers()
+        assert "Anonymous users are not allowed to get RTC ICE servers" in str(refused.value)
+        await anon.disconnect()
+        user = await connect_to_server({"server_url": turn_server.url, "token": hypha_token("moe")})
+        for ttl in (-1, 0, "abc", 1.5):
+            with pytest.raises(Exception, match="ttl must be a positive integer"):
+                await user.get_rtc_ice_servers(ttl=ttl)
+        with pytest.raises(Exception, match="test_connectivity must be true or false"):
+            await user.get_rtc_ice_servers(test_connectivity="maybe")
+        await user.disconnect()
+
+    run(main())
+    status, body, _ = turn_server.http("/public/services/coturn/get_rtc_ice_servers")
+    assert status == 403 and body["detail"] == "Anonymous users are not allowed to get RTC ICE servers"
+    status, body, _ = turn_server.http("/ws-user-moe/services/ws/get_rtc_ice_servers?ttl=abc", hypha_token("moe"))
+    assert status == 400 and "ttl" in body["detail"]
+
+
+def test_not_configured_and_rate_limit(coturn):
+    plain = Server().start()
+    try:
+        status, body, _ = plain.http("/ws-user-ned/services/ws/get_rtc_ice_servers", hypha_token("ned"))
+        assert status == 503 and "--coturn-secret and --coturn-uri" in body["detail"]
+    finally:
+        plain.stop()
+    limited = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}", "--ice-rate-limit", "3").start()
+    try:
+        token = hypha_token("ola")
+        codes = [limited.http("/ws-user-ola/services/ws/get_rtc_ice_servers", token)[0] for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        status, body, _ = limited.http("/ws-user-ola/services/ws/get_rtc_ice_servers", token)
+        assert "at most 3 a minute" in body["detail"]
+        # Another user has a budget of their own.
+        assert limited.http("/ws-user-pat/services/ws/get_rtc_ice_servers", hypha_token("pat"))[0] == 200
+    finally:
+        limited.stop()
+
+
+@pytest.mark.parametrize("case", ["up", "down", "wrong-secret"])
+def test_probe_reports_each_state_within_its_budget(coturn, case):
+    port = coturn.port if case != "down" else free_port()
+    secret = COTURN_SECRET if case != "wrong-secret" else "not-the-secret"
+    server = Server("--coturn-secret", secret, "--coturn-uri", f"127.0.0.1:{port}").start()
+    try:
+        started = time.monotonic()
+        status, ready, _ = server.http("/health/readiness")
+        elapsed = time.monotonic() - started
+        assert status == 200 and elapsed < 2.5, elapsed
+        expected = {"up": "ok", "down": ("unreachable", "timed_out"), "wrong-secret": "secret_rejected"}[case]
+        assert ready["coturn"]["state"] in (expected if isinstance(expected, tuple) else (expected,)), ready
+        status, body, _ = server.http("/ws-user-quinn/services/ws/get_rtc_ice_servers", hypha_token("quinn"))
+        if case == "up":
+            assert status == 200
+        else:
+            assert status == 503
+            assert {"down": "unreachable", "wrong-secret": "does not match its static-auth-secret"}[case] in body["detail"] \
+                or "timed out" in body["detail"]
+            # Without the probe the credentials are still handed out.
+            status, _, _ = server.http("/ws-user-quinn/services/ws/get_rtc_ice_servers?test_connectivity=false", hypha_token("quinn"))
+            assert status == 200
+    finally:
+        server.stop()
+
+
+def test_malformed_turn_options_stop_startup():
+    for args, needle in [
+        (["--coturn-secret", "s", "--coturn-uri", "host:port"], "--coturn-uri (HYPHA_COTURN_URI)"),
+        (["--coturn-secret", "s"], "--coturn-uri"),
+        (["--coturn-secret", "s", "--coturn-uri", "h:1", "--public-coturn-uri", "a:1,[::1"], "--public-coturn-uri"),
+        (["--ice-server", "turn:1.2.3.4:3478"], "expected turn:<host>:<port>[<user>:<password>]"),
+    ]:
+        result = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10)
+        assert result.returncode == 2 and needle in result.stderr, (args, result.stderr)
+    assert "s3cr3t" not in subprocess.run([BIN, "--coturn-secret", "s3cr3t", "--coturn-uri", "bad:uri"],
+                                          capture_output=True, text=True, timeout=10).stderr
