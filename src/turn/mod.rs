@@ -15,6 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::UserInfo;
 use crate::error::Error;
+use crate::rpc::value::Args;
 use ice::{HostPort, StaticIceServer};
 use probe::Probe;
 
@@ -75,13 +76,9 @@ impl IceService {
         self.probe.as_ref()
     }
 
-    /// `get_rtc_ice_servers(ttl=43200, test_connectivity=True)`.
-    pub async fn ice_servers(
-        &self,
-        user: &UserInfo,
-        ttl: Option<&Value>,
-        test: Option<&Value>,
-    ) -> Result<Value, Error> {
+    /// `get_rtc_ice_servers(ttl=43200, test_connectivity=True)`, positional or keyword.
+    pub async fn ice_servers(&self, user: &UserInfo, args: &Args) -> Result<Value, Error> {
+        let (ttl, test) = (args.get(0, "ttl"), args.get(1, "test_connectivity"));
         if user.is_anonymous() {
             return Err(Error::PermissionDenied(ANONYMOUS_REFUSED.into()));
         }

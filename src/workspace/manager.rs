@@ -304,16 +304,7 @@ pub async fn call(
             let (query, config) = query_args(args)?;
             get_service(state, &ctx.ws, &ctx.user, query, config).await
         }
-        "get_rtc_ice_servers" => {
-            state
-                .ice
-                .ice_servers(
-                    &ctx.user,
-                    args.get(0, "ttl"),
-                    args.get(1, "test_connectivity"),
-                )
-                .await
-        }
+        "get_rtc_ice_servers" => state.ice.ice_servers(&ctx.user, args).await,
         "list_services" => list_services(state, ctx, args),
         "generate_token" => generate_token(state, ctx, args),
         "subscribe" | "unsubscribe" => {

@@ -98,16 +98,7 @@ pub async fn call_hosted(
 ) -> Result<Value, Error> {
     match (service, function) {
         ("default", _) => manager::call(state, function, ctx, args).await,
-        ("coturn", "get_rtc_ice_servers") => {
-            state
-                .ice
-                .ice_servers(
-                    &ctx.user,
-                    args.get(0, "ttl"),
-                    args.get(1, "test_connectivity"),
-                )
-                .await
-        }
+        ("coturn", "get_rtc_ice_servers") => state.ice.ice_servers(&ctx.user, args).await,
         _ => Err(Error::NotFound(format!(
             "Method not found: services.{service}.{function}"
         ))),
