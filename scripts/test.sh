@@ -27,6 +27,7 @@ command -v python3 >/dev/null || apt_install python3 python3-venv
 command -v node >/dev/null || apt_install nodejs npm
 command -v npm >/dev/null || apt_install npm
 command -v turnserver >/dev/null || apt_install coturn
+command -v chromium >/dev/null || apt_install chromium
 
 step "Python environment (hypha-rpc, aiortc, numpy)"
 REQS=tests/conformance/python/requirements.txt
@@ -39,11 +40,12 @@ if [ ! -f "$VENV/.complete" ]; then
     touch "$VENV/.complete"
 fi
 
-step "npm packages (hypha-rpc, ws)"
+step "npm packages (hypha-rpc, ws, playwright-core)"
 JS=tests/conformance/js
 STAMP="$JS/node_modules/.lock-$(sha256sum "$JS/package-lock.json" | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
-    (cd "$JS" && npm ci --no-audit --no-fund --loglevel=error)
+    # playwright-core drives Debian's chromium; it never downloads a browser of its own.
+    (cd "$JS" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
     touch "$STAMP"
 fi
 

@@ -17,7 +17,7 @@ from aioice.turn import create_turn_endpoint
 from aiortc import RTCIceServer
 from hypha_rpc import connect_to_server
 
-from conftest import BIN, ROOT, Server, free_port, hypha_token, run, wait_until
+from conftest import BIN, ROOT, Server, free_port, hypha_token, node, result_of, run, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 COTURN_SECRET = "coturn-shared-secret-for-tests"
@@ -33,7 +33,7 @@ def stun_binding_ok(port):
 
 
 class Coturn:
-    def __init__(self, secret=COTURN_SECRET):
+    def __init__(self, secret=COTURN_SECRET, *extra):
         assert shutil.which("turnserver"), "coturn (turnserver) is not installed"
         self.port = free_port()
         relay = 40000 + (self.port % 2000) * 10
@@ -41,7 +41,7 @@ class Coturn:
             ["turnserver", "-c", str(ROOT / "turnserver.conf"),
              "--listening-ip=127.0.0.1", f"--listening-port={self.port}", "--relay-ip=127.0.0.1",
              f"--static-auth-secret={secret}", "--realm=hypha-rtc.test", "--no-tls", "--no-dtls",
-             f"--min-port={relay}", f"--max-port={relay + 9}", f"--pidfile=/tmp/turnserver-{self.port}.pid"],
+             f"--min-port={relay}", f"--max-port={relay + 9}", f"--pidfile=/tmp/turnserver-{self.port}.pid", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(lambda: stun_binding_ok(self.port), 15, "coturn to answer STUN")
@@ -205,3 +205,21 @@ def test_malformed_turn_options_stop_startup():
         assert result.returncode == 2 and needle in result.stderr, (args, result.stderr)
     assert "s3cr3t" not in subprocess.run([BIN, "--coturn-secret", "s3cr3t", "--coturn-uri", "bad:uri"],
                                           capture_output=True, text=True, timeout=10).stderr
+
+
+def test_chromium_connects_through_coturn_with_issued_credentials():
+    assert shutil.which("chromium"), "Debian chromium is not installed"
+    # Both browser peers are on this host, so this coturn must relay between loopback
+    # addresses, which the shipped configuration forbids for production.
+    relay = Coturn(COTURN_SECRET, "--allow-loopback-peers", "--allowed-peer-ip=127.0.0.1")
+    server = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{relay.port}").start()
+    try:
+        status, servers, _ = server.http("/public/services/coturn/get_rtc_ice_servers", hypha_token("rae"))
+        assert status == 200
+        import json
+
+        result = result_of(node("relay.mjs", json.dumps(servers), timeout=90))
+        assert result == {"got": "through the relay", "back": "echo: through the relay", "candidateType": "relay"}
+    finally:
+        server.stop()
+        relay.stop()
