@@ -369,8 +369,12 @@ async fn main() {
         Some(url) => (url.clone(), options.pid),
         None => {
             let port = free_port();
+            let data_dir =
+                std::env::temp_dir().join(format!("hypha-rtc-bench-{}", std::process::id()));
             let child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
                 .args(["--port", &port.to_string(), "--jwt-secret", "bench-secret"])
+                .arg("--data-dir")
+                .arg(&data_dir)
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("start hypha-rtc");

@@ -88,6 +88,12 @@ pub struct Cli {
     /// get_rtc_ice_servers calls per minute per user; 0 turns the limit off [default: 60]
     #[arg(long, value_name = "PER_MINUTE")]
     pub ice_rate_limit: Option<u32>,
+    /// Directory for the embedded database and other state [default: hypha-rtc-data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL [default: sqlite://<data-dir>/hypha-rtc.db]
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -121,6 +127,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "coturn_max_ttl",
     "ice_server",
     "ice_rate_limit",
+    "data_dir",
+    "database_url",
 ];
 
 #[derive(Deserialize)]
@@ -147,6 +155,8 @@ struct Raw {
     coturn_max_ttl: u64,
     ice_server: Option<String>,
     ice_rate_limit: u32,
+    data_dir: PathBuf,
+    database_url: Option<String>,
 }
 
 /// Everything the server needs to start, validated.
@@ -170,6 +180,9 @@ pub struct Settings {
     pub log_format: String,
     pub verbose: u8,
     pub turn: crate::turn::TurnSettings,
+    pub data_dir: PathBuf,
+    /// `None`: a SQLite file in `data_dir`.
+    pub database_url: Option<String>,
 }
 
 impl Default for Settings {
@@ -197,6 +210,8 @@ impl Default for Settings {
                 rate_limit: 60,
                 ..Default::default()
             },
+            data_dir: PathBuf::from("hypha-rtc-data"),
+            database_url: None,
         }
     }
 }
@@ -235,6 +250,7 @@ impl Settings {
             .and_then(|b| b.set_default("log_format", d.log_format.clone()))
             .and_then(|b| b.set_default("coturn_max_ttl", 86_400))
             .and_then(|b| b.set_default("ice_rate_limit", 60))
+            .and_then(|b| b.set_default("data_dir", "hypha-rtc-data"))
             .map_err(err)?;
         if let Some(path) = &cli.config {
             builder = builder.add_source(File::from(path.as_path()).required(true));
@@ -264,8 +280,14 @@ impl Settings {
             log_format,
             coturn_secret,
             coturn_uri,
-            public_coturn_uri
+            public_coturn_uri,
+            database_url
         );
+        if let Some(dir) = &cli.data_dir {
+            builder = builder
+                .set_override("data_dir", dir.to_string_lossy().to_string())
+                .map_err(err)?;
+        }
         macro_rules! cli_override_num {
             ($($field:ident),*) => {$(
                 if let Some(v) = cli.$field {
@@ -361,6 +383,8 @@ impl Settings {
             log_format: raw.log_format,
             verbose: cli.verbose,
             turn,
+            data_dir: raw.data_dir,
+            database_url: raw.database_url.filter(|u| !u.is_empty()),
         };
         Ok((settings, warnings))
     }

@@ -8,6 +8,7 @@ pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod rpc;
+pub mod store;
 pub mod turn;
 pub mod workspace;
 
@@ -35,6 +36,7 @@ pub struct AppState {
     pub registry: Registry,
     pub peer: ServerPeer,
     pub ice: Arc<turn::IceService>,
+    pub store: store::Store,
     pub server_id: String,
     pub manager_id: String,
     pub public_base_url: String,
@@ -73,6 +75,10 @@ pub enum StartupError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot create the data directory {dir}: {source}")]
+    DataDir { dir: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// A bound, ready-to-run server.
@@ -110,9 +116,23 @@ impl App {
             .unwrap_or_else(|| local_base_url.clone());
         let hub = Arc::new(Hub::new(manager_id.clone(), settings.slow_consumer_timeout));
         let server_user = UserInfo::new("root".into(), vec!["admin".into()], None);
+        let database_url = match &settings.database_url {
+            Some(url) => url.clone(),
+            None => {
+                std::fs::create_dir_all(&settings.data_dir).map_err(|source| {
+                    StartupError::DataDir {
+                        dir: settings.data_dir.display().to_string(),
+                        source,
+                    }
+                })?;
+                format!("sqlite://{}/hypha-rtc.db", settings.data_dir.display())
+            }
+        };
+        let store = store::Store::open(&database_url).await?;
         let state = Arc::new(AppState {
             tokens: TokenIssuer::new(&secret),
-            ice: turn::IceService::new(settings.turn.clone()),
+            ice: turn::IceService::new(settings.turn.clone(), store.clone()),
+            store,
             peer: ServerPeer::new(manager_id.clone(), hub.clone(), &server_user),
             hub,
             registry: Registry::default(),

@@ -16,6 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::auth::UserInfo;
 use crate::error::Error;
 use crate::rpc::value::Args;
+use crate::store::{IceIssuance, Store};
 use ice::{HostPort, StaticIceServer};
 use probe::Probe;
 
@@ -51,10 +52,11 @@ pub struct IceService {
     settings: TurnSettings,
     probe: Option<Probe>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    store: Store,
 }
 
 impl IceService {
-    pub fn new(settings: TurnSettings) -> Arc<Self> {
+    pub fn new(settings: TurnSettings, store: Store) -> Arc<Self> {
         let probe = settings.coturn.as_ref().map(|c| {
             Probe::new(
                 c.internal.clone(),
@@ -69,6 +71,7 @@ impl IceService {
             settings,
             probe,
             limiter,
+            store,
         })
     }
 
@@ -119,7 +122,16 @@ impl IceService {
                 return Err(Error::Unavailable(outcome.describe(probe.address())));
             }
         }
-        let credential = credentials::mint(&coturn.secret, &user.id, ttl, crate::auth::now_secs());
+        let now = crate::auth::now_secs();
+        let credential = credentials::mint(&coturn.secret, &user.id, ttl, now);
+        self.store
+            .record_ice_issuance(IceIssuance {
+                user_id: user.id.clone(),
+                issued_at: now,
+                ttl: ttl as i64,
+                expires_at: credential.expires_at,
+            })
+            .await;
         let mut servers: Vec<serde_json::Value> = coturn
             .public
             .iter()

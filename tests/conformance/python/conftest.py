@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -47,6 +48,7 @@ class Server:
         self.extra = list(extra)
         self.proc = None
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"hypha-rtc-{self.port}.log"
+        self.data_dir = Path(tempfile.mkdtemp(prefix="hypha-rtc-data-"))
 
     @property
     def url(self):
@@ -59,7 +61,7 @@ class Server:
     def start(self):
         assert Path(BIN).exists(), f"server binary missing: {BIN} (build it first)"
         self.proc = subprocess.Popen(
-            [BIN, "--port", str(self.port), "--jwt-secret", self.secret, *self.extra],
+            [BIN, "--port", str(self.port), "--jwt-secret", self.secret, "--data-dir", str(self.data_dir), *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"),
         )

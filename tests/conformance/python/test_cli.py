@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import tempfile
 import urllib.request
 import json
 
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.timeout(60)
 def run_bin(*args, env=None, timeout=10):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HYPHA_")}
     full_env.update(env or {})
-    return subprocess.run([BIN, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run([BIN, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=tempfile.mkdtemp(prefix="hypha-rtc-cli-"))
 
 
 def test_help_documents_every_option():
@@ -40,7 +42,7 @@ def test_layers_and_unknown_variable_warning(tmp_path):
     config = tmp_path / "hypha-rtc.toml"
     config.write_text(f'port = 1\npublic_base_url = "https://from-file.example.org"\n')
     proc = subprocess.Popen(
-        [BIN, "--config", str(config), "--port", str(port), "--from-env"],
+        [BIN, "--config", str(config), "--port", str(port), "--from-env", "--data-dir", str(tmp_path / "data")],
         env={**{k: v for k, v in os.environ.items() if not k.startswith("HYPHA_")},
              "HYPHA_PUBLIC_BASE_URL": "https://from-env.example.org", "HYPHA_COTURN_SECRT": "typo",
              "JWT_SECRET": "fallback-secret"},

@@ -114,6 +114,28 @@ def test_http_credentials_allocate_on_coturn(turn_server, coturn):
     check_entry(servers[0], coturn.port, 86400)
 
 
+def test_issuances_are_audited_without_the_credential(turn_server):
+    import sqlite3
+
+    status, servers, _ = turn_server.http("/ws-user-sam/services/ws/get_rtc_ice_servers?ttl=300", hypha_token("sam"))
+    assert status == 200
+    db = turn_server.data_dir / "hypha-rtc.db"
+
+    def audited():
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT user_id, issued_at, ttl, expires_at FROM ice_credentials WHERE user_id = 'sam'").fetchall()
+
+    wait_until(lambda: len(audited()) == 1, 10, "the audit row")
+    user_id, issued_at, ttl, expires_at = audited()[0]
+    assert (user_id, ttl, expires_at - issued_at) == ("sam", 300, 300)
+    assert str(expires_at) == servers[0]["username"].split(":")[0]
+    with sqlite3.connect(db) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(ice_credentials)")]
+    assert not any("credential" in c or "password" in c for c in columns)
+    for path in db.parent.iterdir():
+        assert servers[0]["credential"].encode() not in path.read_bytes(), path
+
+
 def test_coturn_refuses_expired_and_foreign_credentials(coturn):
     def credential(secret, expiry):
         username = f"{expiry}:mallory"
@@ -201,10 +223,10 @@ def test_malformed_turn_options_stop_startup():
         (["--coturn-secret", "s", "--coturn-uri", "h:1", "--public-coturn-uri", "a:1,[::1"], "--public-coturn-uri"),
         (["--ice-server", "turn:1.2.3.4:3478"], "expected turn:<host>:<port>[<user>:<password>]"),
     ]:
-        result = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10)
+        result = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10, cwd="/tmp")
         assert result.returncode == 2 and needle in result.stderr, (args, result.stderr)
     assert "s3cr3t" not in subprocess.run([BIN, "--coturn-secret", "s3cr3t", "--coturn-uri", "bad:uri"],
-                                          capture_output=True, text=True, timeout=10).stderr
+                                          capture_output=True, text=True, timeout=10, cwd="/tmp").stderr
 
 
 def test_chromium_connects_through_coturn_with_issued_credentials():
