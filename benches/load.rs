@@ -45,6 +45,10 @@ struct Options {
     /// process for the other phases).
     #[arg(long)]
     idle_only: bool,
+    /// Measure get_rtc_ice_servers through the websocket RPC, signed in with this token,
+    /// instead of the routing figures.
+    #[arg(long)]
+    ice_token: Option<String>,
     // `cargo bench` passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -142,10 +146,21 @@ async fn respond(mut socket: Socket) {
 
 /// Connects anonymously with a fresh client id; returns the socket and its address `ws/cid`.
 async fn try_connect(url: &str, client_id: &str) -> Result<(Socket, String), String> {
+    let (socket, info) = try_connect_as(url, client_id, None).await?;
+    let ws = info["workspace"].as_str().unwrap_or_default().to_string();
+    Ok((socket, format!("{ws}/{client_id}")))
+}
+
+/// Connects with an optional token; returns the socket and `connection_info`.
+async fn try_connect_as(
+    url: &str,
+    client_id: &str,
+    token: Option<&str>,
+) -> Result<(Socket, serde_json::Value), String> {
     let (mut socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| e.to_string())?;
-    let hello = serde_json::json!({"client_id": client_id, "workspace": null, "token": null, "reconnection_token": null});
+    let hello = serde_json::json!({"client_id": client_id, "workspace": null, "token": token, "reconnection_token": null});
     socket
         .send(Message::Text(hello.to_string().into()))
         .await
@@ -158,8 +173,7 @@ async fn try_connect(url: &str, client_id: &str) -> Result<(Socket, String), Str
                 if info["type"] != "connection_info" {
                     return Err(format!("handshake refused: {info}"));
                 }
-                let ws = info["workspace"].as_str().unwrap_or_default().to_string();
-                return Ok((socket, format!("{ws}/{client_id}")));
+                return Ok((socket, info));
             }
             Ok(Some(Ok(_))) => continue,
             other => return Err(format!("no connection_info: {other:?}")),
@@ -317,6 +331,87 @@ async fn concurrent(pairs: &mut Pairs, window: usize, seconds: u64) -> (Vec<Dura
     (rtts, (counted as f64 / elapsed) as u64)
 }
 
+/// `connections` clients each call the manager's get_rtc_ice_servers back to back for
+/// `seconds`; returns (sorted round trips, calls per second, first refusal).
+async fn ice_calls(
+    url: &str,
+    token: &str,
+    connections: usize,
+    seconds: u64,
+) -> (Vec<Duration>, u64, Option<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let completed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..connections {
+        let (mut socket, info) =
+            try_connect_as(url, &format!("ice-{i}-{}", std::process::id()), Some(token))
+                .await
+                .expect("sign in");
+        let manager = format!("*/{}", info["manager_id"].as_str().expect("manager_id"));
+        let (stop, completed) = (stop.clone(), completed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rtts = Vec::new();
+            let mut refusal = None;
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let header = map(vec![
+                    ("type", "method".into()),
+                    ("from", "bench".into()),
+                    ("to", manager.as_str().into()),
+                    ("method", "services.default.get_rtc_ice_servers".into()),
+                    ("session", format!("s{seq}").into()),
+                ]);
+                let body = map(vec![
+                    ("args", Value::Array(vec![])),
+                    ("promise", "*".into()),
+                    ("t", 15.into()),
+                ]);
+                let started = Instant::now();
+                socket
+                    .send(Message::Binary(frame(&header, &body).into()))
+                    .await
+                    .expect("send");
+                loop {
+                    let Some(Ok(Message::Binary(data))) = socket.next().await else {
+                        return (rtts, refusal);
+                    };
+                    let mut reader: &[u8] = &data;
+                    let Ok(reply) = rmpv::decode::read_value(&mut reader) else {
+                        continue;
+                    };
+                    let method = field(&reply, "method").unwrap_or_default();
+                    if method == format!("s{seq}.resolve") {
+                        rtts.push(started.elapsed());
+                        completed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    if method == format!("s{seq}.reject") {
+                        let body = rmpv::decode::read_value(&mut reader).ok();
+                        refusal = refusal.or(body.map(|b| b.to_string()));
+                        break;
+                    }
+                }
+                seq += 1;
+            }
+            (rtts, refusal)
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let counted = completed.load(Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (mut rtts, mut refusal) = (Vec::new(), None);
+    for task in tasks {
+        if let Ok(Ok((mut r, e))) = tokio::time::timeout(Duration::from_secs(30), task).await {
+            rtts.append(&mut r);
+            refusal = refusal.or(e);
+        }
+    }
+    rtts.sort();
+    (rtts, (counted as f64 / elapsed) as u64, refusal)
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -393,6 +488,25 @@ async fn main() {
     };
 
     println!("== {} at {url}", options.label);
+    if let Some(token) = &options.ice_token {
+        for connections in [1, 32] {
+            let (rtts, per_second, refusal) =
+                ice_calls(&url, token, connections, options.seconds).await;
+            println!(
+                "get_rtc_ice_servers over the websocket RPC, {connections} connection(s) back to back: {per_second} calls/s, p50 {:.0} us, p99 {:.0} us",
+                micros(percentile(&rtts, 0.5)),
+                micros(percentile(&rtts, 0.99))
+            );
+            if let Some(refusal) = refusal {
+                println!("  refused: {refusal}");
+            }
+        }
+        if let Some(mut child) = own_server {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        return;
+    }
     // Memory first, on a fresh process, before the load phases leave garbage behind.
     if let (Some(pid), true) = (pid, options.idle > 0) {
         let (before, after, accepted, refusal) = idle_memory(&url, pid, options.idle).await;

@@ -1,6 +1,7 @@
 //! HTTP routes: the websocket upgrade, service calls, health and client configuration.
 
 mod health;
+mod metrics;
 mod services;
 mod ws;
 
@@ -19,6 +20,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(ws::router())
         .merge(health::router())
+        .merge(metrics::router())
         .merge(services::router())
         .layer(CorsLayer::very_permissive())
         .with_state(state)

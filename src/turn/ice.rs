@@ -211,6 +211,21 @@ mod tests {
     }
 
     #[test]
+    fn coturn_urls_in_order_with_tls() {
+        let a = HostPort::parse("[2001:db8::1]:3478").unwrap();
+        assert_eq!(
+            coturn_urls(&a, Some(5349)),
+            vec![
+                "turn:[2001:db8::1]:3478",
+                "stun:[2001:db8::1]:3478",
+                "turn:[2001:db8::1]:3478?transport=tcp",
+                "turns:[2001:db8::1]:5349?transport=tcp",
+            ]
+        );
+        assert_eq!(coturn_urls(&a, None).len(), 3);
+    }
+
+    #[test]
     fn holohub_syntax_with_colons_in_passwords() {
         let s = StaticIceServer::parse("turn:10.0.0.1:3478[alice:pa:ss:word]").unwrap();
         assert_eq!(

@@ -7,6 +7,7 @@ pub mod probe;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -53,6 +54,9 @@ pub struct IceService {
     probe: Option<Probe>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     store: Store,
+    /// Credentials handed out, and calls refused, since start.
+    pub issued: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 impl IceService {
@@ -72,6 +76,8 @@ impl IceService {
             probe,
             limiter,
             store,
+            issued: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -81,6 +87,17 @@ impl IceService {
 
     /// `get_rtc_ice_servers(ttl=43200, test_connectivity=True)`, positional or keyword.
     pub async fn ice_servers(&self, user: &UserInfo, args: &Args) -> Result<Value, Error> {
+        let outcome = self.issue(user, args).await;
+        let counter = if outcome.is_ok() {
+            &self.issued
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    async fn issue(&self, user: &UserInfo, args: &Args) -> Result<Value, Error> {
         let (ttl, test) = (args.get(0, "ttl"), args.get(1, "test_connectivity"));
         if user.is_anonymous() {
             return Err(Error::PermissionDenied(ANONYMOUS_REFUSED.into()));

@@ -78,6 +78,11 @@ class Server:
             self.proc.wait(timeout=10)
         assert self.proc is None or self.proc.returncode is not None
 
+    def http_text(self, path):
+        """Returns (status, body text, headers)."""
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return r.status, r.read().decode(), r.headers
+
     def http(self, path, token=None, data=None, method=None):
         """Returns (status, parsed JSON body, headers)."""
         headers = {"Content-Type": "application/json"}

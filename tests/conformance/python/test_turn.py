@@ -109,6 +109,9 @@ def test_http_credentials_allocate_on_coturn(turn_server, coturn):
     assert status == 200, servers
     check_entry(servers[0], coturn.port, 60)
     run(allocate(servers[0], coturn.port))
+    _, metrics, _ = turn_server.http_text("/metrics")
+    issued = int(next(l for l in metrics.splitlines() if l.startswith("hypha_rtc_ice_credentials_issued_total ")).split()[1])
+    assert issued >= 2
     # Above the maximum: clamped.
     status, servers, _ = turn_server.http("/ws-user-lee/services/ws/get_rtc_ice_servers?ttl=999999999", token)
     check_entry(servers[0], coturn.port, 86400)
@@ -200,6 +203,8 @@ def test_probe_reports_each_state_within_its_budget(coturn, case):
         status, ready, _ = server.http("/health/readiness")
         elapsed = time.monotonic() - started
         assert status == 200 and elapsed < 2.5, elapsed
+        _, metrics, _ = server.http_text("/metrics")
+        assert f"hypha_rtc_coturn_probe_up {1 if case == 'up' else 0}" in metrics, metrics
         expected = {"up": "ok", "down": ("unreachable", "timed_out"), "wrong-secret": "secret_rejected"}[case]
         assert ready["coturn"]["state"] in (expected if isinstance(expected, tuple) else (expected,)), ready
         status, body, _ = server.http("/ws-user-quinn/services/ws/get_rtc_ice_servers", hypha_token("quinn"))
