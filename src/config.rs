@@ -19,6 +19,8 @@ at start-up.";
 #[derive(Parser, Debug, Default, Clone)]
 #[command(name = "hypha-rtc", version, about = "WebRTC signaling and TURN-credential server, compatible with hypha-rpc clients.", after_help = AFTER_HELP)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Address to listen on [default: 127.0.0.1]
     #[arg(long)]
     pub host: Option<String>,
@@ -29,10 +31,10 @@ pub struct Cli {
     #[arg(long)]
     pub public_base_url: Option<String>,
     /// Secret for HS256 tokens; share it with a Hypha deployment to interoperate [default: random, tokens die with the process]
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub jwt_secret: Option<String>,
     /// Settings file (TOML, YAML or JSON) with the same keys as the long options (underscores)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// Accepted for compatibility with Hypha; the environment is always read
     #[arg(long)]
@@ -89,17 +91,66 @@ pub struct Cli {
     #[arg(long, value_name = "PER_MINUTE")]
     pub ice_rate_limit: Option<u32>,
     /// Directory for the embedded database and other state [default: hypha-rtc-data]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// Database URL [default: sqlite://<data-dir>/hypha-rtc.db]
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", global = true)]
     pub database_url: Option<String>,
+    /// Failed sign-ins (per email, and per address) before a lock-out [default: 5]
+    #[arg(long, value_name = "COUNT")]
+    pub login_max_failures: Option<u32>,
+    /// How long a lock-out lasts [default: 300]
+    #[arg(long, value_name = "SECONDS")]
+    pub login_lockout: Option<u64>,
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// Administration commands; without one, the server runs.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Manage local users, in the database the server uses (also while it runs)
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// Print a token for a local user, for scripts (needs the server's --jwt-secret)
+    Token {
+        #[arg(long)]
+        email: String,
+        /// Lifetime of the token in seconds
+        #[arg(long, default_value_t = 3600)]
+        expires_in: i64,
+    },
+}
+
+/// `hypha-rtc user ...`
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum UserAction {
+    /// Add a user; the password is read from standard input
+    Add {
+        email: String,
+        /// A role such as admin (repeatable)
+        #[arg(long)]
+        role: Vec<String>,
+        /// Read the password from standard input (required: passwords never go on a command line)
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users
+    List,
+    /// Disable a user: sign-in and their tokens are refused
+    Disable { email: String },
+    /// Set a new password, read from standard input
+    Passwd {
+        email: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 /// Keys known in files and as `HYPHA_<KEY>` variables.
@@ -129,6 +180,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "ice_rate_limit",
     "data_dir",
     "database_url",
+    "login_max_failures",
+    "login_lockout",
 ];
 
 #[derive(Deserialize)]
@@ -157,6 +210,8 @@ struct Raw {
     ice_rate_limit: u32,
     data_dir: PathBuf,
     database_url: Option<String>,
+    login_max_failures: u32,
+    login_lockout: u64,
 }
 
 /// Everything the server needs to start, validated.
@@ -183,6 +238,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// `None`: a SQLite file in `data_dir`.
     pub database_url: Option<String>,
+    pub login_max_failures: u32,
+    pub login_lockout: Duration,
 }
 
 impl Default for Settings {
@@ -212,6 +269,8 @@ impl Default for Settings {
             },
             data_dir: PathBuf::from("hypha-rtc-data"),
             database_url: None,
+            login_max_failures: 5,
+            login_lockout: Duration::from_secs(300),
         }
     }
 }
@@ -251,6 +310,8 @@ impl Settings {
             .and_then(|b| b.set_default("coturn_max_ttl", 86_400))
             .and_then(|b| b.set_default("ice_rate_limit", 60))
             .and_then(|b| b.set_default("data_dir", "hypha-rtc-data"))
+            .and_then(|b| b.set_default("login_max_failures", 5))
+            .and_then(|b| b.set_default("login_lockout", 300))
             .map_err(err)?;
         if let Some(path) = &cli.config {
             builder = builder.add_source(File::from(path.as_path()).required(true));
@@ -308,7 +369,9 @@ impl Settings {
             method_timeout,
             coturn_tls_port,
             coturn_max_ttl,
-            ice_rate_limit
+            ice_rate_limit,
+            login_max_failures,
+            login_lockout
         );
         if !cli.ice_server.is_empty() {
             builder = builder
@@ -385,6 +448,8 @@ impl Settings {
             turn,
             data_dir: raw.data_dir,
             database_url: raw.database_url.filter(|u| !u.is_empty()),
+            login_max_failures: raw.login_max_failures.max(1),
+            login_lockout: Duration::from_secs(raw.login_lockout),
         };
         Ok((settings, warnings))
     }

@@ -37,6 +37,7 @@ pub struct AppState {
     pub peer: ServerPeer,
     pub ice: Arc<turn::IceService>,
     pub store: store::Store,
+    pub accounts: auth::accounts::Accounts,
     pub server_id: String,
     pub manager_id: String,
     pub public_base_url: String,
@@ -81,6 +82,23 @@ pub enum StartupError {
     Store(#[from] store::StoreError),
 }
 
+/// Opens the store the settings name: `--database-url`, or a SQLite file in `--data-dir`.
+pub async fn open_store(settings: &Settings) -> Result<store::Store, StartupError> {
+    let url = match &settings.database_url {
+        Some(url) => url.clone(),
+        None => {
+            std::fs::create_dir_all(&settings.data_dir).map_err(|source| {
+                StartupError::DataDir {
+                    dir: settings.data_dir.display().to_string(),
+                    source,
+                }
+            })?;
+            format!("sqlite://{}/hypha-rtc.db", settings.data_dir.display())
+        }
+    };
+    Ok(store::Store::open(&url).await?)
+}
+
 /// A bound, ready-to-run server.
 pub struct App {
     listener: TcpListener,
@@ -116,21 +134,18 @@ impl App {
             .unwrap_or_else(|| local_base_url.clone());
         let hub = Arc::new(Hub::new(manager_id.clone(), settings.slow_consumer_timeout));
         let server_user = UserInfo::new("root".into(), vec!["admin".into()], None);
-        let database_url = match &settings.database_url {
-            Some(url) => url.clone(),
-            None => {
-                std::fs::create_dir_all(&settings.data_dir).map_err(|source| {
-                    StartupError::DataDir {
-                        dir: settings.data_dir.display().to_string(),
-                        source,
-                    }
-                })?;
-                format!("sqlite://{}/hypha-rtc.db", settings.data_dir.display())
-            }
-        };
-        let store = store::Store::open(&database_url).await?;
+        let store = open_store(&settings).await?;
+        let tokens = TokenIssuer::new(&secret);
+        for revoked in store.revoked_tokens(auth::now_secs()).await? {
+            tokens.mark_revoked(revoked);
+        }
         let state = Arc::new(AppState {
-            tokens: TokenIssuer::new(&secret),
+            tokens,
+            accounts: auth::accounts::Accounts::new(
+                store.clone(),
+                settings.login_max_failures,
+                settings.login_lockout,
+            ),
             ice: turn::IceService::new(settings.turn.clone(), store.clone()),
             store,
             peer: ServerPeer::new(manager_id.clone(), hub.clone(), &server_user),

@@ -22,6 +22,9 @@ async fn main() -> ExitCode {
     for warning in warnings {
         tracing::warn!("{warning}");
     }
+    if let Some(command) = &cli.command {
+        return admin(command, &settings).await;
+    }
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(e) => {
@@ -33,6 +36,27 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hypha-rtc: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs an administration command against the store the server uses.
+async fn admin(command: &hypha_rtc::config::Command, settings: &Settings) -> ExitCode {
+    let store = match hypha_rtc::open_store(settings).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("hypha-rtc: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match hypha_rtc::auth::admin::run(command, settings, &store, std::io::stdin().lock()).await {
+        Ok(output) => {
+            println!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("hypha-rtc: {message}");
             ExitCode::from(1)
         }
     }

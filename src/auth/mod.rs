@@ -1,5 +1,8 @@
 //! Who a caller is: Hypha-compatible tokens, users (including anonymous ones) and their permissions.
 
+pub mod accounts;
+pub mod admin;
+pub mod login;
 pub mod token;
 pub mod user;
 

@@ -23,6 +23,8 @@ pub enum TokenError {
     WrongIssuer,
     #[error("the token is malformed: {0}")]
     Malformed(String),
+    #[error("the token has been revoked")]
+    Revoked,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +56,16 @@ pub struct TokenIssuer {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// SHA-256 fingerprints of revoked tokens (persisted by the store, loaded at start).
+    revoked: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+/// The SHA-256 of a token, as revocations are kept (never the token itself).
+pub fn fingerprint(token: &str) -> String {
+    use sha2::Digest;
+    let token = token.trim();
+    let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 impl std::fmt::Debug for TokenIssuer {
@@ -74,6 +86,14 @@ impl TokenIssuer {
             encoding: EncodingKey::from_secret(bytes),
             decoding: DecodingKey::from_secret(bytes),
             validation,
+            revoked: Default::default(),
+        }
+    }
+
+    /// Refuses a token from now on.
+    pub fn mark_revoked(&self, fingerprint: String) {
+        if let Ok(mut revoked) = self.revoked.write() {
+            revoked.insert(fingerprint);
         }
     }
 
@@ -92,6 +112,13 @@ impl TokenIssuer {
                 other => TokenError::Malformed(format!("{other:?}")),
             })?;
         let claims = data.claims;
+        if self
+            .revoked
+            .read()
+            .is_ok_and(|r| !r.is_empty() && r.contains(&fingerprint(token)))
+        {
+            return Err(TokenError::Revoked);
+        }
         if claims.sub.is_empty() || claims.sub.len() > 200 {
             return Err(TokenError::Malformed("bad subject".into()));
         }
@@ -192,5 +219,12 @@ mod tests {
         // alg "none": header {"alg":"none","typ":"JWT"}, no signature.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4In0.";
         assert!(issuer("one").parse(none).is_err());
+        let one = issuer("one");
+        let token = one.issue(&user, 60);
+        one.mark_revoked(fingerprint(&token));
+        assert_eq!(
+            one.parse(&format!("Bearer {token}")),
+            Err(TokenError::Revoked)
+        );
     }
 }

@@ -45,7 +45,10 @@ async fn readiness(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 async fn config(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<Value> {
-    let user = super::caller(&state, &headers).ok().map(|u| u.to_json());
+    let user = super::caller(&state, &headers)
+        .await
+        .ok()
+        .map(|u| u.to_json());
     Json(json!({
         "server_id": state.server_id,
         "manager_id": state.manager_id,

@@ -21,14 +21,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(ws::router())
         .merge(health::router())
         .merge(metrics::router())
+        .merge(crate::auth::login::router())
         .merge(services::router())
         .layer(CorsLayer::very_permissive())
         .with_state(state)
 }
 
 /// The caller of an HTTP request: `Authorization: Bearer`, else the `access_token` cookie,
-/// else the anonymous HTTP user.
-pub fn caller(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+/// else the anonymous HTTP user. Disabled local accounts are refused.
+pub async fn caller(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+    let user = token_user(state, headers)?;
+    match state.accounts.is_disabled(&user.id).await {
+        Ok(false) => Ok(user),
+        Ok(true) => Err(Error::Unauthorized(
+            "Authentication error: this account is disabled".into(),
+        )),
+        Err(e) => Err(Error::Internal(e.to_string())),
+    }
+}
+
+fn token_user(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -37,7 +37,7 @@ async fn list(
     Path(workspace): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let user = super::caller(&state, &headers)?;
+    let user = super::caller(&state, &headers).await?;
     let ctx = context(&state, &user, &workspace);
     let args = Args::from_kwargs(vec![("query".into(), workspace.as_str().into())]);
     let result = manager::call(&state, "list_services", &ctx, &args).await?;
@@ -82,7 +82,7 @@ async fn call_function(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Error> {
-    let user = super::caller(&state, &headers)?;
+    let user = super::caller(&state, &headers).await?;
     let mut kwargs: Vec<(String, Value)> = params
         .iter()
         .filter(|(k, _)| k.as_str() != "_mode")

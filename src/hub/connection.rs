@@ -90,6 +90,17 @@ pub async fn serve(mut socket: WebSocket, state: Arc<AppState>) {
         }
     };
     let admitted = match admit(&hello, &state.tokens) {
+        Ok(admitted)
+            if !admitted.user.is_anonymous()
+                && state
+                    .accounts
+                    .is_disabled(&admitted.user.id)
+                    .await
+                    .unwrap_or(true) =>
+        {
+            close_with(&mut socket, CLOSE_POLICY, "Authentication error: this account is disabled (or the account store is unavailable)").await;
+            return;
+        }
         Ok(admitted) => admitted,
         Err(reason) => {
             tracing::info!(%reason, "connection refused");

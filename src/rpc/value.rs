@@ -174,6 +174,13 @@ impl Args {
     pub fn get_str(&self, index: usize, name: &str) -> Option<&str> {
         self.get(index, name).and_then(Value::as_str)
     }
+
+    /// A string argument that must be there.
+    pub fn require_str(&self, index: usize, name: &str) -> Result<&str, crate::error::Error> {
+        self.get_str(index, name).ok_or_else(|| {
+            crate::error::Error::BadRequest(format!("the argument {name} (a string) is required"))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,48 @@ pub struct IceIssuance {
     pub expires_at: i64,
 }
 
+/// A local user account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub id: String,
+    pub email: String,
+    pub password_hash: String,
+    pub roles: Vec<String>,
+    pub created_at: i64,
+    pub disabled_at: Option<i64>,
+}
+
+/// A pending sign-in of the hypha-login flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoginKey {
+    pub key: String,
+    pub expires_at: i64,
+    pub workspace: Option<String>,
+    pub token_expires_in: Option<i64>,
+    /// Set once the user signed in.
+    pub token: Option<String>,
+    pub user_id: Option<String>,
+}
+
+type UserRow = (String, String, String, String, i64, Option<i64>);
+
+fn user_from_row(
+    (id, email, password_hash, roles, created_at, disabled_at): UserRow,
+) -> UserRecord {
+    UserRecord {
+        id,
+        email,
+        password_hash,
+        roles: roles
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(str::to_string)
+            .collect(),
+        created_at,
+        disabled_at,
+    }
+}
+
 /// Audit rows waiting to be written before callers feel back-pressure.
 const AUDIT_QUEUE: usize = 4096;
 /// Rows written per transaction.
@@ -71,6 +113,160 @@ impl Store {
         if self.audit.send(row).await.is_err() {
             tracing::error!("the audit writer has stopped; an ICE issuance was not recorded");
         }
+    }
+
+    /// Adds a user; fails if the email is taken.
+    pub async fn create_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO users (id, email, password_hash, roles, created_at, disabled_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&user.id)
+            .bind(&user.email)
+            .bind(&user.password_hash)
+            .bind(user.roles.join(","))
+            .bind(user.created_at)
+            .bind(user.disabled_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
+        let row: Option<UserRow> = sqlx::query_as("SELECT id, email, password_hash, roles, created_at, disabled_at FROM users WHERE email = $1")
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRecord>, StoreError> {
+        let row: Option<UserRow> = sqlx::query_as("SELECT id, email, password_hash, roles, created_at, disabled_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(user_from_row))
+    }
+
+    pub async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let rows: Vec<UserRow> = sqlx::query_as("SELECT id, email, password_hash, roles, created_at, disabled_at FROM users ORDER BY created_at, email")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(user_from_row).collect())
+    }
+
+    /// Disables a user; false if there is no such email.
+    pub async fn disable_user(&self, email: &str, at: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE users SET disabled_at = $1 WHERE email = $2")
+            .bind(at)
+            .bind(email)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Replaces a password hash; false if there is no such email.
+    pub async fn set_password(&self, email: &str, password_hash: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE email = $2")
+            .bind(password_hash)
+            .bind(email)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Records a revoked token (by its SHA-256) until it would have expired.
+    pub async fn revoke_token(
+        &self,
+        token_sha256: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO revoked_tokens (token_sha256, revoked_at, expires_at) VALUES ($1, $2, $3) ON CONFLICT (token_sha256) DO NOTHING")
+            .bind(token_sha256)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Revoked tokens that have not expired yet.
+    pub async fn revoked_tokens(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT token_sha256 FROM revoked_tokens")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(h,)| h).collect())
+    }
+
+    pub async fn create_login_key(&self, key: &LoginKey, now: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM login_keys WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("INSERT INTO login_keys (login_key, created_at, expires_at, workspace, token_expires_in) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&key.key)
+            .bind(now)
+            .bind(key.expires_at)
+            .bind(&key.workspace)
+            .bind(key.token_expires_in)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn login_key(&self, key: &str) -> Result<Option<LoginKey>, StoreError> {
+        type Row = (
+            String,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT login_key, expires_at, workspace, token_expires_in, token, user_id FROM login_keys WHERE login_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(key, expires_at, workspace, token_expires_in, token, user_id)| LoginKey {
+                key,
+                expires_at,
+                workspace,
+                token_expires_in,
+                token,
+                user_id,
+            },
+        ))
+    }
+
+    /// Completes a pending sign-in; false if the key is unknown or already used.
+    pub async fn complete_login_key(
+        &self,
+        key: &str,
+        token: &str,
+        user_id: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE login_keys SET token = $1, user_id = $2 WHERE login_key = $3 AND token IS NULL",
+        )
+        .bind(token)
+        .bind(user_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn delete_login_key(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM login_keys WHERE login_key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The audited issuances of a user, newest first.

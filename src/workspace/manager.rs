@@ -102,6 +102,18 @@ const FUNCTIONS: &[Function] = &[
         required: &[],
     },
     Function {
+        name: "revoke_token",
+        doc: "Revoke a token (your own, one you issued, or any as an admin); it is refused from then on.",
+        params: r#"{"token":{"type":"string"}}"#,
+        required: &["token"],
+    },
+    Function {
+        name: "parse_token",
+        doc: "Verify a token and return the user it names.",
+        params: r#"{"token":{"type":"string"}}"#,
+        required: &["token"],
+    },
+    Function {
         name: "subscribe",
         doc: "Receive manager events such as client_disconnected and service_added.",
         params: r#"{"event_types":{"description":"An event type or a list of them"}}"#,
@@ -217,6 +229,41 @@ pub fn hosted_description(state: &AppState, name: &str) -> Option<Value> {
                 ("get_rtc_ice_servers", m),
             ]))
         }
+        "hypha-login" => {
+            let mut entries = vec![
+                (
+                    "id".into(),
+                    format!("public/{}:hypha-login", state.manager_id).into(),
+                ),
+                ("name".into(), "hypha-login".into()),
+                ("description".into(), "Sign in to this server".into()),
+                ("type".into(), "functions".into()),
+                (
+                    "config".into(),
+                    obj([
+                        ("visibility", "public".into()),
+                        ("require_context", true.into()),
+                        ("workspace", "public".into()),
+                    ]),
+                ),
+            ];
+            for (name, doc, params) in crate::auth::login::FUNCTIONS {
+                let f = Function {
+                    name,
+                    doc,
+                    params,
+                    required: &[],
+                };
+                let mut m = method(
+                    &format!("services.hypha-login.{name}"),
+                    Some(schema(&f)),
+                    doc,
+                );
+                value::set(&mut m, "_rname", (*name).into());
+                entries.push(((*name).into(), m));
+            }
+            Some(Value::Map(entries))
+        }
         _ => None,
     }
 }
@@ -306,6 +353,38 @@ pub async fn call(
         }
         "get_rtc_ice_servers" => state.ice.ice_servers(&ctx.user, args).await,
         "list_services" => list_services(state, ctx, args),
+        "parse_token" => {
+            let token = args.require_str(0, "token")?;
+            let user = state
+                .tokens
+                .parse(token)
+                .map_err(|e| Error::BadRequest(format!("Invalid token: {e}")))?;
+            Ok(value::from_json(&user.to_json()))
+        }
+        "revoke_token" => {
+            let token = args.require_str(0, "token")?;
+            let user = state
+                .tokens
+                .parse(token)
+                .map_err(|e| Error::BadRequest(format!("Invalid token: {e}")))?;
+            let allowed = user.id == ctx.user.id
+                || user.parent.as_deref() == Some(ctx.user.id.as_str())
+                || ctx.user.is_admin();
+            if !allowed || ctx.user.is_anonymous() {
+                return Err(Error::PermissionDenied(
+                    "Only the token's user, its issuer or an admin may revoke it".into(),
+                ));
+            }
+            let fingerprint = crate::auth::token::fingerprint(token);
+            let expires_at = user.expires_at.unwrap_or(i64::MAX);
+            state
+                .store
+                .revoke_token(&fingerprint, expires_at, crate::auth::now_secs())
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            state.tokens.mark_revoked(fingerprint);
+            Ok(Value::Nil)
+        }
         "generate_token" => generate_token(state, ctx, args),
         "subscribe" | "unsubscribe" => {
             let events: Vec<String> = match args.get(0, "event_types") {

@@ -59,7 +59,10 @@ fn dispatch<'a>(state: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Resul
 }
 
 /// Services the server hosts besides the manager, registered in `public` like any other.
-pub const HOSTED_PUBLIC: &[(&str, &str)] = &[("coturn", "TURN credentials for WebRTC")];
+pub const HOSTED_PUBLIC: &[(&str, &str)] = &[
+    ("coturn", "TURN credentials for WebRTC"),
+    ("hypha-login", "Sign in to this server"),
+];
 
 /// Registers the hosted public services, so one lookup path serves them and client services.
 pub fn register_hosted(state: &AppState) {
@@ -99,6 +102,7 @@ pub async fn call_hosted(
     match (service, function) {
         ("default", _) => manager::call(state, function, ctx, args).await,
         ("coturn", "get_rtc_ice_servers") => state.ice.ice_servers(&ctx.user, args).await,
+        ("hypha-login", _) => crate::auth::login::call(state, function, args).await,
         _ => Err(Error::NotFound(format!(
             "Method not found: services.{service}.{function}"
         ))),

@@ -1,16 +1,10 @@
 // In headless Debian Chromium: two RTCPeerConnections restricted to relay candidates, with the
 // ICE servers hypha-rtc issued, connect through coturn and exchange data-channel messages.
 // Argument: the JSON list of ICE servers. Prints `RESULT {json}`.
-import { chromium } from "playwright-core";
+import { launchChromium } from "./browser.mjs";
 
 const iceServers = JSON.parse(process.argv[2]);
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: [
-    "--headless", "--disable-gpu", "--no-sandbox", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launchChromium();
 try {
   const page = await browser.newPage();
   const result = await page.evaluate(async (iceServers) => {
