@@ -28,6 +28,7 @@ command -v node >/dev/null || apt_install nodejs npm
 command -v npm >/dev/null || apt_install npm
 command -v turnserver >/dev/null || apt_install coturn
 command -v chromium >/dev/null || apt_install chromium
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
 
 step "Python environment (hypha-rpc, aiortc, numpy)"
 REQS=tests/conformance/python/requirements.txt

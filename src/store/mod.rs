@@ -1,12 +1,11 @@
-//! The store: a sqlx pool (SQLite, a file in `--data-dir`, by default) and its few tables,
-//! with the schema in `migrations/`.
+//! The store: a sqlx pool and its few tables. SQLite (a file in `--data-dir`) is the embedded
+//! default; PostgreSQL (`--database-url postgres://...`) lets several instances share it. The
+//! queries are the same for both; the schema is in `migrations/sqlite` and `migrations/postgres`.
 
-use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
 use tokio::sync::mpsc;
 
 /// A store that could not be opened or written.
@@ -18,6 +17,18 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// One issuance of TURN credentials, as audited.
@@ -79,30 +90,61 @@ const AUDIT_BATCH: usize = 512;
 /// The database.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
     audit: mpsc::Sender<IceIssuance>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and applies the migrations.
+    /// Opens (creating a SQLite file if needed) the database and applies the migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
         let open_error = |source| StoreError::Open {
-            url: url.to_string(),
+            url: redact(url),
             source,
         };
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(open_error)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+        let sqlite = url.starts_with("sqlite:");
+        let postgres = url.starts_with("postgres:") || url.starts_with("postgresql:");
+        if !sqlite && !postgres {
+            return Err(StoreError::Open {
+                url: redact(url),
+                source: sqlx::Error::Configuration(
+                    "the database URL must start with sqlite: or postgres:".into(),
+                ),
+            });
+        }
+        let url = if sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+        } else {
+            url.to_string()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // WAL lets the admin commands and the server share the file.
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
             .await
             .map_err(open_error)?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        if sqlite {
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        } else {
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        }
         let (audit, rows) = mpsc::channel(AUDIT_QUEUE);
         tokio::spawn(write_audit(pool.clone(), rows));
         Ok(Self { pool, audit })
@@ -295,7 +337,7 @@ impl Store {
 }
 
 /// Writes queued audit rows in batches, one transaction per batch.
-async fn write_audit(pool: SqlitePool, mut rows: mpsc::Receiver<IceIssuance>) {
+async fn write_audit(pool: AnyPool, mut rows: mpsc::Receiver<IceIssuance>) {
     let mut batch = Vec::with_capacity(AUDIT_BATCH);
     while rows.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
         let written = async {

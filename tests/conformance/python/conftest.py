@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -39,13 +40,70 @@ def wait_until(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what} (last error: {last})")
 
 
-class Server:
-    """A hypha-rtc process on a loopback port."""
+class Postgres:
+    """A private PostgreSQL cluster from Debian's packages, on a loopback port, for the tests."""
 
-    def __init__(self, *extra, port=None, secret=SECRET):
+    def __init__(self):
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        assert bins, "PostgreSQL is not installed (Debian package postgresql)"
+        self.bin = bins[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix="hypha-rtc-pg-"))
+        self.port = free_port()
+        self.password = "pg-test-password"
+        shutil.chown(self.dir, "postgres", "postgres")
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.password)
+        shutil.chown(pwfile, "postgres", "postgres")
+        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "hypha",
+                          f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=trust")
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
+                          "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+
+    def _as_postgres(self, *args):
+        result = subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr + result.stdout
+
+    def psql(self, database, sql):
+        result = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "hypha", "-d", database, "-v", "ON_ERROR_STOP=1", "-tAc", sql],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "PGPASSWORD": self.password},
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def new_database(self):
+        name = f"t_{free_port()}_{int(time.monotonic() * 1000) % 100000}"
+        self.psql("postgres", f"CREATE DATABASE {name}")
+        return name, f"postgres://hypha:{self.password}@127.0.0.1:{self.port}/{name}"
+
+    def stop(self):
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_postgres = None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    global _postgres
+    _postgres = Postgres()
+    yield _postgres
+    _postgres.stop()
+
+
+class Server:
+    """A hypha-rtc process on a loopback port, on SQLite or, with `postgres`, on a fresh
+    PostgreSQL database."""
+
+    def __init__(self, *extra, port=None, secret=SECRET, postgres=None):
         self.port = port or free_port()
         self.secret = secret
         self.extra = list(extra)
+        self.postgres = postgres
+        if postgres:
+            self.database, url = postgres.new_database()
+            self.extra += ["--database-url", url]
         self.proc = None
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"hypha-rtc-{self.port}.log"
         self.data_dir = Path(tempfile.mkdtemp(prefix="hypha-rtc-data-"))
@@ -77,6 +135,15 @@ class Server:
             self.proc.kill()
             self.proc.wait(timeout=10)
         assert self.proc is None or self.proc.returncode is not None
+
+    def sql(self, statement):
+        """Runs SQL against this server's database (for tests that need to age a row)."""
+        if self.postgres:
+            return self.postgres.psql(self.database, statement)
+        import sqlite3
+
+        with sqlite3.connect(self.data_dir / "hypha-rtc.db") as db:
+            return db.execute(statement).fetchall()
 
     def http_text(self, path):
         """Returns (status, body text, headers)."""

@@ -2,7 +2,6 @@
 lock-out, revocation, tokens from the command line and from generate_token."""
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,8 +17,20 @@ pytestmark = pytest.mark.timeout(180)
 PASSWORD = "correct horse battery"
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request):
+    """The suite runs once on the embedded SQLite store and once on PostgreSQL."""
+    return request.getfixturevalue("postgres") if request.param == "postgres" else None
+
+
+def store_args(server):
+    if server.postgres:
+        return ["--database-url", next(a for a in server.extra if a.startswith("postgres://"))]
+    return ["--data-dir", str(server.data_dir)]
+
+
 def add_user(server, email, *roles, password=PASSWORD):
-    args = [BIN, "user", "add", email, "--password-stdin", "--data-dir", str(server.data_dir)]
+    args = [BIN, "user", "add", email, "--password-stdin", *store_args(server)]
     for role in roles:
         args += ["--role", role]
     result = subprocess.run(args, input=password + "\n", capture_output=True, text=True, timeout=30)
@@ -28,7 +39,7 @@ def add_user(server, email, *roles, password=PASSWORD):
 
 
 def cli(server, *args, stdin=None):
-    return subprocess.run([BIN, *args, "--data-dir", str(server.data_dir), "--jwt-secret", server.secret],
+    return subprocess.run([BIN, *args, *store_args(server), "--jwt-secret", server.secret],
                           input=stdin, capture_output=True, text=True, timeout=30)
 
 
@@ -42,12 +53,12 @@ def post_form(server, fields):
         return e.code, e.read().decode(), e.headers
 
 
-@pytest.fixture(scope="module")
-def accounts(tmp_path_factory):
+@pytest.fixture
+def accounts(backend):
     from test_turn import COTURN_SECRET, Coturn
 
     coturn = Coturn()
-    server = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}").start()
+    server = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}", postgres=backend).start()
     add_user(server, "ann@example.org", "admin")
     add_user(server, "bob@example.org")
     yield server
@@ -128,8 +139,7 @@ def test_refusals_each_with_its_message(accounts):
         anon = await connect_to_server({"server_url": accounts.url})
         login = await anon.get_service("public/hypha-login")
         started = await login.start()
-        with sqlite3.connect(accounts.data_dir / "hypha-rtc.db") as db:
-            db.execute("UPDATE login_keys SET expires_at = 0 WHERE login_key = ?", (started["key"],))
+        accounts.sql(f"UPDATE login_keys SET expires_at = 0 WHERE login_key = '{started['key']}'")
         status, body, _ = post_form(accounts, {"email": "ann@example.org", "password": PASSWORD, "key": started["key"]})
         assert status == 400 and "The login key has expired" in body
         with pytest.raises(Exception, match="Invalid login key|expired"):
@@ -154,8 +164,8 @@ def test_refusals_each_with_its_message(accounts):
     run(refused())
 
 
-def test_lockout_works_and_ends():
-    server = Server("--login-max-failures", "3", "--login-lockout", "2").start()
+def test_lockout_works_and_ends(backend):
+    server = Server("--login-max-failures", "3", "--login-lockout", "2", postgres=backend).start()
     try:
         add_user(server, "eve@example.org")
         for _ in range(3):
@@ -170,8 +180,8 @@ def test_lockout_works_and_ends():
         server.stop()
 
 
-def test_tokens_revocation_and_generate_token():
-    server = Server().start()
+def test_tokens_revocation_and_generate_token(backend):
+    server = Server(postgres=backend).start()
     try:
         add_user(server, "fay@example.org")
         token = cli(server, "token", "--email", "fay@example.org", "--expires-in", "600").stdout.strip()
@@ -210,8 +220,8 @@ def test_tokens_revocation_and_generate_token():
         server.stop()
 
 
-def test_login_key_survives_restart_and_cookie_works():
-    server = Server().start()
+def test_login_key_survives_restart_and_cookie_works(backend):
+    server = Server(postgres=backend).start()
     try:
         add_user(server, "gus@example.org")
 
