@@ -240,6 +240,7 @@ pub struct Settings {
     pub database_url: Option<String>,
     pub login_max_failures: u32,
     pub login_lockout: Duration,
+    pub demo: crate::demo::DemoSettings,
 }
 
 impl Default for Settings {
@@ -271,6 +272,7 @@ impl Default for Settings {
             database_url: None,
             login_max_failures: 5,
             login_lockout: Duration::from_secs(300),
+            demo: crate::demo::DemoSettings::default(),
         }
     }
 }
@@ -450,6 +452,7 @@ impl Settings {
             database_url: raw.database_url.filter(|u| !u.is_empty()),
             login_max_failures: raw.login_max_failures.max(1),
             login_lockout: Duration::from_secs(raw.login_lockout),
+            demo: crate::demo::DemoSettings::default(),
         };
         Ok((settings, warnings))
     }

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod http;
 pub mod hub;
@@ -139,6 +140,8 @@ impl App {
         for revoked in store.revoked_tokens(auth::now_secs()).await? {
             tokens.mark_revoked(revoked);
         }
+        // str0m's DTLS needs one crypto provider for the process; a second install is harmless.
+        str0m::crypto::from_feature_flags().install_process_default();
         let state = Arc::new(AppState {
             tokens,
             accounts: auth::accounts::Accounts::new(

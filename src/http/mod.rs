@@ -22,6 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(health::router())
         .merge(metrics::router())
         .merge(crate::auth::login::router())
+        .merge(crate::demo::page::router())
         .merge(services::router())
         .layer(CorsLayer::very_permissive())
         .with_state(state)

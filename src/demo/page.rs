@@ -1,0 +1,118 @@
+//! `/demo/`: Start and Stop, a text box, a speed slider, the video and a line of live stats;
+//! `POST /demo/offer` answers the page's offer.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::AppState;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/demo/", get(page))
+        .route("/demo/offer", post(offer))
+}
+
+#[derive(Deserialize)]
+struct Offer {
+    sdp: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+async fn offer(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<Offer>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let offer = match body {
+        Ok(Json(offer)) => offer,
+        Err(e) => {
+            let detail = format!(
+                "the body must be JSON {{\"sdp\": ..., \"type\": \"offer\"}}: {}",
+                e.body_text()
+            );
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"detail": detail})),
+            )
+                .into_response();
+        }
+    };
+    if offer.kind != "offer" {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"detail": "type must be \"offer\""})),
+        )
+            .into_response();
+    }
+    match super::peer::start(&state.settings.demo, &offer.sdp).await {
+        Ok((answer, _controls)) => {
+            Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response()
+        }
+        Err(detail) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"detail": detail})),
+        )
+            .into_response(),
+    }
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width"><title>hypha-rtc video demo</title>
+<style>body{font-family:system-ui,sans-serif;margin:1rem} video{width:100%;max-width:960px;background:#000;display:block;margin:.5rem 0}
+#stats{font-family:monospace}</style></head><body>
+<h1>hypha-rtc video demo</h1>
+<button id="start">Start</button> <button id="stop" disabled>Stop</button>
+<label>Text <input id="text" value="hypha-rtc" maxlength="200"></label>
+<label>Speed <input id="speed" type="range" min="0" max="100" value="24"></label>
+<video id="video" autoplay playsinline muted></video>
+<div id="stats">stopped</div>
+<script>
+let pc = null;
+const $ = (id) => document.getElementById(id);
+async function start() {
+  $("start").disabled = true;
+  pc = new RTCPeerConnection({ iceServers: [] });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.ontrack = (e) => { $("video").srcObject = new MediaStream([e.track]); };
+  await pc.setLocalDescription(await pc.createOffer());
+  const response = await fetch("/demo/offer", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }) });
+  if (!response.ok) { $("stats").textContent = "refused: " + (await response.json()).detail; $("start").disabled = false; return; }
+  await pc.setRemoteDescription(await response.json());
+  $("stop").disabled = false;
+}
+function stop() {
+  if (pc) { pc.getTransceivers().forEach((t) => t.stop()); pc.close(); pc = null; }
+  $("start").disabled = false; $("stop").disabled = true; $("stats").textContent = "stopped";
+}
+async function stats() {
+  if (!pc) return null;
+  const report = await pc.getStats();
+  let video = null, pair = null, local = null;
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") video = s;
+    if (s.type === "transport" && s.selectedCandidatePairId) pair = report.get(s.selectedCandidatePairId);
+  });
+  if (pair) local = report.get(pair.localCandidateId);
+  return { framesDecoded: video ? video.framesDecoded : 0, frameWidth: video && video.frameWidth, frameHeight: video && video.frameHeight,
+    fps: video && video.framesPerSecond, rtt: pair && pair.currentRoundTripTime, candidate: local && local.candidateType };
+}
+window.demoStats = stats;
+
+setInterval(async () => {
+  const s = await stats();
+  if (s) $("stats").textContent = `${s.frameWidth || "-"}x${s.frameHeight || "-"} ${s.fps || 0} fps, rtt ${s.rtt == null ? "-" : Math.round(s.rtt * 1000) + " ms"}, ${s.candidate || "-"} candidate, ${s.framesDecoded} frames`;
+}, 500);
+$("start").onclick = start;
+$("stop").onclick = stop;
+</script></body></html>"#;
