@@ -153,6 +153,11 @@ impl Viewer {
                         last_keyframe = now;
                     }
                     if self.send_frame(elapsed, started).is_err() { break; }
+                    // str0m packetises written media when it next handles an input: drain after
+                    // the write (one mutation at a time), then let it release the frame now
+                    // rather than at its next timer, which held the stream near 18 fps.
+                    if self.drain().await.is_none() { break; }
+                    if self.rtc.handle_input(Input::Timeout(Instant::now())).is_err() { break; }
                 }
             }
         }
