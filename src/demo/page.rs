@@ -76,12 +76,19 @@ const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"
 <label>Speed <input id="speed" type="range" min="0" max="100" value="24"></label>
 <video id="video" autoplay playsinline muted></video>
 <div id="stats">stopped</div>
+<div id="confirm"></div>
 <script>
-let pc = null;
+let pc = null, channel = null, confirmed = null;
 const $ = (id) => document.getElementById(id);
+function send(message) { if (channel && channel.readyState === "open") channel.send(JSON.stringify(message)); }
 async function start() {
   $("start").disabled = true;
+  if (pc) { send({ paused: false }); $("stop").disabled = false; return; }  // resume
   pc = new RTCPeerConnection({ iceServers: [] });
+  // The data channel must exist before the offer, or the offer has no m=application.
+  channel = pc.createDataChannel("controls");
+  channel.onopen = () => send({ text: $("text").value, speed: Number($("speed").value) * 10 });
+  channel.onmessage = (e) => { confirmed = JSON.parse(e.data); $("confirm").textContent = JSON.stringify(confirmed); };
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.ontrack = (e) => { $("video").srcObject = new MediaStream([e.track]); };
   await pc.setLocalDescription(await pc.createOffer());
@@ -91,10 +98,15 @@ async function start() {
   await pc.setRemoteDescription(await response.json());
   $("stop").disabled = false;
 }
+// Stop pauses this viewer's stream; Start resumes it (with a fresh keyframe).
 function stop() {
-  if (pc) { pc.getTransceivers().forEach((t) => t.stop()); pc.close(); pc = null; }
-  $("start").disabled = false; $("stop").disabled = true; $("stats").textContent = "stopped";
+  send({ paused: true });
+  $("start").disabled = false; $("stop").disabled = true;
 }
+window.demoConfirmed = () => confirmed;
+window.demoSend = send;
+$("text").oninput = () => send({ text: $("text").value });
+$("speed").oninput = () => send({ speed: Number($("speed").value) * 10 });
 async function stats() {
   if (!pc) return null;
   const report = await pc.getStats();

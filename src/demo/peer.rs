@@ -76,7 +76,20 @@ struct Viewer {
     mid: Option<Mid>,
     connected: bool,
     keyframe: bool,
+    paused: bool,
     frames: u64,
+}
+
+/// Longest text accepted from a viewer.
+pub const MAX_TEXT: usize = 200;
+
+/// A control message on the viewer's data channel: any of text, speed (pixels per second),
+/// paused. The server answers each with the viewer's whole state, or an error.
+#[derive(serde::Deserialize)]
+struct ControlMessage {
+    text: Option<String>,
+    speed: Option<f64>,
+    paused: Option<bool>,
 }
 
 impl Viewer {
@@ -101,6 +114,7 @@ impl Viewer {
             mid: None,
             connected: false,
             keyframe: true,
+            paused: false,
             frames: 0,
         })
     }
@@ -142,7 +156,7 @@ impl Viewer {
                     Some(Control::Speed(speed)) => self.scene.speed = speed.clamp(0.0, super::scene::MAX_SPEED),
                     None => {}
                 },
-                _ = ticker.tick(), if self.connected && self.mid.is_some() => {
+                _ = ticker.tick(), if self.connected && self.mid.is_some() && !self.paused => {
                     let now = Instant::now();
                     let elapsed = now.duration_since(last_frame).as_secs_f32();
                     last_frame = now;
@@ -179,6 +193,12 @@ impl Viewer {
                         self.mid = Some(added.mid)
                     }
                     Event::KeyframeRequest(_) => self.keyframe = true,
+                    Event::ChannelData(data) => {
+                        let reply = self.apply(&data.data);
+                        if let Some(mut channel) = self.rtc.channel(data.id) {
+                            let _ = channel.write(false, reply.as_bytes());
+                        }
+                    }
                     Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                         return None;
                     }
@@ -190,6 +210,35 @@ impl Viewer {
                 }
             }
         }
+    }
+
+    /// Applies a control message; returns the reply for the data channel.
+    fn apply(&mut self, data: &[u8]) -> String {
+        let message: ControlMessage = match serde_json::from_slice(data) {
+            Ok(m) => m,
+            Err(e) => return serde_json::json!({"ok": false, "error": format!("a control message is JSON with text, speed or paused: {e}")}).to_string(),
+        };
+        if let Some(text) = message.text {
+            if text.chars().count() > MAX_TEXT {
+                return serde_json::json!({"ok": false, "error": format!("the text has more than {MAX_TEXT} characters")}).to_string();
+            }
+            self.scene.text = text;
+            self.mask = TextMask::new(&self.scene.text, (self.frame.height as f32 / 8.0).max(16.0));
+        }
+        if let Some(speed) = message.speed {
+            if !speed.is_finite() {
+                return serde_json::json!({"ok": false, "error": "the speed must be a number"})
+                    .to_string();
+            }
+            self.scene.speed = (speed as f32).clamp(0.0, super::scene::MAX_SPEED);
+        }
+        if let Some(paused) = message.paused {
+            if self.paused && !paused {
+                self.keyframe = true;
+            }
+            self.paused = paused;
+        }
+        serde_json::json!({"ok": true, "text": self.scene.text, "speed": self.scene.speed, "paused": self.paused}).to_string()
     }
 
     fn send_frame(&mut self, elapsed: f32, started: Instant) -> Result<(), String> {

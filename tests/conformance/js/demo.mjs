@@ -31,7 +31,42 @@ try {
     return seen.size;
   });
   await page.screenshot({ path: process.env.SCREENSHOT || "/tmp/hypha-rtc-demo.png" });
-  console.log(`RESULT ${JSON.stringify({ ...stats, sixtyFramesMs, distinctColours })}`);
+
+  // Controls over the data channel, confirmed by the server for this viewer.
+  const confirm = async (p, action, accept) => {
+    await p.evaluate(() => { window.__before = window.demoConfirmed(); });
+    const t0 = Date.now();
+    await action();
+    while (Date.now() - t0 < 5000) {
+      const c = await p.evaluate(() => window.demoConfirmed());
+      if (c && c !== null && accept(c)) return { ...c, ms: Date.now() - t0 };
+      await p.waitForTimeout(10);
+    }
+    return null;
+  };
+  const frames = async (p) => (await p.evaluate(() => window.demoStats())).framesDecoded;
+  const text1 = await confirm(page, () => page.fill("#text", "viewer one"), (c) => c.text === "viewer one");
+  const speed1 = await confirm(page, () => page.evaluate(() => { const s = document.getElementById("speed"); s.value = 80; s.dispatchEvent(new Event("input")); }), (c) => c.speed === 800);
+  const second = await browser.newPage();
+  await second.goto(url);
+  await second.click("#start");
+  const t2 = Date.now();
+  while (Date.now() - t2 < 10000 && (await second.evaluate(() => window.demoStats()))?.framesDecoded < 10) await second.waitForTimeout(50);
+  const text2 = await confirm(second, () => second.fill("#text", "viewer two"), (c) => c.text === "viewer two");
+  const still1 = await confirm(page, () => page.evaluate(() => window.demoSend({})), (c) => c.ok);
+  const tooLong = await confirm(page, () => page.evaluate(() => window.demoSend({ text: "x".repeat(5000) })), (c) => c.ok === false);
+  const negative = await confirm(page, () => page.evaluate(() => window.demoSend({ speed: -50 })), (c) => c.ok && c.speed === 0);
+  await page.click("#stop");
+  await page.waitForTimeout(300);
+  const pausedFrom = await frames(page);
+  await page.waitForTimeout(1000);
+  const pausedTo = await frames(page);
+  await page.click("#start");
+  const resumeStart = Date.now();
+  let resumed = pausedTo;
+  while (Date.now() - resumeStart < 5000 && resumed < pausedTo + 15) { await page.waitForTimeout(50); resumed = await frames(page); }
+  console.log(`RESULT ${JSON.stringify({ ...stats, sixtyFramesMs, distinctColours, text1, speed1, text2, still1, tooLong, negative,
+    pausedFrames: pausedTo - pausedFrom, resumedFrames: resumed - pausedTo, secondFrames: await frames(second) })}`);
 } finally {
   await browser.close();
 }

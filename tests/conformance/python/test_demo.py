@@ -31,6 +31,16 @@ def test_demo_page_plays_720p_in_chromium(server, tmp_path):
     assert result["sixtyFramesMs"] < 5000, result
     assert result["distinctColours"] > 5, "the video frame looks blank"
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+    # Text and speed apply to this viewer only, confirmed by the server within 100 ms.
+    assert result["text1"]["text"] == "viewer one" and result["text1"]["ms"] < 100, result["text1"]
+    assert result["speed1"]["speed"] == 800 and result["speed1"]["ms"] < 100
+    assert result["text2"]["text"] == "viewer two" and result["secondFrames"] >= 10
+    assert result["still1"]["text"] == "viewer one", "the second viewer changed the first one's text"
+    assert "more than 200 characters" in result["tooLong"]["error"]
+    assert result["negative"]["speed"] == 0 and result["negative"]["text"] == "viewer one"
+    # Stop pauses (no frames for a second), Start resumes.
+    assert result["pausedFrames"] <= 1, result
+    assert result["resumedFrames"] >= 15, result
     # The page itself still works after a stream: the server went on.
     assert server.alive()
 
