@@ -102,6 +102,18 @@ pub struct Cli {
     /// How long a lock-out lasts [default: 300]
     #[arg(long, value_name = "SECONDS")]
     pub login_lockout: Option<u64>,
+    /// Turn off the built-in video producer (/demo/)
+    #[arg(long)]
+    pub no_demo: bool,
+    /// Size of the demo video, WIDTHxHEIGHT, even numbers [default: 1280x720]
+    #[arg(long, value_name = "WxH")]
+    pub demo_resolution: Option<String>,
+    /// Frames per second of the demo video, 1 to 60 [default: 30]
+    #[arg(long, value_name = "FPS")]
+    pub demo_fps: Option<u32>,
+    /// Address the demo's media sockets use and advertise as host candidates [default: --host if it is one address, else 127.0.0.1]
+    #[arg(long, value_name = "IP")]
+    pub rtc_ip: Option<std::net::IpAddr>,
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -182,6 +194,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "database_url",
     "login_max_failures",
     "login_lockout",
+    "no_demo",
+    "demo_resolution",
+    "demo_fps",
+    "rtc_ip",
 ];
 
 #[derive(Deserialize)]
@@ -212,6 +228,11 @@ struct Raw {
     database_url: Option<String>,
     login_max_failures: u32,
     login_lockout: u64,
+    #[serde(default)]
+    no_demo: bool,
+    demo_resolution: String,
+    demo_fps: u32,
+    rtc_ip: Option<String>,
 }
 
 /// Everything the server needs to start, validated.
@@ -314,6 +335,8 @@ impl Settings {
             .and_then(|b| b.set_default("data_dir", "hypha-rtc-data"))
             .and_then(|b| b.set_default("login_max_failures", 5))
             .and_then(|b| b.set_default("login_lockout", 300))
+            .and_then(|b| b.set_default("demo_resolution", "1280x720"))
+            .and_then(|b| b.set_default("demo_fps", 30))
             .map_err(err)?;
         if let Some(path) = &cli.config {
             builder = builder.add_source(File::from(path.as_path()).required(true));
@@ -373,8 +396,22 @@ impl Settings {
             coturn_max_ttl,
             ice_rate_limit,
             login_max_failures,
-            login_lockout
+            login_lockout,
+            demo_fps
         );
+        if let Some(resolution) = &cli.demo_resolution {
+            builder = builder
+                .set_override("demo_resolution", resolution.clone())
+                .map_err(err)?;
+        }
+        if let Some(ip) = cli.rtc_ip {
+            builder = builder
+                .set_override("rtc_ip", ip.to_string())
+                .map_err(err)?;
+        }
+        if cli.no_demo {
+            builder = builder.set_override("no_demo", true).map_err(err)?;
+        }
         if !cli.ice_server.is_empty() {
             builder = builder
                 .set_override("ice_server", cli.ice_server.join(" "))
@@ -387,6 +424,7 @@ impl Settings {
             .map_err(err)?;
 
         let turn = turn_settings(&raw)?;
+        let demo = demo_settings(&raw)?;
         let mut warnings = Vec::new();
         let mut unknown: Vec<&String> = hypha_env
             .keys()
@@ -452,10 +490,49 @@ impl Settings {
             database_url: raw.database_url.filter(|u| !u.is_empty()),
             login_max_failures: raw.login_max_failures.max(1),
             login_lockout: Duration::from_secs(raw.login_lockout),
-            demo: crate::demo::DemoSettings::default(),
+            demo,
         };
         Ok((settings, warnings))
     }
+}
+
+/// Validates the demo options.
+fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> {
+    let resolution = raw.demo_resolution.trim();
+    let parsed = resolution
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
+        .filter(|(w, h)| {
+            (160..=3840).contains(w) && (120..=2160).contains(h) && w % 2 == 0 && h % 2 == 0
+        });
+    let Some((width, height)) = parsed else {
+        return Err(SettingsError(format!(
+            "--demo-resolution (HYPHA_DEMO_RESOLUTION): {resolution:?} is not WIDTHxHEIGHT with even numbers from 160x120 to 3840x2160 (e.g. 1280x720)"
+        )));
+    };
+    if !(1..=60).contains(&raw.demo_fps) {
+        return Err(SettingsError(
+            "--demo-fps (HYPHA_DEMO_FPS): must be from 1 to 60".into(),
+        ));
+    }
+    let rtc_ips = match raw.rtc_ip.as_deref().filter(|s| !s.is_empty()) {
+        Some(ip) => vec![ip.parse().map_err(|_| {
+            SettingsError(format!(
+                "--rtc-ip (HYPHA_RTC_IP): {ip:?} is not an IP address"
+            ))
+        })?],
+        None => match raw.host.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => vec![ip],
+            _ => Vec::new(),
+        },
+    };
+    Ok(crate::demo::DemoSettings {
+        enabled: !raw.no_demo,
+        width,
+        height,
+        fps: raw.demo_fps,
+        rtc_ips,
+    })
 }
 
 /// Validates the TURN options; every error names the option and the expected form.

@@ -17,12 +17,17 @@ use crate::error::Error;
 
 /// All routes of the server.
 pub fn router(state: Arc<AppState>) -> Router {
+    let demo = if state.settings.demo.enabled {
+        crate::demo::page::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(ws::router())
         .merge(health::router())
         .merge(metrics::router())
         .merge(crate::auth::login::router())
-        .merge(crate::demo::page::router())
+        .merge(demo)
         .merge(services::router())
         .layer(CorsLayer::very_permissive())
         .with_state(state)

@@ -60,3 +60,28 @@ def test_bad_offers_are_refused_and_the_server_goes_on(server):
     status, _ = post_offer(server, {"nothing": 1})
     assert status in (400, 422)
     assert server.alive()
+
+
+def test_demo_options(tmp_path):
+    from conftest import BIN, Server
+    import subprocess
+
+    small = Server("--demo-resolution", "640x360", "--demo-fps", "15").start()
+    try:
+        result = result_of(node("demo.mjs", f"{small.url}/demo/", timeout=90))
+        assert (result["frameWidth"], result["frameHeight"]) == (640, 360), result
+    finally:
+        small.stop()
+    off = Server("--no-demo").start()
+    try:
+        try:
+            urllib.request.urlopen(off.url + "/demo/", timeout=5)
+            raise AssertionError("/demo/ answered with --no-demo")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+    finally:
+        off.stop()
+    for args, needle in [(["--demo-resolution", "1280x721"], "--demo-resolution"), (["--demo-fps", "0"], "--demo-fps"),
+                         (["--rtc-ip", "nope"], "--rtc-ip")]:
+        r = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10, cwd=tmp_path)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
