@@ -78,6 +78,8 @@ struct Viewer {
     keyframe: bool,
     paused: bool,
     frames: u64,
+    /// Frames per second actually produced, smoothed, for the overlay.
+    measured_fps: f32,
 }
 
 /// Longest text accepted from a viewer.
@@ -116,6 +118,7 @@ impl Viewer {
             keyframe: true,
             paused: false,
             frames: 0,
+            measured_fps: 0.0,
         })
     }
 
@@ -248,10 +251,18 @@ impl Viewer {
         );
         self.scene.advance(elapsed, room);
         self.frames += 1;
+        if elapsed > 0.0 {
+            let rate = 1.0 / elapsed;
+            self.measured_fps = if self.measured_fps == 0.0 {
+                rate
+            } else {
+                self.measured_fps * 0.9 + rate * 0.1
+            };
+        }
         let overlay = TextMask::new(
             &format!(
-                "#{} {}x{}",
-                self.frames, self.frame.width, self.frame.height
+                "#{} {}x{} {:.1} fps",
+                self.frames, self.frame.width, self.frame.height, self.measured_fps
             ),
             20.0,
         );
