@@ -84,7 +84,16 @@ function send(message) { if (channel && channel.readyState === "open") channel.s
 async function start() {
   $("start").disabled = true;
   if (pc) { send({ paused: false }); $("stop").disabled = false; return; }  // resume
-  pc = new RTCPeerConnection({ iceServers: [] });
+  // Signed-in users (the access_token cookie) get TURN credentials; others use host candidates.
+  // Nothing waits on a STUN server: the server's candidates are in its answer.
+  let iceServers = [];
+  const relay = new URLSearchParams(location.search).get("relay") === "1";
+  try {
+    const r = await fetch("/public/services/coturn/get_rtc_ice_servers", { credentials: "same-origin" });
+    if (r.ok) iceServers = await r.json();
+  } catch (e) { /* no TURN credentials */ }
+  if (relay && iceServers.length === 0) { $("stats").textContent = "relay needs a signed-in user and coturn"; $("start").disabled = false; return; }
+  pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: relay ? "relay" : "all" });
   // The data channel must exist before the offer, or the offer has no m=application.
   channel = pc.createDataChannel("controls");
   channel.onopen = () => send({ text: $("text").value, speed: Number($("speed").value) * 10 });

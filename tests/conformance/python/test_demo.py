@@ -85,3 +85,21 @@ def test_demo_options(tmp_path):
                          (["--rtc-ip", "nope"], "--rtc-ip")]:
         r = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10, cwd=tmp_path)
         assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_signed_in_relay_through_coturn():
+    from conftest import Server
+    from test_login import PASSWORD, add_user
+    from test_turn import COTURN_SECRET, Coturn
+
+    # Browser and server share this host, so coturn must relay to loopback (not in production).
+    coturn = Coturn(COTURN_SECRET, "--allow-loopback-peers", "--allowed-peer-ip=127.0.0.1")
+    server = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}").start()
+    try:
+        add_user(server, "viv@example.org")
+        result = result_of(node("demo_relay.mjs", server.url, "viv@example.org", PASSWORD, timeout=90))
+        assert result["candidate"] == "relay", result
+        assert result["framesDecoded"] >= 30 and result["frameWidth"] == 1280, result
+    finally:
+        server.stop()
+        coturn.stop()
