@@ -196,7 +196,9 @@ impl Viewer {
                         self.mid = Some(added.mid)
                     }
                     Event::KeyframeRequest(_) => self.keyframe = true,
-                    Event::ChannelData(data) => {
+                    // Text frames are controls; binary ones are the hypha-rpc client's own RPC
+                    // frames, which this server does not answer on the channel yet.
+                    Event::ChannelData(data) if !data.binary => {
                         let reply = self.apply(&data.data);
                         if let Some(mut channel) = self.rtc.channel(data.id) {
                             let _ = channel.write(false, reply.as_bytes());

@@ -229,6 +229,41 @@ pub fn hosted_description(state: &AppState, name: &str) -> Option<Value> {
                 ("get_rtc_ice_servers", m),
             ]))
         }
+        "video-producer" => {
+            let mut offer = method(
+                "services.video-producer.offer",
+                None,
+                "Answer a WebRTC offer {sdp, type} with live video",
+            );
+            value::set(&mut offer, "_rname", "offer".into());
+            value::set(
+                &mut offer,
+                "_rschema",
+                value::from_json(&serde_json::json!({
+                    "name": "offer",
+                    "description": "Answer a WebRTC offer with live video",
+                    "parameters": {"type": "object", "properties": {"params": {"type": "object", "description": "{sdp, type}"}}, "required": ["params"]},
+                })),
+            );
+            Some(obj([
+                (
+                    "id",
+                    format!("public/{}:video-producer", state.manager_id).into(),
+                ),
+                ("name", "video-producer".into()),
+                ("description", "Demo video producer".into()),
+                ("type", "rtc".into()),
+                (
+                    "config",
+                    obj([
+                        ("visibility", "public".into()),
+                        ("require_context", true.into()),
+                        ("workspace", "public".into()),
+                    ]),
+                ),
+                ("offer", offer),
+            ]))
+        }
         "hypha-login" => {
             let mut entries = vec![
                 (

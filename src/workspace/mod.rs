@@ -62,11 +62,18 @@ fn dispatch<'a>(state: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Resul
 pub const HOSTED_PUBLIC: &[(&str, &str)] = &[
     ("coturn", "TURN credentials for WebRTC"),
     ("hypha-login", "Sign in to this server"),
+    (
+        "video-producer",
+        "Demo video producer: offer() answers a WebRTC offer with live video",
+    ),
 ];
 
 /// Registers the hosted public services, so one lookup path serves them and client services.
 pub fn register_hosted(state: &AppState) {
     for (name, description) in HOSTED_PUBLIC {
+        if *name == "video-producer" && !state.settings.demo.enabled {
+            continue;
+        }
         let id = format!("public/{}:{name}", state.manager_id);
         let info = obj([
             ("id", id.as_str().into()),
@@ -103,6 +110,24 @@ pub async fn call_hosted(
         ("default", _) => manager::call(state, function, ctx, args).await,
         ("coturn", "get_rtc_ice_servers") => state.ice.ice_servers(&ctx.user, args).await,
         ("hypha-login", _) => crate::auth::login::call(state, function, args).await,
+        ("video-producer", "offer") if state.settings.demo.enabled => {
+            let params = args
+                .get(0, "params")
+                .ok_or_else(|| Error::BadRequest("offer needs {sdp, type}".into()))?;
+            let sdp = crate::rpc::value::get_str(params, "sdp")
+                .ok_or_else(|| Error::BadRequest("the offer has no sdp".into()))?;
+            if crate::rpc::value::get_str(params, "type") != Some("offer") {
+                return Err(Error::BadRequest("type must be \"offer\"".into()));
+            }
+            let (answer, _controls) = crate::demo::peer::start(&state.settings.demo, sdp)
+                .await
+                .map_err(Error::BadRequest)?;
+            Ok(obj([
+                ("sdp", answer.into()),
+                ("type", "answer".into()),
+                ("workspace", "public".into()),
+            ]))
+        }
         _ => Err(Error::NotFound(format!(
             "Method not found: services.{service}.{function}"
         ))),

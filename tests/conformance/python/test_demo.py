@@ -103,3 +103,36 @@ def test_signed_in_relay_through_coturn():
     finally:
         server.stop()
         coturn.stop()
+
+
+def test_python_aiortc_client_receives_the_video(server):
+    import asyncio
+
+    from hypha_rpc import connect_to_server, get_rtc_service
+
+    from conftest import run
+
+    async def main():
+        client = await connect_to_server({"server_url": server.url})
+        sizes, done = [], asyncio.Event()
+
+        async def on_init(pc):
+            pc.addTransceiver("video", direction="recvonly")
+
+            @pc.on("track")
+            def on_track(track):
+                async def read():
+                    while len(sizes) < 30:
+                        frame = await track.recv()
+                        sizes.append((frame.width, frame.height))
+                    done.set()
+
+                asyncio.ensure_future(read())
+
+        pc = await get_rtc_service(client, "public/video-producer", {"on_init": on_init, "ice_servers": []})
+        await asyncio.wait_for(done.wait(), 30)
+        assert len(sizes) >= 30 and sizes[-1] == (1280, 720), sizes[-3:]
+        await pc.close()
+        await client.disconnect()
+
+    run(main(), timeout=90)
