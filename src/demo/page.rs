@@ -51,9 +51,7 @@ async fn offer(
             .into_response();
     }
     match super::peer::start(&state.settings.demo, &offer.sdp).await {
-        Ok((answer, _controls)) => {
-            Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response()
-        }
+        Ok(answer) => Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response(),
         Err(detail) => (
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({"detail": detail})),

@@ -9,7 +9,6 @@ use str0m::media::{MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 use super::DemoSettings;
 use super::encode::H264;
@@ -21,18 +20,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A keyframe at least this often, so a viewer that lost packets recovers.
 const KEYFRAME_INTERVAL: Duration = Duration::from_secs(4);
 
-/// Controls a running viewer.
-#[derive(Debug)]
-pub enum Control {
-    Text(String),
-    Speed(f32),
-}
-
-/// Accepts a browser's offer; returns the SDP answer and a handle to control the viewer.
-pub async fn start(
-    settings: &DemoSettings,
-    offer: &str,
-) -> Result<(String, mpsc::Sender<Control>), String> {
+/// Accepts a browser's offer and starts the viewer; returns the SDP answer. The viewer is
+/// controlled over the data channel the browser opens.
+pub async fn start(settings: &DemoSettings, offer: &str) -> Result<String, String> {
     let offer =
         SdpOffer::from_sdp_string(offer).map_err(|e| format!("the offer is not valid SDP: {e}"))?;
     if !offer.to_sdp_string().contains("m=video") {
@@ -57,17 +47,15 @@ pub async fn start(
         .sdp_api()
         .accept_offer(offer)
         .map_err(|e| format!("cannot answer the offer: {e}"))?;
-    let (tx, rx) = mpsc::channel(16);
-    let viewer = Viewer::new(settings, rtc, socket, local, rx)?;
+    let viewer = Viewer::new(settings, rtc, socket, local)?;
     tokio::spawn(viewer.run());
-    Ok((answer.to_sdp_string(), tx))
+    Ok(answer.to_sdp_string())
 }
 
 struct Viewer {
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
-    controls: mpsc::Receiver<Control>,
     encoder: H264,
     frame: I420,
     scene: Scene,
@@ -100,7 +88,6 @@ impl Viewer {
         rtc: Rtc,
         socket: UdpSocket,
         local: SocketAddr,
-        controls: mpsc::Receiver<Control>,
     ) -> Result<Self, String> {
         let scene = Scene::new("hypha-rtc", 240.0);
         Ok(Self {
@@ -108,7 +95,6 @@ impl Viewer {
             rtc,
             socket,
             local,
-            controls,
             encoder: H264::new(settings.fps, bitrate(settings))?,
             frame: I420::new(settings.width, settings.height),
             scene,
@@ -151,14 +137,6 @@ impl Viewer {
                 _ = tokio::time::sleep(wait) => {
                     if self.rtc.handle_input(Input::Timeout(Instant::now())).is_err() { break; }
                 }
-                control = self.controls.recv() => match control {
-                    Some(Control::Text(text)) => {
-                        self.scene.text = text;
-                        self.mask = TextMask::new(&self.scene.text, (self.frame.height as f32 / 8.0).max(16.0));
-                    }
-                    Some(Control::Speed(speed)) => self.scene.speed = speed.clamp(0.0, super::scene::MAX_SPEED),
-                    None => {}
-                },
                 _ = ticker.tick(), if self.connected && self.mid.is_some() && !self.paused => {
                     let now = Instant::now();
                     let elapsed = now.duration_since(last_frame).as_secs_f32();

@@ -119,7 +119,7 @@ pub async fn call_hosted(
             if crate::rpc::value::get_str(params, "type") != Some("offer") {
                 return Err(Error::BadRequest("type must be \"offer\"".into()));
             }
-            let (answer, _controls) = crate::demo::peer::start(&state.settings.demo, sdp)
+            let answer = crate::demo::peer::start(&state.settings.demo, sdp)
                 .await
                 .map_err(Error::BadRequest)?;
             Ok(obj([

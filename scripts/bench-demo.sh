@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Benchmarks the demo video producer with a release hypha-rtc and headless Debian Chromium
+# (browser and server share the machine's cores): start-to-first-frame, CPU per viewer,
+# four viewers at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+cargo build --release --locked --bins -q
+(cd tests/conformance/js && [ -d node_modules ] || PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+DATA=$(mktemp -d)
+"$CARGO_TARGET_DIR/release/hypha-rtc" --port "$PORT" --jwt-secret bench --data-dir "$DATA" 2>"$DATA/log" &
+PID=$!
+trap 'kill $PID 2>/dev/null || true; rm -rf "$DATA"' EXIT
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health/liveness" >/dev/null && break; sleep 0.1; done
+(cd tests/conformance/js && node demo_bench.mjs "http://127.0.0.1:$PORT/demo/" "$PID")
