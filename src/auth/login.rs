@@ -19,6 +19,7 @@ use crate::AppState;
 use crate::error::Error;
 use crate::rpc::value::{Args, obj};
 use crate::store::{LoginKey, UserRecord};
+use crate::workspace::manager::Function;
 
 /// How long a login key waits for its sign-in (as in Hypha).
 pub const LOGIN_KEY_LIFETIME: i64 = 180;
@@ -27,23 +28,31 @@ pub const DEFAULT_TOKEN_LIFETIME: i64 = 3 * 24 * 3600;
 const PAGE: &str = "/public/apps/hypha-login/";
 
 /// The functions of the hosted `hypha-login` service, with their schemas.
-pub const FUNCTIONS: &[(&str, &str, &str)] = &[
-    (
-        "start",
-        "Begin a sign-in; returns the login_url to open and the key to check.",
-        r#"{"workspace":{"type":"string"},"expires_in":{"type":"integer"}}"#,
-    ),
-    (
-        "check",
-        "Wait for the sign-in of a key; returns the token, or the profile when asked.",
-        r#"{"key":{"type":"string"},"timeout":{"type":"number"},"profile":{"type":"boolean"}}"#,
-    ),
-    (
-        "report",
-        "Complete a sign-in with a token.",
-        r#"{"key":{"type":"string"},"token":{"type":"string"}}"#,
-    ),
-    ("logout", "Where to sign out.", "{}"),
+pub const FUNCTIONS: &[Function] = &[
+    Function {
+        name: "start",
+        doc: "Begin a sign-in; returns the login_url to open and the key to check.",
+        params: r#"{"workspace":{"type":"string"},"expires_in":{"type":"integer"}}"#,
+        required: &[],
+    },
+    Function {
+        name: "check",
+        doc: "Wait for the sign-in of a key; returns the token, or the profile when asked.",
+        params: r#"{"key":{"type":"string"},"timeout":{"type":"number"},"profile":{"type":"boolean"}}"#,
+        required: &[],
+    },
+    Function {
+        name: "report",
+        doc: "Complete a sign-in with a token.",
+        params: r#"{"key":{"type":"string"},"token":{"type":"string"}}"#,
+        required: &[],
+    },
+    Function {
+        name: "logout",
+        doc: "Where to sign out.",
+        params: "{}",
+        required: &[],
+    },
 ];
 
 /// Runs a `hypha-login` function.

@@ -14,12 +14,12 @@ use crate::ids::ServiceId;
 use crate::rpc::peer::{CallContext, CallOptions};
 use crate::rpc::value::{self, Args, get, get_str, obj};
 
-/// A manager function: name, description, and its JSON-schema parameters.
-struct Function {
-    name: &'static str,
-    doc: &'static str,
-    params: &'static str,
-    required: &'static [&'static str],
+/// A hosted function: name, description, and its JSON-schema parameters.
+pub struct Function {
+    pub name: &'static str,
+    pub doc: &'static str,
+    pub params: &'static str,
+    pub required: &'static [&'static str],
 }
 
 const FUNCTIONS: &[Function] = &[
@@ -207,100 +207,66 @@ pub fn hosted_description(state: &AppState, name: &str) -> Option<Value> {
         }
         "coturn" => {
             let f = FUNCTIONS.iter().find(|f| f.name == "get_rtc_ice_servers")?;
-            let mut m = method(
-                "services.coturn.get_rtc_ice_servers",
-                Some(schema(f)),
-                f.doc,
-            );
-            value::set(&mut m, "_rname", f.name.into());
-            Some(obj([
-                ("id", format!("public/{}:coturn", state.manager_id).into()),
-                ("name", "coturn".into()),
-                ("description", "TURN credentials for WebRTC".into()),
-                ("type", "functions".into()),
-                (
-                    "config",
-                    obj([
-                        ("visibility", "public".into()),
-                        ("require_context", true.into()),
-                        ("workspace", "public".into()),
-                    ]),
-                ),
-                ("get_rtc_ice_servers", m),
-            ]))
+            Some(public_service(
+                state,
+                name,
+                "functions",
+                std::slice::from_ref(f),
+            ))
         }
-        "video-producer" => {
-            let mut offer = method(
-                "services.video-producer.offer",
-                None,
-                "Answer a WebRTC offer {sdp, type} with live video",
-            );
-            value::set(&mut offer, "_rname", "offer".into());
-            value::set(
-                &mut offer,
-                "_rschema",
-                value::from_json(&serde_json::json!({
-                    "name": "offer",
-                    "description": "Answer a WebRTC offer with live video",
-                    "parameters": {"type": "object", "properties": {"params": {"type": "object", "description": "{sdp, type}"}}, "required": ["params"]},
-                })),
-            );
-            Some(obj([
-                (
-                    "id",
-                    format!("public/{}:video-producer", state.manager_id).into(),
-                ),
-                ("name", "video-producer".into()),
-                ("description", "Demo video producer".into()),
-                ("type", "rtc".into()),
-                (
-                    "config",
-                    obj([
-                        ("visibility", "public".into()),
-                        ("require_context", true.into()),
-                        ("workspace", "public".into()),
-                    ]),
-                ),
-                ("offer", offer),
-            ]))
-        }
-        "hypha-login" => {
-            let mut entries = vec![
-                (
-                    "id".into(),
-                    format!("public/{}:hypha-login", state.manager_id).into(),
-                ),
-                ("name".into(), "hypha-login".into()),
-                ("description".into(), "Sign in to this server".into()),
-                ("type".into(), "functions".into()),
-                (
-                    "config".into(),
-                    obj([
-                        ("visibility", "public".into()),
-                        ("require_context", true.into()),
-                        ("workspace", "public".into()),
-                    ]),
-                ),
-            ];
-            for (name, doc, params) in crate::auth::login::FUNCTIONS {
-                let f = Function {
-                    name,
-                    doc,
-                    params,
-                    required: &[],
-                };
-                let mut m = method(
-                    &format!("services.hypha-login.{name}"),
-                    Some(schema(&f)),
-                    doc,
-                );
-                value::set(&mut m, "_rname", (*name).into());
-                entries.push(((*name).into(), m));
-            }
-            Some(Value::Map(entries))
-        }
+        "video-producer" => Some(public_service(state, name, "rtc", &[VIDEO_OFFER])),
+        "hypha-login" => Some(public_service(
+            state,
+            name,
+            "functions",
+            crate::auth::login::FUNCTIONS,
+        )),
         _ => None,
     }
+}
+
+/// `offer` of the demo video producer.
+const VIDEO_OFFER: Function = Function {
+    name: "offer",
+    doc: "Answer a WebRTC offer {sdp, type} with live video",
+    params: r#"{"params":{"type":"object","description":"{sdp, type}"}}"#,
+    required: &["params"],
+};
+
+/// The description of a public service hosted by the server: its envelope and one encoded
+/// method (with `_rschema`) per function.
+fn public_service(state: &AppState, name: &str, kind: &str, functions: &[Function]) -> Value {
+    let target = state.peer.manager_addr();
+    let description = super::HOSTED_PUBLIC
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or("", |(_, d)| d);
+    let mut entries = vec![
+        (
+            "id".into(),
+            format!("public/{}:{name}", state.manager_id).into(),
+        ),
+        ("name".into(), name.into()),
+        ("description".into(), description.into()),
+        ("type".into(), kind.into()),
+        (
+            "config".into(),
+            obj([
+                ("visibility", "public".into()),
+                ("require_context", true.into()),
+                ("workspace", "public".into()),
+            ]),
+        ),
+    ];
+    for f in functions {
+        let mut m =
+            value::method_value(&target, &format!("services.{name}.{}", f.name), "*".into());
+        value::set(&mut m, "_rdoc", f.doc.into());
+        value::set(&mut m, "_rschema", schema(f));
+        value::set(&mut m, "_rname", f.name.into());
+        entries.push((f.name.into(), m));
+    }
+    Value::Map(entries)
 }
 
 fn schema(f: &Function) -> Value {
