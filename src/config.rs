@@ -155,7 +155,7 @@ pub enum UserAction {
     },
     /// List users
     List,
-    /// Disable a user: sign-in and their tokens are refused
+    /// Disable a user: sign-in is refused at once, tokens in use within 5 seconds
     Disable { email: String },
     /// Set a new password, read from standard input
     Passwd {

@@ -63,7 +63,14 @@ pub struct Accounts {
     failures: Mutex<HashMap<String, Failures>>,
     max_failures: u32,
     lockout: Duration,
+    /// Users recently found enabled, so token checks on the request path skip the store.
+    enabled: dashmap::DashMap<String, Instant>,
 }
+
+/// How long an "enabled" answer is trusted: a user disabled from the command line (another
+/// process) is refused within this time, also with a token in use.
+const ENABLED_TTL: Duration = Duration::from_secs(5);
+const ENABLED_CACHE_MAX: usize = 100_000;
 
 impl Accounts {
     pub fn new(store: Store, max_failures: u32, lockout: Duration) -> Self {
@@ -73,6 +80,7 @@ impl Accounts {
             failures: Mutex::new(HashMap::new()),
             max_failures: max_failures.max(1),
             lockout,
+            enabled: dashmap::DashMap::new(),
         }
     }
 
@@ -164,13 +172,30 @@ impl Accounts {
         }
     }
 
-    /// Whether a user id belongs to a disabled local account.
+    /// Whether a user id belongs to a disabled local account. "Enabled" answers are cached
+    /// for a few seconds: this runs for every request that carries a token.
     pub async fn is_disabled(&self, user_id: &str) -> Result<bool, StoreError> {
-        Ok(self
+        if self
+            .enabled
+            .get(user_id)
+            .is_some_and(|at| at.elapsed() < ENABLED_TTL)
+        {
+            return Ok(false);
+        }
+        let disabled = self
             .store
             .user_by_id(user_id)
             .await?
-            .is_some_and(|u| u.disabled_at.is_some()))
+            .is_some_and(|u| u.disabled_at.is_some());
+        if disabled {
+            self.enabled.remove(user_id);
+        } else {
+            if self.enabled.len() >= ENABLED_CACHE_MAX {
+                self.enabled.retain(|_, at| at.elapsed() < ENABLED_TTL);
+            }
+            self.enabled.insert(user_id.to_string(), Instant::now());
+        }
+        Ok(disabled)
     }
 }
 
