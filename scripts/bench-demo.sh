@@ -14,4 +14,4 @@ DATA=$(mktemp -d)
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -rf "$DATA"' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health/liveness" >/dev/null && break; sleep 0.1; done
-(cd tests/conformance/js && node demo_bench.mjs "http://127.0.0.1:$PORT/demo/" "$PID")
+(cd tests/conformance/js && node demo_bench.mjs "http://127.0.0.1:$PORT/demo/" "$PID" "${CYCLES:-500}")

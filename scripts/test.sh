@@ -29,6 +29,12 @@ command -v npm >/dev/null || apt_install npm
 command -v turnserver >/dev/null || apt_install coturn
 command -v chromium >/dev/null || apt_install chromium
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+# openh264 builds its SIMD assembly only when nasm is present at build time (plain C, about
+# twice the CPU per frame, without it); an encoder built before nasm came is rebuilt.
+if ! command -v nasm >/dev/null; then
+    apt_install nasm
+    cargo clean -p openh264-sys2 >/dev/null 2>&1 || true
+fi
 
 step "Python environment (hypha-rpc, aiortc, numpy)"
 REQS=tests/conformance/python/requirements.txt

@@ -37,6 +37,8 @@ pub struct AppState {
     pub registry: Registry,
     pub peer: ServerPeer,
     pub ice: Arc<turn::IceService>,
+    /// The built-in video producer (its settings say whether it is on).
+    pub demo: Arc<demo::Producer>,
     pub store: store::Store,
     pub accounts: auth::accounts::Accounts,
     pub server_id: String,
@@ -150,6 +152,7 @@ impl App {
                 settings.login_lockout,
             ),
             ice: turn::IceService::new(settings.turn.clone(), store.clone()),
+            demo: demo::Producer::new(settings.demo.clone()),
             store,
             peer: ServerPeer::new(manager_id.clone(), hub.clone(), &server_user),
             hub,

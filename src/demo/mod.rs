@@ -1,6 +1,8 @@
 //! The built-in video producer: scene (text animation), render (text into I420), encode
-//! (H.264), peer (one str0m session per viewer), page (HTML/JS at `/demo/`).
+//! (H.264), peer (one str0m session per viewer), controls (what a viewer may change, from the
+//! page's JSON or as a hypha-rpc service on the data channel), page (HTML/JS at `/demo/`).
 
+pub mod controls;
 pub mod encode;
 pub mod page;
 pub mod peer;
@@ -8,6 +10,10 @@ pub mod render;
 pub mod scene;
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use str0m::config::DtlsCert;
 
 /// What the demo produces, validated at start-up.
 #[derive(Debug, Clone)]
@@ -29,5 +35,72 @@ impl Default for DemoSettings {
             fps: 30,
             rtc_ips: Vec::new(),
         }
+    }
+}
+
+/// The running producer: its settings, the DTLS certificate every viewer's session shares
+/// (generating one per session costs time at every Start), and live figures for `/metrics`.
+pub struct Producer {
+    pub settings: DemoSettings,
+    cert: Option<DtlsCert>,
+    viewers: AtomicUsize,
+    frames: AtomicU64,
+    sessions: AtomicU64,
+}
+
+impl Producer {
+    pub fn new(settings: DemoSettings) -> Arc<Self> {
+        let cert = settings
+            .enabled
+            .then(|| {
+                str0m::crypto::from_feature_flags()
+                    .dtls_provider
+                    .generate_certificate()
+            })
+            .flatten();
+        Arc::new(Self {
+            settings,
+            cert,
+            viewers: AtomicUsize::new(0),
+            frames: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+        })
+    }
+
+    /// Viewers whose session is alive now.
+    pub fn viewers(&self) -> usize {
+        self.viewers.load(Ordering::Relaxed)
+    }
+
+    /// Frames sent to all viewers since start-up.
+    pub fn frames(&self) -> u64 {
+        self.frames.load(Ordering::Relaxed)
+    }
+
+    /// Viewer sessions started since start-up.
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Counts a viewer for as long as the returned guard lives.
+    fn viewer_guard(self: &Arc<Self>) -> ViewerGuard {
+        self.viewers.fetch_add(1, Ordering::Relaxed);
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        ViewerGuard(self.clone())
+    }
+}
+
+/// Keeps one viewer counted in [`Producer::viewers`].
+struct ViewerGuard(Arc<Producer>);
+
+impl ViewerGuard {
+    fn frame_sent(&self) {
+        self.0.frames.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ViewerGuard {
+    fn drop(&mut self) {
+        self.0.viewers.fetch_sub(1, Ordering::Relaxed);
     }
 }

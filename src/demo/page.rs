@@ -50,7 +50,13 @@ async fn offer(
         )
             .into_response();
     }
-    match super::peer::start(&state.settings.demo, &offer.sdp).await {
+    match super::peer::start(
+        &state.demo,
+        &offer.sdp,
+        Arc::new(crate::auth::UserInfo::http_anonymous()),
+    )
+    .await
+    {
         Ok(answer) => Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response(),
         Err(detail) => (
             StatusCode::BAD_REQUEST,
@@ -60,8 +66,8 @@ async fn offer(
     }
 }
 
-async fn page() -> Html<&'static str> {
-    Html(PAGE)
+async fn page() -> Html<String> {
+    Html(PAGE.replace("{MAX_TEXT}", &super::controls::MAX_TEXT.to_string()))
 }
 
 const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -69,8 +75,8 @@ const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"
 <style>body{font-family:system-ui,sans-serif;margin:1rem} video{width:100%;max-width:960px;background:#000;display:block;margin:.5rem 0}
 #stats{font-family:monospace}</style></head><body>
 <h1>hypha-rtc video demo</h1>
-<button id="start">Start</button> <button id="stop" disabled>Stop</button>
-<label>Text <input id="text" value="hypha-rtc" maxlength="200"></label>
+<button id="start">Start</button> <button id="stop" disabled>Stop</button> <button id="disconnect" disabled>Disconnect</button>
+<label>Text <input id="text" value="hypha-rtc" maxlength="{MAX_TEXT}"></label>
 <label>Speed <input id="speed" type="range" min="0" max="100" value="24"></label>
 <video id="video" autoplay playsinline muted></video>
 <div id="stats">stopped</div>
@@ -103,13 +109,21 @@ async function start() {
     body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }) });
   if (!response.ok) { $("stats").textContent = "refused: " + (await response.json()).detail; $("start").disabled = false; return; }
   await pc.setRemoteDescription(await response.json());
-  $("stop").disabled = false;
+  $("stop").disabled = false; $("disconnect").disabled = false;
 }
 // Stop pauses this viewer's stream; Start resumes it (with a fresh keyframe).
 function stop() {
   send({ paused: true });
   $("start").disabled = false; $("stop").disabled = true;
 }
+// Disconnect ends the session: the server frees everything it held for this viewer at once.
+function disconnect() {
+  if (pc) pc.close();
+  pc = null; channel = null; confirmed = null;
+  $("video").srcObject = null; $("stats").textContent = "stopped";
+  $("start").disabled = false; $("stop").disabled = true; $("disconnect").disabled = true;
+}
+addEventListener("pagehide", () => { if (pc) pc.close(); });
 window.demoConfirmed = () => confirmed;
 window.demoSend = send;
 $("text").oninput = () => send({ text: $("text").value });
@@ -134,4 +148,5 @@ setInterval(async () => {
 }, 500);
 $("start").onclick = start;
 $("stop").onclick = stop;
+$("disconnect").onclick = disconnect;
 </script></body></html>"#;

@@ -1,33 +1,50 @@
 //! One viewer: a str0m session (ICE-lite, host candidates on the serving addresses) on its own
 //! UDP socket, fed by its own render and encode pipeline, so text and speed are per viewer.
+//! The session ends, and everything it holds is freed, when the browser closes the connection,
+//! when nothing is heard from it for a while, when ICE fails, or when it never connects.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
+use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 
-use super::DemoSettings;
+use super::controls::{self, ChannelPeer, Controllable, ViewerState};
 use super::encode::H264;
 use super::render::{I420, TextMask};
 use super::scene::Scene;
+use super::{Producer, ViewerGuard};
+use crate::auth::UserInfo;
 
 /// A viewer that has not connected within this time is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connected viewer from which nothing (STUN, RTCP, data) arrives for this long is gone: a
+/// closed tab or a crashed browser sends no goodbye. Browsers send RTCP and ICE checks at
+/// least every few seconds, also while paused.
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
 /// A keyframe at least this often, so a viewer that lost packets recovers.
 const KEYFRAME_INTERVAL: Duration = Duration::from_secs(4);
+/// A viewer paused this long is closed; its page starts a new session on Start.
+const PAUSE_LIMIT: Duration = Duration::from_secs(600);
 
-/// Accepts a browser's offer and starts the viewer; returns the SDP answer. The viewer is
-/// controlled over the data channel the browser opens.
-pub async fn start(settings: &DemoSettings, offer: &str) -> Result<String, String> {
+/// Accepts an offer and starts the viewer; returns the SDP answer. The viewer is controlled
+/// over the data channel the offer opens. `user` is who asked (for the channel's RPC context).
+pub async fn start(
+    producer: &Arc<Producer>,
+    offer: &str,
+    user: Arc<UserInfo>,
+) -> Result<String, String> {
     let offer =
         SdpOffer::from_sdp_string(offer).map_err(|e| format!("the offer is not valid SDP: {e}"))?;
     if !offer.to_sdp_string().contains("m=video") {
         return Err("the offer has no video: add a receive-only video transceiver".into());
     }
+    let settings = &producer.settings;
     let ip = settings
         .rtc_ips
         .first()
@@ -37,17 +54,20 @@ pub async fn start(settings: &DemoSettings, offer: &str) -> Result<String, Strin
         .await
         .map_err(|e| format!("cannot open a media socket: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
-    let mut rtc = Rtc::builder()
+    let mut config = Rtc::builder()
         .set_ice_lite(true)
         .clear_codecs()
-        .enable_h264(true)
-        .build(Instant::now());
+        .enable_h264(true);
+    if let Some(cert) = &producer.cert {
+        config = config.set_dtls_cert(cert.clone());
+    }
+    let mut rtc = config.build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").map_err(|e| e.to_string())?);
     let answer = rtc
         .sdp_api()
         .accept_offer(offer)
         .map_err(|e| format!("cannot answer the offer: {e}"))?;
-    let viewer = Viewer::new(settings, rtc, socket, local)?;
+    let viewer = Viewer::new(producer, rtc, socket, local, user);
     tokio::spawn(viewer.run());
     Ok(answer.to_sdp_string())
 }
@@ -56,59 +76,85 @@ struct Viewer {
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
-    encoder: H264,
+    /// Freed while paused, made anew (with a keyframe) on resume.
+    encoder: Option<H264>,
+    bitrate: u32,
     frame: I420,
     scene: Scene,
     mask: TextMask,
     fps: u32,
     mid: Option<Mid>,
+    /// The data channel the viewer opened, for the controls.
+    channel: Option<ChannelId>,
+    channel_peer: ChannelPeer,
     connected: bool,
     keyframe: bool,
     paused: bool,
+    paused_at: Option<Instant>,
+    last_heard: Instant,
     frames: u64,
     /// Frames per second actually produced, smoothed, for the overlay.
     measured_fps: f32,
+    guard: ViewerGuard,
 }
 
-/// Longest text accepted from a viewer.
-pub const MAX_TEXT: usize = 200;
-
-/// A control message on the viewer's data channel: any of text, speed (pixels per second),
-/// paused. The server answers each with the viewer's whole state, or an error.
-#[derive(serde::Deserialize)]
-struct ControlMessage {
-    text: Option<String>,
-    speed: Option<f64>,
-    paused: Option<bool>,
+/// Why a viewer's session ended, for the log.
+#[derive(Debug)]
+enum End {
+    Closed,
+    IceDisconnected,
+    Silent,
+    NeverConnected,
+    PausedTooLong,
+    Failed(String),
 }
 
 impl Viewer {
     fn new(
-        settings: &DemoSettings,
+        producer: &Arc<Producer>,
         rtc: Rtc,
         socket: UdpSocket,
         local: SocketAddr,
-    ) -> Result<Self, String> {
+        user: Arc<UserInfo>,
+    ) -> Self {
+        let settings = &producer.settings;
         let scene = Scene::new("hypha-rtc", 240.0);
-        Ok(Self {
-            mask: TextMask::new(&scene.text, (settings.height as f32 / 8.0).max(16.0)),
+        Self {
+            mask: TextMask::new(&scene.text, text_size(settings.height)),
             rtc,
             socket,
             local,
-            encoder: H264::new(settings.fps, bitrate(settings))?,
+            encoder: None,
+            bitrate: bitrate(settings),
             frame: I420::new(settings.width, settings.height),
             scene,
             fps: settings.fps,
             mid: None,
+            channel: None,
+            channel_peer: ChannelPeer::new(user),
             connected: false,
             keyframe: true,
             paused: false,
+            paused_at: None,
+            last_heard: Instant::now(),
             frames: 0,
             measured_fps: 0.0,
-        })
+            guard: producer.viewer_guard(),
+        }
     }
 
     async fn run(mut self) {
+        let end = self.serve().await;
+        self.rtc.disconnect();
+        // Let the close output (DTLS close_notify) go out; best effort.
+        let _ = self.drain().await;
+        if let End::Failed(error) = &end {
+            tracing::debug!(%error, "demo viewer session failed");
+        }
+        tracing::info!(frames = self.frames, reason = ?end, "demo viewer closed");
+    }
+
+    async fn serve(&mut self) -> End {
         let started = Instant::now();
         let frame_interval = Duration::from_secs_f64(1.0 / self.fps.max(1) as f64);
         let mut ticker = tokio::time::interval(frame_interval);
@@ -117,27 +163,34 @@ impl Viewer {
         let mut last_keyframe = Instant::now();
         let mut buffer = vec![0u8; 2000];
         loop {
-            let Some(timeout) = self.drain().await else {
-                break;
+            let was_connected = self.connected;
+            let timeout = match self.drain().await {
+                Ok(timeout) => timeout,
+                Err(end) => return end,
             };
-            if !self.connected && started.elapsed() > CONNECT_TIMEOUT {
-                tracing::info!("demo viewer never connected; dropped");
-                break;
+            if self.connected && !was_connected {
+                // The first frame goes out now, not at the next tick.
+                ticker.reset_immediately();
+            }
+            if let Some(end) = self.expired(started) {
+                return end;
             }
             let wait = timeout
                 .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
+                .clamp(Duration::from_millis(1), Duration::from_secs(1));
+            let sending = self.connected && self.mid.is_some() && !self.paused;
             tokio::select! {
                 received = self.socket.recv_from(&mut buffer) => {
-                    let Ok((n, source)) = received else { break };
+                    let Ok((n, source)) = received else { return End::Failed("socket closed".into()) };
                     let Ok(contents) = buffer[..n].try_into() else { continue };
+                    self.last_heard = Instant::now();
                     let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: self.local, contents });
-                    if self.rtc.handle_input(input).is_err() { break; }
+                    if let Err(e) = self.rtc.handle_input(input) { return End::Failed(e.to_string()); }
                 }
                 _ = tokio::time::sleep(wait) => {
-                    if self.rtc.handle_input(Input::Timeout(Instant::now())).is_err() { break; }
+                    if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) { return End::Failed(e.to_string()); }
                 }
-                _ = ticker.tick(), if self.connected && self.mid.is_some() && !self.paused => {
+                _ = ticker.tick(), if sending => {
                     let now = Instant::now();
                     let elapsed = now.duration_since(last_frame).as_secs_f32();
                     last_frame = now;
@@ -147,24 +200,36 @@ impl Viewer {
                     if self.keyframe {
                         last_keyframe = now;
                     }
-                    if self.send_frame(elapsed, started).is_err() { break; }
+                    if let Err(e) = self.send_frame(elapsed, started) { return End::Failed(e); }
                     // str0m packetises written media when it next handles an input: drain after
                     // the write (one mutation at a time), then let it release the frame now
                     // rather than at its next timer, which held the stream near 18 fps.
-                    if self.drain().await.is_none() { break; }
-                    if self.rtc.handle_input(Input::Timeout(Instant::now())).is_err() { break; }
+                    if let Err(end) = self.drain().await { return end; }
+                    if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) { return End::Failed(e.to_string()); }
                 }
             }
         }
-        self.rtc.disconnect();
-        tracing::info!(frames = self.frames, "demo viewer closed");
     }
 
-    /// Drains str0m's output; `None` when the session is over.
-    async fn drain(&mut self) -> Option<Instant> {
+    /// Whether the session has outlived one of its limits.
+    fn expired(&self, started: Instant) -> Option<End> {
+        if !self.connected && started.elapsed() > CONNECT_TIMEOUT {
+            return Some(End::NeverConnected);
+        }
+        if self.connected && self.last_heard.elapsed() > SILENCE_TIMEOUT {
+            return Some(End::Silent);
+        }
+        if self.paused_at.is_some_and(|at| at.elapsed() > PAUSE_LIMIT) {
+            return Some(End::PausedTooLong);
+        }
+        None
+    }
+
+    /// Drains str0m's output; returns when it next wants time, or why the session is over.
+    async fn drain(&mut self) -> Result<Instant, End> {
         loop {
             match self.rtc.poll_output() {
-                Ok(Output::Timeout(at)) => return Some(at),
+                Ok(Output::Timeout(at)) => return Ok(at),
                 Ok(Output::Transmit(t)) => {
                     let _ = self.socket.send_to(&t.contents, t.destination).await;
                 }
@@ -174,54 +239,34 @@ impl Viewer {
                         self.mid = Some(added.mid)
                     }
                     Event::KeyframeRequest(_) => self.keyframe = true,
-                    // Text frames are controls; binary ones are the hypha-rpc client's own RPC
-                    // frames, which this server does not answer on the channel yet.
-                    Event::ChannelData(data) if !data.binary => {
-                        let reply = self.apply(&data.data);
-                        if let Some(mut channel) = self.rtc.channel(data.id) {
-                            let _ = channel.write(false, reply.as_bytes());
+                    Event::ChannelOpen(id, _) => self.channel = Some(id),
+                    // Text frames are the page's JSON controls; binary frames are hypha-rpc
+                    // calls to the `controls` service.
+                    Event::ChannelData(data) => {
+                        let reply = if data.binary {
+                            controls::on_rpc(self, data.data, &self.channel_peer.clone())
+                                .map(|b| (true, b.to_vec()))
+                        } else {
+                            Some((false, controls::on_json(self, &data.data).into_bytes()))
+                        };
+                        if let Some((binary, reply)) = reply
+                            && let Some(mut channel) = self.rtc.channel(data.id)
+                            && let Err(e) = channel.write(binary, &reply)
+                        {
+                            tracing::debug!(error = %e, "demo control reply not sent");
                         }
                     }
+                    // The page's controls channel closing means the page is gone.
+                    Event::ChannelClose(id) if Some(id) == self.channel => return Err(End::Closed),
+                    Event::Closed => return Err(End::Closed),
                     Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                        return None;
+                        return Err(End::IceDisconnected);
                     }
                     _ => {}
                 },
-                Err(e) => {
-                    tracing::debug!(error = %e, "demo viewer session failed");
-                    return None;
-                }
+                Err(e) => return Err(End::Failed(e.to_string())),
             }
         }
-    }
-
-    /// Applies a control message; returns the reply for the data channel.
-    fn apply(&mut self, data: &[u8]) -> String {
-        let message: ControlMessage = match serde_json::from_slice(data) {
-            Ok(m) => m,
-            Err(e) => return serde_json::json!({"ok": false, "error": format!("a control message is JSON with text, speed or paused: {e}")}).to_string(),
-        };
-        if let Some(text) = message.text {
-            if text.chars().count() > MAX_TEXT {
-                return serde_json::json!({"ok": false, "error": format!("the text has more than {MAX_TEXT} characters")}).to_string();
-            }
-            self.scene.text = text;
-            self.mask = TextMask::new(&self.scene.text, (self.frame.height as f32 / 8.0).max(16.0));
-        }
-        if let Some(speed) = message.speed {
-            if !speed.is_finite() {
-                return serde_json::json!({"ok": false, "error": "the speed must be a number"})
-                    .to_string();
-            }
-            self.scene.speed = (speed as f32).clamp(0.0, super::scene::MAX_SPEED);
-        }
-        if let Some(paused) = message.paused {
-            if self.paused && !paused {
-                self.keyframe = true;
-            }
-            self.paused = paused;
-        }
-        serde_json::json!({"ok": true, "text": self.scene.text, "speed": self.scene.speed, "paused": self.paused}).to_string()
     }
 
     fn send_frame(&mut self, elapsed: f32, started: Instant) -> Result<(), String> {
@@ -252,9 +297,14 @@ impl Viewer {
             self.scene.y as usize,
             &overlay,
         );
-        let unit = self
-            .encoder
-            .encode(&self.frame, std::mem::take(&mut self.keyframe))?;
+        let encoder = match &mut self.encoder {
+            Some(encoder) => encoder,
+            None => {
+                self.keyframe = true;
+                self.encoder.insert(H264::new(self.fps, self.bitrate)?)
+            }
+        };
+        let unit = encoder.encode(&self.frame, std::mem::take(&mut self.keyframe))?;
         let Some(mid) = self.mid else { return Ok(()) };
         let Some(writer) = self.rtc.writer(mid) else {
             return Ok(());
@@ -269,11 +319,55 @@ impl Viewer {
         );
         writer
             .write(pt, Instant::now(), rtp, unit)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.guard.frame_sent();
+        Ok(())
     }
 }
 
-fn bitrate(settings: &DemoSettings) -> u32 {
+impl Controllable for Viewer {
+    fn set_text(&mut self, text: String) {
+        self.mask = TextMask::new(&text, text_size(self.frame.height));
+        self.scene.text = text;
+    }
+
+    fn set_speed(&mut self, pixels_per_second: f32) {
+        self.scene.speed = pixels_per_second;
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if paused && !self.paused {
+            // Stop frees the encoder; resume makes a new one and starts with a keyframe.
+            self.encoder = None;
+            self.paused_at = Some(Instant::now());
+        }
+        if !paused {
+            self.paused_at = None;
+            if self.paused {
+                self.keyframe = true;
+            }
+        }
+        self.paused = paused;
+    }
+
+    fn state(&self) -> ViewerState {
+        ViewerState {
+            text: self.scene.text.clone(),
+            speed: self.scene.speed,
+            paused: self.paused,
+            width: self.frame.width,
+            height: self.frame.height,
+            frames: self.frames,
+            fps: self.measured_fps,
+        }
+    }
+}
+
+fn text_size(height: usize) -> f32 {
+    (height as f32 / 8.0).max(16.0)
+}
+
+fn bitrate(settings: &super::DemoSettings) -> u32 {
     // About 0.1 bit per pixel per frame: 2.8 Mb/s at 720p30.
     ((settings.width * settings.height) as f64 * settings.fps as f64 * 0.1) as u32
 }

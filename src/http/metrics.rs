@@ -65,6 +65,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "get_rtc_ice_servers calls refused.",
         state.ice.refused.load(Ordering::Relaxed).to_string(),
     );
+    if state.demo.settings.enabled {
+        metric(
+            "hypha_rtc_demo_viewers",
+            "gauge",
+            "Demo video viewers whose session is alive.",
+            state.demo.viewers().to_string(),
+        );
+        metric(
+            "hypha_rtc_demo_sessions_total",
+            "counter",
+            "Demo video viewer sessions started.",
+            state.demo.sessions().to_string(),
+        );
+        metric(
+            "hypha_rtc_demo_frames_total",
+            "counter",
+            "Demo video frames sent to all viewers.",
+            state.demo.frames().to_string(),
+        );
+    }
     if let Some(probe) = state.ice.probe() {
         // The last verdict, without probing: scraping must not hit coturn.
         let last = probe.last();

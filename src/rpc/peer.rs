@@ -64,6 +64,17 @@ pub struct Call {
     pub reply: Option<ReplyTo>,
 }
 
+impl Call {
+    /// The service and function a call names: `services.<service>.<function>`.
+    pub fn target(&self) -> Result<(&str, &str), Error> {
+        let not_found = || Error::NotFound(format!("Method not found: {}", self.method));
+        self.method
+            .strip_prefix("services.")
+            .and_then(|path| path.split_once('.'))
+            .ok_or_else(not_found)
+    }
+}
+
 /// What an incoming frame is.
 #[derive(Debug)]
 pub enum Decoded {
@@ -124,46 +135,17 @@ impl ServerPeer {
 
     /// Decodes a frame: a call to a hosted service, or a reply to one of our calls.
     pub fn decode(&self, incoming: Incoming) -> Result<Decoded, Error> {
-        let Incoming {
-            from,
-            ws,
-            user,
-            to,
-            frame,
-        } = incoming;
-        if frame.field("type") != Some("method") {
+        let Some(message) = MethodMessage::read(&incoming.frame)? else {
             return Ok(Decoded::Ignored);
-        }
-        let method = frame
-            .field("method")
-            .ok_or_else(|| Error::BadRequest("the call names no method".into()))?
-            .to_string();
-        let body = if frame.body.is_empty() {
-            Value::Map(Vec::new())
-        } else {
-            rmpv::decode::read_value_with_max_depth(&mut &frame.body[..], 256).map_err(|e| {
-                Error::BadRequest(format!("the call body is not valid msgpack: {e}"))
-            })?
         };
-        if get(&body, "_enc").is_some() {
-            return Err(Error::BadRequest(
-                "end-to-end encrypted calls to the server are not supported".into(),
-            ));
-        }
-        let args = match get(&body, "args") {
-            Some(Value::Array(items)) => items.clone(),
-            Some(Value::Nil) | None => Vec::new(),
-            Some(_) => return Err(Error::BadRequest("args must be a list".into())),
-        };
-
-        if let Some((session, kind)) = method.split_once('.')
+        if let Some((session, kind)) = message.method.split_once('.')
             && let Some(mut pending) = self.pending.get_mut(session)
         {
-            if pending.target != from {
-                tracing::warn!(%from, "reply to a session of another peer ignored");
+            if pending.target != incoming.from {
+                tracing::warn!(from = %incoming.from, "reply to a session of another peer ignored");
                 return Ok(Decoded::Ignored);
             }
-            let first = args.into_iter().next().unwrap_or(Value::Nil);
+            let first = message.args.into_iter().next().unwrap_or(Value::Nil);
             match kind {
                 "heartbeat" => pending.heartbeat.notify_one(),
                 "resolve" => {
@@ -184,50 +166,9 @@ impl ServerPeer {
             }
             return Ok(Decoded::Reply);
         }
-
-        let with_kwargs = get(&body, "with_kwargs")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let session = frame.field("session").map(str::to_string);
-        let reply = match get(&body, "promise") {
-            Some(Value::String(s)) if s.as_str() == Some("*") => {
-                let session = session
-                    .ok_or_else(|| Error::BadRequest("promise \"*\" needs a session".into()))?;
-                Some(ReplyTo {
-                    resolve: format!("{session}.resolve"),
-                    reject: format!("{session}.reject"),
-                    heartbeat: Some(format!("{session}.heartbeat")),
-                    interval: get(&body, "t").and_then(seconds),
-                })
-            }
-            Some(promise @ Value::Map(_)) => {
-                let method_of = |key| {
-                    get(promise, key)
-                        .and_then(|m| get_str(m, "_rmethod"))
-                        .map(str::to_string)
-                };
-                match (method_of("resolve"), method_of("reject")) {
-                    (Some(resolve), Some(reject)) => Some(ReplyTo {
-                        resolve,
-                        reject,
-                        heartbeat: method_of("heartbeat"),
-                        interval: get(promise, "interval").and_then(seconds),
-                    }),
-                    _ => {
-                        return Err(Error::BadRequest(
-                            "the promise lacks resolve or reject".into(),
-                        ));
-                    }
-                }
-            }
-            _ => None,
-        };
-        Ok(Decoded::Call(Box::new(Call {
-            ctx: CallContext { from, ws, user, to },
-            method,
-            args: Args::from_call(args, with_kwargs),
-            reply,
-        })))
+        message
+            .into_call(incoming)
+            .map(|call| Decoded::Call(Box::new(call)))
     }
 
     /// Sends a `method` message from the server. Replies always go back to the caller itself,
@@ -254,29 +195,12 @@ impl ServerPeer {
         self.deliver(from, ws, to, data).await
     }
 
-    /// Sends the outcome of a call to its caller.
+    /// Sends the outcome of a call to its caller (in chunks if it is large).
     pub async fn reply(&self, call: &Call, outcome: Result<Value, Error>) {
-        let Some(reply) = &call.reply else {
-            if let Err(e) = outcome {
-                tracing::debug!(method = %call.method, error = %e, "call without promise failed");
-            }
+        let Some(data) = reply_frame(call, outcome, &self.server_user) else {
             return;
         };
-        let (method, value) = match outcome {
-            Ok(v) => (&reply.resolve, v),
-            Err(e) => (&reply.reject, e.to_reject()),
-        };
-        if let Err(e) = self
-            .send_method(
-                &call.ctx.to,
-                &call.ctx.from,
-                method,
-                vec![value],
-                "*",
-                &self.server_user,
-            )
-            .await
-        {
+        if let Err(e) = self.deliver(&call.ctx.to, "*", &call.ctx.from, data).await {
             tracing::debug!(error = %e, caller = %call.ctx.from, "reply not delivered");
         }
     }
@@ -498,6 +422,139 @@ impl ServerPeer {
         }
         Frame::parse(Bytes::from(data)).map_err(|e| Error::BadRequest(e.to_string()))
     }
+}
+
+/// The parts of a `method` message, before it is known to be a call or a reply.
+struct MethodMessage {
+    method: String,
+    args: Vec<Value>,
+    body: Value,
+    session: Option<String>,
+}
+
+impl MethodMessage {
+    /// Reads a `method` frame; `None` for any other type.
+    fn read(frame: &Frame) -> Result<Option<Self>, Error> {
+        if frame.field("type") != Some("method") {
+            return Ok(None);
+        }
+        let method = frame
+            .field("method")
+            .ok_or_else(|| Error::BadRequest("the call names no method".into()))?
+            .to_string();
+        let body = if frame.body.is_empty() {
+            Value::Map(Vec::new())
+        } else {
+            rmpv::decode::read_value_with_max_depth(&mut &frame.body[..], 256).map_err(|e| {
+                Error::BadRequest(format!("the call body is not valid msgpack: {e}"))
+            })?
+        };
+        if get(&body, "_enc").is_some() {
+            return Err(Error::BadRequest(
+                "end-to-end encrypted calls to the server are not supported".into(),
+            ));
+        }
+        let args = match get(&body, "args") {
+            Some(Value::Array(items)) => items.clone(),
+            Some(Value::Nil) | None => Vec::new(),
+            Some(_) => return Err(Error::BadRequest("args must be a list".into())),
+        };
+        Ok(Some(Self {
+            method,
+            args,
+            body,
+            session: frame.field("session").map(str::to_string),
+        }))
+    }
+
+    /// A call, with where its outcome goes (either promise form hypha-rpc uses).
+    fn into_call(self, incoming: Incoming) -> Result<Call, Error> {
+        let Self {
+            method,
+            args,
+            body,
+            session,
+        } = self;
+        let with_kwargs = get(&body, "with_kwargs")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let reply = match get(&body, "promise") {
+            Some(Value::String(s)) if s.as_str() == Some("*") => {
+                let session = session
+                    .ok_or_else(|| Error::BadRequest("promise \"*\" needs a session".into()))?;
+                Some(ReplyTo {
+                    resolve: format!("{session}.resolve"),
+                    reject: format!("{session}.reject"),
+                    heartbeat: Some(format!("{session}.heartbeat")),
+                    interval: get(&body, "t").and_then(seconds),
+                })
+            }
+            Some(promise @ Value::Map(_)) => {
+                let method_of = |key| {
+                    get(promise, key)
+                        .and_then(|m| get_str(m, "_rmethod"))
+                        .map(str::to_string)
+                };
+                match (method_of("resolve"), method_of("reject")) {
+                    (Some(resolve), Some(reject)) => Some(ReplyTo {
+                        resolve,
+                        reject,
+                        heartbeat: method_of("heartbeat"),
+                        interval: get(promise, "interval").and_then(seconds),
+                    }),
+                    _ => {
+                        return Err(Error::BadRequest(
+                            "the promise lacks resolve or reject".into(),
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Incoming {
+            from, ws, user, to, ..
+        } = incoming;
+        Ok(Call {
+            ctx: CallContext { from, ws, user, to },
+            method,
+            args: Args::from_call(args, with_kwargs),
+            reply,
+        })
+    }
+}
+
+/// Decodes a call for a peer that makes no calls of its own (a data-channel peer): `None` for
+/// frames that are not calls.
+pub fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
+    match MethodMessage::read(&incoming.frame)? {
+        Some(message) => message.into_call(incoming).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The frame that carries a call's outcome back to its caller, sent from the address the
+/// caller called; `None` when the call asked for no answer.
+pub fn reply_frame(call: &Call, outcome: Result<Value, Error>, user: &Value) -> Option<Bytes> {
+    let Some(reply) = &call.reply else {
+        if let Err(e) = outcome {
+            tracing::debug!(method = %call.method, error = %e, "call without promise failed");
+        }
+        return None;
+    };
+    let (method, value) = match outcome {
+        Ok(v) => (&reply.resolve, v),
+        Err(e) => (&reply.reject, e.to_reject()),
+    };
+    let header = obj([
+        ("type", "method".into()),
+        ("from", call.ctx.to.as_str().into()),
+        ("to", call.ctx.from.as_str().into()),
+        ("method", method.as_str().into()),
+        ("ws", "*".into()),
+        ("user", user.clone()),
+    ]);
+    let body = obj([("args", Value::Array(vec![value]))]);
+    Some(frame::encode(&header, Some(&body)))
 }
 
 /// Removes a pending call however its wait ends.

@@ -236,16 +236,32 @@ const VIDEO_OFFER: Function = Function {
 /// The description of a public service hosted by the server: its envelope and one encoded
 /// method (with `_rschema`) per function.
 fn public_service(state: &AppState, name: &str, kind: &str, functions: &[Function]) -> Value {
-    let target = state.peer.manager_addr();
     let description = super::HOSTED_PUBLIC
         .iter()
         .find(|(n, _)| *n == name)
         .map_or("", |(_, d)| d);
+    service_description(
+        &state.peer.manager_addr(),
+        &format!("public/{}:{name}", state.manager_id),
+        name,
+        kind,
+        description,
+        functions,
+    )
+}
+
+/// The description `get_service` returns for a service the server answers itself: its
+/// envelope and one encoded method (with `_rschema`) per function, each called at `target`.
+pub fn service_description(
+    target: &str,
+    id: &str,
+    name: &str,
+    kind: &str,
+    description: &str,
+    functions: &[Function],
+) -> Value {
     let mut entries = vec![
-        (
-            "id".into(),
-            format!("public/{}:{name}", state.manager_id).into(),
-        ),
+        ("id".into(), id.into()),
         ("name".into(), name.into()),
         ("description".into(), description.into()),
         ("type".into(), kind.into()),
@@ -259,8 +275,7 @@ fn public_service(state: &AppState, name: &str, kind: &str, functions: &[Functio
         ),
     ];
     for f in functions {
-        let mut m =
-            value::method_value(&target, &format!("services.{name}.{}", f.name), "*".into());
+        let mut m = value::method_value(target, &format!("services.{name}.{}", f.name), "*".into());
         value::set(&mut m, "_rdoc", f.doc.into());
         value::set(&mut m, "_rschema", schema(f));
         value::set(&mut m, "_rname", f.name.into());

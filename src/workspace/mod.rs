@@ -45,12 +45,7 @@ async fn run_call(state: &Arc<AppState>, call: Call) {
 /// Runs a call on a hosted service: `services.<service>.<function>`.
 fn dispatch<'a>(state: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Result<Value, Error>> {
     Box::pin(async move {
-        let not_found = || Error::NotFound(format!("Method not found: {}", call.method));
-        let path = call
-            .method
-            .strip_prefix("services.")
-            .ok_or_else(not_found)?;
-        let (service, function) = path.split_once('.').ok_or_else(not_found)?;
+        let (service, function) = call.target()?;
         match service {
             "built-in" => builtin(state, call, function).await,
             _ => call_hosted(state, service, function, &call.ctx, &call.args).await,
@@ -119,7 +114,7 @@ pub async fn call_hosted(
             if crate::rpc::value::get_str(params, "type") != Some("offer") {
                 return Err(Error::BadRequest("type must be \"offer\"".into()));
             }
-            let answer = crate::demo::peer::start(&state.settings.demo, sdp)
+            let answer = crate::demo::peer::start(&state.demo, sdp, ctx.user.clone())
                 .await
                 .map_err(Error::BadRequest)?;
             Ok(obj([

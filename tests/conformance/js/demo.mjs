@@ -65,8 +65,22 @@ try {
   const resumeStart = Date.now();
   let resumed = pausedTo;
   while (Date.now() - resumeStart < 5000 && resumed < pausedTo + 15) { await page.waitForTimeout(50); resumed = await frames(page); }
+  const secondFrames = await frames(second);
+  // Disconnect ends both sessions on the server at once: its viewer gauge drops to zero.
+  const viewers = async () => {
+    const text = await (await fetch(new URL("/metrics", url))).text();
+    const line = text.split("\n").find((l) => l.startsWith("hypha_rtc_demo_viewers "));
+    return line ? Number(line.split(" ")[1]) : null;
+  };
+  const viewersBefore = await viewers();
+  await page.click("#disconnect");
+  await second.click("#disconnect");
+  const d0 = Date.now();
+  let viewersAfter = await viewers();
+  while (viewersAfter !== 0 && Date.now() - d0 < 10000) { await page.waitForTimeout(20); viewersAfter = await viewers(); }
+  const disconnectMs = Date.now() - d0;
   console.log(`RESULT ${JSON.stringify({ ...stats, sixtyFramesMs, distinctColours, text1, speed1, text2, still1, tooLong, negative,
-    pausedFrames: pausedTo - pausedFrom, resumedFrames: resumed - pausedTo, secondFrames: await frames(second) })}`);
+    pausedFrames: pausedTo - pausedFrom, resumedFrames: resumed - pausedTo, secondFrames, viewersBefore, viewersAfter, disconnectMs })}`);
 } finally {
   await browser.close();
 }

@@ -41,6 +41,9 @@ def test_demo_page_plays_720p_in_chromium(server, tmp_path):
     # Stop pauses (no frames for a second), Start resumes.
     assert result["pausedFrames"] <= 1, result
     assert result["resumedFrames"] >= 15, result
+    # Disconnect frees both viewers' sessions on the server at once, not after a time-out.
+    assert result["viewersBefore"] == 2, result
+    assert result["viewersAfter"] == 0 and result["disconnectMs"] < 3000, result
     # The page itself still works after a stream: the server went on.
     assert server.alive()
 
@@ -105,16 +108,38 @@ def test_signed_in_relay_through_coturn():
         coturn.stop()
 
 
-def test_python_aiortc_client_receives_the_video(server):
+def demo_gauge(server, name="hypha_rtc_demo_viewers"):
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+@pytest.fixture
+def own_server():
+    """A server of the test's own, so its viewer gauge counts only the test's viewers."""
+    from conftest import Server
+
+    s = Server().start()
+    yield s
+    s.stop()
+
+
+def test_python_aiortc_client_receives_the_video_and_controls_it(own_server):
+    """The real Python client: get_rtc_service with a receive-only transceiver gets 720p video,
+    and the viewer's controls are a hypha-rpc service on the data channel it opened."""
     import asyncio
 
     from hypha_rpc import connect_to_server, get_rtc_service
 
-    from conftest import run
+    from conftest import run, wait_until
+
+    server = own_server
 
     async def main():
         client = await connect_to_server({"server_url": server.url})
-        sizes, done = [], asyncio.Event()
+        sizes, enough = [], asyncio.Event()
 
         async def on_init(pc):
             pc.addTransceiver("video", direction="recvonly")
@@ -122,17 +147,57 @@ def test_python_aiortc_client_receives_the_video(server):
             @pc.on("track")
             def on_track(track):
                 async def read():
-                    while len(sizes) < 30:
-                        frame = await track.recv()
+                    while True:
+                        try:
+                            frame = await track.recv()
+                        except Exception:  # noqa: BLE001 - the track ends when the peer closes
+                            return
                         sizes.append((frame.width, frame.height))
-                    done.set()
+                        if len(sizes) >= 30:
+                            enough.set()
 
                 asyncio.ensure_future(read())
 
         pc = await get_rtc_service(client, "public/video-producer", {"on_init": on_init, "ice_servers": []})
-        await asyncio.wait_for(done.wait(), 30)
+        await asyncio.wait_for(enough.wait(), 30)
         assert len(sizes) >= 30 and sizes[-1] == (1280, 720), sizes[-3:]
+
+        controls = await pc.get_service("controls")
+        state = await controls.set_text("from python")
+        assert state["text"] == "from python" and state["paused"] is False, state
+        assert (state["width"], state["height"]) == (1280, 720)
+        assert (await controls.set_speed(-40))["speed"] == 0
+        assert (await controls.set_speed(1e12))["speed"] == 2000
+        for bad, needle in [("x" * 10_000, "more than 200 characters"), (float("nan"), "finite number")]:
+            call = controls.set_text(bad) if isinstance(bad, str) else controls.set_speed(bad)
+            try:
+                await call
+                raise AssertionError(f"{bad!r} was accepted")
+            except Exception as e:  # noqa: BLE001 - hypha-rpc raises a plain Exception
+                assert needle in str(e), e
+        try:
+            await pc.get_service("nothing-here")
+            raise AssertionError("an unknown service was found")
+        except Exception as e:  # noqa: BLE001
+            assert "controls" in str(e), e
+        # The peer went on after the bad calls: the state is intact, frames keep coming.
+        state = await controls.get_state()
+        assert state["text"] == "from python", state
+        before = len(sizes)
+        stopped = await controls.stop()
+        assert stopped["paused"] is True
+        resumed = await controls.start()
+        assert resumed["paused"] is False
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(sizes) < before + 15 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(sizes) >= before + 15, "no frames after start()"
         await pc.close()
         await client.disconnect()
 
     run(main(), timeout=90)
+    # Closing the connection ends the viewer's session on the server at once (DTLS
+    # close_notify), well before the silence time-out (8 s) would.
+    wait_until(lambda: demo_gauge(server) == 0, 3, "the demo viewer to be cleaned up")
+    assert demo_gauge(server, "hypha_rtc_demo_sessions_total") >= 1
+    assert server.alive()
