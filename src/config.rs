@@ -1,6 +1,7 @@
 //! Settings: defaults < optional file (`--config`) < `HYPHA_*` environment < command line.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -111,9 +112,12 @@ pub struct Cli {
     /// Frames per second of the demo video, 1 to 60 [default: 30]
     #[arg(long, value_name = "FPS")]
     pub demo_fps: Option<u32>,
-    /// Address the demo's media sockets use and advertise as host candidates [default: --host if it is one address, else 127.0.0.1]
+    /// Address the demo's media sockets bind to and advertise as a host candidate, repeatable (HYPHA_RTC_IP: several, separated by spaces or commas) [default: --host if it is one address; with 0.0.0.0 or ::, this machine's interface addresses]
     #[arg(long, value_name = "IP")]
-    pub rtc_ip: Option<std::net::IpAddr>,
+    pub rtc_ip: Vec<std::net::IpAddr>,
+    /// Public address that a 1:1 NAT maps onto the first --rtc-ip, advertised as well (cloud machines)
+    #[arg(long, value_name = "IP")]
+    pub rtc_public_ip: Option<std::net::IpAddr>,
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -198,6 +202,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "demo_resolution",
     "demo_fps",
     "rtc_ip",
+    "rtc_public_ip",
 ];
 
 #[derive(Deserialize)]
@@ -233,6 +238,7 @@ struct Raw {
     demo_resolution: String,
     demo_fps: u32,
     rtc_ip: Option<String>,
+    rtc_public_ip: Option<String>,
 }
 
 /// Everything the server needs to start, validated.
@@ -404,9 +410,13 @@ impl Settings {
                 .set_override("demo_resolution", resolution.clone())
                 .map_err(err)?;
         }
-        if let Some(ip) = cli.rtc_ip {
+        if !cli.rtc_ip.is_empty() {
+            let ips: Vec<String> = cli.rtc_ip.iter().map(ToString::to_string).collect();
+            builder = builder.set_override("rtc_ip", ips.join(" ")).map_err(err)?;
+        }
+        if let Some(ip) = cli.rtc_public_ip {
             builder = builder
-                .set_override("rtc_ip", ip.to_string())
+                .set_override("rtc_public_ip", ip.to_string())
                 .map_err(err)?;
         }
         if cli.no_demo {
@@ -515,23 +525,55 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
             "--demo-fps (HYPHA_DEMO_FPS): must be from 1 to 60".into(),
         ));
     }
-    let rtc_ips = match raw.rtc_ip.as_deref().filter(|s| !s.is_empty()) {
-        Some(ip) => vec![ip.parse().map_err(|_| {
-            SettingsError(format!(
-                "--rtc-ip (HYPHA_RTC_IP): {ip:?} is not an IP address"
-            ))
-        })?],
-        None => match raw.host.parse::<std::net::IpAddr>() {
-            Ok(ip) if !ip.is_unspecified() => vec![ip],
-            _ => Vec::new(),
-        },
+    let listed = raw
+        .rtc_ip
+        .as_deref()
+        .unwrap_or("")
+        .split([' ', ','])
+        .filter(|s| !s.is_empty())
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .ok()
+                .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+                .ok_or_else(|| {
+                    SettingsError(format!(
+                        "--rtc-ip (HYPHA_RTC_IP): {ip:?} is not a unicast IP address of this machine"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let rtc_ips = if listed.is_empty() {
+        crate::demo::addresses::automatic(&raw.host)
+    } else {
+        listed
     };
+    let rtc_public_ip = match raw.rtc_public_ip.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(ip) => Some(
+            ip.parse::<IpAddr>()
+                .ok()
+                .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+                .ok_or_else(|| {
+                    SettingsError(format!(
+                        "--rtc-public-ip (HYPHA_RTC_PUBLIC_IP): {ip:?} is not a unicast IP address"
+                    ))
+                })?,
+        ),
+    };
+    if let Some(public) = rtc_public_ip
+        && !rtc_ips.iter().any(|ip| ip.is_ipv4() == public.is_ipv4())
+    {
+        return Err(SettingsError(format!(
+            "--rtc-public-ip (HYPHA_RTC_PUBLIC_IP): {public} needs an --rtc-ip of the same IP version to map onto"
+        )));
+    }
     Ok(crate::demo::DemoSettings {
         enabled: !raw.no_demo,
         width,
         height,
         fps: raw.demo_fps,
         rtc_ips,
+        rtc_public_ip,
     })
 }
 

@@ -2,12 +2,14 @@
 //! (H.264), peer (one str0m session per viewer), controls (what a viewer may change, from the
 //! page's JSON or as a hypha-rpc service on the data channel), page (HTML/JS at `/demo/`).
 
+pub mod addresses;
 pub mod controls;
 pub mod encode;
 pub mod page;
 pub mod peer;
 pub mod render;
 pub mod scene;
+pub mod sockets;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,8 +24,10 @@ pub struct DemoSettings {
     pub width: usize,
     pub height: usize,
     pub fps: u32,
-    /// Addresses advertised as host candidates.
+    /// Addresses the media sockets bind to, each advertised as a host candidate.
     pub rtc_ips: Vec<IpAddr>,
+    /// An address that a 1:1 NAT maps onto the first of `rtc_ips`, advertised too.
+    pub rtc_public_ip: Option<IpAddr>,
 }
 
 impl Default for DemoSettings {
@@ -34,6 +38,7 @@ impl Default for DemoSettings {
             height: 720,
             fps: 30,
             rtc_ips: Vec::new(),
+            rtc_public_ip: None,
         }
     }
 }

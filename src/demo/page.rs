@@ -85,9 +85,14 @@ const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"
 let pc = null, channel = null, confirmed = null;
 const $ = (id) => document.getElementById(id);
 function send(message) { if (channel && channel.readyState === "open") channel.send(JSON.stringify(message)); }
+// Each Start that builds a connection is an attempt; Disconnect ends the current one, also
+// while it is still being set up, so no connection outlives its page's intent.
+let attempt = 0;
 async function start() {
   $("start").disabled = true;
   if (pc) { send({ paused: false }); $("stop").disabled = false; return; }  // resume
+  const mine = ++attempt;
+  $("disconnect").disabled = false;
   // Signed-in users (the access_token cookie) get TURN credentials; others use host candidates.
   // Nothing waits on a STUN server: the server's candidates are in its answer.
   let iceServers = [];
@@ -96,7 +101,8 @@ async function start() {
     const r = await fetch("/public/services/coturn/get_rtc_ice_servers", { credentials: "same-origin" });
     if (r.ok) iceServers = await r.json();
   } catch (e) { /* no TURN credentials */ }
-  if (relay && iceServers.length === 0) { $("stats").textContent = "relay needs a signed-in user and coturn"; $("start").disabled = false; return; }
+  if (mine !== attempt) return;
+  if (relay && iceServers.length === 0) { $("stats").textContent = "relay needs a signed-in user and coturn"; disconnect(); return; }
   pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: relay ? "relay" : "all" });
   // The data channel must exist before the offer, or the offer has no m=application.
   channel = pc.createDataChannel("controls");
@@ -104,12 +110,14 @@ async function start() {
   channel.onmessage = (e) => { confirmed = JSON.parse(e.data); $("confirm").textContent = JSON.stringify(confirmed); };
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.ontrack = (e) => { $("video").srcObject = new MediaStream([e.track]); };
-  await pc.setLocalDescription(await pc.createOffer());
+  const own = pc;
+  await own.setLocalDescription(await own.createOffer());
   const response = await fetch("/demo/offer", { method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }) });
-  if (!response.ok) { $("stats").textContent = "refused: " + (await response.json()).detail; $("start").disabled = false; return; }
-  await pc.setRemoteDescription(await response.json());
-  $("stop").disabled = false; $("disconnect").disabled = false;
+    body: JSON.stringify({ sdp: own.localDescription.sdp, type: "offer" }) });
+  if (mine !== attempt) return;  // Disconnect closed `own` meanwhile
+  if (!response.ok) { const detail = (await response.json()).detail; disconnect(); $("stats").textContent = "refused: " + detail; return; }
+  await own.setRemoteDescription(await response.json());
+  if (mine === attempt) $("stop").disabled = false;
 }
 // Stop pauses this viewer's stream; Start resumes it (with a fresh keyframe).
 function stop() {
@@ -118,6 +126,7 @@ function stop() {
 }
 // Disconnect ends the session: the server frees everything it held for this viewer at once.
 function disconnect() {
+  attempt++;
   if (pc) pc.close();
   pc = null; channel = null; confirmed = null;
   $("video").srcObject = null; $("stats").textContent = "stopped";

@@ -12,20 +12,21 @@ use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
-use tokio::net::UdpSocket;
 
 use super::controls::{self, ChannelPeer, Controllable, ViewerState};
 use super::encode::H264;
 use super::render::{I420, TextMask};
 use super::scene::Scene;
+use super::sockets::Sockets;
 use super::{Producer, ViewerGuard};
 use crate::auth::UserInfo;
 
-/// A viewer that has not connected within this time is dropped.
+/// A viewer from which nothing has arrived within this time is dropped (slow relays included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// A connected viewer from which nothing (STUN, RTCP, data) arrives for this long is gone: a
-/// closed tab or a crashed browser sends no goodbye. Browsers send RTCP and ICE checks at
-/// least every few seconds, also while paused.
+/// A viewer from which nothing (STUN, DTLS, RTCP, data) has arrived for this long, once
+/// something had, is gone: a closed tab, a connection closed before DTLS completed, or a
+/// crashed browser sends no goodbye. Browsers send RTCP and ICE checks at least every few
+/// seconds, also while paused.
 const SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
 /// A keyframe at least this often, so a viewer that lost packets recovers.
 const KEYFRAME_INTERVAL: Duration = Duration::from_secs(4);
@@ -45,15 +46,14 @@ pub async fn start(
         return Err("the offer has no video: add a receive-only video transceiver".into());
     }
     let settings = &producer.settings;
-    let ip = settings
-        .rtc_ips
-        .first()
-        .copied()
-        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
+    let ips = if settings.rtc_ips.is_empty() {
+        vec![IpAddr::from([127, 0, 0, 1])]
+    } else {
+        settings.rtc_ips.clone()
+    };
+    let sockets = Sockets::bind(&ips)
         .await
         .map_err(|e| format!("cannot open a media socket: {e}"))?;
-    let local = socket.local_addr().map_err(|e| e.to_string())?;
     let mut config = Rtc::builder()
         .set_ice_lite(true)
         .clear_codecs()
@@ -62,20 +62,32 @@ pub async fn start(
         config = config.set_dtls_cert(cert.clone());
     }
     let mut rtc = config.build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").map_err(|e| e.to_string())?);
+    let locals = sockets.local_addrs();
+    for local in &locals {
+        rtc.add_local_candidate(Candidate::host(*local, "udp").map_err(|e| e.to_string())?);
+    }
+    // Behind a 1:1 NAT the public address maps onto the bound one, port for port: advertise
+    // it on the port of the first socket of its family. What arrives through the NAT lands
+    // on that socket, so str0m sees it as reaching the bound address.
+    if let Some(public) = settings.rtc_public_ip
+        && let Some(base) = locals.iter().find(|a| a.is_ipv4() == public.is_ipv4())
+    {
+        let candidate = Candidate::host(SocketAddr::new(public, base.port()), "udp")
+            .map_err(|e| e.to_string())?;
+        rtc.add_local_candidate(candidate);
+    }
     let answer = rtc
         .sdp_api()
         .accept_offer(offer)
         .map_err(|e| format!("cannot answer the offer: {e}"))?;
-    let viewer = Viewer::new(producer, rtc, socket, local, user);
+    let viewer = Viewer::new(producer, rtc, sockets, user);
     tokio::spawn(viewer.run());
     Ok(answer.to_sdp_string())
 }
 
 struct Viewer {
     rtc: Rtc,
-    socket: UdpSocket,
-    local: SocketAddr,
+    sockets: Sockets,
     /// Freed while paused, made anew (with a keyframe) on resume.
     encoder: Option<H264>,
     bitrate: u32,
@@ -91,7 +103,8 @@ struct Viewer {
     keyframe: bool,
     paused: bool,
     paused_at: Option<Instant>,
-    last_heard: Instant,
+    /// When the browser was last heard from; `None` before its first packet.
+    last_heard: Option<Instant>,
     frames: u64,
     /// Frames per second actually produced, smoothed, for the overlay.
     measured_fps: f32,
@@ -110,20 +123,13 @@ enum End {
 }
 
 impl Viewer {
-    fn new(
-        producer: &Arc<Producer>,
-        rtc: Rtc,
-        socket: UdpSocket,
-        local: SocketAddr,
-        user: Arc<UserInfo>,
-    ) -> Self {
+    fn new(producer: &Arc<Producer>, rtc: Rtc, sockets: Sockets, user: Arc<UserInfo>) -> Self {
         let settings = &producer.settings;
         let scene = Scene::new("hypha-rtc", 240.0);
         Self {
             mask: TextMask::new(&scene.text, text_size(settings.height)),
             rtc,
-            socket,
-            local,
+            sockets,
             encoder: None,
             bitrate: bitrate(settings),
             frame: I420::new(settings.width, settings.height),
@@ -136,7 +142,7 @@ impl Viewer {
             keyframe: true,
             paused: false,
             paused_at: None,
-            last_heard: Instant::now(),
+            last_heard: None,
             frames: 0,
             measured_fps: 0.0,
             guard: producer.viewer_guard(),
@@ -145,9 +151,15 @@ impl Viewer {
 
     async fn run(mut self) {
         let end = self.serve().await;
-        self.rtc.disconnect();
-        // Let the close output (DTLS close_notify) go out; best effort.
-        let _ = self.drain().await;
+        // RTCP BYE and DTLS close_notify tell the browser at once; best effort, bounded.
+        if self.rtc.close().is_ok() {
+            for _ in 0..4 {
+                if !self.rtc.is_alive() || self.drain().await.is_err() {
+                    break;
+                }
+                let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+            }
+        }
         if let End::Failed(error) = &end {
             tracing::debug!(%error, "demo viewer session failed");
         }
@@ -161,7 +173,6 @@ impl Viewer {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_frame = Instant::now();
         let mut last_keyframe = Instant::now();
-        let mut buffer = vec![0u8; 2000];
         loop {
             let was_connected = self.connected;
             let timeout = match self.drain().await {
@@ -180,11 +191,11 @@ impl Viewer {
                 .clamp(Duration::from_millis(1), Duration::from_secs(1));
             let sending = self.connected && self.mid.is_some() && !self.paused;
             tokio::select! {
-                received = self.socket.recv_from(&mut buffer) => {
-                    let Ok((n, source)) = received else { return End::Failed("socket closed".into()) };
-                    let Ok(contents) = buffer[..n].try_into() else { continue };
-                    self.last_heard = Instant::now();
-                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: self.local, contents });
+                received = self.sockets.recv() => {
+                    let Some(datagram) = received else { return End::Failed("media sockets closed".into()) };
+                    let Ok(contents) = datagram.data.as_slice().try_into() else { continue };
+                    self.last_heard = Some(Instant::now());
+                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source: datagram.source, destination: datagram.destination, contents });
                     if let Err(e) = self.rtc.handle_input(input) { return End::Failed(e.to_string()); }
                 }
                 _ = tokio::time::sleep(wait) => {
@@ -213,11 +224,13 @@ impl Viewer {
 
     /// Whether the session has outlived one of its limits.
     fn expired(&self, started: Instant) -> Option<End> {
+        match self.last_heard {
+            None if started.elapsed() > CONNECT_TIMEOUT => return Some(End::NeverConnected),
+            Some(heard) if heard.elapsed() > SILENCE_TIMEOUT => return Some(End::Silent),
+            _ => {}
+        }
         if !self.connected && started.elapsed() > CONNECT_TIMEOUT {
             return Some(End::NeverConnected);
-        }
-        if self.connected && self.last_heard.elapsed() > SILENCE_TIMEOUT {
-            return Some(End::Silent);
         }
         if self.paused_at.is_some_and(|at| at.elapsed() > PAUSE_LIMIT) {
             return Some(End::PausedTooLong);
@@ -231,7 +244,9 @@ impl Viewer {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(at)) => return Ok(at),
                 Ok(Output::Transmit(t)) => {
-                    let _ = self.socket.send_to(&t.contents, t.destination).await;
+                    self.sockets
+                        .send(t.source, t.destination, &t.contents)
+                        .await;
                 }
                 Ok(Output::Event(event)) => match event {
                     Event::Connected => self.connected = true,
@@ -370,4 +385,106 @@ fn text_size(height: usize) -> f32 {
 fn bitrate(settings: &super::DemoSettings) -> u32 {
     // About 0.1 bit per pixel per frame: 2.8 Mb/s at 720p30.
     ((settings.width * settings.height) as f64 * settings.fps as f64 * 0.1) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use str0m::change::SdpAnswer;
+    use str0m::media::Direction;
+
+    /// A str0m client on loopback: offers receive-only video and a data channel, reads media
+    /// until `frames` packets came, then closes gracefully. Returns the media packets seen.
+    async fn view(producer: &Arc<Producer>, packets: usize) -> usize {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = sock.local_addr().unwrap();
+        let mut client = Rtc::builder()
+            .clear_codecs()
+            .enable_h264(true)
+            .build(Instant::now());
+        client.add_local_candidate(Candidate::host(local, "udp").unwrap());
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        api.add_channel("controls".into());
+        let (offer, pending) = api.apply().unwrap();
+        let user = Arc::new(UserInfo::http_anonymous());
+        let answer = start(producer, &offer.to_sdp_string(), user).await.unwrap();
+        let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
+        client.sdp_api().accept_answer(pending, answer).unwrap();
+        let mut media = 0;
+        let mut buf = vec![0u8; 2000];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while media < packets && Instant::now() < deadline {
+            let timeout = loop {
+                match client.poll_output().unwrap() {
+                    Output::Timeout(t) => break t,
+                    Output::Transmit(t) => {
+                        let _ = sock.send_to(&t.contents, t.destination).await;
+                    }
+                    Output::Event(Event::MediaData(_)) => media += 1,
+                    Output::Event(_) => {}
+                }
+            };
+            let wait = timeout
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), Duration::from_millis(50));
+            tokio::select! {
+                r = sock.recv_from(&mut buf) => {
+                    let (n, source) = r.unwrap();
+                    let contents = buf[..n].try_into().unwrap();
+                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents });
+                    client.handle_input(input).unwrap();
+                }
+                _ = tokio::time::sleep(wait) => client.handle_input(Input::Timeout(Instant::now())).unwrap(),
+            }
+        }
+        // close() queues the DTLS close_notify; send what it produced.
+        client.close().unwrap();
+        for _ in 0..4 {
+            while let Ok(out) = client.poll_output() {
+                match out {
+                    Output::Transmit(t) => {
+                        let _ = sock.send_to(&t.contents, t.destination).await;
+                    }
+                    Output::Timeout(_) => break,
+                    Output::Event(_) => {}
+                }
+            }
+            let _ = client.handle_input(Input::Timeout(Instant::now()));
+        }
+        media
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_streams_and_ends_when_the_client_closes() {
+        str0m::crypto::from_feature_flags().install_process_default();
+        let producer = Producer::new(super::super::DemoSettings {
+            width: 320,
+            height: 240,
+            ..Default::default()
+        });
+        for round in 1..=3 {
+            assert!(view(&producer, 10).await >= 10, "no video in round {round}");
+            let t = Instant::now();
+            while producer.viewers() > 0 && t.elapsed() < Duration::from_secs(3) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(
+                producer.viewers(),
+                0,
+                "the viewer outlived its client's close"
+            );
+        }
+        assert_eq!(producer.sessions(), 3);
+        assert!(producer.frames() >= 3);
+    }
+
+    #[tokio::test]
+    async fn bad_offers_are_refused_without_a_session() {
+        let producer = Producer::new(super::super::DemoSettings::default());
+        let user = Arc::new(UserInfo::http_anonymous());
+        let err = start(&producer, "v=0 nonsense", user).await.unwrap_err();
+        assert!(err.contains("not valid SDP"), "{err}");
+        assert_eq!(producer.sessions(), 0);
+    }
 }

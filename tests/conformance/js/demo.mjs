@@ -51,7 +51,7 @@ try {
   await second.goto(url);
   await second.click("#start");
   const t2 = Date.now();
-  while (Date.now() - t2 < 10000 && (await second.evaluate(() => window.demoStats()))?.framesDecoded < 10) await second.waitForTimeout(50);
+  while (Date.now() - t2 < 10000 && !((await second.evaluate(() => window.demoStats()))?.framesDecoded >= 10)) await second.waitForTimeout(50);
   const text2 = await confirm(second, () => second.fill("#text", "viewer two"), (c) => c.text === "viewer two");
   const still1 = await confirm(page, () => page.evaluate(() => window.demoSend({})), (c) => c.ok);
   const tooLong = await confirm(page, () => page.evaluate(() => window.demoSend({ text: "x".repeat(5000) })), (c) => c.ok === false);

@@ -30,7 +30,8 @@ const browser = await launchChromium();
 const firstFrame = async (page) => {
   const clicked = Date.now();
   await page.click("#start");
-  while ((await page.evaluate(() => window.demoStats()))?.framesDecoded < 1) {
+  // demoStats() is null until the page has a connection.
+  while (!((await page.evaluate(() => window.demoStats()))?.framesDecoded >= 1)) {
     if (Date.now() - clicked > 15000) throw new Error("no frame within 15 s");
     await page.waitForTimeout(5);
   }

@@ -201,3 +201,60 @@ def test_python_aiortc_client_receives_the_video_and_controls_it(own_server):
     wait_until(lambda: demo_gauge(server) == 0, 3, "the demo viewer to be cleaned up")
     assert demo_gauge(server, "hypha_rtc_demo_sessions_total") >= 1
     assert server.alive()
+
+
+def test_media_addresses_several_rtc_ips_and_a_public_one():
+    """Every --rtc-ip is a host candidate in the answer, --rtc-public-ip is advertised as well,
+    and the real Python client connects over one of them."""
+    import asyncio
+
+    from hypha_rpc import connect_to_server, get_rtc_service
+
+    from conftest import Server, run
+
+    server = Server("--rtc-ip", "127.0.0.1", "--rtc-ip", "127.0.0.2", "--rtc-public-ip", "127.0.0.3").start()
+
+    async def main():
+        client = await connect_to_server({"server_url": server.url})
+        got = asyncio.Event()
+
+        async def on_init(pc):
+            pc.addTransceiver("video", direction="recvonly")
+
+            @pc.on("track")
+            def on_track(track):
+                async def read():
+                    await track.recv()
+                    got.set()
+
+                asyncio.ensure_future(read())
+
+        pc = await get_rtc_service(client, "public/video-producer", {"on_init": on_init, "ice_servers": []})
+        await asyncio.wait_for(got.wait(), 20)
+        candidates = [line for line in pc.remoteDescription.sdp.splitlines() if line.startswith("a=candidate")]
+        await pc.close()
+        await client.disconnect()
+        return candidates
+
+    try:
+        candidates = run(main(), timeout=60)
+        for ip in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            assert any(f" {ip} " in c and "typ host" in c for c in candidates), (ip, candidates)
+    finally:
+        server.stop()
+
+
+def test_media_address_options_are_validated(tmp_path):
+    import subprocess
+
+    from conftest import BIN
+
+    for args, needle in [(["--rtc-public-ip", "::5"], "same IP version"),
+                         (["--rtc-public-ip", "0.0.0.0"], "--rtc-public-ip"),
+                         (["--rtc-ip", "224.0.0.1"], "--rtc-ip")]:
+        r = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10, cwd=tmp_path)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
+    # The environment takes a list; each entry is checked.
+    r = subprocess.run([BIN, "--port", "0"], capture_output=True, text=True, timeout=10, cwd=tmp_path,
+                       env={"PATH": "/usr/bin:/bin", "HYPHA_RTC_IP": "127.0.0.1, nope"})
+    assert r.returncode == 2 and "HYPHA_RTC_IP" in r.stderr and "nope" in r.stderr, r.stderr
