@@ -531,35 +531,19 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
         .unwrap_or("")
         .split([' ', ','])
         .filter(|s| !s.is_empty())
-        .map(|ip| {
-            ip.parse::<IpAddr>()
-                .ok()
-                .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
-                .ok_or_else(|| {
-                    SettingsError(format!(
-                        "--rtc-ip (HYPHA_RTC_IP): {ip:?} is not a unicast IP address of this machine"
-                    ))
-                })
-        })
+        .map(|ip| unicast_ip(ip, "--rtc-ip (HYPHA_RTC_IP)"))
         .collect::<Result<Vec<_>, _>>()?;
     let rtc_ips = if listed.is_empty() {
         crate::demo::addresses::automatic(&raw.host)
     } else {
         listed
     };
-    let rtc_public_ip = match raw.rtc_public_ip.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(ip) => Some(
-            ip.parse::<IpAddr>()
-                .ok()
-                .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
-                .ok_or_else(|| {
-                    SettingsError(format!(
-                        "--rtc-public-ip (HYPHA_RTC_PUBLIC_IP): {ip:?} is not a unicast IP address"
-                    ))
-                })?,
-        ),
-    };
+    let rtc_public_ip = raw
+        .rtc_public_ip
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|ip| unicast_ip(ip, "--rtc-public-ip (HYPHA_RTC_PUBLIC_IP)"))
+        .transpose()?;
     if let Some(public) = rtc_public_ip
         && !rtc_ips.iter().any(|ip| ip.is_ipv4() == public.is_ipv4())
     {
@@ -575,6 +559,14 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
         rtc_ips,
         rtc_public_ip,
     })
+}
+
+/// A unicast address for a media option, or an error naming the option.
+fn unicast_ip(text: &str, option: &str) -> Result<IpAddr, SettingsError> {
+    text.parse::<IpAddr>()
+        .ok()
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+        .ok_or_else(|| SettingsError(format!("{option}: {text:?} is not a unicast IP address")))
 }
 
 /// Validates the TURN options; every error names the option and the expected form.

@@ -85,31 +85,52 @@ const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"
 let pc = null, channel = null, confirmed = null;
 const $ = (id) => document.getElementById(id);
 function send(message) { if (channel && channel.readyState === "open") channel.send(JSON.stringify(message)); }
+// Signed-in users (the access_token cookie) get TURN credentials; others use host candidates.
+// Nothing waits on a STUN server: the server's candidates are in its answer. The list is
+// fetched when the page loads, so Start does not wait for it, and again after each use or
+// when it is an hour old (the credentials live for hours).
+let iceServers = null, iceFetchedAt = 0;
+function fetchIceServers() {
+  iceFetchedAt = performance.now();
+  iceServers = fetch("/public/services/coturn/get_rtc_ice_servers", { credentials: "same-origin" })
+    .then((r) => (r.ok ? r.json() : [])).catch(() => []);
+}
+async function iceServersForStart(relay) {
+  if (!iceServers || performance.now() - iceFetchedAt > 3600e3) fetchIceServers();
+  let list = await iceServers;
+  // Signed in after the page loaded: relay cannot do without credentials, so ask now.
+  if (relay && list.length === 0) { fetchIceServers(); list = await iceServers; }
+  fetchIceServers();
+  return list;
+}
+fetchIceServers();
 // Each Start that builds a connection is an attempt; Disconnect ends the current one, also
 // while it is still being set up, so no connection outlives its page's intent.
 let attempt = 0;
+// Start to first frame on screen, in milliseconds, for the stats line (and benchmarks).
+let startedAt = 0, firstFrameMs = null;
 async function start() {
   $("start").disabled = true;
   if (pc) { send({ paused: false }); $("stop").disabled = false; return; }  // resume
   const mine = ++attempt;
+  startedAt = performance.now(); firstFrameMs = null;
   $("disconnect").disabled = false;
-  // Signed-in users (the access_token cookie) get TURN credentials; others use host candidates.
-  // Nothing waits on a STUN server: the server's candidates are in its answer.
-  let iceServers = [];
   const relay = new URLSearchParams(location.search).get("relay") === "1";
-  try {
-    const r = await fetch("/public/services/coturn/get_rtc_ice_servers", { credentials: "same-origin" });
-    if (r.ok) iceServers = await r.json();
-  } catch (e) { /* no TURN credentials */ }
+  const servers = await iceServersForStart(relay);
   if (mine !== attempt) return;
-  if (relay && iceServers.length === 0) { $("stats").textContent = "relay needs a signed-in user and coturn"; disconnect(); return; }
-  pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: relay ? "relay" : "all" });
+  if (relay && servers.length === 0) { $("stats").textContent = "relay needs a signed-in user and coturn"; disconnect(); return; }
+  pc = new RTCPeerConnection({ iceServers: servers, iceTransportPolicy: relay ? "relay" : "all" });
   // The data channel must exist before the offer, or the offer has no m=application.
   channel = pc.createDataChannel("controls");
   channel.onopen = () => send({ text: $("text").value, speed: Number($("speed").value) * 10 });
   channel.onmessage = (e) => { confirmed = JSON.parse(e.data); $("confirm").textContent = JSON.stringify(confirmed); };
   pc.addTransceiver("video", { direction: "recvonly" });
-  pc.ontrack = (e) => { $("video").srcObject = new MediaStream([e.track]); };
+  pc.ontrack = (e) => {
+    const video = $("video");
+    video.srcObject = new MediaStream([e.track]);
+    const first = () => { if (mine === attempt && firstFrameMs === null) firstFrameMs = Math.round(performance.now() - startedAt); };
+    if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(first); else video.addEventListener("loadeddata", first, { once: true });
+  };
   const own = pc;
   await own.setLocalDescription(await own.createOffer());
   const response = await fetch("/demo/offer", { method: "POST", headers: { "Content-Type": "application/json" },
@@ -145,15 +166,18 @@ async function stats() {
     if (s.type === "inbound-rtp" && s.kind === "video") video = s;
     if (s.type === "transport" && s.selectedCandidatePairId) pair = report.get(s.selectedCandidatePairId);
   });
-  if (pair) local = report.get(pair.localCandidateId);
+  let remote = null;
+  if (pair) { local = report.get(pair.localCandidateId); remote = report.get(pair.remoteCandidateId); }
   return { framesDecoded: video ? video.framesDecoded : 0, frameWidth: video && video.frameWidth, frameHeight: video && video.frameHeight,
-    fps: video && video.framesPerSecond, rtt: pair && pair.currentRoundTripTime, candidate: local && local.candidateType };
+    fps: video && video.framesPerSecond, rtt: pair && pair.currentRoundTripTime, candidate: local && local.candidateType, remoteCandidate: remote && remote.candidateType,
+    firstFrameMs };
 }
 window.demoStats = stats;
+window.demoFirstFrameMs = () => firstFrameMs;
 
 setInterval(async () => {
   const s = await stats();
-  if (s) $("stats").textContent = `${s.frameWidth || "-"}x${s.frameHeight || "-"} ${s.fps || 0} fps, rtt ${s.rtt == null ? "-" : Math.round(s.rtt * 1000) + " ms"}, ${s.candidate || "-"} candidate, ${s.framesDecoded} frames`;
+  if (s) $("stats").textContent = `${s.frameWidth || "-"}x${s.frameHeight || "-"} ${s.fps || 0} fps, rtt ${s.rtt == null ? "-" : Math.round(s.rtt * 1000) + " ms"}, ${s.candidate || "-"} to ${s.remoteCandidate || "-"} candidate, ${s.framesDecoded} frames, first after ${s.firstFrameMs == null ? "-" : s.firstFrameMs + " ms"}`;
 }, 500);
 $("start").onclick = start;
 $("stop").onclick = stop;

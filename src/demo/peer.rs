@@ -90,6 +90,9 @@ struct Viewer {
     sockets: Sockets,
     /// Freed while paused, made anew (with a keyframe) on resume.
     encoder: Option<H264>,
+    /// The first keyframe, encoded while ICE and DTLS are still under way, so it goes out the
+    /// moment the session connects.
+    ready: Option<Vec<u8>>,
     bitrate: u32,
     frame: I420,
     scene: Scene,
@@ -131,6 +134,7 @@ impl Viewer {
             rtc,
             sockets,
             encoder: None,
+            ready: None,
             bitrate: bitrate(settings),
             frame: I420::new(settings.width, settings.height),
             scene,
@@ -168,6 +172,10 @@ impl Viewer {
 
     async fn serve(&mut self) -> End {
         let started = Instant::now();
+        match self.encode_next(0.0) {
+            Ok(unit) => self.ready = Some(unit),
+            Err(e) => return End::Failed(e),
+        }
         let frame_interval = Duration::from_secs_f64(1.0 / self.fps.max(1) as f64);
         let mut ticker = tokio::time::interval(frame_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -284,7 +292,17 @@ impl Viewer {
         }
     }
 
+    /// Sends the next frame: the one encoded ahead, if any, or a new one.
     fn send_frame(&mut self, elapsed: f32, started: Instant) -> Result<(), String> {
+        let unit = match self.ready.take() {
+            Some(unit) => unit,
+            None => self.encode_next(elapsed)?,
+        };
+        self.write(unit, started)
+    }
+
+    /// Moves the scene by `elapsed` seconds, renders it and encodes it.
+    fn encode_next(&mut self, elapsed: f32) -> Result<Vec<u8>, String> {
         let room = (
             (self.frame.width.saturating_sub(self.mask.width)) as f32,
             (self.frame.height.saturating_sub(self.mask.height)) as f32,
@@ -319,7 +337,11 @@ impl Viewer {
                 self.encoder.insert(H264::new(self.fps, self.bitrate)?)
             }
         };
-        let unit = encoder.encode(&self.frame, std::mem::take(&mut self.keyframe))?;
+        encoder.encode(&self.frame, std::mem::take(&mut self.keyframe))
+    }
+
+    /// Hands an encoded frame to str0m, stamped with the wall clock.
+    fn write(&mut self, unit: Vec<u8>, started: Instant) -> Result<(), String> {
         let Some(mid) = self.mid else { return Ok(()) };
         let Some(writer) = self.rtc.writer(mid) else {
             return Ok(());
@@ -354,6 +376,7 @@ impl Controllable for Viewer {
         if paused && !self.paused {
             // Stop frees the encoder; resume makes a new one and starts with a keyframe.
             self.encoder = None;
+            self.ready = None;
             self.paused_at = Some(Instant::now());
         }
         if !paused {

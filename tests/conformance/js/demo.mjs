@@ -18,6 +18,8 @@ try {
     await page.waitForTimeout(50);
   }
   const sixtyFramesMs = Date.now() - clicked;
+  const firstFrameMs = await page.evaluate(() => window.demoFirstFrameMs());
+  const statsLine = await page.locator("#stats").innerText();
   const distinctColours = await page.evaluate(() => {
     const video = document.getElementById("video");
     const canvas = document.createElement("canvas");
@@ -80,7 +82,8 @@ try {
   while (viewersAfter !== 0 && Date.now() - d0 < 10000) { await page.waitForTimeout(20); viewersAfter = await viewers(); }
   const disconnectMs = Date.now() - d0;
   console.log(`RESULT ${JSON.stringify({ ...stats, sixtyFramesMs, distinctColours, text1, speed1, text2, still1, tooLong, negative,
-    pausedFrames: pausedTo - pausedFrom, resumedFrames: resumed - pausedTo, secondFrames, viewersBefore, viewersAfter, disconnectMs })}`);
+    pausedFrames: pausedTo - pausedFrom, resumedFrames: resumed - pausedTo, secondFrames, viewersBefore, viewersAfter, disconnectMs,
+    firstFrameMs, statsLine })}`);
 } finally {
   await browser.close();
 }

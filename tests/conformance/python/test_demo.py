@@ -2,6 +2,7 @@
 str0m peer in headless Chromium; bad offers are refused with a message."""
 
 import json
+import re
 import urllib.request
 
 import pytest
@@ -29,6 +30,13 @@ def test_demo_page_plays_720p_in_chromium(server, tmp_path):
     assert result["framesDecoded"] >= 60, result
     assert (result["frameWidth"], result["frameHeight"]) == (1280, 720)
     assert result["sixtyFramesMs"] < 5000, result
+    # The page times Start to the first frame on screen and shows it in its stats line, with
+    # the resolution and the selected candidate type.
+    assert 0 < result["firstFrameMs"] < 5000, result
+    assert "1280x720" in result["statsLine"], result["statsLine"]
+    # The browser's end of a loopback pair is peer-reflexive; the server's is a host candidate.
+    assert re.search(r"(host|srflx|prflx|relay) to host candidate", result["statsLine"]), result["statsLine"]
+    assert f"first after {result['firstFrameMs']} ms" in result["statsLine"], result["statsLine"]
     assert result["distinctColours"] > 5, "the video frame looks blank"
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     # Text and speed apply to this viewer only, confirmed by the server within 100 ms.
