@@ -31,6 +31,9 @@ command -v chromium >/dev/null || apt_install chromium
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
 # openh264 builds its SIMD assembly only when nasm is present at build time (plain C, about
 # twice the CPU per frame, without it); an encoder built before nasm came is rebuilt.
+# VP8 (the vp8 feature, which the tests build) links Debian's libvpx through pkg-config.
+command -v pkg-config >/dev/null || apt_install pkg-config
+pkg-config --exists vpx 2>/dev/null || apt_install libvpx-dev
 if ! command -v nasm >/dev/null; then
     apt_install nasm
     cargo clean -p openh264-sys2 >/dev/null 2>&1 || true
@@ -59,12 +62,13 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy -D warnings"
+step "cargo clippy -D warnings (default features, and with vp8)"
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features vp8 -- -D warnings
 
-step "cargo test"
-cargo build --locked --bins
-cargo test --locked
+step "cargo test (with vp8)"
+cargo build --locked --bins --features vp8
+cargo test --locked --features vp8
 
 step "conformance suites (real hypha-rpc clients)"
 HYPHA_RTC_BIN="$CARGO_TARGET_DIR/debug/hypha-rtc" \

@@ -112,6 +112,9 @@ pub struct Cli {
     /// Frames per second of the demo video, 1 to 60 [default: 30]
     #[arg(long, value_name = "FPS")]
     pub demo_fps: Option<u32>,
+    /// Codec of the demo video: h264, or vp8 in builds with the vp8 feature [default: h264]
+    #[arg(long, value_name = "CODEC")]
+    pub demo_codec: Option<String>,
     /// Address the demo's media sockets bind to and advertise as a host candidate, repeatable (HYPHA_RTC_IP: several, separated by spaces or commas) [default: --host if it is one address; with 0.0.0.0 or ::, this machine's interface addresses]
     #[arg(long, value_name = "IP")]
     pub rtc_ip: Vec<std::net::IpAddr>,
@@ -201,6 +204,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "no_demo",
     "demo_resolution",
     "demo_fps",
+    "demo_codec",
     "rtc_ip",
     "rtc_public_ip",
 ];
@@ -237,6 +241,7 @@ struct Raw {
     no_demo: bool,
     demo_resolution: String,
     demo_fps: u32,
+    demo_codec: Option<String>,
     rtc_ip: Option<String>,
     rtc_public_ip: Option<String>,
 }
@@ -405,6 +410,11 @@ impl Settings {
             login_lockout,
             demo_fps
         );
+        if let Some(codec) = &cli.demo_codec {
+            builder = builder
+                .set_override("demo_codec", codec.clone())
+                .map_err(err)?;
+        }
         if let Some(resolution) = &cli.demo_resolution {
             builder = builder
                 .set_override("demo_resolution", resolution.clone())
@@ -525,6 +535,8 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
             "--demo-fps (HYPHA_DEMO_FPS): must be from 1 to 60".into(),
         ));
     }
+    let codec = crate::demo::encode::Codec::parse(raw.demo_codec.as_deref().unwrap_or("h264"))
+        .map_err(|e| SettingsError(format!("--demo-codec (HYPHA_DEMO_CODEC): {e}")))?;
     let listed = raw
         .rtc_ip
         .as_deref()
@@ -556,6 +568,7 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
         width,
         height,
         fps: raw.demo_fps,
+        codec,
         rtc_ips,
         rtc_public_ip,
     })

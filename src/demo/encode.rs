@@ -1,5 +1,6 @@
-//! H.264 (Constrained Baseline, for packetization-mode 1) with openh264 built from its bundled
-//! source. Its defaults are unusable for live video, so every rate setting is explicit.
+//! The demo's encoders: H.264 (Constrained Baseline, for packetization-mode 1) with openh264
+//! built from its bundled source, and VP8 through libvpx in builds with the `vp8` feature.
+//! openh264's defaults are unusable for live video, so every rate setting is explicit.
 
 use openh264::encoder::{
     BitRate, Complexity, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, Profile,
@@ -8,6 +9,62 @@ use openh264::encoder::{
 use openh264::formats::YUVSlices;
 
 use super::render::I420;
+
+/// The codec the demo streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    H264,
+    Vp8,
+}
+
+impl Codec {
+    /// Parses `--demo-codec`; VP8 only where the build has it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "h264" | "h.264" => Ok(Codec::H264),
+            "vp8" if cfg!(feature = "vp8") => Ok(Codec::Vp8),
+            "vp8" => Err(
+                "this build has no VP8: build it with `--features vp8` (needs Debian's libvpx-dev)"
+                    .into(),
+            ),
+            other => Err(format!("{other:?} is not a codec: h264 or vp8")),
+        }
+    }
+}
+
+/// A viewer's encoder, whichever the codec.
+pub enum VideoEncoder {
+    // openh264's encoder state is large (about 7 KB inline): keep the enum small.
+    H264(Box<H264>),
+    #[cfg(feature = "vp8")]
+    Vp8(super::vp8::Vp8),
+}
+
+impl VideoEncoder {
+    pub fn new(codec: Codec, frame: &I420, fps: u32, bitrate: u32) -> Result<Self, String> {
+        match codec {
+            Codec::H264 => H264::new(fps, bitrate).map(|e| VideoEncoder::H264(Box::new(e))),
+            #[cfg(feature = "vp8")]
+            Codec::Vp8 => {
+                super::vp8::Vp8::new(frame.width, frame.height, fps, bitrate).map(VideoEncoder::Vp8)
+            }
+            #[cfg(not(feature = "vp8"))]
+            Codec::Vp8 => {
+                let _ = frame;
+                Err("this build has no VP8".into())
+            }
+        }
+    }
+
+    /// Encodes a frame (an Annex-B access unit or a VP8 frame); `keyframe` forces one.
+    pub fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
+        match self {
+            VideoEncoder::H264(e) => e.encode(frame, keyframe),
+            #[cfg(feature = "vp8")]
+            VideoEncoder::Vp8(e) => e.encode(frame, keyframe),
+        }
+    }
+}
 
 /// One H.264 encoder for one viewer.
 pub struct H264 {

@@ -1,5 +1,5 @@
 //! The built-in video producer: scene (text animation), render (text into I420), encode
-//! (H.264), peer (one str0m session per viewer), controls (what a viewer may change, from the
+//! (H.264; VP8 with the `vp8` feature), peer (one str0m session per viewer), controls (what a viewer may change, from the
 //! page's JSON or as a hypha-rpc service on the data channel), page (HTML/JS at `/demo/`).
 
 pub mod addresses;
@@ -10,6 +10,8 @@ pub mod peer;
 pub mod render;
 pub mod scene;
 pub mod sockets;
+#[cfg(feature = "vp8")]
+pub mod vp8;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ pub struct DemoSettings {
     pub width: usize,
     pub height: usize,
     pub fps: u32,
+    pub codec: encode::Codec,
     /// Addresses the media sockets bind to, each advertised as a host candidate.
     pub rtc_ips: Vec<IpAddr>,
     /// An address that a 1:1 NAT maps onto the first of `rtc_ips`, advertised too.
@@ -37,6 +40,7 @@ impl Default for DemoSettings {
             width: 1280,
             height: 720,
             fps: 30,
+            codec: encode::Codec::H264,
             rtc_ips: Vec::new(),
             rtc_public_ip: None,
         }

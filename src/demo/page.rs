@@ -170,6 +170,7 @@ async function stats() {
   if (pair) { local = report.get(pair.localCandidateId); remote = report.get(pair.remoteCandidateId); }
   return { framesDecoded: video ? video.framesDecoded : 0, frameWidth: video && video.frameWidth, frameHeight: video && video.frameHeight,
     fps: video && video.framesPerSecond, rtt: pair && pair.currentRoundTripTime, candidate: local && local.candidateType, remoteCandidate: remote && remote.candidateType,
+    codec: video && video.codecId && report.get(video.codecId) ? report.get(video.codecId).mimeType : null,
     firstFrameMs };
 }
 window.demoStats = stats;
@@ -177,7 +178,7 @@ window.demoFirstFrameMs = () => firstFrameMs;
 
 setInterval(async () => {
   const s = await stats();
-  if (s) $("stats").textContent = `${s.frameWidth || "-"}x${s.frameHeight || "-"} ${s.fps || 0} fps, rtt ${s.rtt == null ? "-" : Math.round(s.rtt * 1000) + " ms"}, ${s.candidate || "-"} to ${s.remoteCandidate || "-"} candidate, ${s.framesDecoded} frames, first after ${s.firstFrameMs == null ? "-" : s.firstFrameMs + " ms"}`;
+  if (s) $("stats").textContent = `${s.codec || "-"} ${s.frameWidth || "-"}x${s.frameHeight || "-"} ${s.fps || 0} fps, rtt ${s.rtt == null ? "-" : Math.round(s.rtt * 1000) + " ms"}, ${s.candidate || "-"} to ${s.remoteCandidate || "-"} candidate, ${s.framesDecoded} frames, first after ${s.firstFrameMs == null ? "-" : s.firstFrameMs + " ms"}`;
 }, 500);
 $("start").onclick = start;
 $("stop").onclick = stop;

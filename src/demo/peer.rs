@@ -14,7 +14,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use super::controls::{self, ChannelPeer, Controllable, ViewerState};
-use super::encode::H264;
+use super::encode::{Codec, VideoEncoder};
 use super::render::{I420, TextMask};
 use super::scene::Scene;
 use super::sockets::Sockets;
@@ -54,10 +54,11 @@ pub async fn start(
     let sockets = Sockets::bind(&ips)
         .await
         .map_err(|e| format!("cannot open a media socket: {e}"))?;
-    let mut config = Rtc::builder()
-        .set_ice_lite(true)
-        .clear_codecs()
-        .enable_h264(true);
+    let mut config = Rtc::builder().set_ice_lite(true).clear_codecs();
+    config = match settings.codec {
+        Codec::H264 => config.enable_h264(true),
+        Codec::Vp8 => config.enable_vp8(true),
+    };
     if let Some(cert) = &producer.cert {
         config = config.set_dtls_cert(cert.clone());
     }
@@ -80,16 +81,30 @@ pub async fn start(
         .sdp_api()
         .accept_offer(offer)
         .map_err(|e| format!("cannot answer the offer: {e}"))?;
+    let answer = answer.to_sdp_string();
+    let (name, wanted) = match settings.codec {
+        Codec::H264 => (
+            "H264/90000",
+            "H.264 (Constrained Baseline, packetization-mode 1)",
+        ),
+        Codec::Vp8 => ("VP8/90000", "VP8"),
+    };
+    if !answer.contains(name) {
+        return Err(format!(
+            "the offer has no {wanted}, which this server streams"
+        ));
+    }
     let viewer = Viewer::new(producer, rtc, sockets, user);
     tokio::spawn(viewer.run());
-    Ok(answer.to_sdp_string())
+    Ok(answer)
 }
 
 struct Viewer {
     rtc: Rtc,
     sockets: Sockets,
     /// Freed while paused, made anew (with a keyframe) on resume.
-    encoder: Option<H264>,
+    encoder: Option<VideoEncoder>,
+    codec: Codec,
     /// The first keyframe, encoded while ICE and DTLS are still under way, so it goes out the
     /// moment the session connects.
     ready: Option<Vec<u8>>,
@@ -134,6 +149,7 @@ impl Viewer {
             rtc,
             sockets,
             encoder: None,
+            codec: settings.codec,
             ready: None,
             bitrate: bitrate(settings),
             frame: I420::new(settings.width, settings.height),
@@ -334,7 +350,8 @@ impl Viewer {
             Some(encoder) => encoder,
             None => {
                 self.keyframe = true;
-                self.encoder.insert(H264::new(self.fps, self.bitrate)?)
+                let encoder = VideoEncoder::new(self.codec, &self.frame, self.fps, self.bitrate)?;
+                self.encoder.insert(encoder)
             }
         };
         encoder.encode(&self.frame, std::mem::take(&mut self.keyframe))
@@ -424,6 +441,7 @@ mod tests {
         let mut client = Rtc::builder()
             .clear_codecs()
             .enable_h264(true)
+            .enable_vp8(true)
             .build(Instant::now());
         client.add_local_candidate(Candidate::host(local, "udp").unwrap());
         let mut api = client.sdp_api();
@@ -500,6 +518,19 @@ mod tests {
         }
         assert_eq!(producer.sessions(), 3);
         assert!(producer.frames() >= 3);
+    }
+
+    #[cfg(feature = "vp8")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vp8_session_streams() {
+        str0m::crypto::from_feature_flags().install_process_default();
+        let producer = Producer::new(super::super::DemoSettings {
+            width: 320,
+            height: 240,
+            codec: Codec::Vp8,
+            ..Default::default()
+        });
+        assert!(view(&producer, 10).await >= 10);
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ def test_demo_page_plays_720p_in_chromium(server, tmp_path):
     result = result_of(node("demo.mjs", f"{server.url}/demo/", timeout=90))
     assert result["framesDecoded"] >= 60, result
     assert (result["frameWidth"], result["frameHeight"]) == (1280, 720)
+    assert result["codec"] == "video/H264", result
     assert result["sixtyFramesMs"] < 5000, result
     # The page times Start to the first frame on screen and shows it in its stats line, with
     # the resolution and the selected candidate type.
@@ -83,6 +84,15 @@ def test_demo_options(tmp_path):
         assert (result["frameWidth"], result["frameHeight"]) == (640, 360), result
     finally:
         small.stop()
+    # VP8 through libvpx (the test command builds with the vp8 feature).
+    vp8 = Server("--demo-codec", "vp8").start()
+    try:
+        result = result_of(node("demo.mjs", f"{vp8.url}/demo/", timeout=90))
+        assert result["codec"] == "video/VP8" and result["framesDecoded"] >= 60, result
+        assert (result["frameWidth"], result["frameHeight"]) == (1280, 720), result
+        assert result["distinctColours"] > 5, "the VP8 frame looks blank"
+    finally:
+        vp8.stop()
     off = Server("--no-demo").start()
     try:
         try:
@@ -93,7 +103,7 @@ def test_demo_options(tmp_path):
     finally:
         off.stop()
     for args, needle in [(["--demo-resolution", "1280x721"], "--demo-resolution"), (["--demo-fps", "0"], "--demo-fps"),
-                         (["--rtc-ip", "nope"], "--rtc-ip")]:
+                         (["--rtc-ip", "nope"], "--rtc-ip"), (["--demo-codec", "av2"], "--demo-codec")]:
         r = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10, cwd=tmp_path)
         assert r.returncode == 2 and needle in r.stderr, r.stderr
 
