@@ -29,8 +29,8 @@ command -v npm >/dev/null || apt_install npm
 command -v turnserver >/dev/null || apt_install coturn
 command -v chromium >/dev/null || apt_install chromium
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
-# openh264 builds its SIMD assembly only when nasm is present at build time (plain C, about
-# twice the CPU per frame, without it); an encoder built before nasm came is rebuilt.
+# openh264 builds its SIMD assembly only when nasm is present at build time (silently plain C
+# without it); an encoder built before nasm came is rebuilt.
 # VP8 (the vp8 feature, which the tests build) links Debian's libvpx through pkg-config.
 command -v pkg-config >/dev/null || apt_install pkg-config
 pkg-config --exists vpx 2>/dev/null || apt_install libvpx-dev

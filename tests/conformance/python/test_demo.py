@@ -158,6 +158,15 @@ def test_python_aiortc_client_receives_the_video_and_controls_it(own_server):
     async def main():
         client = await connect_to_server({"server_url": server.url})
         sizes, enough = [], asyncio.Event()
+        # Bad offers through the service itself are rejected with a message.
+        producer = await client.get_service("public/video-producer")
+        for params, needle in [({"sdp": "nonsense", "type": "offer"}, "not valid SDP"),
+                               ({"sdp": "v=0", "type": "answer"}, "offer"), ({}, "sdp")]:
+            try:
+                await producer.offer(params)
+                raise AssertionError(f"{params} was accepted")
+            except Exception as e:  # noqa: BLE001 - hypha-rpc raises a plain Exception
+                assert needle in str(e), e
 
         async def on_init(pc):
             pc.addTransceiver("video", direction="recvonly")
