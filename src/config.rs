@@ -112,6 +112,9 @@ pub struct Cli {
     /// Frames per second of the demo video, 1 to 60 [default: 30]
     #[arg(long, value_name = "FPS")]
     pub demo_fps: Option<u32>,
+    /// Most demo viewers at once; more are refused until one leaves [default: 16]
+    #[arg(long, value_name = "COUNT")]
+    pub demo_max_viewers: Option<u32>,
     /// Codec of the demo video: h264, or vp8 in builds with the vp8 feature [default: h264]
     #[arg(long, value_name = "CODEC")]
     pub demo_codec: Option<String>,
@@ -204,6 +207,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "no_demo",
     "demo_resolution",
     "demo_fps",
+    "demo_max_viewers",
     "demo_codec",
     "rtc_ip",
     "rtc_public_ip",
@@ -241,6 +245,7 @@ struct Raw {
     no_demo: bool,
     demo_resolution: String,
     demo_fps: u32,
+    demo_max_viewers: u32,
     demo_codec: Option<String>,
     rtc_ip: Option<String>,
     rtc_public_ip: Option<String>,
@@ -348,6 +353,7 @@ impl Settings {
             .and_then(|b| b.set_default("login_lockout", 300))
             .and_then(|b| b.set_default("demo_resolution", "1280x720"))
             .and_then(|b| b.set_default("demo_fps", 30))
+            .and_then(|b| b.set_default("demo_max_viewers", 16))
             .map_err(err)?;
         if let Some(path) = &cli.config {
             builder = builder.add_source(File::from(path.as_path()).required(true));
@@ -408,7 +414,8 @@ impl Settings {
             ice_rate_limit,
             login_max_failures,
             login_lockout,
-            demo_fps
+            demo_fps,
+            demo_max_viewers
         );
         if let Some(codec) = &cli.demo_codec {
             builder = builder
@@ -545,10 +552,11 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
         .filter(|s| !s.is_empty())
         .map(|ip| unicast_ip(ip, "--rtc-ip (HYPHA_RTC_IP)"))
         .collect::<Result<Vec<_>, _>>()?;
-    let rtc_ips = if listed.is_empty() {
-        crate::demo::addresses::automatic(&raw.host)
-    } else {
+    let explicit = !listed.is_empty();
+    let rtc_ips = if explicit {
         listed
+    } else {
+        crate::demo::addresses::automatic(&raw.host)
     };
     let rtc_public_ip = raw
         .rtc_public_ip
@@ -556,6 +564,11 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
         .filter(|s| !s.is_empty())
         .map(|ip| unicast_ip(ip, "--rtc-public-ip (HYPHA_RTC_PUBLIC_IP)"))
         .transpose()?;
+    if rtc_public_ip.is_some() && !explicit {
+        return Err(SettingsError(
+            "--rtc-public-ip (HYPHA_RTC_PUBLIC_IP): also give --rtc-ip, the private address the NAT maps it onto".into(),
+        ));
+    }
     if let Some(public) = rtc_public_ip
         && !rtc_ips.iter().any(|ip| ip.is_ipv4() == public.is_ipv4())
     {
@@ -568,6 +581,7 @@ fn demo_settings(raw: &Raw) -> Result<crate::demo::DemoSettings, SettingsError> 
         width,
         height,
         fps: raw.demo_fps,
+        max_viewers: raw.demo_max_viewers as usize,
         codec,
         rtc_ips,
         rtc_public_ip,

@@ -19,9 +19,10 @@ use crate::workspace::manager::{Function, service_description};
 pub const SERVICE: &str = "controls";
 /// Longest text accepted from a viewer.
 pub const MAX_TEXT: usize = 200;
-/// Largest message accepted on the channel. hypha-rpc sends anything above 256 KiB in chunks
-/// through `message_cache`, which this peer refuses with a message.
-pub const MAX_MESSAGE: usize = 256 * 1024;
+/// Largest message accepted on the channel: a control call is a few hundred bytes, and a
+/// small cap bounds what decoding a hostile frame can allocate. hypha-rpc sends anything
+/// above 256 KiB in chunks through `message_cache`, which this peer refuses with a message.
+pub const MAX_MESSAGE: usize = 16 * 1024;
 
 /// A viewer whose controls can be changed. Values reaching it are already validated.
 pub trait Controllable {

@@ -31,6 +31,8 @@ pub struct DemoSettings {
     pub rtc_ips: Vec<IpAddr>,
     /// An address that a 1:1 NAT maps onto the first of `rtc_ips`, advertised too.
     pub rtc_public_ip: Option<IpAddr>,
+    /// Most viewer sessions alive at once; more are refused until one ends.
+    pub max_viewers: usize,
 }
 
 impl Default for DemoSettings {
@@ -43,6 +45,7 @@ impl Default for DemoSettings {
             codec: encode::Codec::H264,
             rtc_ips: Vec::new(),
             rtc_public_ip: None,
+            max_viewers: 16,
         }
     }
 }
@@ -91,11 +94,16 @@ impl Producer {
         self.sessions.load(Ordering::Relaxed)
     }
 
-    /// Counts a viewer for as long as the returned guard lives.
-    fn viewer_guard(self: &Arc<Self>) -> ViewerGuard {
-        self.viewers.fetch_add(1, Ordering::Relaxed);
-        self.sessions.fetch_add(1, Ordering::Relaxed);
-        ViewerGuard(self.clone())
+    /// Counts a viewer for as long as the returned guard lives; `None` when the producer
+    /// already has `max_viewers`, so a flood of offers cannot take every core and socket.
+    fn viewer_guard(self: &Arc<Self>) -> Option<ViewerGuard> {
+        let max = self.settings.max_viewers;
+        self.viewers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ViewerGuard(self.clone()))
     }
 }
 
@@ -103,6 +111,11 @@ impl Producer {
 struct ViewerGuard(Arc<Producer>);
 
 impl ViewerGuard {
+    /// Counts the session once it is set up, not offers refused on the way.
+    fn session_started(&self) {
+        self.0.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn frame_sent(&self) {
         self.0.frames.fetch_add(1, Ordering::Relaxed);
     }

@@ -58,9 +58,9 @@ async fn offer(
     .await
     {
         Ok(answer) => Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response(),
-        Err(detail) => (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({"detail": detail})),
+        Err(e) => (
+            e.status_code(),
+            Json(serde_json::json!({"detail": e.public_message()})),
         )
             .into_response(),
     }
@@ -111,33 +111,46 @@ let attempt = 0;
 let startedAt = 0, firstFrameMs = null;
 async function start() {
   $("start").disabled = true;
-  if (pc) { send({ paused: false }); $("stop").disabled = false; return; }  // resume
+  // Resume: only a live connection can; one the server has ended starts afresh.
+  if (pc && channel && channel.readyState === "open") { send({ paused: false }); $("stop").disabled = false; return; }
+  if (pc) disconnect();
   const mine = ++attempt;
   startedAt = performance.now(); firstFrameMs = null;
   $("disconnect").disabled = false;
+  try {
+    await connect(mine);
+  } catch (e) {
+    if (mine === attempt) { disconnect(); $("stats").textContent = "failed: " + e; }
+  }
+}
+async function connect(mine) {
   const relay = new URLSearchParams(location.search).get("relay") === "1";
   const servers = await iceServersForStart(relay);
   if (mine !== attempt) return;
-  if (relay && servers.length === 0) { $("stats").textContent = "relay needs a signed-in user and coturn"; disconnect(); return; }
-  pc = new RTCPeerConnection({ iceServers: servers, iceTransportPolicy: relay ? "relay" : "all" });
+  if (relay && servers.length === 0) { disconnect(); $("stats").textContent = "relay needs a signed-in user and coturn"; return; }
+  const own = pc = new RTCPeerConnection({ iceServers: servers, iceTransportPolicy: relay ? "relay" : "all" });
   // The data channel must exist before the offer, or the offer has no m=application.
-  channel = pc.createDataChannel("controls");
+  channel = own.createDataChannel("controls");
   channel.onopen = () => send({ text: $("text").value, speed: Number($("speed").value) * 10 });
   channel.onmessage = (e) => { confirmed = JSON.parse(e.data); $("confirm").textContent = JSON.stringify(confirmed); };
-  pc.addTransceiver("video", { direction: "recvonly" });
-  pc.ontrack = (e) => {
+  // The server ended the session (closed, silent too long, paused too long): say so.
+  own.onconnectionstatechange = () => {
+    if (mine === attempt && ["failed", "closed"].includes(own.connectionState)) { disconnect(); $("stats").textContent = "the connection ended"; }
+  };
+  own.addTransceiver("video", { direction: "recvonly" });
+  own.ontrack = (e) => {
     const video = $("video");
     video.srcObject = new MediaStream([e.track]);
     const first = () => { if (mine === attempt && firstFrameMs === null) firstFrameMs = Math.round(performance.now() - startedAt); };
     if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(first); else video.addEventListener("loadeddata", first, { once: true });
   };
-  const own = pc;
   await own.setLocalDescription(await own.createOffer());
   const response = await fetch("/demo/offer", { method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ sdp: own.localDescription.sdp, type: "offer" }) });
+  const body = await response.json();
   if (mine !== attempt) return;  // Disconnect closed `own` meanwhile
-  if (!response.ok) { const detail = (await response.json()).detail; disconnect(); $("stats").textContent = "refused: " + detail; return; }
-  await own.setRemoteDescription(await response.json());
+  if (!response.ok) { disconnect(); $("stats").textContent = "refused: " + body.detail; return; }
+  await own.setRemoteDescription(body);
   if (mine === attempt) $("stop").disabled = false;
 }
 // Stop pauses this viewer's stream; Start resumes it (with a fresh keyframe).

@@ -20,6 +20,7 @@ use super::scene::Scene;
 use super::sockets::Sockets;
 use super::{Producer, ViewerGuard};
 use crate::auth::UserInfo;
+use crate::error::Error;
 
 /// A viewer from which nothing has arrived within this time is dropped (slow relays included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,13 +40,22 @@ pub async fn start(
     producer: &Arc<Producer>,
     offer: &str,
     user: Arc<UserInfo>,
-) -> Result<String, String> {
-    let offer =
-        SdpOffer::from_sdp_string(offer).map_err(|e| format!("the offer is not valid SDP: {e}"))?;
+) -> Result<String, Error> {
+    let bad = Error::BadRequest;
+    let offer = SdpOffer::from_sdp_string(offer)
+        .map_err(|e| bad(format!("the offer is not valid SDP: {e}")))?;
     if !offer.to_sdp_string().contains("m=video") {
-        return Err("the offer has no video: add a receive-only video transceiver".into());
+        return Err(bad(
+            "the offer has no video: add a receive-only video transceiver".into(),
+        ));
     }
     let settings = &producer.settings;
+    let guard = producer.viewer_guard().ok_or_else(|| {
+        Error::Unavailable(format!(
+            "the demo already has {} viewers, the most it takes: try again later",
+            settings.max_viewers
+        ))
+    })?;
     let ips = if settings.rtc_ips.is_empty() {
         vec![IpAddr::from([127, 0, 0, 1])]
     } else {
@@ -53,7 +63,7 @@ pub async fn start(
     };
     let sockets = Sockets::bind(&ips)
         .await
-        .map_err(|e| format!("cannot open a media socket: {e}"))?;
+        .map_err(|e| Error::Internal(format!("cannot open a media socket: {e}")))?;
     let mut config = Rtc::builder().set_ice_lite(true).clear_codecs();
     config = match settings.codec {
         Codec::H264 => config.enable_h264(true),
@@ -65,7 +75,9 @@ pub async fn start(
     let mut rtc = config.build(Instant::now());
     let locals = sockets.local_addrs();
     for local in &locals {
-        rtc.add_local_candidate(Candidate::host(*local, "udp").map_err(|e| e.to_string())?);
+        let candidate =
+            Candidate::host(*local, "udp").map_err(|e| Error::Internal(e.to_string()))?;
+        rtc.add_local_candidate(candidate);
     }
     // Behind a 1:1 NAT the public address maps onto the bound one, port for port: advertise
     // it on the port of the first socket of its family. What arrives through the NAT lands
@@ -74,13 +86,13 @@ pub async fn start(
         && let Some(base) = locals.iter().find(|a| a.is_ipv4() == public.is_ipv4())
     {
         let candidate = Candidate::host(SocketAddr::new(public, base.port()), "udp")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::Internal(e.to_string()))?;
         rtc.add_local_candidate(candidate);
     }
     let answer = rtc
         .sdp_api()
         .accept_offer(offer)
-        .map_err(|e| format!("cannot answer the offer: {e}"))?;
+        .map_err(|e| bad(format!("cannot answer the offer: {e}")))?;
     let answer = answer.to_sdp_string();
     let (name, wanted) = match settings.codec {
         Codec::H264 => (
@@ -90,11 +102,12 @@ pub async fn start(
         Codec::Vp8 => ("VP8/90000", "VP8"),
     };
     if !answer.contains(name) {
-        return Err(format!(
+        return Err(bad(format!(
             "the offer has no {wanted}, which this server streams"
-        ));
+        )));
     }
-    let viewer = Viewer::new(producer, rtc, sockets, user);
+    guard.session_started();
+    let viewer = Viewer::new(producer, rtc, sockets, user, guard);
     tokio::spawn(viewer.run());
     Ok(answer)
 }
@@ -141,7 +154,13 @@ enum End {
 }
 
 impl Viewer {
-    fn new(producer: &Arc<Producer>, rtc: Rtc, sockets: Sockets, user: Arc<UserInfo>) -> Self {
+    fn new(
+        producer: &Arc<Producer>,
+        rtc: Rtc,
+        sockets: Sockets,
+        user: Arc<UserInfo>,
+        guard: ViewerGuard,
+    ) -> Self {
         let settings = &producer.settings;
         let scene = Scene::new("hypha-rtc", 240.0);
         Self {
@@ -165,7 +184,7 @@ impl Viewer {
             last_heard: None,
             frames: 0,
             measured_fps: 0.0,
-            guard: producer.viewer_guard(),
+            guard,
         }
     }
 
@@ -218,8 +237,11 @@ impl Viewer {
                 received = self.sockets.recv() => {
                     let Some(datagram) = received else { return End::Failed("media sockets closed".into()) };
                     let Ok(contents) = datagram.data.as_slice().try_into() else { continue };
-                    self.last_heard = Some(Instant::now());
                     let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source: datagram.source, destination: datagram.destination, contents });
+                    // Only this session's peer counts: a stray sender can neither keep it alive
+                    // nor feed it packets that end it.
+                    if !self.rtc.accepts(&input) { continue; }
+                    self.last_heard = Some(Instant::now());
                     if let Err(e) = self.rtc.handle_input(input) { return End::Failed(e.to_string()); }
                 }
                 _ = tokio::time::sleep(wait) => {
@@ -290,9 +312,16 @@ impl Viewer {
                         };
                         if let Some((binary, reply)) = reply
                             && let Some(mut channel) = self.rtc.channel(data.id)
-                            && let Err(e) = channel.write(binary, &reply)
                         {
-                            tracing::debug!(error = %e, "demo control reply not sent");
+                            match channel.write(binary, &reply) {
+                                Ok(true) => {}
+                                Ok(false) => tracing::debug!(
+                                    "demo control reply dropped: the channel's buffer is full"
+                                ),
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "demo control reply not sent")
+                                }
+                            }
                         }
                     }
                     // The page's controls channel closing means the page is gone.
@@ -534,11 +563,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn viewers_beyond_the_limit_are_refused() {
+        str0m::crypto::from_feature_flags().install_process_default();
+        let producer = Producer::new(super::super::DemoSettings {
+            width: 160,
+            height: 120,
+            max_viewers: 1,
+            ..Default::default()
+        });
+        let offer = || {
+            let mut client = Rtc::builder().enable_h264(true).build(Instant::now());
+            let mut api = client.sdp_api();
+            api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+            api.apply().unwrap().0.to_sdp_string()
+        };
+        let user = Arc::new(UserInfo::http_anonymous());
+        start(&producer, &offer(), user.clone()).await.unwrap();
+        let err = start(&producer, &offer(), user).await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("1 viewers"), "{err}");
+        assert_eq!((producer.viewers(), producer.sessions()), (1, 1));
+    }
+
+    #[tokio::test]
     async fn bad_offers_are_refused_without_a_session() {
         let producer = Producer::new(super::super::DemoSettings::default());
         let user = Arc::new(UserInfo::http_anonymous());
         let err = start(&producer, "v=0 nonsense", user).await.unwrap_err();
-        assert!(err.contains("not valid SDP"), "{err}");
+        assert!(err.to_string().contains("not valid SDP"), "{err}");
         assert_eq!(producer.sessions(), 0);
     }
 }

@@ -454,8 +454,9 @@ impl MethodMessage {
                 "end-to-end encrypted calls to the server are not supported".into(),
             ));
         }
-        let args = match get(&body, "args") {
-            Some(Value::Array(items)) => items.clone(),
+        let mut body = body;
+        let args = match take(&mut body, "args") {
+            Some(Value::Array(items)) => items,
             Some(Value::Nil) | None => Vec::new(),
             Some(_) => return Err(Error::BadRequest("args must be a list".into())),
         };
@@ -571,6 +572,15 @@ impl Drop for PendingGuard<'_> {
 
 fn send_error(e: SendError) -> Error {
     Error::Unavailable(e.to_string())
+}
+
+/// Moves a key's value out of a map (instead of cloning a possibly large argument list).
+fn take(map: &mut Value, key: &str) -> Option<Value> {
+    let Value::Map(entries) = map else {
+        return None;
+    };
+    let index = entries.iter().position(|(k, _)| k.as_str() == Some(key))?;
+    Some(entries.swap_remove(index).1)
 }
 
 fn seconds(v: &Value) -> Option<Duration> {

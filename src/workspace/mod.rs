@@ -114,9 +114,7 @@ pub async fn call_hosted(
             if crate::rpc::value::get_str(params, "type") != Some("offer") {
                 return Err(Error::BadRequest("type must be \"offer\"".into()));
             }
-            let answer = crate::demo::peer::start(&state.demo, sdp, ctx.user.clone())
-                .await
-                .map_err(Error::BadRequest)?;
+            let answer = crate::demo::peer::start(&state.demo, sdp, ctx.user.clone()).await?;
             Ok(obj([
                 ("sdp", answer.into()),
                 ("type", "answer".into()),

@@ -40,8 +40,9 @@ try {
     const t0 = Date.now();
     await action();
     while (Date.now() - t0 < 5000) {
-      const c = await p.evaluate(() => window.demoConfirmed());
-      if (c && c !== null && accept(c)) return { ...c, ms: Date.now() - t0 };
+      // Only a confirmation that arrived after the action counts.
+      const c = await p.evaluate(() => { const c = window.demoConfirmed(); return c !== window.__before ? c : null; });
+      if (c && accept(c)) return { ...c, ms: Date.now() - t0 };
       await p.waitForTimeout(10);
     }
     return null;

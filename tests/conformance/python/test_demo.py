@@ -276,7 +276,8 @@ def test_media_address_options_are_validated(tmp_path):
 
     from conftest import BIN
 
-    for args, needle in [(["--rtc-public-ip", "::5"], "same IP version"),
+    for args, needle in [(["--rtc-public-ip", "::5", "--rtc-ip", "127.0.0.1"], "same IP version"),
+                         (["--rtc-public-ip", "192.0.2.7"], "also give --rtc-ip"),
                          (["--rtc-public-ip", "0.0.0.0"], "--rtc-public-ip"),
                          (["--rtc-ip", "224.0.0.1"], "--rtc-ip")]:
         r = subprocess.run([BIN, "--port", "0", *args], capture_output=True, text=True, timeout=10, cwd=tmp_path)
