@@ -3,7 +3,7 @@
 //! to the `controls` service, answered by the server's own RPC runtime, so a Python or
 //! JavaScript client reaches it with `pc.get_service("controls")`.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use rmpv::Value;
@@ -146,25 +146,16 @@ const FUNCTIONS: &[Function] = &[
     },
 ];
 
-/// Who is on the other end of a data channel: known from the signaling call that opened it.
-#[derive(Clone)]
-pub struct ChannelPeer {
-    pub user: Arc<UserInfo>,
-    /// The `user` field of the frames this peer sends.
-    pub reply_user: Value,
-}
+/// The `user` field of the frames this peer sends.
+static REPLY_USER: LazyLock<Value> = LazyLock::new(|| obj([("id", "video-producer".into())]));
 
-impl ChannelPeer {
-    pub fn new(user: Arc<UserInfo>) -> Self {
-        Self {
-            user,
-            reply_user: obj([("id", "video-producer".into())]),
-        }
-    }
-}
-
-/// Answers one hypha-rpc frame from the channel; returns the reply frame, if any.
-pub fn on_rpc(viewer: &mut impl Controllable, data: Vec<u8>, peer: &ChannelPeer) -> Option<Bytes> {
+/// Answers one hypha-rpc frame from the channel; returns the reply frame, if any. `user` is
+/// who opened the channel, known from the signaling call.
+pub fn on_rpc(
+    viewer: &mut impl Controllable,
+    data: Vec<u8>,
+    user: &Arc<UserInfo>,
+) -> Option<Bytes> {
     if data.len() > MAX_MESSAGE {
         tracing::debug!(
             bytes = data.len(),
@@ -186,7 +177,7 @@ pub fn on_rpc(viewer: &mut impl Controllable, data: Vec<u8>, peer: &ChannelPeer)
     let incoming = Incoming {
         from,
         ws: "public".into(),
-        user: peer.user.clone(),
+        user: user.clone(),
         to,
         frame,
     };
@@ -199,7 +190,7 @@ pub fn on_rpc(viewer: &mut impl Controllable, data: Vec<u8>, peer: &ChannelPeer)
         }
     };
     let outcome = dispatch(viewer, &call);
-    peer::reply_frame(&call, outcome, &peer.reply_user)
+    peer::reply_frame(&call, outcome, &REPLY_USER)
 }
 
 fn dispatch(viewer: &mut impl Controllable, call: &Call) -> Result<Value, Error> {
@@ -324,8 +315,8 @@ mod tests {
         (frame.field("method").unwrap().to_string(), first)
     }
 
-    fn peer() -> ChannelPeer {
-        ChannelPeer::new(Arc::new(UserInfo::http_anonymous()))
+    fn peer() -> Arc<UserInfo> {
+        Arc::new(UserInfo::http_anonymous())
     }
 
     #[test]

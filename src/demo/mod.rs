@@ -43,7 +43,7 @@ impl Default for DemoSettings {
             height: 720,
             fps: 30,
             codec: encode::Codec::H264,
-            rtc_ips: Vec::new(),
+            rtc_ips: vec![IpAddr::from([127, 0, 0, 1])],
             rtc_public_ip: None,
             max_viewers: 16,
         }

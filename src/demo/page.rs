@@ -1,7 +1,7 @@
 //! `/demo/`: Start and Stop, a text box, a speed slider, the video and a line of live stats;
 //! `POST /demo/offer` answers the page's offer.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -66,8 +66,12 @@ async fn offer(
     }
 }
 
-async fn page() -> Html<String> {
-    Html(PAGE.replace("{MAX_TEXT}", &super::controls::MAX_TEXT.to_string()))
+/// The page with its limits filled in, built on first use.
+static PAGE_HTML: LazyLock<String> =
+    LazyLock::new(|| PAGE.replace("{MAX_TEXT}", &super::controls::MAX_TEXT.to_string()));
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE_HTML.as_str())
 }
 
 const PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8">

@@ -3,7 +3,7 @@
 //! The session ends, and everything it holds is freed, when the browser closes the connection,
 //! when nothing is heard from it for a while, when ICE fails, or when it never connects.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use str0m::media::{MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
-use super::controls::{self, ChannelPeer, Controllable, ViewerState};
+use super::controls::{self, Controllable, ViewerState};
 use super::encode::{Codec, VideoEncoder};
 use super::render::{I420, TextMask};
 use super::scene::Scene;
@@ -56,12 +56,7 @@ pub async fn start(
             settings.max_viewers
         ))
     })?;
-    let ips = if settings.rtc_ips.is_empty() {
-        vec![IpAddr::from([127, 0, 0, 1])]
-    } else {
-        settings.rtc_ips.clone()
-    };
-    let sockets = Sockets::bind(&ips)
+    let sockets = Sockets::bind(&settings.rtc_ips)
         .await
         .map_err(|e| Error::Internal(format!("cannot open a media socket: {e}")))?;
     let mut config = Rtc::builder().set_ice_lite(true).clear_codecs();
@@ -129,10 +124,11 @@ struct Viewer {
     mid: Option<Mid>,
     /// The data channel the viewer opened, for the controls.
     channel: Option<ChannelId>,
-    channel_peer: ChannelPeer,
+    /// Who asked for the session: the context of calls on its data channel.
+    user: Arc<UserInfo>,
     connected: bool,
     keyframe: bool,
-    paused: bool,
+    /// Since when the viewer is paused; `None` while it plays.
     paused_at: Option<Instant>,
     /// When the browser was last heard from; `None` before its first packet.
     last_heard: Option<Instant>,
@@ -176,10 +172,9 @@ impl Viewer {
             fps: settings.fps,
             mid: None,
             channel: None,
-            channel_peer: ChannelPeer::new(user),
+            user,
             connected: false,
             keyframe: true,
-            paused: false,
             paused_at: None,
             last_heard: None,
             frames: 0,
@@ -232,7 +227,7 @@ impl Viewer {
             let wait = timeout
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_millis(1), Duration::from_secs(1));
-            let sending = self.connected && self.mid.is_some() && !self.paused;
+            let sending = self.connected && self.mid.is_some() && self.paused_at.is_none();
             tokio::select! {
                 received = self.sockets.recv() => {
                     let Some(datagram) = received else { return End::Failed("media sockets closed".into()) };
@@ -270,13 +265,14 @@ impl Viewer {
 
     /// Whether the session has outlived one of its limits.
     fn expired(&self, started: Instant) -> Option<End> {
-        match self.last_heard {
-            None if started.elapsed() > CONNECT_TIMEOUT => return Some(End::NeverConnected),
-            Some(heard) if heard.elapsed() > SILENCE_TIMEOUT => return Some(End::Silent),
-            _ => {}
-        }
         if !self.connected && started.elapsed() > CONNECT_TIMEOUT {
             return Some(End::NeverConnected);
+        }
+        if self
+            .last_heard
+            .is_some_and(|heard| heard.elapsed() > SILENCE_TIMEOUT)
+        {
+            return Some(End::Silent);
         }
         if self.paused_at.is_some_and(|at| at.elapsed() > PAUSE_LIMIT) {
             return Some(End::PausedTooLong);
@@ -305,8 +301,8 @@ impl Viewer {
                     // calls to the `controls` service.
                     Event::ChannelData(data) => {
                         let reply = if data.binary {
-                            controls::on_rpc(self, data.data, &self.channel_peer.clone())
-                                .map(|b| (true, b.to_vec()))
+                            let user = self.user.clone();
+                            controls::on_rpc(self, data.data, &user).map(|b| (true, b.to_vec()))
                         } else {
                             Some((false, controls::on_json(self, &data.data).into_bytes()))
                         };
@@ -419,26 +415,26 @@ impl Controllable for Viewer {
     }
 
     fn set_paused(&mut self, paused: bool) {
-        if paused && !self.paused {
-            // Stop frees the encoder; resume makes a new one and starts with a keyframe.
-            self.encoder = None;
-            self.ready = None;
-            self.paused_at = Some(Instant::now());
-        }
-        if !paused {
-            self.paused_at = None;
-            if self.paused {
+        match (paused, self.paused_at.is_some()) {
+            (true, false) => {
+                // Stop frees the encoder; resume makes a new one and starts with a keyframe.
+                self.encoder = None;
+                self.ready = None;
+                self.paused_at = Some(Instant::now());
+            }
+            (false, true) => {
+                self.paused_at = None;
                 self.keyframe = true;
             }
+            _ => {}
         }
-        self.paused = paused;
     }
 
     fn state(&self) -> ViewerState {
         ViewerState {
             text: self.scene.text.clone(),
             speed: self.scene.speed,
-            paused: self.paused,
+            paused: self.paused_at.is_some(),
             width: self.frame.width,
             height: self.frame.height,
             frames: self.frames,

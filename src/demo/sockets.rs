@@ -24,7 +24,8 @@ pub struct Datagram {
 
 /// The sockets of one viewer.
 pub struct Sockets {
-    sockets: Vec<Arc<UdpSocket>>,
+    /// Each socket with the address it is bound to (looked up once, not per packet).
+    sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
     incoming: mpsc::Receiver<Datagram>,
     _readers: JoinSet<()>,
 }
@@ -39,7 +40,7 @@ impl Sockets {
             let socket = Arc::new(UdpSocket::bind(SocketAddr::new(*ip, 0)).await?);
             let local = socket.local_addr()?;
             readers.spawn(read(socket.clone(), local, tx.clone()));
-            sockets.push(socket);
+            sockets.push((local, socket));
         }
         Ok(Self {
             sockets,
@@ -50,10 +51,7 @@ impl Sockets {
 
     /// The addresses the sockets are bound to.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.sockets
-            .iter()
-            .filter_map(|s| s.local_addr().ok())
-            .collect()
+        self.sockets.iter().map(|(local, _)| *local).collect()
     }
 
     /// The next datagram from any socket; `None` once every reader has stopped.
@@ -64,18 +62,17 @@ impl Sockets {
     /// Sends from the socket bound to `source`, or the one on the same port (an address that a
     /// NAT maps onto it), or the first.
     pub async fn send(&self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
-        let bound = |s: &&Arc<UdpSocket>| s.local_addr().ok();
         let socket = self
             .sockets
             .iter()
-            .find(|s| bound(s) == Some(source))
+            .find(|(local, _)| *local == source)
             .or_else(|| {
                 self.sockets
                     .iter()
-                    .find(|s| bound(s).map(|a| a.port()) == Some(source.port()))
+                    .find(|(local, _)| local.port() == source.port())
             })
             .or(self.sockets.first());
-        if let Some(socket) = socket
+        if let Some((_, socket)) = socket
             && let Err(e) = socket.send_to(data, destination).await
         {
             tracing::trace!(error = %e, %destination, "demo media datagram not sent");

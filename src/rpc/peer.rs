@@ -182,16 +182,7 @@ impl ServerPeer {
         ws: &str,
         user: &Value,
     ) -> Result<(), Error> {
-        let header = obj([
-            ("type", "method".into()),
-            ("from", from.into()),
-            ("to", to.into()),
-            ("method", method.into()),
-            ("ws", ws.into()),
-            ("user", user.clone()),
-        ]);
-        let body = obj([("args", Value::Array(args))]);
-        let data = frame::encode(&header, Some(&body));
+        let data = method_frame(from, to, method, args, ws, user);
         self.deliver(from, ws, to, data).await
     }
 
@@ -442,7 +433,7 @@ impl MethodMessage {
             .field("method")
             .ok_or_else(|| Error::BadRequest("the call names no method".into()))?
             .to_string();
-        let body = if frame.body.is_empty() {
+        let mut body = if frame.body.is_empty() {
             Value::Map(Vec::new())
         } else {
             rmpv::decode::read_value_with_max_depth(&mut &frame.body[..], 256).map_err(|e| {
@@ -454,7 +445,6 @@ impl MethodMessage {
                 "end-to-end encrypted calls to the server are not supported".into(),
             ));
         }
-        let mut body = body;
         let args = match take(&mut body, "args") {
             Some(Value::Array(items)) => items,
             Some(Value::Nil) | None => Vec::new(),
@@ -546,16 +536,35 @@ pub fn reply_frame(call: &Call, outcome: Result<Value, Error>, user: &Value) -> 
         Ok(v) => (&reply.resolve, v),
         Err(e) => (&reply.reject, e.to_reject()),
     };
+    Some(method_frame(
+        &call.ctx.to,
+        &call.ctx.from,
+        method,
+        vec![value],
+        "*",
+        user,
+    ))
+}
+
+/// A `method` message with no promise: replies, heartbeats and other one-way calls.
+fn method_frame(
+    from: &str,
+    to: &str,
+    method: &str,
+    args: Vec<Value>,
+    ws: &str,
+    user: &Value,
+) -> Bytes {
     let header = obj([
         ("type", "method".into()),
-        ("from", call.ctx.to.as_str().into()),
-        ("to", call.ctx.from.as_str().into()),
-        ("method", method.as_str().into()),
-        ("ws", "*".into()),
+        ("from", from.into()),
+        ("to", to.into()),
+        ("method", method.into()),
+        ("ws", ws.into()),
         ("user", user.clone()),
     ]);
-    let body = obj([("args", Value::Array(vec![value]))]);
-    Some(frame::encode(&header, Some(&body)))
+    let body = obj([("args", Value::Array(args))]);
+    frame::encode(&header, Some(&body))
 }
 
 /// Removes a pending call however its wait ends.
