@@ -26,6 +26,10 @@ struct Options {
     pid: Option<u32>,
     #[arg(long, default_value = "hypha-rtc")]
     label: String,
+    /// Websocket URL the responders connect to (another instance of a cluster, for the
+    /// cross-instance figures) [default: --url]
+    #[arg(long)]
+    responder_url: Option<String>,
     /// Sequential calls for the single-pair figures.
     #[arg(long, default_value_t = 5000)]
     calls: usize,
@@ -251,12 +255,12 @@ impl Drop for Pairs {
     }
 }
 
-async fn connect_pairs(url: &str, pairs: usize) -> Pairs {
+async fn connect_pairs(url: &str, responder_url: &str, pairs: usize) -> Pairs {
     let mut callers = Vec::new();
     let mut responders = Vec::new();
     for i in 0..pairs {
         let (responder, responder_addr) =
-            connect(url, &format!("resp-{i}-{}", std::process::id())).await;
+            connect(responder_url, &format!("resp-{i}-{}", std::process::id())).await;
         responders.push(tokio::spawn(respond(responder)));
         let (caller, _) = connect(url, &format!("call-{i}-{}", std::process::id())).await;
         callers.push((caller, responder_addr));
@@ -527,8 +531,12 @@ async fn main() {
         return;
     }
     let direct = direct_baseline(options.calls).await;
+    let responder_url = options.responder_url.clone().unwrap_or_else(|| url.clone());
+    if responder_url != url {
+        println!("responders connect to {responder_url}");
+    }
     let (responder, responder_addr) =
-        connect(&url, &format!("seq-resp-{}", std::process::id())).await;
+        connect(&responder_url, &format!("seq-resp-{}", std::process::id())).await;
     let responder = tokio::spawn(respond(responder));
     let (mut caller, _) = connect(&url, &format!("seq-call-{}", std::process::id())).await;
     let routed = sequential(&mut caller, &responder_addr, options.calls).await;
@@ -547,7 +555,7 @@ async fn main() {
         added50,
         added99
     );
-    let mut pairs = connect_pairs(&url, options.pairs).await;
+    let mut pairs = connect_pairs(&url, &responder_url, options.pairs).await;
     let (rtts, calls_per_s) = concurrent(&mut pairs, 1, options.seconds).await;
     println!(
         "routed call round trip, {} concurrent pairs: p50 {:.0} us, p99 {:.0} us; {} calls/s = {} routed messages/s",

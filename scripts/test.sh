@@ -29,6 +29,7 @@ command -v npm >/dev/null || apt_install npm
 command -v turnserver >/dev/null || apt_install coturn
 command -v chromium >/dev/null || apt_install chromium
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+command -v redis-server >/dev/null || apt_install redis-server
 # openh264 builds its SIMD assembly only when nasm is present at build time (silently plain C
 # without it); an encoder built before nasm came is rebuilt.
 # VP8 (the vp8 feature, which the tests build) links Debian's libvpx through pkg-config.

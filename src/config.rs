@@ -97,6 +97,9 @@ pub struct Cli {
     /// Database URL [default: sqlite://<data-dir>/hypha-rtc.db]
     #[arg(long, value_name = "URL", global = true)]
     pub database_url: Option<String>,
+    /// Redis for several instances behind one address: routing between them and the shared service registry, e.g. redis://127.0.0.1:6379/0 [default: none, everything in-process]
+    #[arg(long, value_name = "URL")]
+    pub redis_uri: Option<String>,
     /// Failed sign-ins (per email, and per address) before a lock-out [default: 5]
     #[arg(long, value_name = "COUNT")]
     pub login_max_failures: Option<u32>,
@@ -202,6 +205,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "ice_rate_limit",
     "data_dir",
     "database_url",
+    "redis_uri",
     "login_max_failures",
     "login_lockout",
     "no_demo",
@@ -239,6 +243,7 @@ struct Raw {
     ice_rate_limit: u32,
     data_dir: PathBuf,
     database_url: Option<String>,
+    redis_uri: Option<String>,
     login_max_failures: u32,
     login_lockout: u64,
     #[serde(default)]
@@ -275,6 +280,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// `None`: a SQLite file in `data_dir`.
     pub database_url: Option<String>,
+    /// `None`: one instance, bus and registry in-process. May hold a password.
+    pub redis_uri: Option<SecretString>,
     pub login_max_failures: u32,
     pub login_lockout: Duration,
     pub demo: crate::demo::DemoSettings,
@@ -307,6 +314,7 @@ impl Default for Settings {
             },
             data_dir: PathBuf::from("hypha-rtc-data"),
             database_url: None,
+            redis_uri: None,
             login_max_failures: 5,
             login_lockout: Duration::from_secs(300),
             demo: crate::demo::DemoSettings::default(),
@@ -384,7 +392,8 @@ impl Settings {
             coturn_secret,
             coturn_uri,
             public_coturn_uri,
-            database_url
+            database_url,
+            redis_uri
         );
         if let Some(dir) = &cli.data_dir {
             builder = builder
@@ -492,6 +501,16 @@ impl Settings {
                 "public_base_url must start with http:// or https://, got {url:?}"
             )));
         }
+        if let Some(uri) = raw.redis_uri.as_deref().filter(|u| !u.is_empty())
+            && !(uri.starts_with("redis://")
+                || uri.starts_with("redis+unix://")
+                || uri.starts_with("unix://"))
+        {
+            return Err(SettingsError(format!(
+                "redis_uri must start with redis://, redis+unix:// or unix://, got {:?}",
+                crate::hub::redis_bus::redact(uri)
+            )));
+        }
         let settings = Settings {
             host: raw.host,
             port: raw.port,
@@ -515,6 +534,10 @@ impl Settings {
             turn,
             data_dir: raw.data_dir,
             database_url: raw.database_url.filter(|u| !u.is_empty()),
+            redis_uri: raw
+                .redis_uri
+                .filter(|u| !u.is_empty())
+                .map(SecretString::from),
             login_max_failures: raw.login_max_failures.max(1),
             login_lockout: Duration::from_secs(raw.login_lockout),
             demo,

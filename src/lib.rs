@@ -40,6 +40,10 @@ pub struct AppState {
     /// The built-in video producer (its settings say whether it is on).
     pub demo: Arc<demo::Producer>,
     pub store: store::Store,
+    /// The registry shared with other instances; `None` when this instance runs alone.
+    pub directory: Option<Arc<workspace::directory::Directory>>,
+    /// Cancelled when the server stops; ends its background tasks.
+    pub stopping: tokio_util::sync::CancellationToken,
     pub accounts: auth::accounts::Accounts,
     pub server_id: String,
     pub manager_id: String,
@@ -48,8 +52,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Announces a new client to the subscribers of its workspace.
+    /// Makes a new client reachable from every instance and announces it to the subscribers
+    /// of its workspace.
     pub async fn client_connected(&self, addr: &str, workspace: &str) {
+        workspace::add_client(self, addr, workspace).await;
         let client = addr.rsplit('/').next().unwrap_or(addr);
         let data = obj([("id", client.into()), ("workspace", workspace.into())]);
         workspace::emit(self, workspace, "client_connected", data).await;
@@ -57,10 +63,9 @@ impl AppState {
 
     /// Forgets a client that went away: its services, the server's calls to it, its events.
     pub async fn client_gone(&self, addr: &str, workspace: &str, conn_id: u64) {
-        if !self.hub.remove(addr, workspace, conn_id) {
+        let Some(removed) = workspace::remove_client(self, addr, workspace, conn_id).await else {
             return;
-        }
-        let removed = self.registry.remove_client(addr);
+        };
         self.peer.peer_gone(addr);
         for entry in removed {
             workspace::emit(self, workspace, "service_removed", entry.info).await;
@@ -83,6 +88,8 @@ pub enum StartupError {
     DataDir { dir: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("cannot join the other instances: {0}")]
+    Cluster(String),
 }
 
 /// Opens the store the settings name: `--database-url`, or a SQLite file in `--data-dir`.
@@ -135,7 +142,53 @@ impl App {
             .public_base_url
             .clone()
             .unwrap_or_else(|| local_base_url.clone());
-        let hub = Arc::new(Hub::new(manager_id.clone(), settings.slow_consumer_timeout));
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let (bus, directory, inbound) = match &settings.redis_uri {
+            None => (
+                Arc::new(hub::bus::LocalBus) as Arc<dyn hub::bus::Bus>,
+                None,
+                None,
+            ),
+            Some(uri) => {
+                use secrecy::ExposeSecret;
+                crate::ids::ClientId::parse(&server_id).map_err(|e| {
+                    StartupError::Cluster(format!(
+                        "the server id must be a valid id with --redis-uri: {e}"
+                    ))
+                })?;
+                let (client, conn) = hub::redis_bus::connect(uri.expose_secret())
+                    .await
+                    .map_err(|e| StartupError::Cluster(e.0))?;
+                let directory = Arc::new(workspace::directory::Directory::new(
+                    server_id.clone(),
+                    conn.clone(),
+                ));
+                directory
+                    .claim()
+                    .await
+                    .map_err(|e| StartupError::Cluster(e.to_string()))?;
+                directory
+                    .heartbeat()
+                    .await
+                    .map_err(|e| StartupError::Cluster(e.to_string()))?;
+                let (tx, rx) = tokio::sync::mpsc::channel(4096);
+                let bus = hub::redis_bus::RedisBus::start(
+                    &[format!("*/{manager_id}")],
+                    server_id.clone(),
+                    client,
+                    conn,
+                    tx,
+                    stopping.clone(),
+                );
+                tracing::info!(redis = %hub::redis_bus::redact(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
+                (bus as Arc<dyn hub::bus::Bus>, Some(directory), Some(rx))
+            }
+        };
+        let hub = Arc::new(Hub::new(
+            manager_id.clone(),
+            settings.slow_consumer_timeout,
+            bus,
+        ));
         let server_user = UserInfo::new("root".into(), vec!["admin".into()], None);
         let store = open_store(&settings).await?;
         let tokens = TokenIssuer::new(&secret);
@@ -154,6 +207,8 @@ impl App {
             ice: turn::IceService::new(settings.turn.clone(), store.clone()),
             demo: demo::Producer::new(settings.demo.clone()),
             store,
+            directory,
+            stopping,
             peer: ServerPeer::new(manager_id.clone(), hub.clone(), &server_user),
             hub,
             registry: Registry::default(),
@@ -164,6 +219,13 @@ impl App {
             settings,
         });
         workspace::register_hosted(&state);
+        if let Some(rx) = inbound {
+            tokio::spawn(hub::inbound::run(state.clone(), rx));
+            tokio::spawn(workspace::keep_lease(state.clone(), state.stopping.clone()));
+        }
+        if state.directory.is_some() || state.settings.database_url.is_some() {
+            tokio::spawn(reload_revocations(state.clone()));
+        }
         Ok(App { listener, state })
     }
 
@@ -199,8 +261,30 @@ impl App {
             stop.await;
             tracing::info!("shutting down");
             state.hub.disconnect_all();
+            state.stopping.cancel();
         })
         .await
+    }
+}
+
+/// How often an instance that shares its store reads the revocations others made (the bus
+/// brings them at once; this catches any it missed).
+const REVOCATION_RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn reload_revocations(state: Arc<AppState>) {
+    let mut ticker = tokio::time::interval(REVOCATION_RELOAD);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = state.stopping.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match state.store.revoked_tokens(auth::now_secs()).await {
+            Ok(revoked) => revoked
+                .into_iter()
+                .for_each(|r| state.tokens.mark_revoked(r)),
+            Err(e) => tracing::warn!(error = %e, "cannot read revoked tokens from the store"),
+        }
     }
 }
 

@@ -36,11 +36,20 @@ async fn readiness(State(state): State<Arc<AppState>>) -> Json<Value> {
             report
         }
     };
+    // An instance without Redis still serves its own clients, so it stays ready; the state is
+    // reported for operators.
+    let bus = state.hub.bus();
+    let redis = if bus.is_shared() {
+        json!({"state": if bus.is_up() { "ok" } else { "unavailable" }, "instance": state.server_id})
+    } else {
+        json!({"state": "not_configured"})
+    };
     Json(json!({
         "status": "OK",
         "connections": state.hub.connection_count(),
         "services": state.registry.len(),
         "coturn": coturn,
+        "redis": redis,
     }))
 }
 

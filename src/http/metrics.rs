@@ -53,6 +53,27 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "Bytes routed between clients.",
         state.hub.routed_bytes.load(Ordering::Relaxed).to_string(),
     );
+    let bus = state.hub.bus();
+    if bus.is_shared() {
+        metric(
+            "hypha_rtc_bus_up",
+            "gauge",
+            "1 while the Redis subscription that links the instances is up.",
+            u8::from(bus.is_up()).to_string(),
+        );
+        metric(
+            "hypha_rtc_bus_sent_total",
+            "counter",
+            "Frames sent to clients on other instances.",
+            state.hub.bus_sent.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            "hypha_rtc_bus_received_total",
+            "counter",
+            "Frames received from other instances.",
+            state.hub.bus_received.load(Ordering::Relaxed).to_string(),
+        );
+    }
     metric(
         "hypha_rtc_ice_credentials_issued_total",
         "counter",

@@ -124,7 +124,7 @@ async fn call_function(
     } else {
         let query = format!("{workspace}/{service}");
         let mode = params.get("_mode").map(String::as_str);
-        let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode)?;
+        let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode).await?;
         if entry.id.provider.client.as_str() == state.manager_id {
             let result = crate::workspace::call_hosted(
                 &state,

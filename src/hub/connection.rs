@@ -139,7 +139,10 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
         user: user.clone(),
         events: Default::default(),
     };
-    if state.hub.insert(&addr, &ws, handle, reconnecting).is_err() {
+    let taken = state.hub.insert(&addr, &ws, handle, reconnecting).is_err()
+        || (!reconnecting && connected_elsewhere(&state, &ws, client.as_str()).await);
+    if taken {
+        state.hub.remove(&addr, &ws, conn_id);
         close_with(
             &mut socket,
             CLOSE_POLICY,
@@ -194,6 +197,15 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
     };
     tracing::info!(client = %addr, reason, "connection closed");
     state.client_gone(&addr, &ws, conn_id).await;
+}
+
+/// Whether another live instance holds this client id (only a reconnecting client may take
+/// it over). Without Redis the question cannot be answered, and the client is let in.
+async fn connected_elsewhere(state: &AppState, ws: &str, client: &str) -> bool {
+    match &state.directory {
+        Some(directory) => matches!(directory.client_elsewhere(ws, client).await, Ok(Some(_))),
+        None => false,
+    }
 }
 
 /// A token bucket: `rate` messages a second, bursts of twice that.
@@ -393,19 +405,13 @@ async fn route(
             let state = state.clone();
             tokio::spawn(async move { crate::workspace::handle(state, incoming).await });
         }
-        Routed::PeerGone { session, target } => {
-            let header = crate::rpc::value::obj([
-                ("type", "peer_not_found".into()),
-                ("from", target.as_str().into()),
-                ("to", sender.addr.into()),
-                ("session", session.into()),
-                ("peer_id", target.as_str().into()),
-                (
-                    "error",
-                    format!("Target peer {target} is not connected").into(),
-                ),
-            ]);
-            let _ = tx.try_send(Outbound::Binary(crate::rpc::frame::encode(&header, None)));
+        Routed::PeerGone {
+            session,
+            target,
+            error,
+        } => {
+            let frame = crate::hub::peer_not_found(&target, sender.addr, &session, &error);
+            let _ = tx.try_send(Outbound::Binary(frame));
         }
     }
     Ok(())

@@ -2,8 +2,11 @@
 //! the server, then goes to its target's bounded queue, to a workspace broadcast, or to the
 //! server's own RPC peer.
 
+pub mod bus;
 pub mod connection;
 mod handshake;
+pub mod inbound;
+pub mod redis_bus;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +18,7 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use self::bus::{Announcement, Bus};
 use crate::auth::UserInfo;
 use crate::rpc::frame::{Frame, FrameError};
 
@@ -44,6 +48,8 @@ pub enum SendError {
     NotConnected(String),
     #[error("Target peer {0} is not reading its messages and was disconnected")]
     SlowConsumer(String),
+    #[error("Target peer {0} is not on this instance and {1}")]
+    Bus(String, bus::BusError),
 }
 
 /// Another live connection already holds the address.
@@ -68,10 +74,12 @@ pub enum Routed {
         frame: Frame,
         to: String,
     },
-    /// The target is gone and the frame expects an answer: tell the sender at once.
+    /// The target is gone (or unreachable) and the frame expects an answer: tell the sender
+    /// at once, with `error` saying why.
     PeerGone {
         session: String,
         target: String,
+        error: String,
     },
     /// Gone target, no answer expected: dropped.
     Dropped,
@@ -95,21 +103,33 @@ pub struct Hub {
     next_conn: AtomicU64,
     slow_consumer_timeout: Duration,
     manager_id: String,
+    /// Where frames for clients that are not here go.
+    bus: Arc<dyn Bus>,
     pub routed_messages: AtomicU64,
     pub routed_bytes: AtomicU64,
+    /// Frames that went to another instance, and those that came from one.
+    pub bus_sent: AtomicU64,
+    pub bus_received: AtomicU64,
 }
 
 impl Hub {
-    pub fn new(manager_id: String, slow_consumer_timeout: Duration) -> Self {
+    pub fn new(manager_id: String, slow_consumer_timeout: Duration, bus: Arc<dyn Bus>) -> Self {
         Self {
             clients: DashMap::new(),
             workspaces: DashMap::new(),
             next_conn: AtomicU64::new(1),
             slow_consumer_timeout,
             manager_id,
+            bus,
             routed_messages: AtomicU64::new(0),
             routed_bytes: AtomicU64::new(0),
+            bus_sent: AtomicU64::new(0),
+            bus_received: AtomicU64::new(0),
         }
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
     }
 
     pub fn next_conn_id(&self) -> u64 {
@@ -183,6 +203,21 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Every client connected here, as `(workspace, client)`.
+    pub fn addresses(&self) -> Vec<(String, String)> {
+        self.workspaces
+            .iter()
+            .flat_map(|entry| {
+                let ws = entry.key().clone();
+                entry
+                    .value()
+                    .iter()
+                    .map(|c| (ws.clone(), c.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Addresses of the clients in `workspace` subscribed to `event`.
     pub fn subscribers(&self, workspace: &str, event: &str) -> Vec<String> {
         self.clients_in(workspace)
@@ -199,40 +234,60 @@ impl Hub {
             .collect()
     }
 
-    /// Hands a message to a client's queue. A full queue blocks the sender (back-pressure) for
-    /// at most the slow-consumer time-out; then the client that stopped reading is disconnected.
+    /// Hands a message to a client here or, through the bus, on another instance.
     pub async fn send(&self, addr: &str, message: Outbound) -> Result<(), SendError> {
+        match self.send_local(addr, message).await {
+            Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
+                match self.bus.send(addr, data).await {
+                    Ok(true) => {
+                        self.bus_sent.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Ok(false) => Err(SendError::NotConnected(addr.to_string())),
+                    Err(e) => Err(SendError::Bus(addr.to_string(), e)),
+                }
+            }
+            Err(Unsent::Elsewhere(_)) => Err(SendError::NotConnected(addr.to_string())),
+            Err(Unsent::Failed(e)) => Err(e),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Hands a message to the queue of a client connected here. A full queue blocks the sender
+    /// (back-pressure) for at most the slow-consumer time-out; then the client that stopped
+    /// reading is disconnected.
+    pub async fn send_local(&self, addr: &str, message: Outbound) -> Result<(), Unsent> {
         let Some((tx, kill)) = self
             .clients
             .get(addr)
             .map(|h| (h.tx.clone(), h.kill.clone()))
         else {
-            return Err(SendError::NotConnected(addr.to_string()));
+            return Err(Unsent::Elsewhere(message));
         };
         if kill.is_cancelled() {
-            return Err(SendError::NotConnected(addr.to_string()));
+            return Err(Unsent::Failed(SendError::NotConnected(addr.to_string())));
         }
         match tx.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                Err(SendError::NotConnected(addr.to_string()))
+                Err(Unsent::Failed(SendError::NotConnected(addr.to_string())))
             }
             Err(mpsc::error::TrySendError::Full(message)) => {
                 let wait = tokio::time::timeout(self.slow_consumer_timeout, tx.send(message));
                 let outcome = tokio::select! {
                     outcome = wait => outcome,
-                    _ = kill.cancelled() => return Err(SendError::NotConnected(addr.to_string())),
+                    _ = kill.cancelled() => return Err(Unsent::Failed(SendError::NotConnected(addr.to_string()))),
                 };
                 match outcome {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(SendError::NotConnected(addr.to_string())),
+                    Ok(Err(_)) => Err(Unsent::Failed(SendError::NotConnected(addr.to_string()))),
                     Err(_) => {
                         tracing::warn!(
                             client = addr,
                             "disconnecting a client that stopped reading"
                         );
                         kill.cancel();
-                        Err(SendError::SlowConsumer(addr.to_string()))
+                        Err(Unsent::Failed(SendError::SlowConsumer(addr.to_string())))
                     }
                 }
             }
@@ -250,6 +305,17 @@ impl Hub {
         // Any `*/manager-*` address is this server's manager: a client that kept the manager id
         // of a previous run (or of another instance) goes on working after it reconnects.
         if target_client == self.manager_id || (target_ws == "*" && is_manager_id(target_client)) {
+            // An answer to a call another instance's manager made goes back to it; anything
+            // else for a manager runs here.
+            if target_client != self.manager_id && self.bus.is_shared() && is_callback(&frame) {
+                let out =
+                    frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
+                if let Err(e) = self.bus.send(&target, out).await {
+                    tracing::debug!(error = %e, "an answer to another instance's manager was lost");
+                }
+                self.bus_sent.fetch_add(1, Ordering::Relaxed);
+                return Ok(Routed::Delivered);
+            }
             return Ok(Routed::ToServer { frame, to: target });
         }
         if target_client.is_empty() || target_ws.is_empty() || target_client.contains('/') {
@@ -263,21 +329,36 @@ impl Hub {
             if target_ws != sender.workspace || !sender.may_broadcast {
                 return Err(RouteError::BroadcastDenied(target_ws.to_string()));
             }
-            for client in self.clients_in(target_ws) {
-                let addr = format!("{target_ws}/{client}");
-                let _ = self.send(&addr, Outbound::Binary(out.clone())).await;
+            self.broadcast_local(target_ws, &out).await;
+            if self.bus.is_shared() {
+                let announcement = Announcement::Broadcast {
+                    workspace: target_ws.to_string(),
+                    data: out,
+                };
+                if let Err(e) = self.bus.announce(announcement).await {
+                    tracing::debug!(error = %e, "a broadcast reached this instance only");
+                }
             }
             return Ok(Routed::Delivered);
         }
         match self.send(&target, Outbound::Binary(out)).await {
             Ok(()) => Ok(Routed::Delivered),
-            Err(_) => match frame.field("session") {
+            Err(e) => match frame.field("session") {
                 Some(session) => Ok(Routed::PeerGone {
                     session: session.to_string(),
                     target,
+                    error: e.to_string(),
                 }),
                 None => Ok(Routed::Dropped),
             },
+        }
+    }
+
+    /// Hands a frame to every client of a workspace connected here.
+    pub async fn broadcast_local(&self, workspace: &str, data: &Bytes) {
+        for client in self.clients_in(workspace) {
+            let addr = format!("{workspace}/{client}");
+            let _ = self.send_local(&addr, Outbound::Binary(data.clone())).await;
         }
     }
 
@@ -287,6 +368,36 @@ impl Hub {
             entry.kill.cancel();
         }
     }
+}
+
+/// The frame that tells a caller at once that its target is gone (`peer_not_found`).
+pub fn peer_not_found(target: &str, to: &str, session: &str, error: &str) -> Bytes {
+    let header = crate::rpc::value::obj([
+        ("type", "peer_not_found".into()),
+        ("from", target.into()),
+        ("to", to.into()),
+        ("session", session.into()),
+        ("peer_id", target.into()),
+        ("error", error.into()),
+    ]);
+    crate::rpc::frame::encode(&header, None)
+}
+
+/// Why a message was not handed to a local client.
+#[derive(Debug)]
+pub enum Unsent {
+    /// No such client here; the message comes back for the bus.
+    Elsewhere(Outbound),
+    Failed(SendError),
+}
+
+/// Whether a frame answers a call (`<session>.resolve`, `.reject` or `.heartbeat`).
+fn is_callback(frame: &Frame) -> bool {
+    frame.field("method").is_some_and(|m| {
+        m.split_once('.').is_some_and(|(session, kind)| {
+            !session.is_empty() && matches!(kind, "resolve" | "reject" | "heartbeat")
+        })
+    })
 }
 
 /// Client ids of this form name a server's manager and are reserved.

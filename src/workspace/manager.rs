@@ -335,8 +335,7 @@ pub async fn call(
         "list_clients" => {
             let ws = args.get_str(0, "workspace").unwrap_or(&ctx.ws);
             need(&ctx.user, ws, Permission::Read)?;
-            let mut clients = state.hub.clients_in(ws);
-            clients.sort();
+            let clients = super::clients_in(state, ws).await?;
             Ok(Value::Array(
                 clients
                     .into_iter()
@@ -350,7 +349,7 @@ pub async fn call(
                 .get_str(0, "service_id")
                 .ok_or_else(|| Error::BadRequest("unregister_service needs a service_id".into()))?;
             let id = own_service_id(ctx, id)?;
-            let removed = state.registry.remove(&id);
+            let removed = super::remove_service(state, &id).await;
             if removed.is_empty() {
                 return Err(Error::NotFound(format!("Service not found: {id}")));
             }
@@ -361,14 +360,16 @@ pub async fn call(
         }
         "get_service_info" => {
             let (query, config) = query_args(args)?;
-            Ok(resolve(state, &ctx.ws, &ctx.user, query, mode(config))?.info)
+            Ok(resolve(state, &ctx.ws, &ctx.user, query, mode(config))
+                .await?
+                .info)
         }
         "get_service" => {
             let (query, config) = query_args(args)?;
             get_service(state, &ctx.ws, &ctx.user, query, config).await
         }
         "get_rtc_ice_servers" => state.ice.ice_servers(&ctx.user, args).await,
-        "list_services" => list_services(state, ctx, args),
+        "list_services" => list_services(state, ctx, args).await,
         "parse_token" => {
             let token = args.require_str(0, "token")?;
             let user = state
@@ -398,7 +399,16 @@ pub async fn call(
                 .revoke_token(&fingerprint, expires_at, crate::auth::now_secs())
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?;
-            state.tokens.mark_revoked(fingerprint);
+            state.tokens.mark_revoked(fingerprint.clone());
+            let bus = state.hub.bus();
+            if bus.is_shared()
+                && let Err(e) = bus
+                    .announce(crate::hub::bus::Announcement::Revoked { fingerprint })
+                    .await
+            {
+                // The other instances read it from the store within a minute.
+                tracing::warn!(error = %e, "the revocation reaches the other instances through the store");
+            }
             Ok(Value::Nil)
         }
         "generate_token" => generate_token(state, ctx, args),
@@ -503,7 +513,7 @@ async fn register_service(
     }
     let entry = ServiceEntry::from_info(id, info)?;
     let announced = entry.info.clone();
-    state.registry.insert(entry);
+    super::add_service(state, entry).await?;
     super::emit(state, &ctx.ws, "service_added", announced).await;
     Ok(Value::Nil)
 }
@@ -522,7 +532,7 @@ fn mode(config: Option<&Value>) -> Option<&str> {
 }
 
 /// A service found for a caller: registered by a client, or hosted by the server itself.
-pub fn resolve(
+pub async fn resolve(
     state: &AppState,
     caller_ws: &str,
     user: &UserInfo,
@@ -536,7 +546,7 @@ pub fn resolve(
         let info = hosted_description(state, "default").unwrap_or(Value::Nil);
         return ServiceEntry::from_info(id, info);
     }
-    let found = state.registry.find(&parsed);
+    let found = super::find_services(state, &parsed).await?;
     if found.is_empty() {
         return Err(Error::NotFound(format!("Service not found: {query}")));
     }
@@ -585,7 +595,7 @@ pub async fn get_service(
     query: &str,
     config: Option<&Value>,
 ) -> Result<Value, Error> {
-    let entry = resolve(state, caller_ws, user, query, mode(config))?;
+    let entry = resolve(state, caller_ws, user, query, mode(config)).await?;
     let provider = entry.id.provider.to_string();
     if entry.id.provider.client.as_str() == state.manager_id {
         return hosted_description(state, entry.id.name.as_str())
@@ -675,7 +685,7 @@ fn absolutize_targets(value: &mut Value, workspace: &str, depth: usize) {
     }
 }
 
-fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
+async fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
     let query = args.get(0, "query");
     let (mut workspace, mut service_type, mut client) = (ctx.ws.clone(), None, None);
     match query {
@@ -699,9 +709,8 @@ fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Val
         service_type = Some(t.to_string());
     }
     let same = workspace == ctx.ws || ctx.user.permission(&workspace).is_some();
-    let items = state
-        .registry
-        .in_workspace(&workspace)
+    let items = super::services_in(state, &workspace)
+        .await?
         .into_iter()
         .filter(|e| (same && e.allows(&ctx.ws, &ctx.user)) || e.visibility == Visibility::Public)
         .filter(|e| service_type.as_deref().is_none_or(|t| e.service_type == t))

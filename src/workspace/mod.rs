@@ -1,6 +1,7 @@
 //! The workspace manager service and the service registry, and the dispatcher that runs
 //! calls addressed to the server's own services.
 
+pub mod directory;
 pub mod manager;
 pub mod registry;
 
@@ -15,6 +16,7 @@ use crate::hub::Outbound;
 use crate::rpc::frame;
 use crate::rpc::peer::{Call, Decoded, Incoming};
 use crate::rpc::value::obj;
+use registry::{ServiceEntry, ServiceQuery};
 
 /// Handles a frame addressed to the server: runs a call and answers it, or completes one of
 /// the server's own pending calls.
@@ -192,8 +194,24 @@ async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<V
 }
 
 /// Sends a manager event (`client_disconnected`, `service_added`, ...) to the clients of a
-/// workspace that subscribed to it.
+/// workspace that subscribed to it, on every instance.
 pub async fn emit(state: &AppState, workspace: &str, event: &str, data: Value) {
+    let bus = state.hub.bus();
+    if bus.is_shared() {
+        let announcement = crate::hub::bus::Announcement::Event {
+            workspace: workspace.to_string(),
+            event: event.to_string(),
+            data: data.clone(),
+        };
+        if let Err(e) = bus.announce(announcement).await {
+            tracing::debug!(error = %e, event, "an event reached this instance only");
+        }
+    }
+    emit_local(state, workspace, event, data).await;
+}
+
+/// Sends a manager event to the subscribers connected to this instance.
+pub async fn emit_local(state: &AppState, workspace: &str, event: &str, data: Value) {
     let subscribers = state.hub.subscribers(workspace, event);
     if subscribers.is_empty() {
         return;
@@ -209,7 +227,211 @@ pub async fn emit(state: &AppState, workspace: &str, event: &str, data: Value) {
         ]);
         let _ = state
             .hub
-            .send(&addr, Outbound::Binary(frame::encode(&header, None)))
+            .send_local(&addr, Outbound::Binary(frame::encode(&header, None)))
             .await;
+    }
+}
+
+/// Services of a workspace on every instance, in registration order.
+pub async fn services_in(state: &AppState, workspace: &str) -> Result<Vec<ServiceEntry>, Error> {
+    let mut found = state.registry.in_workspace(workspace);
+    if let Some(directory) = &state.directory {
+        found.extend(directory.services_in(workspace).await?);
+        found.sort_by_key(ServiceEntry::seq);
+    }
+    Ok(found)
+}
+
+/// Services answering a query, on every instance, in registration order.
+pub async fn find_services(
+    state: &AppState,
+    query: &ServiceQuery,
+) -> Result<Vec<ServiceEntry>, Error> {
+    let mut found = services_in(state, &query.workspace).await?;
+    found.retain(|e| query.matches(e));
+    Ok(found)
+}
+
+/// Client ids connected to a workspace, on every instance, sorted.
+pub async fn clients_in(state: &AppState, workspace: &str) -> Result<Vec<String>, Error> {
+    let mut clients = state.hub.clients_in(workspace);
+    if let Some(directory) = &state.directory {
+        clients.extend(directory.clients_in(workspace).await?);
+    }
+    clients.sort();
+    clients.dedup();
+    Ok(clients)
+}
+
+/// Registers a service of a client connected here, in the shared registry too.
+pub async fn add_service(state: &AppState, entry: ServiceEntry) -> Result<(), Error> {
+    let entry = state.registry.stamp(entry);
+    match &state.directory {
+        Some(directory) => {
+            let _writes = directory.writes.lock().await;
+            directory.put_service(&entry).await?;
+            state.registry.insert(entry);
+        }
+        None => state.registry.insert(entry),
+    }
+    Ok(())
+}
+
+/// Withdraws services that were removed from the local registry from the shared one; what
+/// cannot be withdrawn now is withdrawn when this instance next writes its state.
+async fn withdraw(state: &AppState, removed: &[ServiceEntry]) {
+    if let Some(directory) = &state.directory
+        && let Err(e) = directory.remove_services(removed).await
+    {
+        tracing::warn!(error = %e, "services stay in Redis until it is back");
+    }
+}
+
+/// Unregisters a service (every app id of it); returns what was removed.
+pub async fn remove_service(state: &AppState, id: &crate::ids::ServiceId) -> Vec<ServiceEntry> {
+    let _writes = match &state.directory {
+        Some(directory) => Some(directory.writes.lock().await),
+        None => None,
+    };
+    let removed = state.registry.remove(id);
+    withdraw(state, &removed).await;
+    removed
+}
+
+/// Forgets a client that left this instance: its services and its place on the bus. Returns
+/// its services, or `None` when a newer connection holds the address.
+pub async fn remove_client(
+    state: &AppState,
+    addr: &str,
+    workspace: &str,
+    conn_id: u64,
+) -> Option<Vec<ServiceEntry>> {
+    let _writes = match &state.directory {
+        Some(directory) => Some(directory.writes.lock().await),
+        None => None,
+    };
+    if !state.hub.remove(addr, workspace, conn_id) {
+        return None;
+    }
+    let removed = state.registry.remove_client(addr);
+    state.hub.bus().detach(addr).await;
+    if let Some(directory) = &state.directory {
+        withdraw(state, &removed).await;
+        let client = addr.rsplit('/').next().unwrap_or(addr);
+        if let Err(e) = directory.remove_client(workspace, client).await {
+            tracing::warn!(error = %e, "a client stays in Redis until it is back");
+        }
+    }
+    Some(removed)
+}
+
+/// Records a client that connected here, on the bus and in the shared registry.
+pub async fn add_client(state: &AppState, addr: &str, workspace: &str) {
+    if let Err(e) = state.hub.bus().attach(addr).await {
+        tracing::warn!(client = addr, error = %e, "the client is reachable from other instances once Redis is back");
+    }
+    if let Some(directory) = &state.directory {
+        let _writes = directory.writes.lock().await;
+        let client = addr.rsplit('/').next().unwrap_or(addr);
+        if !state.hub.is_connected(addr) {
+            return;
+        }
+        if let Err(e) = directory.put_client(workspace, client).await {
+            tracing::warn!(client = addr, error = %e, "the client is listed on other instances once Redis is back");
+        }
+    }
+}
+
+/// Writes this instance's clients and services to the shared registry again (after Redis
+/// restarted or forgot this instance), dropping what it no longer has.
+pub async fn resync(state: &AppState) {
+    let Some(directory) = &state.directory else {
+        return;
+    };
+    let _writes = directory.writes.lock().await;
+    let services: Vec<ServiceEntry> = state
+        .registry
+        .all()
+        .into_iter()
+        .filter(|e| e.id.provider.client.as_str() != state.manager_id)
+        .collect();
+    let clients = state.hub.addresses();
+    match directory.resync(&services, &clients).await {
+        Ok(()) => tracing::info!(
+            clients = clients.len(),
+            services = services.len(),
+            "wrote this instance's clients and services to Redis"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot write this instance's state to Redis yet"),
+    }
+}
+
+/// Renews this instance's lease and clears up after instances whose lease ran out, until
+/// `stop`.
+pub async fn keep_lease(
+    state: std::sync::Arc<AppState>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let Some(directory) = state.directory.clone() else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(directory::HEARTBEAT);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match directory.heartbeat().await {
+            Ok(forgotten) => {
+                if failing {
+                    tracing::info!("Redis is reachable again");
+                    failing = false;
+                }
+                if forgotten {
+                    resync(&state).await;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot renew this instance's lease");
+                    failing = true;
+                }
+                continue;
+            }
+        }
+        for dead in directory.expired() {
+            match directory.reap(&dead).await {
+                Ok(released) => announce_released(&state, &dead, released).await,
+                Err(e) => {
+                    tracing::warn!(instance = %dead, error = %e, "cannot clear a dead instance's entries yet")
+                }
+            }
+        }
+    }
+}
+
+/// Tells every instance what a dead instance's clients and services were.
+async fn announce_released(state: &AppState, dead: &str, released: directory::Released) {
+    if released.services.is_empty() && released.clients.is_empty() {
+        return;
+    }
+    tracing::info!(
+        instance = dead,
+        clients = released.clients.len(),
+        services = released.services.len(),
+        "cleared the entries of an instance whose lease ran out"
+    );
+    for entry in released.services {
+        let ws = entry.id.provider.workspace.to_string();
+        emit(state, &ws, "service_removed", entry.info).await;
+    }
+    for (ws, client) in released.clients {
+        state.peer.peer_gone(&format!("{ws}/{client}"));
+        let data = obj([
+            ("id", client.as_str().into()),
+            ("workspace", ws.as_str().into()),
+        ]);
+        emit(state, &ws, "client_disconnected", data).await;
     }
 }

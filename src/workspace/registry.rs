@@ -79,8 +79,20 @@ impl ServiceEntry {
             || user.permission(home).is_some()
     }
 
-    fn key(&self) -> String {
+    /// The registry key: the full id with its app (`ws/client:name@app`).
+    pub fn key(&self) -> String {
         key(&self.id)
+    }
+
+    /// When it was registered (microseconds since the epoch, unique per instance).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The entry with a registration stamp read back from the shared registry.
+    pub fn with_seq(mut self, seq: u64) -> Self {
+        self.seq = seq;
+        self
     }
 }
 
@@ -137,6 +149,19 @@ impl ServiceQuery {
             app,
         })
     }
+
+    /// Whether a service of the query's workspace answers it.
+    pub fn matches(&self, entry: &ServiceEntry) -> bool {
+        entry.id.name.as_str() == self.name
+            && self
+                .client
+                .as_deref()
+                .is_none_or(|c| entry.id.provider.client.as_str() == c)
+            && self
+                .app
+                .as_deref()
+                .is_none_or(|a| entry.id.app.as_deref() == Some(a))
+    }
 }
 
 /// All registered services, ordered by key so one client's services are contiguous.
@@ -147,9 +172,30 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Adds or replaces a service.
-    pub fn insert(&self, mut entry: ServiceEntry) {
-        entry.seq = self.seq.fetch_add(1, Ordering::Relaxed);
+    /// Gives an entry its registration stamp: the time in microseconds, so that entries of
+    /// several instances sort by registration, and never twice the same on one instance.
+    pub fn stamp(&self, mut entry: ServiceEntry) -> ServiceEntry {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let previous = self
+            .seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(0);
+        entry.seq = now.max(previous + 1);
+        entry
+    }
+
+    /// Adds or replaces a service (stamping it if [`Registry::stamp`] was not called).
+    pub fn insert(&self, entry: ServiceEntry) {
+        let entry = if entry.seq == 0 {
+            self.stamp(entry)
+        } else {
+            entry
+        };
         if let Ok(mut services) = self.services.write() {
             services.insert(entry.key(), entry);
         }
@@ -197,18 +243,16 @@ impl Registry {
     pub fn find(&self, query: &ServiceQuery) -> Vec<ServiceEntry> {
         self.in_workspace(&query.workspace)
             .into_iter()
-            .filter(|e| {
-                e.id.name.as_str() == query.name
-                    && query
-                        .client
-                        .as_deref()
-                        .is_none_or(|c| e.id.provider.client.as_str() == c)
-                    && query
-                        .app
-                        .as_deref()
-                        .is_none_or(|a| e.id.app.as_deref() == Some(a))
-            })
+            .filter(|e| query.matches(e))
             .collect()
+    }
+
+    /// Every entry (for writing this instance's state back to the shared registry).
+    pub fn all(&self) -> Vec<ServiceEntry> {
+        self.services
+            .read()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+from aioice.turn import create_turn_endpoint
 
 ROOT = Path(__file__).resolve().parents[3]
 BIN = os.environ.get("HYPHA_RTC_BIN", str(ROOT / "target" / "debug" / "hypha-rtc"))
@@ -38,6 +39,56 @@ def wait_until(predicate, timeout, what):
             last = exc
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+COTURN_SECRET = "coturn-shared-secret-for-tests"
+
+
+def stun_binding_ok(port):
+    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + os.urandom(12)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.3)
+        s.sendto(request, ("127.0.0.1", port))
+        data, _ = s.recvfrom(2048)
+        return data[:2] == b"\x01\x01" and data[8:20] == request[8:20]
+
+
+class Coturn:
+    def __init__(self, secret=COTURN_SECRET, *extra):
+        assert shutil.which("turnserver"), "coturn (turnserver) is not installed"
+        self.port = free_port()
+        relay = 40000 + (self.port % 2000) * 10
+        self.proc = subprocess.Popen(
+            ["turnserver", "-c", str(ROOT / "turnserver.conf"),
+             "--listening-ip=127.0.0.1", f"--listening-port={self.port}", "--relay-ip=127.0.0.1",
+             f"--static-auth-secret={secret}", "--realm=hypha-rtc.test", "--no-tls", "--no-dtls",
+             f"--min-port={relay}", f"--max-port={relay + 9}", f"--pidfile=/tmp/turnserver-{self.port}.pid", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: stun_binding_ok(self.port), 15, "coturn to answer STUN")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def coturn():
+    c = Coturn()
+    yield c
+    c.stop()
+
+
+async def allocate(entry, port):
+    """A TURN Allocate with aioice's client; returns the relayed address."""
+    transport, _ = await create_turn_endpoint(
+        asyncio.DatagramProtocol, ("127.0.0.1", port), entry["username"], entry["credential"], lifetime=60
+    )
+    try:
+        return transport.get_extra_info("sockname")
+    finally:
+        transport.close()
+
 
 
 class Postgres:

@@ -13,67 +13,17 @@ import time
 import urllib.parse
 
 import pytest
-from aioice.turn import create_turn_endpoint
 from aiortc import RTCIceServer
 from hypha_rpc import connect_to_server
 
-from conftest import BIN, ROOT, Server, free_port, hypha_token, node, result_of, run, wait_until
+from conftest import BIN, COTURN_SECRET, ROOT, Coturn, Server, allocate, free_port, hypha_token, node, result_of, run, wait_until
 
 pytestmark = pytest.mark.timeout(120)
-COTURN_SECRET = "coturn-shared-secret-for-tests"
-
-
-def stun_binding_ok(port):
-    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + os.urandom(12)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(0.3)
-        s.sendto(request, ("127.0.0.1", port))
-        data, _ = s.recvfrom(2048)
-        return data[:2] == b"\x01\x01" and data[8:20] == request[8:20]
-
-
-class Coturn:
-    def __init__(self, secret=COTURN_SECRET, *extra):
-        assert shutil.which("turnserver"), "coturn (turnserver) is not installed"
-        self.port = free_port()
-        relay = 40000 + (self.port % 2000) * 10
-        self.proc = subprocess.Popen(
-            ["turnserver", "-c", str(ROOT / "turnserver.conf"),
-             "--listening-ip=127.0.0.1", f"--listening-port={self.port}", "--relay-ip=127.0.0.1",
-             f"--static-auth-secret={secret}", "--realm=hypha-rtc.test", "--no-tls", "--no-dtls",
-             f"--min-port={relay}", f"--max-port={relay + 9}", f"--pidfile=/tmp/turnserver-{self.port}.pid", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_until(lambda: stun_binding_ok(self.port), 15, "coturn to answer STUN")
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def coturn():
-    c = Coturn()
-    yield c
-    c.stop()
-
-
 @pytest.fixture(scope="module")
 def turn_server(coturn):
     s = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}").start()
     yield s
     s.stop()
-
-
-async def allocate(entry, port):
-    """A TURN Allocate with aioice's client; returns the relayed address."""
-    transport, _ = await create_turn_endpoint(
-        asyncio.DatagramProtocol, ("127.0.0.1", port), entry["username"], entry["credential"], lifetime=60
-    )
-    try:
-        return transport.get_extra_info("sockname")
-    finally:
-        transport.close()
 
 
 def check_entry(entry, port, ttl):

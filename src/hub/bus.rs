@@ -1,0 +1,170 @@
+//! The Bus: how frames and announcements cross between instances. One trait, two
+//! implementations chosen at start-up: [`LocalBus`] (one instance, nothing to cross) and
+//! [`super::redis_bus::RedisBus`] (several instances sharing Redis pub/sub).
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use rmpv::Value;
+
+/// The bus could not carry a message (Redis unreachable, say).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("the instance bus is unavailable: {0}")]
+pub struct BusError(pub String);
+
+/// Something every instance should learn about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Announcement {
+    /// A frame for every client of a workspace (`to: "ws/*"`), header already rewritten.
+    Broadcast { workspace: String, data: Bytes },
+    /// A manager event for the subscribers of a workspace.
+    Event {
+        workspace: String,
+        event: String,
+        data: Value,
+    },
+    /// A token fingerprint that is revoked from now on.
+    Revoked { fingerprint: String },
+}
+
+/// What the bus hands to this instance.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A frame for `to`, a client (or the manager) of this instance; its header is trusted.
+    Frame { to: String, data: Bytes },
+    /// An announcement from another instance.
+    Announced(Announcement),
+    /// The bus (re)connected: this instance's shared state must be written again.
+    Reconnected,
+}
+
+/// Carries frames to clients on other instances and announcements to all of them.
+pub trait Bus: Send + Sync {
+    /// Delivers a frame to `addr` on whichever instance holds it: `Ok(false)` when none does.
+    fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>>;
+    /// Tells the other instances.
+    fn announce(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>>;
+    /// Starts taking frames for `addr`, which is connected here.
+    fn attach<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
+    /// Stops taking frames for `addr`.
+    fn detach<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, ()>;
+    /// Whether other instances may exist (what is not here may be elsewhere).
+    fn is_shared(&self) -> bool;
+    /// Whether the bus can carry messages now (for readiness and metrics).
+    fn is_up(&self) -> bool {
+        true
+    }
+}
+
+/// The bus of a single instance: there is nowhere else to deliver to.
+pub struct LocalBus;
+
+impl Bus for LocalBus {
+    fn send<'a>(&'a self, _addr: &'a str, _data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
+        Box::pin(async { Ok(false) })
+    }
+
+    fn announce(&self, _announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn attach<'a>(&'a self, _addr: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn detach<'a>(&'a self, _addr: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
+}
+
+/// Announcements on the wire: a msgpack array `[origin, kind, ...]`.
+pub fn encode_announcement(origin: &str, announcement: &Announcement) -> Vec<u8> {
+    let items: Vec<Value> = match announcement {
+        Announcement::Broadcast { workspace, data } => vec![
+            origin.into(),
+            "b".into(),
+            workspace.as_str().into(),
+            Value::Binary(data.to_vec()),
+        ],
+        Announcement::Event {
+            workspace,
+            event,
+            data,
+        } => vec![
+            origin.into(),
+            "e".into(),
+            workspace.as_str().into(),
+            event.as_str().into(),
+            data.clone(),
+        ],
+        Announcement::Revoked { fingerprint } => {
+            vec![origin.into(), "r".into(), fingerprint.as_str().into()]
+        }
+    };
+    crate::rpc::value::encode(&Value::Array(items))
+}
+
+/// Reads an announcement; `None` for anything malformed. Returns the origin instance too.
+pub fn decode_announcement(payload: &[u8]) -> Option<(String, Announcement)> {
+    let mut reader = payload;
+    let value = rmpv::decode::read_value_with_max_depth(&mut reader, 32).ok()?;
+    let Value::Array(mut items) = value else {
+        return None;
+    };
+    let text = |v: &Value| v.as_str().map(str::to_string);
+    let origin = text(items.first()?)?;
+    let announcement = match (items.get(1)?.as_str()?, items.len()) {
+        ("b", 4) => Announcement::Broadcast {
+            workspace: text(&items[2])?,
+            data: match items.pop()? {
+                Value::Binary(data) => Bytes::from(data),
+                _ => return None,
+            },
+        },
+        ("e", 5) => {
+            let data = items.pop()?;
+            Announcement::Event {
+                workspace: text(&items[2])?,
+                event: text(&items[3])?,
+                data,
+            }
+        }
+        ("r", 3) => Announcement::Revoked {
+            fingerprint: text(&items[2])?,
+        },
+        _ => return None,
+    };
+    Some((origin, announcement))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_round_trip() {
+        let cases = [
+            Announcement::Broadcast {
+                workspace: "ws1".into(),
+                data: Bytes::from_static(b"\x81\xa2to\xa5ws1/*"),
+            },
+            Announcement::Event {
+                workspace: "ws1".into(),
+                event: "service_added".into(),
+                data: crate::rpc::value::obj([("id", "ws1/c:s".into())]),
+            },
+            Announcement::Revoked {
+                fingerprint: "abc".into(),
+            },
+        ];
+        for case in cases {
+            let wire = encode_announcement("i1", &case);
+            assert_eq!(decode_announcement(&wire), Some(("i1".into(), case)));
+        }
+        assert_eq!(decode_announcement(b"\x93\xa1x\xa1z\x01"), None);
+        assert_eq!(decode_announcement(b"not msgpack"), None);
+    }
+}

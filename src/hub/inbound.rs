@@ -1,0 +1,140 @@
+//! What arrives from the bus: frames for clients connected here, answers to this manager's
+//! calls, and other instances' announcements. Frames go through a few ordered lanes, so one
+//! client that stops reading holds up only its lane, and frames to one client stay in order.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::bus::{Announcement, Inbound};
+use super::{Outbound, Unsent};
+use crate::AppState;
+use crate::auth::UserInfo;
+use crate::rpc::frame::Frame;
+use crate::rpc::peer::{Decoded, Incoming};
+
+const LANES: usize = 8;
+const LANE_QUEUE: usize = 1024;
+
+/// Handles the bus's deliveries until the bus stops.
+pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
+    let lanes: Vec<mpsc::Sender<(String, Bytes)>> = (0..LANES)
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            tokio::spawn(lane(state.clone(), rx));
+            tx
+        })
+        .collect();
+    let hasher = std::collections::hash_map::RandomState::new();
+    let lane_of = |addr: &str| (hasher.hash_one(addr) as usize) % LANES;
+    let manager = state.peer.manager_addr();
+    while let Some(item) = rx.recv().await {
+        match item {
+            Inbound::Frame { to, data } => {
+                state.hub.bus_received.fetch_add(1, Ordering::Relaxed);
+                if to == manager {
+                    answer(&state, to, data);
+                } else if lanes[lane_of(&to)].send((to, data)).await.is_err() {
+                    return;
+                }
+            }
+            Inbound::Announced(Announcement::Broadcast { workspace, data }) => {
+                for client in state.hub.clients_in(&workspace) {
+                    let addr = format!("{workspace}/{client}");
+                    if lanes[lane_of(&addr)]
+                        .send((addr, data.clone()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Inbound::Announced(Announcement::Event {
+                workspace,
+                event,
+                data,
+            }) => {
+                if event == "client_disconnected"
+                    && let Some(client) = crate::rpc::value::get_str(&data, "id")
+                {
+                    state.peer.peer_gone(&format!("{workspace}/{client}"));
+                }
+                let state = state.clone();
+                tokio::spawn(async move {
+                    crate::workspace::emit_local(&state, &workspace, &event, data).await;
+                });
+            }
+            Inbound::Announced(Announcement::Revoked { fingerprint }) => {
+                state.tokens.mark_revoked(fingerprint);
+            }
+            Inbound::Reconnected => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    crate::workspace::resync(&state).await;
+                    // Revocations announced while the bus was away are in the store.
+                    if let Ok(revoked) = state.store.revoked_tokens(crate::auth::now_secs()).await {
+                        revoked
+                            .into_iter()
+                            .for_each(|r| state.tokens.mark_revoked(r));
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Delivers frames to the clients of one lane, in order.
+async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<(String, Bytes)>) {
+    while let Some((to, data)) = rx.recv().await {
+        if let Err(Unsent::Elsewhere(Outbound::Binary(data))) =
+            state.hub.send_local(&to, Outbound::Binary(data)).await
+        {
+            peer_left(&state, &to, data).await;
+        }
+    }
+}
+
+/// A frame came for a client that has just left: a call gets the dead-peer reject.
+async fn peer_left(state: &AppState, to: &str, data: Bytes) {
+    let Ok(frame) = Frame::parse(data) else {
+        return;
+    };
+    let (Some(session), Some(from)) = (frame.field("session"), frame.field("from")) else {
+        return;
+    };
+    let header = super::peer_not_found(
+        to,
+        from,
+        session,
+        &format!("Target peer {to} is not connected"),
+    );
+    let _ = state.hub.send(from, Outbound::Binary(header)).await;
+}
+
+/// An answer to one of this manager's calls, sent by a client on another instance. Only
+/// answers are taken: a call through the bus would carry no user the server checked.
+fn answer(state: &AppState, to: String, data: Bytes) {
+    let Ok(frame) = Frame::parse(data) else {
+        return;
+    };
+    let (Some(from), Some(ws)) = (frame.field("from"), frame.field("ws")) else {
+        return;
+    };
+    let incoming = Incoming {
+        from: from.to_string(),
+        ws: ws.to_string(),
+        user: Arc::new(UserInfo::new("bus".into(), Vec::new(), None)),
+        to,
+        frame,
+    };
+    match state.peer.decode(incoming) {
+        Ok(Decoded::Reply) => {}
+        Ok(_) | Err(_) => {
+            tracing::debug!("a frame for this manager through the bus was not an answer")
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! The shared half of the registry when several instances run (`--redis-uri`): which clients
+//! and services exist on the other instances, kept in Redis.
+//!
+//! Every entry names its owning instance. Each instance holds a lease (a score in a sorted
+//! set) and renews it every [`HEARTBEAT`]; entries of an instance whose lease ran out are
+//! ignored at once and removed by the first instance that notices. An entry is only ever
+//! removed while its owner is still the one named, so a client that re-registered on another
+//! instance keeps its new entries. Each instance's own entries are also kept in its local
+//! registry, which it writes back whenever Redis lost them (restart, expired lease).
+//!
+//! Keys (all under `hypha-rtc:`): `instances` (sorted set: instance -> lease end in ms),
+//! `svc:<ws>` (hash: service key -> `owner\n` + msgpack `[seq, id, info]`), `cli:<ws>` (hash:
+//! client -> owner), `own:<instance>` (set of `kind\nws\nfield`, what to remove when it dies).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use rmpv::Value;
+
+use super::registry::ServiceEntry;
+use crate::error::Error;
+use crate::hub::redis_bus::{COMMAND_TIMEOUT, PREFIX};
+use crate::ids::ServiceId;
+
+/// How long an instance's entries outlive its last heartbeat.
+pub const LEASE: Duration = Duration::from_secs(15);
+/// How often an instance renews its lease and looks for dead ones.
+pub const HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// Removes the members of an owner's set whose entries that owner still holds; returns
+/// `kind, ws, field, value` for each entry removed. ARGV: prefix, owner, then the members to
+/// check (none: all of them, and the set itself goes too).
+const RELEASE_SCRIPT: &str = r#"
+local prefix, owner = ARGV[1], ARGV[2]
+local own = prefix .. 'own:' .. owner
+local members = {}
+if #ARGV > 2 then
+  for i = 3, #ARGV do members[#members + 1] = ARGV[i] end
+else
+  members = redis.call('SMEMBERS', own)
+end
+local removed = {}
+for _, m in ipairs(members) do
+  local a = string.find(m, '\n', 1, true)
+  local b = a and string.find(m, '\n', a + 1, true)
+  if b then
+    local kind, ws, field = string.sub(m, 1, a - 1), string.sub(m, a + 1, b - 1), string.sub(m, b + 1)
+    local key, held
+    if kind == 's' then key = prefix .. 'svc:' .. ws else key = prefix .. 'cli:' .. ws end
+    local v = redis.call('HGET', key, field)
+    if v then
+      if kind == 's' then held = string.sub(v, 1, #owner + 1) == owner .. '\n' else held = v == owner end
+      if held then
+        redis.call('HDEL', key, field)
+        removed[#removed + 1] = kind
+        removed[#removed + 1] = ws
+        removed[#removed + 1] = field
+        removed[#removed + 1] = v
+      end
+    end
+  end
+  redis.call('SREM', own, m)
+end
+if #ARGV == 2 then redis.call('DEL', own) end
+return removed
+"#;
+
+/// What a dead instance left behind, for the events that announce it.
+#[derive(Debug, Default)]
+pub struct Released {
+    pub services: Vec<ServiceEntry>,
+    /// `(workspace, client)`.
+    pub clients: Vec<(String, String)>,
+}
+
+/// The shared registry in Redis.
+pub struct Directory {
+    instance: String,
+    conn: ConnectionManager,
+    release: redis::Script,
+    /// Lease ends (ms since the epoch) of the instances seen at the last heartbeat.
+    leases: RwLock<HashMap<String, i64>>,
+    /// Serialises this instance's writes with its resync, so a resync never restores an
+    /// entry removed while it ran.
+    pub writes: tokio::sync::Mutex<()>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!(
+        "the shared service registry (Redis) is unavailable: {e}"
+    ))
+}
+
+/// The sorted set of instance leases.
+const INSTANCES: &str = "hypha-rtc:instances";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn key(kind: &str, name: &str) -> String {
+    format!("{PREFIX}{kind}:{name}")
+}
+
+fn member(kind: char, ws: &str, field: &str) -> String {
+    format!("{kind}\n{ws}\n{field}")
+}
+
+async fn timed<T>(work: impl Future<Output = redis::RedisResult<T>>) -> Result<T, Error> {
+    tokio::time::timeout(COMMAND_TIMEOUT, work)
+        .await
+        .map_err(|_| unavailable("no answer within 2 s"))?
+        .map_err(unavailable)
+}
+
+impl Directory {
+    pub fn new(instance: String, conn: ConnectionManager) -> Self {
+        Self {
+            instance,
+            conn,
+            release: redis::Script::new(RELEASE_SCRIPT),
+            leases: RwLock::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether `owner`'s entries count: this instance, one whose lease runs, or one too new
+    /// to have been seen yet.
+    fn is_live(&self, owner: &str, now: i64) -> bool {
+        owner == self.instance
+            || self
+                .leases
+                .read()
+                .map(|l| l.get(owner).is_none_or(|end| *end > now))
+                .unwrap_or(true)
+    }
+
+    /// Fails when another live instance already uses this instance id.
+    pub async fn claim(&self) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let end: Option<f64> = timed(
+            redis::cmd("ZSCORE")
+                .arg(INSTANCES)
+                .arg(&self.instance)
+                .query_async(&mut conn),
+        )
+        .await?;
+        if end.is_some_and(|end| end as i64 > now_ms()) {
+            return Err(Error::BadRequest(format!(
+                "another live instance uses the server id {:?}; give each instance its own --server-id (or none)",
+                self.instance
+            )));
+        }
+        Ok(())
+    }
+
+    /// Renews this instance's lease and reads everyone's. Returns true when Redis did not
+    /// know this instance (it restarted, or the lease ran out): its entries must be rewritten.
+    pub async fn heartbeat(&self) -> Result<bool, Error> {
+        let now = now_ms();
+        let mut conn = self.conn.clone();
+        let (added, leases): (i64, Vec<(String, f64)>) = timed(
+            redis::pipe()
+                .cmd("ZADD")
+                .arg(INSTANCES)
+                .arg(now + LEASE.as_millis() as i64)
+                .arg(&self.instance)
+                .cmd("ZRANGE")
+                .arg(INSTANCES)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut conn),
+        )
+        .await?;
+        if let Ok(mut known) = self.leases.write() {
+            *known = leases.into_iter().map(|(i, end)| (i, end as i64)).collect();
+        }
+        Ok(added == 1)
+    }
+
+    /// Instances whose lease ran out.
+    pub fn expired(&self) -> Vec<String> {
+        let now = now_ms();
+        self.leases
+            .read()
+            .map(|l| {
+                l.iter()
+                    .filter(|(i, end)| **end <= now && **i != self.instance)
+                    .map(|(i, _)| i.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes a dead instance's entries, if this instance is the one to do it (exactly one
+    /// does); returns what was removed.
+    pub async fn reap(&self, dead: &str) -> Result<Released, Error> {
+        let mut conn = self.conn.clone();
+        let claimed: i64 = timed(
+            redis::cmd("ZREM")
+                .arg(INSTANCES)
+                .arg(dead)
+                .query_async(&mut conn),
+        )
+        .await?;
+        if let Ok(mut known) = self.leases.write() {
+            known.remove(dead);
+        }
+        if claimed == 0 {
+            return Ok(Released::default());
+        }
+        self.run_release(dead, &[]).await
+    }
+
+    async fn run_release(&self, owner: &str, members: &[String]) -> Result<Released, Error> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.release.prepare_invoke();
+        invocation.arg(PREFIX).arg(owner);
+        for m in members {
+            invocation.arg(m);
+        }
+        let flat: Vec<Vec<u8>> = timed(invocation.invoke_async(&mut conn)).await?;
+        let mut released = Released::default();
+        for item in flat.chunks_exact(4) {
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            match item[0].as_slice() {
+                b"s" => {
+                    if let Some((_, entry)) = decode_service(&item[3]) {
+                        released.services.push(entry);
+                    }
+                }
+                _ => released.clients.push((text(&item[1]), text(&item[2]))),
+            }
+        }
+        Ok(released)
+    }
+
+    /// Publishes a service of this instance.
+    pub async fn put_service(&self, entry: &ServiceEntry) -> Result<(), Error> {
+        let ws = entry.id.provider.workspace.as_str();
+        let field = entry.key();
+        let mut conn = self.conn.clone();
+        let _: () = timed(
+            redis::pipe()
+                .atomic()
+                .hset(
+                    key("svc", ws),
+                    &field,
+                    encode_service(&self.instance, entry),
+                )
+                .ignore()
+                .sadd(key("own", &self.instance), member('s', ws, &field))
+                .ignore()
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Withdraws services of this instance.
+    pub async fn remove_services(&self, entries: &[ServiceEntry]) -> Result<(), Error> {
+        let members: Vec<String> = entries
+            .iter()
+            .map(|e| member('s', e.id.provider.workspace.as_str(), &e.key()))
+            .collect();
+        if members.is_empty() {
+            return Ok(());
+        }
+        self.run_release(&self.instance.clone(), &members)
+            .await
+            .map(|_| ())
+    }
+
+    /// Records that a client is connected to this instance.
+    pub async fn put_client(&self, ws: &str, client: &str) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let _: () = timed(
+            redis::pipe()
+                .atomic()
+                .hset(key("cli", ws), client, &self.instance)
+                .ignore()
+                .sadd(key("own", &self.instance), member('c', ws, client))
+                .ignore()
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a client of this instance.
+    pub async fn remove_client(&self, ws: &str, client: &str) -> Result<(), Error> {
+        self.run_release(&self.instance.clone(), &[member('c', ws, client)])
+            .await
+            .map(|_| ())
+    }
+
+    /// The live instance other than this one that holds `ws/client`, if any.
+    pub async fn client_elsewhere(&self, ws: &str, client: &str) -> Result<Option<String>, Error> {
+        let mut conn = self.conn.clone();
+        let owner: Option<String> = timed(
+            redis::cmd("HGET")
+                .arg(key("cli", ws))
+                .arg(client)
+                .query_async(&mut conn),
+        )
+        .await?;
+        let now = now_ms();
+        Ok(owner.filter(|o| *o != self.instance && self.is_live(o, now)))
+    }
+
+    /// Clients of a workspace on the other live instances.
+    pub async fn clients_in(&self, ws: &str) -> Result<Vec<String>, Error> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = timed(
+            redis::cmd("HGETALL")
+                .arg(key("cli", ws))
+                .query_async(&mut conn),
+        )
+        .await?;
+        let now = now_ms();
+        Ok(all
+            .into_iter()
+            .filter(|(_, owner)| *owner != self.instance && self.is_live(owner, now))
+            .map(|(client, _)| client)
+            .collect())
+    }
+
+    /// Services of a workspace on the other live instances.
+    pub async fn services_in(&self, ws: &str) -> Result<Vec<ServiceEntry>, Error> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, Vec<u8>)> = timed(
+            redis::cmd("HGETALL")
+                .arg(key("svc", ws))
+                .query_async(&mut conn),
+        )
+        .await?;
+        let now = now_ms();
+        Ok(all
+            .iter()
+            .filter_map(|(_, value)| decode_service(value))
+            .filter(|(owner, _)| *owner != self.instance && self.is_live(owner, now))
+            .map(|(_, entry)| entry)
+            .collect())
+    }
+
+    /// Writes this instance's entries again from its local state, and drops any it no longer
+    /// has. Run after Redis came back or forgot this instance.
+    pub async fn resync(
+        &self,
+        services: &[ServiceEntry],
+        clients: &[(String, String)],
+    ) -> Result<(), Error> {
+        let own = key("own", &self.instance);
+        let mut conn = self.conn.clone();
+        let recorded: Vec<String> =
+            timed(redis::cmd("SMEMBERS").arg(&own).query_async(&mut conn)).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut wanted = HashSet::new();
+        for entry in services {
+            let ws = entry.id.provider.workspace.as_str();
+            let field = entry.key();
+            pipe.hset(
+                key("svc", ws),
+                &field,
+                encode_service(&self.instance, entry),
+            )
+            .ignore();
+            wanted.insert(member('s', ws, &field));
+        }
+        for (ws, client) in clients {
+            pipe.hset(key("cli", ws), client, &self.instance).ignore();
+            wanted.insert(member('c', ws, client));
+        }
+        let stale: Vec<String> = recorded
+            .into_iter()
+            .filter(|m| !wanted.contains(m))
+            .collect();
+        if !stale.is_empty() {
+            self.run_release(&self.instance.clone(), &stale).await?;
+        }
+        if !wanted.is_empty() {
+            pipe.sadd(&own, wanted.into_iter().collect::<Vec<_>>())
+                .ignore();
+            let _: () = timed(pipe.query_async(&mut conn)).await?;
+        }
+        Ok(())
+    }
+}
+
+fn encode_service(owner: &str, entry: &ServiceEntry) -> Vec<u8> {
+    let mut out = format!("{owner}\n").into_bytes();
+    let body = Value::Array(vec![
+        entry.seq().into(),
+        entry.id.to_string().into(),
+        entry.info.clone(),
+    ]);
+    out.extend(crate::rpc::value::encode(&body));
+    out
+}
+
+/// Reads a stored service: its owner and entry; `None` for anything malformed.
+fn decode_service(value: &[u8]) -> Option<(String, ServiceEntry)> {
+    let split = value.iter().position(|b| *b == b'\n')?;
+    let owner = std::str::from_utf8(&value[..split]).ok()?.to_string();
+    let mut reader = &value[split + 1..];
+    let Value::Array(mut items) = rmpv::decode::read_value_with_max_depth(&mut reader, 64).ok()?
+    else {
+        return None;
+    };
+    if items.len() != 3 {
+        return None;
+    }
+    let info = items.pop()?;
+    let id = ServiceId::parse(items.pop()?.as_str()?).ok()?;
+    let seq = items.pop()?.as_u64()?;
+    let entry = ServiceEntry::from_info(id, info).ok()?.with_seq(seq);
+    Some((owner, entry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::value::obj;
+
+    #[test]
+    fn stored_services_round_trip() {
+        let id = ServiceId::parse("ws1/c1:echo").unwrap();
+        let info = obj([
+            ("id", "ws1/c1:echo".into()),
+            ("config", obj([("visibility", "public".into())])),
+        ]);
+        let entry = ServiceEntry::from_info(id, info).unwrap().with_seq(42);
+        let stored = encode_service("inst-a", &entry);
+        let (owner, back) = decode_service(&stored).unwrap();
+        assert_eq!(owner, "inst-a");
+        assert_eq!(back.seq(), 42);
+        assert_eq!(back.id, entry.id);
+        assert_eq!(back.info, entry.info);
+        assert!(decode_service(b"no newline").is_none());
+        assert!(decode_service(b"owner\n\x01").is_none());
+    }
+}

@@ -1,0 +1,324 @@
+"""Several instances behind one address: two hypha-rtc processes sharing Debian's redis-server
+and a PostgreSQL database, driven by the real Python hypha-rpc client."""
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from hypha_rpc import connect_to_server, get_rtc_service, register_rtc_service
+
+from conftest import COTURN_SECRET, Server, allocate, free_port, hypha_token, run, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class Redis:
+    """A private redis-server on a loopback port, without persistence: a restart loses all."""
+
+    def __init__(self):
+        assert shutil.which("redis-server"), "Redis is not installed (Debian package redis-server)"
+        self.port = free_port()
+        self.proc = None
+        self.start()
+
+    @property
+    def uri(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", "/tmp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, 15, "redis-server to answer PING")
+
+    def ping(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Balancer:
+    """A small TCP balancer: each connection goes to the first backend that accepts it."""
+
+    def __init__(self, backends):
+        self.backends = backends
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "the balancer did not start"
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader, writer):
+        for port in self.backends:
+            try:
+                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+                break
+            except OSError:
+                continue
+        else:
+            writer.close()
+            return
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def stop(self):
+        async def shutdown():
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis():
+    r = Redis()
+    yield r
+    r.stop()
+
+
+def instance(name, redis, database_url, coturn):
+    return Server("--server-id", name, "--redis-uri", redis.uri, "--database-url", database_url,
+                  "--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}")
+
+
+@pytest.fixture
+def pair(redis, postgres, coturn):
+    """Two fresh instances sharing Redis and one new database."""
+    _, database_url = postgres.new_database()
+    suffix = free_port()
+    one = instance(f"one-{suffix}", redis, database_url, coturn).start()
+    two = instance(f"two-{suffix}", redis, database_url, coturn).start()
+    yield one, two
+    one.stop()
+    two.stop()
+
+
+async def poll(what, check, timeout=30):
+    """Awaits `check()` until it returns a true value or raises nothing; returns that value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = await check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - polling; the last error is reported
+            last = exc
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
+    one, two = pair
+
+    async def main():
+        token = hypha_token("ann")
+        a = await connect_to_server({"server_url": one.url, "token": token, "client_id": "prov"})
+        b = await connect_to_server({"server_url": two.url, "token": token, "client_id": "cons"})
+        assert a.config.manager_id != b.config.manager_id
+        added = asyncio.Queue()
+        b.on("service_added", lambda event: added.put_nowait(event["data"]))
+        await b.subscribe(["service_added", "client_disconnected"])
+
+        await a.register_service({
+            "id": "lab", "config": {"visibility": "protected"},
+            "size": lambda data: len(data), "echo": lambda data: data, "add": lambda x, y: x + y,
+        })
+        event = await asyncio.wait_for(added.get(), 10)
+        assert event["id"].endswith("/prov:lab")
+
+        listed = await b.list_services()
+        assert any(s["id"].endswith("/prov:lab") for s in listed), listed
+        clients = await b.list_clients()
+        assert any(c.endswith("/prov") for c in clients) and any(c.endswith("/cons") for c in clients), clients
+
+        lab = await b.get_service("prov:lab")
+        assert await lab.add(2, 40) == 42
+        big = os.urandom(4 * 1024 * 1024)
+        assert await lab.size(big) == len(big)
+        assert await lab.echo(big) == big
+
+        # ICE credentials from either instance allocate on the same coturn.
+        for server in (a, b):
+            servers = await server.get_rtc_ice_servers()
+            assert (await allocate(servers[0], coturn.port))[0] == "127.0.0.1"
+
+        # WebRTC: registered through one instance, reached through the other.
+        await register_rtc_service(a, "lab-rtc", {"visibility": "protected", "ice_servers": []})
+        pc = await get_rtc_service(b, f"{a.config.workspace}/lab-rtc", {"ice_servers": []})
+        over_rtc = await pc.get_service("lab")
+        assert await over_rtc.add(1, 1) == 2
+        await pc.close()
+        await a.disconnect()
+        await b.disconnect()
+
+    run(main(), timeout=180)
+    for server in (one, two):
+        _, metrics, _ = server.http_text("/metrics")
+        values = dict(line.split(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+        assert values["hypha_rtc_bus_up"] == "1"
+        assert int(values["hypha_rtc_bus_sent_total"]) > 0 and int(values["hypha_rtc_bus_received_total"]) > 0
+        status, ready, _ = server.http("/health/readiness")
+        assert status == 200 and ready["redis"]["state"] == "ok", ready
+
+
+def test_revocation_and_sign_in_are_shared(pair):
+    one, two = pair
+
+    async def main():
+        admin = await connect_to_server({"server_url": one.url, "token": hypha_token("bea")})
+        child = await admin.generate_token({"workspace": admin.config.workspace, "permission": "read_write"})
+        # The child token works on both instances, then is revoked on one.
+        probe = await connect_to_server({"server_url": two.url, "token": child})
+        await probe.disconnect()
+        await admin.revoke_token(child)
+        with pytest.raises(Exception, match="revoked"):
+            await connect_to_server({"server_url": two.url, "token": child})
+        with pytest.raises(Exception, match="revoked"):
+            await connect_to_server({"server_url": one.url, "token": child})
+        await admin.disconnect()
+
+    run(main())
+
+
+def test_a_killed_instance_leaves_no_ghosts_and_its_clients_move(redis, postgres, coturn):
+    _, database_url = postgres.new_database()
+    suffix = free_port()
+    one = instance(f"one-{suffix}", redis, database_url, coturn).start()
+    two = instance(f"two-{suffix}", redis, database_url, coturn).start()
+    # Clients of the first instance come in through a balancer that falls back to the second.
+    balancer = Balancer([one.port, two.port])
+    try:
+
+        async def main():
+            token = hypha_token("cal")
+            a = await connect_to_server({"server_url": balancer.url, "token": token, "client_id": "mover"})
+            await a.register_service({"id": "count", "config": {"visibility": "protected"}, "inc": lambda x: x + 1})
+            b = await connect_to_server({"server_url": two.url, "token": token, "client_id": "watcher"})
+            gone = asyncio.Queue()
+            b.on("client_disconnected", lambda event: gone.put_nowait(event["data"]))
+            await b.subscribe(["client_disconnected"])
+            count = await b.get_service("mover:count")
+            assert await count.inc(1) == 2
+
+            # A client on the first instance that will not reconnect: its services must go.
+            c = await connect_to_server({"server_url": one.url, "token": token, "client_id": "doomed"})
+            await c.register_service({"id": "ghost", "config": {"visibility": "protected"}, "f": lambda: 1})
+            ghost = await b.get_service("doomed:ghost")
+
+            killed_at = time.monotonic()
+            one.proc.send_signal(signal.SIGKILL)
+            one.proc.wait(timeout=10)
+
+            # A call to a client of the dead instance is refused at once, not timed out.
+            started = time.monotonic()
+            with pytest.raises(Exception, match="not connected"):
+                await ghost.f()
+            assert time.monotonic() - started < 3
+
+            async def ghost_gone():
+                listed = await b.list_services()
+                return not any(s["id"].endswith("/doomed:ghost") for s in listed)
+
+            await poll("the dead instance's services to vanish", ghost_gone, timeout=40)
+            assert time.monotonic() - killed_at < 30
+            event = await asyncio.wait_for(gone.get(), 10)
+            assert event["id"] in ("doomed", "mover")
+
+            async def mover_back():
+                svc = await b.get_service("mover:count")
+                return await svc.inc(41) == 42
+
+            await poll("the moved client to be reachable again", mover_back, timeout=60)
+            await b.disconnect()
+            await a.disconnect()
+            c_task = asyncio.ensure_future(c.disconnect())
+            await asyncio.wait([c_task], timeout=2)
+
+        run(main(), timeout=200)
+    finally:
+        balancer.stop()
+        one.stop()
+        two.stop()
+
+
+def test_instances_recover_when_redis_restarts(redis, postgres, coturn):
+    _, database_url = postgres.new_database()
+    suffix = free_port()
+    one = instance(f"one-{suffix}", redis, database_url, coturn).start()
+    two = instance(f"two-{suffix}", redis, database_url, coturn).start()
+    try:
+
+        async def main():
+            token = hypha_token("dee")
+            a = await connect_to_server({"server_url": one.url, "token": token, "client_id": "before"})
+            await a.register_service({"id": "early", "config": {"visibility": "protected"}, "f": lambda: "early"})
+            b = await connect_to_server({"server_url": two.url, "token": token, "client_id": "caller"})
+            assert await (await b.get_service("before:early")).f() == "early"
+
+            await asyncio.to_thread(redis.stop)
+            # Without Redis: the registry says so clearly, and local traffic goes on.
+            with pytest.raises(Exception, match="Redis"):
+                await b.list_services()
+            with pytest.raises(Exception, match="Redis"):
+                await b.register_service({"id": "during", "config": {"visibility": "protected"}, "f": lambda: 1})
+            assert await b.echo("still here") == "still here"
+            await asyncio.to_thread(redis.start)
+
+            # Both instances come back on their own; what was registered before is there again.
+            async def early_back():
+                return await (await b.get_service("before:early")).f() == "early"
+
+            await poll("the service registered before the outage", early_back, timeout=30)
+            await a.register_service({"id": "late", "config": {"visibility": "protected"}, "f": lambda: "late"})
+            assert await (await b.get_service("before:late")).f() == "late"
+            c = await connect_to_server({"server_url": two.url, "token": token, "client_id": "after"})
+            await c.register_service({"id": "fresh", "config": {"visibility": "protected"}, "f": lambda: "fresh"})
+            assert await (await a.get_service("after:fresh")).f() == "fresh"
+            assert one.proc.poll() is None and two.proc.poll() is None
+            for client in (a, b, c):
+                await client.disconnect()
+
+        run(main(), timeout=200)
+    finally:
+        one.stop()
+        two.stop()
