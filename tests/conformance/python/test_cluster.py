@@ -13,7 +13,8 @@ import time
 import pytest
 from hypha_rpc import connect_to_server, get_rtc_service, register_rtc_service
 
-from conftest import COTURN_SECRET, Server, allocate, free_port, hypha_token, run, wait_until
+from conftest import BIN, COTURN_SECRET, Server, allocate, free_port, hypha_token, run, wait_until
+from test_login import PASSWORD, post_form
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -201,23 +202,43 @@ def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
         assert status == 200 and ready["redis"]["state"] == "ok", ready
 
 
-def test_revocation_and_sign_in_are_shared(pair):
+def test_sign_in_revocation_and_audit_are_shared(pair, postgres):
     one, two = pair
+    database_url = next(a for a in one.extra if a.startswith("postgres://"))
+    added = subprocess.run([BIN, "user", "add", "ada@example.org", "--password-stdin", "--database-url", database_url],
+                           input=PASSWORD + "\n", capture_output=True, text=True, timeout=30)
+    assert added.returncode == 0, added.stderr
 
     async def main():
-        admin = await connect_to_server({"server_url": one.url, "token": hypha_token("bea")})
-        child = await admin.generate_token({"workspace": admin.config.workspace, "permission": "read_write"})
-        # The child token works on both instances, then is revoked on one.
-        probe = await connect_to_server({"server_url": two.url, "token": child})
+        # Sign-in started on one instance, completed on the other, collected on the first.
+        anon = await connect_to_server({"server_url": one.url})
+        login = await anon.get_service("public/hypha-login")
+        started = await login.start()
+        status, body, _ = post_form(two, {"email": "ada@example.org", "password": PASSWORD, "key": started["key"]})
+        assert status == 200, body
+        token = await login.check(started["key"], timeout=10)
+        await anon.disconnect()
+
+        ada = await connect_to_server({"server_url": two.url, "token": token})
+        assert ada.config.user["email"] == "ada@example.org"
+        await ada.get_rtc_ice_servers()
+        child = await ada.generate_token({"workspace": ada.config.workspace, "permission": "read_write"})
+        probe = await connect_to_server({"server_url": one.url, "token": child})
+        await probe.get_rtc_ice_servers()
         await probe.disconnect()
-        await admin.revoke_token(child)
-        with pytest.raises(Exception, match="revoked"):
-            await connect_to_server({"server_url": two.url, "token": child})
+        # Revoked on one instance, refused by both.
+        await ada.revoke_token(child)
         with pytest.raises(Exception, match="revoked"):
             await connect_to_server({"server_url": one.url, "token": child})
-        await admin.disconnect()
+        with pytest.raises(Exception, match="revoked"):
+            await connect_to_server({"server_url": two.url, "token": child})
+        await ada.disconnect()
 
     run(main())
+    # Both instances audited into the one database.
+    database = database_url.rsplit("/", 1)[1]
+    users = postgres.psql(database, "SELECT DISTINCT user_id FROM ice_credentials").split()
+    assert len(users) == 2, users
 
 
 def test_a_killed_instance_leaves_no_ghosts_and_its_clients_move(redis, postgres, coturn):
