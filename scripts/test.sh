@@ -12,15 +12,8 @@ mkdir -p "$CACHE"
 
 step() { printf '\n== %s\n' "$*"; }
 
-apt_install() {
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        step "installing Debian packages: $*"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-    else
-        echo "missing prerequisite: $* (install it with apt-get)" >&2
-        exit 1
-    fi
-}
+# shellcheck source=scripts/apt.sh
+source scripts/apt.sh
 
 command -v cargo >/dev/null || { echo "missing prerequisite: cargo (Rust toolchain)" >&2; exit 1; }
 command -v python3 >/dev/null || apt_install python3 python3-venv
@@ -30,6 +23,11 @@ command -v turnserver >/dev/null || apt_install coturn
 command -v chromium >/dev/null || apt_install chromium
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
 command -v redis-server >/dev/null || apt_install redis-server
+# The deployment checks: nginx validates and runs the reverse-proxy example, systemd-analyze the
+# unit; the run command uses curl.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
+command -v systemd-analyze >/dev/null || apt_install systemd
+command -v curl >/dev/null || apt_install curl
 # openh264 builds its SIMD assembly only when nasm is present at build time (silently plain C
 # without it); an encoder built before nasm came is rebuilt.
 # VP8 (the vp8 feature, which the tests build) links Debian's libvpx through pkg-config.

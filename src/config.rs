@@ -127,6 +127,18 @@ pub struct Cli {
     /// Public address that a 1:1 NAT maps onto the first --rtc-ip, advertised as well (cloud machines)
     #[arg(long, value_name = "IP")]
     pub rtc_public_ip: Option<std::net::IpAddr>,
+    /// PEM certificate chain: serve HTTPS and WSS directly (with --key-file)
+    #[arg(long, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of --cert-file
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Serve /metrics on this port only (plain HTTP, same --host), not on the main one
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// On SIGTERM, how long calls in flight may take to finish before clients are closed [default: 20]
+    #[arg(long, value_name = "SECONDS")]
+    pub shutdown_timeout: Option<u64>,
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -196,6 +208,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "reconnection_token_life_time",
     "method_timeout",
     "log_format",
+    "cert_file",
+    "key_file",
+    "metrics_port",
+    "shutdown_timeout",
     "coturn_secret",
     "coturn_uri",
     "public_coturn_uri",
@@ -234,6 +250,10 @@ struct Raw {
     reconnection_token_life_time: i64,
     method_timeout: u64,
     log_format: String,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    metrics_port: Option<u16>,
+    shutdown_timeout: u64,
     coturn_secret: Option<String>,
     coturn_uri: Option<String>,
     public_coturn_uri: Option<String>,
@@ -275,6 +295,10 @@ pub struct Settings {
     pub reconnection_token_life_time: i64,
     pub method_timeout: Duration,
     pub log_format: String,
+    /// Certificate chain and key (PEM): the server speaks TLS itself.
+    pub tls: Option<TlsFiles>,
+    pub metrics_port: Option<u16>,
+    pub shutdown_timeout: Duration,
     pub verbose: u8,
     pub turn: crate::turn::TurnSettings,
     pub data_dir: PathBuf,
@@ -306,6 +330,9 @@ impl Default for Settings {
             reconnection_token_life_time: 172_800,
             method_timeout: Duration::from_secs(30),
             log_format: "text".into(),
+            tls: None,
+            metrics_port: None,
+            shutdown_timeout: Duration::from_secs(20),
             verbose: 0,
             turn: crate::turn::TurnSettings {
                 max_ttl: 86_400,
@@ -320,6 +347,13 @@ impl Default for Settings {
             demo: crate::demo::DemoSettings::default(),
         }
     }
+}
+
+/// The PEM files of `--cert-file` and `--key-file`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A setting that could not be read; names the key and what was expected.
@@ -354,6 +388,7 @@ impl Settings {
             })
             .and_then(|b| b.set_default("method_timeout", 30))
             .and_then(|b| b.set_default("log_format", d.log_format.clone()))
+            .and_then(|b| b.set_default("shutdown_timeout", 20))
             .and_then(|b| b.set_default("coturn_max_ttl", 86_400))
             .and_then(|b| b.set_default("ice_rate_limit", 60))
             .and_then(|b| b.set_default("data_dir", "hypha-rtc-data"))
@@ -395,6 +430,13 @@ impl Settings {
             database_url,
             redis_uri
         );
+        for (key, path) in [("cert_file", &cli.cert_file), ("key_file", &cli.key_file)] {
+            if let Some(path) = path {
+                builder = builder
+                    .set_override(key, path.to_string_lossy().to_string())
+                    .map_err(err)?;
+            }
+        }
         if let Some(dir) = &cli.data_dir {
             builder = builder
                 .set_override("data_dir", dir.to_string_lossy().to_string())
@@ -421,6 +463,8 @@ impl Settings {
             coturn_tls_port,
             coturn_max_ttl,
             ice_rate_limit,
+            metrics_port,
+            shutdown_timeout,
             login_max_failures,
             login_lockout,
             demo_fps,
@@ -511,6 +555,18 @@ impl Settings {
                 crate::hub::redis_bus::redact(uri)
             )));
         }
+        let tls = match (raw.cert_file, raw.key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                return Err(SettingsError(
+                    "cert_file and key_file go together: give both, or neither".into(),
+                ));
+            }
+        };
+        if raw.metrics_port.is_some_and(|p| p == raw.port && p != 0) {
+            return Err(SettingsError("metrics_port must differ from port".into()));
+        }
         let settings = Settings {
             host: raw.host,
             port: raw.port,
@@ -530,6 +586,9 @@ impl Settings {
             reconnection_token_life_time: raw.reconnection_token_life_time,
             method_timeout: Duration::from_secs(raw.method_timeout.max(1)),
             log_format: raw.log_format,
+            tls,
+            metrics_port: raw.metrics_port,
+            shutdown_timeout: Duration::from_secs(raw.shutdown_timeout),
             verbose: cli.verbose,
             turn,
             data_dir: raw.data_dir,

@@ -90,6 +90,8 @@ pub enum StartupError {
     Store(#[from] store::StoreError),
     #[error("cannot join the other instances: {0}")]
     Cluster(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Opens the store the settings name: `--database-url`, or a SQLite file in `--data-dir`.
@@ -112,6 +114,10 @@ pub async fn open_store(settings: &Settings) -> Result<store::Store, StartupErro
 /// A bound, ready-to-run server.
 pub struct App {
     listener: TcpListener,
+    /// `--metrics-port`: /metrics served apart.
+    metrics_listener: Option<TcpListener>,
+    /// `--cert-file`/`--key-file`: the server speaks TLS.
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
     state: Arc<AppState>,
 }
 
@@ -137,7 +143,33 @@ impl App {
             tracing::warn!("no --jwt-secret set: using a random one, so tokens and reconnection tokens die with this process");
             SecretString::from(auth::random_id(48))
         });
-        let local_base_url = format!("http://{local}");
+        let metrics_listener = match settings.metrics_port {
+            Some(port) => {
+                let addr = format!("{}:{port}", settings.host);
+                Some(
+                    TcpListener::bind(&addr)
+                        .await
+                        .map_err(|source| StartupError::Bind { addr, source })?,
+                )
+            }
+            None => None,
+        };
+        let tls = match &settings.tls {
+            Some(files) => Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
+                    .await
+                    .map_err(|e| {
+                        StartupError::Tls(format!(
+                            "cannot use {} and {}: {e}",
+                            files.cert.display(),
+                            files.key.display()
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let local_base_url = format!("{scheme}://{local}");
         let public_base_url = settings
             .public_base_url
             .clone()
@@ -226,7 +258,12 @@ impl App {
         if state.directory.is_some() || state.settings.database_url.is_some() {
             tokio::spawn(reload_revocations(state.clone()));
         }
-        Ok(App { listener, state })
+        Ok(App {
+            listener,
+            metrics_listener,
+            tls,
+            state,
+        })
     }
 
     /// The address the server listens on (useful with port 0).
@@ -234,6 +271,13 @@ impl App {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The address of the separate metrics listener, if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -245,26 +289,91 @@ impl App {
         self.run_until(shutdown_signal()).await
     }
 
-    /// Serves until `stop` completes; then disconnects every client.
+    /// Serves until `stop` completes, then shuts down gracefully (see [`shutdown`]).
     pub async fn run_until(
         self,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let state = self.state.clone();
-        tracing::info!(addr = %self.addr(), manager_id = %state.manager_id, "hypha-rtc listening");
-        let router = http::router(self.state.clone());
-        axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            stop.await;
-            tracing::info!("shutting down");
-            state.hub.disconnect_all();
-            state.stopping.cancel();
-        })
-        .await
+        let addr = self.addr();
+        let App {
+            listener,
+            metrics_listener,
+            tls,
+            state,
+        } = self;
+        tracing::info!(%addr, tls = tls.is_some(), manager_id = %state.manager_id, "hypha-rtc listening");
+        if let Some(listener) = metrics_listener {
+            let metrics = http::metrics_router(state.clone());
+            let stopping = state.stopping.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, metrics)
+                    .with_graceful_shutdown(stopping.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
+        let handle = axum_server::Handle::new();
+        let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let listener = listener.into_std()?;
+        let mut server = match tls {
+            Some(config) => {
+                let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
+                tokio::spawn(server.serve(app))
+            }
+            None => {
+                let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+                tokio::spawn(server.serve(app))
+            }
+        };
+        tokio::select! {
+            _ = stop => {}
+            served = &mut server => return served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        }
+        shutdown(&state, &handle).await;
+        match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
+            Ok(served) => served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Err(_) => Ok(()),
+        }
     }
+}
+
+/// A graceful stop: no new connections; calls in flight finish (up to `--shutdown-timeout`);
+/// every client gets a close frame; the store writes what it queued.
+async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
+    use std::time::{Duration, Instant};
+    let limit = state.settings.shutdown_timeout;
+    tracing::info!(
+        limit_s = limit.as_secs(),
+        "shutting down: no new connections, waiting for calls in flight"
+    );
+    handle.graceful_shutdown(Some(limit + Duration::from_secs(3)));
+    let deadline = Instant::now() + limit;
+    loop {
+        let pending = state
+            .hub
+            .inflight
+            .pending(|addr| state.hub.is_connected(addr));
+        if pending == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(pending, "closing with calls still in flight");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    state.stopping.cancel();
+    state.hub.disconnect_all();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while state.hub.connection_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !state.store.flush(Duration::from_secs(5)).await {
+        tracing::warn!("the store did not confirm its last writes");
+    }
+    tracing::info!("stopped");
 }
 
 /// How often an instance that shares its store reads the revocations others made (the bus

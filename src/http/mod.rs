@@ -22,15 +22,25 @@ pub fn router(state: Arc<AppState>) -> Router {
     } else {
         Router::new()
     };
+    let metrics = if state.settings.metrics_port.is_some() {
+        Router::new()
+    } else {
+        metrics::router()
+    };
     Router::new()
         .merge(ws::router())
         .merge(health::router())
-        .merge(metrics::router())
+        .merge(metrics)
         .merge(crate::auth::login::router())
         .merge(demo)
         .merge(services::router())
         .layer(CorsLayer::very_permissive())
         .with_state(state)
+}
+
+/// `/metrics` alone, for `--metrics-port`.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    metrics::router().with_state(state)
 }
 
 /// The caller of an HTTP request: `Authorization: Bearer`, else the `access_token` cookie,

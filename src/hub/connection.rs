@@ -260,6 +260,10 @@ async fn serve_frames(
         tokio::select! {
             biased;
             _ = kill.cancelled() => {
+                if state.stopping.is_cancelled() {
+                    close_with(socket, CLOSE_GOING_AWAY, "the server is shutting down").await;
+                    return "server shutdown";
+                }
                 close_with(socket, CLOSE_GOING_AWAY, "disconnected by the server").await;
                 return "disconnected by the server";
             }

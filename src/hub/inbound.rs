@@ -90,6 +90,11 @@ pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
 /// Delivers frames to the clients of one lane, in order.
 async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<(String, Bytes)>) {
     while let Some((to, data)) = rx.recv().await {
+        if let Ok(frame) = Frame::parse(data.clone())
+            && let Some(from) = frame.field("from")
+        {
+            state.hub.inflight.observe(from, &to, &frame);
+        }
         if let Err(Unsent::Elsewhere(Outbound::Binary(data))) =
             state.hub.send_local(&to, Outbound::Binary(data)).await
         {

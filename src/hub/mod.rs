@@ -6,6 +6,7 @@ pub mod bus;
 pub mod connection;
 mod handshake;
 pub mod inbound;
+pub mod inflight;
 pub mod redis_bus;
 
 use std::collections::HashSet;
@@ -107,6 +108,8 @@ pub struct Hub {
     bus: Arc<dyn Bus>,
     pub routed_messages: AtomicU64,
     pub routed_bytes: AtomicU64,
+    /// Calls between clients that have not been answered yet, and how calls ended.
+    pub inflight: inflight::InFlight,
     /// Frames that went to another instance, and those that came from one.
     pub bus_sent: AtomicU64,
     pub bus_received: AtomicU64,
@@ -123,6 +126,7 @@ impl Hub {
             bus,
             routed_messages: AtomicU64::new(0),
             routed_bytes: AtomicU64::new(0),
+            inflight: Default::default(),
             bus_sent: AtomicU64::new(0),
             bus_received: AtomicU64::new(0),
         }
@@ -341,14 +345,18 @@ impl Hub {
             }
             return Ok(Routed::Delivered);
         }
+        self.inflight.observe(sender.addr, &target, &frame);
         match self.send(&target, Outbound::Binary(out)).await {
             Ok(()) => Ok(Routed::Delivered),
             Err(e) => match frame.field("session") {
-                Some(session) => Ok(Routed::PeerGone {
-                    session: session.to_string(),
-                    target,
-                    error: e.to_string(),
-                }),
+                Some(session) => {
+                    self.inflight.abandoned(sender.addr, session);
+                    Ok(Routed::PeerGone {
+                        session: session.to_string(),
+                        target,
+                        error: e.to_string(),
+                    })
+                }
                 None => Ok(Routed::Dropped),
             },
         }
@@ -394,7 +402,7 @@ pub enum Unsent {
 /// Whether a frame answers a call (`<session>.resolve`, `.reject` or `.heartbeat`).
 fn is_callback(frame: &Frame) -> bool {
     frame.field("method").is_some_and(|m| {
-        m.split_once('.').is_some_and(|(session, kind)| {
+        m.rsplit_once('.').is_some_and(|(session, kind)| {
             !session.is_empty() && matches!(kind, "resolve" | "reject" | "heartbeat")
         })
     })

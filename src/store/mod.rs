@@ -87,11 +87,18 @@ const AUDIT_QUEUE: usize = 4096;
 /// Rows written per transaction.
 const AUDIT_BATCH: usize = 512;
 
+/// What the audit writer is asked to do, in order.
+enum AuditItem {
+    Row(IceIssuance),
+    /// Answer once every row queued before this one is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The database.
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    audit: mpsc::Sender<IceIssuance>,
+    audit: mpsc::Sender<AuditItem>,
 }
 
 impl Store {
@@ -152,9 +159,18 @@ impl Store {
 
     /// Queues an audit row; waits (back-pressure) rather than drop it when the writer is behind.
     pub async fn record_ice_issuance(&self, row: IceIssuance) {
-        if self.audit.send(row).await.is_err() {
+        if self.audit.send(AuditItem::Row(row)).await.is_err() {
             tracing::error!("the audit writer has stopped; an ICE issuance was not recorded");
         }
+    }
+
+    /// Writes every queued audit row, waiting at most `limit` (server shutdown).
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let (done, written) = tokio::sync::oneshot::channel();
+        let flushed = async {
+            self.audit.send(AuditItem::Flush(done)).await.is_ok() && written.await.is_ok()
+        };
+        tokio::time::timeout(limit, flushed).await.unwrap_or(false)
     }
 
     /// Adds a user; fails if the email is taken.
@@ -337,27 +353,44 @@ impl Store {
 }
 
 /// Writes queued audit rows in batches, one transaction per batch.
-async fn write_audit(pool: AnyPool, mut rows: mpsc::Receiver<IceIssuance>) {
+async fn write_audit(pool: AnyPool, mut items: mpsc::Receiver<AuditItem>) {
+    let mut received = Vec::with_capacity(AUDIT_BATCH);
     let mut batch = Vec::with_capacity(AUDIT_BATCH);
-    while rows.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
-        let written = async {
-            let mut tx = pool.begin().await?;
-            for row in &batch {
-                sqlx::query("INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) VALUES ($1, $2, $3, $4)")
-                    .bind(&row.user_id)
-                    .bind(row.issued_at)
-                    .bind(row.ttl)
-                    .bind(row.expires_at)
-                    .execute(&mut *tx)
-                    .await?;
+    while items.recv_many(&mut received, AUDIT_BATCH).await > 0 {
+        let mut flushes = Vec::new();
+        for item in received.drain(..) {
+            match item {
+                AuditItem::Row(row) => batch.push(row),
+                AuditItem::Flush(done) => flushes.push(done),
             }
-            tx.commit().await
         }
-        .await;
-        if let Err(e) = written {
-            tracing::error!(error = %e, rows = batch.len(), "cannot write ICE audit rows");
+        if !batch.is_empty() {
+            write_batch(&pool, &batch).await;
+            batch.clear();
         }
-        batch.clear();
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn write_batch(pool: &AnyPool, batch: &[IceIssuance]) {
+    let written = async {
+        let mut tx = pool.begin().await?;
+        for row in batch {
+            sqlx::query("INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) VALUES ($1, $2, $3, $4)")
+                .bind(&row.user_id)
+                .bind(row.issued_at)
+                .bind(row.ttl)
+                .bind(row.expires_at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::error!(error = %e, rows = batch.len(), "cannot write ICE audit rows");
     }
 }
 
@@ -380,6 +413,11 @@ mod tests {
             expires_at: 70,
         };
         store.record_ice_issuance(row.clone()).await;
+        assert!(store.flush(Duration::from_secs(5)).await);
+        assert_eq!(
+            store.ice_issuances("u1", 10).await.unwrap(),
+            vec![row.clone()]
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let rows = store.ice_issuances("u1", 10).await.unwrap();

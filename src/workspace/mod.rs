@@ -30,6 +30,7 @@ pub async fn handle(state: Arc<AppState>, incoming: Incoming) {
 }
 
 async fn run_call(state: &Arc<AppState>, call: Call) {
+    let running = state.hub.inflight.server_call();
     let work = dispatch(state, &call);
     tokio::pin!(work);
     let outcome = match call.reply.as_ref().and_then(|r| r.interval) {
@@ -41,6 +42,7 @@ async fn run_call(state: &Arc<AppState>, call: Call) {
         },
         None => work.await,
     };
+    running.finished(outcome.is_ok());
     state.peer.reply(&call, outcome).await;
 }
 

@@ -8,6 +8,8 @@ export function launchChromium() {
     args: [
       "--headless", "--disable-gpu", "--no-sandbox", "--disable-quic", "--no-first-run",
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
+      // Tests that serve https trust their own certificate this way (one key, nothing else).
+      ...(process.env.CHROMIUM_EXTRA_ARGS || "").split(" ").filter(Boolean),
     ],
   });
 }

@@ -91,6 +91,43 @@ async def allocate(entry, port):
 
 
 
+def make_certificate(directory):
+    """A test CA and a certificate it signed for localhost and 127.0.0.1; returns the paths of
+    the certificate, its key and the CA certificate."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    period = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def build(subject, issuer, public_key, signer, extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(period[0]).not_valid_after(period[1]))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hypha-rtc test CA")])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    leaf = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, key.public_key(), ca_key,
+                 [(names, False), (x509.BasicConstraints(ca=False, path_length=None), True)])
+    directory = Path(directory)
+    paths = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+    paths[0].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
 class Postgres:
     """A private PostgreSQL cluster from Debian's packages, on a loopback port, for the tests."""
 
@@ -147,8 +184,15 @@ class Server:
     """A hypha-rtc process on a loopback port, on SQLite or, with `postgres`, on a fresh
     PostgreSQL database."""
 
-    def __init__(self, *extra, port=None, secret=SECRET, postgres=None):
+    def __init__(self, *extra, port=None, secret=SECRET, postgres=None, tls=None):
+        """`tls`: (certificate, key, CA) paths from make_certificate: the server speaks TLS."""
         self.port = port or free_port()
+        self.ssl = None
+        if tls:
+            import ssl
+
+            extra = (*extra, "--cert-file", str(tls[0]), "--key-file", str(tls[1]))
+            self.ssl = ssl.create_default_context(cafile=str(tls[2]))
         self.secret = secret
         self.extra = list(extra)
         self.postgres = postgres
@@ -161,11 +205,11 @@ class Server:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def ws_url(self):
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"{'wss' if self.ssl else 'ws'}://127.0.0.1:{self.port}/ws"
 
     def start(self):
         assert Path(BIN).exists(), f"server binary missing: {BIN} (build it first)"
@@ -178,7 +222,7 @@ class Server:
         return self
 
     def alive(self):
-        with urllib.request.urlopen(f"{self.url}/health/liveness", timeout=1) as r:
+        with urllib.request.urlopen(f"{self.url}/health/liveness", timeout=1, context=self.ssl) as r:
             return r.status == 200
 
     def stop(self):
@@ -198,7 +242,7 @@ class Server:
 
     def http_text(self, path):
         """Returns (status, body text, headers)."""
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+        with urllib.request.urlopen(self.url + path, timeout=10, context=self.ssl) as r:
             return r.status, r.read().decode(), r.headers
 
     def http(self, path, token=None, data=None, method=None):
@@ -209,7 +253,7 @@ class Server:
         body = json.dumps(data).encode() if data is not None else None
         req = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10, context=self.ssl) as r:
                 return r.status, json.loads(r.read() or b"null"), r.headers
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null"), e.headers

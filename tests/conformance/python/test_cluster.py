@@ -3,6 +3,7 @@ and a PostgreSQL database, driven by the real Python hypha-rpc client."""
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -275,6 +276,8 @@ def test_a_killed_instance_leaves_no_ghosts_and_its_clients_move(redis, postgres
             with pytest.raises(Exception, match="not connected"):
                 await ghost.f()
             assert time.monotonic() - started < 3
+            _, metrics, _ = two.http_text("/metrics")
+            assert re.search(r'^hypha_rtc_calls_total\{outcome="peer_gone"\} [1-9]', metrics, re.M), metrics
 
             async def ghost_gone():
                 listed = await b.list_services()

@@ -1,0 +1,189 @@
+//! Calls in flight between clients, as the router sees them: a frame with a `session` opens a
+//! call, a `<session>.resolve` or `.reject` back to its caller closes it, a `.heartbeat` keeps
+//! it alive. A graceful shutdown waits for them; `/metrics` counts how they ended.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::rpc::frame::Frame;
+
+/// A call seen without news for this long no longer counts (its caller timed out or left).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+struct Open {
+    callee: String,
+    touched: Instant,
+}
+
+/// What the router knows of calls in flight.
+#[derive(Default)]
+pub struct InFlight {
+    /// (caller address, session) -> callee and last activity.
+    calls: DashMap<(String, String), Open>,
+    /// Calls to the server's own services running now.
+    server_calls: AtomicUsize,
+    pub resolved: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Calls refused at once because their target was gone.
+    pub peer_gone: AtomicU64,
+    pub server_ok: AtomicU64,
+    pub server_failed: AtomicU64,
+}
+
+/// What a frame's `method` says about a call.
+enum Step<'a> {
+    Opens(&'a str),
+    Answers(&'a str),
+    KeepsAlive(&'a str),
+    Other,
+}
+
+fn step(frame: &Frame) -> Step<'_> {
+    let method = frame.field("method").unwrap_or("");
+    match method.rsplit_once('.') {
+        Some((session, "resolve" | "reject")) if !session.is_empty() => Step::Answers(session),
+        Some((session, "heartbeat")) if !session.is_empty() => Step::KeepsAlive(session),
+        _ => match frame.field("session") {
+            Some(session) if !session.is_empty() => Step::Opens(session),
+            _ => Step::Other,
+        },
+    }
+}
+
+impl InFlight {
+    /// Notes a frame routed from `from` to `to`.
+    pub fn observe(&self, from: &str, to: &str, frame: &Frame) {
+        match step(frame) {
+            Step::Opens(session) => {
+                self.calls.insert(
+                    (from.to_string(), session.to_string()),
+                    Open {
+                        callee: to.to_string(),
+                        touched: Instant::now(),
+                    },
+                );
+            }
+            Step::Answers(session) => {
+                if self
+                    .calls
+                    .remove(&(to.to_string(), session.to_string()))
+                    .is_some()
+                {
+                    let counter = if frame
+                        .field("method")
+                        .is_some_and(|m| m.ends_with(".reject"))
+                    {
+                        &self.rejected
+                    } else {
+                        &self.resolved
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Step::KeepsAlive(session) => {
+                if let Some(mut open) = self.calls.get_mut(&(to.to_string(), session.to_string())) {
+                    open.touched = Instant::now();
+                }
+            }
+            Step::Other => {}
+        }
+    }
+
+    /// A call that will get no answer (its target was gone).
+    pub fn abandoned(&self, caller: &str, session: &str) {
+        self.calls
+            .remove(&(caller.to_string(), session.to_string()));
+        self.peer_gone.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call to the server's own services until the guard drops.
+    pub fn server_call(&self) -> ServerCall<'_> {
+        self.server_calls.fetch_add(1, Ordering::Relaxed);
+        ServerCall(self)
+    }
+
+    /// Calls that still need this instance: one end is connected here (`is_here`), and there
+    /// was news of it lately. Forgets the others.
+    pub fn pending(&self, is_here: impl Fn(&str) -> bool) -> usize {
+        self.calls.retain(|(caller, _), open| {
+            open.touched.elapsed() < FORGET_AFTER && (is_here(caller) || is_here(&open.callee))
+        });
+        self.calls.len() + self.server_calls.load(Ordering::Relaxed)
+    }
+
+    /// Drops calls without news for a long time (run now and then).
+    pub fn prune(&self) {
+        self.calls
+            .retain(|_, open| open.touched.elapsed() < FORGET_AFTER);
+    }
+}
+
+/// A running call to the server's own services.
+pub struct ServerCall<'a>(&'a InFlight);
+
+impl ServerCall<'_> {
+    /// Records how the call ended.
+    pub fn finished(&self, ok: bool) {
+        let counter = if ok {
+            &self.0.server_ok
+        } else {
+            &self.0.server_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ServerCall<'_> {
+    fn drop(&mut self) {
+        self.0.server_calls.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(fields: &[(&str, &str)]) -> Frame {
+        let header = rmpv::Value::Map(
+            fields
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        );
+        Frame::parse(crate::rpc::frame::encode(&header, None)).unwrap()
+    }
+
+    #[test]
+    fn a_call_is_open_until_its_answer() {
+        let calls = InFlight::default();
+        let here = |_: &str| true;
+        calls.observe(
+            "ws/a",
+            "ws/b",
+            &frame(&[("method", "services.x.f"), ("session", "s1.c")]),
+        );
+        calls.observe("ws/a", "ws/b", &frame(&[("method", "services.x.g")]));
+        assert_eq!(calls.pending(here), 1);
+        calls.observe("ws/b", "ws/a", &frame(&[("method", "s1.c.heartbeat")]));
+        assert_eq!(calls.pending(here), 1);
+        calls.observe("ws/b", "ws/a", &frame(&[("method", "s1.c.resolve")]));
+        assert_eq!(calls.pending(here), 0);
+        assert_eq!(calls.resolved.load(Ordering::Relaxed), 1);
+        calls.observe(
+            "ws/a",
+            "ws/b",
+            &frame(&[("method", "services.x.f"), ("session", "s2")]),
+        );
+        assert_eq!(
+            calls.pending(|addr| addr == "elsewhere"),
+            0,
+            "neither end is here"
+        );
+        let guard = calls.server_call();
+        assert_eq!(calls.pending(here), 1);
+        drop(guard);
+        assert_eq!(calls.pending(here), 0);
+    }
+}
