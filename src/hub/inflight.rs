@@ -13,6 +13,7 @@ use crate::rpc::frame::Frame;
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 struct Open {
+    caller: String,
     callee: String,
     touched: Instant,
 }
@@ -20,8 +21,10 @@ struct Open {
 /// What the router knows of calls in flight.
 #[derive(Default)]
 pub struct InFlight {
-    /// (caller address, session) -> callee and last activity.
-    calls: DashMap<(String, String), Open>,
+    /// Hash of (caller address, session) -> the call; hashed so that looking a call up
+    /// allocates nothing (a collision only blurs a count).
+    calls: DashMap<u64, Open>,
+    keys: std::hash::RandomState,
     /// Calls to the server's own services running now.
     server_calls: AtomicUsize,
     pub resolved: AtomicU64,
@@ -53,24 +56,26 @@ fn step(frame: &Frame) -> Step<'_> {
 }
 
 impl InFlight {
+    fn key(&self, caller: &str, session: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one((caller, session))
+    }
+
     /// Notes a frame routed from `from` to `to`.
     pub fn observe(&self, from: &str, to: &str, frame: &Frame) {
         match step(frame) {
             Step::Opens(session) => {
                 self.calls.insert(
-                    (from.to_string(), session.to_string()),
+                    self.key(from, session),
                     Open {
+                        caller: from.to_string(),
                         callee: to.to_string(),
                         touched: Instant::now(),
                     },
                 );
             }
             Step::Answers(session) => {
-                if self
-                    .calls
-                    .remove(&(to.to_string(), session.to_string()))
-                    .is_some()
-                {
+                if self.calls.remove(&self.key(to, session)).is_some() {
                     let counter = if frame
                         .field("method")
                         .is_some_and(|m| m.ends_with(".reject"))
@@ -83,7 +88,7 @@ impl InFlight {
                 }
             }
             Step::KeepsAlive(session) => {
-                if let Some(mut open) = self.calls.get_mut(&(to.to_string(), session.to_string())) {
+                if let Some(mut open) = self.calls.get_mut(&self.key(to, session)) {
                     open.touched = Instant::now();
                 }
             }
@@ -93,8 +98,7 @@ impl InFlight {
 
     /// A call that will get no answer (its target was gone).
     pub fn abandoned(&self, caller: &str, session: &str) {
-        self.calls
-            .remove(&(caller.to_string(), session.to_string()));
+        self.calls.remove(&self.key(caller, session));
         self.peer_gone.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -107,8 +111,9 @@ impl InFlight {
     /// Calls that still need this instance: one end is connected here (`is_here`), and there
     /// was news of it lately. Forgets the others.
     pub fn pending(&self, is_here: impl Fn(&str) -> bool) -> usize {
-        self.calls.retain(|(caller, _), open| {
-            open.touched.elapsed() < FORGET_AFTER && (is_here(caller) || is_here(&open.callee))
+        self.calls.retain(|_, open| {
+            open.touched.elapsed() < FORGET_AFTER
+                && (is_here(&open.caller) || is_here(&open.callee))
         });
         self.calls.len() + self.server_calls.load(Ordering::Relaxed)
     }
