@@ -102,7 +102,8 @@ def test_run_command_brings_up_the_stack_and_tears_it_down():
 
 
 COMPOSE_ENV = {"HYPHA_JWT_SECRET": "jwt-for-the-check", "HYPHA_COTURN_SECRET": "coturn-for-the-check",
-               "HYPHA_PUBLIC_COTURN_URI": "turn.example.org:3478", "TURN_EXTERNAL_IP": "203.0.113.7"}
+               "HYPHA_PUBLIC_COTURN_URI": "turn.example.org:3478", "HYPHA_COTURN_EXTERNAL_IP": "203.0.113.7",
+               "HYPHA_POSTGRES_PASSWORD": "pg-for-the-check"}
 
 
 def compose_service(name, env=COMPOSE_ENV):
@@ -124,6 +125,9 @@ def test_compose_file_agrees_with_the_server_and_coturn():
     _, coturn = compose_service("coturn")
     environment = {k: str(v) for k, v in hypha["environment"].items()}
     assert unknown_variables(environment) == []
+    # Configured only through HYPHA_* variables.
+    referenced = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", (ROOT / "docker-compose.yml").read_text()))
+    assert referenced and all(name.startswith("HYPHA_") for name in referenced), referenced
     flags = dict(arg.split("=", 1) for arg in coturn["command"] if arg.startswith("--") and "=" in arg)
     assert flags["--static-auth-secret"] == environment["HYPHA_COTURN_SECRET"] == COMPOSE_ENV["HYPHA_COTURN_SECRET"]
     assert environment["HYPHA_COTURN_URI"].rsplit(":", 1)[1] == flags["--listening-port"]
