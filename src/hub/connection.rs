@@ -200,9 +200,10 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
 }
 
 /// Whether another live instance holds this client id (only a reconnecting client may take
-/// it over). Without Redis the question cannot be answered, and the client is let in.
+/// it over). Without Redis (or while it is away) the question cannot be answered, and the
+/// client is let in.
 async fn connected_elsewhere(state: &AppState, ws: &str, client: &str) -> bool {
-    match &state.directory {
+    match state.directory.as_ref().filter(|_| state.hub.bus().is_up()) {
         Some(directory) => matches!(directory.client_elsewhere(ws, client).await, Ok(Some(_))),
         None => false,
     }

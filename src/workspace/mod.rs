@@ -265,9 +265,22 @@ pub async fn clients_in(state: &AppState, workspace: &str) -> Result<Vec<String>
     Ok(clients)
 }
 
+/// The shared registry while Redis is reachable. While it is not, writes are skipped rather
+/// than left to time out one by one (holding up connections); the resync that follows the
+/// reconnection writes this instance's state back.
+fn reachable(state: &AppState) -> Option<&std::sync::Arc<directory::Directory>> {
+    state.directory.as_ref().filter(|_| state.hub.bus().is_up())
+}
+
 /// Registers a service of a client connected here, in the shared registry too.
 pub async fn add_service(state: &AppState, entry: ServiceEntry) -> Result<(), Error> {
     let entry = state.registry.stamp(entry);
+    if state.directory.is_some() && reachable(state).is_none() {
+        return Err(Error::Unavailable(
+            "the shared service registry (Redis) is unavailable; register again once it is back"
+                .into(),
+        ));
+    }
     match &state.directory {
         Some(directory) => {
             let _writes = directory.writes.lock().await;
@@ -282,7 +295,7 @@ pub async fn add_service(state: &AppState, entry: ServiceEntry) -> Result<(), Er
 /// Withdraws services that were removed from the local registry from the shared one; what
 /// cannot be withdrawn now is withdrawn when this instance next writes its state.
 async fn withdraw(state: &AppState, removed: &[ServiceEntry]) {
-    if let Some(directory) = &state.directory
+    if let Some(directory) = reachable(state)
         && let Err(e) = directory.remove_services(removed).await
     {
         tracing::warn!(error = %e, "services stay in Redis until it is back");
@@ -317,7 +330,7 @@ pub async fn remove_client(
     }
     let removed = state.registry.remove_client(addr);
     state.hub.bus().detach(addr).await;
-    if let Some(directory) = &state.directory {
+    if let Some(directory) = reachable(state) {
         withdraw(state, &removed).await;
         let client = addr.rsplit('/').next().unwrap_or(addr);
         if let Err(e) = directory.remove_client(workspace, client).await {
@@ -332,7 +345,7 @@ pub async fn add_client(state: &AppState, addr: &str, workspace: &str) {
     if let Err(e) = state.hub.bus().attach(addr).await {
         tracing::warn!(client = addr, error = %e, "the client is reachable from other instances once Redis is back");
     }
-    if let Some(directory) = &state.directory {
+    if let Some(directory) = reachable(state) {
         let _writes = directory.writes.lock().await;
         let client = addr.rsplit('/').next().unwrap_or(addr);
         if !state.hub.is_connected(addr) {
