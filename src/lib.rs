@@ -195,10 +195,26 @@ impl App {
                     server_id.clone(),
                     conn.clone(),
                 ));
-                directory
-                    .claim()
-                    .await
-                    .map_err(|e| StartupError::Cluster(e.to_string()))?;
+                // A restart under the same --server-id finds its previous lease: wait it out.
+                // A live twin renews its lease, and the claim still fails after the wait.
+                let patience = workspace::directory::LEASE + 2 * workspace::directory::HEARTBEAT;
+                let deadline = std::time::Instant::now() + patience;
+                let mut warned = false;
+                loop {
+                    match directory.claim().await {
+                        Ok(()) => break,
+                        Err(error::Error::BadRequest(message))
+                            if std::time::Instant::now() < deadline =>
+                        {
+                            if !warned {
+                                tracing::warn!(%message, "waiting up to {} s for the lease to run out", patience.as_secs());
+                                warned = true;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        }
+                        Err(e) => return Err(StartupError::Cluster(e.to_string())),
+                    }
+                }
                 directory
                     .heartbeat()
                     .await

@@ -346,3 +346,14 @@ def test_instances_recover_when_redis_restarts(redis, postgres, coturn):
     finally:
         one.stop()
         two.stop()
+
+
+def test_a_twin_server_id_is_refused(pair):
+    one, _ = pair
+    server_id = one.extra[one.extra.index("--server-id") + 1]
+    twin = subprocess.run([BIN, "--port", str(free_port()), "--data-dir", str(one.data_dir / "twin"),
+                           *one.extra], capture_output=True, text=True, timeout=60)
+    # It waits out the lease a restarted instance would have left, then gives up: the twin renews.
+    assert twin.returncode == 1, twin.stderr
+    assert f'another live instance uses the server id "{server_id}"' in twin.stderr, twin.stderr
+    assert one.alive()
