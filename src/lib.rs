@@ -111,6 +111,50 @@ pub async fn open_store(settings: &Settings) -> Result<store::Store, StartupErro
     Ok(store::Store::open(&url).await?)
 }
 
+/// What joining the other instances through Redis gives: the bus, the shared registry, and
+/// what other instances send here.
+type Joined = (
+    Arc<dyn hub::bus::Bus>,
+    Arc<workspace::directory::Directory>,
+    tokio::sync::mpsc::Receiver<hub::bus::Inbound>,
+);
+
+/// Connects to Redis, claims this instance's id and starts the bus (`--redis-uri`).
+async fn join_instances(
+    uri: &SecretString,
+    server_id: &str,
+    manager_id: &str,
+    stopping: &tokio_util::sync::CancellationToken,
+) -> Result<Joined, StartupError> {
+    use secrecy::ExposeSecret;
+    let cluster = |e: &dyn std::fmt::Display| StartupError::Cluster(e.to_string());
+    crate::ids::ClientId::parse(server_id).map_err(|e| {
+        StartupError::Cluster(format!(
+            "the server id must be a valid id with --redis-uri: {e}"
+        ))
+    })?;
+    let (client, conn) = hub::redis_bus::connect(uri.expose_secret())
+        .await
+        .map_err(|e| cluster(&e))?;
+    let directory = Arc::new(workspace::directory::Directory::new(
+        server_id.to_string(),
+        conn.clone(),
+    ));
+    directory.claim().await.map_err(|e| cluster(&e))?;
+    directory.heartbeat().await.map_err(|e| cluster(&e))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let bus = hub::redis_bus::RedisBus::start(
+        &[format!("*/{manager_id}")],
+        server_id.to_string(),
+        client,
+        conn,
+        tx,
+        stopping.clone(),
+    );
+    tracing::info!(redis = %hub::redis_bus::redact(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
+    Ok((bus, directory, rx))
+}
+
 /// A bound, ready-to-run server.
 pub struct App {
     listener: TcpListener,
@@ -182,54 +226,9 @@ impl App {
                 None,
             ),
             Some(uri) => {
-                use secrecy::ExposeSecret;
-                crate::ids::ClientId::parse(&server_id).map_err(|e| {
-                    StartupError::Cluster(format!(
-                        "the server id must be a valid id with --redis-uri: {e}"
-                    ))
-                })?;
-                let (client, conn) = hub::redis_bus::connect(uri.expose_secret())
-                    .await
-                    .map_err(|e| StartupError::Cluster(e.0))?;
-                let directory = Arc::new(workspace::directory::Directory::new(
-                    server_id.clone(),
-                    conn.clone(),
-                ));
-                // A restart under the same --server-id finds its previous lease: wait it out.
-                // A live twin renews its lease, and the claim still fails after the wait.
-                let patience = workspace::directory::LEASE + 2 * workspace::directory::HEARTBEAT;
-                let deadline = std::time::Instant::now() + patience;
-                let mut warned = false;
-                loop {
-                    match directory.claim().await {
-                        Ok(()) => break,
-                        Err(error::Error::BadRequest(message))
-                            if std::time::Instant::now() < deadline =>
-                        {
-                            if !warned {
-                                tracing::warn!(%message, "waiting up to {} s for the lease to run out", patience.as_secs());
-                                warned = true;
-                            }
-                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        }
-                        Err(e) => return Err(StartupError::Cluster(e.to_string())),
-                    }
-                }
-                directory
-                    .heartbeat()
-                    .await
-                    .map_err(|e| StartupError::Cluster(e.to_string()))?;
-                let (tx, rx) = tokio::sync::mpsc::channel(4096);
-                let bus = hub::redis_bus::RedisBus::start(
-                    &[format!("*/{manager_id}")],
-                    server_id.clone(),
-                    client,
-                    conn,
-                    tx,
-                    stopping.clone(),
-                );
-                tracing::info!(redis = %hub::redis_bus::redact(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
-                (bus as Arc<dyn hub::bus::Bus>, Some(directory), Some(rx))
+                let (bus, directory, inbound) =
+                    join_instances(uri, &server_id, &manager_id, &stopping).await?;
+                (bus, Some(directory), Some(inbound))
             }
         };
         let hub = Arc::new(Hub::new(

@@ -203,7 +203,7 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
 /// it over). Without Redis (or while it is away) the question cannot be answered, and the
 /// client is let in.
 async fn connected_elsewhere(state: &AppState, ws: &str, client: &str) -> bool {
-    match state.directory.as_ref().filter(|_| state.hub.bus().is_up()) {
+    match crate::workspace::reachable(state) {
         Some(directory) => matches!(directory.client_elsewhere(ws, client).await, Ok(Some(_))),
         None => false,
     }

@@ -55,6 +55,11 @@ fn step(frame: &Frame) -> Step<'_> {
     }
 }
 
+/// Whether a frame answers a call (`<session>.resolve`, `.reject` or `.heartbeat`).
+pub fn is_answer(frame: &Frame) -> bool {
+    matches!(step(frame), Step::Answers(_) | Step::KeepsAlive(_))
+}
+
 impl InFlight {
     fn key(&self, caller: &str, session: &str) -> u64 {
         use std::hash::BuildHasher;

@@ -311,13 +311,15 @@ impl Hub {
         if target_client == self.manager_id || (target_ws == "*" && is_manager_id(target_client)) {
             // An answer to a call another instance's manager made goes back to it; anything
             // else for a manager runs here.
-            if target_client != self.manager_id && self.bus.is_shared() && is_callback(&frame) {
+            if target_client != self.manager_id
+                && self.bus.is_shared()
+                && inflight::is_answer(&frame)
+            {
                 let out =
                     frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
-                if let Err(e) = self.bus.send(&target, out).await {
+                if let Err(e) = self.send(&target, Outbound::Binary(out)).await {
                     tracing::debug!(error = %e, "an answer to another instance's manager was lost");
                 }
-                self.bus_sent.fetch_add(1, Ordering::Relaxed);
                 return Ok(Routed::Delivered);
             }
             return Ok(Routed::ToServer { frame, to: target });
@@ -397,15 +399,6 @@ pub enum Unsent {
     /// No such client here; the message comes back for the bus.
     Elsewhere(Outbound),
     Failed(SendError),
-}
-
-/// Whether a frame answers a call (`<session>.resolve`, `.reject` or `.heartbeat`).
-fn is_callback(frame: &Frame) -> bool {
-    frame.field("method").is_some_and(|m| {
-        m.rsplit_once('.').is_some_and(|(session, kind)| {
-            !session.is_empty() && matches!(kind, "resolve" | "reject" | "heartbeat")
-        })
-    })
 }
 
 /// Client ids of this form name a server's manager and are reserved.

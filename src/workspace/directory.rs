@@ -144,23 +144,36 @@ impl Directory {
                 .unwrap_or(true)
     }
 
-    /// Fails when another live instance already uses this instance id.
+    /// Claims this instance's id. A restart under the same id finds the lease its previous
+    /// run left and waits it out; a live twin keeps renewing its lease, so the claim fails.
     pub async fn claim(&self) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        let end: Option<f64> = timed(
-            redis::cmd("ZSCORE")
-                .arg(INSTANCES)
-                .arg(&self.instance)
-                .query_async(&mut conn),
-        )
-        .await?;
-        if end.is_some_and(|end| end as i64 > now_ms()) {
-            return Err(Error::BadRequest(format!(
-                "another live instance uses the server id {:?}; give each instance its own --server-id (or none)",
-                self.instance
-            )));
+        let patience = LEASE + 2 * HEARTBEAT;
+        let deadline = std::time::Instant::now() + patience;
+        let mut warned = false;
+        loop {
+            let mut conn = self.conn.clone();
+            let end: Option<f64> = timed(
+                redis::cmd("ZSCORE")
+                    .arg(INSTANCES)
+                    .arg(&self.instance)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            if end.is_none_or(|end| end as i64 <= now_ms()) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::BadRequest(format!(
+                    "another live instance uses the server id {:?}; give each instance its own --server-id (or none)",
+                    self.instance
+                )));
+            }
+            if !warned {
+                tracing::warn!(instance = %self.instance, "the server id holds a lease; waiting up to {} s for it to run out", patience.as_secs());
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Ok(())
     }
 
     /// Renews this instance's lease and reads everyone's. Returns true when Redis did not
@@ -276,9 +289,7 @@ impl Directory {
         if members.is_empty() {
             return Ok(());
         }
-        self.run_release(&self.instance.clone(), &members)
-            .await
-            .map(|_| ())
+        self.run_release(&self.instance, &members).await.map(|_| ())
     }
 
     /// Records that a client is connected to this instance.
@@ -299,7 +310,7 @@ impl Directory {
 
     /// Forgets a client of this instance.
     pub async fn remove_client(&self, ws: &str, client: &str) -> Result<(), Error> {
-        self.run_release(&self.instance.clone(), &[member('c', ws, client)])
+        self.run_release(&self.instance, &[member('c', ws, client)])
             .await
             .map(|_| ())
     }
@@ -387,7 +398,7 @@ impl Directory {
             .filter(|m| !wanted.contains(m))
             .collect();
         if !stale.is_empty() {
-            self.run_release(&self.instance.clone(), &stale).await?;
+            self.run_release(&self.instance, &stale).await?;
         }
         if !wanted.is_empty() {
             pipe.sadd(&own, wanted.into_iter().collect::<Vec<_>>())

@@ -268,28 +268,35 @@ pub async fn clients_in(state: &AppState, workspace: &str) -> Result<Vec<String>
 /// The shared registry while Redis is reachable. While it is not, writes are skipped rather
 /// than left to time out one by one (holding up connections); the resync that follows the
 /// reconnection writes this instance's state back.
-fn reachable(state: &AppState) -> Option<&std::sync::Arc<directory::Directory>> {
+pub fn reachable(state: &AppState) -> Option<&std::sync::Arc<directory::Directory>> {
     state.directory.as_ref().filter(|_| state.hub.bus().is_up())
 }
 
 /// Registers a service of a client connected here, in the shared registry too.
 pub async fn add_service(state: &AppState, entry: ServiceEntry) -> Result<(), Error> {
     let entry = state.registry.stamp(entry);
-    if state.directory.is_some() && reachable(state).is_none() {
-        return Err(Error::Unavailable(
+    if state.directory.is_none() {
+        state.registry.insert(entry);
+        return Ok(());
+    }
+    let directory = reachable(state).ok_or_else(|| {
+        Error::Unavailable(
             "the shared service registry (Redis) is unavailable; register again once it is back"
                 .into(),
-        ));
-    }
-    match &state.directory {
-        Some(directory) => {
-            let _writes = directory.writes.lock().await;
-            directory.put_service(&entry).await?;
-            state.registry.insert(entry);
-        }
-        None => state.registry.insert(entry),
-    }
+        )
+    })?;
+    let _writes = directory.writes.lock().await;
+    directory.put_service(&entry).await?;
+    state.registry.insert(entry);
     Ok(())
+}
+
+/// Holds off a resync while this instance changes its own entries (several instances only).
+async fn hold_writes(state: &AppState) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    match &state.directory {
+        Some(directory) => Some(directory.writes.lock().await),
+        None => None,
+    }
 }
 
 /// Withdraws services that were removed from the local registry from the shared one; what
@@ -304,10 +311,7 @@ async fn withdraw(state: &AppState, removed: &[ServiceEntry]) {
 
 /// Unregisters a service (every app id of it); returns what was removed.
 pub async fn remove_service(state: &AppState, id: &crate::ids::ServiceId) -> Vec<ServiceEntry> {
-    let _writes = match &state.directory {
-        Some(directory) => Some(directory.writes.lock().await),
-        None => None,
-    };
+    let _writes = hold_writes(state).await;
     let removed = state.registry.remove(id);
     withdraw(state, &removed).await;
     removed
@@ -321,10 +325,7 @@ pub async fn remove_client(
     workspace: &str,
     conn_id: u64,
 ) -> Option<Vec<ServiceEntry>> {
-    let _writes = match &state.directory {
-        Some(directory) => Some(directory.writes.lock().await),
-        None => None,
-    };
+    let _writes = hold_writes(state).await;
     if !state.hub.remove(addr, workspace, conn_id) {
         return None;
     }
