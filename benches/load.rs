@@ -472,6 +472,8 @@ async fn main() {
                 std::env::temp_dir().join(format!("hypha-rtc-bench-{}", std::process::id()));
             let child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
                 .args(["--port", &port.to_string(), "--jwt-secret", "bench-secret"])
+                // Every client of the benchmark comes from loopback: one address.
+                .args(["--max-connections-per-address", "0"])
                 .arg("--data-dir")
                 .arg(&data_dir)
                 .stderr(std::process::Stdio::null())

@@ -30,7 +30,8 @@ done
 PORTS=()
 for name in one two; do
     port=$(free_port)
-    "$BIN" --port "$port" --jwt-secret bench-secret --server-id "bench-$name" --no-demo \
+    # Every client of the benchmark comes from loopback (one address): no per-address cap.
+    "$BIN" --port "$port" --jwt-secret bench-secret --server-id "bench-$name" --no-demo --max-connections-per-address 0 \
         --data-dir "$WORK/$name" --redis-uri "redis://127.0.0.1:$REDIS_PORT/0" 2>"$WORK/$name.log" &
     PIDS+=($!)
     PORTS+=("$port")

@@ -21,7 +21,7 @@ turnserver -c turnserver.conf --listening-ip=127.0.0.1 --listening-port="$TURN_P
     --min-port=45000 --max-port=45050 >/dev/null 2>&1 &
 TURN_PID=$!
 # The per-user limit would refuse a benchmark's burst; it is measured off.
-"$CARGO_TARGET_DIR/release/hypha-rtc" --port "$PORT" --jwt-secret "$JWT" --data-dir "$DATA" \
+"$CARGO_TARGET_DIR/release/hypha-rtc" --port "$PORT" --jwt-secret "$JWT" --data-dir "$DATA" --max-connections-per-address 0 \
     --coturn-secret "$SECRET" --coturn-uri "127.0.0.1:$TURN_PORT" --ice-rate-limit 0 2>"$DATA/server.log" &
 SERVER_PID=$!
 trap 'kill $SERVER_PID $TURN_PID 2>/dev/null || true; rm -rf "$DATA"' EXIT

@@ -139,6 +139,24 @@ pub struct Cli {
     /// On SIGTERM, how long calls in flight may take to finish before clients are closed [default: 20]
     #[arg(long, value_name = "SECONDS")]
     pub shutdown_timeout: Option<u64>,
+    /// Origins whose pages may call this server from a browser with the visitor's cookie, comma-separated; * lets any origin call without cookies [default: any origin, without cookies; cookies only from this server's own pages]
+    #[arg(long, value_name = "ORIGINS")]
+    pub allow_origins: Option<String>,
+    /// Proxies (addresses or blocks such as 10.0.0.0/8, comma-separated) whose X-Forwarded-For or Forwarded headers give the client's address; nobody else's are believed [default: none]
+    #[arg(long, value_name = "CIDRS")]
+    pub trusted_proxies: Option<String>,
+    /// Most connections at once; 0 = no limit [default: the open-file limit minus 256]
+    #[arg(long, value_name = "COUNT")]
+    pub max_connections: Option<usize>,
+    /// Most connections at once from one address (trusted proxies count only in the total); 0 = no limit [default: 256]
+    #[arg(long, value_name = "COUNT")]
+    pub max_connections_per_address: Option<usize>,
+    /// A connection that sends nothing, or no complete request head, within this time is closed; request bodies get three times as long [default: 10]
+    #[arg(long, value_name = "SECONDS")]
+    pub header_timeout: Option<u64>,
+    /// Refuse TURN credentials whose issuance cannot be written to the audit: true or false [default: true]
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub audit_required: Option<bool>,
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -208,6 +226,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "reconnection_token_life_time",
     "method_timeout",
     "log_format",
+    "allow_origins",
+    "trusted_proxies",
+    "max_connections",
+    "max_connections_per_address",
+    "header_timeout",
+    "audit_required",
     "cert_file",
     "key_file",
     "metrics_port",
@@ -250,6 +274,12 @@ struct Raw {
     reconnection_token_life_time: i64,
     method_timeout: u64,
     log_format: String,
+    allow_origins: Option<String>,
+    trusted_proxies: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_address: usize,
+    header_timeout: u64,
+    audit_required: bool,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     metrics_port: Option<u16>,
@@ -295,6 +325,14 @@ pub struct Settings {
     pub reconnection_token_life_time: i64,
     pub method_timeout: Duration,
     pub log_format: String,
+    /// Which browser origins may call with credentials (`--allow-origins`).
+    pub allow_origins: crate::http::cors::AllowOrigins,
+    /// Connection caps, the first-byte deadline and the trusted proxies.
+    pub admission: crate::net::admission::AdmissionSettings,
+    /// How long a request head may take (the body gets three times as long).
+    pub header_timeout: Duration,
+    /// No TURN credential is issued that the audit cannot record.
+    pub audit_required: bool,
     /// Certificate chain and key (PEM): the server speaks TLS itself.
     pub tls: Option<TlsFiles>,
     pub metrics_port: Option<u16>,
@@ -330,6 +368,15 @@ impl Default for Settings {
             reconnection_token_life_time: 172_800,
             method_timeout: Duration::from_secs(30),
             log_format: "text".into(),
+            allow_origins: Default::default(),
+            admission: crate::net::admission::AdmissionSettings {
+                max_connections: crate::net::default_max_connections(),
+                max_per_address: DEFAULT_PER_ADDRESS,
+                first_byte_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT),
+                trusted_proxies: Default::default(),
+            },
+            header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT),
+            audit_required: true,
             tls: None,
             metrics_port: None,
             shutdown_timeout: Duration::from_secs(20),
@@ -348,6 +395,11 @@ impl Default for Settings {
         }
     }
 }
+
+/// `--max-connections-per-address` unless set.
+const DEFAULT_PER_ADDRESS: usize = 256;
+/// `--header-timeout` unless set, in seconds.
+const DEFAULT_HEADER_TIMEOUT: u64 = 10;
 
 /// The PEM files of `--cert-file` and `--key-file`.
 #[derive(Debug, Clone, PartialEq)]
@@ -388,6 +440,9 @@ impl Settings {
             })
             .and_then(|b| b.set_default("method_timeout", 30))
             .and_then(|b| b.set_default("log_format", d.log_format.clone()))
+            .and_then(|b| b.set_default("max_connections_per_address", DEFAULT_PER_ADDRESS as i64))
+            .and_then(|b| b.set_default("header_timeout", DEFAULT_HEADER_TIMEOUT as i64))
+            .and_then(|b| b.set_default("audit_required", true))
             .and_then(|b| b.set_default("shutdown_timeout", 20))
             .and_then(|b| b.set_default("coturn_max_ttl", 86_400))
             .and_then(|b| b.set_default("ice_rate_limit", 60))
@@ -428,7 +483,9 @@ impl Settings {
             coturn_uri,
             public_coturn_uri,
             database_url,
-            redis_uri
+            redis_uri,
+            allow_origins,
+            trusted_proxies
         );
         for (key, path) in [("cert_file", &cli.cert_file), ("key_file", &cli.key_file)] {
             if let Some(path) = path {
@@ -468,8 +525,16 @@ impl Settings {
             login_max_failures,
             login_lockout,
             demo_fps,
-            demo_max_viewers
+            demo_max_viewers,
+            max_connections,
+            max_connections_per_address,
+            header_timeout
         );
+        if let Some(required) = cli.audit_required {
+            builder = builder
+                .set_override("audit_required", required)
+                .map_err(err)?;
+        }
         if let Some(codec) = &cli.demo_codec {
             builder = builder
                 .set_override("demo_codec", codec.clone())
@@ -564,6 +629,21 @@ impl Settings {
                 ));
             }
         };
+        let allow_origins =
+            crate::http::cors::AllowOrigins::parse(raw.allow_origins.as_deref().unwrap_or("*"))
+                .map_err(|e| {
+                    SettingsError(format!("--allow-origins (HYPHA_ALLOW_ORIGINS): {e}"))
+                })?;
+        let trusted_proxies = crate::net::client_addr::TrustedProxies::parse(
+            raw.trusted_proxies.as_deref().unwrap_or(""),
+        )
+        .map_err(|e| SettingsError(format!("--trusted-proxies (HYPHA_TRUSTED_PROXIES): {e}")))?;
+        if raw.header_timeout == 0 {
+            return Err(SettingsError(
+                "--header-timeout (HYPHA_HEADER_TIMEOUT): must be a positive number of seconds"
+                    .into(),
+            ));
+        }
         if raw.metrics_port.is_some_and(|p| p == raw.port && p != 0) {
             return Err(SettingsError("metrics_port must differ from port".into()));
         }
@@ -586,6 +666,15 @@ impl Settings {
             reconnection_token_life_time: raw.reconnection_token_life_time,
             method_timeout: Duration::from_secs(raw.method_timeout.max(1)),
             log_format: raw.log_format,
+            allow_origins,
+            admission: crate::net::admission::AdmissionSettings {
+                max_connections: raw.max_connections.unwrap_or(d.admission.max_connections),
+                max_per_address: raw.max_connections_per_address,
+                first_byte_timeout: Duration::from_secs(raw.header_timeout),
+                trusted_proxies,
+            },
+            header_timeout: Duration::from_secs(raw.header_timeout),
+            audit_required: raw.audit_required,
             tls,
             metrics_port: raw.metrics_port,
             shutdown_timeout: Duration::from_secs(raw.shutdown_timeout),

@@ -71,4 +71,12 @@ impl IntoResponse for Error {
     }
 }
 
+/// A store that failed: the client is told the store is unavailable; the detail is logged.
+impl From<crate::store::StoreError> for Error {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::warn!(error = %e, "the store failed");
+        Error::Unavailable("the store is unavailable; try again later".into())
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -54,6 +54,32 @@ macro_rules! id_type {
             }
         }
 
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        // Ordering and hashing are those of the text, so maps keyed by the id can be looked
+        // up with a `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
@@ -73,6 +99,13 @@ id_type!(
     ClientId,
     "client id",
     128
+);
+id_type!(
+    /// A user id (a token's `sub`), such as `github|123` or `anonymouz-abc`; short enough that
+    /// the user's own workspace `ws-user-<id>` is a valid workspace id too.
+    UserId,
+    "user id",
+    120
 );
 id_type!(
     /// The short name of a service within its client, such as `default` or `hypha-login`.

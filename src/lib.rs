@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod net;
 pub mod rpc;
 pub mod store;
 pub mod turn;
@@ -45,6 +46,14 @@ pub struct AppState {
     /// Cancelled when the server stops; ends its background tasks.
     pub stopping: tokio_util::sync::CancellationToken,
     pub accounts: auth::accounts::Accounts,
+    /// Who may connect, how many at once.
+    pub admission: Arc<net::admission::Admission>,
+    /// Which browser origins may call with credentials.
+    pub cors: Arc<http::cors::CorsPolicy>,
+    /// Sign-ins in progress, by address.
+    pub pending_logins: auth::login::PendingLogins,
+    /// What clients write to the log, and how fast they may.
+    pub client_log: workspace::client_log::ClientLog,
     pub server_id: String,
     pub manager_id: String,
     pub public_base_url: String,
@@ -59,6 +68,29 @@ impl AppState {
         let client = addr.rsplit('/').next().unwrap_or(addr);
         let data = obj([("id", client.into()), ("workspace", workspace.into())]);
         workspace::emit(self, workspace, "client_connected", data).await;
+    }
+
+    /// Refuses a token and every token derived from it from now on, and closes the
+    /// connections opened with any of them.
+    pub fn revoke_locally(&self, id: String) {
+        if self.tokens.mark_revoked(id.clone()) {
+            let closed = self.hub.close_where(
+                |handle| {
+                    handle
+                        .user
+                        .token
+                        .as_ref()
+                        .is_some_and(|t| t.family().any(|member| member == id))
+                },
+                "the token this connection was opened with has been revoked",
+            );
+            if closed > 0 {
+                tracing::info!(
+                    connections = closed,
+                    "closed the connections of a revoked token"
+                );
+            }
+        }
     }
 
     /// Forgets a client that went away: its services, the server's calls to it, its events.
@@ -236,7 +268,7 @@ impl App {
             settings.slow_consumer_timeout,
             bus,
         ));
-        let server_user = UserInfo::new("root".into(), vec!["admin".into()], None);
+        let server_user = UserInfo::server();
         let store = open_store(&settings).await?;
         let tokens = TokenIssuer::new(&secret);
         for revoked in store.revoked_tokens(auth::now_secs()).await? {
@@ -251,7 +283,18 @@ impl App {
                 settings.login_max_failures,
                 settings.login_lockout,
             ),
-            ice: turn::IceService::new(settings.turn.clone(), store.clone()),
+            client_log: Default::default(),
+            pending_logins: Default::default(),
+            admission: net::admission::Admission::new(settings.admission.clone()),
+            cors: Arc::new(http::cors::CorsPolicy::new(
+                &settings.allow_origins,
+                &[&public_base_url, &local_base_url],
+            )),
+            ice: turn::IceService::new(
+                settings.turn.clone(),
+                store.clone(),
+                settings.audit_required,
+            ),
             demo: demo::Producer::new(settings.demo.clone()),
             store,
             directory,
@@ -265,6 +308,10 @@ impl App {
             local_base_url,
             settings,
         });
+        if let Err(e) = state.accounts.reload_disabled().await {
+            tracing::warn!(error = %e, "cannot read the disabled accounts yet");
+        }
+        tokio::spawn(watch_accounts(state.clone()));
         workspace::register_hosted(&state);
         if let Some(rx) = inbound {
             tokio::spawn(hub::inbound::run(state.clone(), rx));
@@ -330,15 +377,36 @@ impl App {
             });
         }
         let handle = axum_server::Handle::new();
-        let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let app = http::service(state.clone());
         let listener = listener.into_std()?;
+        let admitted = net::admission::Acceptor::new(state.admission.clone());
+        let timeouts = |builder: &mut hyper_util::server::conn::auto::Builder<_>| {
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(state.settings.header_timeout);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(std::time::Duration::from_secs(20))
+                .keep_alive_timeout(std::time::Duration::from_secs(20))
+                .max_concurrent_streams(128);
+        };
         let mut server = match tls {
             Some(config) => {
-                let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
+                let acceptor =
+                    axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(admitted);
+                let mut server = axum_server::from_tcp(listener)?
+                    .acceptor(acceptor)
+                    .handle(handle.clone());
+                timeouts(server.http_builder());
                 tokio::spawn(server.serve(app))
             }
             None => {
-                let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+                let mut server = axum_server::from_tcp(listener)?
+                    .acceptor(admitted)
+                    .handle(handle.clone());
+                timeouts(server.http_builder());
                 tokio::spawn(server.serve(app))
             }
         };
@@ -404,10 +472,56 @@ async fn reload_revocations(state: Arc<AppState>) {
             _ = ticker.tick() => {}
         }
         match state.store.revoked_tokens(auth::now_secs()).await {
-            Ok(revoked) => revoked
-                .into_iter()
-                .for_each(|r| state.tokens.mark_revoked(r)),
+            Ok(revoked) => revoked.into_iter().for_each(|id| state.revoke_locally(id)),
             Err(e) => tracing::warn!(error = %e, "cannot read revoked tokens from the store"),
+        }
+    }
+}
+
+/// Reads the disabled accounts every few seconds and closes the connections of accounts
+/// disabled since (from any token of their family); prunes the ICE rate limiter now and then.
+async fn watch_accounts(state: Arc<AppState>) {
+    let mut ticker = tokio::time::interval(auth::accounts::DISABLED_RELOAD);
+    let mut failing = false;
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = state.stopping.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        ticks += 1;
+        if ticks.is_multiple_of(30) {
+            state.ice.prune();
+            state.client_log.prune();
+            if let Err(e) = state
+                .store
+                .delete_expired_login_keys(auth::now_secs())
+                .await
+            {
+                tracing::debug!(error = %e, "cannot delete expired login keys yet");
+            }
+        }
+        match state.accounts.reload_disabled().await {
+            Ok(disabled) => {
+                failing = false;
+                for account in disabled {
+                    let closed = state.hub.close_where(
+                        |handle| {
+                            handle.user.token.is_some() && handle.user.account().as_str() == account
+                        },
+                        "this account has been disabled",
+                    );
+                    if closed > 0 {
+                        tracing::info!(%account, connections = closed, "closed the connections of a disabled account");
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the disabled accounts from the store");
+                    failing = true;
+                }
+            }
         }
     }
 }

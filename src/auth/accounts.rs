@@ -1,7 +1,7 @@
 //! Local accounts: argon2 password hashes, sign-in that does the same work whether the email
 //! exists or not, and a lock-out after repeated failures per email and per address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -9,6 +9,7 @@ use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
+use crate::ids::UserId;
 use crate::store::{Store, StoreError, UserRecord};
 
 /// Hashes a password with argon2 and a random salt.
@@ -50,6 +51,8 @@ struct Failures {
     locked_until: Option<Instant>,
 }
 
+/// An address is locked out after this many times the failures that lock one account from it.
+const ADDRESS_FACTOR: u32 = 4;
 /// Failures older than this are forgotten.
 const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Each earlier failure delays the next check by this much (capped), before the lock-out.
@@ -63,14 +66,11 @@ pub struct Accounts {
     failures: Mutex<HashMap<String, Failures>>,
     max_failures: u32,
     lockout: Duration,
-    /// Users recently found enabled, so token checks on the request path skip the store.
+    /// The disabled accounts, as last read from the store.
+    disabled: std::sync::RwLock<Disabled>,
+    /// Accounts recently found enabled, so token checks on the request path skip the store.
     enabled: dashmap::DashMap<String, Instant>,
 }
-
-/// How long an "enabled" answer is trusted: a user disabled from the command line (another
-/// process) is refused within this time, also with a token in use.
-const ENABLED_TTL: Duration = Duration::from_secs(5);
-const ENABLED_CACHE_MAX: usize = 100_000;
 
 impl Accounts {
     pub fn new(store: Store, max_failures: u32, lockout: Duration) -> Self {
@@ -80,22 +80,37 @@ impl Accounts {
             failures: Mutex::new(HashMap::new()),
             max_failures: max_failures.max(1),
             lockout,
+            disabled: Default::default(),
             enabled: dashmap::DashMap::new(),
         }
     }
 
-    /// Checks an email and password; `address` is the client's network address.
+    /// Checks an email and password; `address` is the client's network address (behind a
+    /// trusted proxy, the one the proxy reports).
+    ///
+    /// Failures lock out the pair (this account from this address) and, at a higher count,
+    /// the address (one address trying many accounts); they never lock the account itself,
+    /// which an attacker could otherwise do to anyone from anywhere. An account that fails
+    /// from many addresses is slowed instead.
     pub async fn sign_in(
         &self,
         email: &str,
         password: &str,
-        address: &str,
+        address: std::net::IpAddr,
     ) -> Result<UserRecord, SignInError> {
-        let keys = [
-            format!("email:{}", email.to_ascii_lowercase()),
-            format!("address:{address}"),
+        let email_key = email.to_ascii_lowercase();
+        let pair = format!("pair:{email_key}|{address}");
+        let from_address = format!("address:{address}");
+        let account = format!("account:{email_key}");
+        let locks = [
+            (pair.clone(), Some(self.max_failures)),
+            (
+                from_address,
+                Some(self.max_failures.saturating_mul(ADDRESS_FACTOR)),
+            ),
+            (account, None),
         ];
-        let earlier = self.check_lock(&keys)?;
+        let earlier = self.check_lock(&locks)?;
         if earlier > 0 {
             tokio::time::sleep((SLOWDOWN_STEP * earlier).min(SLOWDOWN_MAX)).await;
         }
@@ -110,25 +125,25 @@ impl Accounts {
             .unwrap_or(false);
         match user {
             Some(user) if matches => {
-                self.forget(&keys[..1]);
+                self.forget(&pair);
                 if user.disabled_at.is_some() {
                     return Err(SignInError::Disabled);
                 }
                 Ok(user)
             }
             _ => {
-                self.record_failure(&keys);
+                self.record_failure(&locks);
                 Err(SignInError::Invalid)
             }
         }
     }
 
-    /// Refuses while locked out; returns how many recent failures there were.
-    fn check_lock(&self, keys: &[String]) -> Result<u32, SignInError> {
+    /// Refuses while a key is locked out; returns how many recent failures there were.
+    fn check_lock(&self, keys: &[(String, Option<u32>)]) -> Result<u32, SignInError> {
         let now = Instant::now();
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let mut earlier = 0;
-        for key in keys {
+        for (key, _) in keys {
             if let Some(entry) = failures.get(key) {
                 if let Some(until) = entry.locked_until {
                     if until > now {
@@ -145,58 +160,103 @@ impl Accounts {
         Ok(earlier)
     }
 
-    fn record_failure(&self, keys: &[String]) {
+    /// Counts a failure against each key; a key with a threshold locks when it reaches it.
+    fn record_failure(&self, keys: &[(String, Option<u32>)]) {
         let now = Instant::now();
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if failures.len() > 100_000 {
-            failures.retain(|_, f| f.locked_until.is_some_and(|u| u > now));
+            failures.retain(|_, f| {
+                f.locked_until.is_some_and(|u| u > now)
+                    || now.duration_since(f.since) <= FAILURE_WINDOW
+            });
         }
-        for key in keys {
+        for (key, lock_at) in keys {
             let entry = failures.entry(key.clone()).or_insert(Failures {
                 count: 0,
                 since: now,
                 locked_until: None,
             });
             entry.count += 1;
-            if entry.count >= self.max_failures {
+            if lock_at.is_some_and(|at| entry.count >= at) {
                 entry.locked_until = Some(now + self.lockout);
-                tracing::warn!(key = %key, "sign-in locked out after repeated failures");
+                tracing::warn!(key = ?key, "sign-in locked out after repeated failures");
             }
         }
     }
 
-    fn forget(&self, keys: &[String]) {
+    fn forget(&self, key: &str) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        for key in keys {
-            failures.remove(key);
-        }
+        failures.remove(key);
     }
 
-    /// Whether a user id belongs to a disabled local account. "Enabled" answers are cached
-    /// for a few seconds: this runs for every request that carries a token.
-    pub async fn is_disabled(&self, user_id: &str) -> Result<bool, StoreError> {
+    /// Whether the account at the root of a token family is a disabled local account. An
+    /// account not confirmed enabled within the last [`ENABLED_TTL`] is looked up in the store
+    /// (so a user disabled from the command line, another process, is refused at once by a
+    /// server that has not seen it lately, and within that time otherwise); when the store
+    /// cannot answer, the caller is refused, since a disabled account could not be told apart.
+    pub async fn is_disabled(&self, account: &UserId) -> Result<bool, AccountsUnavailable> {
+        if self
+            .disabled
+            .read()
+            .is_ok_and(|d| d.ids.contains(account.as_str()))
+        {
+            return Ok(true);
+        }
         if self
             .enabled
-            .get(user_id)
+            .get(account.as_str())
             .is_some_and(|at| at.elapsed() < ENABLED_TTL)
         {
             return Ok(false);
         }
         let disabled = self
             .store
-            .user_by_id(user_id)
-            .await?
+            .user_by_id(account.as_str())
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot check an account in the store");
+                AccountsUnavailable
+            })?
             .is_some_and(|u| u.disabled_at.is_some());
         if disabled {
-            self.enabled.remove(user_id);
+            self.enabled.remove(account.as_str());
         } else {
             if self.enabled.len() >= ENABLED_CACHE_MAX {
                 self.enabled.retain(|_, at| at.elapsed() < ENABLED_TTL);
             }
-            self.enabled.insert(user_id.to_string(), Instant::now());
+            self.enabled.insert(account.to_string(), Instant::now());
         }
         Ok(disabled)
     }
+
+    /// Reads the disabled accounts from the store; returns those disabled since the last
+    /// read, whose live connections are then closed.
+    pub async fn reload_disabled(&self) -> Result<Vec<String>, StoreError> {
+        let ids: HashSet<String> = self.store.disabled_user_ids().await?.into_iter().collect();
+        let mut known = self.disabled.write().unwrap_or_else(|p| p.into_inner());
+        let fresh: Vec<String> = ids.difference(&known.ids).cloned().collect();
+        for id in &fresh {
+            self.enabled.remove(id);
+        }
+        known.ids = ids;
+        Ok(fresh)
+    }
+}
+
+/// How often the disabled accounts are read from the store.
+pub const DISABLED_RELOAD: Duration = Duration::from_secs(2);
+/// How long an "enabled" answer is trusted on the request path.
+const ENABLED_TTL: Duration = Duration::from_secs(5);
+const ENABLED_CACHE_MAX: usize = 100_000;
+
+/// The store could not be read recently enough to tell whether an account is disabled.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the account store is unavailable, so accounts cannot be checked; try again later")]
+pub struct AccountsUnavailable;
+
+#[derive(Default)]
+struct Disabled {
+    ids: HashSet<String>,
 }
 
 #[cfg(test)]

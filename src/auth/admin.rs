@@ -97,7 +97,8 @@ pub async fn run(
             if user.disabled_at.is_some() {
                 return Err(format!("{email} is disabled"));
             }
-            let mut info = super::UserInfo::new(user.id, user.roles, Some(now + expires_in));
+            let id = crate::ids::UserId::parse(user.id).map_err(|e| e.to_string())?;
+            let mut info = super::UserInfo::new(id, user.roles, Some(now + expires_in));
             info.email = Some(user.email);
             Ok(super::TokenIssuer::new(secret).issue(&info, *expires_in))
         }

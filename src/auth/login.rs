@@ -1,11 +1,11 @@
 //! The `public/hypha-login` service the clients' `login()` uses (`start`, `check`, `report`,
 //! `logout`), and its sign-in page at `/public/apps/hypha-login/` (also `/login`).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -26,6 +26,47 @@ pub const LOGIN_KEY_LIFETIME: i64 = 180;
 /// Lifetime of tokens minted at sign-in unless the login asked for another.
 pub const DEFAULT_TOKEN_LIFETIME: i64 = 3 * 24 * 3600;
 const PAGE: &str = "/public/apps/hypha-login/";
+
+/// Sign-ins in progress one address may have, and all of them together (per instance).
+const MAX_PENDING_PER_ADDRESS: usize = 10;
+const MAX_PENDING_TOTAL: usize = 10_000;
+
+/// Sign-ins started and not yet expired, by address, so no caller can fill the store with
+/// login keys.
+#[derive(Default)]
+pub struct PendingLogins {
+    started: std::sync::Mutex<HashMap<Option<std::net::IpAddr>, Vec<i64>>>,
+}
+
+impl PendingLogins {
+    /// Counts a new sign-in from `address`, or refuses it when there are too many.
+    pub fn take(&self, address: Option<std::net::IpAddr>, now: i64) -> Result<(), Error> {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = started.values().map(Vec::len).sum();
+        if total >= MAX_PENDING_TOTAL {
+            started.retain(|_, expiries| {
+                expiries.retain(|at| *at > now);
+                !expiries.is_empty()
+            });
+        }
+        let total: usize = started.values().map(Vec::len).sum();
+        let mine = started.entry(address).or_default();
+        mine.retain(|at| *at > now);
+        if mine.len() >= MAX_PENDING_PER_ADDRESS {
+            return Err(Error::TooManyRequests(format!(
+                "too many sign-ins in progress from this address (at most {MAX_PENDING_PER_ADDRESS}); finish one or wait {LOGIN_KEY_LIFETIME} s"
+            )));
+        }
+        if total >= MAX_PENDING_TOTAL {
+            return Err(Error::Unavailable(
+                "too many sign-ins are in progress on this server; try again in a few minutes"
+                    .into(),
+            ));
+        }
+        mine.push(now + LOGIN_KEY_LIFETIME);
+        Ok(())
+    }
+}
 
 /// The functions of the hosted `hypha-login` service, with their schemas.
 pub const FUNCTIONS: &[Function] = &[
@@ -56,10 +97,17 @@ pub const FUNCTIONS: &[Function] = &[
 ];
 
 /// Runs a `hypha-login` function.
-pub async fn call(state: &Arc<AppState>, function: &str, args: &Args) -> Result<Value, Error> {
+pub async fn call(
+    state: &Arc<AppState>,
+    function: &str,
+    ctx: &crate::rpc::peer::CallContext,
+    args: &Args,
+) -> Result<Value, Error> {
     let base = &state.public_base_url;
     match function {
         "start" => {
+            let now = super::now_secs();
+            state.pending_logins.take(ctx.peer_ip, now)?;
             let workspace = args.get_str(0, "workspace").map(str::to_string);
             let token_expires_in = match args.get(1, "expires_in") {
                 None => None,
@@ -74,7 +122,6 @@ pub async fn call(state: &Arc<AppState>, function: &str, args: &Args) -> Result<
                         })?,
                 ),
             };
-            let now = super::now_secs();
             let key = LoginKey {
                 key: super::random_id(32),
                 expires_at: now + LOGIN_KEY_LIFETIME,
@@ -130,7 +177,7 @@ pub async fn call(state: &Arc<AppState>, function: &str, args: &Args) -> Result<
                 .tokens
                 .parse(token)
                 .map_err(|e| Error::Unauthorized(format!("Authentication error: {e}")))?;
-            complete(state, key, token, &user.id).await?;
+            complete(state, key, token, user.id.as_str()).await?;
             Ok(Value::Nil)
         }
         "logout" => Ok(obj([("logout_url", format!("{base}{PAGE}logout").into())])),
@@ -141,7 +188,7 @@ pub async fn call(state: &Arc<AppState>, function: &str, args: &Args) -> Result<
 }
 
 fn store_error(e: crate::store::StoreError) -> Error {
-    Error::Internal(e.to_string())
+    Error::from(e)
 }
 
 /// A pending login key, or the refusal for an unknown one.
@@ -201,8 +248,10 @@ async fn check(
                 ("token", token.as_str().into()),
                 (
                     "workspace",
-                    user.current_workspace
-                        .clone()
+                    user.scope
+                        .current
+                        .as_ref()
+                        .map(ToString::to_string)
                         .unwrap_or_else(|| user.own_workspace())
                         .into(),
                 ),
@@ -244,19 +293,17 @@ pub fn token_for(
     expires_in: Option<i64>,
 ) -> Result<String, String> {
     let lifetime = expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME);
-    let mut info = UserInfo::new(
-        user.id.clone(),
-        user.roles.clone(),
-        Some(super::now_secs() + lifetime),
-    );
+    let id = crate::ids::UserId::parse(user.id.as_str()).map_err(|e| e.to_string())?;
+    let mut info = UserInfo::new(id, user.roles.clone(), Some(super::now_secs() + lifetime));
     info.email = Some(user.email.clone());
     if let Some(ws) = workspace {
-        let permission = info.permission(ws).filter(|_| ws != "public");
+        let ws = crate::ids::WorkspaceId::parse(ws).map_err(|e| e.to_string())?;
+        let permission = info.permission(ws.as_str()).filter(|_| ws != "public");
         let Some(permission) = permission else {
             return Err(format!("{} has no access to workspace {ws}", user.email));
         };
-        info.workspaces.insert(ws.to_string(), permission);
-        info.current_workspace = Some(ws.to_string());
+        info.scope.workspaces.insert(ws.clone(), permission);
+        info.scope.current = Some(ws);
     }
     Ok(state.tokens.issue(&info, lifetime))
 }
@@ -335,7 +382,7 @@ struct SignInForm {
 
 async fn sign_in(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    crate::http::ClientIp(address): crate::http::ClientIp,
     headers: HeaderMap,
     Form(form): Form<SignInForm>,
 ) -> Response {
@@ -346,7 +393,7 @@ async fn sign_in(
     };
     let user = match state
         .accounts
-        .sign_in(form.email.trim(), &form.password, &peer.ip().to_string())
+        .sign_in(form.email.trim(), &form.password, address)
         .await
     {
         Ok(user) => user,

@@ -3,11 +3,12 @@
 pub mod accounts;
 pub mod admin;
 pub mod login;
+pub mod scope;
 pub mod token;
 pub mod user;
 
 pub use token::{TokenError, TokenIssuer};
-pub use user::{Permission, UserInfo};
+pub use user::{Permission, Purpose, TokenRef, UserInfo};
 
 /// A random lower-case alphanumeric string, for ids, keys and sessions.
 pub fn random_id(len: usize) -> String {

@@ -1,8 +1,10 @@
-//! Users and their per-workspace permissions, in the shape Hypha's `UserInfo` has on the wire.
-
-use std::collections::BTreeMap;
+//! Users and their per-workspace permissions, in the shape Hypha's `UserInfo` has on the wire,
+//! and where an identity came from (the token family it belongs to).
 
 use rmpv::Value;
+
+use super::scope::Scope;
+use crate::ids::UserId;
 
 /// What a user may do in a workspace. Ordered: a higher permission includes the lower ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,39 +24,87 @@ impl Permission {
         }
     }
 
+    /// The long name `generate_token` takes and errors use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::ReadWrite => "read_write",
+            Permission::Admin => "admin",
+        }
+    }
+
+    /// A scope code: `r`, `rw` or `a`.
+    pub fn from_code(code: &str) -> Option<Self> {
+        match code {
+            "r" => Some(Permission::Read),
+            "rw" => Some(Permission::ReadWrite),
+            "a" => Some(Permission::Admin),
+            _ => None,
+        }
+    }
+
     /// Accepts both the scope codes and the long names used by `generate_token`.
     pub fn parse(text: &str) -> Option<Self> {
         match text {
-            "r" | "read" => Some(Permission::Read),
-            "rw" | "read_write" => Some(Permission::ReadWrite),
-            "a" | "admin" => Some(Permission::Admin),
-            _ => None,
+            "read" => Some(Permission::Read),
+            "read_write" => Some(Permission::ReadWrite),
+            "admin" => Some(Permission::Admin),
+            code => Self::from_code(code),
         }
+    }
+}
+
+/// What a token may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Signing in: websocket, HTTP, minting children.
+    General,
+    /// Only coming back on the websocket, as the client it was issued to.
+    Reconnection,
+}
+
+/// The token an identity was proved with, and the tokens that one was derived from: its
+/// family. Revoking any member refuses every token and closes every connection below it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenRef {
+    /// The token's `jti`, or the SHA-256 of a token minted elsewhere without one.
+    pub id: String,
+    /// Ids of the tokens this one was derived from, oldest first.
+    pub lineage: Vec<String>,
+    pub expires_at: i64,
+    pub purpose: Purpose,
+}
+
+impl TokenRef {
+    /// The token's own id and those of its ancestors.
+    pub fn family(&self) -> impl Iterator<Item = &str> {
+        self.lineage
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(self.id.as_str()))
     }
 }
 
 /// A signed-in (or anonymous) user, with the scope their token grants.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UserInfo {
-    pub id: String,
+    pub id: UserId,
     pub email: Option<String>,
-    pub parent: Option<String>,
+    /// The account a derived (child) token belongs to.
+    pub parent: Option<UserId>,
     pub roles: Vec<String>,
-    /// Explicit grants from the token's `ws:` scopes.
-    pub workspaces: BTreeMap<String, Permission>,
-    /// The `cid:` scope: the only client id this token may connect as.
-    pub client_id: Option<String>,
-    /// The `wid:` scope: the workspace this token is bound to.
-    pub current_workspace: Option<String>,
-    pub extra_scopes: Vec<String>,
+    pub scope: Scope,
     pub expires_at: Option<i64>,
+    /// The token that proved this identity; `None` for anonymous users and the server.
+    pub token: Option<TokenRef>,
 }
 
 impl UserInfo {
     /// A fresh anonymous user with its own temporary workspace.
     pub fn anonymous(expires_in: i64) -> Self {
         Self::new(
-            format!("anonymouz-{}", super::random_id(12)),
+            UserId::parse(format!("anonymouz-{}", super::random_id(12)))
+                .unwrap_or_else(|_| unreachable!("a random id is a valid user id")),
             vec!["anonymous".into()],
             Some(super::now_secs() + expires_in),
         )
@@ -62,20 +112,31 @@ impl UserInfo {
 
     /// The user HTTP requests without a token act as: no workspace of its own, read access to `public`.
     pub fn http_anonymous() -> Self {
-        Self::new("http-anonymous".into(), vec!["anonymous".into()], None)
+        Self::new(
+            UserId::parse("http-anonymous").unwrap_or_else(|_| unreachable!()),
+            vec!["anonymous".into()],
+            None,
+        )
     }
 
-    pub fn new(id: String, roles: Vec<String>, expires_at: Option<i64>) -> Self {
+    /// The server itself, in the frames it sends.
+    pub fn server() -> Self {
+        Self::new(
+            UserId::parse("root").unwrap_or_else(|_| unreachable!()),
+            vec!["admin".into()],
+            None,
+        )
+    }
+
+    pub fn new(id: UserId, roles: Vec<String>, expires_at: Option<i64>) -> Self {
         Self {
             id,
             email: None,
             parent: None,
             roles,
-            workspaces: BTreeMap::new(),
-            client_id: None,
-            current_workspace: None,
-            extra_scopes: Vec::new(),
+            scope: Scope::default(),
             expires_at,
+            token: None,
         }
     }
 
@@ -85,6 +146,12 @@ impl UserInfo {
 
     pub fn is_admin(&self) -> bool {
         self.roles.iter().any(|r| r == "admin")
+    }
+
+    /// The account at the root of the user's token family: rate limits, disabling and
+    /// audits apply to it, whichever child token is used.
+    pub fn account(&self) -> &UserId {
+        self.parent.as_ref().unwrap_or(&self.id)
     }
 
     /// Every user owns `ws-user-{id}`.
@@ -97,7 +164,7 @@ impl UserInfo {
         if self.is_admin() || (workspace == self.own_workspace() && self.id != "http-anonymous") {
             return Some(Permission::Admin);
         }
-        let granted = self.workspaces.get(workspace).copied();
+        let granted = self.scope.workspaces.get(workspace).copied();
         if workspace == "public" {
             return granted.max(Some(Permission::Read));
         }
@@ -107,21 +174,22 @@ impl UserInfo {
     /// Hypha's `UserInfo.model_dump()`, as clients see it in `context["user"]` and `connection_info`.
     pub fn to_json(&self) -> serde_json::Value {
         let workspaces: serde_json::Map<String, serde_json::Value> = self
+            .scope
             .workspaces
             .iter()
-            .map(|(ws, p)| (ws.clone(), p.code().into()))
+            .map(|(ws, p)| (ws.to_string(), p.code().into()))
             .collect();
         serde_json::json!({
-            "id": self.id,
+            "id": self.id.as_str(),
             "is_anonymous": self.is_anonymous(),
             "email": self.email,
-            "parent": self.parent,
+            "parent": self.parent.as_ref().map(|p| p.as_str()),
             "roles": self.roles,
             "scope": {
                 "workspaces": workspaces,
-                "client_id": self.client_id,
-                "current_workspace": self.current_workspace,
-                "extra_scopes": self.extra_scopes,
+                "client_id": self.scope.client.as_ref().map(|c| c.as_str()),
+                "current_workspace": self.scope.current.as_ref().map(|w| w.as_str()),
+                "extra_scopes": self.scope.extra.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
             },
             "expires_at": self.expires_at,
         })
@@ -136,11 +204,14 @@ impl UserInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::WorkspaceId;
 
     #[test]
     fn permissions_follow_hypha_rules() {
-        let mut user = UserInfo::new("alice".into(), vec![], None);
-        user.workspaces.insert("lab".into(), Permission::Read);
+        let mut user = UserInfo::new(UserId::parse("alice").unwrap(), vec![], None);
+        user.scope
+            .workspaces
+            .insert(WorkspaceId::parse("lab").unwrap(), Permission::Read);
         assert_eq!(user.permission("ws-user-alice"), Some(Permission::Admin));
         assert_eq!(user.permission("lab"), Some(Permission::Read));
         assert_eq!(user.permission("public"), Some(Permission::Read));
@@ -152,5 +223,13 @@ mod tests {
             UserInfo::http_anonymous().permission("ws-user-http-anonymous"),
             None
         );
+    }
+
+    #[test]
+    fn the_account_is_the_root_of_the_family() {
+        let mut child = UserInfo::new(UserId::parse("alice-x1").unwrap(), vec![], None);
+        assert_eq!(child.account().as_str(), "alice-x1");
+        child.parent = Some(UserId::parse("alice").unwrap());
+        assert_eq!(child.account().as_str(), "alice");
     }
 }

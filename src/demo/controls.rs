@@ -180,6 +180,7 @@ pub fn on_rpc(
         user: user.clone(),
         to,
         frame,
+        peer_ip: None,
     };
     let call = match peer::decode_call(incoming) {
         Ok(Some(call)) => call,

@@ -56,6 +56,8 @@ pub struct Producer {
     pub settings: DemoSettings,
     cert: Option<DtlsCert>,
     viewers: AtomicUsize,
+    /// Sessions not connected yet, by the address that asked for them.
+    pending: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
     frames: AtomicU64,
     sessions: AtomicU64,
 }
@@ -74,6 +76,7 @@ impl Producer {
             settings,
             cert,
             viewers: AtomicUsize::new(0),
+            pending: Default::default(),
             frames: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
         })
@@ -104,6 +107,51 @@ impl Producer {
             })
             .ok()?;
         Some(ViewerGuard(self.clone()))
+    }
+}
+
+/// Sessions one address may have waiting to connect: offers that never connect cannot take
+/// every viewer slot.
+pub const MAX_PENDING_PER_ADDRESS: usize = 4;
+
+impl Producer {
+    /// Counts a session waiting to connect for `address` until the returned guard is
+    /// dropped; `None` when the address, or all addresses together (half the viewer slots),
+    /// already have as many as they may.
+    fn pending_guard(self: &Arc<Self>, address: Option<IpAddr>) -> Option<PendingGuard> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = pending.values().sum();
+        let mine = pending.entry(address).or_insert(0);
+        if *mine >= MAX_PENDING_PER_ADDRESS || total >= (self.settings.max_viewers / 2).max(1) {
+            return None;
+        }
+        *mine += 1;
+        Some(PendingGuard {
+            producer: self.clone(),
+            address,
+        })
+    }
+}
+
+/// Keeps one session counted as waiting to connect.
+struct PendingGuard {
+    producer: Arc<Producer>,
+    address: Option<IpAddr>,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut pending = self
+            .producer
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = pending.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(&self.address);
+            }
+        }
     }
 }
 

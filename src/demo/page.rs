@@ -27,6 +27,7 @@ struct Offer {
 
 async fn offer(
     State(state): State<Arc<AppState>>,
+    crate::http::ClientIp(client): crate::http::ClientIp,
     body: Result<Json<Offer>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let offer = match body {
@@ -54,6 +55,7 @@ async fn offer(
         &state.demo,
         &offer.sdp,
         Arc::new(crate::auth::UserInfo::http_anonymous()),
+        Some(client),
     )
     .await
     {

@@ -22,8 +22,9 @@ use super::{Producer, ViewerGuard};
 use crate::auth::UserInfo;
 use crate::error::Error;
 
-/// A viewer from which nothing has arrived within this time is dropped (slow relays included).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A session that has not connected within this time is dropped (slow relays included: ICE
+/// through TURN completes within a few seconds).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A viewer from which nothing (STUN, DTLS, RTCP, data) has arrived for this long, once
 /// something had, is gone: a closed tab, a connection closed before DTLS completed, or a
 /// crashed browser sends no goodbye. Browsers send RTCP and ICE checks at least every few
@@ -40,10 +41,13 @@ pub async fn start(
     producer: &Arc<Producer>,
     offer: &str,
     user: Arc<UserInfo>,
+    client: Option<std::net::IpAddr>,
 ) -> Result<String, Error> {
     let bad = Error::BadRequest;
-    let offer = SdpOffer::from_sdp_string(offer)
-        .map_err(|e| bad(format!("the offer is not valid SDP: {e}")))?;
+    let offer = SdpOffer::from_sdp_string(offer).map_err(|e| {
+        tracing::debug!(error = %e, "an offer that is not SDP");
+        bad("the offer is not valid SDP: it must be a session description (v=0 ...) with an m=video section".into())
+    })?;
     if !offer.to_sdp_string().contains("m=video") {
         return Err(bad(
             "the offer has no video: add a receive-only video transceiver".into(),
@@ -54,6 +58,13 @@ pub async fn start(
         Error::Unavailable(format!(
             "the demo already has {} viewers, the most it takes: try again later",
             settings.max_viewers
+        ))
+    })?;
+    let pending = producer.pending_guard(client).ok_or_else(|| {
+        Error::TooManyRequests(format!(
+            "too many demo sessions are waiting to connect (at most {} per address); connect or wait {} s",
+            super::MAX_PENDING_PER_ADDRESS,
+            CONNECT_TIMEOUT.as_secs()
         ))
     })?;
     let sockets = Sockets::bind(&settings.rtc_ips)
@@ -87,7 +98,10 @@ pub async fn start(
     let answer = rtc
         .sdp_api()
         .accept_offer(offer)
-        .map_err(|e| bad(format!("cannot answer the offer: {e}")))?;
+        .map_err(|e| {
+            tracing::debug!(error = %e, "an offer that cannot be answered");
+            bad("cannot answer the offer: it asks for something this server does not support (it needs ICE credentials, a DTLS fingerprint and a video section)".into())
+        })?;
     let answer = answer.to_sdp_string();
     let (name, wanted) = match settings.codec {
         Codec::H264 => (
@@ -102,7 +116,8 @@ pub async fn start(
         )));
     }
     guard.session_started();
-    let viewer = Viewer::new(producer, rtc, sockets, user, guard);
+    let mut viewer = Viewer::new(producer, rtc, sockets, user, guard);
+    viewer.pending = Some(pending);
     tokio::spawn(viewer.run());
     Ok(answer)
 }
@@ -133,6 +148,8 @@ struct Viewer {
     /// When the browser was last heard from; `None` before its first packet.
     last_heard: Option<Instant>,
     frames: u64,
+    /// Counts the session as waiting to connect until it connects.
+    pending: Option<super::PendingGuard>,
     /// Frames per second actually produced, smoothed, for the overlay.
     measured_fps: f32,
     guard: ViewerGuard,
@@ -178,6 +195,7 @@ impl Viewer {
             paused_at: None,
             last_heard: None,
             frames: 0,
+            pending: None,
             measured_fps: 0.0,
             guard,
         }
@@ -291,7 +309,10 @@ impl Viewer {
                         .await;
                 }
                 Ok(Output::Event(event)) => match event {
-                    Event::Connected => self.connected = true,
+                    Event::Connected => {
+                        self.connected = true;
+                        self.pending = None;
+                    }
                     Event::MediaAdded(added) if added.kind == MediaKind::Video => {
                         self.mid = Some(added.mid)
                     }
@@ -474,7 +495,9 @@ mod tests {
         api.add_channel("controls".into());
         let (offer, pending) = api.apply().unwrap();
         let user = Arc::new(UserInfo::http_anonymous());
-        let answer = start(producer, &offer.to_sdp_string(), user).await.unwrap();
+        let answer = start(producer, &offer.to_sdp_string(), user, None)
+            .await
+            .unwrap();
         let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
         client.sdp_api().accept_answer(pending, answer).unwrap();
         let mut media = 0;
@@ -574,8 +597,10 @@ mod tests {
             api.apply().unwrap().0.to_sdp_string()
         };
         let user = Arc::new(UserInfo::http_anonymous());
-        start(&producer, &offer(), user.clone()).await.unwrap();
-        let err = start(&producer, &offer(), user).await.unwrap_err();
+        start(&producer, &offer(), user.clone(), None)
+            .await
+            .unwrap();
+        let err = start(&producer, &offer(), user, None).await.unwrap_err();
         assert!(matches!(err, Error::Unavailable(_)), "{err}");
         assert!(err.to_string().contains("1 viewers"), "{err}");
         assert_eq!((producer.viewers(), producer.sessions()), (1, 1));
@@ -585,7 +610,9 @@ mod tests {
     async fn bad_offers_are_refused_without_a_session() {
         let producer = Producer::new(super::super::DemoSettings::default());
         let user = Arc::new(UserInfo::http_anonymous());
-        let err = start(&producer, "v=0 nonsense", user).await.unwrap_err();
+        let err = start(&producer, "v=0 nonsense", user, None)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("not valid SDP"), "{err}");
         assert_eq!(producer.sessions(), 0);
     }

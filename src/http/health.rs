@@ -50,6 +50,17 @@ async fn readiness(State(state): State<Arc<AppState>>) -> Json<Value> {
         "services": state.registry.len(),
         "coturn": coturn,
         "redis": redis,
+        "store": match state.store.state() {
+            crate::store::StoreState::Ok => json!({"state": "ok"}),
+            crate::store::StoreState::Failing(detail) => json!({
+                "state": "unavailable",
+                "detail": format!("the last write failed: {detail}"),
+            }),
+        },
+        "connections_refused": {
+            "max_connections": state.admission.refused_total.load(std::sync::atomic::Ordering::Relaxed),
+            "max_connections_per_address": state.admission.refused_per_address.load(std::sync::atomic::Ordering::Relaxed),
+        },
     }))
 }
 

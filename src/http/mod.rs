@@ -1,5 +1,6 @@
 //! HTTP routes: the websocket upgrade, service calls, health and client configuration.
 
+pub mod cors;
 mod health;
 mod metrics;
 mod services;
@@ -9,7 +10,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::HeaderMap;
-use tower_http::cors::CorsLayer;
 
 use crate::AppState;
 use crate::auth::UserInfo;
@@ -34,8 +34,33 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(crate::auth::login::router())
         .merge(demo)
         .merge(services::router())
-        .layer(CorsLayer::very_permissive())
+        .layer(axum::middleware::from_fn_with_state(
+            state.cors.clone(),
+            cors::cors,
+        ))
         .with_state(state)
+}
+
+/// The HTTP service as served: the routes, with request bodies held to time-outs (idle for
+/// `--header-timeout`, three times that in all, so a body that trickles in is cut off), and
+/// the peer's address for the handlers.
+pub type Service = axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
+    tower_http::timeout::RequestBodyDeadline<tower_http::timeout::RequestBodyTimeout<Router>>,
+    std::net::SocketAddr,
+>;
+
+/// Builds the [`Service`].
+pub fn service(state: Arc<AppState>) -> Service {
+    use axum::ServiceExt;
+    let idle = state.settings.header_timeout;
+    let routes = router(state);
+    let bounded = tower::ServiceBuilder::new()
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(idle * 3))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(idle))
+        .service(routes);
+    ServiceExt::<axum::extract::Request<axum::body::Body>>::into_make_service_with_connect_info::<
+        std::net::SocketAddr,
+    >(bounded)
 }
 
 /// `/metrics` alone, for `--metrics-port`.
@@ -43,16 +68,45 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
     metrics::router().with_state(state)
 }
 
+/// The client's network address: the peer's, or behind a trusted proxy, the one it reports.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub std::net::IpAddr);
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0)
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        Ok(ClientIp(
+            state
+                .settings
+                .admission
+                .trusted_proxies
+                .client_ip(peer, &parts.headers),
+        ))
+    }
+}
+
 /// The caller of an HTTP request: `Authorization: Bearer`, else the `access_token` cookie,
 /// else the anonymous HTTP user. Disabled local accounts are refused.
 pub async fn caller(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
     let user = token_user(state, headers)?;
-    match state.accounts.is_disabled(&user.id).await {
+    if user.token.is_none() {
+        return Ok(user);
+    }
+    match state.accounts.is_disabled(user.account()).await {
         Ok(false) => Ok(user),
         Ok(true) => Err(Error::Unauthorized(
             "Authentication error: this account is disabled".into(),
         )),
-        Err(e) => Err(Error::Internal(e.to_string())),
+        Err(e) => Err(Error::Unavailable(e.to_string())),
     }
 }
 
@@ -64,7 +118,11 @@ fn token_user(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> 
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         });
+    // A cookie from a page of another origin is not the visitor acting here.
     let cookie = || {
+        if !state.cors.cookie_allowed(headers) {
+            return None;
+        }
         headers
             .get_all(axum::http::header::COOKIE)
             .iter()

@@ -35,21 +35,29 @@ pub fn router() -> Router<Arc<AppState>> {
 async fn list(
     State(state): State<Arc<AppState>>,
     Path(workspace): Path<String>,
+    super::ClientIp(ip): super::ClientIp,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let user = super::caller(&state, &headers).await?;
-    let ctx = context(&state, &user, &workspace);
+    let ctx = context(&state, &user, &workspace, ip);
     let args = Args::from_kwargs(vec![("query".into(), workspace.as_str().into())]);
     let result = manager::call(&state, "list_services", &ctx, &args).await?;
     Ok(axum::Json(value::to_json(&result)).into_response())
 }
 
-fn context(state: &AppState, user: &crate::auth::UserInfo, workspace: &str) -> CallContext {
+fn context(
+    state: &AppState,
+    user: &crate::auth::UserInfo,
+    workspace: &str,
+    peer_ip: std::net::IpAddr,
+) -> CallContext {
     let ws = if user.permission(workspace).is_some() {
         workspace.to_string()
     } else {
-        user.current_workspace
-            .clone()
+        user.scope
+            .current
+            .as_ref()
+            .map(ToString::to_string)
             .unwrap_or_else(|| user.own_workspace())
     };
     CallContext {
@@ -57,6 +65,7 @@ fn context(state: &AppState, user: &crate::auth::UserInfo, workspace: &str) -> C
         ws,
         user: Arc::new(user.clone()),
         to: state.peer.manager_addr(),
+        peer_ip: Some(peer_ip),
     }
 }
 
@@ -78,6 +87,7 @@ async fn call_function(
     State(state): State<Arc<AppState>>,
     Path((workspace, service, function)): Path<(String, String, String)>,
     Query(params): Query<HashMap<String, String>>,
+    super::ClientIp(ip): super::ClientIp,
     method: Method,
     headers: HeaderMap,
     body: Bytes,
@@ -95,8 +105,10 @@ async fn call_function(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("msgpack"));
         let decoded = if msgpack {
-            rmpv::decode::read_value_with_max_depth(&mut &body[..], 256)
-                .map_err(|e| Error::BadRequest(format!("the body is not valid msgpack: {e}")))?
+            let limits = crate::rpc::scan::Limits::decode(body.len(), 1_000_000, 8);
+            crate::rpc::scan::decode(&body, limits)
+                .map_err(|e| Error::BadRequest(format!("the msgpack body {e}")))?
+                .0
         } else {
             let json: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| Error::BadRequest(format!("the body is not valid JSON: {e}")))?;
@@ -113,7 +125,7 @@ async fn call_function(
         }
     }
     let args = Args { positional, kwargs };
-    let ctx = context(&state, &user, &workspace);
+    let ctx = context(&state, &user, &workspace, ip);
     let result = if service == "ws" {
         if user.permission(&workspace).is_none() {
             return Err(Error::PermissionDenied(format!(

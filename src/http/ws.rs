@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 
@@ -13,7 +16,17 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new().route("/ws", get(upgrade))
 }
 
-async fn upgrade(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let client_ip = state
+        .settings
+        .admission
+        .trusted_proxies
+        .client_ip(peer, &headers);
     // Small buffers keep idle connections cheap; frames above the limit (with some slack for
     // a clear error message) are refused by the websocket layer itself.
     let limit = state.settings.max_frame_size.saturating_mul(2);
@@ -22,5 +35,5 @@ async fn upgrade(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade) 
         .write_buffer_size(0)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| crate::hub::connection::serve(socket, state))
+        .on_upgrade(move |socket| crate::hub::connection::serve(socket, state, client_ip))
 }

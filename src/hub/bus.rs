@@ -22,8 +22,11 @@ pub enum Announcement {
         event: String,
         data: Value,
     },
-    /// A token fingerprint that is revoked from now on.
-    Revoked { fingerprint: String },
+    /// A token id that is revoked from now on, with every token derived from it.
+    Revoked { id: String },
+    /// The client `addr` reconnected through instance `keep`: any other instance closes its
+    /// connection of that client.
+    Kick { addr: String, keep: String },
 }
 
 /// What the bus hands to this instance.
@@ -100,9 +103,13 @@ pub fn encode_announcement(origin: &str, announcement: &Announcement) -> Vec<u8>
             event.as_str().into(),
             data.clone(),
         ],
-        Announcement::Revoked { fingerprint } => {
-            vec![origin.into(), "r".into(), fingerprint.as_str().into()]
-        }
+        Announcement::Revoked { id } => vec![origin.into(), "r".into(), id.as_str().into()],
+        Announcement::Kick { addr, keep } => vec![
+            origin.into(),
+            "k".into(),
+            addr.as_str().into(),
+            keep.as_str().into(),
+        ],
     };
     crate::rpc::value::encode(&Value::Array(items))
 }
@@ -133,7 +140,11 @@ pub fn decode_announcement(payload: &[u8]) -> Option<(String, Announcement)> {
             }
         }
         ("r", 3) => Announcement::Revoked {
-            fingerprint: text(&items[2])?,
+            id: text(&items[2])?,
+        },
+        ("k", 4) => Announcement::Kick {
+            addr: text(&items[2])?,
+            keep: text(&items[3])?,
         },
         _ => return None,
     };
@@ -156,8 +167,10 @@ mod tests {
                 event: "service_added".into(),
                 data: crate::rpc::value::obj([("id", "ws1/c:s".into())]),
             },
-            Announcement::Revoked {
-                fingerprint: "abc".into(),
+            Announcement::Revoked { id: "abc".into() },
+            Announcement::Kick {
+                addr: "ws1/c".into(),
+                keep: "i2".into(),
             },
         ];
         for case in cases {

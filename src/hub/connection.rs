@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::SinkExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::handshake::{Admitted, Hello, admit};
-use super::{ClientHandle, Outbound, Routed, Sender};
+use super::{ClientHandle, Outbound, Queued, Room, Routed, Sender};
 use crate::AppState;
-use crate::auth::Permission;
+use crate::auth::{Permission, UserInfo};
 use crate::rpc::peer::Incoming;
 
 /// Close codes (RFC 6455).
@@ -51,7 +51,7 @@ async fn close_with(socket: &mut WebSocket, code: u16, message: &str) {
 }
 
 /// Serves one upgraded websocket until it closes.
-pub async fn serve(mut socket: WebSocket, state: Arc<AppState>) {
+pub async fn serve(mut socket: WebSocket, state: Arc<AppState>, client_ip: std::net::IpAddr) {
     let settings = &state.settings;
     let first = match tokio::time::timeout(settings.handshake_timeout, socket.recv()).await {
         Ok(Some(Ok(message))) => message,
@@ -90,16 +90,28 @@ pub async fn serve(mut socket: WebSocket, state: Arc<AppState>) {
         }
     };
     let admitted = match admit(&hello, &state.tokens) {
-        Ok(admitted)
-            if !admitted.user.is_anonymous()
-                && state
-                    .accounts
-                    .is_disabled(&admitted.user.id)
-                    .await
-                    .unwrap_or(true) =>
-        {
-            close_with(&mut socket, CLOSE_POLICY, "Authentication error: this account is disabled (or the account store is unavailable)").await;
-            return;
+        Ok(admitted) if !admitted.user.is_anonymous() => {
+            match state.accounts.is_disabled(admitted.user.account()).await {
+                Ok(false) => admitted,
+                Ok(true) => {
+                    close_with(
+                        &mut socket,
+                        CLOSE_POLICY,
+                        "Authentication error: this account is disabled",
+                    )
+                    .await;
+                    return;
+                }
+                Err(e) => {
+                    close_with(
+                        &mut socket,
+                        CLOSE_POLICY,
+                        &format!("Authentication error: {e}"),
+                    )
+                    .await;
+                    return;
+                }
+            }
         }
         Ok(admitted) => admitted,
         Err(reason) => {
@@ -113,10 +125,15 @@ pub async fn serve(mut socket: WebSocket, state: Arc<AppState>) {
             return;
         }
     };
-    run(socket, state, admitted).await;
+    run(socket, state, admitted, client_ip).await;
 }
 
-async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
+async fn run(
+    mut socket: WebSocket,
+    state: Arc<AppState>,
+    admitted: Admitted,
+    client_ip: std::net::IpAddr,
+) {
     let settings = &state.settings;
     let Admitted {
         user,
@@ -129,33 +146,57 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
     let ws = workspace.to_string();
     let user = Arc::new(user);
     let user_msgpack = crate::rpc::value::encode(&user.to_value());
-    let (tx, mut rx) = mpsc::channel::<Outbound>(settings.connection_queue);
+    let (tx, mut rx) = mpsc::channel::<Queued>(settings.connection_queue);
     let kill = CancellationToken::new();
     let conn_id = state.hub.next_conn_id();
+    let handle_reason: Arc<std::sync::OnceLock<String>> = Default::default();
     let handle = ClientHandle {
         conn_id,
         tx: tx.clone(),
+        room: Room::new(if user.is_anonymous() {
+            super::QUEUE_BYTES_ANONYMOUS
+        } else {
+            super::QUEUE_BYTES
+        }),
         kill: kill.clone(),
         user: user.clone(),
         events: Default::default(),
+        reason: handle_reason.clone(),
+        since_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        reconnected: reconnecting,
     };
-    let taken = state.hub.insert(&addr, &ws, handle, reconnecting).is_err()
-        || (!reconnecting && connected_elsewhere(&state, &ws, client.as_str()).await);
-    if taken {
-        state.hub.remove(&addr, &ws, conn_id);
-        close_with(
-            &mut socket,
-            CLOSE_POLICY,
-            &format!("Client already exists and is active: {addr}"),
+    let fresh_anonymous = user.token.is_none() && ws == user.own_workspace();
+    let taken = if state.hub.insert(&addr, &ws, handle, reconnecting).is_err() {
+        Err(format!("Client already exists and is active: {addr}"))
+    } else {
+        free_elsewhere(
+            &state,
+            &ws,
+            client.as_str(),
+            reconnecting || fresh_anonymous,
         )
-        .await;
+        .await
+    };
+    if let Err(message) = taken {
+        state.hub.remove(&addr, &ws, conn_id);
+        close_with(&mut socket, CLOSE_POLICY, &message).await;
         return;
     }
 
+    // The identity with this connection's client and workspace: what its reconnection tokens carry.
     let mut scoped = (*user).clone();
-    scoped.client_id = Some(client.to_string());
-    scoped.current_workspace = Some(ws.clone());
-    scoped.workspaces.insert(ws.clone(), permission);
+    scoped.scope.client = Some(client.clone());
+    scoped.scope.current = Some(workspace.clone());
+    scoped
+        .scope
+        .workspaces
+        .insert(workspace.clone(), permission);
+    let (reconnection_token, expires_at) = state
+        .tokens
+        .issue_reconnection(&scoped, settings.reconnection_token_life_time);
     let info = serde_json::json!({
         "type": "connection_info",
         "hypha_version": crate::HYPHA_VERSION,
@@ -165,8 +206,8 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
         "workspace": ws,
         "client_id": client.as_str(),
         "user": user.to_json(),
-        "reconnection_token": state.tokens.issue(&scoped, settings.reconnection_token_life_time),
-        "reconnection_token_life_time": settings.reconnection_token_life_time,
+        "reconnection_token": reconnection_token,
+        "reconnection_token_life_time": (expires_at - crate::auth::now_secs()).max(1),
     });
     tracing::info!(client = %addr, user = %user.id, reconnecting, "connection opened");
     let reason = if socket
@@ -177,21 +218,30 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
         "write failed"
     } else {
         state.client_connected(&addr, &ws).await;
-        let sender = Sender {
-            addr: &addr,
-            workspace: &ws,
-            user_msgpack: &user_msgpack,
-            may_broadcast: permission >= Permission::ReadWrite,
+        let session = Session {
+            sender: Sender {
+                addr: &addr,
+                workspace: &ws,
+                user_msgpack: &user_msgpack,
+                may_broadcast: permission >= Permission::ReadWrite,
+            },
+            calls: Arc::new(Semaphore::new(if user.is_anonymous() {
+                MAX_SERVER_CALLS_ANONYMOUS
+            } else {
+                MAX_SERVER_CALLS
+            })),
+            user: user.clone(),
+            scoped,
+            tx: tx.clone(),
+            client_ip,
         };
         serve_frames(
             &mut socket,
             &state,
-            &sender,
-            &user,
-            &scoped,
-            &tx,
+            &session,
             &mut rx,
             &kill,
+            &handle_reason,
         )
         .await
     };
@@ -199,13 +249,31 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>, admitted: Admitted) {
     state.client_gone(&addr, &ws, conn_id).await;
 }
 
-/// Whether another live instance holds this client id (only a reconnecting client may take
-/// it over). Without Redis (or while it is away) the question cannot be answered, and the
-/// client is let in.
-async fn connected_elsewhere(state: &AppState, ws: &str, client: &str) -> bool {
-    match crate::workspace::reachable(state) {
-        Some(directory) => matches!(directory.client_elsewhere(ws, client).await, Ok(Some(_))),
-        None => false,
+/// Whether the client id is free of other live instances. A reconnecting client (or a fresh
+/// anonymous one, whose workspace is new) may take it over; when the shared directory cannot
+/// be consulted, nobody else may claim it: failing open would let anyone holding a token
+/// for the workspace take over a live client's id while Redis is away.
+async fn free_elsewhere(
+    state: &AppState,
+    ws: &str,
+    client: &str,
+    proven: bool,
+) -> Result<(), String> {
+    if state.directory.is_none() || proven {
+        return Ok(());
+    }
+    let unavailable = || {
+        format!(
+            "the shared directory (Redis) is unavailable, so the server cannot check that client id {client} is free; reconnect with its reconnection token, or try again once Redis is back"
+        )
+    };
+    let directory = crate::workspace::reachable(state).ok_or_else(unavailable)?;
+    match directory.client_elsewhere(ws, client).await {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(format!(
+            "Client already exists and is active: {ws}/{client}"
+        )),
+        Err(_) => Err(unavailable()),
     }
 }
 
@@ -234,16 +302,31 @@ impl RateLimit {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Calls to the server's own services one connection may have running at once.
+const MAX_SERVER_CALLS: usize = 64;
+const MAX_SERVER_CALLS_ANONYMOUS: usize = 16;
+
+/// One admitted connection: who it is and what it holds while it runs.
+struct Session<'a> {
+    sender: Sender<'a>,
+    user: Arc<UserInfo>,
+    /// The identity with the connection's client and workspace: what its reconnection
+    /// tokens carry.
+    scoped: UserInfo,
+    tx: mpsc::Sender<Queued>,
+    /// Calls to the server's own services running for this connection.
+    calls: Arc<Semaphore>,
+    /// The client's network address (behind a trusted proxy, the one it reports).
+    client_ip: std::net::IpAddr,
+}
+
 async fn serve_frames(
     socket: &mut WebSocket,
     state: &Arc<AppState>,
-    sender: &Sender<'_>,
-    user: &Arc<crate::auth::UserInfo>,
-    scoped: &crate::auth::UserInfo,
-    tx: &mpsc::Sender<Outbound>,
-    rx: &mut mpsc::Receiver<Outbound>,
+    session: &Session<'_>,
+    rx: &mut mpsc::Receiver<Queued>,
     kill: &CancellationToken,
+    reason: &std::sync::OnceLock<String>,
 ) -> &'static str {
     let settings = &state.settings;
     let mut ticker = tokio::time::interval(settings.ws_ping_interval);
@@ -264,6 +347,10 @@ async fn serve_frames(
                 if state.stopping.is_cancelled() {
                     close_with(socket, CLOSE_GOING_AWAY, "the server is shutting down").await;
                     return "server shutdown";
+                }
+                if let Some(reason) = reason.get() {
+                    close_with(socket, CLOSE_POLICY, reason).await;
+                    return "closed by the server (see the message above)";
                 }
                 close_with(socket, CLOSE_GOING_AWAY, "disconnected by the server").await;
                 return "disconnected by the server";
@@ -299,7 +386,7 @@ async fn serve_frames(
                                 "more than {} messages per second; slow down", settings.ws_rate_limit)).await;
                             return "rate limit";
                         }
-                        if let Err(e) = route(state, sender, user, tx, data).await {
+                        if let Err(e) = route(state, session, data).await {
                             errors += 1;
                             let _ = socket.send(Message::Text(error_text(&e).into())).await;
                             if errors >= MAX_PROTOCOL_ERRORS {
@@ -314,7 +401,7 @@ async fn serve_frames(
                             close_with(socket, CLOSE_POLICY, "too many messages per second").await;
                             return "rate limit";
                         }
-                        if let Some(reply) = control(state, scoped, text.as_str()) {
+                        if let Some(reply) = control(state, &session.scoped, text.as_str()) {
                             let _ = socket.send(Message::Text(reply.into())).await;
                         }
                     }
@@ -345,10 +432,12 @@ async fn serve_frames(
     }
 }
 
+/// Writes a queued message and whatever else is waiting (up to a batch), then flushes; the
+/// messages' share of the queue's byte budget is given back once they are written.
 async fn write(
     socket: &mut WebSocket,
-    first: Outbound,
-    rx: &mut mpsc::Receiver<Outbound>,
+    first: Queued,
+    rx: &mut mpsc::Receiver<Queued>,
 ) -> Result<(), axum::Error> {
     fn to_message(out: Outbound) -> Message {
         match out {
@@ -356,10 +445,17 @@ async fn write(
             Outbound::Text(text) => Message::Text(text.into()),
         }
     }
-    socket.feed(to_message(first)).await?;
+    let mut written = Vec::new();
+    let (out, room) = first.into_parts();
+    socket.feed(to_message(out)).await?;
+    written.push(room);
     for _ in 0..WRITE_BATCH {
         match rx.try_recv() {
-            Ok(next) => socket.feed(to_message(next)).await?,
+            Ok(next) => {
+                let (out, room) = next.into_parts();
+                socket.feed(to_message(out)).await?;
+                written.push(room);
+            }
             Err(_) => break,
         }
     }
@@ -377,7 +473,7 @@ fn control(state: &AppState, scoped: &crate::auth::UserInfo, text: &str) -> Opti
         "refresh_token" => Some(
             serde_json::json!({
                 "type": "reconnection_token",
-                "reconnection_token": state.tokens.issue(scoped, state.settings.reconnection_token_life_time),
+                "reconnection_token": state.tokens.issue_reconnection(scoped, state.settings.reconnection_token_life_time).0,
             })
             .to_string(),
         ),
@@ -385,13 +481,10 @@ fn control(state: &AppState, scoped: &crate::auth::UserInfo, text: &str) -> Opti
     }
 }
 
-async fn route(
-    state: &Arc<AppState>,
-    sender: &Sender<'_>,
-    user: &Arc<crate::auth::UserInfo>,
-    tx: &mpsc::Sender<Outbound>,
-    data: Bytes,
-) -> Result<(), String> {
+async fn route(state: &Arc<AppState>, session: &Session<'_>, data: Bytes) -> Result<(), String> {
+    let Session {
+        sender, user, tx, ..
+    } = session;
     match state
         .hub
         .route(sender, data)
@@ -400,15 +493,43 @@ async fn route(
     {
         Routed::Delivered | Routed::Dropped => {}
         Routed::ToServer { frame, to } => {
+            // The built-in service answers at once (chunks, pings, descriptions) and the
+            // clients send chunks 30 at a time; everything else counts.
+            let immediate = frame
+                .field("method")
+                .is_some_and(|m| m.starts_with("services.built-in."));
+            let running = if immediate {
+                None
+            } else {
+                session.calls.clone().try_acquire_owned().ok()
+            };
+            if !immediate && running.is_none() {
+                let limit = if user.is_anonymous() {
+                    MAX_SERVER_CALLS_ANONYMOUS
+                } else {
+                    MAX_SERVER_CALLS
+                };
+                let error = format!(
+                    "too many calls to the server in flight from this connection (at most {limit}); wait for some to finish"
+                );
+                if let Some(reject) = crate::rpc::peer::refusal(&frame, &to, sender.addr, &error) {
+                    let _ = tx.try_send(Queued::unmetered(Outbound::Binary(reject)));
+                }
+                return Err(error);
+            }
             let incoming = Incoming {
                 from: sender.addr.to_string(),
                 ws: sender.workspace.to_string(),
                 user: user.clone(),
                 to,
                 frame,
+                peer_ip: Some(session.client_ip),
             };
             let state = state.clone();
-            tokio::spawn(async move { crate::workspace::handle(state, incoming).await });
+            tokio::spawn(async move {
+                crate::workspace::handle(state, incoming).await;
+                drop(running);
+            });
         }
         Routed::PeerGone {
             session,
@@ -416,7 +537,13 @@ async fn route(
             error,
         } => {
             let frame = crate::hub::peer_not_found(&target, sender.addr, &session, &error);
-            let _ = tx.try_send(Outbound::Binary(frame));
+            let _ = tx.try_send(Queued::unmetered(Outbound::Binary(frame)));
+        }
+        Routed::Refused { error, reject } => {
+            if let Some(reject) = reject {
+                let _ = tx.try_send(Queued::unmetered(Outbound::Binary(reject)));
+            }
+            return Err(error);
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use crate::auth::{Permission, TokenError, TokenIssuer, UserInfo};
+use crate::auth::{Permission, Purpose, TokenError, TokenIssuer, UserInfo};
 use crate::ids::{ClientId, WorkspaceId};
 
 /// The client's first message, as hypha-rpc sends it.
@@ -43,28 +43,45 @@ pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
     }
     let client = ClientId::parse(client_id).map_err(|e| e.to_string())?;
     let requested = hello.workspace.as_deref().filter(|w| !w.is_empty());
+    let token = hello.token.as_deref().filter(|t| !t.is_empty());
 
     if let Some(reconnection) = hello
         .reconnection_token
         .as_deref()
         .filter(|t| !t.is_empty())
     {
-        match tokens.parse(reconnection) {
-            Ok(user) => {
+        match tokens.verify(reconnection) {
+            Ok(user) if user.token.as_ref().map(|t| t.purpose) == Some(Purpose::Reconnection) => {
                 let (Some(cid), Some(wid)) =
-                    (user.client_id.clone(), user.current_workspace.clone())
+                    (user.scope.client.clone(), user.scope.current.clone())
                 else {
                     return Err("the reconnection token carries no client or workspace".into());
                 };
-                if cid != client.as_str() {
+                if cid != client {
                     return Err(format!(
                         "the reconnection token is for client {cid}, not {client}"
                     ));
                 }
-                if requested.is_some_and(|w| w != wid) {
+                if requested.is_some_and(|w| wid != w) {
                     return Err(format!("the reconnection token is for workspace {wid}"));
                 }
-                return finish(user, &wid, client, true);
+                // The original token, which the clients send along, gives the session back
+                // the identity it can mint with; without it the session may only reconnect.
+                let user = match token.map(|t| tokens.parse(t)) {
+                    Some(Ok(original))
+                        if original.id == user.id
+                            && original.permission(wid.as_str()).is_some() =>
+                    {
+                        original
+                    }
+                    _ => user,
+                };
+                return finish(user, wid.as_str(), client, true);
+            }
+            Ok(_) => tracing::debug!("a general token was sent as reconnection token"),
+            // A revoked family does not get back in under another guise.
+            Err(TokenError::Revoked) => {
+                return Err("the reconnection token has been revoked".into());
             }
             // A token from before a restart with another secret, or an expired one: fall back
             // to the original token, which the client always sends along.
@@ -72,28 +89,28 @@ pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
         }
     }
 
-    let user = match hello.token.as_deref().filter(|t| !t.is_empty()) {
+    let user = match token {
         Some(token) => tokens.parse(token).map_err(|e: TokenError| e.to_string())?,
         None => UserInfo::anonymous(ANONYMOUS_LIFETIME),
     };
-    if let Some(scope) = user.extra_scopes.iter().find(|s| s.contains(':')) {
+    if let Some(scope) = user.scope.extra.iter().find(|s| s.is_specialized()) {
         return Err(format!(
             "this token is restricted to {scope} and cannot be used for a websocket connection"
         ));
     }
-    if let Some(cid) = &user.client_id
-        && cid != client.as_str()
+    if let Some(cid) = &user.scope.client
+        && cid != &client
     {
         return Err(format!("the token is bound to client {cid}, not {client}"));
     }
-    if let (Some(wid), Some(req)) = (&user.current_workspace, requested)
+    if let (Some(wid), Some(req)) = (&user.scope.current, requested)
         && wid != req
     {
         return Err(format!("the token is bound to workspace {wid}, not {req}"));
     }
     let workspace = requested
         .map(str::to_string)
-        .or_else(|| user.current_workspace.clone())
+        .or_else(|| user.scope.current.as_ref().map(ToString::to_string))
         .unwrap_or_else(|| user.own_workspace());
     finish(user, &workspace, client, false)
 }
@@ -120,6 +137,7 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::UserId;
     use secrecy::SecretString;
 
     fn tokens() -> TokenIssuer {
@@ -145,8 +163,10 @@ mod tests {
     #[test]
     fn token_scope_decides_workspace() {
         let t = tokens();
-        let mut user = UserInfo::new("bob".into(), vec![], None);
-        user.workspaces.insert("lab".into(), Permission::ReadWrite);
+        let mut user = UserInfo::new(UserId::parse("bob").unwrap(), vec![], None);
+        user.scope
+            .workspaces
+            .insert(WorkspaceId::parse("lab").unwrap(), Permission::ReadWrite);
         let token = t.issue(&user, 60);
         assert_eq!(
             admit(&hello(Some("lab"), Some(token.clone()), None), &t)
@@ -171,17 +191,21 @@ mod tests {
     #[test]
     fn reconnection_token_must_match_client() {
         let t = tokens();
-        let mut user = UserInfo::new("bob".into(), vec![], None);
-        user.client_id = Some("c2".into());
-        user.current_workspace = Some("ws-user-bob".into());
-        let rec = t.issue(&user, 60);
+        let mut user = UserInfo::new(UserId::parse("bob").unwrap(), vec![], None);
+        user.scope.client = Some(ClientId::parse("c2").unwrap());
+        user.scope.current = Some(WorkspaceId::parse("ws-user-bob").unwrap());
+        let (rec, _) = t.issue_reconnection(&user, 60);
         assert!(
             admit(&hello(None, None, Some(rec)), &t)
                 .unwrap_err()
                 .contains("c2")
         );
-        user.client_id = Some("c1".into());
-        let ok = admit(&hello(None, None, Some(t.issue(&user, 60))), &t).unwrap();
+        user.scope.client = Some(ClientId::parse("c1").unwrap());
+        let ok = admit(
+            &hello(None, None, Some(t.issue_reconnection(&user, 60).0)),
+            &t,
+        )
+        .unwrap();
         assert!(ok.reconnecting);
         assert_eq!(ok.workspace.as_str(), "ws-user-bob");
     }

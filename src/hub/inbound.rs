@@ -68,8 +68,14 @@ pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
                     crate::workspace::emit_local(&state, &workspace, &event, data).await;
                 });
             }
-            Inbound::Announced(Announcement::Revoked { fingerprint }) => {
-                state.tokens.mark_revoked(fingerprint);
+            Inbound::Announced(Announcement::Revoked { id }) => state.revoke_locally(id),
+            Inbound::Announced(Announcement::Kick { addr, keep }) => {
+                if keep != state.server_id
+                    && let Some(handle) = state.hub.get(&addr)
+                {
+                    tracing::info!(client = %addr, instance = %keep, "the client came back through another instance");
+                    handle.close("this client connected again through another server instance");
+                }
             }
             Inbound::Reconnected => {
                 let state = state.clone();
@@ -77,9 +83,7 @@ pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
                     crate::workspace::resync(&state).await;
                     // Revocations announced while the bus was away are in the store.
                     if let Ok(revoked) = state.store.revoked_tokens(crate::auth::now_secs()).await {
-                        revoked
-                            .into_iter()
-                            .for_each(|r| state.tokens.mark_revoked(r));
+                        revoked.into_iter().for_each(|id| state.revoke_locally(id));
                     }
                 });
             }
@@ -132,9 +136,10 @@ fn answer(state: &AppState, to: String, data: Bytes) {
     let incoming = Incoming {
         from: from.to_string(),
         ws: ws.to_string(),
-        user: Arc::new(UserInfo::new("bus".into(), Vec::new(), None)),
+        user: Arc::new(UserInfo::server()),
         to,
         frame,
+        peer_ip: None,
     };
     match state.peer.decode(incoming) {
         Ok(Decoded::Reply) => {}

@@ -3,6 +3,7 @@
 //! server's own RPC peer.
 
 pub mod bus;
+pub mod chunks;
 pub mod connection;
 mod handshake;
 pub mod inbound;
@@ -30,16 +31,87 @@ pub enum Outbound {
     Text(String),
 }
 
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Binary(data) => data.len(),
+            Outbound::Text(text) => text.len(),
+        }
+    }
+}
+
+/// A message in a connection's queue. It holds its share of the queue's byte budget until it
+/// is written, so a client that reads slowly holds up at most that many bytes.
+pub struct Queued {
+    pub out: Outbound,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    /// A small message from the connection itself (errors, answers to control messages),
+    /// outside the byte budget.
+    pub fn unmetered(out: Outbound) -> Self {
+        Self { out, room: None }
+    }
+
+    /// The message, with its share of the budget given back once the caller is done with it.
+    pub fn into_parts(self) -> (Outbound, Option<tokio::sync::OwnedSemaphorePermit>) {
+        (self.out, self.room)
+    }
+}
+
+/// Bytes queued for one client before the sender waits (and the client counts as slow).
+pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
+pub const QUEUE_BYTES_ANONYMOUS: usize = 2 * 1024 * 1024;
+
+/// A connection's byte budget, in KiB.
+#[derive(Clone)]
+pub struct Room {
+    kib: Arc<tokio::sync::Semaphore>,
+    max_kib: u32,
+}
+
+impl Room {
+    pub fn new(bytes: usize) -> Self {
+        let max_kib = (bytes / 1024).max(1) as u32;
+        Self {
+            kib: Arc::new(tokio::sync::Semaphore::new(max_kib as usize)),
+            max_kib,
+        }
+    }
+
+    /// What a message of `len` bytes takes (a frame larger than the whole budget takes all of it).
+    fn share(&self, len: usize) -> u32 {
+        (len.div_ceil(1024) as u32).clamp(1, self.max_kib)
+    }
+}
+
 /// The hub's handle on one live connection.
 #[derive(Clone)]
 pub struct ClientHandle {
     pub conn_id: u64,
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: mpsc::Sender<Queued>,
+    /// The byte budget of its queue.
+    pub room: Room,
     /// Cancelled to disconnect the client (slow consumer, superseded, shutdown).
     pub kill: CancellationToken,
     pub user: Arc<UserInfo>,
     /// Manager events this client subscribed to.
     pub events: Arc<Mutex<HashSet<String>>>,
+    /// Why the server closed the connection, told to the client in its close frame.
+    pub reason: Arc<std::sync::OnceLock<String>>,
+    /// When it connected (ms since the epoch), and whether it proved itself with the client's
+    /// reconnection token: what settles a claim on the same client id by two instances.
+    pub since_ms: i64,
+    pub reconnected: bool,
+}
+
+impl ClientHandle {
+    /// Closes the connection, telling the client why.
+    pub fn close(&self, reason: &str) {
+        let _ = self.reason.set(reason.to_string());
+        self.kill.cancel();
+    }
 }
 
 /// Why a frame could not be handed to a client.
@@ -84,6 +156,12 @@ pub enum Routed {
     },
     /// Gone target, no answer expected: dropped.
     Dropped,
+    /// Not delivered: the frame claimed what only the server may say. `reject` answers the
+    /// sender's call, when it made one.
+    Refused {
+        error: String,
+        reject: Option<Bytes>,
+    },
 }
 
 /// Routing failures that are the sender's fault.
@@ -110,6 +188,8 @@ pub struct Hub {
     pub routed_bytes: AtomicU64,
     /// Calls between clients that have not been answered yet, and how calls ended.
     pub inflight: inflight::InFlight,
+    /// Chunked messages passing between clients, vetted as they pass.
+    pub chunks: chunks::ChunkWatch,
     /// Frames that went to another instance, and those that came from one.
     pub bus_sent: AtomicU64,
     pub bus_received: AtomicU64,
@@ -127,6 +207,7 @@ impl Hub {
             routed_messages: AtomicU64::new(0),
             routed_bytes: AtomicU64::new(0),
             inflight: Default::default(),
+            chunks: Default::default(),
             bus_sent: AtomicU64::new(0),
             bus_received: AtomicU64::new(0),
         }
@@ -182,6 +263,7 @@ impl Hub {
             .remove_if(addr, |_, h| h.conn_id == conn_id)
             .is_some();
         if removed {
+            self.chunks.forget(addr);
             let client = addr.rsplit_once('/').map(|(_, c)| c).unwrap_or(addr);
             if let Some(mut members) = self.workspaces.get_mut(workspace) {
                 members.remove(client);
@@ -261,16 +343,48 @@ impl Hub {
     /// (back-pressure) for at most the slow-consumer time-out; then the client that stopped
     /// reading is disconnected.
     pub async fn send_local(&self, addr: &str, message: Outbound) -> Result<(), Unsent> {
-        let Some((tx, kill)) = self
+        let Some((tx, kill, room)) = self
             .clients
             .get(addr)
-            .map(|h| (h.tx.clone(), h.kill.clone()))
+            .map(|h| (h.tx.clone(), h.kill.clone(), h.room.clone()))
         else {
             return Err(Unsent::Elsewhere(message));
         };
         if kill.is_cancelled() {
             return Err(Unsent::Failed(SendError::NotConnected(addr.to_string())));
         }
+        let gone = || Unsent::Failed(SendError::NotConnected(addr.to_string()));
+        let share = room.share(message.len());
+        let permit = match room.kib.clone().try_acquire_many_owned(share) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(gone()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let wait = tokio::time::timeout(
+                    self.slow_consumer_timeout,
+                    room.kib.clone().acquire_many_owned(share),
+                );
+                let outcome = tokio::select! {
+                    outcome = wait => outcome,
+                    _ = kill.cancelled() => return Err(gone()),
+                };
+                match outcome {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(gone()),
+                    Err(_) => {
+                        tracing::warn!(
+                            client = addr,
+                            "disconnecting a client that stopped reading"
+                        );
+                        kill.cancel();
+                        return Err(Unsent::Failed(SendError::SlowConsumer(addr.to_string())));
+                    }
+                }
+            }
+        };
+        let message = Queued {
+            out: message,
+            room: Some(permit),
+        };
         match tx.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -327,6 +441,22 @@ impl Hub {
         if target_client.is_empty() || target_ws.is_empty() || target_client.contains('/') {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         }
+        // The clients merge the body over the header the server wrote, so a body may not
+        // carry the fields the server sets; and what a chunked message will assemble into is
+        // vetted the same way as it passes.
+        let refused = crate::rpc::scan::check_body(&frame.body)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                if target_client == "*" {
+                    Ok(())
+                } else {
+                    self.chunks.vet(sender.addr, &target, &frame)
+                }
+            });
+        if let Err(error) = refused {
+            let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
+            return Ok(Routed::Refused { error, reject });
+        }
         let out = frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
         self.routed_messages.fetch_add(1, Ordering::Relaxed);
         self.routed_bytes
@@ -370,6 +500,19 @@ impl Hub {
             let addr = format!("{workspace}/{client}");
             let _ = self.send_local(&addr, Outbound::Binary(data.clone())).await;
         }
+    }
+
+    /// Closes every connection whose handle matches, telling each client `reason`; returns
+    /// how many were closed.
+    pub fn close_where(&self, matches: impl Fn(&ClientHandle) -> bool, reason: &str) -> usize {
+        let mut closed = 0;
+        for entry in self.clients.iter() {
+            if !entry.kill.is_cancelled() && matches(entry.value()) {
+                entry.close(reason);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Disconnects every client (server shutdown).

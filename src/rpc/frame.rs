@@ -4,8 +4,12 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use rmpv::Value;
 
-/// How deep a header may nest; real headers are flat apart from `user`.
-const MAX_HEADER_DEPTH: usize = 16;
+/// What a header may cost to decode; real headers are a handful of short fields (and `user`).
+const HEADER_LIMITS: super::scan::Limits = super::scan::Limits {
+    max_depth: 16,
+    max_elements: 1024,
+    max_decoded: 256 * 1024,
+};
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -28,10 +32,8 @@ pub struct Frame {
 impl Frame {
     /// Reads the header of a frame and keeps the rest as the body.
     pub fn parse(data: Bytes) -> Result<Self, FrameError> {
-        let mut reader: &[u8] = &data;
-        let header = rmpv::decode::read_value_with_max_depth(&mut reader, MAX_HEADER_DEPTH)
-            .map_err(|e| FrameError::Msgpack(e.to_string()))?;
-        let consumed = data.len() - reader.len();
+        let (header, consumed) = super::scan::decode(&data, HEADER_LIMITS)
+            .map_err(|e| FrameError::Msgpack(format!("its header {e}")))?;
         let Value::Map(header) = header else {
             return Err(FrameError::HeaderNotMap);
         };
@@ -50,9 +52,10 @@ impl Frame {
     }
 
     /// Re-encodes the frame with `to`, `from`, `ws` set by the server and `user` as pre-encoded
-    /// msgpack; whatever the client wrote in those fields is dropped.
+    /// msgpack; whatever the client wrote in those fields, and any `ctx` (which the Python
+    /// client would trust as the caller's context), is dropped.
     pub fn rewrite(&self, to: &str, from: &str, ws: &str, user_msgpack: &[u8]) -> Bytes {
-        const TRUSTED: [&str; 4] = ["to", "from", "ws", "user"];
+        const TRUSTED: [&str; 5] = ["to", "from", "ws", "user", "ctx"];
         let kept: Vec<&(Value, Value)> = self
             .header
             .iter()
@@ -98,6 +101,7 @@ mod tests {
             ("to", "ws/b".into()),
             ("from", "forged/x".into()),
             ("user", obj([("id", "root".into())])),
+            ("ctx", obj([("user", obj([("id", "root".into())]))])),
         ]);
         let body = vec![0xc4, 3, 1, 2, 3];
         let mut data = crate::rpc::value::encode(&header);

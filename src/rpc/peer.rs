@@ -2,16 +2,16 @@
 //! answers them through the caller's promise, makes calls of its own to clients (with
 //! heartbeats and time-outs), and chunks large messages through `message_cache` both ways.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use rmpv::Value;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::frame::{self, Frame};
+use super::scan::Limits;
 use super::value::{self, Args, get, get_str, obj};
 use crate::auth::UserInfo;
 use crate::error::Error;
@@ -21,9 +21,11 @@ use crate::hub::{Hub, Outbound, SendError};
 /// frame over 512 000 bytes. The same threshold the clients use for their own sends.
 pub const CHUNK_SIZE: usize = 256 * 1024;
 const CHUNK_THRESHOLD: usize = CHUNK_SIZE + 1024;
-/// Limits on what one client may park in the server's message cache.
-const MAX_CACHED_BYTES_PER_CLIENT: usize = 256 * 1024 * 1024;
-const MAX_CACHES_PER_CLIENT: usize = 32;
+/// What decoding the calls to the server may hold in memory at once, over all callers: a
+/// call's decoded arguments (and its result) count until its answer is sent.
+const DECODE_BUDGET: usize = 512 * 1024 * 1024;
+/// The same for anonymous callers together, so they cannot take all of it.
+const DECODE_BUDGET_ANONYMOUS: usize = 128 * 1024 * 1024;
 
 /// A frame for the server, with the identity the hub established.
 #[derive(Debug)]
@@ -34,6 +36,8 @@ pub struct Incoming {
     /// The normalised target, e.g. `*/manager-x` or `public/manager-x`.
     pub to: String,
     pub frame: Frame,
+    /// The network address of the caller, where known.
+    pub peer_ip: Option<std::net::IpAddr>,
 }
 
 /// Who is calling: taken from the hub, never from the frame.
@@ -44,6 +48,8 @@ pub struct CallContext {
     pub user: Arc<UserInfo>,
     /// The address the caller sent to; replies come from it.
     pub to: String,
+    /// The caller's network address (behind a trusted proxy, the client's), where known.
+    pub peer_ip: Option<std::net::IpAddr>,
 }
 
 /// Where to send a call's outcome.
@@ -62,6 +68,8 @@ pub struct Call {
     pub method: String,
     pub args: Args,
     pub reply: Option<ReplyTo>,
+    /// The memory its decoding took from the server's budget, given back when it is dropped.
+    pub budget: Option<OwnedSemaphorePermit>,
 }
 
 impl Call {
@@ -90,11 +98,6 @@ struct Pending {
     heartbeat: Arc<Notify>,
 }
 
-struct ChunkCache {
-    chunks: BTreeMap<u64, Bytes>,
-    bytes: usize,
-}
-
 /// Options of an outgoing call.
 pub struct CallOptions<'a> {
     /// The address the call comes from (a manager address of this server).
@@ -112,7 +115,11 @@ pub struct ServerPeer {
     pub manager_id: String,
     hub: Arc<Hub>,
     pending: DashMap<String, Pending>,
-    caches: DashMap<(String, String), ChunkCache>,
+    /// Chunked messages clients are sending to the server.
+    pub cache: super::cache::MessageCache,
+    /// Memory for decoding calls, in KiB: all callers, and anonymous ones.
+    budget: Arc<Semaphore>,
+    budget_anonymous: Arc<Semaphore>,
     /// The `user` field of messages the server itself sends.
     pub server_user: Value,
 }
@@ -123,7 +130,9 @@ impl ServerPeer {
             manager_id,
             hub,
             pending: DashMap::new(),
-            caches: DashMap::new(),
+            cache: Default::default(),
+            budget: Arc::new(Semaphore::new(DECODE_BUDGET / 1024)),
+            budget_anonymous: Arc::new(Semaphore::new(DECODE_BUDGET_ANONYMOUS / 1024)),
             server_user: server_user.to_value(),
         }
     }
@@ -135,7 +144,8 @@ impl ServerPeer {
 
     /// Decodes a frame: a call to a hosted service, or a reply to one of our calls.
     pub fn decode(&self, incoming: Incoming) -> Result<Decoded, Error> {
-        let Some(message) = MethodMessage::read(&incoming.frame)? else {
+        let anonymous = incoming.user.is_anonymous();
+        let Some(message) = MethodMessage::read(&incoming.frame, anonymous)? else {
             return Ok(Decoded::Ignored);
         };
         if let Some((session, kind)) = message.method.split_once('.')
@@ -166,9 +176,20 @@ impl ServerPeer {
             }
             return Ok(Decoded::Reply);
         }
-        message
-            .into_call(incoming)
-            .map(|call| Decoded::Call(Box::new(call)))
+        let kib = (message.decoded / 1024).max(1).min(u64::from(u32::MAX)) as u32;
+        let pool = if anonymous {
+            &self.budget_anonymous
+        } else {
+            &self.budget
+        };
+        let budget = pool.clone().try_acquire_many_owned(kib).map_err(|_| {
+            Error::Unavailable(
+                "the server is busy with other large calls; try again shortly".into(),
+            )
+        })?;
+        let mut call = message.into_call(incoming)?;
+        call.budget = Some(budget);
+        Ok(Decoded::Call(Box::new(call)))
     }
 
     /// Sends a `method` message from the server. Replies always go back to the caller itself,
@@ -330,88 +351,7 @@ impl ServerPeer {
                 ))));
             }
         }
-        self.caches.retain(|(owner, _), _| owner != addr);
-    }
-
-    /// `message_cache.create`.
-    pub fn cache_create(&self, owner: &str, key: &str, overwrite: bool) -> Result<(), Error> {
-        let slot = (owner.to_string(), key.to_string());
-        if !overwrite && self.caches.contains_key(&slot) {
-            return Err(Error::BadRequest(format!(
-                "Message with the same key ({key}) already exists in the cache store"
-            )));
-        }
-        if self.caches.iter().filter(|e| e.key().0 == owner).count() >= MAX_CACHES_PER_CLIENT {
-            return Err(Error::TooManyRequests(
-                "too many chunked messages in flight".into(),
-            ));
-        }
-        self.caches.insert(
-            slot,
-            ChunkCache {
-                chunks: BTreeMap::new(),
-                bytes: 0,
-            },
-        );
-        Ok(())
-    }
-
-    /// `message_cache.set` (and `append` with `index = None`).
-    pub fn cache_put(
-        &self,
-        owner: &str,
-        key: &str,
-        index: Option<u64>,
-        data: Vec<u8>,
-    ) -> Result<(), Error> {
-        let in_use: usize = self
-            .caches
-            .iter()
-            .filter(|e| e.key().0 == owner)
-            .map(|e| e.bytes)
-            .sum();
-        if in_use + data.len() > MAX_CACHED_BYTES_PER_CLIENT {
-            self.caches.remove(&(owner.to_string(), key.to_string()));
-            return Err(Error::BadRequest(format!(
-                "chunked message exceeds the limit of {MAX_CACHED_BYTES_PER_CLIENT} bytes"
-            )));
-        }
-        let mut cache = self
-            .caches
-            .get_mut(&(owner.to_string(), key.to_string()))
-            .ok_or_else(|| Error::NotFound(format!("Message with key {key} does not exist")))?;
-        let index = index.unwrap_or(cache.chunks.len() as u64);
-        cache.bytes += data.len();
-        if let Some(old) = cache.chunks.insert(index, Bytes::from(data)) {
-            cache.bytes -= old.len();
-        }
-        Ok(())
-    }
-
-    /// `message_cache.remove`.
-    pub fn cache_remove(&self, owner: &str, key: &str) -> Result<(), Error> {
-        self.caches
-            .remove(&(owner.to_string(), key.to_string()))
-            .map(|_| ())
-            .ok_or_else(|| Error::NotFound(format!("Message with key {key} does not exist")))
-    }
-
-    /// `message_cache.process`: reassembles the message; its identity is the caller's.
-    pub fn cache_take(&self, owner: &str, key: &str) -> Result<Frame, Error> {
-        let (_, cache) = self
-            .caches
-            .remove(&(owner.to_string(), key.to_string()))
-            .ok_or_else(|| Error::NotFound(format!("Message with key {key} does not exist")))?;
-        let mut data = Vec::with_capacity(cache.bytes);
-        for (expected, (index, chunk)) in cache.chunks.iter().enumerate() {
-            if *index != expected as u64 {
-                return Err(Error::BadRequest(format!(
-                    "chunk {expected} of message {key} is missing"
-                )));
-            }
-            data.extend_from_slice(chunk);
-        }
-        Frame::parse(Bytes::from(data)).map_err(|e| Error::BadRequest(e.to_string()))
+        self.cache.forget(addr);
     }
 }
 
@@ -421,11 +361,20 @@ struct MethodMessage {
     args: Vec<Value>,
     body: Value,
     session: Option<String>,
+    /// What decoding the body takes in memory (estimated by the scan).
+    decoded: u64,
 }
+
+/// Most values a call's body may decode into, by kind of caller.
+const MAX_ELEMENTS_SIGNED_IN: u64 = 1_000_000;
+const MAX_ELEMENTS_ANONYMOUS: u64 = 100_000;
+/// How many times its size a body may take in memory once decoded (plus some slack).
+const MAX_AMPLIFICATION_SIGNED_IN: u64 = 8;
+const MAX_AMPLIFICATION_ANONYMOUS: u64 = 4;
 
 impl MethodMessage {
     /// Reads a `method` frame; `None` for any other type.
-    fn read(frame: &Frame) -> Result<Option<Self>, Error> {
+    fn read(frame: &Frame, anonymous: bool) -> Result<Option<Self>, Error> {
         if frame.field("type") != Some("method") {
             return Ok(None);
         }
@@ -433,12 +382,27 @@ impl MethodMessage {
             .field("method")
             .ok_or_else(|| Error::BadRequest("the call names no method".into()))?
             .to_string();
-        let mut body = if frame.body.is_empty() {
-            Value::Map(Vec::new())
+        let (mut body, decoded) = if frame.body.is_empty() {
+            (Value::Map(Vec::new()), 0)
         } else {
-            rmpv::decode::read_value_with_max_depth(&mut &frame.body[..], 256).map_err(|e| {
-                Error::BadRequest(format!("the call body is not valid msgpack: {e}"))
-            })?
+            let limits = if anonymous {
+                Limits::decode(
+                    frame.body.len(),
+                    MAX_ELEMENTS_ANONYMOUS,
+                    MAX_AMPLIFICATION_ANONYMOUS,
+                )
+            } else {
+                Limits::decode(
+                    frame.body.len(),
+                    MAX_ELEMENTS_SIGNED_IN,
+                    MAX_AMPLIFICATION_SIGNED_IN,
+                )
+            };
+            let scanned = super::scan::object(&frame.body, limits)
+                .map_err(|e| Error::BadRequest(format!("the call body {e}")))?;
+            let (body, _) = super::scan::decode(&frame.body, limits)
+                .map_err(|e| Error::BadRequest(format!("the call body {e}")))?;
+            (body, scanned.decoded)
         };
         if get(&body, "_enc").is_some() {
             return Err(Error::BadRequest(
@@ -455,6 +419,7 @@ impl MethodMessage {
             args,
             body,
             session: frame.field("session").map(str::to_string),
+            decoded,
         }))
     }
 
@@ -465,6 +430,7 @@ impl MethodMessage {
             args,
             body,
             session,
+            ..
         } = self;
         let with_kwargs = get(&body, "with_kwargs")
             .and_then(Value::as_bool)
@@ -503,13 +469,25 @@ impl MethodMessage {
             _ => None,
         };
         let Incoming {
-            from, ws, user, to, ..
+            from,
+            ws,
+            user,
+            to,
+            peer_ip,
+            ..
         } = incoming;
         Ok(Call {
-            ctx: CallContext { from, ws, user, to },
+            ctx: CallContext {
+                from,
+                ws,
+                user,
+                to,
+                peer_ip,
+            },
             method,
             args: Args::from_call(args, with_kwargs),
             reply,
+            budget: None,
         })
     }
 }
@@ -517,7 +495,8 @@ impl MethodMessage {
 /// Decodes a call for a peer that makes no calls of its own (a data-channel peer): `None` for
 /// frames that are not calls.
 pub fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
-    match MethodMessage::read(&incoming.frame)? {
+    let anonymous = incoming.user.is_anonymous();
+    match MethodMessage::read(&incoming.frame, anonymous)? {
         Some(message) => message.into_call(incoming).map(Some),
         None => Ok(None),
     }
@@ -543,6 +522,37 @@ pub fn reply_frame(call: &Call, outcome: Result<Value, Error>, user: &Value) -> 
         vec![value],
         "*",
         user,
+    ))
+}
+
+/// The answer to a call that the server refused to deliver: a reject from `callee` to
+/// `caller`'s promise, so the caller learns why at once instead of waiting for its time-out.
+/// `None` when the frame is not a call with a promise.
+pub fn refusal(frame: &Frame, callee: &str, caller: &str, message: &str) -> Option<Bytes> {
+    use std::sync::LazyLock;
+    static SERVER_USER: LazyLock<Value> = LazyLock::new(|| UserInfo::server().to_value());
+    if frame.field("type") != Some("method") {
+        return None;
+    }
+    let promise = super::scan::map_value(&frame.body, "promise")?;
+    let (promise, _) = super::scan::decode(promise, Limits::decode(promise.len(), 64, 8)).ok()?;
+    let reject = match &promise {
+        Value::String(s) if s.as_str() == Some("*") => {
+            format!("{}.reject", frame.field("session")?)
+        }
+        Value::Map(_) => get(&promise, "reject")
+            .and_then(|m| get_str(m, "_rmethod"))?
+            .to_string(),
+        _ => return None,
+    };
+    let error = Error::BadRequest(message.to_string()).to_reject();
+    Some(method_frame(
+        callee,
+        caller,
+        &reject,
+        vec![error],
+        "*",
+        &SERVER_USER,
     ))
 }
 

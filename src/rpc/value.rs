@@ -115,6 +115,14 @@ pub fn to_json(value: &Value) -> serde_json::Value {
     }
 }
 
+/// A map key for a message: quoted, shortened, control characters escaped.
+pub fn describe_key(key: &Value) -> String {
+    match key.as_str() {
+        Some(text) => format!("{:?}", text.chars().take(40).collect::<String>()),
+        None => "(a key that is not a string)".to_string(),
+    }
+}
+
 /// Encodes a value to msgpack bytes.
 pub fn encode(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
@@ -168,6 +176,15 @@ impl Args {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v)
             .or_else(|| self.positional.get(index))
+            .filter(|v| !v.is_nil())
+    }
+
+    /// A keyword argument only (no positional fallback).
+    pub fn kwarg(&self, name: &str) -> Option<&Value> {
+        self.kwargs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
             .filter(|v| !v.is_nil())
     }
 

@@ -17,6 +17,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("cannot write the credential audit: {0}")]
+    Audit(String),
 }
 
 /// A database URL without its password, for messages.
@@ -89,7 +91,11 @@ const AUDIT_BATCH: usize = 512;
 
 /// What the audit writer is asked to do, in order.
 enum AuditItem {
-    Row(IceIssuance),
+    /// A row, and who waits to hear whether it was written.
+    Row(
+        IceIssuance,
+        Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ),
     /// Answer once every row queued before this one is written.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -99,6 +105,37 @@ enum AuditItem {
 pub struct Store {
     pool: AnyPool,
     audit: mpsc::Sender<AuditItem>,
+    health: std::sync::Arc<Health>,
+}
+
+/// How the store's last writes went, for `/health/readiness`.
+#[derive(Default)]
+pub struct Health {
+    failing: std::sync::atomic::AtomicBool,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    fn record<T, E: std::fmt::Display>(&self, outcome: &Result<T, E>) {
+        use std::sync::atomic::Ordering;
+        match outcome {
+            Ok(_) => self.failing.store(false, Ordering::Relaxed),
+            Err(e) => {
+                self.failing.store(true, Ordering::Relaxed);
+                if let Ok(mut last) = self.last_error.lock() {
+                    *last = Some(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// The store's state as readiness reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreState {
+    Ok,
+    /// The last write failed, with the error.
+    Failing(String),
 }
 
 impl Store {
@@ -153,15 +190,60 @@ impl Store {
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         }
         let (audit, rows) = mpsc::channel(AUDIT_QUEUE);
-        tokio::spawn(write_audit(pool.clone(), rows));
-        Ok(Self { pool, audit })
+        let health = std::sync::Arc::new(Health::default());
+        tokio::spawn(write_audit(pool.clone(), rows, health.clone()));
+        Ok(Self {
+            pool,
+            audit,
+            health,
+        })
     }
 
-    /// Queues an audit row; waits (back-pressure) rather than drop it when the writer is behind.
-    pub async fn record_ice_issuance(&self, row: IceIssuance) {
-        if self.audit.send(AuditItem::Row(row)).await.is_err() {
-            tracing::error!("the audit writer has stopped; an ICE issuance was not recorded");
+    /// Whether the last write worked.
+    pub fn state(&self) -> StoreState {
+        if self
+            .health
+            .failing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let detail = self
+                .health
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_default();
+            StoreState::Failing(detail)
+        } else {
+            StoreState::Ok
         }
+    }
+
+    /// Records an audit row. With `confirmed`, waits until its batch is committed and says
+    /// whether it was (no credential is handed out that the audit could not record); without,
+    /// queues it and returns (waiting only for room in the queue, never dropping it).
+    pub async fn record_ice_issuance(
+        &self,
+        row: IceIssuance,
+        confirmed: bool,
+    ) -> Result<(), StoreError> {
+        let stopped = || StoreError::Audit("the audit writer has stopped".into());
+        if !confirmed {
+            return self
+                .audit
+                .send(AuditItem::Row(row, None))
+                .await
+                .map_err(|_| stopped());
+        }
+        let (done, written) = tokio::sync::oneshot::channel();
+        self.audit
+            .send(AuditItem::Row(row, Some(done)))
+            .await
+            .map_err(|_| stopped())?;
+        written
+            .await
+            .map_err(|_| stopped())?
+            .map_err(StoreError::Audit)
     }
 
     /// Writes every queued audit row, waiting at most `limit` (server shutdown).
@@ -208,6 +290,15 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(user_from_row).collect())
+    }
+
+    /// Ids of the disabled users.
+    pub async fn disabled_user_ids(&self) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM users WHERE disabled_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
     /// Disables a user; false if there is no such email.
@@ -258,11 +349,16 @@ impl Store {
         Ok(rows.into_iter().map(|(h,)| h).collect())
     }
 
-    pub async fn create_login_key(&self, key: &LoginKey, now: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM login_keys WHERE expires_at < $1")
+    /// Deletes the login keys that expired (finished or not).
+    pub async fn delete_expired_login_keys(&self, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM login_keys WHERE expires_at < $1")
             .bind(now)
             .execute(&self.pool)
             .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn create_login_key(&self, key: &LoginKey, now: i64) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO login_keys (login_key, created_at, expires_at, workspace, token_expires_in) VALUES ($1, $2, $3, $4, $5)")
             .bind(&key.key)
             .bind(now)
@@ -352,20 +448,37 @@ impl Store {
     }
 }
 
-/// Writes queued audit rows in batches, one transaction per batch.
-async fn write_audit(pool: AnyPool, mut items: mpsc::Receiver<AuditItem>) {
+/// Writes queued audit rows in batches, one transaction per batch, and tells each waiting
+/// caller how its row's batch went.
+async fn write_audit(
+    pool: AnyPool,
+    mut items: mpsc::Receiver<AuditItem>,
+    health: std::sync::Arc<Health>,
+) {
     let mut received = Vec::with_capacity(AUDIT_BATCH);
     let mut batch = Vec::with_capacity(AUDIT_BATCH);
+    let mut waiting = Vec::new();
     while items.recv_many(&mut received, AUDIT_BATCH).await > 0 {
         let mut flushes = Vec::new();
         for item in received.drain(..) {
             match item {
-                AuditItem::Row(row) => batch.push(row),
+                AuditItem::Row(row, done) => {
+                    batch.push(row);
+                    waiting.extend(done);
+                }
                 AuditItem::Flush(done) => flushes.push(done),
             }
         }
         if !batch.is_empty() {
-            write_batch(&pool, &batch).await;
+            let outcome = write_batch(&pool, &batch).await;
+            health.record(&outcome);
+            if let Err(e) = &outcome {
+                tracing::error!(error = %e, rows = batch.len(), "cannot write ICE audit rows");
+            }
+            let outcome = outcome.map_err(|e| e.to_string());
+            for done in waiting.drain(..) {
+                let _ = done.send(outcome.clone());
+            }
             batch.clear();
         }
         for done in flushes {
@@ -374,24 +487,18 @@ async fn write_audit(pool: AnyPool, mut items: mpsc::Receiver<AuditItem>) {
     }
 }
 
-async fn write_batch(pool: &AnyPool, batch: &[IceIssuance]) {
-    let written = async {
-        let mut tx = pool.begin().await?;
-        for row in batch {
-            sqlx::query("INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) VALUES ($1, $2, $3, $4)")
-                .bind(&row.user_id)
-                .bind(row.issued_at)
-                .bind(row.ttl)
-                .bind(row.expires_at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await
+async fn write_batch(pool: &AnyPool, batch: &[IceIssuance]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for row in batch {
+        sqlx::query("INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(&row.user_id)
+            .bind(row.issued_at)
+            .bind(row.ttl)
+            .bind(row.expires_at)
+            .execute(&mut *tx)
+            .await?;
     }
-    .await;
-    if let Err(e) = written {
-        tracing::error!(error = %e, rows = batch.len(), "cannot write ICE audit rows");
-    }
+    tx.commit().await
 }
 
 #[cfg(test)]
@@ -412,7 +519,7 @@ mod tests {
             ttl: 60,
             expires_at: 70,
         };
-        store.record_ice_issuance(row.clone()).await;
+        store.record_ice_issuance(row.clone(), true).await.unwrap();
         assert!(store.flush(Duration::from_secs(5)).await);
         assert_eq!(
             store.ice_issuances("u1", 10).await.unwrap(),

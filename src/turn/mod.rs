@@ -52,15 +52,18 @@ pub struct TurnSettings {
 pub struct IceService {
     settings: TurnSettings,
     probe: Option<Probe>,
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Keyed by the account at the root of the token family, so child tokens share it.
+    limiter: Option<DefaultKeyedRateLimiter<crate::ids::UserId>>,
     store: Store,
+    /// No credential is handed out whose issuance the audit could not record.
+    audit_required: bool,
     /// Credentials handed out, and calls refused, since start.
     pub issued: AtomicU64,
     pub refused: AtomicU64,
 }
 
 impl IceService {
-    pub fn new(settings: TurnSettings, store: Store) -> Arc<Self> {
+    pub fn new(settings: TurnSettings, store: Store, audit_required: bool) -> Arc<Self> {
         let probe = settings.coturn.as_ref().map(|c| {
             Probe::new(
                 c.internal.clone(),
@@ -76,9 +79,19 @@ impl IceService {
             probe,
             limiter,
             store,
+            audit_required,
             issued: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         })
+    }
+
+    /// Forgets rate-limit state of accounts that have not asked for a while (call it now
+    /// and then, so the limiter's map does not grow with every account ever seen).
+    pub fn prune(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 
     pub fn probe(&self) -> Option<&Probe> {
@@ -126,7 +139,7 @@ impl IceService {
             }
         };
         if let Some(limiter) = &self.limiter
-            && limiter.check_key(&user.id).is_err()
+            && limiter.check_key(user.account()).is_err()
         {
             return Err(Error::TooManyRequests(format!(
                 "Too many ICE server requests: at most {} a minute per user",
@@ -140,15 +153,25 @@ impl IceService {
             }
         }
         let now = crate::auth::now_secs();
-        let credential = credentials::mint(&coturn.secret, &user.id, ttl, now);
-        self.store
-            .record_ice_issuance(IceIssuance {
-                user_id: user.id.clone(),
-                issued_at: now,
-                ttl: ttl as i64,
-                expires_at: credential.expires_at,
-            })
+        let credential = credentials::mint(&coturn.secret, user.id.as_str(), ttl, now);
+        let recorded = self
+            .store
+            .record_ice_issuance(
+                IceIssuance {
+                    user_id: user.id.to_string(),
+                    issued_at: now,
+                    ttl: ttl as i64,
+                    expires_at: credential.expires_at,
+                },
+                self.audit_required,
+            )
             .await;
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, user = %user.id, "TURN credentials refused: the audit cannot record them");
+            return Err(Error::Unavailable(
+                "the credential audit store is unavailable, and credentials are only issued when they can be recorded; try again later".into(),
+            ));
+        }
         let mut servers: Vec<serde_json::Value> = coturn
             .public
             .iter()

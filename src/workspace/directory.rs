@@ -51,7 +51,7 @@ for _, m in ipairs(members) do
     if kind == 's' then key = prefix .. 'svc:' .. ws else key = prefix .. 'cli:' .. ws end
     local v = redis.call('HGET', key, field)
     if v then
-      if kind == 's' then held = string.sub(v, 1, #owner + 1) == owner .. '\n' else held = v == owner end
+      held = v == owner or string.sub(v, 1, #owner + 1) == owner .. '\n'
       if held then
         redis.call('HDEL', key, field)
         removed[#removed + 1] = kind
@@ -67,6 +67,69 @@ if #ARGV == 2 then redis.call('DEL', own) end
 return removed
 "#;
 
+/// Records that a client is connected to the calling instance, unless another live instance
+/// already holds it: then returns that instance's claim and writes nothing. ARGV: prefix,
+/// workspace, client, this instance, the claim to write, now in ms.
+const CLAIM_SCRIPT: &str = r#"
+local prefix, ws, client, me, claim, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local key = prefix .. 'cli:' .. ws
+local current = redis.call('HGET', key, client)
+if current then
+  local owner = string.match(current, '^[^\n]*')
+  if owner ~= me then
+    local lease = redis.call('ZSCORE', prefix .. 'instances', owner)
+    if lease and tonumber(lease) > now then
+      return current
+    end
+  end
+end
+redis.call('HSET', key, client, claim)
+redis.call('SADD', prefix .. 'own:' .. me, 'c\n' .. ws .. '\n' .. client)
+return false
+"#;
+
+/// A client's entry in the shared registry: who holds it, since when, and whether that
+/// connection proved itself with the client's reconnection token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientClaim {
+    pub owner: String,
+    pub since_ms: i64,
+    pub reconnected: bool,
+}
+
+impl ClientClaim {
+    fn encode(&self) -> String {
+        let proof = if self.reconnected { "r" } else { "n" };
+        format!("{}\n{}\n{proof}", self.owner, self.since_ms)
+    }
+
+    /// Reads a stored claim; an entry written by an older version holds only the owner.
+    fn decode(value: &str) -> Self {
+        let mut parts = value.split('\n');
+        let owner = parts.next().unwrap_or("").to_string();
+        let since_ms = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let reconnected = parts.next() == Some("r");
+        Self {
+            owner,
+            since_ms,
+            reconnected,
+        }
+    }
+
+    /// Which of two claims on one client keeps it: the newer one if it came back with the
+    /// client's reconnection token (the client moved), the older one otherwise (a newer
+    /// claim without that proof is an intruder).
+    pub fn wins_over(&self, other: &ClientClaim) -> bool {
+        let (newer, older) = if (self.since_ms, &self.owner) > (other.since_ms, &other.owner) {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let winner = if newer.reconnected { newer } else { older };
+        std::ptr::eq(winner, self)
+    }
+}
+
 /// What a dead instance left behind, for the events that announce it.
 #[derive(Debug, Default)]
 pub struct Released {
@@ -80,6 +143,7 @@ pub struct Directory {
     instance: String,
     conn: ConnectionManager,
     release: redis::Script,
+    claim: redis::Script,
     /// Lease ends (ms since the epoch) of the instances seen at the last heartbeat.
     leases: RwLock<HashMap<String, i64>>,
     /// Serialises this instance's writes with its resync, so a resync never restores an
@@ -124,6 +188,7 @@ impl Directory {
             instance,
             conn,
             release: redis::Script::new(RELEASE_SCRIPT),
+            claim: redis::Script::new(CLAIM_SCRIPT),
             leases: RwLock::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
         }
@@ -292,13 +357,51 @@ impl Directory {
         self.run_release(&self.instance, &members).await.map(|_| ())
     }
 
-    /// Records that a client is connected to this instance.
-    pub async fn put_client(&self, ws: &str, client: &str) -> Result<(), Error> {
+    /// Records that a client is connected to this instance, unless another live instance
+    /// holds it; then returns that instance's claim.
+    pub async fn claim_client(
+        &self,
+        ws: &str,
+        client: &str,
+        since_ms: i64,
+        reconnected: bool,
+    ) -> Result<Option<ClientClaim>, Error> {
+        let claim = ClientClaim {
+            owner: self.instance.clone(),
+            since_ms,
+            reconnected,
+        };
+        let mut conn = self.conn.clone();
+        let mut invocation = self.claim.prepare_invoke();
+        invocation
+            .arg(PREFIX)
+            .arg(ws)
+            .arg(client)
+            .arg(&self.instance)
+            .arg(claim.encode())
+            .arg(now_ms());
+        let other: Option<String> = timed(invocation.invoke_async(&mut conn)).await?;
+        Ok(other.map(|v| ClientClaim::decode(&v)))
+    }
+
+    /// Records a client of this instance whatever holds it now (after this instance won it).
+    pub async fn force_client(
+        &self,
+        ws: &str,
+        client: &str,
+        since_ms: i64,
+        reconnected: bool,
+    ) -> Result<(), Error> {
+        let claim = ClientClaim {
+            owner: self.instance.clone(),
+            since_ms,
+            reconnected,
+        };
         let mut conn = self.conn.clone();
         let _: () = timed(
             redis::pipe()
                 .atomic()
-                .hset(key("cli", ws), client, &self.instance)
+                .hset(key("cli", ws), client, claim.encode())
                 .ignore()
                 .sadd(key("own", &self.instance), member('c', ws, client))
                 .ignore()
@@ -306,6 +409,11 @@ impl Directory {
         )
         .await?;
         Ok(())
+    }
+
+    /// This instance's id.
+    pub fn id(&self) -> &str {
+        &self.instance
     }
 
     /// Forgets a client of this instance.
@@ -326,7 +434,9 @@ impl Directory {
         )
         .await?;
         let now = now_ms();
-        Ok(owner.filter(|o| *o != self.instance && self.is_live(o, now)))
+        Ok(owner
+            .map(|v| ClientClaim::decode(&v).owner)
+            .filter(|o| *o != self.instance && self.is_live(o, now)))
     }
 
     /// Clients of a workspace on the other live instances.
@@ -341,6 +451,7 @@ impl Directory {
         let now = now_ms();
         Ok(all
             .into_iter()
+            .map(|(client, value)| (client, ClientClaim::decode(&value).owner))
             .filter(|(_, owner)| *owner != self.instance && self.is_live(owner, now))
             .map(|(client, _)| client)
             .collect())
@@ -371,6 +482,8 @@ impl Directory {
         services: &[ServiceEntry],
         clients: &[(String, String)],
     ) -> Result<(), Error> {
+        // The clients themselves are claimed one by one by the caller (a claim can conflict);
+        // here they only count as wanted, so their entries are not dropped as stale.
         let own = key("own", &self.instance);
         let mut conn = self.conn.clone();
         let recorded: Vec<String> =
@@ -390,7 +503,6 @@ impl Directory {
             wanted.insert(member('s', ws, &field));
         }
         for (ws, client) in clients {
-            pipe.hset(key("cli", ws), client, &self.instance).ignore();
             wanted.insert(member('c', ws, client));
         }
         let stale: Vec<String> = recorded
@@ -460,5 +572,22 @@ mod tests {
         assert_eq!(back.info, entry.info);
         assert!(decode_service(b"no newline").is_none());
         assert!(decode_service(b"owner\n\x01").is_none());
+    }
+
+    #[test]
+    fn the_newer_claim_wins_only_with_a_reconnection_token() {
+        let claim = |owner: &str, since_ms, reconnected| ClientClaim {
+            owner: owner.into(),
+            since_ms,
+            reconnected,
+        };
+        let old = claim("a", 100, false);
+        let intruder = claim("b", 200, false);
+        let moved = claim("b", 200, true);
+        assert!(old.wins_over(&intruder) && !intruder.wins_over(&old));
+        assert!(moved.wins_over(&old) && !old.wins_over(&moved));
+        let stored = moved.encode();
+        assert_eq!(ClientClaim::decode(&stored), moved);
+        assert_eq!(ClientClaim::decode("legacy").owner, "legacy");
     }
 }

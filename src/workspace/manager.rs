@@ -304,7 +304,10 @@ pub async fn call(
         "echo" => Ok(args.get(0, "data").cloned().unwrap_or(Value::Nil)),
         "ping" => Ok("pong".into()),
         "log" => {
-            tracing::info!(client = %ctx.from, message = args.get_str(0, "msg").unwrap_or(""), "client log");
+            let message = args.require_str(0, "msg")?;
+            state
+                .client_log
+                .write(&ctx.from, ctx.user.is_anonymous(), message)?;
             Ok(Value::Nil)
         }
         "check_status" => Ok(obj([
@@ -382,28 +385,31 @@ pub async fn call(
             let token = args.require_str(0, "token")?;
             let user = state
                 .tokens
-                .parse(token)
+                .verify(token)
                 .map_err(|e| Error::BadRequest(format!("Invalid token: {e}")))?;
-            let allowed = user.id == ctx.user.id
-                || user.parent.as_deref() == Some(ctx.user.id.as_str())
-                || ctx.user.is_admin();
+            // The token's own user, the account at the root of its family, or an admin; a
+            // child's holder cannot revoke its parent's tokens.
+            let allowed =
+                user.id == ctx.user.id || user.account() == &ctx.user.id || ctx.user.is_admin();
             if !allowed || ctx.user.is_anonymous() {
                 return Err(Error::PermissionDenied(
                     "Only the token's user, its issuer or an admin may revoke it".into(),
                 ));
             }
-            let fingerprint = crate::auth::token::fingerprint(token);
-            let expires_at = user.expires_at.unwrap_or(i64::MAX);
+            let Some(revoked) = user.token else {
+                return Err(Error::BadRequest("Invalid token: it names no token".into()));
+            };
+            let id = revoked.id;
             state
                 .store
-                .revoke_token(&fingerprint, expires_at, crate::auth::now_secs())
+                .revoke_token(&id, revoked.expires_at, crate::auth::now_secs())
                 .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            state.tokens.mark_revoked(fingerprint.clone());
+                .map_err(Error::from)?;
+            state.revoke_locally(id.clone());
             let bus = state.hub.bus();
             if bus.is_shared()
                 && let Err(e) = bus
-                    .announce(crate::hub::bus::Announcement::Revoked { fingerprint })
+                    .announce(crate::hub::bus::Announcement::Revoked { id })
                     .await
             {
                 // The other instances read it from the store within a minute.
@@ -501,6 +507,17 @@ async fn register_service(
     let id = get_str(&info, "id")
         .ok_or_else(|| Error::BadRequest("the service info has no id".into()))?;
     let mut id = own_service_id(ctx, id)?;
+    if id.provider.workspace == "public" {
+        // `public` is what anonymous callers reach by name: only an explicit admin of it
+        // registers there, and never under a name the server's own services answer to.
+        need(&ctx.user, "public", Permission::Admin)?;
+        if super::is_reserved_public_name(id.name.as_str()) {
+            return Err(Error::PermissionDenied(format!(
+                "the name {} belongs to the server's own service in public",
+                id.name
+            )));
+        }
+    }
     let local_only = get(&info, "config")
         .and_then(|c| get(c, "_local_only"))
         .and_then(Value::as_bool)
@@ -546,7 +563,10 @@ pub async fn resolve(
         let info = hosted_description(state, "default").unwrap_or(Value::Nil);
         return ServiceEntry::from_info(id, info);
     }
-    let found = super::find_services(state, &parsed).await?;
+    let mut found = super::find_services(state, &parsed).await?;
+    if parsed.workspace == "public" && super::is_reserved_public_name(&parsed.name) {
+        found.retain(|e| e.id.provider.client.as_str() == state.manager_id);
+    }
     if found.is_empty() {
         return Err(Error::NotFound(format!("Service not found: {query}")));
     }
@@ -705,7 +725,7 @@ async fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Resu
         }
         _ => {}
     }
-    if let Some(t) = args.get_str(9, "type") {
+    if let Some(t) = args.kwarg("type").and_then(Value::as_str) {
         service_type = Some(t.to_string());
     }
     let same = workspace == ctx.ws || ctx.user.permission(&workspace).is_some();
@@ -724,59 +744,163 @@ async fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Resu
     Ok(Value::Array(items))
 }
 
+/// The keys `generate_token`'s config may hold.
+const TOKEN_CONFIG_KEYS: &[&str] = &[
+    "workspace",
+    "permission",
+    "expires_in",
+    "client_id",
+    "extra_scopes",
+    "email",
+];
+
+/// Mints a child token. Every value is parsed into its type and checked against what the
+/// caller holds: an admin of the workspace only, never more than the caller's permission,
+/// never outliving the caller's own token, extra scopes only those the caller has.
 fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
+    use crate::auth::scope::ExtraScope;
+    use crate::ids::{ClientId, UserId, WorkspaceId};
     let config = args.get(0, "config").filter(|c| c.is_map());
+    if let Some(Value::Map(entries)) = config
+        && let Some((key, _)) = entries
+            .iter()
+            .find(|(k, _)| !k.as_str().is_some_and(|k| TOKEN_CONFIG_KEYS.contains(&k)))
+    {
+        return Err(Error::BadRequest(format!(
+            "generate_token does not know the option {}; it takes {}",
+            value::describe_key(key),
+            TOKEN_CONFIG_KEYS.join(", ")
+        )));
+    }
     let field = |name: &str| {
         config
             .and_then(|c| get(c, name))
-            .or_else(|| args.get(99, name))
+            .or_else(|| args.kwarg(name))
     };
-    if ctx.user.is_anonymous() {
+    let text = |name: &str| -> Result<Option<&str>, Error> {
+        match field(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| Error::BadRequest(format!("{name} must be a string"))),
+        }
+    };
+    let caller = &ctx.user;
+    if caller.is_anonymous() {
         return Err(Error::PermissionDenied(
             "Anonymous users cannot generate tokens".into(),
         ));
     }
-    let workspace = field("workspace")
-        .and_then(Value::as_str)
-        .unwrap_or(&ctx.ws)
-        .to_string();
-    let permission_name = field("permission")
-        .and_then(Value::as_str)
-        .unwrap_or("read");
-    let permission = Permission::parse(permission_name).ok_or_else(|| {
-        Error::BadRequest(format!(
-            "permission must be read, read_write or admin, not {permission_name:?}"
-        ))
-    })?;
+    let Some(from) = caller.token.as_ref() else {
+        return Err(Error::PermissionDenied(
+            "this connection was opened without a token, so it cannot derive one".into(),
+        ));
+    };
+    if from.purpose != crate::auth::Purpose::General {
+        return Err(Error::PermissionDenied(
+            "this connection was resumed with a reconnection token, which cannot mint tokens; reconnect with your token".into(),
+        ));
+    }
+    let workspace = WorkspaceId::parse(text("workspace")?.unwrap_or(&ctx.ws))
+        .map_err(|e| Error::BadRequest(e.to_string()))?;
+    let permission = match text("permission")? {
+        None => Permission::Read,
+        Some(name) => Permission::parse(name).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "permission must be read, read_write or admin, not {:?}",
+                name.chars().take(40).collect::<String>()
+            ))
+        })?,
+    };
+    let held = caller.permission(workspace.as_str());
+    if held != Some(Permission::Admin) {
+        return Err(Error::PermissionDenied(format!(
+            "Only an admin of workspace {workspace} may generate tokens for it"
+        )));
+    }
+    if Some(permission) > held {
+        return Err(Error::PermissionDenied(format!(
+            "a token cannot grant more than the caller holds in {workspace}"
+        )));
+    }
+    let now = crate::auth::now_secs();
+    let remaining = from.expires_at - now;
+    if remaining <= 0 {
+        return Err(Error::PermissionDenied(
+            "the token this connection was opened with has expired".into(),
+        ));
+    }
+    // A child never outlives its parent: a longer lifetime is cut to what the parent has left.
     let expires_in = match field("expires_in") {
         None => 3600,
         Some(v) => v
             .as_i64()
-            .filter(|s| *s > 0 && *s <= 365 * 24 * 3600)
+            .filter(|s| *s > 0 && *s <= crate::auth::token::MAX_LIFETIME)
             .ok_or_else(|| {
                 Error::BadRequest(
                     "expires_in must be a positive number of seconds, at most one year".into(),
                 )
             })?,
-    };
-    if ctx.user.permission(&workspace) != Some(Permission::Admin) {
-        return Err(Error::PermissionDenied(format!(
-            "Only an admin of workspace {workspace} may generate tokens for it"
-        )));
     }
-    let mut child = UserInfo::new(
-        format!("{}-{}", ctx.user.id, crate::auth::random_id(8)),
-        Vec::new(),
-        None,
-    );
-    child.parent = Some(ctx.user.id.clone());
-    child.email = ctx.user.email.clone();
-    child.workspaces.insert(workspace.clone(), permission);
-    child.current_workspace = Some(workspace);
-    child.client_id = field("client_id")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(state.tokens.issue(&child, expires_in).into())
+    .min(remaining);
+    let client = text("client_id")?
+        .map(|c| {
+            if crate::hub::is_manager_id(c) {
+                return Err(Error::BadRequest(
+                    "client ids starting with 'manager-' are reserved for the server".into(),
+                ));
+            }
+            ClientId::parse(c).map_err(|e| Error::BadRequest(e.to_string()))
+        })
+        .transpose()?;
+    let extra = match field("extra_scopes") {
+        None | Some(Value::Nil) => Vec::new(),
+        Some(Value::Array(items)) if items.len() <= crate::auth::scope::MAX_EXTRA => items
+            .iter()
+            .map(|item| {
+                let text = item
+                    .as_str()
+                    .ok_or_else(|| Error::BadRequest("extra_scopes must be strings".into()))?;
+                let scope =
+                    ExtraScope::parse(text).map_err(|e| Error::BadRequest(e.to_string()))?;
+                if !caller.scope.extra.contains(&scope) {
+                    return Err(Error::PermissionDenied(format!(
+                        "the extra scope {scope} is not one the caller holds"
+                    )));
+                }
+                Ok(scope)
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(Error::BadRequest(format!(
+                "extra_scopes must be a list of at most {} strings",
+                crate::auth::scope::MAX_EXTRA
+            )));
+        }
+    };
+    if let Some(email) = text("email")?
+        && Some(email) != caller.email.as_deref()
+    {
+        return Err(Error::PermissionDenied(
+            "a derived token carries the caller's email; it cannot name another".into(),
+        ));
+    }
+    let account = caller.account();
+    let id = UserId::parse(format!("{account}-{}", crate::auth::random_id(8)))
+        .map_err(|e| Error::BadRequest(format!("cannot derive a user id: {e}")))?;
+    let mut child = UserInfo::new(id, Vec::new(), None);
+    child.parent = Some(account.clone());
+    child.email = caller.email.clone();
+    child.scope.workspaces.insert(workspace.clone(), permission);
+    child.scope.current = Some(workspace);
+    child.scope.client = client;
+    child.scope.extra = extra;
+    let token = state
+        .tokens
+        .issue_child(from, &child, now + expires_in)
+        .map_err(|e| Error::PermissionDenied(e.to_string()))?;
+    Ok(token.into())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The workspace manager service and the service registry, and the dispatcher that runs
 //! calls addressed to the server's own services.
 
+pub mod client_log;
 pub mod directory;
 pub mod manager;
 pub mod registry;
@@ -22,8 +23,17 @@ use registry::{ServiceEntry, ServiceQuery};
 /// the server's own pending calls.
 pub async fn handle(state: Arc<AppState>, incoming: Incoming) {
     let from = incoming.from.clone();
+    let to = incoming.to.clone();
+    let frame = incoming.frame.clone();
     match state.peer.decode(incoming) {
-        Err(e) => tracing::debug!(%from, error = %e, "undecodable call to the server"),
+        Err(e) => {
+            tracing::debug!(%from, error = %e, "undecodable call to the server");
+            // A call that asked for an answer learns why it was refused.
+            if let Some(reject) = crate::rpc::peer::refusal(&frame, &to, &from, &e.public_message())
+            {
+                let _ = state.hub.send(&from, Outbound::Binary(reject)).await;
+            }
+        }
         Ok(Decoded::Reply | Decoded::Ignored) => {}
         Ok(Decoded::Call(call)) => run_call(&state, *call).await,
     }
@@ -67,6 +77,11 @@ pub const HOSTED_PUBLIC: &[(&str, &str)] = &[
     ),
 ];
 
+/// Names in `public` only the server's own services may have.
+pub fn is_reserved_public_name(name: &str) -> bool {
+    matches!(name, "default" | "built-in") || HOSTED_PUBLIC.iter().any(|(n, _)| *n == name)
+}
+
 /// Registers the hosted public services, so one lookup path serves them and client services.
 pub fn register_hosted(state: &AppState) {
     for (name, description) in HOSTED_PUBLIC {
@@ -108,7 +123,7 @@ pub async fn call_hosted(
     match (service, function) {
         ("default", _) => manager::call(state, function, ctx, args).await,
         ("coturn", "get_rtc_ice_servers") => state.ice.ice_servers(&ctx.user, args).await,
-        ("hypha-login", _) => crate::auth::login::call(state, function, args).await,
+        ("hypha-login", _) => crate::auth::login::call(state, function, ctx, args).await,
         ("video-producer", "offer") if state.settings.demo.enabled => {
             let params = args
                 .get(0, "params")
@@ -118,7 +133,8 @@ pub async fn call_hosted(
             if crate::rpc::value::get_str(params, "type") != Some("offer") {
                 return Err(Error::BadRequest("type must be \"offer\"".into()));
             }
-            let answer = crate::demo::peer::start(&state.demo, sdp, ctx.user.clone()).await?;
+            let answer =
+                crate::demo::peer::start(&state.demo, sdp, ctx.user.clone(), ctx.peer_ip).await?;
             Ok(obj([
                 ("sdp", answer.into()),
                 ("type", "answer".into()),
@@ -140,8 +156,13 @@ async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<V
             .ok_or_else(|| Error::BadRequest("message_cache needs a key".into()))
     };
     let data = |index: usize| match args.get(index, "data") {
-        Some(Value::Binary(b)) => Ok(b.clone()),
+        Some(Value::Binary(b)) => Ok(bytes::Bytes::copy_from_slice(b)),
         _ => Err(Error::BadRequest("message_cache data must be bytes".into())),
+    };
+    let limit = if call.ctx.user.is_anonymous() {
+        crate::rpc::cache::MAX_BYTES_ANONYMOUS
+    } else {
+        crate::rpc::cache::MAX_BYTES_SIGNED_IN
     };
     match function {
         "ping" => Ok("pong".into()),
@@ -158,12 +179,14 @@ async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<V
                 .unwrap_or(false);
             state
                 .peer
-                .cache_create(owner, key()?, overwrite)
+                .cache
+                .create(owner, key()?, overwrite)
                 .map(|_| Value::Nil)
         }
         "message_cache.append" => state
             .peer
-            .cache_put(owner, key()?, None, data(1)?)
+            .cache
+            .put(owner, key()?, None, data(1)?, limit)
             .map(|_| Value::Nil),
         "message_cache.set" => {
             let index = args
@@ -172,18 +195,20 @@ async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<V
                 .ok_or_else(|| Error::BadRequest("message_cache.set needs an index".into()))?;
             state
                 .peer
-                .cache_put(owner, key()?, Some(index), data(2)?)
+                .cache
+                .put(owner, key()?, Some(index), data(2)?, limit)
                 .map(|_| Value::Nil)
         }
-        "message_cache.remove" => state.peer.cache_remove(owner, key()?).map(|_| Value::Nil),
+        "message_cache.remove" => state.peer.cache.remove(owner, key()?).map(|_| Value::Nil),
         "message_cache.process" => {
-            let frame = state.peer.cache_take(owner, key()?)?;
+            let frame = state.peer.cache.take(owner, key()?)?;
             let incoming = Incoming {
                 from: call.ctx.from.clone(),
                 ws: call.ctx.ws.clone(),
                 user: call.ctx.user.clone(),
                 to: call.ctx.to.clone(),
                 frame,
+                peer_ip: call.ctx.peer_ip,
             };
             tokio::spawn(handle(state.clone(), incoming));
             Ok(Value::Nil)
@@ -341,20 +366,64 @@ pub async fn remove_client(
     Some(removed)
 }
 
-/// Records a client that connected here, on the bus and in the shared registry.
+/// Records a client that connected here, on the bus and in the shared registry. When another
+/// instance holds the client id too, the claims are compared (see
+/// [`directory::ClientClaim::wins_over`]): the loser's connection is closed.
 pub async fn add_client(state: &AppState, addr: &str, workspace: &str) {
     if let Err(e) = state.hub.bus().attach(addr).await {
         tracing::warn!(client = addr, error = %e, "the client is reachable from other instances once Redis is back");
     }
     if let Some(directory) = reachable(state) {
         let _writes = directory.writes.lock().await;
-        let client = addr.rsplit('/').next().unwrap_or(addr);
-        if !state.hub.is_connected(addr) {
+        claim(state, directory, addr, workspace).await;
+    }
+}
+
+/// Claims a client of this instance in the shared registry and settles a conflict with
+/// another instance's claim.
+async fn claim(state: &AppState, directory: &directory::Directory, addr: &str, workspace: &str) {
+    let Some(handle) = state.hub.get(addr) else {
+        return;
+    };
+    let client = addr.rsplit('/').next().unwrap_or(addr);
+    let (since, reconnected) = (handle.since_ms, handle.reconnected);
+    let other = match directory
+        .claim_client(workspace, client, since, reconnected)
+        .await
+    {
+        Ok(other) => other,
+        Err(e) => {
+            tracing::warn!(client = addr, error = %e, "the client is listed on other instances once Redis is back");
             return;
         }
-        if let Err(e) = directory.put_client(workspace, client).await {
-            tracing::warn!(client = addr, error = %e, "the client is listed on other instances once Redis is back");
-        }
+    };
+    let Some(other) = other else {
+        return;
+    };
+    let mine = directory::ClientClaim {
+        owner: directory.id().to_string(),
+        since_ms: since,
+        reconnected,
+    };
+    if !mine.wins_over(&other) {
+        tracing::warn!(client = addr, other = %other.owner, "closing a connection whose client id another instance holds");
+        handle.close(&format!(
+            "Client already exists and is active: {addr} is connected through another server instance"
+        ));
+        return;
+    }
+    if let Err(e) = directory
+        .force_client(workspace, client, since, reconnected)
+        .await
+    {
+        tracing::warn!(client = addr, error = %e, "cannot take the client over in Redis yet");
+    }
+    let kick = crate::hub::bus::Announcement::Kick {
+        addr: addr.to_string(),
+        keep: directory.id().to_string(),
+    };
+    if let Err(e) = state.hub.bus().announce(kick).await {
+        tracing::warn!(client = addr, error = %e, "cannot tell the other instance to close the old connection");
     }
 }
 
@@ -379,6 +448,11 @@ pub async fn resync(state: &AppState) {
             "wrote this instance's clients and services to Redis"
         ),
         Err(e) => tracing::warn!(error = %e, "cannot write this instance's state to Redis yet"),
+    }
+    // Claim each client again: one that another instance took meanwhile (while Redis was
+    // away) is settled now, and the loser's connection closed.
+    for (ws, client) in &clients {
+        claim(state, directory, &format!("{ws}/{client}"), ws).await;
     }
 }
 

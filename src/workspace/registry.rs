@@ -310,7 +310,7 @@ mod tests {
         assert_eq!(registry.remove_client("ws1/c1").len(), 1);
         assert_eq!(registry.find(&q).len(), 1);
         assert_eq!(registry.len(), 2);
-        let outsider = UserInfo::new("x".into(), vec![], None);
+        let outsider = UserInfo::new(crate::ids::UserId::parse("x").unwrap(), vec![], None);
         assert!(!registry.find(&q)[0].allows("ws9", &outsider));
         assert!(registry.find(&q)[0].allows("ws1", &outsider));
     }

@@ -357,3 +357,69 @@ def test_a_twin_server_id_is_refused(pair):
     assert twin.returncode == 1, twin.stderr
     assert f'another live instance uses the server id "{server_id}"' in twin.stderr, twin.stderr
     assert one.alive()
+
+
+async def hello(url, client_id, token=None, reconnection_token=None):
+    """A raw websocket client; returns the socket and the server's first answer."""
+    import json
+
+    import websockets
+
+    ws = await websockets.connect(url)
+    await ws.send(json.dumps({"client_id": client_id, "workspace": None, "token": token,
+                              "reconnection_token": reconnection_token}))
+    return ws, json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+
+async def closed_with(ws, timeout):
+    """Waits for the server to close `ws`; returns what it said (error text and close reason)."""
+    import websockets
+
+    said = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            message = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+            if isinstance(message, str):
+                said.append(message)
+    except websockets.ConnectionClosed as closed:
+        return " ".join(said) + " " + (closed.rcvd.reason if closed.rcvd else "")
+    except asyncio.TimeoutError:
+        pass
+    raise AssertionError(f"the connection stayed open for {timeout} s")
+
+
+def test_a_client_id_cannot_be_taken_over_and_a_move_closes_the_old_connection(pair, redis):
+    one, two = pair
+
+    async def main():
+        token = hypha_token("eli")
+        # A client that moves to the other instance while its old connection is alive: the
+        # old connection is closed.
+        mover, info = await hello(one.ws_url, "mover", token)
+        assert info["type"] == "connection_info", info
+        moved, info2 = await hello(two.ws_url, "mover", token, info["reconnection_token"])
+        assert info2["type"] == "connection_info", info2
+        assert "another server instance" in await closed_with(mover, 15)
+
+        provider, info = await hello(one.ws_url, "provider", token)
+        assert info["type"] == "connection_info", info
+        await asyncio.to_thread(redis.stop)
+        # Someone else with the same token (so the same workspace) cannot claim the
+        # provider's id while the directory cannot be asked.
+        intruder, refusal = await hello(two.ws_url, "provider", token)
+        assert refusal["type"] == "error" and "Redis" in refusal["message"], refusal
+        await intruder.close()
+        # The provider itself, with its reconnection token, may come back elsewhere...
+        back, info3 = await hello(two.ws_url, "provider", token, info["reconnection_token"])
+        assert info3["type"] == "connection_info", info3
+        await asyncio.to_thread(redis.start)
+        # ...and once Redis is back the two claims are settled: the proven, newer one stays.
+        assert "another server instance" in await closed_with(provider, 40)
+        await back.send('{"type":"ping"}')
+        while (reply := await asyncio.wait_for(back.recv(), 10)) and "pong" not in str(reply):
+            pass
+        for ws in (moved, back):
+            await ws.close()
+
+    run(main(), timeout=200)

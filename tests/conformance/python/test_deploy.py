@@ -232,7 +232,7 @@ def test_nginx_example_carries_a_real_client_over_tls():
     assert os.path.exists(nginx_bin), "nginx is not installed (Debian package nginx)"
     work = Path(tempfile.mkdtemp(prefix="hypha-rtc-nginx-"))
     cert, key, ca = make_certificate(work)
-    server = Server().start()
+    server = Server("--trusted-proxies", "127.0.0.1").start()
     https_port, http_port = free_port(), free_port()
     site = (ROOT / "deploy" / "nginx" / "hypha-rtc.conf").read_text()
     site = (site.replace("/etc/letsencrypt/live/rtc.example.org/fullchain.pem", str(cert))
@@ -261,6 +261,8 @@ def test_nginx_example_carries_a_real_client_over_tls():
 
         run(main())
     finally:
-        nginx.kill()
+        # SIGTERM: the master stops its workers too (SIGKILL would leave them running).
+        nginx.terminate()
         nginx.wait(timeout=10)
+        wait_until(lambda: not port_open(https_port), 10, "nginx's workers to stop")
         server.stop()

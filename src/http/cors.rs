@@ -1,0 +1,193 @@
+//! Cross-origin requests from browsers. Any origin may call the HTTP API without credentials
+//! (unless `--allow-origins` names a list); credentials (the `access_token` cookie) are
+//! honoured only for the server's own origin and the origins `--allow-origins` lists. A
+//! request that comes from any other origin is served as anonymous even if the browser sent
+//! the cookie, so another site cannot act with a visitor's session.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+/// `--allow-origins`: `*` (any origin, without credentials) and/or listed origins (with
+/// credentials).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowOrigins {
+    pub any: bool,
+    pub listed: Vec<String>,
+}
+
+impl Default for AllowOrigins {
+    fn default() -> Self {
+        Self {
+            any: true,
+            listed: Vec::new(),
+        }
+    }
+}
+
+/// `scheme://host[:port]` in lower case, or `None` for anything else.
+pub fn origin_of(url: &str) -> Option<String> {
+    let url = url.trim().trim_end_matches('/');
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let valid = matches!(scheme, "http" | "https")
+        && !authority.is_empty()
+        && authority
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c));
+    valid.then(|| format!("{scheme}://{authority}").to_ascii_lowercase())
+}
+
+impl AllowOrigins {
+    /// Parses a comma-separated list of origins and `*`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut allow = AllowOrigins {
+            any: false,
+            listed: Vec::new(),
+        };
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if item == "*" {
+                allow.any = true;
+            } else {
+                let origin = origin_of(item).ok_or_else(|| {
+                    format!("{item:?} is not an origin (https://host[:port]) or *")
+                })?;
+                allow.listed.push(origin);
+            }
+        }
+        Ok(allow)
+    }
+}
+
+/// Which origins get which answer.
+pub struct CorsPolicy {
+    allow: AllowOrigins,
+    /// This server's own origins (public and local base URLs) and the listed ones.
+    credentialed: Vec<String>,
+}
+
+impl CorsPolicy {
+    pub fn new(allow: &AllowOrigins, own_urls: &[&str]) -> Self {
+        let mut credentialed: Vec<String> = own_urls.iter().filter_map(|u| origin_of(u)).collect();
+        credentialed.extend(allow.listed.iter().cloned());
+        Self {
+            allow: allow.clone(),
+            credentialed,
+        }
+    }
+
+    /// Whether a request from `origin` may carry the visitor's credentials.
+    pub fn credentialed(&self, origin: &str) -> bool {
+        let origin = origin.to_ascii_lowercase();
+        self.credentialed.contains(&origin)
+    }
+
+    fn allowed(&self, origin: &str) -> bool {
+        self.allow.any || self.credentialed(origin)
+    }
+
+    /// Whether the cookie of a request with these headers may be used: same-origin and
+    /// non-browser requests carry no `Origin`, or one that is credentialed.
+    pub fn cookie_allowed(&self, headers: &HeaderMap) -> bool {
+        match headers.get(header::ORIGIN).map(HeaderValue::to_str) {
+            None => true,
+            Some(Ok(origin)) => self.credentialed(origin),
+            Some(Err(_)) => false,
+        }
+    }
+}
+
+fn decorate(response: &mut Response, policy: &CorsPolicy, origin: &HeaderValue, text: &str) {
+    let headers = response.headers_mut();
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    if !policy.allowed(text) {
+        return;
+    }
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    if policy.credentialed(text) {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+}
+
+/// The middleware: answers preflights and decorates responses to cross-origin requests.
+pub async fn cors(State(policy): State<Arc<CorsPolicy>>, request: Request, next: Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let Some(origin) = origin else {
+        return next.run(request).await;
+    };
+    let text = origin.to_str().unwrap_or("").to_string();
+    let preflight = request.method() == Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if preflight {
+        if !policy.allowed(&text) {
+            let mut refused = StatusCode::FORBIDDEN.into_response();
+            refused
+                .headers_mut()
+                .append(header::VARY, HeaderValue::from_static("Origin"));
+            return refused;
+        }
+        let requested = request
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .filter(|v| {
+                v.to_str().is_ok_and(|s| {
+                    s.len() <= 512
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_, ".contains(c))
+                })
+            })
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        decorate(&mut response, &policy, &origin, &text);
+        return response;
+    }
+    let mut response = next.run(request).await;
+    decorate(&mut response, &policy, &origin, &text);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_and_credentials() {
+        let default = CorsPolicy::new(&AllowOrigins::default(), &["https://rtc.example.org/"]);
+        assert!(default.allowed("http://evil.example"));
+        assert!(!default.credentialed("http://evil.example"));
+        assert!(default.credentialed("https://RTC.example.org"));
+        let listed = AllowOrigins::parse("https://app.example.org, http://localhost:3000").unwrap();
+        let policy = CorsPolicy::new(&listed, &["http://127.0.0.1:9527"]);
+        assert!(!policy.allowed("http://evil.example"));
+        assert!(policy.credentialed("http://localhost:3000"));
+        assert!(policy.credentialed("http://127.0.0.1:9527"));
+        let mut headers = HeaderMap::new();
+        assert!(policy.cookie_allowed(&headers));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://evil.example"),
+        );
+        assert!(!policy.cookie_allowed(&headers));
+        assert!(AllowOrigins::parse("not an origin").is_err());
+        assert!(AllowOrigins::parse("*").unwrap().any);
+    }
+}

@@ -1,0 +1,659 @@
+//! A msgpack scanner: it walks an encoding without building any value, so the server can
+//! bound what a decode would cost before it decodes, and read the top-level keys of a frame
+//! body (also when the body arrives in chunks) without decoding the values.
+
+/// What one scan may cost; past any of these the input is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Containers nested in containers.
+    pub max_depth: usize,
+    /// Values of every kind, container entries included.
+    pub max_elements: u64,
+    /// What a decode into `rmpv::Value`s would allocate, in bytes (an estimate from the
+    /// element count and the string and binary lengths).
+    pub max_decoded: u64,
+}
+
+impl Limits {
+    /// Limits for walking without decoding: only nesting and plain size are bounded.
+    pub const WALK: Limits = Limits {
+        max_depth: 256,
+        max_elements: u64::MAX,
+        max_decoded: u64::MAX,
+    };
+
+    /// Limits for a decode of `input_len` bytes: at most `max_elements` values, nesting to
+    /// `max_depth`, and no more than `factor` times the input (plus some slack) in memory.
+    pub fn decode(input_len: usize, max_elements: u64, factor: u64) -> Limits {
+        Limits {
+            max_depth: 64,
+            max_elements,
+            max_decoded: (input_len as u64).saturating_mul(factor) + 256 * 1024,
+        }
+    }
+}
+
+/// Why an encoding was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanError {
+    #[error("ends in the middle of a value")]
+    Truncated,
+    #[error("holds the reserved marker 0xc1")]
+    Reserved,
+    #[error("nests deeper than {0} levels")]
+    TooDeep(usize),
+    #[error("holds more than {0} values")]
+    TooManyElements(u64),
+    #[error("would take more than {0} bytes to decode")]
+    TooLarge(u64),
+}
+
+/// The cost of one scanned object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// Its length in bytes.
+    pub len: usize,
+    pub elements: u64,
+    pub decoded: u64,
+}
+
+/// What a decoded value costs besides its payload.
+const VALUE_SIZE: u64 = std::mem::size_of::<rmpv::Value>() as u64;
+/// Keys longer than this are never one of the watched keys; they are not captured.
+const KEY_CAPTURE: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    is_map: bool,
+    /// Items still to come (a map of n entries has 2n items).
+    remaining: u64,
+}
+
+/// What the bytes being skipped are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Payload {
+    Opaque,
+    /// A string in key position at the top level of the watched object.
+    WatchedKey,
+}
+
+/// An incremental scanner: feed it bytes in as many pieces as they come.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    limits: Limits,
+    stack: Vec<Level>,
+    /// The marker and length bytes of the item being read.
+    head: [u8; 9],
+    head_len: usize,
+    head_need: usize,
+    /// Payload bytes still to skip, and what they are.
+    skip: u64,
+    payload: Payload,
+    key: Vec<u8>,
+    elements: u64,
+    decoded: u64,
+    objects: usize,
+    /// The top-level object whose map keys are reported, by position.
+    watch: Option<usize>,
+    watched_is_map: Option<bool>,
+    keys: Vec<String>,
+    failed: Option<ScanError>,
+    /// Bytes consumed so far, over every piece fed.
+    consumed: u64,
+}
+
+/// How many bytes a marker's head takes (marker included), before any payload.
+fn head_len(marker: u8) -> usize {
+    match marker {
+        0xc4 | 0xcc | 0xd0 | 0xd9 | 0xd4..=0xd8 => 2,
+        0xc5 | 0xcd | 0xd1 | 0xda | 0xdc | 0xde | 0xc7 => 3,
+        0xc8 => 4,
+        0xc6 | 0xca | 0xce | 0xd2 | 0xdb | 0xdd | 0xdf => 5,
+        0xc9 => 6,
+        0xcb | 0xcf | 0xd3 => 9,
+        _ => 1,
+    }
+}
+
+/// A big-endian length of `n` bytes from `bytes`.
+fn be(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+/// What a complete head is.
+enum Item {
+    Scalar,
+    /// A string, binary or extension payload of this many bytes.
+    Bytes {
+        len: u64,
+        is_str: bool,
+    },
+    Container {
+        is_map: bool,
+        len: u64,
+    },
+}
+
+fn item(head: &[u8]) -> Result<Item, ScanError> {
+    let marker = head[0];
+    Ok(match marker {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => Item::Scalar,
+        0xca..=0xd3 => Item::Scalar,
+        0x80..=0x8f => Item::Container {
+            is_map: true,
+            len: u64::from(marker & 0x0f),
+        },
+        0x90..=0x9f => Item::Container {
+            is_map: false,
+            len: u64::from(marker & 0x0f),
+        },
+        0xa0..=0xbf => Item::Bytes {
+            len: u64::from(marker & 0x1f),
+            is_str: true,
+        },
+        0xc1 => return Err(ScanError::Reserved),
+        0xc4..=0xc6 => Item::Bytes {
+            len: be(&head[1..]),
+            is_str: false,
+        },
+        // ext 8/16/32: the length, then one type byte (part of the head), then the payload.
+        0xc7..=0xc9 => Item::Bytes {
+            len: be(&head[1..head.len() - 1]),
+            is_str: false,
+        },
+        0xd4..=0xd8 => Item::Bytes {
+            len: 1 << (marker - 0xd4),
+            is_str: false,
+        },
+        0xd9..=0xdb => Item::Bytes {
+            len: be(&head[1..]),
+            is_str: true,
+        },
+        0xdc | 0xdd => Item::Container {
+            is_map: false,
+            len: be(&head[1..]),
+        },
+        0xde | 0xdf => Item::Container {
+            is_map: true,
+            len: be(&head[1..]),
+        },
+    })
+}
+
+impl Scanner {
+    /// A scanner that reports the top-level keys of object number `watch` (0 is the first).
+    pub fn new(limits: Limits, watch: Option<usize>) -> Self {
+        Self {
+            limits,
+            stack: Vec::new(),
+            head: [0; 9],
+            head_len: 0,
+            head_need: 0,
+            skip: 0,
+            payload: Payload::Opaque,
+            key: Vec::new(),
+            elements: 0,
+            decoded: 0,
+            objects: 0,
+            watch,
+            watched_is_map: None,
+            keys: Vec::new(),
+            failed: None,
+            consumed: 0,
+        }
+    }
+
+    /// Top-level objects complete so far.
+    pub fn objects(&self) -> usize {
+        self.objects
+    }
+
+    /// Whether the input so far ends between two top-level objects.
+    pub fn at_boundary(&self) -> bool {
+        self.failed.is_none() && self.stack.is_empty() && self.head_len == 0 && self.skip == 0
+    }
+
+    /// Whether the watched object is a map; `None` until it starts.
+    pub fn watched_is_map(&self) -> Option<bool> {
+        self.watched_is_map
+    }
+
+    /// The top-level string keys of the watched object seen so far that were at most
+    /// 16 bytes long (longer ones are not kept).
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    pub fn elements(&self) -> u64 {
+        self.elements
+    }
+
+    pub fn decoded(&self) -> u64 {
+        self.decoded
+    }
+
+    /// Feeds the next piece; an error stays.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), ScanError> {
+        self.run(data, usize::MAX).map(|_| ())
+    }
+
+    /// Scans until `objects` top-level objects are complete or the data ends; returns the
+    /// bytes consumed from `data`.
+    pub fn run(&mut self, data: &[u8], objects: usize) -> Result<usize, ScanError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let mut pos = 0;
+        while pos < data.len() && self.objects < objects {
+            let step = self.step(&data[pos..]);
+            match step {
+                Ok(n) => pos += n,
+                Err(e) => {
+                    self.failed = Some(e.clone());
+                    return Err(e);
+                }
+            }
+        }
+        self.consumed += pos as u64;
+        Ok(pos)
+    }
+
+    /// Consumes at least one byte of `data` (never empty).
+    fn step(&mut self, data: &[u8]) -> Result<usize, ScanError> {
+        if self.skip > 0 {
+            let n = (self.skip.min(data.len() as u64)) as usize;
+            if self.payload == Payload::WatchedKey {
+                self.key.extend_from_slice(&data[..n]);
+            }
+            self.skip -= n as u64;
+            if self.skip == 0 {
+                self.payload_done();
+                self.complete()?;
+            }
+            return Ok(n);
+        }
+        if self.head_len == 0 {
+            self.head[0] = data[0];
+            self.head_len = 1;
+            self.head_need = head_len(data[0]);
+            let used = 1;
+            if self.head_need > 1 {
+                return Ok(used);
+            }
+            self.head_ready()?;
+            return Ok(used);
+        }
+        let n = (self.head_need - self.head_len).min(data.len());
+        self.head[self.head_len..self.head_len + n].copy_from_slice(&data[..n]);
+        self.head_len += n;
+        if self.head_len == self.head_need {
+            self.head_ready()?;
+        }
+        Ok(n)
+    }
+
+    /// Whether the next item sits in key position at the top of the watched object.
+    fn in_watched_key_position(&self) -> bool {
+        self.watch == Some(self.objects)
+            && self.stack.len() == 1
+            && self.stack[0].is_map
+            && self.stack[0].remaining.is_multiple_of(2)
+    }
+
+    fn count(&mut self, extra_bytes: u64) -> Result<(), ScanError> {
+        self.elements += 1;
+        self.decoded = self
+            .decoded
+            .saturating_add(VALUE_SIZE)
+            .saturating_add(extra_bytes);
+        if self.elements > self.limits.max_elements {
+            return Err(ScanError::TooManyElements(self.limits.max_elements));
+        }
+        if self.decoded > self.limits.max_decoded {
+            return Err(ScanError::TooLarge(self.limits.max_decoded));
+        }
+        Ok(())
+    }
+
+    fn head_ready(&mut self) -> Result<(), ScanError> {
+        let parsed = item(&self.head[..self.head_len]);
+        self.head_len = 0;
+        let watched_top = self.watch == Some(self.objects) && self.stack.is_empty();
+        match parsed? {
+            Item::Scalar => {
+                if watched_top {
+                    self.watched_is_map = Some(false);
+                }
+                self.count(0)?;
+                self.complete()
+            }
+            Item::Bytes { len, is_str } => {
+                if watched_top {
+                    self.watched_is_map = Some(false);
+                }
+                self.count(len)?;
+                self.payload = if is_str && self.in_watched_key_position() {
+                    Payload::WatchedKey
+                } else {
+                    Payload::Opaque
+                };
+                if self.payload == Payload::WatchedKey && len > KEY_CAPTURE as u64 {
+                    self.payload = Payload::Opaque;
+                }
+                self.key.clear();
+                if len == 0 {
+                    self.payload_done();
+                    self.complete()
+                } else {
+                    self.skip = len;
+                    Ok(())
+                }
+            }
+            Item::Container { is_map, len } => {
+                if watched_top {
+                    self.watched_is_map = Some(is_map);
+                }
+                self.count(0)?;
+                let items = if is_map { len.saturating_mul(2) } else { len };
+                if items == 0 {
+                    return self.complete();
+                }
+                if self.stack.len() >= self.limits.max_depth {
+                    return Err(ScanError::TooDeep(self.limits.max_depth));
+                }
+                self.stack.push(Level {
+                    is_map,
+                    remaining: items,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn payload_done(&mut self) {
+        if self.payload == Payload::WatchedKey {
+            if let Ok(key) = std::str::from_utf8(&self.key) {
+                self.keys.push(key.to_string());
+            }
+            self.payload = Payload::Opaque;
+        }
+    }
+
+    /// One item is complete: count it against its container, closing the containers it fills.
+    fn complete(&mut self) -> Result<(), ScanError> {
+        loop {
+            match self.stack.last_mut() {
+                None => {
+                    self.objects += 1;
+                    return Ok(());
+                }
+                Some(level) => {
+                    level.remaining -= 1;
+                    if level.remaining > 0 {
+                        return Ok(());
+                    }
+                    self.stack.pop();
+                }
+            }
+        }
+    }
+}
+
+/// Scans the first object of `data`: its length and what decoding it would cost.
+pub fn object(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
+    let mut scanner = Scanner::new(limits, None);
+    let len = scanner.run(data, 1)?;
+    if scanner.objects() < 1 {
+        return Err(ScanError::Truncated);
+    }
+    Ok(Scanned {
+        len,
+        elements: scanner.elements,
+        decoded: scanner.decoded,
+    })
+}
+
+/// Decodes the first object of `data` after a scan shows it stays within `limits`; returns
+/// the value and the bytes it took.
+pub fn decode(data: &[u8], limits: Limits) -> Result<(rmpv::Value, usize), ScanError> {
+    let scanned = object(data, limits)?;
+    let mut reader = &data[..scanned.len];
+    // The scan proved the object complete and within the depth limit, so this cannot fail.
+    let value = rmpv::decode::read_value_with_max_depth(&mut reader, limits.max_depth + 1)
+        .map_err(|_| ScanError::Truncated)?;
+    Ok((value, scanned.len))
+}
+
+/// The encoded value of `key` in the map at the start of `data` (top-level keys only),
+/// found without decoding anything else; `None` if there is no such map or key.
+pub fn map_value<'a>(data: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let (len, mut pos) = match *data.first()? {
+        m @ 0x80..=0x8f => (u64::from(m & 0x0f), 1),
+        0xde => (be(data.get(1..3)?), 3),
+        0xdf => (be(data.get(1..5)?), 5),
+        _ => return None,
+    };
+    for _ in 0..len {
+        let k = object(data.get(pos..)?, Limits::WALK).ok()?;
+        let name = rmp::decode::read_str_from_slice(&data[pos..pos + k.len])
+            .ok()
+            .map(|(s, _)| s);
+        pos += k.len;
+        let v = object(data.get(pos..)?, Limits::WALK).ok()?;
+        if name == Some(key) {
+            return Some(&data[pos..pos + v.len]);
+        }
+        pos += v.len;
+    }
+    None
+}
+
+/// The encoded items of the array at the start of `data`, at most `max` of them.
+pub fn array_items(data: &[u8], max: usize) -> Option<Vec<&[u8]>> {
+    let (len, mut pos) = match *data.first()? {
+        m @ 0x90..=0x9f => (u64::from(m & 0x0f), 1),
+        0xdc => (be(data.get(1..3)?), 3),
+        0xdd => (be(data.get(1..5)?), 5),
+        _ => return None,
+    };
+    if len > max as u64 {
+        return None;
+    }
+    let mut items = Vec::with_capacity(len as usize);
+    for _ in 0..len {
+        let item = object(data.get(pos..)?, Limits::WALK).ok()?;
+        items.push(&data[pos..pos + item.len]);
+        pos += item.len;
+    }
+    Some(items)
+}
+
+/// The payload of an encoded binary value.
+pub fn binary_payload(item: &[u8]) -> Option<&[u8]> {
+    let mut reader = item;
+    let len = rmp::decode::read_bin_len(&mut reader).ok()? as usize;
+    reader.get(..len)
+}
+
+/// Header fields only the server sets. The clients merge a frame's body over its header, so a
+/// body carrying one of these would overrule what the server wrote.
+pub const SERVER_FIELDS: [&str; 5] = ["from", "to", "ws", "user", "ctx"];
+
+/// Why a frame body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("the frame body is not valid msgpack: it {0}")]
+    Msgpack(#[from] ScanError),
+    #[error("the frame body must be a msgpack map")]
+    NotMap,
+    #[error(
+        "the frame body carries {0:?}, a field only the server sets; the server fills in from, to, ws and user itself"
+    )]
+    ServerField(String),
+}
+
+/// Checks the first object of a frame body (what the clients merge over the header) without
+/// decoding it: it must be a map whose top-level keys are none of [`SERVER_FIELDS`].
+pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let mut scanner = Scanner::new(Limits::WALK, Some(0));
+    scanner.run(body, 1)?;
+    if scanner.objects() < 1 {
+        return Err(BodyError::Msgpack(ScanError::Truncated));
+    }
+    verdict(&scanner)
+}
+
+/// The verdict on the watched object of a scanner that has read all of it.
+pub fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
+    if scanner.watched_is_map() != Some(true) {
+        return Err(BodyError::NotMap);
+    }
+    match scanner
+        .keys()
+        .iter()
+        .find(|key| SERVER_FIELDS.contains(&key.as_str()))
+    {
+        Some(key) => Err(BodyError::ServerField(key.clone())),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmpv::Value;
+
+    fn pack(value: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, value).unwrap();
+        out
+    }
+
+    fn map(entries: Vec<(&str, Value)>) -> Value {
+        Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+
+    #[test]
+    fn lengths_match_the_decoder() {
+        let values = [
+            Value::Nil,
+            Value::from(-3),
+            Value::from(u64::MAX),
+            Value::F64(1.5),
+            Value::from("text"),
+            Value::from("x".repeat(300)),
+            Value::Binary(vec![1; 70_000]),
+            Value::Ext(5, vec![1, 2, 3]),
+            Value::Ext(-1, vec![0; 8]),
+            Value::Array((0..20).map(Value::from).collect()),
+            map(vec![(
+                "a",
+                Value::Array(vec![map(vec![("b", Value::Nil)])]),
+            )]),
+        ];
+        for value in values {
+            let bytes = pack(&value);
+            let mut with_tail = bytes.clone();
+            with_tail.extend_from_slice(&[0xc0, 0xc0]);
+            let scanned = object(&with_tail, Limits::WALK).unwrap();
+            assert_eq!(scanned.len, bytes.len(), "{value:?}");
+            assert_eq!(decode(&with_tail, Limits::WALK).unwrap().0, value);
+            assert_eq!(
+                object(&bytes[..bytes.len() - 1], Limits::WALK),
+                Err(ScanError::Truncated)
+            );
+        }
+    }
+
+    #[test]
+    fn amplifying_input_is_refused_before_decoding() {
+        // An array of a million nils: one byte each on the wire, far more decoded.
+        let mut nils = vec![0xdd, 0x00, 0x0f, 0x42, 0x40];
+        nils.extend(std::iter::repeat_n(0xc0, 1_000_000));
+        let limits = Limits::decode(nils.len(), 100_000, 8);
+        assert!(matches!(
+            decode(&nils, limits),
+            Err(ScanError::TooManyElements(_))
+        ));
+        let limits = Limits::decode(nils.len(), u64::MAX, 8);
+        assert!(matches!(decode(&nils, limits), Err(ScanError::TooLarge(_))));
+        // A declared length far beyond the input never allocates: it is truncated.
+        let huge = [0xdd, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(object(&huge, Limits::WALK), Err(ScanError::Truncated));
+        let deep = vec![0x91; 1000];
+        assert_eq!(object(&deep, Limits::WALK), Err(ScanError::TooDeep(256)));
+        assert_eq!(object(&[0xc1], Limits::WALK), Err(ScanError::Reserved));
+    }
+
+    #[test]
+    fn body_keys_the_server_owns_are_refused() {
+        let clean = pack(&map(vec![
+            ("args", Value::Array(vec![])),
+            ("with_kwargs", true.into()),
+        ]));
+        assert_eq!(check_body(&clean), Ok(()));
+        assert_eq!(check_body(&[]), Ok(()));
+        for key in SERVER_FIELDS {
+            let forged = pack(&map(vec![
+                ("args", Value::Array(vec![Value::Binary(vec![0; 1000])])),
+                (key, "ws-user-alice/x".into()),
+            ]));
+            assert_eq!(
+                check_body(&forged),
+                Err(BodyError::ServerField(key.to_string()))
+            );
+        }
+        // Nested keys are the values' business, not the header's.
+        let nested = pack(&map(vec![("args", map(vec![("from", 1.into())]))]));
+        assert_eq!(check_body(&nested), Ok(()));
+        let pairs = pack(&Value::Array(vec![Value::Array(vec![
+            "from".into(),
+            "x".into(),
+        ])]));
+        assert_eq!(check_body(&pairs), Err(BodyError::NotMap));
+    }
+
+    #[test]
+    fn values_are_found_without_decoding_the_rest() {
+        let body = pack(&map(vec![
+            (
+                "args",
+                Value::Array(vec!["k".into(), 3.into(), Value::Binary(vec![9; 300])]),
+            ),
+            ("with_kwargs", false.into()),
+        ]));
+        let args = map_value(&body, "args").unwrap();
+        let items = array_items(args, 8).unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(binary_payload(items[2]), Some(&[9u8; 300][..]));
+        assert_eq!(binary_payload(items[0]), None);
+        assert_eq!(map_value(&body, "promise"), None);
+        assert_eq!(array_items(args, 2), None);
+        assert_eq!(map_value(&[0x81, 0xa1], "x"), None);
+    }
+
+    #[test]
+    fn pieces_give_the_same_verdict_as_the_whole() {
+        let main = pack(&map(vec![("type", "method".into())]));
+        let extra = pack(&map(vec![
+            ("args", Value::Array(vec![Value::Binary(vec![7; 5000])])),
+            ("ctx", map(vec![("user", "root".into())])),
+        ]));
+        let whole = [main.clone(), extra].concat();
+        for piece in [1, 2, 3, 7, 100, 4096] {
+            let mut scanner = Scanner::new(Limits::WALK, Some(1));
+            for chunk in whole.chunks(piece) {
+                scanner.feed(chunk).unwrap();
+            }
+            assert_eq!(scanner.objects(), 2);
+            assert_eq!(
+                verdict(&scanner),
+                Err(BodyError::ServerField("ctx".into())),
+                "pieces of {piece}"
+            );
+        }
+    }
+}

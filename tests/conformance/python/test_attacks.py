@@ -1,0 +1,195 @@
+"""Attacks that need a separate server process (its memory, its log) or the real client on the
+receiving end; each asserts that the attacker gains nothing and a normal client still works."""
+
+import asyncio
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import websockets
+from hypha_rpc import connect_to_server
+
+from conftest import Server, run
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class PeakRss:
+    """Samples a process's resident memory every 20 ms until stopped; keeps the peak."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.running = pid, rss_kib(pid), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_kib(self.pid))
+            time.sleep(0.02)
+
+    def stop(self):
+        self.running = False
+        self.thread.join(timeout=5)
+        return self.peak
+
+
+async def raw_connect(url, client_id):
+    ws = await websockets.connect(url, max_size=None)
+    await ws.send(json.dumps({"client_id": client_id, "workspace": None, "token": None, "reconnection_token": None}))
+    info = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert info["type"] == "connection_info", info
+    return ws, info
+
+
+async def raw_call(ws, to, method, args, session, wait=True, extra=None):
+    header = {"type": "method", "to": to, "method": method, "session": session}
+    body = {"args": args, "promise": "*", "t": 30, **(extra or {})}
+    await ws.send(msgpack.packb(header) + msgpack.packb(body))
+    if not wait:
+        return None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        message = await asyncio.wait_for(ws.recv(), 20)
+        if isinstance(message, str):
+            continue
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(message)
+        parts = list(unpacker)
+        method_name = parts[0].get("method", "")
+        if method_name == f"{session}.resolve":
+            return parts[1]["args"][0]
+        if method_name == f"{session}.reject":
+            raise RuntimeError(parts[1]["args"][0]["_rvalue"])
+    raise AssertionError(f"no answer to {session}")
+
+
+def nils(count):
+    """A msgpack array of `count` nils: one byte each on the wire."""
+    return b"\xdd" + count.to_bytes(4, "big") + b"\xc0" * count
+
+
+def test_amplifying_messages_leave_memory_bounded():
+    server = Server().start()
+    try:
+        async def main():
+            witness = await connect_to_server({"server_url": server.url})
+            await witness.echo("warm up")
+            baseline = rss_kib(server.proc.pid)
+            peak = PeakRss(server.proc.pid)
+            ws, info = await raw_connect(server.ws_url, "amplifier")
+            manager = f"*/{info['manager_id']}"
+            cache = "services.built-in.message_cache."
+            # 15 MB of nils through the message cache, then process: refused before decoding.
+            count = 15 * 1024 * 1024
+            message = msgpack.packb({"type": "method", "to": manager, "method": "services.default.echo"})
+            message += b"\x81\xa4args\x91" + nils(count)
+            await raw_call(ws, manager, cache + "create", ["big"], "c0")
+            for i in range(0, len(message), 256 * 1024):
+                await raw_call(ws, manager, cache + "set", ["big", i // (256 * 1024), message[i:i + 256 * 1024]], f"s{i}")
+            await raw_call(ws, manager, cache + "process", ["big"], "p0")
+            # Three 2 MiB frames of nils calling echo, whose answers are never read.
+            frame_nils = 2 * 1024 * 1024 - 200
+            for n in range(3):
+                header = msgpack.packb({"type": "method", "to": manager, "method": "services.default.echo", "session": f"e{n}"})
+                body = b"\x83\xa4args\x91" + nils(frame_nils) + b"\xa7promise\xa1*\xa1t\x1e"
+                await ws.send(header + body)
+            await asyncio.sleep(0)
+            assert await witness.echo("still here") == "still here"
+            # The refusals arrive as answers to the calls that had a promise.
+            errors = []
+            deadline = time.monotonic() + 10
+            while len(errors) < 3 and time.monotonic() < deadline:
+                message = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(message, bytes):
+                    unpacker = msgpack.Unpacker()
+                    unpacker.feed(message)
+                    parts = list(unpacker)
+                    if parts[0].get("method", "").endswith(".reject"):
+                        errors.append(parts[1]["args"][0]["_rvalue"])
+            assert len(errors) == 3 and all("holds more than" in e or "to decode" in e for e in errors), errors
+            grown = peak.stop() - baseline
+            # Sent: about 21 MB. Decoded naively it would take over 1 GB.
+            assert grown < 120 * 1024, f"RSS grew by {grown} KiB"
+            await ws.close()
+            await witness.disconnect()
+
+        run(main())
+        assert server.alive()
+    finally:
+        server.stop()
+
+
+def test_a_chunked_call_cannot_pass_for_the_owner_of_a_real_client(server):
+    async def main():
+        alice = await connect_to_server({"server_url": server.url, "client_id": "alice-cli"})
+        calls = []
+
+        def reveal(context=None):
+            calls.append(context)
+            return "the secret"
+
+        await alice.register_service({"id": "vault", "config": {"visibility": "protected", "require_context": True},
+                                      "reveal": reveal})
+        ws, info = await raw_connect(server.ws_url, "mallory")
+        target = f"{alice.config.workspace}/alice-cli"
+        cache = "services.built-in.message_cache."
+        # The assembled message names alice's own workspace as its sender.
+        main_part = msgpack.packb({"type": "method", "method": "services.vault.reveal", "session": "m1"})
+        forged = main_part + msgpack.packb({"args": [], "promise": "*", "t": 10, "from": f"{alice.config.workspace}/x",
+                                            "padding": b"\0" * 600_000})
+        await raw_call(ws, target, cache + "create", ["k1", False], "c1")
+        for i in range(0, len(forged), 256 * 1024):
+            await raw_call(ws, target, cache + "set", ["k1", i // (256 * 1024), forged[i:i + 256 * 1024], False], f"s{i}")
+        with pytest.raises(RuntimeError, match='carries "from"'):
+            await raw_call(ws, target, cache + "process", ["k1", False], "p1")
+        # Directly, in one frame, the same.
+        with pytest.raises(RuntimeError, match='carries "from"'):
+            await raw_call(ws, target, "services.vault.reveal", [], "d1", extra={"from": f"{alice.config.workspace}/x"})
+        with pytest.raises(RuntimeError, match='carries "ctx"'):
+            await raw_call(ws, target, "services.vault.reveal", [], "d2",
+                           extra={"ctx": {"from": f"{alice.config.workspace}/x", "ws": alice.config.workspace}})
+        # An honest call from another workspace is refused by alice's own client, as it should be.
+        with pytest.raises(RuntimeError, match="Permission denied"):
+            await raw_call(ws, target, "services.vault.reveal", [], "h1")
+        assert calls == []
+        await ws.close()
+        await alice.disconnect()
+
+    run(main())
+
+
+def test_client_log_lines_cannot_be_forged_or_flood_the_log():
+    server = Server().start()
+    try:
+        async def main():
+            client = await connect_to_server({"server_url": server.url})
+            await client.log("hello\n2026-12-02T00:00:00Z ERROR forged by a client\r\x1b[31mred")
+            before = server.log.stat().st_size
+            with pytest.raises(Exception):
+                for _ in range(20):
+                    await client.log("x" * 1_000_000)
+            assert await client.echo("ok") == "ok"
+            await client.disconnect()
+            return before
+
+        before = run(main())
+        log = server.log.read_text()
+        assert not re.search(r"^2026-12-02T00:00:00Z ERROR forged", log, re.MULTILINE), log[-2000:]
+        assert "\\n2026-12-02T00:00:00Z ERROR forged" in log
+        assert "\x1b[31m" not in log
+        grown = server.log.stat().st_size - before
+        # At most five messages (the anonymous burst), each cut to 1,000 characters.
+        assert grown < 20_000, grown
+    finally:
+        server.stop()

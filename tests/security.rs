@@ -1,0 +1,1133 @@
+//! Attacks on the server, each driven as a hostile client would, each asserting that the
+//! attacker gains nothing and that a normal client still works afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use hypha_rtc::auth::UserInfo;
+use hypha_rtc::ids::UserId;
+use rmpv::Value;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "integration-secret";
+
+fn user(id: &str, roles: &[&str]) -> UserInfo {
+    UserInfo::new(
+        UserId::parse(id).unwrap(),
+        roles.iter().map(|r| r.to_string()).collect(),
+        None,
+    )
+}
+
+fn token(app: &TestApp, id: &str, roles: &[&str], expires_in: i64) -> String {
+    app.state.tokens.issue(&user(id, roles), expires_in)
+}
+
+/// A token with claims written by hand (as a third party holding the secret would).
+fn raw_token(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// TURN settings for a coturn that is never probed (the tests ask with test_connectivity off).
+fn turn_settings(rate_limit: u32) -> hypha_rtc::turn::TurnSettings {
+    let address = hypha_rtc::turn::ice::HostPort::parse("127.0.0.1:9").unwrap();
+    hypha_rtc::turn::TurnSettings {
+        coturn: Some(hypha_rtc::turn::CoturnSettings {
+            secret: secrecy::SecretString::from("coturn".to_string()),
+            internal: address.clone(),
+            public: vec![address],
+            tls_port: None,
+        }),
+        static_servers: vec![],
+        max_ttl: 3600,
+        rate_limit,
+    }
+}
+
+fn now() -> i64 {
+    hypha_rtc::auth::now_secs()
+}
+
+fn hello(client: &str, token: Option<&str>, workspace: Option<&str>) -> serde_json::Value {
+    json!({"client_id": client, "workspace": workspace, "token": token, "reconnection_token": null})
+}
+
+fn manager(info: &serde_json::Value) -> String {
+    format!("*/{}", info["manager_id"].as_str().unwrap())
+}
+
+async fn manager_call(
+    socket: &mut Socket,
+    info: &serde_json::Value,
+    function: &str,
+    args: Vec<Value>,
+) -> Result<Value, String> {
+    call(
+        socket,
+        &manager(info),
+        &format!("services.default.{function}"),
+        args,
+    )
+    .await
+}
+
+/// Waits for the server to close the socket; returns the close reason.
+async fn close_reason(socket: &mut Socket, within: Duration) -> String {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut said = String::new();
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => panic!("the connection was not closed within {within:?}"),
+            Ok(Some(Ok(Message::Text(text)))) => said.push_str(&text),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return format!(
+                    "{said} {}",
+                    frame.map(|f| f.reason.to_string()).unwrap_or_default()
+                );
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) | Ok(None) => return said,
+        }
+    }
+}
+
+async fn still_works(app: &TestApp) {
+    let (mut witness, info) = connect(app, "witness").await;
+    let echoed = manager_call(&mut witness, &info, "echo", vec!["alive".into()]).await;
+    assert_eq!(echoed, Ok(Value::from("alive")));
+}
+
+#[tokio::test]
+async fn scope_injection_through_generate_token_is_refused() {
+    let app = spawn_app(|_| {}).await;
+    let alice = token(&app, "alice", &[], 3600);
+    let (mut socket, info) = connect_with(&app, hello("a1", Some(&alice), None))
+        .await
+        .unwrap();
+    let injected = "x wid:ws-user-bob ws:ws-user-bob#a ws:public#a";
+    let attempts = [
+        map(&[("client_id", injected.into())]),
+        map(&[("workspace", "ws-user-bob".into())]),
+        map(&[("workspace", "ws-user-bob ws:public#a".into())]),
+        map(&[("permission", "admin ws:public".into())]),
+        map(&[("extra_scopes", Value::Array(vec!["ws:public#a".into()]))]),
+        map(&[("extra_scopes", Value::Array(vec!["file:download".into()]))]),
+        map(&[("expires_in", (400 * 24 * 3600).into())]),
+        map(&[("expires_in", (-5).into())]),
+        map(&[("email", "root@example.org".into())]),
+        map(&[("scope", "ws:public#a".into())]),
+        map(&[("client_id", "manager-x".into())]),
+    ];
+    for config in attempts {
+        let refused =
+            manager_call(&mut socket, &info, "generate_token", vec![config.clone()]).await;
+        assert!(refused.is_err(), "{config} was accepted");
+        let message = refused.unwrap_err();
+        assert!(
+            !message.is_empty() && !message.contains("Error("),
+            "{message}"
+        );
+    }
+    // What a valid request gives is exactly what was asked, within what alice holds: a
+    // longer life than her own token's is cut to hers.
+    let minted = manager_call(
+        &mut socket,
+        &info,
+        "generate_token",
+        vec![map(&[
+            ("client_id", "cam-1".into()),
+            ("permission", "read_write".into()),
+            ("expires_in", 7200.into()),
+        ])],
+    )
+    .await
+    .unwrap();
+    let child = app.state.tokens.parse(minted.as_str().unwrap()).unwrap();
+    let parent = app.state.tokens.parse(&alice).unwrap();
+    assert_eq!(
+        child.scope.to_claim(),
+        "ws:ws-user-alice#rw wid:ws-user-alice cid:cam-1"
+    );
+    assert_eq!(child.account().as_str(), "alice");
+    assert!(child.roles.is_empty());
+    let (child_ref, parent_ref) = (child.token.unwrap(), parent.token.unwrap());
+    assert!(child_ref.expires_at <= parent_ref.expires_at);
+    assert!(child_ref.lineage.contains(&parent_ref.id));
+    // The child cannot reach bob's workspace, nor register anything in public.
+    let bad = connect_with(&app, hello("cam-1", minted.as_str(), Some("ws-user-bob"))).await;
+    assert!(bad.unwrap_err().contains("bound to workspace"));
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn only_an_admin_of_public_registers_there_and_never_over_the_server() {
+    let app = spawn_app(|_| {}).await;
+    let service = |name: &str| {
+        map(&[
+            ("id", name.into()),
+            ("config", map(&[("visibility", "public".into())])),
+        ])
+    };
+    // Read-write on public is not enough.
+    let mut writer = user("wendy", &[]);
+    writer.scope.workspaces.insert(
+        hypha_rtc::ids::WorkspaceId::parse("public").unwrap(),
+        hypha_rtc::auth::Permission::ReadWrite,
+    );
+    let writer = app.state.tokens.issue(&writer, 600);
+    let (mut w, info) = connect_with(&app, hello("fake", Some(&writer), Some("public")))
+        .await
+        .unwrap();
+    let refused = manager_call(&mut w, &info, "register_service", vec![service("helper")]).await;
+    assert!(refused.unwrap_err().contains("admin access is required"));
+    // An explicit admin of public registers, but never under the server's own names.
+    let mut admin = user("pat", &[]);
+    admin.scope.workspaces.insert(
+        hypha_rtc::ids::WorkspaceId::parse("public").unwrap(),
+        hypha_rtc::auth::Permission::Admin,
+    );
+    let admin = app.state.tokens.issue(&admin, 600);
+    let (mut a, info) = connect_with(&app, hello("pub", Some(&admin), Some("public")))
+        .await
+        .unwrap();
+    for reserved in [
+        "coturn",
+        "hypha-login",
+        "video-producer",
+        "default",
+        "built-in",
+    ] {
+        let refused =
+            manager_call(&mut a, &info, "register_service", vec![service(reserved)]).await;
+        assert!(
+            refused.unwrap_err().contains("belongs to the server"),
+            "{reserved}"
+        );
+    }
+    manager_call(&mut a, &info, "register_service", vec![service("helper")])
+        .await
+        .unwrap();
+    // Anonymous callers always reach the server's own services.
+    let (mut anon, anon_info) = connect(&app, "anon").await;
+    for _ in 0..10 {
+        let found = manager_call(
+            &mut anon,
+            &anon_info,
+            "get_service_info",
+            vec!["public/coturn".into()],
+        )
+        .await
+        .unwrap();
+        let id = field(&found, "id")
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_string();
+        assert!(id.contains(&app.state.manager_id), "{id}");
+    }
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn revoking_a_token_reaches_connections_reconnections_and_children() {
+    let app = spawn_app(|_| {}).await;
+    let alice = token(&app, "alice", &[], 3600);
+    let (mut live, info) = connect_with(&app, hello("live", Some(&alice), None))
+        .await
+        .unwrap();
+    let reconnection = info["reconnection_token"].as_str().unwrap().to_string();
+    let child = manager_call(&mut live, &info, "generate_token", vec![map(&[])])
+        .await
+        .unwrap();
+    let child = child.as_str().unwrap().to_string();
+    let (mut child_socket, _) = connect_with(&app, hello("kid", Some(&child), None))
+        .await
+        .unwrap();
+    let (mut other, _) = connect_with(&app, hello("other", Some(&alice), None))
+        .await
+        .unwrap();
+    // An administrator revokes alice's token.
+    let admin = token(&app, "root-admin", &["admin"], 600);
+    let (mut ops, ops_info) = connect_with(&app, hello("ops", Some(&admin), None))
+        .await
+        .unwrap();
+    manager_call(
+        &mut ops,
+        &ops_info,
+        "revoke_token",
+        vec![alice.as_str().into()],
+    )
+    .await
+    .unwrap();
+    for socket in [&mut live, &mut child_socket, &mut other] {
+        let reason = close_reason(socket, Duration::from_secs(5)).await;
+        assert!(reason.contains("revoked"), "{reason}");
+    }
+    let resumed = json!({"client_id": "live", "workspace": null, "token": null, "reconnection_token": reconnection});
+    assert!(connect_with(&app, resumed).await.is_err());
+    assert!(
+        connect_with(&app, hello("kid", Some(&child), None))
+            .await
+            .unwrap_err()
+            .contains("revoked")
+    );
+    let (status, _, body) = http(
+        &app,
+        "GET",
+        "/ws-user-alice/services/ws/check_status",
+        &[("Authorization", &format!("Bearer {child}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn reconnection_tokens_only_reconnect_and_never_outlive_their_token() {
+    let app = spawn_app(|_| {}).await;
+    let alice = token(&app, "alice", &[], 3600);
+    let (mut socket, info) = connect_with(&app, hello("c1", Some(&alice), None))
+        .await
+        .unwrap();
+    let reconnection = info["reconnection_token"].as_str().unwrap().to_string();
+    let life = info["reconnection_token_life_time"].as_i64().unwrap();
+    assert!(life <= 3600, "{life}");
+    let verified = app.state.tokens.verify(&reconnection).unwrap();
+    let parent = app.state.tokens.parse(&alice).unwrap();
+    assert!(verified.token.unwrap().expires_at <= parent.token.unwrap().expires_at);
+    // Refreshing does not extend it either.
+    socket
+        .send(Message::Text(r#"{"type":"refresh_token"}"#.into()))
+        .await
+        .unwrap();
+    let refreshed = loop {
+        let reply = next_text(&mut socket).await;
+        if reply["type"] == "reconnection_token" {
+            break reply["reconnection_token"].as_str().unwrap().to_string();
+        }
+    };
+    assert!(app.state.tokens.verify(&refreshed).unwrap().expires_at <= parent.expires_at);
+    // Not a Bearer, not a sign-in token.
+    let (status, _, body) = http(
+        &app,
+        "GET",
+        "/ws-user-alice/services/ws/check_status",
+        &[("Authorization", &format!("Bearer {reconnection}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("reconnection token"), "{body}");
+    let as_token = connect_with(&app, hello("c1", Some(&reconnection), None)).await;
+    assert!(as_token.unwrap_err().contains("reconnection token"));
+    // It reconnects its own client; the resumed session cannot mint.
+    drop(socket);
+    let resumed = json!({"client_id": "c1", "workspace": null, "token": null, "reconnection_token": reconnection});
+    let (mut back, back_info) = connect_with(&app, resumed).await.unwrap();
+    assert_eq!(back_info["workspace"], "ws-user-alice");
+    let minted = manager_call(&mut back, &back_info, "generate_token", vec![map(&[])]).await;
+    assert!(minted.unwrap_err().contains("reconnection token"));
+    // With the original token sent along, as the clients do, the session can mint again.
+    let both = json!({"client_id": "c1", "workspace": null, "token": alice, "reconnection_token": reconnection});
+    let (mut full, full_info) = connect_with(&app, both).await.unwrap();
+    assert!(
+        manager_call(&mut full, &full_info, "generate_token", vec![map(&[])])
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_disabled_account_loses_its_connections_and_its_children() {
+    let app = spawn_app(|_| {}).await;
+    let record = hypha_rtc::store::UserRecord {
+        id: "udan".into(),
+        email: "dan@example.org".into(),
+        password_hash: "x".into(),
+        roles: vec![],
+        created_at: now(),
+        disabled_at: None,
+    };
+    app.state.store.create_user(&record).await.unwrap();
+    let dan = token(&app, "udan", &[], 3600);
+    let (mut parent, info) = connect_with(&app, hello("p", Some(&dan), None))
+        .await
+        .unwrap();
+    let child = manager_call(
+        &mut parent,
+        &info,
+        "generate_token",
+        vec![map(&[("client_id", "kid".into())])],
+    )
+    .await
+    .unwrap();
+    let child = child.as_str().unwrap().to_string();
+    let (mut kid, _) = connect_with(&app, hello("kid", Some(&child), None))
+        .await
+        .unwrap();
+    app.state
+        .store
+        .disable_user("dan@example.org", now())
+        .await
+        .unwrap();
+    for socket in [&mut parent, &mut kid] {
+        let reason = close_reason(socket, Duration::from_secs(10)).await;
+        assert!(reason.contains("disabled"), "{reason}");
+    }
+    let again = connect_with(&app, hello("kid", Some(&child), None)).await;
+    assert!(again.unwrap_err().contains("disabled"));
+    let (status, _, _) = http(
+        &app,
+        "GET",
+        "/ws-user-udan/services/ws/check_status",
+        &[("Authorization", &format!("Bearer {child}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401);
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn amplifying_messages_are_refused_before_they_are_decoded() {
+    let app = spawn_app(|_| {}).await;
+    let (mut anon, info) = connect(&app, "anon").await;
+    let to = manager(&info);
+    let cache = |f: &str| format!("services.built-in.message_cache.{f}");
+    // A call whose body is an array of two million nils: 2 MB sent, far more decoded.
+    let header = rmpv::encode::write_value;
+    let mut message = Vec::new();
+    header(
+        &mut message,
+        &map(&[
+            ("type", "method".into()),
+            ("to", to.as_str().into()),
+            ("method", "services.default.echo".into()),
+        ]),
+    )
+    .unwrap();
+    message.extend_from_slice(&[
+        0x81, 0xa4, b'a', b'r', b'g', b's', 0x91, 0xdd, 0x00, 0x1e, 0x84, 0x80,
+    ]);
+    message.extend(std::iter::repeat_n(0xc0, 2_000_000));
+    call(&mut anon, &to, &cache("create"), vec!["k".into()])
+        .await
+        .unwrap();
+    for (i, chunk) in message.chunks(256 * 1024).enumerate() {
+        call(
+            &mut anon,
+            &to,
+            &cache("set"),
+            vec!["k".into(), (i as u64).into(), Value::Binary(chunk.to_vec())],
+        )
+        .await
+        .unwrap();
+    }
+    call(&mut anon, &to, &cache("process"), vec!["k".into()])
+        .await
+        .unwrap();
+    // The assembled call is refused without an answer of its own (it asked for none); the
+    // connection and the server go on.
+    assert_eq!(
+        manager_call(&mut anon, &info, "echo", vec![1.into()]).await,
+        Ok(Value::from(1))
+    );
+    // An anonymous client may not park more than its share.
+    call(&mut anon, &to, &cache("create"), vec!["big".into()])
+        .await
+        .unwrap();
+    let mut refused = None;
+    for i in 0..80u64 {
+        let chunk = Value::Binary(vec![0; 256 * 1024]);
+        if let Err(e) = call(
+            &mut anon,
+            &to,
+            &cache("set"),
+            vec!["big".into(), i.into(), chunk],
+        )
+        .await
+        {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (at, error) = refused.expect("the cache limit bites");
+    assert!(at * 256 * 1024 <= 16 * 1024 * 1024, "{at}");
+    assert!(error.contains("limit"), "{error}");
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn bodies_cannot_name_the_sender_and_headers_cannot_carry_a_context() {
+    let app = spawn_app(|_| {}).await;
+    let (mut mallory, _) = connect(&app, "mallory").await;
+    let (mut alice, alice_info) = connect(&app, "alice").await;
+    let target = format!("{}/alice", alice_info["workspace"].as_str().unwrap());
+    for key in ["from", "ws", "user", "ctx", "to"] {
+        let forged = call_with_body(
+            &mut mallory,
+            &target,
+            "services.vault.open",
+            &[
+                ("args", Value::Array(vec![])),
+                (key, "ws-user-alice/x".into()),
+            ],
+        )
+        .await;
+        let error = forged.unwrap_err();
+        assert!(error.contains(&format!("\"{key}\"")), "{error}");
+    }
+    assert!(
+        next_frame(&mut alice, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a forged frame was delivered"
+    );
+    // A context in the header is dropped on the way.
+    let header = map(&[
+        ("type", "method".into()),
+        ("to", target.as_str().into()),
+        ("method", "services.vault.open".into()),
+        ("ctx", map(&[("user", map(&[("id", "root".into())]))])),
+    ]);
+    mallory
+        .send(Message::Binary(
+            frame(&header, Some(&map(&[("args", Value::Array(vec![]))]))).into(),
+        ))
+        .await
+        .unwrap();
+    let (delivered, _) = next_frame(&mut alice, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(field(&delivered, "ctx").is_none());
+    let from = field(&delivered, "from").and_then(Value::as_str).unwrap();
+    assert!(from.ends_with("/mallory"), "{from}");
+}
+
+#[tokio::test]
+async fn chunked_messages_are_vetted_as_they_pass() {
+    let app = spawn_app(|_| {}).await;
+    let (mut mallory, _) = connect(&app, "mallory").await;
+    let (mut alice, alice_info) = connect(&app, "alice").await;
+    let target = format!("{}/alice", alice_info["workspace"].as_str().unwrap());
+    let cache = |f: &str| format!("services.built-in.message_cache.{f}");
+    let assembled = |extra: &[(&str, Value)]| {
+        let mut entries = vec![("args", Value::Array(vec![Value::Binary(vec![1; 600_000])]))];
+        entries.extend_from_slice(extra);
+        frame(
+            &map(&[
+                ("type", "method".into()),
+                ("method", "services.vault.open".into()),
+            ]),
+            Some(&map(&entries)),
+        )
+    };
+    // The victim is a raw client here, so its answers are sent by hand.
+    async fn send_chunks(
+        mallory: &mut Socket,
+        alice: &mut Socket,
+        target: &str,
+        data: &[u8],
+        key: &str,
+    ) -> Result<Value, String> {
+        let cache = |f: &str| format!("services.built-in.message_cache.{f}");
+        let mut steps: Vec<(String, Vec<Value>)> = vec![(cache("create"), vec![key.into()])];
+        for (i, chunk) in data.chunks(256 * 1024).enumerate() {
+            steps.push((
+                cache("set"),
+                vec![key.into(), (i as u64).into(), Value::Binary(chunk.to_vec())],
+            ));
+        }
+        steps.push((cache("process"), vec![key.into()]));
+        let mut last = Ok(Value::Nil);
+        for (method, args) in steps {
+            let session = format!("s{}", hypha_rtc::auth::random_id(8));
+            let header = map(&[
+                ("type", "method".into()),
+                ("to", target.into()),
+                ("method", method.as_str().into()),
+                ("session", session.as_str().into()),
+            ]);
+            let body = map(&[
+                ("args", Value::Array(args)),
+                ("promise", "*".into()),
+                ("t", 30.into()),
+            ]);
+            mallory
+                .send(Message::Binary(frame(&header, Some(&body)).into()))
+                .await
+                .unwrap();
+            // Delivered calls are answered by the victim; refused ones are answered by the server.
+            if let Some((delivered, _)) = next_frame(alice, Duration::from_millis(500)).await {
+                assert_eq!(
+                    field(&delivered, "method").and_then(Value::as_str),
+                    Some(method.as_str())
+                );
+                let from = field(&delivered, "from")
+                    .and_then(Value::as_str)
+                    .unwrap()
+                    .to_string();
+                let reply = map(&[
+                    ("type", "method".into()),
+                    ("to", from.as_str().into()),
+                    ("method", format!("{session}.resolve").into()),
+                ]);
+                alice
+                    .send(Message::Binary(
+                        frame(
+                            &reply,
+                            Some(&map(&[("args", Value::Array(vec![Value::Nil]))])),
+                        )
+                        .into(),
+                    ))
+                    .await
+                    .unwrap();
+            }
+            last = answer(mallory, &session).await;
+            last.as_ref().map_err(|e| e.clone())?;
+        }
+        last
+    }
+    let clean = assembled(&[]);
+    assert_eq!(
+        send_chunks(&mut mallory, &mut alice, &target, &clean, "k1").await,
+        Ok(Value::Nil)
+    );
+    let forged = assembled(&[("from", "ws-user-alice/x".into())]);
+    let refused = send_chunks(&mut mallory, &mut alice, &target, &forged, "k2").await;
+    assert!(refused.unwrap_err().contains("\"from\""));
+    // Chunks that skip create, or an alias of a cache function, are refused too.
+    let skipped = call(
+        &mut mallory,
+        &target,
+        &cache("set"),
+        vec!["k9".into(), 0.into(), Value::Binary(vec![0x80])],
+    )
+    .await;
+    assert!(skipped.unwrap_err().contains("not created"));
+    let alias = call(
+        &mut mallory,
+        &target,
+        &format!("{}.__call__", cache("process")),
+        vec!["k9".into()],
+    )
+    .await;
+    assert!(alias.is_err());
+    assert!(app.state.hub.chunks.is_empty());
+}
+
+#[tokio::test]
+async fn calls_to_the_server_per_connection_are_bounded() {
+    let app = spawn_app(|s| s.method_timeout = Duration::from_secs(3)).await;
+    // A provider that never answers makes get_service wait for its time-out.
+    let (mut provider, pinfo) = connect(&app, "mute").await;
+    let svc = map(&[
+        ("id", "slow".into()),
+        ("config", map(&[("visibility", "public".into())])),
+    ]);
+    manager_call(&mut provider, &pinfo, "register_service", vec![svc])
+        .await
+        .unwrap();
+    let service = format!("{}/mute:slow", pinfo["workspace"].as_str().unwrap());
+    let (mut anon, info) = connect(&app, "anon").await;
+    let to = manager(&info);
+    let mut sessions = Vec::new();
+    for i in 0..17 {
+        let session = format!("g{i}");
+        let header = map(&[
+            ("type", "method".into()),
+            ("to", to.as_str().into()),
+            ("method", "services.default.get_service".into()),
+            ("session", session.as_str().into()),
+        ]);
+        let body = map(&[
+            ("args", Value::Array(vec![service.as_str().into()])),
+            ("promise", "*".into()),
+            ("t", 30.into()),
+        ]);
+        anon.send(Message::Binary(frame(&header, Some(&body)).into()))
+            .await
+            .unwrap();
+        sessions.push(session);
+    }
+    let last = answer(&mut anon, sessions.last().unwrap()).await;
+    assert!(last.unwrap_err().contains("too many calls"));
+    drop(provider);
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn loose_tokens_are_refused_on_every_path() {
+    let app = spawn_app(|_| {}).await;
+    let claims = |extra: serde_json::Value| {
+        let mut base = json!({
+            "iss": "https://amun.ai/", "aud": "https://amun-ai.eu.auth0.com/api/v2/",
+            "sub": "eve", "exp": now() + 600, "scope": "",
+        });
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        raw_token(base)
+    };
+    let cases = [
+        (claims(json!({"nbf": now() + 3600})), "not valid yet"),
+        (claims(json!({"sub": "a/b"})), "sub"),
+        (claims(json!({"sub": "x\ny"})), "sub"),
+        (claims(json!({"scope": "ws:public#a evil#"})), "scope"),
+        (claims(json!({"scope": "ws:a/b#a"})), "scope"),
+        (
+            claims(json!({"https://amun.ai/roles": ["admin\n"]})),
+            "roles",
+        ),
+        (claims(json!({"https://amun.ai/roles": "admin"})), "JSON"),
+        (claims(json!({"use": "sudo"})), "use"),
+    ];
+    for (bad, word) in cases {
+        let ws = connect_with(&app, hello("eve", Some(&bad), None)).await;
+        let message = ws.unwrap_err();
+        assert!(message.contains(word), "{word}: {message}");
+        assert!(
+            !message.contains("Error(") && !message.contains("Json("),
+            "{message}"
+        );
+        let (status, _, body) = http(
+            &app,
+            "GET",
+            "/public/services/ws/check_status",
+            &[("Authorization", &format!("Bearer {bad}"))],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 401, "{word}: {body}");
+    }
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn errors_say_what_is_wrong_without_internals() {
+    let app = spawn_app(|_| {}).await;
+    let (status, _, body) = http(
+        &app,
+        "POST",
+        "/demo/offer",
+        &[("Content-Type", "application/json")],
+        br#"{"sdp": "hello", "type": "offer"}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("not valid SDP"), "{body}");
+    assert!(!body.contains("0x") && !body.contains("Pointer"), "{body}");
+    let (status, _, body) = http(
+        &app,
+        "GET",
+        "/public/services/ws/check_status",
+        &[("Authorization", "Bearer a.b.c")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(
+        !body.contains("Error(") && !body.contains("Base64"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn silent_slow_and_surplus_connections_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(|s| {
+        s.header_timeout = Duration::from_secs(1);
+        s.admission.first_byte_timeout = Duration::from_secs(1);
+        s.admission.max_per_address = 6;
+    })
+    .await;
+    async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut sink = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+    // Says nothing.
+    let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // Sends its request head one byte at a time, forever.
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..50 {
+            if slow.write_all(b"X").await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        closed_within(&mut slow, Duration::from_millis(10)).await
+    });
+    // Declares 10 GB and sends two bytes.
+    let mut body = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    body.write_all(b"POST /public/services/ws/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{\"").await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(4)).await,
+        "a silent socket stayed open"
+    );
+    assert!(
+        closed_within(&mut body, Duration::from_secs(6)).await,
+        "a stalled body stayed open"
+    );
+    assert!(trickle.await.unwrap(), "a slow request head stayed open");
+    // At most six connections from one address; the seventh is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(b"G").await.unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    assert!(closed_within(&mut extra, Duration::from_secs(2)).await);
+    assert!(
+        app.state
+            .admission
+            .refused_per_address
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    drop(held);
+    eventually(Duration::from_secs(5), "the slots to be given back", || {
+        app.state.admission.open() == 0
+    })
+    .await;
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn cross_origin_requests_carry_no_credentials_unless_allowed() {
+    let app = spawn_app(|_| {}).await;
+    let alice = token(&app, "alice", &[], 600);
+    let cookie = format!("access_token={alice}");
+    let (_, headers, body) = http(
+        &app,
+        "GET",
+        "/assets/config.json",
+        &[("Origin", "http://evil.example"), ("Cookie", &cookie)],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        header(&headers, "access-control-allow-origin"),
+        Some("http://evil.example")
+    );
+    assert_eq!(header(&headers, "access-control-allow-credentials"), None);
+    assert!(
+        body.contains("http-anonymous"),
+        "the cookie of a foreign origin was used: {body}"
+    );
+    let own = format!("http://{}", app.addr);
+    let (_, headers, body) = http(
+        &app,
+        "GET",
+        "/assets/config.json",
+        &[("Origin", &own), ("Cookie", &cookie)],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        header(&headers, "access-control-allow-credentials"),
+        Some("true")
+    );
+    assert!(body.contains("\"alice\""), "{body}");
+    let (status, headers, _) = http(
+        &app,
+        "OPTIONS",
+        "/public/services/ws/echo",
+        &[
+            ("Origin", "http://evil.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(header(&headers, "access-control-allow-credentials"), None);
+    let listed = spawn_app(|s| {
+        s.allow_origins =
+            hypha_rtc::http::cors::AllowOrigins::parse("https://app.example.org").unwrap()
+    })
+    .await;
+    let (_, headers, _) = http(
+        &listed,
+        "GET",
+        "/health/liveness",
+        &[("Origin", "http://evil.example")],
+        b"",
+    )
+    .await;
+    assert_eq!(header(&headers, "access-control-allow-origin"), None);
+    let (_, headers, _) = http(
+        &listed,
+        "GET",
+        "/health/liveness",
+        &[("Origin", "https://app.example.org")],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        header(&headers, "access-control-allow-credentials"),
+        Some("true")
+    );
+}
+
+#[tokio::test]
+async fn the_client_log_is_rate_limited() {
+    let app = spawn_app(|_| {}).await;
+    let (mut anon, info) = connect(&app, "chatty").await;
+    let mut refused = 0;
+    for _ in 0..30 {
+        if manager_call(&mut anon, &info, "log", vec!["line\nforged".into()])
+            .await
+            .is_err()
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 20, "{refused}");
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn pending_sign_ins_and_demo_sessions_are_capped_per_address() {
+    let app = spawn_app(|s| {
+        s.admission.trusted_proxies =
+            hypha_rtc::net::client_addr::TrustedProxies::parse("127.0.0.1").unwrap();
+    })
+    .await;
+    let (mut anon, info) = connect(&app, "starter").await;
+    let login = format!("*/{}", info["manager_id"].as_str().unwrap());
+    let mut started = 0;
+    let mut refusal = String::new();
+    for _ in 0..15 {
+        match call(&mut anon, &login, "services.hypha-login.start", vec![]).await {
+            Ok(_) => started += 1,
+            Err(e) => refusal = e,
+        }
+    }
+    assert_eq!(started, 10, "{refusal}");
+    assert!(refusal.contains("too many sign-ins"), "{refusal}");
+    // Demo offers that never connect: four per address.
+    let offer = |n: u32| {
+        let mut rtc = str0m::Rtc::builder()
+            .enable_h264(true)
+            .build(std::time::Instant::now());
+        let mut api = rtc.sdp_api();
+        api.add_media(
+            str0m::media::MediaKind::Video,
+            str0m::media::Direction::RecvOnly,
+            None,
+            None,
+            None,
+        );
+        let sdp = api.apply().unwrap().0.to_sdp_string();
+        let _ = n;
+        json!({"sdp": sdp, "type": "offer"}).to_string()
+    };
+    let mut statuses = Vec::new();
+    for n in 0..5 {
+        let (status, _, _) = http(
+            &app,
+            "POST",
+            "/demo/offer",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Forwarded-For", "198.51.100.1"),
+            ],
+            offer(n).as_bytes(),
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 200, 429]);
+    // Another address is not held up by the first.
+    let (status, _, _) = http(
+        &app,
+        "POST",
+        "/demo/offer",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Forwarded-For", "198.51.100.2"),
+        ],
+        offer(9).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_lock_out_is_per_account_and_address_and_proxies_must_be_trusted() {
+    let untrusted = spawn_app(|s| s.login_max_failures = 3).await;
+    let trusted = spawn_app(|s| {
+        s.login_max_failures = 3;
+        s.admission.trusted_proxies =
+            hypha_rtc::net::client_addr::TrustedProxies::parse("127.0.0.1").unwrap();
+    })
+    .await;
+    for app in [&untrusted, &trusted] {
+        let hash = hypha_rtc::auth::accounts::hash_password("correct horse").unwrap();
+        let record = hypha_rtc::store::UserRecord {
+            id: "ubob".into(),
+            email: "bob@example.org".into(),
+            password_hash: hash,
+            roles: vec![],
+            created_at: now(),
+            disabled_at: None,
+        };
+        app.state.store.create_user(&record).await.unwrap();
+    }
+    async fn sign_in(app: &TestApp, password: &str, from: &str) -> u16 {
+        let body = format!("email=bob%40example.org&password={password}");
+        let headers = [
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("X-Forwarded-For", from),
+        ];
+        http(
+            app,
+            "POST",
+            "/public/apps/hypha-login/",
+            &headers,
+            body.as_bytes(),
+        )
+        .await
+        .0
+    }
+    for _ in 0..3 {
+        assert_eq!(sign_in(&trusted, "wrong", "203.0.113.66").await, 401);
+    }
+    // The attacker's address is locked out for bob; bob, elsewhere, is not.
+    assert_eq!(
+        sign_in(&trusted, "correct+horse", "203.0.113.66").await,
+        429
+    );
+    assert_eq!(
+        sign_in(&trusted, "correct+horse", "198.51.100.20").await,
+        200
+    );
+    // Without --trusted-proxies, a forged X-Forwarded-For changes nothing: the peer is the address.
+    for i in 0..3 {
+        assert_eq!(
+            sign_in(&untrusted, "wrong", &format!("10.0.0.{i}")).await,
+            401
+        );
+    }
+    assert_eq!(sign_in(&untrusted, "correct+horse", "10.9.9.9").await, 429);
+}
+
+#[tokio::test]
+async fn child_tokens_share_their_accounts_ice_limit_and_anonymous_get_none() {
+    let app = spawn_app(|s| s.turn = turn_settings(3)).await;
+    let alice = token(&app, "alice", &[], 3600);
+    let (mut socket, info) = connect_with(&app, hello("a", Some(&alice), None))
+        .await
+        .unwrap();
+    let get = |token: String| {
+        let addr = app.addr;
+        let state = app.state.clone();
+        async move {
+            let app = TestApp { addr, state };
+            http(
+                &app,
+                "GET",
+                "/public/services/coturn/get_rtc_ice_servers?test_connectivity=false",
+                &[("Authorization", &format!("Bearer {token}"))],
+                b"",
+            )
+            .await
+        }
+    };
+    let mut children = Vec::new();
+    for i in 0..4 {
+        let child = manager_call(
+            &mut socket,
+            &info,
+            "generate_token",
+            vec![map(&[("client_id", format!("k{i}").into())])],
+        )
+        .await
+        .unwrap();
+        children.push(child.as_str().unwrap().to_string());
+    }
+    let mut statuses = Vec::new();
+    for child in children {
+        statuses.push(get(child).await.0);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    assert_eq!(get(alice.clone()).await.0, 429);
+    let (status, _, body) = http(
+        &app,
+        "GET",
+        "/public/services/coturn/get_rtc_ice_servers?test_connectivity=false",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+}
+
+#[tokio::test]
+async fn credentials_are_not_issued_when_the_audit_cannot_record_them() {
+    let app = spawn_app(|s| s.turn = turn_settings(0)).await;
+    let alice = token(&app, "alice", &[], 3600);
+    let path = "/public/services/coturn/get_rtc_ice_servers?test_connectivity=false";
+    let bearer = format!("Bearer {alice}");
+    assert_eq!(
+        http(&app, "GET", path, &[("Authorization", &bearer)], b"")
+            .await
+            .0,
+        200
+    );
+    // The audit table refuses writes from now on, as a read-only store does.
+    let db = format!(
+        "sqlite://{}/hypha-rtc.db",
+        app.state.settings.data_dir.display()
+    );
+    let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+    sqlx::query("CREATE TRIGGER deny BEFORE INSERT ON ice_credentials BEGIN SELECT RAISE(ABORT, 'the store is read-only'); END")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (status, _, body) = http(&app, "GET", path, &[("Authorization", &bearer)], b"").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("audit store is unavailable") && !body.contains("credential\":"),
+        "{body}"
+    );
+    let (_, _, ready) = http(&app, "GET", "/health/readiness", &[], b"").await;
+    assert!(
+        ready.contains("\"store\":{\"detail\"") || ready.contains("unavailable"),
+        "{ready}"
+    );
+    sqlx::query("DROP TRIGGER deny")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        http(&app, "GET", path, &[("Authorization", &bearer)], b"")
+            .await
+            .0,
+        200
+    );
+    let (_, _, ready) = http(&app, "GET", "/health/readiness", &[], b"").await;
+    assert!(ready.contains("\"store\":{\"state\":\"ok\"}"), "{ready}");
+}
