@@ -128,16 +128,19 @@ pub enum StartupError {
 
 /// Opens the store the settings name: `--database-url`, or a SQLite file in `--data-dir`.
 pub async fn open_store(settings: &Settings) -> Result<store::Store, StartupError> {
-    let url = match &settings.database_url {
+    let url = match &settings.store.database_url {
         Some(url) => url.clone(),
         None => {
-            std::fs::create_dir_all(&settings.data_dir).map_err(|source| {
+            std::fs::create_dir_all(&settings.store.data_dir).map_err(|source| {
                 StartupError::DataDir {
-                    dir: settings.data_dir.display().to_string(),
+                    dir: settings.store.data_dir.display().to_string(),
                     source,
                 }
             })?;
-            format!("sqlite://{}/hypha-rtc.db", settings.data_dir.display())
+            format!(
+                "sqlite://{}/hypha-rtc.db",
+                settings.store.data_dir.display()
+            )
         }
     };
     Ok(store::Store::open(&url).await?)
@@ -200,7 +203,7 @@ pub struct App {
 impl App {
     /// Binds the listener and builds the state; nothing runs until [`App::run_until_stopped`].
     pub async fn build(settings: Settings) -> Result<App, StartupError> {
-        let addr = format!("{}:{}", settings.host, settings.port);
+        let addr = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| StartupError::Bind {
@@ -211,17 +214,18 @@ impl App {
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
         let server_id = settings
+            .server
             .server_id
             .clone()
             .unwrap_or_else(|| auth::random_id(10));
         let manager_id = format!("manager-{server_id}");
-        let secret = settings.jwt_secret.clone().unwrap_or_else(|| {
+        let secret = settings.server.jwt_secret.clone().unwrap_or_else(|| {
             tracing::warn!("no --jwt-secret set: using a random one, so tokens and reconnection tokens die with this process");
             SecretString::from(auth::random_id(48))
         });
-        let metrics_listener = match settings.metrics_port {
+        let metrics_listener = match settings.http.metrics_port {
             Some(port) => {
-                let addr = format!("{}:{port}", settings.host);
+                let addr = format!("{}:{port}", settings.server.host);
                 Some(
                     TcpListener::bind(&addr)
                         .await
@@ -230,7 +234,7 @@ impl App {
             }
             None => None,
         };
-        let tls = match &settings.tls {
+        let tls = match &settings.http.tls {
             Some(files) => Some(
                 axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
                     .await
@@ -247,11 +251,12 @@ impl App {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let local_base_url = format!("{scheme}://{local}");
         let public_base_url = settings
+            .server
             .public_base_url
             .clone()
             .unwrap_or_else(|| local_base_url.clone());
         let stopping = tokio_util::sync::CancellationToken::new();
-        let (bus, directory, inbound) = match &settings.redis_uri {
+        let (bus, directory, inbound) = match &settings.cluster.redis_uri {
             None => (
                 Arc::new(hub::bus::LocalBus) as Arc<dyn hub::bus::Bus>,
                 None,
@@ -265,7 +270,7 @@ impl App {
         };
         let hub = Arc::new(Hub::new(
             manager_id.clone(),
-            settings.slow_consumer_timeout,
+            settings.connections.slow_consumer_timeout,
             bus,
         ));
         let server_user = UserInfo::server();
@@ -280,21 +285,17 @@ impl App {
             tokens,
             accounts: auth::accounts::Accounts::new(
                 store.clone(),
-                settings.login_max_failures,
-                settings.login_lockout,
+                settings.accounts.max_failures,
+                settings.accounts.lockout,
             ),
             client_log: Default::default(),
             pending_logins: Default::default(),
             admission: net::admission::Admission::new(settings.admission.clone()),
             cors: Arc::new(http::cors::CorsPolicy::new(
-                &settings.allow_origins,
+                &settings.http.allow_origins,
                 &[&public_base_url, &local_base_url],
             )),
-            ice: turn::IceService::new(
-                settings.turn.clone(),
-                store.clone(),
-                settings.audit_required,
-            ),
+            ice: turn::IceService::new(settings.turn.clone(), store.clone()),
             demo: demo::Producer::new(settings.demo.clone()),
             store,
             directory,
@@ -317,7 +318,7 @@ impl App {
             tokio::spawn(hub::inbound::run(state.clone(), rx));
             tokio::spawn(workspace::keep_lease(state.clone(), state.stopping.clone()));
         }
-        if state.directory.is_some() || state.settings.database_url.is_some() {
+        if state.directory.is_some() || state.settings.store.database_url.is_some() {
             tokio::spawn(reload_revocations(state.clone()));
         }
         Ok(App {
@@ -384,7 +385,7 @@ impl App {
             builder
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(state.settings.header_timeout);
+                .header_read_timeout(state.settings.admission.header_timeout);
             builder
                 .http2()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -426,7 +427,7 @@ impl App {
 /// every client gets a close frame; the store writes what it queued.
 async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
     use std::time::{Duration, Instant};
-    let limit = state.settings.shutdown_timeout;
+    let limit = state.settings.server.shutdown_timeout;
     tracing::info!(
         limit_s = limit.as_secs(),
         "shutting down: no new connections, waiting for calls in flight"

@@ -3,16 +3,16 @@
 use std::collections::HashMap;
 use std::process::ExitCode;
 
-use clap::Parser;
 use hypha_rtc::App;
-use hypha_rtc::config::{Cli, Settings};
+use hypha_rtc::config::{LogFormat, Settings, SettingsError};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
     let env: HashMap<String, String> = std::env::vars().collect();
-    let (settings, warnings) = match Settings::load(&cli, &env) {
+    let (cli, settings, warnings) = match hypha_rtc::config::load(std::env::args_os(), &env) {
         Ok(loaded) => loaded,
+        // --help, --version and mistakes on the command line: clap prints and exits.
+        Err(SettingsError::Command(e)) => e.exit(),
         Err(e) => {
             eprintln!("hypha-rtc: {e}");
             return ExitCode::from(2);
@@ -64,7 +64,7 @@ async fn admin(command: &hypha_rtc::config::Command, settings: &Settings) -> Exi
 
 fn init_logging(settings: &Settings) {
     use tracing_subscriber::EnvFilter;
-    let default = match settings.verbose {
+    let default = match settings.server.verbose {
         0 => "warn,hypha_rtc=info",
         1 => "info",
         _ => "debug",
@@ -74,7 +74,7 @@ fn init_logging(settings: &Settings) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if settings.log_format == "json" {
+    if settings.server.log_format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

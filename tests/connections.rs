@@ -30,8 +30,8 @@ fn map(entries: &[(&str, Value)]) -> Value {
 #[tokio::test]
 async fn a_consumer_that_stops_reading_is_disconnected_and_the_sender_goes_on() {
     let app = spawn_app(|s| {
-        s.connection_queue = 8;
-        s.slow_consumer_timeout = Duration::from_millis(300);
+        s.connections.queue = 8;
+        s.connections.slow_consumer_timeout = Duration::from_millis(300);
     })
     .await;
     let (mut sender, info) = connect(&app, "fast").await;
@@ -81,9 +81,9 @@ async fn a_consumer_that_stops_reading_is_disconnected_and_the_sender_goes_on() 
 #[tokio::test]
 async fn idle_and_silent_connections_are_closed() {
     let app = spawn_app(|s| {
-        s.ws_idle_timeout = Duration::from_millis(300);
-        s.ws_ping_interval = Duration::from_millis(100);
-        s.handshake_timeout = Duration::from_millis(300);
+        s.connections.idle_timeout = Duration::from_millis(300);
+        s.connections.ping_interval = Duration::from_millis(100);
+        s.connections.handshake_timeout = Duration::from_millis(300);
     })
     .await;
     let (mut idle, _) = connect(&app, "idle").await;

@@ -50,6 +50,7 @@ fn turn_settings(rate_limit: u32) -> hypha_rtc::turn::TurnSettings {
         static_servers: vec![],
         max_ttl: 3600,
         rate_limit,
+        audit_required: true,
     }
 }
 
@@ -629,7 +630,7 @@ async fn chunked_messages_are_vetted_as_they_pass() {
 
 #[tokio::test]
 async fn calls_to_the_server_per_connection_are_bounded() {
-    let app = spawn_app(|s| s.method_timeout = Duration::from_secs(3)).await;
+    let app = spawn_app(|s| s.connections.method_timeout = Duration::from_secs(3)).await;
     // A provider that never answers makes get_service wait for its time-out.
     let (mut provider, pinfo) = connect(&app, "mute").await;
     let svc = map(&[
@@ -747,8 +748,7 @@ async fn errors_say_what_is_wrong_without_internals() {
 async fn silent_slow_and_surplus_connections_are_cut() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_app(|s| {
-        s.header_timeout = Duration::from_secs(1);
-        s.admission.first_byte_timeout = Duration::from_secs(1);
+        s.admission.header_timeout = Duration::from_secs(1);
         s.admission.max_per_address = 6;
     })
     .await;
@@ -864,7 +864,7 @@ async fn cross_origin_requests_carry_no_credentials_unless_allowed() {
     assert_eq!(status, 204);
     assert_eq!(header(&headers, "access-control-allow-credentials"), None);
     let listed = spawn_app(|s| {
-        s.allow_origins =
+        s.http.allow_origins =
             hypha_rtc::http::cors::AllowOrigins::parse("https://app.example.org").unwrap()
     })
     .await;
@@ -977,9 +977,9 @@ async fn pending_sign_ins_and_demo_sessions_are_capped_per_address() {
 
 #[tokio::test]
 async fn a_lock_out_is_per_account_and_address_and_proxies_must_be_trusted() {
-    let untrusted = spawn_app(|s| s.login_max_failures = 3).await;
+    let untrusted = spawn_app(|s| s.accounts.max_failures = 3).await;
     let trusted = spawn_app(|s| {
-        s.login_max_failures = 3;
+        s.accounts.max_failures = 3;
         s.admission.trusted_proxies =
             hypha_rtc::net::client_addr::TrustedProxies::parse("127.0.0.1").unwrap();
     })
@@ -1100,7 +1100,7 @@ async fn credentials_are_not_issued_when_the_audit_cannot_record_them() {
     // The audit table refuses writes from now on, as a read-only store does.
     let db = format!(
         "sqlite://{}/hypha-rtc.db",
-        app.state.settings.data_dir.display()
+        app.state.settings.store.data_dir.display()
     );
     let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
     sqlx::query("CREATE TRIGGER deny BEFORE INSERT ON ice_credentials BEGIN SELECT RAISE(ABORT, 'the store is read-only'); END")

@@ -12,6 +12,43 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use crate::ids::UserId;
 use crate::store::{Store, StoreError, UserRecord};
 
+/// Sign-in lock-outs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AccountOptions {
+    /// Failed sign-ins of one account from one address before that pair is locked out (four times as many lock the address)
+    #[arg(
+        long,
+        env = "HYPHA_LOGIN_MAX_FAILURES",
+        value_name = "COUNT",
+        default_value_t = 5
+    )]
+    pub login_max_failures: u32,
+    /// How long a lock-out lasts, in seconds
+    #[arg(
+        long,
+        env = "HYPHA_LOGIN_LOCKOUT",
+        value_name = "SECONDS",
+        default_value_t = 300
+    )]
+    pub login_lockout: u64,
+}
+
+/// Sign-in lock-outs, validated.
+#[derive(Debug, Clone)]
+pub struct AccountSettings {
+    pub max_failures: u32,
+    pub lockout: Duration,
+}
+
+impl AccountOptions {
+    pub fn settings(&self) -> AccountSettings {
+        AccountSettings {
+            max_failures: self.login_max_failures.max(1),
+            lockout: Duration::from_secs(self.login_lockout),
+        }
+    }
+}
+
 /// Hashes a password with argon2 and a random salt.
 pub fn hash_password(password: &str) -> Result<String, String> {
     let salt = SaltString::generate(&mut OsRng);

@@ -83,7 +83,7 @@ pub async fn run(
             }
         },
         Command::Token { email, expires_in } => {
-            let Some(secret) = &settings.jwt_secret else {
+            let Some(secret) = &settings.server.jwt_secret else {
                 return Err("set --jwt-secret (HYPHA_JWT_SECRET) to the server's secret, or the token will not be accepted".into());
             };
             if *expires_in <= 0 {

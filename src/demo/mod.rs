@@ -19,6 +19,138 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use str0m::config::DtlsCert;
 
+/// The demo's options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoOptions {
+    /// Turn off the built-in video producer (/demo/)
+    #[arg(long, env = "HYPHA_NO_DEMO")]
+    pub no_demo: bool,
+    /// Size of the demo video, WIDTHxHEIGHT, even numbers
+    #[arg(
+        long,
+        env = "HYPHA_DEMO_RESOLUTION",
+        value_name = "WxH",
+        default_value = "1280x720"
+    )]
+    pub demo_resolution: String,
+    /// Frames per second of the demo video, 1 to 60
+    #[arg(long, env = "HYPHA_DEMO_FPS", value_name = "FPS", default_value_t = 30)]
+    pub demo_fps: u32,
+    /// Most demo viewers at once; more are refused until one leaves
+    #[arg(
+        long,
+        env = "HYPHA_DEMO_MAX_VIEWERS",
+        value_name = "COUNT",
+        default_value_t = 16
+    )]
+    pub demo_max_viewers: u32,
+    /// Codec of the demo video: h264, or vp8 in builds with the vp8 feature
+    #[arg(
+        long,
+        env = "HYPHA_DEMO_CODEC",
+        value_name = "CODEC",
+        default_value = "h264"
+    )]
+    pub demo_codec: String,
+    /// Address the demo's media sockets bind to and advertise as a host candidate, repeatable (HYPHA_RTC_IP: several, separated by commas or spaces) [default: --host if it is one address; with 0.0.0.0 or ::, this machine's interface addresses]
+    #[arg(long, env = "HYPHA_RTC_IP", value_name = "IP", value_delimiter = ',')]
+    pub rtc_ip: Vec<String>,
+    /// Public address that a 1:1 NAT maps onto the first --rtc-ip, advertised as well (cloud machines)
+    #[arg(long, env = "HYPHA_RTC_PUBLIC_IP", value_name = "IP")]
+    pub rtc_public_ip: Option<String>,
+}
+
+impl DemoOptions {
+    /// Validates the options; `host` is where the server listens (the default media address).
+    pub fn settings(&self, host: &str) -> Result<DemoSettings, crate::config::SettingsError> {
+        use crate::config::{SettingsError, option_name};
+        let resolution = self.demo_resolution.trim();
+        let parsed = resolution
+            .split_once(['x', 'X'])
+            .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
+            .filter(|(w, h)| {
+                (160..=3840).contains(w) && (120..=2160).contains(h) && w % 2 == 0 && h % 2 == 0
+            });
+        let Some((width, height)) = parsed else {
+            return Err(SettingsError::new(format!(
+                "{}: {resolution:?} is not WIDTHxHEIGHT with even numbers from 160x120 to 3840x2160 (e.g. 1280x720)",
+                option_name("demo-resolution")
+            )));
+        };
+        if !(1..=60).contains(&self.demo_fps) {
+            return Err(SettingsError::new(format!(
+                "{}: must be from 1 to 60",
+                option_name("demo-fps")
+            )));
+        }
+        let codec = encode::Codec::parse(&self.demo_codec)
+            .map_err(|e| SettingsError::new(format!("{}: {e}", option_name("demo-codec"))))?;
+        let listed = self
+            .rtc_ip
+            .iter()
+            .flat_map(|s| s.split([' ', ',']))
+            .filter(|s| !s.is_empty())
+            .map(|ip| unicast_ip(ip, "rtc-ip"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let explicit = !listed.is_empty();
+        let rtc_ips = if explicit {
+            listed
+        } else {
+            addresses::automatic(host)
+        };
+        let rtc_public_ip = self
+            .rtc_public_ip
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|ip| unicast_ip(ip, "rtc-public-ip"))
+            .transpose()?;
+        if rtc_public_ip.is_some() && !explicit {
+            return Err(SettingsError::new(format!(
+                "{}: also give --rtc-ip, the private address the NAT maps it onto",
+                option_name("rtc-public-ip")
+            )));
+        }
+        if let Some(public) = rtc_public_ip
+            && !rtc_ips.iter().any(|ip| ip.is_ipv4() == public.is_ipv4())
+        {
+            return Err(SettingsError::new(format!(
+                "{}: {public} needs an --rtc-ip of the same IP version to map onto",
+                option_name("rtc-public-ip")
+            )));
+        }
+        Ok(DemoSettings {
+            enabled: !self.no_demo,
+            width,
+            height,
+            fps: self.demo_fps,
+            max_viewers: self.demo_max_viewers as usize,
+            codec,
+            rtc_ips,
+            rtc_public_ip,
+        })
+    }
+}
+
+impl Default for DemoSettings {
+    /// The options' defaults.
+    fn default() -> Self {
+        crate::config::Settings::default().demo
+    }
+}
+
+/// A unicast address for a media option, or an error naming the option.
+fn unicast_ip(text: &str, option: &str) -> Result<IpAddr, crate::config::SettingsError> {
+    text.parse::<IpAddr>()
+        .ok()
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+        .ok_or_else(|| {
+            crate::config::SettingsError::new(format!(
+                "{}: {text:?} is not a unicast IP address",
+                crate::config::option_name(option)
+            ))
+        })
+}
+
 /// What the demo produces, validated at start-up.
 #[derive(Debug, Clone)]
 pub struct DemoSettings {
@@ -33,21 +165,6 @@ pub struct DemoSettings {
     pub rtc_public_ip: Option<IpAddr>,
     /// Most viewer sessions alive at once; more are refused until one ends.
     pub max_viewers: usize,
-}
-
-impl Default for DemoSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            width: 1280,
-            height: 720,
-            fps: 30,
-            codec: encode::Codec::H264,
-            rtc_ips: vec![IpAddr::from([127, 0, 0, 1])],
-            rtc_public_ip: None,
-            max_viewers: 16,
-        }
-    }
 }
 
 /// The running producer: its settings, the DTLS certificate every viewer's session shares

@@ -15,6 +15,71 @@ use crate::AppState;
 use crate::auth::UserInfo;
 use crate::error::Error;
 
+/// The HTTP side's options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpOptions {
+    /// Origins whose pages may call this server from a browser with the visitor's cookie, comma-separated; * lets any origin call without cookies [default: any origin, without cookies; cookies only from this server's own pages]
+    #[arg(long, env = "HYPHA_ALLOW_ORIGINS", value_name = "ORIGINS")]
+    pub allow_origins: Option<String>,
+    /// PEM certificate chain: serve HTTPS and WSS directly (with --key-file)
+    #[arg(long, env = "HYPHA_CERT_FILE", value_name = "FILE")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of --cert-file
+    #[arg(long, env = "HYPHA_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Serve /metrics on this port only (plain HTTP, same --host), not on the main one
+    #[arg(long, env = "HYPHA_METRICS_PORT", value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+}
+
+/// The PEM files of `--cert-file` and `--key-file`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// The HTTP side, validated.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub allow_origins: cors::AllowOrigins,
+    /// Certificate chain and key: the server speaks TLS itself.
+    pub tls: Option<TlsFiles>,
+    pub metrics_port: Option<u16>,
+}
+
+impl HttpOptions {
+    /// Validates the options; `port` is the main port (the metrics one must differ).
+    pub fn settings(&self, port: u16) -> Result<HttpSettings, crate::config::SettingsError> {
+        use crate::config::{SettingsError, option_name};
+        let allow_origins = cors::AllowOrigins::parse(self.allow_origins.as_deref().unwrap_or("*"))
+            .map_err(|e| SettingsError::new(format!("{}: {e}", option_name("allow-origins"))))?;
+        let tls = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(SettingsError::new(
+                    "--cert-file and --key-file go together: give both, or neither",
+                ));
+            }
+        };
+        if self.metrics_port.is_some_and(|p| p == port && p != 0) {
+            return Err(SettingsError::new(format!(
+                "{}: must differ from --port",
+                option_name("metrics-port")
+            )));
+        }
+        Ok(HttpSettings {
+            allow_origins,
+            tls,
+            metrics_port: self.metrics_port,
+        })
+    }
+}
+
 /// All routes of the server.
 pub fn router(state: Arc<AppState>) -> Router {
     let demo = if state.settings.demo.enabled {
@@ -22,7 +87,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     } else {
         Router::new()
     };
-    let metrics = if state.settings.metrics_port.is_some() {
+    let metrics = if state.settings.http.metrics_port.is_some() {
         Router::new()
     } else {
         metrics::router()
@@ -52,10 +117,12 @@ pub type Service = axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
 /// Builds the [`Service`].
 pub fn service(state: Arc<AppState>) -> Service {
     use axum::ServiceExt;
-    let idle = state.settings.header_timeout;
+    let idle = state.settings.admission.header_timeout;
     let routes = router(state);
     let bounded = tower::ServiceBuilder::new()
-        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(idle * 3))
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
+            crate::net::body_deadline(idle),
+        ))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(idle))
         .service(routes);
     ServiceExt::<axum::extract::Request<axum::body::Body>>::into_make_service_with_connect_info::<

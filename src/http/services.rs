@@ -163,7 +163,7 @@ async fn call_function(
             from: &state.peer.manager_addr(),
             ws: &ctx.ws,
             user: &user_value,
-            timeout: state.settings.method_timeout,
+            timeout: state.settings.connections.method_timeout,
             with_kwargs,
         };
         let target = entry.id.provider.to_string();

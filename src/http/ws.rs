@@ -29,7 +29,7 @@ async fn upgrade(
         .client_ip(peer, &headers);
     // Small buffers keep idle connections cheap; frames above the limit (with some slack for
     // a clear error message) are refused by the websocket layer itself.
-    let limit = state.settings.max_frame_size.saturating_mul(2);
+    let limit = state.settings.connections.max_frame_size.saturating_mul(2);
     upgrade
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)

@@ -16,6 +16,134 @@ use crate::AppState;
 use crate::auth::{Permission, UserInfo};
 use crate::rpc::peer::Incoming;
 
+/// How connections behave: time-outs, sizes, rates.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectionOptions {
+    /// Close a websocket that sent no message for this many seconds
+    #[arg(
+        long,
+        env = "HYPHA_WS_IDLE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 600
+    )]
+    pub ws_idle_timeout: u64,
+    /// Send a protocol ping this often, in seconds
+    #[arg(
+        long,
+        env = "HYPHA_WS_PING_INTERVAL",
+        value_name = "SECONDS",
+        default_value_t = 20
+    )]
+    pub ws_ping_interval: u64,
+    /// Close a websocket that does not answer a ping within this many seconds
+    #[arg(
+        long,
+        env = "HYPHA_WS_PING_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 20
+    )]
+    pub ws_ping_timeout: u64,
+    /// Largest websocket frame accepted, in bytes
+    #[arg(long, env = "HYPHA_MAX_FRAME_SIZE", value_name = "BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_frame_size: usize,
+    /// Frames queued for one client before it counts as slow
+    #[arg(
+        long,
+        env = "HYPHA_CONNECTION_QUEUE",
+        value_name = "FRAMES",
+        default_value_t = 256
+    )]
+    pub connection_queue: usize,
+    /// How long a full queue may block before its slow client is disconnected, in seconds
+    #[arg(
+        long,
+        env = "HYPHA_SLOW_CONSUMER_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 5
+    )]
+    pub slow_consumer_timeout: u64,
+    /// Messages per second one connection may send (bursts of twice that); 0 = unlimited
+    #[arg(
+        long,
+        env = "HYPHA_WS_RATE_LIMIT",
+        value_name = "PER_SECOND",
+        default_value_t = 20_000
+    )]
+    pub ws_rate_limit: u32,
+    /// Lifetime of reconnection tokens, in seconds (never beyond the token the connection was opened with)
+    #[arg(
+        long,
+        env = "HYPHA_RECONNECTION_TOKEN_LIFE_TIME",
+        value_name = "SECONDS",
+        default_value_t = 172_800
+    )]
+    pub reconnection_token_life_time: i64,
+    /// Time-out of calls the server makes to clients, in seconds
+    #[arg(
+        long,
+        env = "HYPHA_METHOD_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 30
+    )]
+    pub method_timeout: u64,
+}
+
+/// How connections behave, validated.
+#[derive(Debug, Clone)]
+pub struct ConnectionSettings {
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// How long the first (authentication) message may take.
+    pub handshake_timeout: Duration,
+    pub max_frame_size: usize,
+    /// Frames queued for one client.
+    pub queue: usize,
+    pub slow_consumer_timeout: Duration,
+    pub rate_limit: u32,
+    pub reconnection_token_life_time: i64,
+    pub method_timeout: Duration,
+}
+
+impl ConnectionOptions {
+    pub fn settings(&self) -> Result<ConnectionSettings, crate::config::SettingsError> {
+        use crate::config::{SettingsError, option_name, positive_seconds};
+        if self.max_frame_size < 1024 {
+            return Err(SettingsError::new(format!(
+                "{}: must be at least 1024 bytes",
+                option_name("max-frame-size")
+            )));
+        }
+        if self.connection_queue == 0 {
+            return Err(SettingsError::new(format!(
+                "{}: must be positive",
+                option_name("connection-queue")
+            )));
+        }
+        if self.reconnection_token_life_time <= 0 {
+            return Err(SettingsError::new(format!(
+                "{}: must be a positive number of seconds",
+                option_name("reconnection-token-life-time")
+            )));
+        }
+        Ok(ConnectionSettings {
+            idle_timeout: Duration::from_secs(self.ws_idle_timeout),
+            ping_interval: positive_seconds(
+                &option_name("ws-ping-interval"),
+                self.ws_ping_interval,
+            )?,
+            ping_timeout: Duration::from_secs(self.ws_ping_timeout),
+            handshake_timeout: Duration::from_secs(5),
+            max_frame_size: self.max_frame_size,
+            queue: self.connection_queue,
+            slow_consumer_timeout: Duration::from_secs(self.slow_consumer_timeout),
+            rate_limit: self.ws_rate_limit,
+            reconnection_token_life_time: self.reconnection_token_life_time,
+            method_timeout: positive_seconds(&option_name("method-timeout"), self.method_timeout)?,
+        })
+    }
+}
+
 /// Close codes (RFC 6455).
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_UNSUPPORTED: u16 = 1003;
@@ -52,7 +180,7 @@ async fn close_with(socket: &mut WebSocket, code: u16, message: &str) {
 
 /// Serves one upgraded websocket until it closes.
 pub async fn serve(mut socket: WebSocket, state: Arc<AppState>, client_ip: std::net::IpAddr) {
-    let settings = &state.settings;
+    let settings = &state.settings.connections;
     let first = match tokio::time::timeout(settings.handshake_timeout, socket.recv()).await {
         Ok(Some(Ok(message))) => message,
         Ok(_) => return,
@@ -134,7 +262,7 @@ async fn run(
     admitted: Admitted,
     client_ip: std::net::IpAddr,
 ) {
-    let settings = &state.settings;
+    let settings = &state.settings.connections;
     let Admitted {
         user,
         workspace,
@@ -146,7 +274,7 @@ async fn run(
     let ws = workspace.to_string();
     let user = Arc::new(user);
     let user_msgpack = crate::rpc::value::encode(&user.to_value());
-    let (tx, mut rx) = mpsc::channel::<Queued>(settings.connection_queue);
+    let (tx, mut rx) = mpsc::channel::<Queued>(settings.queue);
     let kill = CancellationToken::new();
     let conn_id = state.hub.next_conn_id();
     let handle_reason: Arc<std::sync::OnceLock<String>> = Default::default();
@@ -328,13 +456,13 @@ async fn serve_frames(
     kill: &CancellationToken,
     reason: &std::sync::OnceLock<String>,
 ) -> &'static str {
-    let settings = &state.settings;
-    let mut ticker = tokio::time::interval(settings.ws_ping_interval);
+    let settings = &state.settings.connections;
+    let mut ticker = tokio::time::interval(settings.ping_interval);
     ticker.tick().await;
     let mut last_message = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let mut errors = 0u32;
-    let rate = settings.ws_rate_limit as f64;
+    let rate = settings.rate_limit as f64;
     let mut limit = RateLimit {
         rate,
         tokens: rate * 2.0,
@@ -383,7 +511,7 @@ async fn serve_frames(
                         }
                         if !limit.allow() {
                             close_with(socket, CLOSE_POLICY, &format!(
-                                "more than {} messages per second; slow down", settings.ws_rate_limit)).await;
+                                "more than {} messages per second; slow down", settings.rate_limit)).await;
                             return "rate limit";
                         }
                         if let Err(e) = route(state, session, data).await {
@@ -411,12 +539,12 @@ async fn serve_frames(
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
-                if now.duration_since(last_message) > settings.ws_idle_timeout {
+                if now.duration_since(last_message) > settings.idle_timeout {
                     close_with(socket, CLOSE_GOING_AWAY, "idle time-out").await;
                     return "idle time-out";
                 }
                 match ping_sent {
-                    Some(at) if now.duration_since(at) > settings.ws_ping_timeout => {
+                    Some(at) if now.duration_since(at) > settings.ping_timeout => {
                         return "ping time-out";
                     }
                     Some(_) => {}
@@ -473,7 +601,7 @@ fn control(state: &AppState, scoped: &crate::auth::UserInfo, text: &str) -> Opti
         "refresh_token" => Some(
             serde_json::json!({
                 "type": "reconnection_token",
-                "reconnection_token": state.tokens.issue_reconnection(scoped, state.settings.reconnection_token_life_time).0,
+                "reconnection_token": state.tokens.issue_reconnection(scoped, state.settings.connections.reconnection_token_life_time).0,
             })
             .to_string(),
         ),

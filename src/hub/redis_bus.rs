@@ -20,6 +20,47 @@ use tokio_util::sync::CancellationToken;
 use super::bus::{Announcement, Bus, BusError, Inbound, decode_announcement, encode_announcement};
 
 /// Prefix of every key and channel this server uses in Redis.
+/// Several instances behind one address.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterOptions {
+    /// Redis for several instances behind one address: routing between them and the shared service registry, e.g. redis://127.0.0.1:6379/0 [default: none, everything in-process]
+    #[arg(
+        long,
+        env = "HYPHA_REDIS_URI",
+        value_name = "URL",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub redis_uri: Option<String>,
+}
+
+/// Several instances, validated.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSettings {
+    /// `None`: one instance, bus and registry in-process. May hold a password.
+    pub redis_uri: Option<secrecy::SecretString>,
+}
+
+impl ClusterOptions {
+    pub fn settings(&self) -> Result<ClusterSettings, crate::config::SettingsError> {
+        let uri = self.redis_uri.as_deref().filter(|u| !u.is_empty());
+        if let Some(uri) = uri
+            && !(uri.starts_with("redis://")
+                || uri.starts_with("redis+unix://")
+                || uri.starts_with("unix://"))
+        {
+            return Err(crate::config::SettingsError::new(format!(
+                "{}: must start with redis://, redis+unix:// or unix://, got {:?}",
+                crate::config::option_name("redis-uri"),
+                redact(uri)
+            )));
+        }
+        Ok(ClusterSettings {
+            redis_uri: uri.map(|u| secrecy::SecretString::from(u.to_string())),
+        })
+    }
+}
+
 pub const PREFIX: &str = "hypha-rtc:";
 const ANNOUNCE_CHANNEL: &str = "hypha-rtc:announce";
 /// How long one Redis command may take before it counts as failed.

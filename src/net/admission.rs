@@ -28,8 +28,8 @@ pub struct AdmissionSettings {
     pub max_connections: usize,
     /// Connections from one address; 0 means no limit.
     pub max_per_address: usize,
-    /// How long a new connection may stay silent.
-    pub first_byte_timeout: Duration,
+    /// How long a new connection may stay silent, and a request head may take.
+    pub header_timeout: Duration,
     pub trusted_proxies: TrustedProxies,
 }
 
@@ -245,7 +245,7 @@ impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for Acceptor {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let admitted = self.admission.admit(peer.ip()).map(|slot| {
             let _ = stream.set_nodelay(true);
-            let timeout = self.admission.settings.first_byte_timeout;
+            let timeout = self.admission.settings.header_timeout;
             let stream = Guarded {
                 inner: stream,
                 _slot: slot,
@@ -271,7 +271,7 @@ mod tests {
         let admission = Admission::new(AdmissionSettings {
             max_connections: 3,
             max_per_address: 2,
-            first_byte_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(1),
             trusted_proxies: TrustedProxies::parse("10.0.0.1").unwrap(),
         });
         let a: IpAddr = "192.0.2.1".parse().unwrap();

@@ -8,6 +8,47 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use tokio::sync::mpsc;
 
+/// Where the store is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreOptions {
+    /// Directory for the embedded database and other state
+    #[arg(
+        long,
+        env = "HYPHA_DATA_DIR",
+        value_name = "DIR",
+        global = true,
+        default_value = "hypha-rtc-data"
+    )]
+    pub data_dir: std::path::PathBuf,
+    /// Database URL: sqlite://... or postgres://... [default: sqlite://<data-dir>/hypha-rtc.db]
+    #[arg(
+        long,
+        env = "HYPHA_DATABASE_URL",
+        value_name = "URL",
+        global = true,
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub database_url: Option<String>,
+}
+
+/// Where the store is, validated.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub data_dir: std::path::PathBuf,
+    /// `None`: a SQLite file in `data_dir`.
+    pub database_url: Option<String>,
+}
+
+impl StoreOptions {
+    pub fn settings(&self) -> StoreSettings {
+        StoreSettings {
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone().filter(|u| !u.is_empty()),
+        }
+    }
+}
+
 /// A store that could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

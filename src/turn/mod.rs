@@ -38,14 +38,141 @@ pub struct CoturnSettings {
     pub tls_port: Option<u16>,
 }
 
+/// The TURN and ICE options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TurnOptions {
+    /// coturn's static-auth-secret; with --coturn-uri it turns on get_rtc_ice_servers
+    #[arg(
+        long,
+        env = "HYPHA_COTURN_SECRET",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub coturn_secret: Option<String>,
+    /// Where this server reaches coturn for its probe: host:port, IPv6 as [::1]:3478
+    #[arg(long, env = "HYPHA_COTURN_URI", value_name = "HOST:PORT")]
+    pub coturn_uri: Option<String>,
+    /// What clients are given: host:port, or a comma-separated list for several TURN servers [default: --coturn-uri]
+    #[arg(long, env = "HYPHA_PUBLIC_COTURN_URI", value_name = "HOST:PORT[,...]")]
+    pub public_coturn_uri: Option<String>,
+    /// Offer turns: URLs on this TLS port of the public coturn hosts
+    #[arg(long, env = "HYPHA_COTURN_TLS_PORT", value_name = "PORT")]
+    pub coturn_tls_port: Option<u16>,
+    /// Longest credential lifetime handed out, in seconds; longer requests are clamped
+    #[arg(
+        long,
+        env = "HYPHA_COTURN_MAX_TTL",
+        value_name = "SECONDS",
+        default_value_t = 86_400
+    )]
+    pub coturn_max_ttl: u64,
+    /// Extra static ICE server, repeatable: turn:<host>:<port>[<user>:<password>] or stun:<host>:<port> (HYPHA_ICE_SERVER: several, separated by spaces)
+    #[arg(
+        long,
+        env = "HYPHA_ICE_SERVER",
+        value_name = "URI",
+        value_delimiter = ' ',
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub ice_server: Vec<String>,
+    /// get_rtc_ice_servers calls per minute per account; 0 turns the limit off
+    #[arg(
+        long,
+        env = "HYPHA_ICE_RATE_LIMIT",
+        value_name = "PER_MINUTE",
+        default_value_t = 60
+    )]
+    pub ice_rate_limit: u32,
+    /// Refuse TURN credentials whose issuance cannot be written to the audit
+    #[arg(long, env = "HYPHA_AUDIT_REQUIRED", value_name = "BOOL", action = clap::ArgAction::Set, default_value_t = true)]
+    pub audit_required: bool,
+}
+
+impl TurnOptions {
+    /// Validates the options; every error names the option and the expected form.
+    pub fn settings(&self) -> Result<TurnSettings, crate::config::SettingsError> {
+        use crate::config::{SettingsError, option_name};
+        let option =
+            |name: &str, e: String| SettingsError::new(format!("{}: {e}", option_name(name)));
+        let secret = self.coturn_secret.clone().filter(|s| !s.is_empty());
+        let uri = self.coturn_uri.clone().filter(|s| !s.is_empty());
+        let public_list = self.public_coturn_uri.as_deref().filter(|s| !s.is_empty());
+        let coturn = match (secret, uri) {
+            (Some(secret), Some(uri)) => {
+                let internal = HostPort::parse(&uri).map_err(|e| option("coturn-uri", e))?;
+                let public = match public_list {
+                    Some(list) => list
+                        .split(',')
+                        .map(|u| HostPort::parse(u).map_err(|e| option("public-coturn-uri", e)))
+                        .collect::<Result<Vec<_>, _>>()?,
+                    None => vec![internal.clone()],
+                };
+                if self.coturn_tls_port == Some(0) {
+                    return Err(option(
+                        "coturn-tls-port",
+                        "must be a port number from 1 to 65535".into(),
+                    ));
+                }
+                Some(CoturnSettings {
+                    secret: SecretString::from(secret),
+                    internal,
+                    public,
+                    tls_port: self.coturn_tls_port,
+                })
+            }
+            (None, None) if public_list.is_some() => {
+                return Err(option(
+                    "public-coturn-uri",
+                    "needs --coturn-secret and --coturn-uri".into(),
+                ));
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(option(
+                    "coturn-uri",
+                    "is required with --coturn-secret (expected host:port)".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(option(
+                    "coturn-secret",
+                    "is required with --coturn-uri".into(),
+                ));
+            }
+        };
+        let static_servers = self
+            .ice_server
+            .iter()
+            .flat_map(|s| s.split_whitespace())
+            .map(|s| StaticIceServer::parse(s).map_err(|e| option("ice-server", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.coturn_max_ttl == 0 {
+            return Err(option(
+                "coturn-max-ttl",
+                "must be a positive number of seconds".into(),
+            ));
+        }
+        Ok(TurnSettings {
+            coturn,
+            static_servers,
+            max_ttl: self.coturn_max_ttl,
+            rate_limit: self.ice_rate_limit,
+            audit_required: self.audit_required,
+        })
+    }
+}
+
 /// Everything about ICE servers, validated at start-up.
 #[derive(Debug, Clone, Default)]
 pub struct TurnSettings {
     pub coturn: Option<CoturnSettings>,
     pub static_servers: Vec<StaticIceServer>,
     pub max_ttl: u64,
-    /// Calls per minute per user; 0 turns the limit off.
+    /// Calls per minute per account; 0 turns the limit off.
     pub rate_limit: u32,
+    /// No credential is handed out whose issuance the audit could not record.
+    pub audit_required: bool,
 }
 
 /// Hands out ICE server lists.
@@ -63,7 +190,8 @@ pub struct IceService {
 }
 
 impl IceService {
-    pub fn new(settings: TurnSettings, store: Store, audit_required: bool) -> Arc<Self> {
+    pub fn new(settings: TurnSettings, store: Store) -> Arc<Self> {
+        let audit_required = settings.audit_required;
         let probe = settings.coturn.as_ref().map(|c| {
             Probe::new(
                 c.internal.clone(),

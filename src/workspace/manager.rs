@@ -626,7 +626,7 @@ pub async fn get_service(
         .and_then(|t| t.as_f64().or_else(|| t.as_i64().map(|i| i as f64)))
         .filter(|t| t.is_finite() && *t > 0.0 && *t < 3600.0)
         .map(Duration::from_secs_f64)
-        .unwrap_or(state.settings.method_timeout);
+        .unwrap_or(state.settings.connections.method_timeout);
     let options = CallOptions {
         from: &state.peer.manager_addr(),
         ws: entry.id.provider.workspace.as_str(),

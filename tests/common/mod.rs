@@ -27,12 +27,10 @@ impl TestApp {
 pub async fn spawn_app(tune: impl FnOnce(&mut Settings)) -> TestApp {
     let data_dir =
         std::env::temp_dir().join(format!("hypha-rtc-test-{}", hypha_rtc::auth::random_id(10)));
-    let mut settings = Settings {
-        port: 0,
-        data_dir,
-        jwt_secret: Some(SecretString::from("integration-secret".to_string())),
-        ..Settings::default()
-    };
+    let mut settings = Settings::default();
+    settings.server.port = 0;
+    settings.store.data_dir = data_dir;
+    settings.server.jwt_secret = Some(SecretString::from("integration-secret".to_string()));
     tune(&mut settings);
     let app = App::build(settings).await.expect("app builds");
     let test_app = TestApp {
