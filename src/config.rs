@@ -210,26 +210,7 @@ impl Default for Settings {
     }
 }
 
-/// A setting that could not be read; names the option and what was expected.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
-    #[error("invalid settings: {0}")]
-    Invalid(String),
-    /// The command line itself (unknown option, bad value, `--help`): clap says it best.
-    #[error("{0}")]
-    Command(#[from] clap::Error),
-    #[error("cannot read the settings file {file}: {source}")]
-    File {
-        file: String,
-        source: config::ConfigError,
-    },
-}
-
-impl SettingsError {
-    pub fn new(message: impl Into<String>) -> Self {
-        SettingsError::Invalid(message.into())
-    }
-}
+pub use crate::options::SettingsError;
 
 /// Every `HYPHA_*` variable the command reads, from its own definition.
 pub fn known_variables() -> Vec<String> {
@@ -366,24 +347,6 @@ fn config_path(args: &[std::ffi::OsString]) -> Option<PathBuf> {
         }
     }
     None
-}
-
-/// A duration option given in seconds, refused when zero (for those that must be positive).
-pub fn positive_seconds(option: &str, seconds: u64) -> Result<Duration, SettingsError> {
-    if seconds == 0 {
-        return Err(SettingsError::new(format!(
-            "{option}: must be a positive number of seconds"
-        )));
-    }
-    Ok(Duration::from_secs(seconds))
-}
-
-/// `--option (HYPHA_OPTION)`, for messages.
-pub fn option_name(long: &str) -> String {
-    format!(
-        "--{long} (HYPHA_{})",
-        long.replace('-', "_").to_ascii_uppercase()
-    )
 }
 
 #[cfg(test)]

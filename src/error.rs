@@ -1,7 +1,6 @@
-//! The one error type of the service boundary: how a failure becomes an HTTP response and an RPC reject.
-
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+//! The one error type of the service boundary: what a call into a service (over the
+//! websocket RPC or HTTP) can fail with. The lower layers' errors convert into it; `http`
+//! turns it into a response, the service dispatcher into an RPC reject.
 
 /// A failure of a call into a service, from HTTP or from the websocket RPC.
 #[derive(Debug, thiserror::Error)]
@@ -29,20 +28,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn status_code(&self) -> StatusCode {
-        match self {
-            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::Remote(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
     /// The message a client may see; internal details stay in the log.
     pub fn public_message(&self) -> String {
         if let Error::Internal(detail) = self {
@@ -50,24 +35,35 @@ impl Error {
         }
         self.to_string()
     }
+}
 
-    /// The `_rtype: error` value that hypha-rpc clients turn into an exception.
-    pub fn to_reject(&self) -> rmpv::Value {
-        crate::rpc::value::error_value(&self.public_message())
+/// What went wrong on the wire, for the caller of a service.
+impl From<crate::rpc::RpcError> for Error {
+    fn from(e: crate::rpc::RpcError) -> Self {
+        use crate::rpc::RpcError;
+        match e {
+            RpcError::BadRequest(m) => Error::BadRequest(m),
+            RpcError::NotFound(m) => Error::NotFound(m),
+            RpcError::Unavailable(m) => Error::Unavailable(m),
+            RpcError::Timeout(m) => Error::Timeout(m),
+            RpcError::Remote(m) => Error::Remote(m),
+            RpcError::Busy(m) => Error::TooManyRequests(m),
+        }
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let status = self.status_code();
-        let body = serde_json::json!({"success": false, "detail": self.public_message()});
-        let mut response = (status, axum::Json(body)).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+/// Why no ICE servers were handed out, as the caller sees it.
+impl From<crate::turn::IceError> for Error {
+    fn from(e: crate::turn::IceError) -> Self {
+        use crate::turn::IceError;
+        let message = e.to_string();
+        match e {
+            IceError::Anonymous => Error::PermissionDenied(message),
+            IceError::RateLimited(_) => Error::TooManyRequests(message),
+            IceError::NotConfigured | IceError::Probe(_) | IceError::AuditUnavailable => {
+                Error::Unavailable(message)
+            }
         }
-        response
     }
 }
 

@@ -1,6 +1,7 @@
 //! hypha-rtc: a WebRTC signaling and TURN-credential server that speaks the Hypha protocol to
 //! the unmodified `hypha-rpc` clients. [`App::build`] is what `main` and the tests start.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod demo;
@@ -9,6 +10,7 @@ pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod net;
+pub mod options;
 pub mod rpc;
 pub mod store;
 pub mod turn;

@@ -50,7 +50,7 @@ async fn admin(command: &hypha_rtc::config::Command, settings: &Settings) -> Exi
             return ExitCode::from(1);
         }
     };
-    match hypha_rtc::auth::admin::run(command, settings, &store, std::io::stdin().lock()).await {
+    match hypha_rtc::admin::run(command, settings, &store, std::io::stdin().lock()).await {
         Ok(output) => {
             println!("{output}");
             ExitCode::SUCCESS

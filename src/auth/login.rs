@@ -446,7 +446,7 @@ async fn sign_in(
     if let Some(k) = key
         && let Err(e) = complete(&state, k, &token, &user.id).await
     {
-        return refuse(e.status_code(), &e.public_message());
+        return refuse(crate::http::status(&e), &e.public_message());
     }
     tracing::info!(user = %user.id, "signed in");
     let secure = state.public_base_url.starts_with("https://")

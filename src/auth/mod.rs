@@ -1,7 +1,6 @@
 //! Who a caller is: Hypha-compatible tokens, users (including anonymous ones) and their permissions.
 
 pub mod accounts;
-pub mod admin;
 pub mod login;
 pub mod scope;
 pub mod token;

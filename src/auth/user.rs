@@ -1,8 +1,6 @@
 //! Users and their per-workspace permissions, in the shape Hypha's `UserInfo` has on the wire,
 //! and where an identity came from (the token family it belongs to).
 
-use rmpv::Value;
-
 use super::scope::Scope;
 use crate::ids::UserId;
 
@@ -193,11 +191,6 @@ impl UserInfo {
             },
             "expires_at": self.expires_at,
         })
-    }
-
-    /// The same dict as a msgpack value, for the `user` field of routed frames.
-    pub fn to_value(&self) -> Value {
-        crate::rpc::value::from_json(&self.to_json())
     }
 }
 

@@ -191,7 +191,7 @@ pub fn on_rpc(
         }
     };
     let outcome = dispatch(viewer, &call);
-    peer::reply_frame(&call, outcome, &REPLY_USER)
+    peer::reply_frame(&call, outcome.map_err(|e| e.public_message()), &REPLY_USER)
 }
 
 fn dispatch(viewer: &mut impl Controllable, call: &Call) -> Result<Value, Error> {

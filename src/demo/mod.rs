@@ -62,8 +62,8 @@ pub struct DemoOptions {
 
 impl DemoOptions {
     /// Validates the options; `host` is where the server listens (the default media address).
-    pub fn settings(&self, host: &str) -> Result<DemoSettings, crate::config::SettingsError> {
-        use crate::config::{SettingsError, option_name};
+    pub fn settings(&self, host: &str) -> Result<DemoSettings, crate::options::SettingsError> {
+        use crate::options::{SettingsError, option_name};
         let resolution = self.demo_resolution.trim();
         let parsed = resolution
             .split_once(['x', 'X'])
@@ -131,22 +131,30 @@ impl DemoOptions {
     }
 }
 
-impl Default for DemoSettings {
-    /// The options' defaults.
-    fn default() -> Self {
-        crate::config::Settings::default().demo
+/// The defaults of the demo's options (for tests).
+#[cfg(test)]
+pub(crate) fn default_settings() -> DemoSettings {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Only {
+        #[command(flatten)]
+        demo: DemoOptions,
+    }
+    match Only::parse_from(["demo"]).demo.settings("127.0.0.1") {
+        Ok(settings) => settings,
+        Err(e) => unreachable!("the demo's defaults are valid: {e}"),
     }
 }
 
 /// A unicast address for a media option, or an error naming the option.
-fn unicast_ip(text: &str, option: &str) -> Result<IpAddr, crate::config::SettingsError> {
+fn unicast_ip(text: &str, option: &str) -> Result<IpAddr, crate::options::SettingsError> {
     text.parse::<IpAddr>()
         .ok()
         .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
         .ok_or_else(|| {
-            crate::config::SettingsError::new(format!(
+            crate::options::SettingsError::new(format!(
                 "{}: {text:?} is not a unicast IP address",
-                crate::config::option_name(option)
+                crate::options::option_name(option)
             ))
         })
 }

@@ -61,7 +61,7 @@ async fn offer(
     {
         Ok(answer) => Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response(),
         Err(e) => (
-            e.status_code(),
+            crate::http::status(&e),
             Json(serde_json::json!({"detail": e.public_message()})),
         )
             .into_response(),

@@ -550,7 +550,7 @@ mod tests {
         let producer = Producer::new(super::super::DemoSettings {
             width: 320,
             height: 240,
-            ..Default::default()
+            ..super::super::default_settings()
         });
         for round in 1..=3 {
             assert!(view(&producer, 10).await >= 10, "no video in round {round}");
@@ -576,7 +576,7 @@ mod tests {
             width: 320,
             height: 240,
             codec: Codec::Vp8,
-            ..Default::default()
+            ..super::super::default_settings()
         });
         assert!(view(&producer, 10).await >= 10);
     }
@@ -588,7 +588,7 @@ mod tests {
             width: 160,
             height: 120,
             max_viewers: 1,
-            ..Default::default()
+            ..super::super::default_settings()
         });
         let offer = || {
             let mut client = Rtc::builder().enable_h264(true).build(Instant::now());
@@ -608,7 +608,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_offers_are_refused_without_a_session() {
-        let producer = Producer::new(super::super::DemoSettings::default());
+        let producer = Producer::new(super::super::default_settings());
         let user = Arc::new(UserInfo::http_anonymous());
         let err = start(&producer, "v=0 nonsense", user, None)
             .await

@@ -15,6 +15,38 @@ use crate::AppState;
 use crate::auth::UserInfo;
 use crate::error::Error;
 
+/// The HTTP status of a service error.
+pub fn status(error: &Error) -> axum::http::StatusCode {
+    use axum::http::StatusCode;
+    match error {
+        Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+        Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::Remote(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// A service error as an HTTP response: its status, and `{"success": false, "detail": ...}`
+/// (Hypha's shape); 401 carries `WWW-Authenticate`, 500s are logged, never detailed.
+impl axum::response::IntoResponse for Error {
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::{HeaderValue, StatusCode, header};
+        let status = status(&self);
+        let body = serde_json::json!({"success": false, "detail": self.public_message()});
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
 /// The HTTP side's options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct HttpOptions {
@@ -50,8 +82,8 @@ pub struct HttpSettings {
 
 impl HttpOptions {
     /// Validates the options; `port` is the main port (the metrics one must differ).
-    pub fn settings(&self, port: u16) -> Result<HttpSettings, crate::config::SettingsError> {
-        use crate::config::{SettingsError, option_name};
+    pub fn settings(&self, port: u16) -> Result<HttpSettings, crate::options::SettingsError> {
+        use crate::options::{SettingsError, option_name};
         let allow_origins = cors::AllowOrigins::parse(self.allow_origins.as_deref().unwrap_or("*"))
             .map_err(|e| SettingsError::new(format!("{}: {e}", option_name("allow-origins"))))?;
         let tls = match (&self.cert_file, &self.key_file) {

@@ -158,7 +158,7 @@ async fn call_function(
                     .collect(),
             ));
         }
-        let user_value = user.to_value();
+        let user_value = crate::rpc::value::from_json(&user.to_json());
         let options = CallOptions {
             from: &state.peer.manager_addr(),
             ws: &ctx.ws,

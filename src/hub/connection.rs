@@ -106,8 +106,8 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionOptions {
-    pub fn settings(&self) -> Result<ConnectionSettings, crate::config::SettingsError> {
-        use crate::config::{SettingsError, option_name, positive_seconds};
+    pub fn settings(&self) -> Result<ConnectionSettings, crate::options::SettingsError> {
+        use crate::options::{SettingsError, option_name, positive_seconds};
         if self.max_frame_size < 1024 {
             return Err(SettingsError::new(format!(
                 "{}: must be at least 1024 bytes",
@@ -273,7 +273,7 @@ async fn run(
     let addr = format!("{workspace}/{client}");
     let ws = workspace.to_string();
     let user = Arc::new(user);
-    let user_msgpack = crate::rpc::value::encode(&user.to_value());
+    let user_msgpack = crate::rpc::value::encode(&crate::rpc::value::from_json(&user.to_json()));
     let (tx, mut rx) = mpsc::channel::<Queued>(settings.queue);
     let kill = CancellationToken::new();
     let conn_id = state.hub.next_conn_id();

@@ -523,6 +523,21 @@ impl Hub {
     }
 }
 
+/// The server's own RPC peer sends through the hub, to clients here or on other instances.
+impl crate::rpc::peer::Outbox for Hub {
+    fn send<'a>(
+        &'a self,
+        to: &'a str,
+        frame: Bytes,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), crate::rpc::RpcError>> {
+        Box::pin(async move {
+            Hub::send(self, to, Outbound::Binary(frame))
+                .await
+                .map_err(|e| crate::rpc::RpcError::Unavailable(e.to_string()))
+        })
+    }
+}
+
 /// The frame that tells a caller at once that its target is gone (`peer_not_found`).
 pub fn peer_not_found(target: &str, to: &str, session: &str, error: &str) -> Bytes {
     let header = crate::rpc::value::obj([

@@ -42,16 +42,16 @@ pub struct ClusterSettings {
 }
 
 impl ClusterOptions {
-    pub fn settings(&self) -> Result<ClusterSettings, crate::config::SettingsError> {
+    pub fn settings(&self) -> Result<ClusterSettings, crate::options::SettingsError> {
         let uri = self.redis_uri.as_deref().filter(|u| !u.is_empty());
         if let Some(uri) = uri
             && !(uri.starts_with("redis://")
                 || uri.starts_with("redis+unix://")
                 || uri.starts_with("unix://"))
         {
-            return Err(crate::config::SettingsError::new(format!(
+            return Err(crate::options::SettingsError::new(format!(
                 "{}: must start with redis://, redis+unix:// or unix://, got {:?}",
-                crate::config::option_name("redis-uri"),
+                crate::options::option_name("redis-uri"),
                 redact(uri)
             )));
         }

@@ -34,8 +34,8 @@ pub struct AdmissionOptions {
 }
 
 impl AdmissionOptions {
-    pub fn settings(&self) -> Result<admission::AdmissionSettings, crate::config::SettingsError> {
-        use crate::config::{SettingsError, option_name, positive_seconds};
+    pub fn settings(&self) -> Result<admission::AdmissionSettings, crate::options::SettingsError> {
+        use crate::options::{SettingsError, option_name, positive_seconds};
         let trusted_proxies =
             client_addr::TrustedProxies::parse(self.trusted_proxies.as_deref().unwrap_or(""))
                 .map_err(|e| {

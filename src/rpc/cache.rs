@@ -8,8 +8,8 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+use super::RpcError as Error;
 use super::frame::Frame;
-use crate::error::Error;
 
 /// What one client may park in the cache at once, by kind of user.
 pub const MAX_BYTES_SIGNED_IN: usize = 256 * 1024 * 1024;
@@ -80,7 +80,7 @@ impl MessageCache {
             }
             entry.bytes -= old.bytes;
         } else if entry.messages.len() >= MAX_MESSAGES_PER_CLIENT {
-            return Err(Error::TooManyRequests(format!(
+            return Err(Error::Busy(format!(
                 "too many chunked messages in flight (at most {MAX_MESSAGES_PER_CLIENT} per client)"
             )));
         }

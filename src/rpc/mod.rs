@@ -6,3 +6,24 @@ pub mod frame;
 pub mod peer;
 pub mod scan;
 pub mod value;
+
+/// What can go wrong on the wire: a message that cannot be read, a call that cannot be
+/// delivered or that its callee refused. The text is what the caller is told.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RpcError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The peer is gone, or the frame could not be sent.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Timeout(String),
+    /// The callee rejected the call.
+    #[error("{0}")]
+    Remote(String),
+    /// A limit on what a caller may hold was reached.
+    #[error("{0}")]
+    Busy(String),
+}

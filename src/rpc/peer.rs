@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures_util::future::BoxFuture;
 use rmpv::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
+use super::RpcError as Error;
 use super::frame::{self, Frame};
 use super::scan::Limits;
 use super::value::{self, Args, get, get_str, obj};
 use crate::auth::UserInfo;
-use crate::error::Error;
-use crate::hub::{Hub, Outbound, SendError};
 
 /// Messages above this size are sent in chunks; hypha-rpc clients cannot receive a single
 /// frame over 512 000 bytes. The same threshold the clients use for their own sends.
@@ -110,10 +110,17 @@ pub struct CallOptions<'a> {
     pub with_kwargs: bool,
 }
 
+/// Where the server's own RPC peer sends its frames (the hub, in the running server), so the
+/// wire layer knows nothing of connections.
+pub trait Outbox: Send + Sync {
+    /// Hands a frame to the client at `to`, wherever it is connected.
+    fn send<'a>(&'a self, to: &'a str, frame: Bytes) -> BoxFuture<'a, Result<(), Error>>;
+}
+
 /// The server's RPC peer.
 pub struct ServerPeer {
     pub manager_id: String,
-    hub: Arc<Hub>,
+    outbox: Arc<dyn Outbox>,
     pending: DashMap<String, Pending>,
     /// Chunked messages clients are sending to the server.
     pub cache: super::cache::MessageCache,
@@ -125,15 +132,15 @@ pub struct ServerPeer {
 }
 
 impl ServerPeer {
-    pub fn new(manager_id: String, hub: Arc<Hub>, server_user: &UserInfo) -> Self {
+    pub fn new(manager_id: String, outbox: Arc<dyn Outbox>, server_user: &UserInfo) -> Self {
         Self {
             manager_id,
-            hub,
+            outbox,
             pending: DashMap::new(),
             cache: Default::default(),
             budget: Arc::new(Semaphore::new(DECODE_BUDGET / 1024)),
             budget_anonymous: Arc::new(Semaphore::new(DECODE_BUDGET_ANONYMOUS / 1024)),
-            server_user: server_user.to_value(),
+            server_user: super::value::from_json(&server_user.to_json()),
         }
     }
 
@@ -183,9 +190,7 @@ impl ServerPeer {
             &self.budget
         };
         let budget = pool.clone().try_acquire_many_owned(kib).map_err(|_| {
-            Error::Unavailable(
-                "the server is busy with other large calls; try again shortly".into(),
-            )
+            Error::Busy("the server is busy with other large calls; try again shortly".into())
         })?;
         let mut call = message.into_call(incoming)?;
         call.budget = Some(budget);
@@ -207,8 +212,9 @@ impl ServerPeer {
         self.deliver(from, ws, to, data).await
     }
 
-    /// Sends the outcome of a call to its caller (in chunks if it is large).
-    pub async fn reply(&self, call: &Call, outcome: Result<Value, Error>) {
+    /// Sends the outcome of a call to its caller (in chunks if it is large); an error is the
+    /// message the caller is to see.
+    pub async fn reply(&self, call: &Call, outcome: Result<Value, String>) {
         let Some(data) = reply_frame(call, outcome, &self.server_user) else {
             return;
         };
@@ -236,11 +242,7 @@ impl ServerPeer {
     /// Delivers an encoded message, chunking it through the target's `message_cache` if large.
     async fn deliver(&self, from: &str, ws: &str, to: &str, data: Bytes) -> Result<(), Error> {
         if data.len() <= CHUNK_THRESHOLD {
-            return self
-                .hub
-                .send(to, Outbound::Binary(data))
-                .await
-                .map_err(send_error);
+            return self.outbox.send(to, data).await;
         }
         let key = crate::auth::random_id(20);
         let options = CallOptions {
@@ -504,7 +506,7 @@ pub fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
 
 /// The frame that carries a call's outcome back to its caller, sent from the address the
 /// caller called; `None` when the call asked for no answer.
-pub fn reply_frame(call: &Call, outcome: Result<Value, Error>, user: &Value) -> Option<Bytes> {
+pub fn reply_frame(call: &Call, outcome: Result<Value, String>, user: &Value) -> Option<Bytes> {
     let Some(reply) = &call.reply else {
         if let Err(e) = outcome {
             tracing::debug!(method = %call.method, error = %e, "call without promise failed");
@@ -513,7 +515,7 @@ pub fn reply_frame(call: &Call, outcome: Result<Value, Error>, user: &Value) -> 
     };
     let (method, value) = match outcome {
         Ok(v) => (&reply.resolve, v),
-        Err(e) => (&reply.reject, e.to_reject()),
+        Err(message) => (&reply.reject, value::error_value(&message)),
     };
     Some(method_frame(
         &call.ctx.to,
@@ -530,7 +532,8 @@ pub fn reply_frame(call: &Call, outcome: Result<Value, Error>, user: &Value) -> 
 /// `None` when the frame is not a call with a promise.
 pub fn refusal(frame: &Frame, callee: &str, caller: &str, message: &str) -> Option<Bytes> {
     use std::sync::LazyLock;
-    static SERVER_USER: LazyLock<Value> = LazyLock::new(|| UserInfo::server().to_value());
+    static SERVER_USER: LazyLock<Value> =
+        LazyLock::new(|| super::value::from_json(&UserInfo::server().to_json()));
     if frame.field("type") != Some("method") {
         return None;
     }
@@ -545,7 +548,7 @@ pub fn refusal(frame: &Frame, callee: &str, caller: &str, message: &str) -> Opti
             .to_string(),
         _ => return None,
     };
-    let error = Error::BadRequest(message.to_string()).to_reject();
+    let error = value::error_value(message);
     Some(method_frame(
         callee,
         caller,
@@ -587,10 +590,6 @@ impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.peer.pending.remove(self.session);
     }
-}
-
-fn send_error(e: SendError) -> Error {
-    Error::Unavailable(e.to_string())
 }
 
 /// Moves a key's value out of a map (instead of cloning a possibly large argument list).

@@ -193,9 +193,9 @@ impl Args {
     }
 
     /// A string argument that must be there.
-    pub fn require_str(&self, index: usize, name: &str) -> Result<&str, crate::error::Error> {
+    pub fn require_str(&self, index: usize, name: &str) -> Result<&str, super::RpcError> {
         self.get_str(index, name).ok_or_else(|| {
-            crate::error::Error::BadRequest(format!("the argument {name} (a string) is required"))
+            super::RpcError::BadRequest(format!("the argument {name} (a string) is required"))
         })
     }
 }

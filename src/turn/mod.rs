@@ -11,12 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use rmpv::Value;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::UserInfo;
-use crate::error::Error;
-use crate::rpc::value::Args;
 use crate::store::{IceIssuance, Store};
 use ice::{HostPort, StaticIceServer};
 use probe::Probe;
@@ -91,8 +88,8 @@ pub struct TurnOptions {
 
 impl TurnOptions {
     /// Validates the options; every error names the option and the expected form.
-    pub fn settings(&self) -> Result<TurnSettings, crate::config::SettingsError> {
-        use crate::config::{SettingsError, option_name};
+    pub fn settings(&self) -> Result<TurnSettings, crate::options::SettingsError> {
+        use crate::options::{SettingsError, option_name};
         let option =
             |name: &str, e: String| SettingsError::new(format!("{}: {e}", option_name(name)));
         let secret = self.coturn_secret.clone().filter(|s| !s.is_empty());
@@ -226,9 +223,15 @@ impl IceService {
         self.probe.as_ref()
     }
 
-    /// `get_rtc_ice_servers(ttl=43200, test_connectivity=True)`, positional or keyword.
-    pub async fn ice_servers(&self, user: &UserInfo, args: &Args) -> Result<Value, Error> {
-        let outcome = self.issue(user, args).await;
+    /// ICE servers for `user`: coturn credentials (after the probe, when asked) and the
+    /// static servers, as a JSON list each entry of which holds `urls`, and `username` and
+    /// `credential` for TURN.
+    pub async fn ice_servers(
+        &self,
+        user: &UserInfo,
+        request: IceRequest,
+    ) -> Result<serde_json::Value, IceError> {
+        let outcome = self.issue(user, request).await;
         let counter = if outcome.is_ok() {
             &self.issued
         } else {
@@ -238,46 +241,32 @@ impl IceService {
         outcome
     }
 
-    async fn issue(&self, user: &UserInfo, args: &Args) -> Result<Value, Error> {
-        let (ttl, test) = (args.get(0, "ttl"), args.get(1, "test_connectivity"));
+    async fn issue(
+        &self,
+        user: &UserInfo,
+        request: IceRequest,
+    ) -> Result<serde_json::Value, IceError> {
         if user.is_anonymous() {
-            return Err(Error::PermissionDenied(ANONYMOUS_REFUSED.into()));
+            return Err(IceError::Anonymous);
         }
         let Some(coturn) = &self.settings.coturn else {
-            return Err(Error::Unavailable(
-                "WebRTC ICE servers are not configured on this server: start it with --coturn-secret and --coturn-uri (HYPHA_COTURN_SECRET, HYPHA_COTURN_URI)".into(),
-            ));
+            return Err(IceError::NotConfigured);
         };
-        let ttl = match ttl {
-            None | Some(Value::Nil) => DEFAULT_TTL,
-            Some(v) => v.as_u64().filter(|t| *t > 0).ok_or_else(|| {
-                Error::BadRequest(format!(
-                    "ttl must be a positive integer number of seconds, not {v}"
-                ))
-            })?,
-        }
-        .min(self.settings.max_ttl);
-        let test = match test {
-            None | Some(Value::Nil) => true,
-            Some(Value::Boolean(b)) => *b,
-            Some(v) => {
-                return Err(Error::BadRequest(format!(
-                    "test_connectivity must be true or false, not {v}"
-                )));
-            }
-        };
+        let ttl = request
+            .ttl
+            .unwrap_or(DEFAULT_TTL)
+            .min(self.settings.max_ttl);
         if let Some(limiter) = &self.limiter
             && limiter.check_key(user.account()).is_err()
         {
-            return Err(Error::TooManyRequests(format!(
-                "Too many ICE server requests: at most {} a minute per user",
-                self.settings.rate_limit
-            )));
+            return Err(IceError::RateLimited(self.settings.rate_limit));
         }
-        if test && let Some(probe) = &self.probe {
+        if request.test_connectivity
+            && let Some(probe) = &self.probe
+        {
             let outcome = probe.check().await;
             if !outcome.is_ok() {
-                return Err(Error::Unavailable(outcome.describe(probe.address())));
+                return Err(IceError::Probe(outcome.describe(probe.address())));
             }
         }
         let now = crate::auth::now_secs();
@@ -296,9 +285,7 @@ impl IceService {
             .await;
         if let Err(e) = recorded {
             tracing::warn!(error = %e, user = %user.id, "TURN credentials refused: the audit cannot record them");
-            return Err(Error::Unavailable(
-                "the credential audit store is unavailable, and credentials are only issued when they can be recorded; try again later".into(),
-            ));
+            return Err(IceError::AuditUnavailable);
         }
         let mut servers: Vec<serde_json::Value> = coturn
             .public
@@ -318,8 +305,35 @@ impl IceService {
                 .map(StaticIceServer::to_json),
         );
         tracing::info!(user = %user.id, ttl, expires_at = credential.expires_at, "issued TURN credentials");
-        Ok(crate::rpc::value::from_json(&serde_json::Value::Array(
-            servers,
-        )))
+        Ok(serde_json::Value::Array(servers))
     }
+}
+
+/// What `get_rtc_ice_servers` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IceRequest {
+    /// Credential lifetime in seconds (clamped to `--coturn-max-ttl`); `None`: 12 hours.
+    pub ttl: Option<u64>,
+    /// Probe coturn before handing out credentials.
+    pub test_connectivity: bool,
+}
+
+/// Why no ICE servers were handed out.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IceError {
+    #[error("{ANONYMOUS_REFUSED}")]
+    Anonymous,
+    #[error(
+        "WebRTC ICE servers are not configured on this server: start it with --coturn-secret and --coturn-uri (HYPHA_COTURN_SECRET, HYPHA_COTURN_URI)"
+    )]
+    NotConfigured,
+    #[error("Too many ICE server requests: at most {0} a minute per account")]
+    RateLimited(u32),
+    /// The probe found coturn unusable; says how.
+    #[error("{0}")]
+    Probe(String),
+    #[error(
+        "the credential audit store is unavailable, and credentials are only issued when they can be recorded; try again later"
+    )]
+    AuditUnavailable,
 }

@@ -371,7 +371,7 @@ pub async fn call(
             let (query, config) = query_args(args)?;
             get_service(state, &ctx.ws, &ctx.user, query, config).await
         }
-        "get_rtc_ice_servers" => state.ice.ice_servers(&ctx.user, args).await,
+        "get_rtc_ice_servers" => super::ice_servers(state, ctx, args).await,
         "list_services" => list_services(state, ctx, args).await,
         "parse_token" => {
             let token = args.require_str(0, "token")?;
@@ -644,10 +644,10 @@ pub async fn get_service(
         )
         .await
         .map_err(|e| match e {
-            Error::Unavailable(_) => Error::NotFound(format!(
+            crate::rpc::RpcError::Unavailable(_) => Error::NotFound(format!(
                 "Service not found: {query} (its provider {provider} is gone)"
             )),
-            other => other,
+            other => Error::from(other),
         })?;
     if !description.is_map() {
         return Err(Error::Remote(format!(

@@ -29,8 +29,7 @@ pub async fn handle(state: Arc<AppState>, incoming: Incoming) {
         Err(e) => {
             tracing::debug!(%from, error = %e, "undecodable call to the server");
             // A call that asked for an answer learns why it was refused.
-            if let Some(reject) = crate::rpc::peer::refusal(&frame, &to, &from, &e.public_message())
-            {
+            if let Some(reject) = crate::rpc::peer::refusal(&frame, &to, &from, &e.to_string()) {
                 let _ = state.hub.send(&from, Outbound::Binary(reject)).await;
             }
         }
@@ -53,7 +52,10 @@ async fn run_call(state: &Arc<AppState>, call: Call) {
         None => work.await,
     };
     running.finished(outcome.is_ok());
-    state.peer.reply(&call, outcome).await;
+    state
+        .peer
+        .reply(&call, outcome.map_err(|e| e.public_message()))
+        .await;
 }
 
 /// Runs a call on a hosted service: `services.<service>.<function>`.
@@ -122,7 +124,7 @@ pub async fn call_hosted(
 ) -> Result<Value, Error> {
     match (service, function) {
         ("default", _) => manager::call(state, function, ctx, args).await,
-        ("coturn", "get_rtc_ice_servers") => state.ice.ice_servers(&ctx.user, args).await,
+        ("coturn", "get_rtc_ice_servers") => ice_servers(state, ctx, args).await,
         ("hypha-login", _) => crate::auth::login::call(state, function, ctx, args).await,
         ("video-producer", "offer") if state.settings.demo.enabled => {
             let params = args
@@ -145,6 +147,37 @@ pub async fn call_hosted(
             "Method not found: services.{service}.{function}"
         ))),
     }
+}
+
+/// `get_rtc_ice_servers(ttl=43200, test_connectivity=True)`, positional or keyword.
+pub async fn ice_servers(
+    state: &AppState,
+    ctx: &crate::rpc::peer::CallContext,
+    args: &crate::rpc::value::Args,
+) -> Result<Value, Error> {
+    let ttl = match args.get(0, "ttl") {
+        None => None,
+        Some(v) => Some(v.as_u64().filter(|t| *t > 0).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "ttl must be a positive integer number of seconds, not {v}"
+            ))
+        })?),
+    };
+    let test_connectivity = match args.get(1, "test_connectivity") {
+        None => true,
+        Some(Value::Boolean(b)) => *b,
+        Some(v) => {
+            return Err(Error::BadRequest(format!(
+                "test_connectivity must be true or false, not {v}"
+            )));
+        }
+    };
+    let request = crate::turn::IceRequest {
+        ttl,
+        test_connectivity,
+    };
+    let servers = state.ice.ice_servers(&ctx.user, request).await?;
+    Ok(crate::rpc::value::from_json(&servers))
 }
 
 /// The manager's `built-in` service: `get_service`, `ping` and `message_cache`.
@@ -182,12 +215,14 @@ async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<V
                 .cache
                 .create(owner, key()?, overwrite)
                 .map(|_| Value::Nil)
+                .map_err(Error::from)
         }
         "message_cache.append" => state
             .peer
             .cache
             .put(owner, key()?, None, data(1)?, limit)
-            .map(|_| Value::Nil),
+            .map(|_| Value::Nil)
+            .map_err(Error::from),
         "message_cache.set" => {
             let index = args
                 .get(1, "index")
@@ -198,8 +233,14 @@ async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<V
                 .cache
                 .put(owner, key()?, Some(index), data(2)?, limit)
                 .map(|_| Value::Nil)
+                .map_err(Error::from)
         }
-        "message_cache.remove" => state.peer.cache.remove(owner, key()?).map(|_| Value::Nil),
+        "message_cache.remove" => state
+            .peer
+            .cache
+            .remove(owner, key()?)
+            .map(|_| Value::Nil)
+            .map_err(Error::from),
         "message_cache.process" => {
             let frame = state.peer.cache.take(owner, key()?)?;
             let incoming = Incoming {

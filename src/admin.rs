@@ -2,7 +2,7 @@
 
 use std::io::BufRead;
 
-use super::accounts::hash_password;
+use crate::auth::accounts::hash_password;
 use crate::config::{Command, Settings, UserAction};
 use crate::store::{Store, UserRecord};
 
@@ -13,7 +13,7 @@ pub async fn run(
     store: &Store,
     stdin: impl BufRead,
 ) -> Result<String, String> {
-    let now = super::now_secs();
+    let now = crate::auth::now_secs();
     match command {
         Command::User { action } => match action {
             UserAction::Add {
@@ -32,7 +32,7 @@ pub async fn run(
                     return Err(format!("a user with the email {email} already exists"));
                 }
                 let user = UserRecord {
-                    id: format!("u{}", super::random_id(15)),
+                    id: format!("u{}", crate::auth::random_id(15)),
                     email: email.clone(),
                     password_hash: hash_password(&password)?,
                     roles: role.clone(),
@@ -98,9 +98,9 @@ pub async fn run(
                 return Err(format!("{email} is disabled"));
             }
             let id = crate::ids::UserId::parse(user.id).map_err(|e| e.to_string())?;
-            let mut info = super::UserInfo::new(id, user.roles, Some(now + expires_in));
+            let mut info = crate::auth::UserInfo::new(id, user.roles, Some(now + expires_in));
             info.email = Some(user.email);
-            Ok(super::TokenIssuer::new(secret).issue(&info, *expires_in))
+            Ok(crate::auth::TokenIssuer::new(secret).issue(&info, *expires_in))
         }
     }
 }
