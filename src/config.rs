@@ -42,7 +42,7 @@ pub struct Cli {
     #[command(flatten)]
     pub store: crate::store::StoreOptions,
     #[command(flatten)]
-    pub cluster: crate::hub::redis_bus::ClusterOptions,
+    pub cluster: crate::cluster::ClusterOptions,
     #[command(flatten)]
     pub accounts: crate::auth::accounts::AccountOptions,
     #[command(flatten)]
@@ -195,7 +195,7 @@ pub struct Settings {
     pub http: crate::http::HttpSettings,
     pub turn: crate::turn::TurnSettings,
     pub store: crate::store::StoreSettings,
-    pub cluster: crate::hub::redis_bus::ClusterSettings,
+    pub cluster: crate::cluster::ClusterSettings,
     pub accounts: crate::auth::accounts::AccountSettings,
     pub demo: crate::demo::DemoSettings,
 }

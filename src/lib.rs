@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod hub;
 pub mod ids;
 pub mod net;
 pub mod options;
+pub mod registry;
 pub mod rpc;
 pub mod store;
 pub mod turn;
@@ -25,9 +27,9 @@ use tokio::net::TcpListener;
 use crate::auth::{TokenIssuer, UserInfo};
 use crate::config::Settings;
 use crate::hub::Hub;
+use crate::registry::Registry;
 use crate::rpc::peer::ServerPeer;
 use crate::rpc::value::obj;
-use crate::workspace::registry::Registry;
 
 /// The Hypha version whose protocol this server speaks, reported in `connection_info`.
 pub const HYPHA_VERSION: &str = "0.21.47";
@@ -43,8 +45,8 @@ pub struct AppState {
     /// The built-in video producer (its settings say whether it is on).
     pub demo: Arc<demo::Producer>,
     pub store: store::Store,
-    /// The registry shared with other instances; `None` when this instance runs alone.
-    pub directory: Option<Arc<workspace::directory::Directory>>,
+    /// The registry shared with other instances (in-process when this instance runs alone).
+    pub directory: Arc<dyn cluster::Directory>,
     /// Cancelled when the server stops; ends its background tasks.
     pub stopping: tokio_util::sync::CancellationToken,
     pub accounts: auth::accounts::Accounts,
@@ -123,7 +125,7 @@ pub enum StartupError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot join the other instances: {0}")]
-    Cluster(String),
+    Cluster(#[from] cluster::ClusterError),
     #[error("TLS: {0}")]
     Tls(String),
 }
@@ -146,50 +148,6 @@ pub async fn open_store(settings: &Settings) -> Result<store::Store, StartupErro
         }
     };
     Ok(store::Store::open(&url).await?)
-}
-
-/// What joining the other instances through Redis gives: the bus, the shared registry, and
-/// what other instances send here.
-type Joined = (
-    Arc<dyn hub::bus::Bus>,
-    Arc<workspace::directory::Directory>,
-    tokio::sync::mpsc::Receiver<hub::bus::Inbound>,
-);
-
-/// Connects to Redis, claims this instance's id and starts the bus (`--redis-uri`).
-async fn join_instances(
-    uri: &SecretString,
-    server_id: &str,
-    manager_id: &str,
-    stopping: &tokio_util::sync::CancellationToken,
-) -> Result<Joined, StartupError> {
-    use secrecy::ExposeSecret;
-    let cluster = |e: &dyn std::fmt::Display| StartupError::Cluster(e.to_string());
-    crate::ids::ClientId::parse(server_id).map_err(|e| {
-        StartupError::Cluster(format!(
-            "the server id must be a valid id with --redis-uri: {e}"
-        ))
-    })?;
-    let (client, conn) = hub::redis_bus::connect(uri.expose_secret())
-        .await
-        .map_err(|e| cluster(&e))?;
-    let directory = Arc::new(workspace::directory::Directory::new(
-        server_id.to_string(),
-        conn.clone(),
-    ));
-    directory.claim().await.map_err(|e| cluster(&e))?;
-    directory.heartbeat().await.map_err(|e| cluster(&e))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    let bus = hub::redis_bus::RedisBus::start(
-        &[format!("*/{manager_id}")],
-        server_id.to_string(),
-        client,
-        conn,
-        tx,
-        stopping.clone(),
-    );
-    tracing::info!(redis = %hub::redis_bus::redact(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
-    Ok((bus, directory, rx))
 }
 
 /// A bound, ready-to-run server.
@@ -258,18 +216,11 @@ impl App {
             .clone()
             .unwrap_or_else(|| local_base_url.clone());
         let stopping = tokio_util::sync::CancellationToken::new();
-        let (bus, directory, inbound) = match &settings.cluster.redis_uri {
-            None => (
-                Arc::new(hub::bus::LocalBus) as Arc<dyn hub::bus::Bus>,
-                None,
-                None,
-            ),
-            Some(uri) => {
-                let (bus, directory, inbound) =
-                    join_instances(uri, &server_id, &manager_id, &stopping).await?;
-                (bus, Some(directory), Some(inbound))
-            }
-        };
+        let cluster::Joined {
+            bus,
+            directory,
+            inbound,
+        } = cluster::join(&settings.cluster, &server_id, &manager_id, &stopping).await?;
         let hub = Arc::new(Hub::new(
             manager_id.clone(),
             settings.connections.slow_consumer_timeout,
@@ -320,7 +271,7 @@ impl App {
             tokio::spawn(hub::inbound::run(state.clone(), rx));
             tokio::spawn(workspace::keep_lease(state.clone(), state.stopping.clone()));
         }
-        if state.directory.is_some() || state.settings.store.database_url.is_some() {
+        if state.directory.is_shared() || state.settings.store.database_url.is_some() {
             tokio::spawn(reload_revocations(state.clone()));
         }
         Ok(App {

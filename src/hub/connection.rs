@@ -387,7 +387,7 @@ async fn free_elsewhere(
     client: &str,
     proven: bool,
 ) -> Result<(), String> {
-    if state.directory.is_none() || proven {
+    if !state.directory.is_shared() || proven {
         return Ok(());
     }
     let unavailable = || {
@@ -395,8 +395,10 @@ async fn free_elsewhere(
             "the shared directory (Redis) is unavailable, so the server cannot check that client id {client} is free; reconnect with its reconnection token, or try again once Redis is back"
         )
     };
-    let directory = crate::workspace::reachable(state).ok_or_else(unavailable)?;
-    match directory.client_elsewhere(ws, client).await {
+    if !crate::workspace::directory_reachable(state) {
+        return Err(unavailable());
+    }
+    match state.directory.client_elsewhere(ws, client).await {
         Ok(None) => Ok(()),
         Ok(Some(_)) => Err(format!(
             "Client already exists and is active: {ws}/{client}"

@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::bus::{Announcement, Inbound};
 use super::{Outbound, Unsent};
 use crate::AppState;
 use crate::auth::UserInfo;
+use crate::cluster::bus::{Announcement, Inbound};
 use crate::rpc::frame::Frame;
 use crate::rpc::peer::{Decoded, Incoming};
 

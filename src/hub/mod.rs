@@ -2,13 +2,11 @@
 //! the server, then goes to its target's bounded queue, to a workspace broadcast, or to the
 //! server's own RPC peer.
 
-pub mod bus;
 pub mod chunks;
 pub mod connection;
 mod handshake;
 pub mod inbound;
 pub mod inflight;
-pub mod redis_bus;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +18,8 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use self::bus::{Announcement, Bus};
 use crate::auth::UserInfo;
+use crate::cluster::bus::{self, Announcement, Bus};
 use crate::rpc::frame::{Frame, FrameError};
 
 /// What a connection's writer sends to its socket.

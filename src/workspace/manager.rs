@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use rmpv::Value;
 
-use super::registry::{ServiceEntry, ServiceQuery, Visibility};
 use crate::AppState;
 use crate::auth::{Permission, UserInfo};
 use crate::error::Error;
 use crate::ids::ServiceId;
+use crate::registry::{ServiceEntry, ServiceQuery, Visibility};
 use crate::rpc::peer::{CallContext, CallOptions};
 use crate::rpc::value::{self, Args, get, get_str, obj};
 
@@ -409,7 +409,7 @@ pub async fn call(
             let bus = state.hub.bus();
             if bus.is_shared()
                 && let Err(e) = bus
-                    .announce(crate::hub::bus::Announcement::Revoked { id })
+                    .announce(crate::cluster::bus::Announcement::Revoked { id })
                     .await
             {
                 // The other instances read it from the store within a minute.

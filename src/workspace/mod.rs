@@ -2,9 +2,7 @@
 //! calls addressed to the server's own services.
 
 pub mod client_log;
-pub mod directory;
 pub mod manager;
-pub mod registry;
 
 use std::sync::Arc;
 
@@ -14,10 +12,10 @@ use rmpv::Value;
 use crate::AppState;
 use crate::error::Error;
 use crate::hub::Outbound;
+use crate::registry::{self, ServiceEntry, ServiceQuery};
 use crate::rpc::frame;
 use crate::rpc::peer::{Call, Decoded, Incoming};
 use crate::rpc::value::obj;
-use registry::{ServiceEntry, ServiceQuery};
 
 /// Handles a frame addressed to the server: runs a call and answers it, or completes one of
 /// the server's own pending calls.
@@ -266,7 +264,7 @@ async fn builtin(state: &Arc<AppState>, call: &Call, function: &str) -> Result<V
 pub async fn emit(state: &AppState, workspace: &str, event: &str, data: Value) {
     let bus = state.hub.bus();
     if bus.is_shared() {
-        let announcement = crate::hub::bus::Announcement::Event {
+        let announcement = crate::cluster::bus::Announcement::Event {
             workspace: workspace.to_string(),
             event: event.to_string(),
             data: data.clone(),
@@ -303,8 +301,9 @@ pub async fn emit_local(state: &AppState, workspace: &str, event: &str, data: Va
 /// Services of a workspace on every instance, in registration order.
 pub async fn services_in(state: &AppState, workspace: &str) -> Result<Vec<ServiceEntry>, Error> {
     let mut found = state.registry.in_workspace(workspace);
-    if let Some(directory) = &state.directory {
-        found.extend(directory.services_in(workspace).await?);
+    let elsewhere = state.directory.services_in(workspace).await?;
+    if !elsewhere.is_empty() {
+        found.extend(elsewhere);
         found.sort_by_key(ServiceEntry::seq);
     }
     Ok(found)
@@ -323,53 +322,39 @@ pub async fn find_services(
 /// Client ids connected to a workspace, on every instance, sorted.
 pub async fn clients_in(state: &AppState, workspace: &str) -> Result<Vec<String>, Error> {
     let mut clients = state.hub.clients_in(workspace);
-    if let Some(directory) = &state.directory {
-        clients.extend(directory.clients_in(workspace).await?);
-    }
+    clients.extend(state.directory.clients_in(workspace).await?);
     clients.sort();
     clients.dedup();
     Ok(clients)
 }
 
-/// The shared registry while Redis is reachable. While it is not, writes are skipped rather
-/// than left to time out one by one (holding up connections); the resync that follows the
-/// reconnection writes this instance's state back.
-pub fn reachable(state: &AppState) -> Option<&std::sync::Arc<directory::Directory>> {
-    state.directory.as_ref().filter(|_| state.hub.bus().is_up())
+/// Whether the shared registry can be written now. While Redis is away, writes are skipped
+/// rather than left to time out one by one (holding up connections); the resync that follows
+/// the reconnection writes this instance's state back.
+pub fn directory_reachable(state: &AppState) -> bool {
+    !state.directory.is_shared() || state.hub.bus().is_up()
 }
 
 /// Registers a service of a client connected here, in the shared registry too.
 pub async fn add_service(state: &AppState, entry: ServiceEntry) -> Result<(), Error> {
     let entry = state.registry.stamp(entry);
-    if state.directory.is_none() {
-        state.registry.insert(entry);
-        return Ok(());
-    }
-    let directory = reachable(state).ok_or_else(|| {
-        Error::Unavailable(
+    if !directory_reachable(state) {
+        return Err(Error::Unavailable(
             "the shared service registry (Redis) is unavailable; register again once it is back"
                 .into(),
-        )
-    })?;
-    let _writes = directory.writes.lock().await;
-    directory.put_service(&entry).await?;
+        ));
+    }
+    let _writes = state.directory.writes().lock().await;
+    state.directory.put_service(&entry).await?;
     state.registry.insert(entry);
     Ok(())
-}
-
-/// Holds off a resync while this instance changes its own entries (several instances only).
-async fn hold_writes(state: &AppState) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-    match &state.directory {
-        Some(directory) => Some(directory.writes.lock().await),
-        None => None,
-    }
 }
 
 /// Withdraws services that were removed from the local registry from the shared one; what
 /// cannot be withdrawn now is withdrawn when this instance next writes its state.
 async fn withdraw(state: &AppState, removed: &[ServiceEntry]) {
-    if let Some(directory) = reachable(state)
-        && let Err(e) = directory.remove_services(removed).await
+    if directory_reachable(state)
+        && let Err(e) = state.directory.remove_services(removed).await
     {
         tracing::warn!(error = %e, "services stay in Redis until it is back");
     }
@@ -377,7 +362,7 @@ async fn withdraw(state: &AppState, removed: &[ServiceEntry]) {
 
 /// Unregisters a service (every app id of it); returns what was removed.
 pub async fn remove_service(state: &AppState, id: &crate::ids::ServiceId) -> Vec<ServiceEntry> {
-    let _writes = hold_writes(state).await;
+    let _writes = state.directory.writes().lock().await;
     let removed = state.registry.remove(id);
     withdraw(state, &removed).await;
     removed
@@ -391,16 +376,16 @@ pub async fn remove_client(
     workspace: &str,
     conn_id: u64,
 ) -> Option<Vec<ServiceEntry>> {
-    let _writes = hold_writes(state).await;
+    let _writes = state.directory.writes().lock().await;
     if !state.hub.remove(addr, workspace, conn_id) {
         return None;
     }
     let removed = state.registry.remove_client(addr);
     state.hub.bus().detach(addr).await;
-    if let Some(directory) = reachable(state) {
+    if directory_reachable(state) {
         withdraw(state, &removed).await;
         let client = addr.rsplit('/').next().unwrap_or(addr);
-        if let Err(e) = directory.remove_client(workspace, client).await {
+        if let Err(e) = state.directory.remove_client(workspace, client).await {
             tracing::warn!(error = %e, "a client stays in Redis until it is back");
         }
     }
@@ -409,23 +394,24 @@ pub async fn remove_client(
 
 /// Records a client that connected here, on the bus and in the shared registry. When another
 /// instance holds the client id too, the claims are compared (see
-/// [`directory::ClientClaim::wins_over`]): the loser's connection is closed.
+/// [`crate::cluster::ClientClaim::wins_over`]): the loser's connection is closed.
 pub async fn add_client(state: &AppState, addr: &str, workspace: &str) {
     if let Err(e) = state.hub.bus().attach(addr).await {
         tracing::warn!(client = addr, error = %e, "the client is reachable from other instances once Redis is back");
     }
-    if let Some(directory) = reachable(state) {
-        let _writes = directory.writes.lock().await;
-        claim(state, directory, addr, workspace).await;
+    if directory_reachable(state) {
+        let _writes = state.directory.writes().lock().await;
+        claim(state, addr, workspace).await;
     }
 }
 
 /// Claims a client of this instance in the shared registry and settles a conflict with
 /// another instance's claim.
-async fn claim(state: &AppState, directory: &directory::Directory, addr: &str, workspace: &str) {
+async fn claim(state: &AppState, addr: &str, workspace: &str) {
     let Some(handle) = state.hub.get(addr) else {
         return;
     };
+    let directory = &state.directory;
     let client = addr.rsplit('/').next().unwrap_or(addr);
     let (since, reconnected) = (handle.since_ms, handle.reconnected);
     let other = match directory
@@ -441,8 +427,8 @@ async fn claim(state: &AppState, directory: &directory::Directory, addr: &str, w
     let Some(other) = other else {
         return;
     };
-    let mine = directory::ClientClaim {
-        owner: directory.id().to_string(),
+    let mine = crate::cluster::ClientClaim {
+        owner: directory.instance().to_string(),
         since_ms: since,
         reconnected,
     };
@@ -459,9 +445,9 @@ async fn claim(state: &AppState, directory: &directory::Directory, addr: &str, w
     {
         tracing::warn!(client = addr, error = %e, "cannot take the client over in Redis yet");
     }
-    let kick = crate::hub::bus::Announcement::Kick {
+    let kick = crate::cluster::bus::Announcement::Kick {
         addr: addr.to_string(),
-        keep: directory.id().to_string(),
+        keep: directory.instance().to_string(),
     };
     if let Err(e) = state.hub.bus().announce(kick).await {
         tracing::warn!(client = addr, error = %e, "cannot tell the other instance to close the old connection");
@@ -471,10 +457,7 @@ async fn claim(state: &AppState, directory: &directory::Directory, addr: &str, w
 /// Writes this instance's clients and services to the shared registry again (after Redis
 /// restarted or forgot this instance), dropping what it no longer has.
 pub async fn resync(state: &AppState) {
-    let Some(directory) = &state.directory else {
-        return;
-    };
-    let _writes = directory.writes.lock().await;
+    let _writes = state.directory.writes().lock().await;
     let services: Vec<ServiceEntry> = state
         .registry
         .all()
@@ -482,7 +465,7 @@ pub async fn resync(state: &AppState) {
         .filter(|e| e.id.provider.client.as_str() != state.manager_id)
         .collect();
     let clients = state.hub.addresses();
-    match directory.resync(&services, &clients).await {
+    match state.directory.resync(&services, &clients).await {
         Ok(()) => tracing::info!(
             clients = clients.len(),
             services = services.len(),
@@ -493,27 +476,27 @@ pub async fn resync(state: &AppState) {
     // Claim each client again: one that another instance took meanwhile (while Redis was
     // away) is settled now, and the loser's connection closed.
     for (ws, client) in &clients {
-        claim(state, directory, &format!("{ws}/{client}"), ws).await;
+        claim(state, &format!("{ws}/{client}"), ws).await;
     }
 }
 
 /// Renews this instance's lease and clears up after instances whose lease ran out, until
-/// `stop`.
+/// `stop` (several instances only).
 pub async fn keep_lease(
     state: std::sync::Arc<AppState>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let Some(directory) = state.directory.clone() else {
+    if !state.directory.is_shared() {
         return;
-    };
-    let mut ticker = tokio::time::interval(directory::HEARTBEAT);
+    }
+    let mut ticker = tokio::time::interval(crate::cluster::directory::HEARTBEAT);
     let mut failing = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match directory.heartbeat().await {
+        match state.directory.heartbeat().await {
             Ok(forgotten) => {
                 if failing {
                     tracing::info!("Redis is reachable again");
@@ -531,8 +514,8 @@ pub async fn keep_lease(
                 continue;
             }
         }
-        for dead in directory.expired() {
-            match directory.reap(&dead).await {
+        for dead in state.directory.expired() {
+            match state.directory.reap(&dead).await {
                 Ok(released) => announce_released(&state, &dead, released).await,
                 Err(e) => {
                     tracing::warn!(instance = %dead, error = %e, "cannot clear a dead instance's entries yet")
@@ -543,7 +526,7 @@ pub async fn keep_lease(
 }
 
 /// Tells every instance what a dead instance's clients and services were.
-async fn announce_released(state: &AppState, dead: &str, released: directory::Released) {
+async fn announce_released(state: &AppState, dead: &str, released: crate::cluster::Released) {
     if released.services.is_empty() && released.clients.is_empty() {
         return;
     }

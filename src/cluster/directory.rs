@@ -19,10 +19,10 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use rmpv::Value;
 
-use super::registry::ServiceEntry;
+use super::redis::{COMMAND_TIMEOUT, PREFIX};
 use crate::error::Error;
-use crate::hub::redis_bus::{COMMAND_TIMEOUT, PREFIX};
 use crate::ids::ServiceId;
+use crate::registry::ServiceEntry;
 
 /// How long an instance's entries outlive its last heartbeat.
 pub const LEASE: Duration = Duration::from_secs(15);
@@ -139,7 +139,7 @@ pub struct Released {
 }
 
 /// The shared registry in Redis.
-pub struct Directory {
+pub struct RedisDirectory {
     instance: String,
     conn: ConnectionManager,
     release: redis::Script,
@@ -182,7 +182,7 @@ async fn timed<T>(work: impl Future<Output = redis::RedisResult<T>>) -> Result<T
         .map_err(unavailable)
 }
 
-impl Directory {
+impl RedisDirectory {
     pub fn new(instance: String, conn: ConnectionManager) -> Self {
         Self {
             instance,
@@ -409,11 +409,6 @@ impl Directory {
         )
         .await?;
         Ok(())
-    }
-
-    /// This instance's id.
-    pub fn id(&self) -> &str {
-        &self.instance
     }
 
     /// Forgets a client of this instance.
