@@ -32,7 +32,7 @@ pub async fn run(
                     return Err(format!("a user with the email {email} already exists"));
                 }
                 let user = UserRecord {
-                    id: format!("u{}", crate::auth::random_id(15)),
+                    id: format!("u{}", crate::ids::random_id(15)),
                     email: email.clone(),
                     password_hash: hash_password(&password)?,
                     roles: role.clone(),

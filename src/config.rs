@@ -32,7 +32,7 @@ pub struct Cli {
     #[command(flatten)]
     pub server: ServerOptions,
     #[command(flatten)]
-    pub connections: crate::hub::connection::ConnectionOptions,
+    pub connections: crate::http::ws::connection::ConnectionOptions,
     #[command(flatten)]
     pub admission: crate::net::AdmissionOptions,
     #[command(flatten)]
@@ -190,7 +190,7 @@ impl ServerOptions {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub server: ServerSettings,
-    pub connections: crate::hub::connection::ConnectionSettings,
+    pub connections: crate::http::ws::connection::ConnectionSettings,
     pub admission: crate::net::admission::AdmissionSettings,
     pub http: crate::http::HttpSettings,
     pub turn: crate::turn::TurnSettings,
@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn the_file_sits_under_the_environment_and_refuses_unknown_keys() {
-        let dir = std::env::temp_dir().join(format!("hypha-rtc-cfg-{}", crate::auth::random_id(8)));
+        let dir = std::env::temp_dir().join(format!("hypha-rtc-cfg-{}", crate::ids::random_id(8)));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("settings.toml");
         std::fs::write(

@@ -2,6 +2,16 @@
 
 use std::fmt;
 
+/// A random lower-case alphanumeric string, for ids, keys and sessions.
+pub fn random_id(len: usize) -> String {
+    use rand::RngExt;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
 /// An identifier that failed validation, with the reason in words.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {kind} {value:?}: {reason}")]

@@ -14,6 +14,7 @@ pub mod net;
 pub mod options;
 pub mod registry;
 pub mod rpc;
+pub mod services;
 pub mod store;
 pub mod turn;
 pub mod workspace;
@@ -54,8 +55,10 @@ pub struct AppState {
     pub admission: Arc<net::admission::Admission>,
     /// Which browser origins may call with credentials.
     pub cors: Arc<http::cors::CorsPolicy>,
+    /// The services the server answers itself.
+    pub hosted: services::Hosted,
     /// Sign-ins in progress, by address.
-    pub pending_logins: auth::login::PendingLogins,
+    pub pending_logins: services::login::PendingLogins,
     /// What clients write to the log, and how fast they may.
     pub client_log: workspace::client_log::ClientLog,
     pub server_id: String,
@@ -177,11 +180,11 @@ impl App {
             .server
             .server_id
             .clone()
-            .unwrap_or_else(|| auth::random_id(10));
+            .unwrap_or_else(|| ids::random_id(10));
         let manager_id = format!("manager-{server_id}");
         let secret = settings.server.jwt_secret.clone().unwrap_or_else(|| {
             tracing::warn!("no --jwt-secret set: using a random one, so tokens and reconnection tokens die with this process");
-            SecretString::from(auth::random_id(48))
+            SecretString::from(ids::random_id(48))
         });
         let metrics_listener = match settings.http.metrics_port {
             Some(port) => {
@@ -221,10 +224,12 @@ impl App {
             directory,
             inbound,
         } = cluster::join(&settings.cluster, &server_id, &manager_id, &stopping).await?;
+        let (to_server, server_frames) = tokio::sync::mpsc::channel(hub::SERVER_QUEUE);
         let hub = Arc::new(Hub::new(
             manager_id.clone(),
             settings.connections.slow_consumer_timeout,
             bus,
+            to_server,
         ));
         let server_user = UserInfo::server();
         let store = open_store(&settings).await?;
@@ -242,6 +247,7 @@ impl App {
                 settings.accounts.lockout,
             ),
             client_log: Default::default(),
+            hosted: services::Hosted::new(settings.demo.enabled),
             pending_logins: Default::default(),
             admission: net::admission::Admission::new(settings.admission.clone()),
             cors: Arc::new(http::cors::CorsPolicy::new(
@@ -266,9 +272,10 @@ impl App {
             tracing::warn!(error = %e, "cannot read the disabled accounts yet");
         }
         tokio::spawn(watch_accounts(state.clone()));
-        workspace::register_hosted(&state);
+        state.hosted.register(&state);
+        tokio::spawn(services::run(state.clone(), server_frames));
         if let Some(rx) = inbound {
-            tokio::spawn(hub::inbound::run(state.clone(), rx));
+            tokio::spawn(workspace::inbound::run(state.clone(), rx));
             tokio::spawn(workspace::keep_lease(state.clone(), state.stopping.clone()));
         }
         if state.directory.is_shared() || state.settings.store.database_url.is_some() {

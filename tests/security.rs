@@ -553,7 +553,7 @@ async fn chunked_messages_are_vetted_as_they_pass() {
         steps.push((cache("process"), vec![key.into()]));
         let mut last = Ok(Value::Nil);
         for (method, args) in steps {
-            let session = format!("s{}", hypha_rtc::auth::random_id(8));
+            let session = format!("s{}", hypha_rtc::ids::random_id(8));
             let header = map(&[
                 ("type", "method".into()),
                 ("to", target.into()),

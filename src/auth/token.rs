@@ -362,7 +362,7 @@ impl TokenIssuer {
 
 /// A new token id: 128 random bits.
 fn new_id() -> String {
-    super::random_id(25)
+    crate::ids::random_id(25)
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ impl UserInfo {
     /// A fresh anonymous user with its own temporary workspace.
     pub fn anonymous(expires_in: i64) -> Self {
         Self::new(
-            UserId::parse(format!("anonymouz-{}", super::random_id(12)))
+            UserId::parse(format!("anonymouz-{}", crate::ids::random_id(12)))
                 .unwrap_or_else(|_| unreachable!("a random id is a valid user id")),
             vec!["anonymous".into()],
             Some(super::now_secs() + expires_in),

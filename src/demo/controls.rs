@@ -10,10 +10,10 @@ use rmpv::Value;
 
 use crate::auth::UserInfo;
 use crate::error::Error;
+use crate::rpc::describe::{self, Envelope, Function};
 use crate::rpc::frame::Frame;
 use crate::rpc::peer::{self, Call, Incoming};
 use crate::rpc::value::{self, Args, obj};
-use crate::workspace::manager::{Function, service_description};
 
 /// The name of the service on the data channel.
 pub const SERVICE: &str = "controls";
@@ -113,38 +113,40 @@ pub fn on_json(viewer: &mut impl Controllable, data: &[u8]) -> String {
 }
 
 /// The functions of the `controls` service.
-const FUNCTIONS: &[Function] = &[
-    Function {
-        name: "set_text",
-        doc: "Show this text (at most 200 characters); returns the viewer's state.",
-        params: r#"{"text":{"type":"string"}}"#,
-        required: &["text"],
-    },
-    Function {
-        name: "set_speed",
-        doc: "Move the text at this many pixels per second (clamped to 0..2000); returns the viewer's state.",
-        params: r#"{"speed":{"type":"number"}}"#,
-        required: &["speed"],
-    },
-    Function {
-        name: "stop",
-        doc: "Pause the video; returns the viewer's state.",
-        params: "{}",
-        required: &[],
-    },
-    Function {
-        name: "start",
-        doc: "Resume the video with a keyframe; returns the viewer's state.",
-        params: "{}",
-        required: &[],
-    },
-    Function {
-        name: "get_state",
-        doc: "Text, speed, paused, resolution, frames sent and the measured frame rate.",
-        params: "{}",
-        required: &[],
-    },
-];
+static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
+    vec![
+        Function::new(
+            "set_text",
+            "Show this text (at most 200 characters); returns the viewer's state.",
+            serde_json::json!({"text":{"type":"string"}}),
+            &["text"],
+        ),
+        Function::new(
+            "set_speed",
+            "Move the text at this many pixels per second (clamped to 0..2000); returns the viewer's state.",
+            serde_json::json!({"speed":{"type":"number"}}),
+            &["speed"],
+        ),
+        Function::new(
+            "stop",
+            "Pause the video; returns the viewer's state.",
+            serde_json::json!({}),
+            &[],
+        ),
+        Function::new(
+            "start",
+            "Resume the video with a keyframe; returns the viewer's state.",
+            serde_json::json!({}),
+            &[],
+        ),
+        Function::new(
+            "get_state",
+            "Text, speed, paused, resolution, frames sent and the measured frame rate.",
+            serde_json::json!({}),
+            &[],
+        ),
+    ]
+});
 
 /// The `user` field of the frames this peer sends.
 static REPLY_USER: LazyLock<Value> = LazyLock::new(|| obj([("id", "video-producer".into())]));
@@ -208,14 +210,15 @@ fn dispatch(viewer: &mut impl Controllable, call: &Call) -> Result<Value, Error>
                     "Service not found: {id} (this channel offers \"{SERVICE}\")"
                 )));
             }
-            Ok(service_description(
-                &call.ctx.to,
-                &format!("{}:{SERVICE}", call.ctx.to),
-                SERVICE,
-                "functions",
-                "The controls of this viewer of the demo video",
-                FUNCTIONS,
-            ))
+            let id = format!("{}:{SERVICE}", call.ctx.to);
+            let envelope = Envelope {
+                id: &id,
+                name: SERVICE,
+                kind: "functions",
+                description: "The controls of this viewer of the demo video",
+                config: describe::public_config("public"),
+            };
+            Ok(describe::describe(&call.ctx.to, envelope, &FUNCTIONS))
         }
         ("built-in", "ping") => Ok("pong".into()),
         ("built-in", f) if f.starts_with("message_cache.") => Err(Error::BadRequest(format!(

@@ -1,11 +1,10 @@
 //! The built-in video producer: scene (text animation), render (text into I420), encode
 //! (H.264; VP8 with the `vp8` feature), peer (one str0m session per viewer), controls (what a viewer may change, from the
-//! page's JSON or as a hypha-rpc service on the data channel), page (HTML/JS at `/demo/`).
+//! page's JSON or as a hypha-rpc service on the data channel). The page is served by `http::demo`.
 
 pub mod addresses;
 pub mod controls;
 pub mod encode;
-pub mod page;
 pub mod peer;
 pub mod render;
 pub mod scene;

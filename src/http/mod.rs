@@ -1,10 +1,12 @@
 //! HTTP routes: the websocket upgrade, service calls, health and client configuration.
 
 pub mod cors;
+mod demo;
 mod health;
+mod login;
 mod metrics;
 mod services;
-mod ws;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -115,7 +117,7 @@ impl HttpOptions {
 /// All routes of the server.
 pub fn router(state: Arc<AppState>) -> Router {
     let demo = if state.settings.demo.enabled {
-        crate::demo::page::router()
+        demo::router()
     } else {
         Router::new()
     };
@@ -128,7 +130,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(ws::router())
         .merge(health::router())
         .merge(metrics)
-        .merge(crate::auth::login::router())
+        .merge(login::router())
         .merge(demo)
         .merge(services::router())
         .layer(axum::middleware::from_fn_with_state(

@@ -16,7 +16,8 @@ use crate::AppState;
 use crate::error::Error;
 use crate::rpc::peer::{CallContext, CallOptions};
 use crate::rpc::value::{self, Args};
-use crate::workspace::manager;
+use crate::services::HostedService;
+use crate::services::manager::{self, Manager};
 
 /// Largest HTTP request body accepted.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -41,7 +42,7 @@ async fn list(
     let user = super::caller(&state, &headers).await?;
     let ctx = context(&state, &user, &workspace, ip);
     let args = Args::from_kwargs(vec![("query".into(), workspace.as_str().into())]);
-    let result = manager::call(&state, "list_services", &ctx, &args).await?;
+    let result = Manager.call(&state, &ctx, "list_services", &args).await?;
     Ok(axum::Json(value::to_json(&result)).into_response())
 }
 
@@ -132,20 +133,17 @@ async fn call_function(
                 "Permission denied for workspace {workspace}"
             )));
         }
-        manager::call(&state, &function, &ctx, &args).await?
+        Manager.call(&state, &ctx, &function, &args).await?
     } else {
         let query = format!("{workspace}/{service}");
         let mode = params.get("_mode").map(String::as_str);
         let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode).await?;
         if entry.id.provider.client.as_str() == state.manager_id {
-            let result = crate::workspace::call_hosted(
-                &state,
-                entry.id.name.as_str(),
-                &function,
-                &ctx,
-                &args,
-            )
-            .await?;
+            let hosted = state
+                .hosted
+                .get(entry.id.name.as_str())
+                .ok_or_else(|| crate::services::not_found(entry.id.name.as_str(), &function))?;
+            let result = hosted.call(&state, &ctx, &function, &args).await?;
             return Ok(respond(&headers, &result));
         }
         let mut call_args = args.positional;

@@ -3,9 +3,6 @@
 //! server's own RPC peer.
 
 pub mod chunks;
-pub mod connection;
-mod handshake;
-pub mod inbound;
 pub mod inflight;
 
 use std::collections::HashSet;
@@ -132,19 +129,29 @@ pub struct AlreadyConnected;
 pub struct Sender<'a> {
     pub addr: &'a str,
     pub workspace: &'a str,
+    pub user: &'a Arc<UserInfo>,
     pub user_msgpack: &'a [u8],
     pub may_broadcast: bool,
+    /// The calls to the server's own services it may still have running.
+    pub calls: &'a Arc<tokio::sync::Semaphore>,
+    /// Its network address (behind a trusted proxy, the client's).
+    pub peer_ip: Option<std::net::IpAddr>,
 }
+
+/// A frame for the server's own services, with its sender's place among the calls it may
+/// have running (given back when the call is done).
+pub struct ToServer {
+    pub incoming: crate::rpc::peer::Incoming,
+    pub running: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Frames for the server waiting to be taken: beyond this the server is too busy.
+pub const SERVER_QUEUE: usize = 4096;
 
 /// Where a routed frame went.
 #[derive(Debug)]
 pub enum Routed {
     Delivered,
-    /// For the server's own peer; `to` is normalised and the header's identity fields are trusted.
-    ToServer {
-        frame: Frame,
-        to: String,
-    },
     /// The target is gone (or unreachable) and the frame expects an answer: tell the sender
     /// at once, with `error` saying why.
     PeerGone {
@@ -182,6 +189,8 @@ pub struct Hub {
     manager_id: String,
     /// Where frames for clients that are not here go.
     bus: Arc<dyn Bus>,
+    /// Where frames for the server's own services go.
+    server: mpsc::Sender<ToServer>,
     pub routed_messages: AtomicU64,
     pub routed_bytes: AtomicU64,
     /// Calls between clients that have not been answered yet, and how calls ended.
@@ -194,8 +203,15 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(manager_id: String, slow_consumer_timeout: Duration, bus: Arc<dyn Bus>) -> Self {
+    /// A hub that hands frames for the server to `server`.
+    pub fn new(
+        manager_id: String,
+        slow_consumer_timeout: Duration,
+        bus: Arc<dyn Bus>,
+        server: mpsc::Sender<ToServer>,
+    ) -> Self {
         Self {
+            server,
             clients: DashMap::new(),
             workspaces: DashMap::new(),
             next_conn: AtomicU64::new(1),
@@ -434,7 +450,7 @@ impl Hub {
                 }
                 return Ok(Routed::Delivered);
             }
-            return Ok(Routed::ToServer { frame, to: target });
+            return Ok(self.to_server(sender, frame, target));
         }
         if target_client.is_empty() || target_ws.is_empty() || target_client.contains('/') {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
@@ -489,6 +505,45 @@ impl Hub {
                 }
                 None => Ok(Routed::Dropped),
             },
+        }
+    }
+
+    /// Hands a frame addressed to the server to its services, counting it among the sender's
+    /// calls (the built-in service answers at once and is not counted: the clients send
+    /// chunks 30 at a time).
+    fn to_server(&self, sender: &Sender<'_>, frame: Frame, to: String) -> Routed {
+        let immediate = frame
+            .field("method")
+            .is_some_and(|m| m.starts_with("services.built-in."));
+        let running = if immediate {
+            None
+        } else {
+            match sender.calls.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let error = "too many calls to the server in flight from this connection; wait for some to finish".to_string();
+                    let reject = crate::rpc::peer::refusal(&frame, &to, sender.addr, &error);
+                    return Routed::Refused { error, reject };
+                }
+            }
+        };
+        let incoming = crate::rpc::peer::Incoming {
+            from: sender.addr.to_string(),
+            ws: sender.workspace.to_string(),
+            user: sender.user.clone(),
+            to: to.clone(),
+            frame,
+            peer_ip: sender.peer_ip,
+        };
+        match self.server.try_send(ToServer { incoming, running }) {
+            Ok(()) => Routed::Delivered,
+            Err(refused) => {
+                let error =
+                    "the server is too busy to take more calls; try again shortly".to_string();
+                let frame = &refused.into_inner().incoming.frame;
+                let reject = crate::rpc::peer::refusal(frame, &to, sender.addr, &error);
+                Routed::Refused { error, reject }
+            }
         }
     }
 

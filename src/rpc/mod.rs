@@ -2,6 +2,7 @@
 //! server-side RPC peer that hosts the workspace manager.
 
 pub mod cache;
+pub mod describe;
 pub mod frame;
 pub mod peer;
 pub mod scan;

@@ -244,7 +244,7 @@ impl ServerPeer {
         if data.len() <= CHUNK_THRESHOLD {
             return self.outbox.send(to, data).await;
         }
-        let key = crate::auth::random_id(20);
+        let key = crate::ids::random_id(20);
         let options = CallOptions {
             from,
             ws,
@@ -287,7 +287,7 @@ impl ServerPeer {
         args: Vec<Value>,
         options: &CallOptions<'_>,
     ) -> Result<Value, Error> {
-        let session = crate::auth::random_id(20);
+        let session = crate::ids::random_id(20);
         let (done, mut answer) = oneshot::channel();
         let heartbeat = Arc::new(Notify::new());
         self.pending.insert(

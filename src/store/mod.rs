@@ -559,7 +559,7 @@ mod tests {
     #[tokio::test]
     async fn audit_rows_are_written() {
         let dir =
-            std::env::temp_dir().join(format!("hypha-rtc-store-{}", crate::auth::random_id(8)));
+            std::env::temp_dir().join(format!("hypha-rtc-store-{}", crate::ids::random_id(8)));
         std::fs::create_dir_all(&dir).unwrap();
         let store = Store::open(&format!("sqlite://{}/t.db", dir.display()))
             .await

@@ -26,7 +26,7 @@ impl TestApp {
 
 pub async fn spawn_app(tune: impl FnOnce(&mut Settings)) -> TestApp {
     let data_dir =
-        std::env::temp_dir().join(format!("hypha-rtc-test-{}", hypha_rtc::auth::random_id(10)));
+        std::env::temp_dir().join(format!("hypha-rtc-test-{}", hypha_rtc::ids::random_id(10)));
     let mut settings = Settings::default();
     settings.server.port = 0;
     settings.store.data_dir = data_dir;
@@ -182,7 +182,7 @@ pub async fn call_with_body(
     method: &str,
     body: &[(&str, rmpv::Value)],
 ) -> Result<rmpv::Value, String> {
-    let session = format!("s{}", hypha_rtc::auth::random_id(10));
+    let session = format!("s{}", hypha_rtc::ids::random_id(10));
     let header = map(&[
         ("type", "method".into()),
         ("to", to.into()),

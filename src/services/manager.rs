@@ -1,300 +1,166 @@
 //! The workspace manager (`*/manager-<id>:default`): registering, finding and listing services,
 //! tokens, events. Every function carries an `_rschema`, which the clients require.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use rmpv::Value;
+use serde_json::json;
 
+use super::HostedService;
 use crate::AppState;
 use crate::auth::{Permission, UserInfo};
 use crate::error::Error;
 use crate::ids::ServiceId;
 use crate::registry::{ServiceEntry, ServiceQuery, Visibility};
+use crate::rpc::describe::{self, Envelope, Function};
 use crate::rpc::peer::{CallContext, CallOptions};
 use crate::rpc::value::{self, Args, get, get_str, obj};
 
-/// A hosted function: name, description, and its JSON-schema parameters.
-pub struct Function {
-    pub name: &'static str,
-    pub doc: &'static str,
-    pub params: &'static str,
-    pub required: &'static [&'static str],
-}
-
-const FUNCTIONS: &[Function] = &[
-    Function {
-        name: "echo",
-        doc: "Return the data unchanged.",
-        params: r#"{"data":{"description":"Any value"}}"#,
-        required: &["data"],
-    },
-    Function {
-        name: "ping",
-        doc: "Answer 'pong'.",
-        params: "{}",
-        required: &[],
-    },
-    Function {
-        name: "log",
-        doc: "Write a message to the server log.",
-        params: r#"{"msg":{"type":"string"}}"#,
-        required: &["msg"],
-    },
-    Function {
-        name: "check_status",
-        doc: "Report the server status.",
-        params: "{}",
-        required: &[],
-    },
-    Function {
-        name: "get_workspace_info",
-        doc: "Describe a workspace.",
-        params: r#"{"workspace":{"type":"string","description":"Workspace name; default the caller's"}}"#,
-        required: &[],
-    },
-    Function {
-        name: "list_clients",
-        doc: "List the clients connected to a workspace.",
-        params: r#"{"workspace":{"type":"string"}}"#,
-        required: &[],
-    },
-    Function {
-        name: "register_service",
-        doc: "Register a service of the calling client.",
-        params: r#"{"service":{"type":"object","description":"Service info with id, config, name, type"},"config":{"type":"object"}}"#,
-        required: &["service"],
-    },
-    Function {
-        name: "unregister_service",
-        doc: "Remove a service of the calling client.",
-        params: r#"{"service_id":{"type":"string"}}"#,
-        required: &["service_id"],
-    },
-    Function {
-        name: "get_service_info",
-        doc: "Find a service and return its info.",
-        params: r#"{"service_id":{"type":"string","description":"svc, ws/svc or ws/client:svc[@app]"},"config":{"type":"object","description":"mode: exact, random, first or last"}}"#,
-        required: &["service_id"],
-    },
-    Function {
-        name: "get_service",
-        doc: "Find a service and return its functions.",
-        params: r#"{"service_id":{"type":"string","description":"svc, ws/svc or ws/client:svc[@app]"},"config":{"type":"object","description":"mode: exact, random, first or last; timeout in seconds"}}"#,
-        required: &["service_id"],
-    },
-    Function {
-        name: "list_services",
-        doc: "List the services visible to the caller in a workspace.",
-        params: r#"{"query":{"description":"Workspace name, or a dict with workspace, type, client_id"}}"#,
-        required: &[],
-    },
-    Function {
-        name: "generate_token",
-        doc: "Mint a token for a workspace the caller administers.",
-        params: r#"{"config":{"type":"object","description":"workspace, permission (read, read_write, admin), expires_in, client_id"}}"#,
-        required: &[],
-    },
-    Function {
-        name: "get_rtc_ice_servers",
-        doc: "Time-limited TURN/STUN servers for RTCPeerConnection; refused for anonymous users.",
-        params: r#"{"ttl":{"type":"integer","description":"Credential lifetime in seconds (default 43200)"},"test_connectivity":{"type":"boolean","description":"Probe coturn first (default true)"}}"#,
-        required: &[],
-    },
-    Function {
-        name: "revoke_token",
-        doc: "Revoke a token (your own, one you issued, or any as an admin); it is refused from then on.",
-        params: r#"{"token":{"type":"string"}}"#,
-        required: &["token"],
-    },
-    Function {
-        name: "parse_token",
-        doc: "Verify a token and return the user it names.",
-        params: r#"{"token":{"type":"string"}}"#,
-        required: &["token"],
-    },
-    Function {
-        name: "subscribe",
-        doc: "Receive manager events such as client_disconnected and service_added.",
-        params: r#"{"event_types":{"description":"An event type or a list of them"}}"#,
-        required: &["event_types"],
-    },
-    Function {
-        name: "unsubscribe",
-        doc: "Stop receiving manager events.",
-        params: r#"{"event_types":{"description":"An event type or a list of them"}}"#,
-        required: &["event_types"],
-    },
-];
-
-/// The description `built-in.get_service` returns for a service hosted by the server.
-pub fn hosted_description(state: &AppState, name: &str) -> Option<Value> {
-    let target = state.peer.manager_addr();
-    let method = |path: &str, schema: Option<Value>, doc: &str| {
-        let mut m = value::method_value(&target, path, "*".into());
-        value::set(&mut m, "_rdoc", doc.into());
-        if let Some(schema) = schema {
-            value::set(&mut m, "_rschema", schema);
-        }
-        m
-    };
-    match name {
-        "default" => {
-            let mut entries = vec![
-                ("id".into(), format!("{target}:default").into()),
-                ("name".into(), "Workspace Manager".into()),
-                (
-                    "description".into(),
-                    "The hypha-rtc workspace manager".into(),
-                ),
-                ("type".into(), "functions".into()),
-                (
-                    "config".into(),
-                    obj([
-                        ("visibility", "public".into()),
-                        ("require_context", true.into()),
-                        ("workspace", "*".into()),
-                    ]),
-                ),
-            ];
-            for f in FUNCTIONS {
-                let mut m = method(
-                    &format!("services.default.{}", f.name),
-                    Some(schema(f)),
-                    f.doc,
-                );
-                value::set(&mut m, "_rname", f.name.into());
-                entries.push((f.name.into(), m));
-            }
-            Some(Value::Map(entries))
-        }
-        "built-in" => {
-            let cache = |f: &str| {
-                method(
-                    &format!("services.built-in.message_cache.{f}"),
-                    None,
-                    "message cache",
-                )
-            };
-            Some(obj([
-                ("id", format!("{target}:built-in").into()),
-                ("name", "Builtin services of the server".into()),
-                ("type", "built-in".into()),
-                (
-                    "config",
-                    obj([
-                        ("require_context", true.into()),
-                        ("visibility", "public".into()),
-                        ("api_version", 3.into()),
-                    ]),
-                ),
-                ("ping", method("services.built-in.ping", None, "ping")),
-                (
-                    "get_service",
-                    method("services.built-in.get_service", None, "get a service"),
-                ),
-                (
-                    "message_cache",
-                    obj([
-                        ("create", cache("create")),
-                        ("append", cache("append")),
-                        ("set", cache("set")),
-                        ("process", cache("process")),
-                        ("remove", cache("remove")),
-                    ]),
-                ),
-            ]))
-        }
-        "coturn" => {
-            let f = FUNCTIONS.iter().find(|f| f.name == "get_rtc_ice_servers")?;
-            Some(public_service(
-                state,
-                name,
-                "functions",
-                std::slice::from_ref(f),
-            ))
-        }
-        "video-producer" => Some(public_service(state, name, "rtc", &[VIDEO_OFFER])),
-        "hypha-login" => Some(public_service(
-            state,
-            name,
-            "functions",
-            crate::auth::login::FUNCTIONS,
-        )),
-        _ => None,
-    }
-}
-
-/// `offer` of the demo video producer.
-const VIDEO_OFFER: Function = Function {
-    name: "offer",
-    doc: "Answer a WebRTC offer {sdp, type} with live video",
-    params: r#"{"params":{"type":"object","description":"{sdp, type}"}}"#,
-    required: &["params"],
-};
-
-/// The description of a public service hosted by the server: its envelope and one encoded
-/// method (with `_rschema`) per function.
-fn public_service(state: &AppState, name: &str, kind: &str, functions: &[Function]) -> Value {
-    let description = super::HOSTED_PUBLIC
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map_or("", |(_, d)| d);
-    service_description(
-        &state.peer.manager_addr(),
-        &format!("public/{}:{name}", state.manager_id),
-        name,
-        kind,
-        description,
-        functions,
-    )
-}
-
-/// The description `get_service` returns for a service the server answers itself: its
-/// envelope and one encoded method (with `_rschema`) per function, each called at `target`.
-pub fn service_description(
-    target: &str,
-    id: &str,
-    name: &str,
-    kind: &str,
-    description: &str,
-    functions: &[Function],
-) -> Value {
-    let mut entries = vec![
-        ("id".into(), id.into()),
-        ("name".into(), name.into()),
-        ("description".into(), description.into()),
-        ("type".into(), kind.into()),
-        (
-            "config".into(),
-            obj([
-                ("visibility", "public".into()),
-                ("require_context", true.into()),
-                ("workspace", "public".into()),
-            ]),
+/// The manager's functions; `get_rtc_ice_servers` is described once, with `coturn`'s.
+static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
+    let mut functions = vec![
+        Function::new(
+            "echo",
+            "Return the data unchanged.",
+            json!({"data":{"description":"Any value"}}),
+            &["data"],
+        ),
+        Function::new("ping", "Answer 'pong'.", json!({}), &[]),
+        Function::new(
+            "log",
+            "Write a message to the server log.",
+            json!({"msg":{"type":"string"}}),
+            &["msg"],
+        ),
+        Function::new("check_status", "Report the server status.", json!({}), &[]),
+        Function::new(
+            "get_workspace_info",
+            "Describe a workspace.",
+            json!({"workspace":{"type":"string","description":"Workspace name; default the caller's"}}),
+            &[],
+        ),
+        Function::new(
+            "list_clients",
+            "List the clients connected to a workspace.",
+            json!({"workspace":{"type":"string"}}),
+            &[],
+        ),
+        Function::new(
+            "register_service",
+            "Register a service of the calling client.",
+            json!({"service":{"type":"object","description":"Service info with id, config, name, type"},"config":{"type":"object"}}),
+            &["service"],
+        ),
+        Function::new(
+            "unregister_service",
+            "Remove a service of the calling client.",
+            json!({"service_id":{"type":"string"}}),
+            &["service_id"],
+        ),
+        Function::new(
+            "get_service_info",
+            "Find a service and return its info.",
+            json!({"service_id":{"type":"string","description":"svc, ws/svc or ws/client:svc[@app]"},"config":{"type":"object","description":"mode: exact, random, first or last"}}),
+            &["service_id"],
+        ),
+        Function::new(
+            "get_service",
+            "Find a service and return its functions.",
+            json!({"service_id":{"type":"string","description":"svc, ws/svc or ws/client:svc[@app]"},"config":{"type":"object","description":"mode: exact, random, first or last; timeout in seconds"}}),
+            &["service_id"],
+        ),
+        Function::new(
+            "list_services",
+            "List the services visible to the caller in a workspace.",
+            json!({"query":{"description":"Workspace name, or a dict with workspace, type, client_id"}}),
+            &[],
+        ),
+        Function::new(
+            "generate_token",
+            "Mint a token for a workspace the caller administers.",
+            json!({"config":{"type":"object","description":"workspace, permission (read, read_write, admin), expires_in, client_id"}}),
+            &[],
+        ),
+        Function::new(
+            "revoke_token",
+            "Revoke a token (your own, one you issued, or any as an admin); it is refused from then on.",
+            json!({"token":{"type":"string"}}),
+            &["token"],
+        ),
+        Function::new(
+            "parse_token",
+            "Verify a token and return the user it names.",
+            json!({"token":{"type":"string"}}),
+            &["token"],
+        ),
+        Function::new(
+            "subscribe",
+            "Receive manager events such as client_disconnected and service_added.",
+            json!({"event_types":{"description":"An event type or a list of them"}}),
+            &["event_types"],
+        ),
+        Function::new(
+            "unsubscribe",
+            "Stop receiving manager events.",
+            json!({"event_types":{"description":"An event type or a list of them"}}),
+            &["event_types"],
         ),
     ];
-    for f in functions {
-        let mut m = value::method_value(target, &format!("services.{name}.{}", f.name), "*".into());
-        value::set(&mut m, "_rdoc", f.doc.into());
-        value::set(&mut m, "_rschema", schema(f));
-        value::set(&mut m, "_rname", f.name.into());
-        entries.push((f.name.into(), m));
-    }
-    Value::Map(entries)
-}
+    functions.push(super::coturn::ice_function());
+    functions
+});
 
-fn schema(f: &Function) -> Value {
-    let properties: serde_json::Value = serde_json::from_str(f.params).unwrap_or_default();
-    value::from_json(&serde_json::json!({
-        "name": f.name,
-        "description": f.doc,
-        "parameters": {"type": "object", "properties": properties, "required": f.required},
-    }))
+/// The workspace manager, `*/manager-<id>:default`.
+pub struct Manager;
+
+impl HostedService for Manager {
+    fn name(&self) -> &'static str {
+        "default"
+    }
+
+    fn summary(&self) -> &'static str {
+        "The hypha-rtc workspace manager"
+    }
+
+    fn public(&self) -> bool {
+        false
+    }
+
+    fn functions(&self) -> &[Function] {
+        &FUNCTIONS
+    }
+
+    /// Called at the manager's global address, from any workspace.
+    fn description(&self, app: &AppState) -> Value {
+        let target = app.peer.manager_addr();
+        let id = format!("{target}:default");
+        let envelope = Envelope {
+            id: &id,
+            name: "default",
+            kind: self.kind(),
+            description: self.summary(),
+            config: describe::public_config("*"),
+        };
+        let mut described = describe::describe(&target, envelope, self.functions());
+        value::set(&mut described, "name", "Workspace Manager".into());
+        described
+    }
+
+    fn call<'a>(
+        &'a self,
+        app: &'a Arc<AppState>,
+        ctx: &'a CallContext,
+        function: &'a str,
+        args: &'a Args,
+    ) -> BoxFuture<'a, Result<Value, Error>> {
+        Box::pin(call(app, function, ctx, args))
+    }
 }
 
 /// Runs a manager function.
-pub async fn call(
+async fn call(
     state: &Arc<AppState>,
     function: &str,
     ctx: &CallContext,
@@ -338,7 +204,7 @@ pub async fn call(
         "list_clients" => {
             let ws = args.get_str(0, "workspace").unwrap_or(&ctx.ws);
             need(&ctx.user, ws, Permission::Read)?;
-            let clients = super::clients_in(state, ws).await?;
+            let clients = crate::workspace::clients_in(state, ws).await?;
             Ok(Value::Array(
                 clients
                     .into_iter()
@@ -352,12 +218,12 @@ pub async fn call(
                 .get_str(0, "service_id")
                 .ok_or_else(|| Error::BadRequest("unregister_service needs a service_id".into()))?;
             let id = own_service_id(ctx, id)?;
-            let removed = super::remove_service(state, &id).await;
+            let removed = crate::workspace::remove_service(state, &id).await;
             if removed.is_empty() {
                 return Err(Error::NotFound(format!("Service not found: {id}")));
             }
             for entry in removed {
-                super::emit(state, &ctx.ws, "service_removed", entry.info).await;
+                crate::workspace::emit(state, &ctx.ws, "service_removed", entry.info).await;
             }
             Ok(Value::Nil)
         }
@@ -371,7 +237,7 @@ pub async fn call(
             let (query, config) = query_args(args)?;
             get_service(state, &ctx.ws, &ctx.user, query, config).await
         }
-        "get_rtc_ice_servers" => super::ice_servers(state, ctx, args).await,
+        "get_rtc_ice_servers" => super::coturn::ice_servers(state, ctx, args).await,
         "list_services" => list_services(state, ctx, args).await,
         "parse_token" => {
             let token = args.require_str(0, "token")?;
@@ -450,9 +316,7 @@ pub async fn call(
             }
             Ok(Value::Nil)
         }
-        _ => Err(Error::NotFound(format!(
-            "Method not found: services.default.{function}"
-        ))),
+        _ => Err(super::not_found("default", function)),
     }
 }
 
@@ -530,8 +394,8 @@ async fn register_service(
     }
     let entry = ServiceEntry::from_info(id, info)?;
     let announced = entry.info.clone();
-    super::add_service(state, entry).await?;
-    super::emit(state, &ctx.ws, "service_added", announced).await;
+    crate::workspace::add_service(state, entry).await?;
+    crate::workspace::emit(state, &ctx.ws, "service_added", announced).await;
     Ok(Value::Nil)
 }
 
@@ -560,10 +424,10 @@ pub async fn resolve(
     if parsed.client.as_deref() == Some(state.manager_id.as_str()) && parsed.name == "default" {
         let id = ServiceId::parse(&format!("{}/{}:default", caller_ws, state.manager_id))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
-        let info = hosted_description(state, "default").unwrap_or(Value::Nil);
+        let info = Manager.description(state);
         return ServiceEntry::from_info(id, info);
     }
-    let mut found = super::find_services(state, &parsed).await?;
+    let mut found = crate::workspace::find_services(state, &parsed).await?;
     if parsed.workspace == "public" && super::is_reserved_public_name(&parsed.name) {
         found.retain(|e| e.id.provider.client.as_str() == state.manager_id);
     }
@@ -618,7 +482,10 @@ pub async fn get_service(
     let entry = resolve(state, caller_ws, user, query, mode(config)).await?;
     let provider = entry.id.provider.to_string();
     if entry.id.provider.client.as_str() == state.manager_id {
-        return hosted_description(state, entry.id.name.as_str())
+        return state
+            .hosted
+            .get(entry.id.name.as_str())
+            .map(|service| service.description(state))
             .ok_or_else(|| Error::NotFound(format!("Service not found: {query}")));
     }
     let timeout = config
@@ -729,7 +596,7 @@ async fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Resu
         service_type = Some(t.to_string());
     }
     let same = workspace == ctx.ws || ctx.user.permission(&workspace).is_some();
-    let items = super::services_in(state, &workspace)
+    let items = crate::workspace::services_in(state, &workspace)
         .await?
         .into_iter()
         .filter(|e| (same && e.allows(&ctx.ws, &ctx.user)) || e.visibility == Visibility::Public)
@@ -887,7 +754,7 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
         ));
     }
     let account = caller.account();
-    let id = UserId::parse(format!("{account}-{}", crate::auth::random_id(8)))
+    let id = UserId::parse(format!("{account}-{}", crate::ids::random_id(8)))
         .map_err(|e| Error::BadRequest(format!("cannot derive a user id: {e}")))?;
     let mut child = UserInfo::new(id, Vec::new(), None);
     child.parent = Some(account.clone());
@@ -933,8 +800,8 @@ mod tests {
 
     #[test]
     fn every_function_has_a_valid_schema() {
-        for f in FUNCTIONS {
-            let s = schema(f);
+        for f in FUNCTIONS.iter() {
+            let s = f.schema();
             assert!(
                 get(&s, "parameters")
                     .and_then(|p| get(p, "properties"))

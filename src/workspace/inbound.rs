@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Outbound, Unsent};
 use crate::AppState;
 use crate::auth::UserInfo;
 use crate::cluster::bus::{Announcement, Inbound};
+use crate::hub::{Outbound, Unsent};
 use crate::rpc::frame::Frame;
 use crate::rpc::peer::{Decoded, Incoming};
 
@@ -115,7 +115,7 @@ async fn peer_left(state: &AppState, to: &str, data: Bytes) {
     let (Some(session), Some(from)) = (frame.field("session"), frame.field("from")) else {
         return;
     };
-    let header = super::peer_not_found(
+    let header = crate::hub::peer_not_found(
         to,
         from,
         session,

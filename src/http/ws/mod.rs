@@ -1,4 +1,8 @@
-//! `GET /ws`: the websocket endpoint of the Hypha protocol.
+//! `GET /ws`: the websocket endpoint of the Hypha protocol: the upgrade, the first message
+//! (handshake), then the connection's loop.
+
+pub mod connection;
+mod handshake;
 
 use std::sync::Arc;
 
@@ -35,5 +39,5 @@ async fn upgrade(
         .write_buffer_size(0)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| crate::hub::connection::serve(socket, state, client_ip))
+        .on_upgrade(move |socket| connection::serve(socket, state, client_ip))
 }

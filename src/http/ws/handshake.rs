@@ -36,9 +36,9 @@ const ANONYMOUS_LIFETIME: i64 = 600;
 pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
     let client_id = match &hello.client_id {
         Some(id) => id.clone(),
-        None => crate::auth::random_id(22),
+        None => crate::ids::random_id(22),
     };
-    if super::is_manager_id(&client_id) {
+    if crate::hub::is_manager_id(&client_id) {
         return Err("client ids starting with 'manager-' are reserved for the server".into());
     }
     let client = ClientId::parse(client_id).map_err(|e| e.to_string())?;

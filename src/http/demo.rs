@@ -27,7 +27,7 @@ struct Offer {
 
 async fn offer(
     State(state): State<Arc<AppState>>,
-    crate::http::ClientIp(client): crate::http::ClientIp,
+    super::ClientIp(client): super::ClientIp,
     body: Result<Json<Offer>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let offer = match body {
@@ -51,7 +51,7 @@ async fn offer(
         )
             .into_response();
     }
-    match super::peer::start(
+    match crate::demo::peer::start(
         &state.demo,
         &offer.sdp,
         Arc::new(crate::auth::UserInfo::http_anonymous()),
@@ -61,7 +61,7 @@ async fn offer(
     {
         Ok(answer) => Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response(),
         Err(e) => (
-            crate::http::status(&e),
+            super::status(&e),
             Json(serde_json::json!({"detail": e.public_message()})),
         )
             .into_response(),
@@ -70,7 +70,7 @@ async fn offer(
 
 /// The page with its limits filled in, built on first use.
 static PAGE_HTML: LazyLock<String> =
-    LazyLock::new(|| PAGE.replace("{MAX_TEXT}", &super::controls::MAX_TEXT.to_string()));
+    LazyLock::new(|| PAGE.replace("{MAX_TEXT}", &crate::demo::controls::MAX_TEXT.to_string()));
 
 async fn page() -> Html<&'static str> {
     Html(PAGE_HTML.as_str())

@@ -11,10 +11,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::handshake::{Admitted, Hello, admit};
-use super::{ClientHandle, Outbound, Queued, Room, Routed, Sender};
 use crate::AppState;
 use crate::auth::{Permission, UserInfo};
-use crate::rpc::peer::Incoming;
+use crate::hub::{ClientHandle, Outbound, Queued, Room, Routed, Sender};
 
 /// How connections behave: time-outs, sizes, rates.
 #[derive(clap::Args, Debug, Clone)]
@@ -282,9 +281,9 @@ async fn run(
         conn_id,
         tx: tx.clone(),
         room: Room::new(if user.is_anonymous() {
-            super::QUEUE_BYTES_ANONYMOUS
+            crate::hub::QUEUE_BYTES_ANONYMOUS
         } else {
-            super::QUEUE_BYTES
+            crate::hub::QUEUE_BYTES
         }),
         kill: kill.clone(),
         user: user.clone(),
@@ -346,22 +345,23 @@ async fn run(
         "write failed"
     } else {
         state.client_connected(&addr, &ws).await;
+        let calls = Arc::new(Semaphore::new(if user.is_anonymous() {
+            MAX_SERVER_CALLS_ANONYMOUS
+        } else {
+            MAX_SERVER_CALLS
+        }));
         let session = Session {
             sender: Sender {
                 addr: &addr,
                 workspace: &ws,
+                user: &user,
                 user_msgpack: &user_msgpack,
                 may_broadcast: permission >= Permission::ReadWrite,
+                calls: &calls,
+                peer_ip: Some(client_ip),
             },
-            calls: Arc::new(Semaphore::new(if user.is_anonymous() {
-                MAX_SERVER_CALLS_ANONYMOUS
-            } else {
-                MAX_SERVER_CALLS
-            })),
-            user: user.clone(),
             scoped,
             tx: tx.clone(),
-            client_ip,
         };
         serve_frames(
             &mut socket,
@@ -439,15 +439,10 @@ const MAX_SERVER_CALLS_ANONYMOUS: usize = 16;
 /// One admitted connection: who it is and what it holds while it runs.
 struct Session<'a> {
     sender: Sender<'a>,
-    user: Arc<UserInfo>,
     /// The identity with the connection's client and workspace: what its reconnection
     /// tokens carry.
     scoped: UserInfo,
     tx: mpsc::Sender<Queued>,
-    /// Calls to the server's own services running for this connection.
-    calls: Arc<Semaphore>,
-    /// The client's network address (behind a trusted proxy, the one it reports).
-    client_ip: std::net::IpAddr,
 }
 
 async fn serve_frames(
@@ -612,9 +607,7 @@ fn control(state: &AppState, scoped: &crate::auth::UserInfo, text: &str) -> Opti
 }
 
 async fn route(state: &Arc<AppState>, session: &Session<'_>, data: Bytes) -> Result<(), String> {
-    let Session {
-        sender, user, tx, ..
-    } = session;
+    let Session { sender, tx, .. } = session;
     match state
         .hub
         .route(sender, data)
@@ -622,45 +615,6 @@ async fn route(state: &Arc<AppState>, session: &Session<'_>, data: Bytes) -> Res
         .map_err(|e| e.to_string())?
     {
         Routed::Delivered | Routed::Dropped => {}
-        Routed::ToServer { frame, to } => {
-            // The built-in service answers at once (chunks, pings, descriptions) and the
-            // clients send chunks 30 at a time; everything else counts.
-            let immediate = frame
-                .field("method")
-                .is_some_and(|m| m.starts_with("services.built-in."));
-            let running = if immediate {
-                None
-            } else {
-                session.calls.clone().try_acquire_owned().ok()
-            };
-            if !immediate && running.is_none() {
-                let limit = if user.is_anonymous() {
-                    MAX_SERVER_CALLS_ANONYMOUS
-                } else {
-                    MAX_SERVER_CALLS
-                };
-                let error = format!(
-                    "too many calls to the server in flight from this connection (at most {limit}); wait for some to finish"
-                );
-                if let Some(reject) = crate::rpc::peer::refusal(&frame, &to, sender.addr, &error) {
-                    let _ = tx.try_send(Queued::unmetered(Outbound::Binary(reject)));
-                }
-                return Err(error);
-            }
-            let incoming = Incoming {
-                from: sender.addr.to_string(),
-                ws: sender.workspace.to_string(),
-                user: user.clone(),
-                to,
-                frame,
-                peer_ip: Some(session.client_ip),
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                crate::workspace::handle(state, incoming).await;
-                drop(running);
-            });
-        }
         Routed::PeerGone {
             session,
             target,

@@ -1,0 +1,194 @@
+//! The sign-in page of `hypha-login`, at `/public/apps/hypha-login/` (also `/login`): a local
+//! user signs in with email and password, which completes a pending login key (the clients'
+//! `login()`) and sets an `access_token` cookie.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::{Form, Router};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::auth::accounts::SignInError;
+use crate::services::login::{DEFAULT_TOKEN_LIFETIME, PAGE, complete, token_for};
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/login", get(|| async { Redirect::to(PAGE) }))
+        .route(PAGE, get(page).post(sign_in))
+        .route("/public/apps/hypha-login/logout", get(logout))
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    key: Option<String>,
+    workspace: Option<String>,
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn render(key: Option<&str>, workspace: Option<&str>, message: Option<&str>, done: bool) -> String {
+    let body = if done {
+        format!(
+            "<p id=\"result\" class=\"ok\">{}</p>",
+            escape(message.unwrap_or("Signed in."))
+        )
+    } else {
+        format!(
+            r#"{message}<form method="post" action="{PAGE}">
+  <input type="hidden" name="key" value="{key}">
+  <input type="hidden" name="workspace" value="{workspace}">
+  <label>Email <input type="email" name="email" autocomplete="username" required autofocus></label>
+  <label>Password <input type="password" name="password" autocomplete="current-password" required></label>
+  <button type="submit">Sign in</button>
+</form>"#,
+            message = message
+                .map(|m| format!("<p id=\"result\" class=\"error\">{}</p>", escape(m)))
+                .unwrap_or_default(),
+            key = escape(key.unwrap_or("")),
+            workspace = escape(workspace.unwrap_or("")),
+        )
+    };
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Sign in · hypha-rtc</title><style>
+body{{font-family:system-ui,sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}
+label{{display:block;margin:.8rem 0}} input{{display:block;width:100%;padding:.4rem;margin-top:.2rem}}
+button{{padding:.5rem 1.2rem}} .error{{color:#b00020}} .ok{{color:#05670f}}
+</style></head><body><h1>Sign in</h1>{body}</body></html>"#
+    )
+}
+
+async fn page(Query(query): Query<PageQuery>) -> Html<String> {
+    Html(render(
+        query.key.as_deref(),
+        query.workspace.as_deref(),
+        None,
+        false,
+    ))
+}
+
+#[derive(Deserialize)]
+struct SignInForm {
+    email: String,
+    password: String,
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    workspace: String,
+}
+
+async fn sign_in(
+    State(state): State<Arc<AppState>>,
+    super::ClientIp(address): super::ClientIp,
+    headers: HeaderMap,
+    Form(form): Form<SignInForm>,
+) -> Response {
+    let key = Some(form.key.as_str()).filter(|k| !k.is_empty());
+    let workspace = Some(form.workspace.as_str()).filter(|w| !w.is_empty());
+    let refuse = |status: StatusCode, message: &str| {
+        (status, Html(render(key, workspace, Some(message), false))).into_response()
+    };
+    let user = match state
+        .accounts
+        .sign_in(form.email.trim(), &form.password, address)
+        .await
+    {
+        Ok(user) => user,
+        Err(SignInError::LockedOut(s)) => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                &SignInError::LockedOut(s).to_string(),
+            );
+        }
+        Err(SignInError::Store(e)) => {
+            tracing::error!(error = %e, "sign-in failed on the store");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in is unavailable right now",
+            );
+        }
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, &e.to_string()),
+    };
+    let pending = match key {
+        Some(k) => match state.store.login_key(k).await {
+            Ok(Some(pending)) => Some(pending),
+            Ok(None) => {
+                return refuse(
+                    StatusCode::NOT_FOUND,
+                    "Invalid login key: it is unknown or was already used",
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-in is unavailable right now",
+                );
+            }
+        },
+        None => None,
+    };
+    let requested_ws = pending
+        .as_ref()
+        .and_then(|p| p.workspace.as_deref())
+        .or(workspace);
+    let token = match token_for(
+        &state,
+        &user,
+        requested_ws,
+        pending.as_ref().and_then(|p| p.token_expires_in),
+    ) {
+        Ok(token) => token,
+        Err(e) => return refuse(super::status(&e), &e.public_message()),
+    };
+    if let Some(k) = key
+        && let Err(e) = complete(&state, k, &token, &user.id).await
+    {
+        return refuse(super::status(&e), &e.public_message());
+    }
+    tracing::info!(user = %user.id, "signed in");
+    let secure = state.public_base_url.starts_with("https://")
+        || headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v == "https");
+    let cookie = format!(
+        "access_token={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+        pending
+            .as_ref()
+            .and_then(|p| p.token_expires_in)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME),
+        if secure { "; Secure" } else { "" }
+    );
+    let mut response = Html(render(
+        None,
+        None,
+        Some(&format!(
+            "Signed in as {}. You can close this window.",
+            user.email
+        )),
+        true,
+    ))
+    .into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+async fn logout() -> Response {
+    let mut response = Html(render(None, None, Some("Signed out."), true)).into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("access_token=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"),
+    );
+    response
+}
