@@ -17,6 +17,9 @@ pub enum Error {
     Timeout(String),
     #[error("{0}")]
     TooManyRequests(String),
+    /// A request body larger than the server accepts.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// The remote peer that provides the service rejected the call.
     #[error("{0}")]
     Remote(String),

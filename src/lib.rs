@@ -79,8 +79,8 @@ impl AppState {
 
     /// Refuses a token and every token derived from it from now on, and closes the
     /// connections opened with any of them.
-    pub fn revoke_locally(&self, id: String) {
-        if self.tokens.mark_revoked(id.clone()) {
+    pub fn revoke_locally(&self, id: String, expires_at: i64) {
+        if self.tokens.mark_revoked(id.clone(), expires_at) {
             let closed = self.hub.close_where(
                 |handle| {
                     handle
@@ -234,8 +234,8 @@ impl App {
         let server_user = UserInfo::server();
         let store = open_store(&settings).await?;
         let tokens = TokenIssuer::new(&secret);
-        for revoked in store.revoked_tokens(auth::now_secs()).await? {
-            tokens.mark_revoked(revoked);
+        for (revoked, expires_at) in store.revoked_tokens(auth::now_secs()).await? {
+            tokens.mark_revoked(revoked, expires_at);
         }
         // str0m's DTLS needs one crypto provider for the process; a second install is harmless.
         str0m::crypto::from_feature_flags().install_process_default();
@@ -278,9 +278,7 @@ impl App {
             tokio::spawn(workspace::inbound::run(state.clone(), rx));
             tokio::spawn(workspace::keep_lease(state.clone(), state.stopping.clone()));
         }
-        if state.directory.is_shared() || state.settings.store.database_url.is_some() {
-            tokio::spawn(reload_revocations(state.clone()));
-        }
+        tokio::spawn(reload_revocations_now_and_then(state.clone()));
         Ok(App {
             listener,
             metrics_listener,
@@ -420,11 +418,11 @@ async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
     tracing::info!("stopped");
 }
 
-/// How often an instance that shares its store reads the revocations others made (the bus
-/// brings them at once; this catches any it missed).
+/// How often an instance reads the revocations others made through a shared store (the bus
+/// brings them at once; this catches any it missed) and forgets the expired ones.
 const REVOCATION_RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn reload_revocations(state: Arc<AppState>) {
+async fn reload_revocations_now_and_then(state: Arc<AppState>) {
     let mut ticker = tokio::time::interval(REVOCATION_RELOAD);
     ticker.tick().await;
     loop {
@@ -432,11 +430,22 @@ async fn reload_revocations(state: Arc<AppState>) {
             _ = state.stopping.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match state.store.revoked_tokens(auth::now_secs()).await {
-            Ok(revoked) => revoked.into_iter().for_each(|id| state.revoke_locally(id)),
-            Err(e) => tracing::warn!(error = %e, "cannot read revoked tokens from the store"),
-        }
+        reload_revocations(&state).await;
     }
+}
+
+/// Reads the revocations from the store (others' too) and forgets those whose tokens expired.
+pub(crate) async fn reload_revocations(state: &AppState) {
+    let now = auth::now_secs();
+    match state.store.revoked_tokens(now).await {
+        Ok(revoked) => {
+            for (id, expires_at) in revoked {
+                state.revoke_locally(id, expires_at);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read revoked tokens from the store"),
+    }
+    state.tokens.prune_revoked(now);
 }
 
 /// Reads the disabled accounts every few seconds and closes the connections of accounts
@@ -452,7 +461,9 @@ async fn watch_accounts(state: Arc<AppState>) {
         }
         ticks += 1;
         if ticks.is_multiple_of(30) {
+            state.hub.inflight.prune();
             state.ice.prune();
+            state.tokens.prune_limits();
             state.client_log.prune();
             if let Err(e) = state
                 .store

@@ -255,6 +255,19 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Services a client (`ws/cid`) has registered.
+    pub fn count_of(&self, addr: &str) -> usize {
+        let prefix = format!("{addr}:");
+        self.services
+            .read()
+            .map(|s| {
+                s.range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     pub fn len(&self) -> usize {
         self.services.read().map(|s| s.len()).unwrap_or(0)
     }

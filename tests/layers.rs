@@ -7,20 +7,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// Top-level modules and the modules each must never import.
-const FORBIDDEN: &[(&str, &[&str])] = &[
-    ("ids", &["*"]),
-    ("options", &["*"]),
-    ("store", &["auth", "rpc", "hub", "http", "services", "workspace", "cluster", "lib"]),
-    ("auth", &["rpc", "hub", "http", "services", "workspace", "cluster", "lib"]),
-    ("rpc", &["hub", "http", "services", "workspace", "cluster", "error", "lib"]),
-    ("turn", &["rpc", "hub", "http", "services", "workspace", "lib"]),
-    ("net", &["hub", "http", "services", "workspace", "lib"]),
-    ("registry", &["hub", "http", "services", "workspace", "cluster", "lib"]),
-    ("cluster", &["hub", "http", "services", "workspace", "lib"]),
-    ("hub", &["http", "services", "workspace", "lib"]),
-    ("demo", &["hub", "http", "services", "workspace", "lib"]),
-    ("error", &["hub", "http", "services", "workspace", "lib"]),
+/// Top-level modules and the modules each must never import (space-separated; `*`: none at
+/// all). Every module below the web and service layers is kept from them and from the root.
+const FORBIDDEN: &[(&str, &str)] = &[
+    ("ids", "*"),
+    ("options", "*"),
+    ("store", "auth rpc hub http services workspace cluster lib"),
+    ("auth", "rpc hub http services workspace cluster lib"),
+    ("rpc", "hub http services workspace cluster error lib"),
+    ("turn", "rpc hub http services workspace lib"),
+    ("net", "hub http services workspace lib"),
+    ("registry", "hub http services workspace cluster lib"),
+    ("cluster", "hub http services workspace lib"),
+    ("hub", "http services workspace lib"),
+    ("demo", "hub http services workspace lib"),
+    ("error", "hub http services workspace lib"),
 ];
 
 /// Modules allowed to use the root (`crate::AppState` and the like).
@@ -88,6 +89,7 @@ fn the_layers_point_one_way_and_there_are_no_circles() {
     let mut wrong = Vec::new();
     for (module, edges) in &graph {
         if let Some((_, forbidden)) = FORBIDDEN.iter().find(|(m, _)| m == module) {
+            let forbidden: Vec<&str> = forbidden.split_whitespace().collect();
             for target in edges {
                 if forbidden.contains(&"*") || forbidden.contains(&target.as_str()) {
                     wrong.push(format!("{module} imports {target}"));
@@ -131,7 +133,10 @@ fn the_layers_point_one_way_and_there_are_no_circles() {
     let mut done = BTreeSet::new();
     for module in graph.keys() {
         let circle = visit(module, &graph, &mut Vec::new(), &mut done);
-        assert!(circle.is_none(), "the modules import each other in a circle: {circle:?}");
+        assert!(
+            circle.is_none(),
+            "the modules import each other in a circle: {circle:?}"
+        );
     }
 }
 

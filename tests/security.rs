@@ -1131,3 +1131,140 @@ async fn credentials_are_not_issued_when_the_audit_cannot_record_them() {
     let (_, _, ready) = http(&app, "GET", "/health/readiness", &[], b"").await;
     assert!(ready.contains("\"store\":{\"state\":\"ok\"}"), "{ready}");
 }
+
+#[tokio::test]
+async fn a_cookie_is_not_used_for_requests_another_site_started() {
+    let app = spawn_app(|_| {}).await;
+    let alice = token(&app, "alice", &[], 600);
+    let cookie = format!("access_token={alice}");
+    // A link or a form on another site: a top-level GET with no Origin.
+    for (site, honoured) in [
+        ("cross-site", false),
+        ("same-site", false),
+        ("same-origin", true),
+        ("none", true),
+    ] {
+        let (_, _, body) = http(
+            &app,
+            "GET",
+            "/assets/config.json",
+            &[("Sec-Fetch-Site", site), ("Cookie", &cookie)],
+            b"",
+        )
+        .await;
+        assert_eq!(body.contains("\"alice\""), honoured, "{site}: {body}");
+    }
+    // The sign-in cookie is never sent along from another site.
+    let (_, headers, _) = http(&app, "GET", "/public/apps/hypha-login/logout", &[], b"").await;
+    assert!(
+        header(&headers, "set-cookie").is_some_and(|c| c.contains("SameSite=Strict")),
+        "{headers:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_json_bodies_and_floods_of_revocations_are_refused() {
+    let app = spawn_app(|_| {}).await;
+    // JSON grows many times once decoded: a small bound, said in words.
+    let mut body = b"[".to_vec();
+    body.extend(b"0,".repeat(1_200_000));
+    body.extend(b"0]");
+    let (status, _, text) = http(
+        &app,
+        "POST",
+        "/public/services/hypha-login/check",
+        &[("Content-Type", "application/json")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("JSON body may hold at most"), "{text}");
+
+    // One account cannot grow the revocation list at will.
+    let alice = token(&app, "alice", &[], 3600);
+    let (mut socket, info) = connect_with(&app, hello("a", Some(&alice), None))
+        .await
+        .unwrap();
+    let limit = hypha_rtc::auth::token::REVOCATIONS_PER_MINUTE as usize;
+    let mut refused = None;
+    for i in 0..=limit {
+        let child = manager_call(
+            &mut socket,
+            &info,
+            "generate_token",
+            vec![map(&[("client_id", format!("k{i}").into())])],
+        )
+        .await
+        .unwrap();
+        if let Err(e) = manager_call(&mut socket, &info, "revoke_token", vec![child]).await {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (at, message) = refused.expect("every revocation was accepted");
+    assert_eq!(at, limit, "{message}");
+    assert!(message.contains("too many revocations"), "{message}");
+    // Revocations of expired tokens are forgotten.
+    assert_eq!(app.state.tokens.revoked_count(), limit);
+    app.state.tokens.prune_revoked(now() + 7200);
+    assert_eq!(app.state.tokens.revoked_count(), 0);
+    still_works(&app).await;
+}
+
+#[tokio::test]
+async fn turn_credentials_never_outlive_the_token_that_asked() {
+    let app = spawn_app(|s| s.turn = turn_settings(0)).await;
+    let brief = token(&app, "alice", &[], 120);
+    let path = "/public/services/coturn/get_rtc_ice_servers?test_connectivity=false&ttl=3600";
+    let (status, body) = get_as(&app, path, &brief).await;
+    assert_eq!(status, 200, "{body}");
+    let servers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let username = servers
+        .as_array()
+        .and_then(|list| list.iter().find_map(|s| s["username"].as_str()))
+        .expect("a TURN server with a username");
+    let expiry: i64 = username.split(':').next().unwrap().parse().unwrap();
+    assert!(expiry <= now() + 121, "{username} outlives its token");
+    assert!(expiry > now() + 60, "{username}");
+}
+
+#[tokio::test]
+async fn readiness_details_are_for_this_machine_and_admins() {
+    let app = spawn_app(|s| {
+        s.turn = turn_settings(0);
+        s.admission.trusted_proxies =
+            hypha_rtc::net::client_addr::TrustedProxies::parse("127.0.0.1").unwrap();
+    })
+    .await;
+    let (_, _, local) = http(&app, "GET", "/health/readiness", &[], b"").await;
+    assert!(local.contains("127.0.0.1:9"), "{local}");
+    let remote = [("X-Forwarded-For", "203.0.113.5")];
+    let (status, _, outside) = http(&app, "GET", "/health/readiness", &remote, b"").await;
+    assert_eq!(status, 200, "{outside}");
+    assert!(outside.contains("\"coturn\":{\"state\""), "{outside}");
+    assert!(
+        !outside.contains("127.0.0.1:9") && !outside.contains("detail"),
+        "{outside}"
+    );
+    let admin = format!("Bearer {}", token(&app, "root", &["admin"], 600));
+    let (_, _, for_admin) = http(
+        &app,
+        "GET",
+        "/health/readiness",
+        &[remote[0], ("Authorization", &admin)],
+        b"",
+    )
+    .await;
+    assert!(for_admin.contains("127.0.0.1:9"), "{for_admin}");
+}
+
+#[tokio::test]
+async fn the_client_id_of_http_calls_is_reserved() {
+    let app = spawn_app(|_| {}).await;
+    let alice = token(&app, "alice", &[], 600);
+    let refused = connect_with(&app, hello("http-client", Some(&alice), None)).await;
+    let Err(message) = refused else {
+        panic!("a websocket client took the HTTP client id");
+    };
+    assert!(message.contains("reserved"), "{message}");
+}

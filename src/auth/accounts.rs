@@ -101,6 +101,8 @@ pub struct Accounts {
     store: Store,
     dummy_hash: String,
     failures: Mutex<HashMap<String, Failures>>,
+    /// When old failures were last forgotten.
+    pruned: Mutex<Option<Instant>>,
     max_failures: u32,
     lockout: Duration,
     /// The disabled accounts, as last read from the store.
@@ -115,6 +117,7 @@ impl Accounts {
             store,
             dummy_hash: hash_password("no such user").unwrap_or_default(),
             failures: Mutex::new(HashMap::new()),
+            pruned: Mutex::new(None),
             max_failures: max_failures.max(1),
             lockout,
             disabled: Default::default(),
@@ -135,6 +138,11 @@ impl Accounts {
         password: &str,
         address: std::net::IpAddr,
     ) -> Result<UserRecord, SignInError> {
+        // Longer than any email: refused before it is counted (or kept).
+        if email.len() > 254 || password.len() > 1024 {
+            return Err(SignInError::Invalid);
+        }
+        let address = crate::net::client_addr::address_key(address);
         let email_key = email.to_ascii_lowercase();
         let pair = format!("pair:{email_key}|{address}");
         let from_address = format!("address:{address}");
@@ -201,7 +209,10 @@ impl Accounts {
     fn record_failure(&self, keys: &[(String, Option<u32>)]) {
         let now = Instant::now();
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() > 100_000 {
+        // Forget old failures now and then (at most once a minute, whatever the traffic).
+        let mut pruned = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
+        if pruned.is_none_or(|at| now.duration_since(at) > Duration::from_secs(60)) {
+            *pruned = Some(now);
             failures.retain(|_, f| {
                 f.locked_until.is_some_and(|u| u > now)
                     || now.duration_since(f.since) <= FAILURE_WINDOW

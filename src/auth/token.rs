@@ -87,9 +87,16 @@ pub struct TokenIssuer {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
-    /// Ids of revoked tokens (persisted by the store, loaded at start, announced to all).
-    revoked: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Ids of revoked tokens with the time each would have expired (persisted by the store,
+    /// loaded at start, announced to all); an expired one is forgotten, as every token
+    /// derived from it has expired too.
+    revoked: std::sync::RwLock<std::collections::HashMap<String, i64>>,
+    /// Revocations each account may ask for per minute, so none can grow the list at will.
+    revocations: governor::DefaultKeyedRateLimiter<crate::ids::UserId>,
 }
+
+/// Revocations one account may make per minute (admins are not held to it).
+pub const REVOCATIONS_PER_MINUTE: u32 = 60;
 
 /// The SHA-256 of a token: the id of tokens minted without a `jti` (never the token itself
 /// is kept).
@@ -144,22 +151,47 @@ impl TokenIssuer {
             decoding: DecodingKey::from_secret(bytes),
             validation,
             revoked: Default::default(),
+            revocations: governor::RateLimiter::keyed(governor::Quota::per_minute(
+                std::num::NonZeroU32::new(REVOCATIONS_PER_MINUTE)
+                    .unwrap_or(std::num::NonZeroU32::MIN),
+            )),
         }
     }
 
-    /// Refuses a token, and every token derived from it, from now on. Returns whether the id
-    /// was new.
-    pub fn mark_revoked(&self, id: String) -> bool {
-        self.revoked
-            .write()
-            .map(|mut revoked| revoked.insert(id))
-            .unwrap_or(false)
+    /// Counts a revocation asked for by `account`; false when it has asked for too many.
+    pub fn may_revoke(&self, account: &crate::ids::UserId) -> bool {
+        self.revocations.check_key(account).is_ok()
+    }
+
+    /// Forgets the revocation counts of accounts that have not revoked for a while.
+    pub fn prune_limits(&self) {
+        self.revocations.retain_recent();
+        self.revocations.shrink_to_fit();
+    }
+
+    /// Refuses a token that expires at `expires_at`, and every token derived from it, from
+    /// now on. Returns whether the id was new.
+    pub fn mark_revoked(&self, id: String, expires_at: i64) -> bool {
+        let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        revoked.insert(id, expires_at).is_none()
+    }
+
+    /// Forgets revocations of tokens that have expired since (with the leeway `verify` allows).
+    pub fn prune_revoked(&self, now: i64) {
+        let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        let leeway = self.validation.leeway as i64;
+        revoked.retain(|_, expires_at| *expires_at + leeway >= now);
+    }
+
+    /// How many revocations are remembered (for metrics and tests).
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.read().map(|r| r.len()).unwrap_or(0)
     }
 
     /// Whether the token, or one it was derived from, is revoked.
     pub fn is_revoked(&self, token: &TokenRef) -> bool {
         self.revoked.read().is_ok_and(|revoked| {
-            !revoked.is_empty() && token.family().any(|id| revoked.contains(id))
+            !revoked.is_empty() && token.family().any(|id| revoked.contains_key(id))
         })
     }
 
@@ -435,9 +467,14 @@ mod tests {
         assert!(recon_exp <= from.expires_at);
         assert_eq!(tokens.parse(&recon), Err(TokenError::ReconnectionOnly));
         assert!(tokens.verify(&recon).is_ok());
-        tokens.mark_revoked(from.id.clone());
+        tokens.mark_revoked(from.id.clone(), from.expires_at);
         assert_eq!(tokens.parse(&child_token), Err(TokenError::Revoked));
         assert_eq!(tokens.verify(&recon), Err(TokenError::Revoked));
+        // Still remembered while the token could be used; forgotten once it has expired.
+        tokens.prune_revoked(crate::auth::now_secs());
+        assert_eq!(tokens.verify(&recon), Err(TokenError::Revoked));
+        tokens.prune_revoked(from.expires_at + 3600);
+        assert_eq!(tokens.revoked_count(), 0);
     }
 
     #[test]

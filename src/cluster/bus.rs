@@ -22,8 +22,9 @@ pub enum Announcement {
         event: String,
         data: Value,
     },
-    /// A token id that is revoked from now on, with every token derived from it.
-    Revoked { id: String },
+    /// A token id that is revoked from now on, with every token derived from it, and when
+    /// it would have expired.
+    Revoked { id: String, expires_at: i64 },
     /// The client `addr` reconnected through instance `keep`: any other instance closes its
     /// connection of that client.
     Kick { addr: String, keep: String },
@@ -103,7 +104,12 @@ pub fn encode_announcement(origin: &str, announcement: &Announcement) -> Vec<u8>
             event.as_str().into(),
             data.clone(),
         ],
-        Announcement::Revoked { id } => vec![origin.into(), "r".into(), id.as_str().into()],
+        Announcement::Revoked { id, expires_at } => vec![
+            origin.into(),
+            "r".into(),
+            id.as_str().into(),
+            (*expires_at).into(),
+        ],
         Announcement::Kick { addr, keep } => vec![
             origin.into(),
             "k".into(),
@@ -139,8 +145,9 @@ pub fn decode_announcement(payload: &[u8]) -> Option<(String, Announcement)> {
                 data,
             }
         }
-        ("r", 3) => Announcement::Revoked {
+        ("r", 4) => Announcement::Revoked {
             id: text(&items[2])?,
+            expires_at: items[3].as_i64()?,
         },
         ("k", 4) => Announcement::Kick {
             addr: text(&items[2])?,
@@ -167,7 +174,10 @@ mod tests {
                 event: "service_added".into(),
                 data: crate::rpc::value::obj([("id", "ws1/c:s".into())]),
             },
-            Announcement::Revoked { id: "abc".into() },
+            Announcement::Revoked {
+                id: "abc".into(),
+                expires_at: 1_900_000_000,
+            },
             Announcement::Kick {
                 addr: "ws1/c".into(),
                 keep: "i2".into(),

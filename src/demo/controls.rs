@@ -183,6 +183,7 @@ pub fn on_rpc(
         to,
         frame,
         peer_ip: None,
+        slots: None,
     };
     let call = match peer::decode_call(incoming) {
         Ok(Some(call)) => call,

@@ -182,6 +182,8 @@ pub struct Producer {
     viewers: AtomicUsize,
     /// Sessions not connected yet, by the address that asked for them.
     pending: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
+    /// Sessions alive, by the address that asked for them.
+    live: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
     frames: AtomicU64,
     sessions: AtomicU64,
 }
@@ -201,6 +203,7 @@ impl Producer {
             cert,
             viewers: AtomicUsize::new(0),
             pending: Default::default(),
+            live: Default::default(),
             frames: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
         })
@@ -223,14 +226,24 @@ impl Producer {
 
     /// Counts a viewer for as long as the returned guard lives; `None` when the producer
     /// already has `max_viewers`, so a flood of offers cannot take every core and socket.
-    fn viewer_guard(self: &Arc<Self>) -> Option<ViewerGuard> {
+    fn viewer_guard(self: &Arc<Self>, address: Option<IpAddr>) -> Option<ViewerGuard> {
         let max = self.settings.max_viewers;
+        let address = address.map(crate::net::client_addr::address_key);
+        // One remote address may hold half the viewer slots, so it cannot lock others out
+        // (this machine's own viewers, benchmarks and checks, are held to the total only).
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = live.get(&address).copied().unwrap_or(0);
+        let remote = address.is_some_and(|ip| !ip.is_loopback());
+        if remote && mine >= (max / 2).max(1) {
+            return None;
+        }
         self.viewers
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        Some(ViewerGuard(self.clone()))
+        live.insert(address, mine + 1);
+        Some(ViewerGuard(self.clone(), address))
     }
 }
 
@@ -243,6 +256,7 @@ impl Producer {
     /// dropped; `None` when the address, or all addresses together (half the viewer slots),
     /// already have as many as they may.
     fn pending_guard(self: &Arc<Self>, address: Option<IpAddr>) -> Option<PendingGuard> {
+        let address = address.map(crate::net::client_addr::address_key);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = pending.values().sum();
         let mine = pending.entry(address).or_insert(0);
@@ -280,7 +294,7 @@ impl Drop for PendingGuard {
 }
 
 /// Keeps one viewer counted in [`Producer::viewers`].
-struct ViewerGuard(Arc<Producer>);
+struct ViewerGuard(Arc<Producer>, Option<IpAddr>);
 
 impl ViewerGuard {
     /// Counts the session once it is set up, not offers refused on the way.
@@ -296,5 +310,12 @@ impl ViewerGuard {
 impl Drop for ViewerGuard {
     fn drop(&mut self) {
         self.0.viewers.fetch_sub(1, Ordering::Relaxed);
+        let mut live = self.0.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = live.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                live.remove(&self.1);
+            }
+        }
     }
 }

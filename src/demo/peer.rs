@@ -54,10 +54,11 @@ pub async fn start(
         ));
     }
     let settings = &producer.settings;
-    let guard = producer.viewer_guard().ok_or_else(|| {
+    let guard = producer.viewer_guard(client).ok_or_else(|| {
         Error::Unavailable(format!(
-            "the demo already has {} viewers, the most it takes: try again later",
-            settings.max_viewers
+            "the demo already has {} viewers, the most it takes (one address may have at most {}): try again later",
+            settings.max_viewers,
+            (settings.max_viewers / 2).max(1)
         ))
     })?;
     let pending = producer.pending_guard(client).ok_or_else(|| {

@@ -90,12 +90,27 @@ impl CorsPolicy {
     }
 
     /// Whether the cookie of a request with these headers may be used: same-origin and
-    /// non-browser requests carry no `Origin`, or one that is credentialed.
+    /// non-browser requests carry no `Origin`, or one that is credentialed. A browser's
+    /// `Sec-Fetch-Site` saying another site started the request (a link, a form, an image)
+    /// refuses it too, unless that site's origin is credentialed.
     pub fn cookie_allowed(&self, headers: &HeaderMap) -> bool {
-        match headers.get(header::ORIGIN).map(HeaderValue::to_str) {
-            None => true,
-            Some(Ok(origin)) => self.credentialed(origin),
-            Some(Err(_)) => false,
+        let origin = match headers.get(header::ORIGIN).map(HeaderValue::to_str) {
+            None => None,
+            Some(Ok(origin)) => Some(origin),
+            Some(Err(_)) => return false,
+        };
+        if let Some(origin) = origin
+            && !self.credentialed(origin)
+        {
+            return false;
+        }
+        let site = headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        match site {
+            "same-origin" | "none" => true,
+            _ => origin.is_some(),
         }
     }
 }
@@ -187,6 +202,20 @@ mod tests {
             HeaderValue::from_static("http://evil.example"),
         );
         assert!(!policy.cookie_allowed(&headers));
+        // A link or form on another site: no Origin on a GET, but the browser says who started it.
+        let mut navigation = HeaderMap::new();
+        navigation.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert!(!policy.cookie_allowed(&navigation));
+        navigation.insert("sec-fetch-site", HeaderValue::from_static("same-site"));
+        assert!(!policy.cookie_allowed(&navigation));
+        navigation.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        assert!(policy.cookie_allowed(&navigation));
+        navigation.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        navigation.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://localhost:3000"),
+        );
+        assert!(policy.cookie_allowed(&navigation));
         assert!(AllowOrigins::parse("not an origin").is_err());
         assert!(AllowOrigins::parse("*").unwrap().any);
     }

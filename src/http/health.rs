@@ -23,13 +23,25 @@ async fn liveness() -> Json<Value> {
 }
 
 /// Ready to serve signaling; the coturn probe's state (cached briefly) is reported beside it.
-async fn readiness(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// What is wrong in words (internal addresses, store errors) only for callers on this machine
+/// and admins.
+async fn readiness(
+    State(state): State<Arc<AppState>>,
+    super::ClientIp(ip): super::ClientIp,
+    headers: HeaderMap,
+) -> Json<Value> {
+    let detailed = ip.is_loopback()
+        || super::caller(&state, &headers)
+            .await
+            .is_ok_and(|user| user.is_admin());
     let coturn = match state.ice.probe() {
         None => json!({"state": "not_configured"}),
         Some(probe) => {
             let outcome = probe.check().await;
-            let mut report =
-                json!({"state": outcome.state(), "detail": outcome.describe(probe.address())});
+            let mut report = json!({"state": outcome.state()});
+            if detailed {
+                report["detail"] = json!(outcome.describe(probe.address()));
+            }
             if let crate::turn::probe::ProbeOutcome::Ok { latency } = outcome {
                 report["latency_ms"] = json!(latency.as_secs_f64() * 1e3);
             }
@@ -52,10 +64,11 @@ async fn readiness(State(state): State<Arc<AppState>>) -> Json<Value> {
         "redis": redis,
         "store": match state.store.state() {
             crate::store::StoreState::Ok => json!({"state": "ok"}),
-            crate::store::StoreState::Failing(detail) => json!({
+            crate::store::StoreState::Failing(detail) if detailed => json!({
                 "state": "unavailable",
                 "detail": format!("the last write failed: {detail}"),
             }),
+            crate::store::StoreState::Failing(_) => json!({"state": "unavailable"}),
         },
         "connections_refused": {
             "max_connections": state.admission.refused_total.load(std::sync::atomic::Ordering::Relaxed),

@@ -161,7 +161,7 @@ async fn sign_in(
             .get("x-forwarded-proto")
             .is_some_and(|v| v == "https");
     let cookie = format!(
-        "access_token={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+        "access_token={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         pending
             .as_ref()
             .and_then(|p| p.token_expires_in)
@@ -188,7 +188,7 @@ async fn logout() -> Response {
     let mut response = Html(render(None, None, Some("Signed out."), true)).into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("access_token=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"),
+        HeaderValue::from_static("access_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
     );
     response
 }

@@ -27,6 +27,7 @@ pub fn status(error: &Error) -> axum::http::StatusCode {
         Error::NotFound(_) => StatusCode::NOT_FOUND,
         Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Remote(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
@@ -113,6 +114,9 @@ impl HttpOptions {
         })
     }
 }
+
+/// The client id calls made over HTTP come from (no websocket client may take it).
+pub const HTTP_CLIENT: &str = "http-client";
 
 /// All routes of the server.
 pub fn router(state: Arc<AppState>) -> Router {

@@ -19,8 +19,10 @@ use crate::rpc::value::{self, Args};
 use crate::services::HostedService;
 use crate::services::manager::{self, Manager};
 
-/// Largest HTTP request body accepted.
+/// Largest HTTP request body accepted (msgpack, decoded within bounds).
 const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest JSON body: JSON's small tokens grow many times over once decoded.
+const MAX_JSON_BODY: usize = 2 * 1024 * 1024;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -55,18 +57,21 @@ fn context(
     let ws = if user.permission(workspace).is_some() {
         workspace.to_string()
     } else {
+        // The token's current workspace only where it grants something.
         user.scope
             .current
             .as_ref()
             .map(ToString::to_string)
+            .filter(|current| user.permission(current).is_some())
             .unwrap_or_else(|| user.own_workspace())
     };
     CallContext {
-        from: format!("{ws}/http-client"),
+        from: format!("{ws}/{}", super::HTTP_CLIENT),
         ws,
         user: Arc::new(user.clone()),
         to: state.peer.manager_addr(),
         peer_ip: Some(peer_ip),
+        slots: None,
     }
 }
 
@@ -111,6 +116,12 @@ async fn call_function(
                 .map_err(|e| Error::BadRequest(format!("the msgpack body {e}")))?
                 .0
         } else {
+            if body.len() > MAX_JSON_BODY {
+                return Err(Error::PayloadTooLarge(format!(
+                    "a JSON body may hold at most {MAX_JSON_BODY} bytes (this one has {}); send larger arguments as msgpack",
+                    body.len()
+                )));
+            }
             let json: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| Error::BadRequest(format!("the body is not valid JSON: {e}")))?;
             value::from_json(&json)

@@ -3,6 +3,12 @@
 //! `process` call, so a body naming another sender (`from`, `user`, `ctx`...) would pass for
 //! that sender. The server relays every chunk: it reads them as they pass, without keeping
 //! them, and refuses the `process` of a message whose assembled body it cannot vouch for.
+//!
+//! The receiving client keys its cache by the message key alone, so chunks of two senders
+//! under one key would mix. The server therefore gives each sender a namespace of its own: a
+//! key is delivered with a suffix derived from the sender's address. The one exception is a
+//! chunked answer (`heartbeat` true), whose key is the receiver's own call session: only the
+//! callee of that call may send it, and only one sender may use a key at a time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -20,11 +26,18 @@ const MAX_EARLY_BYTES_PER_SENDER: usize = 16 * 1024 * 1024;
 /// A message not touched for this long is forgotten (its `process` is then refused).
 const IDLE_LIMIT: Duration = Duration::from_secs(600);
 const MAX_KEY_LEN: usize = 256;
+/// The main message (the routing header) of a chunked message is kept up to this size, to
+/// read the session its receiver may answer under.
+const MAX_MAIN: usize = 64 * 1024;
 
-/// (sender, target, key).
-type Key = (String, String, String);
+/// (target, key as delivered).
+type Key = (String, String);
 
 struct Watched {
+    /// Who sends it: nobody else may add to it.
+    sender: String,
+    /// Whether its key is delivered with the sender's suffix.
+    namespaced: bool,
     scanner: Scanner,
     /// Chunks received, whatever their index (what `append` numbers the next one).
     received: u64,
@@ -34,17 +47,22 @@ struct Watched {
     touched: Instant,
     /// Set when the message can no longer be vouched for; its `process` is refused.
     poisoned: Option<String>,
+    /// The bytes of the main message, while it fits in [`MAX_MAIN`].
+    main: Option<Vec<u8>>,
 }
 
 impl Watched {
-    fn new() -> Self {
+    fn new(sender: &str, namespaced: bool) -> Self {
         Self {
+            sender: sender.to_string(),
+            namespaced,
             scanner: Scanner::new(Limits::WALK, Some(1)),
             received: 0,
             next: 0,
             early: BTreeMap::new(),
             touched: Instant::now(),
             poisoned: None,
+            main: Some(Vec::new()),
         }
     }
 
@@ -79,10 +97,31 @@ impl Watched {
         if self.scanner.objects() >= 2 {
             return Ok(());
         }
-        self.scanner
-            .run(data, 2)
-            .map(|_| ())
-            .map_err(|e| format!("the chunked message is not valid msgpack: it {e}"))
+        let invalid =
+            |e: scan::ScanError| format!("the chunked message is not valid msgpack: it {e}");
+        let mut data = data;
+        if self.scanner.objects() == 0 {
+            let used = self.scanner.run(data, 1).map_err(invalid)?;
+            if let Some(main) = &mut self.main {
+                if main.len() + used <= MAX_MAIN {
+                    main.extend_from_slice(&data[..used]);
+                } else {
+                    self.main = None;
+                }
+            }
+            data = &data[used..];
+        }
+        self.scanner.run(data, 2).map(|_| ()).map_err(invalid)
+    }
+
+    /// The session of the call this message makes (its receiver may answer under it).
+    fn call_session(&self) -> Option<String> {
+        let main = self.main.as_deref()?;
+        let session = scan::map_value(main, "session")?;
+        rmp::decode::read_str_from_slice(session)
+            .ok()
+            .map(|(s, _)| s.to_string())
+            .filter(|s| !s.is_empty() && s.len() <= MAX_KEY_LEN)
     }
 
     /// Whether the message, as sent so far, is complete and merges nothing the server sets.
@@ -102,10 +141,58 @@ impl Watched {
     }
 }
 
-/// The chunked messages in flight through this instance, by sender, target and key.
+/// The chunked messages in flight through this instance, by target and key.
 #[derive(Default)]
 pub struct ChunkWatch {
     messages: Mutex<HashMap<Key, Watched>>,
+    /// Keys the namespace suffixes of this instance: a sender cannot compute another's.
+    suffixes: std::hash::RandomState,
+}
+
+/// Most calls a client is remembered to have been sent, for its chunked answers.
+const ANSWERABLE: usize = 1024;
+
+/// The calls a client was sent lately, by a hash of (caller, session): under those sessions'
+/// keys it may send chunked answers (and to callbacks of those calls). The oldest go first.
+#[derive(Default)]
+pub struct Answerable {
+    sessions: Mutex<
+        Option<(
+            std::collections::VecDeque<u64>,
+            std::collections::HashSet<u64>,
+        )>,
+    >,
+}
+
+impl Answerable {
+    pub fn record(&self, key: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let (order, set) = sessions.get_or_insert_with(Default::default);
+        if set.insert(key) {
+            order.push_back(key);
+            if order.len() > ANSWERABLE
+                && let Some(oldest) = order.pop_front()
+            {
+                set.remove(&oldest);
+            }
+        }
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        self.sessions
+            .lock()
+            .map(|s| s.as_ref().is_some_and(|(_, set)| set.contains(&key)))
+            .unwrap_or(false)
+    }
+}
+
+/// What to deliver of a vetted `message_cache` call.
+#[derive(Debug, Default)]
+pub struct Vetted {
+    /// Deliver it with this body (the key put in the sender's namespace); `None`: as it came.
+    pub body: Option<Bytes>,
+    /// The `process` of a chunked call: the session the receiver may answer it under.
+    pub call_session: Option<String>,
 }
 
 /// The functions of `message_cache`.
@@ -118,88 +205,70 @@ enum Op {
     Remove,
 }
 
-/// The arguments of a `message_cache` call: positional items, or keywords.
+/// The positional arguments of a `message_cache` call (the clients send no keywords to it).
 struct CallArgs<'a> {
     body: &'a Bytes,
-    positional: Vec<&'a [u8]>,
-    kwargs: Option<rmpv::Value>,
+    /// The encoded `args` array, and each of its items.
+    args: &'a [u8],
+    items: Vec<&'a [u8]>,
 }
 
 impl CallArgs<'_> {
     fn read(body: &Bytes) -> Result<CallArgs<'_>, String> {
         let bad = || "the message_cache call has malformed arguments".to_string();
-        let mut positional = match scan::map_value(body, "args") {
-            Some(args) => scan::array_items(args, 8).ok_or_else(bad)?,
-            None => Vec::new(),
-        };
-        let with_kwargs = scan::map_value(body, "with_kwargs") == Some(&[0xc3][..]);
-        let last_is_map = positional
-            .last()
-            .is_some_and(|last| matches!(last.first(), Some(0x80..=0x8f | 0xde | 0xdf)));
-        let mut kwargs = None;
-        if last_is_map && let Some(last) = positional.last() {
-            let limits = Limits::decode(last.len(), 64, 4);
-            let (value, _) = scan::decode(last, limits).map_err(|_| bad())?;
-            let marked = crate::rpc::value::get(&value, "_rkwargs").and_then(rmpv::Value::as_bool)
-                == Some(true);
-            if with_kwargs || marked {
-                positional.pop();
-                kwargs = Some(value);
-            }
+        let args = scan::map_value(body, "args").ok_or_else(bad)?;
+        let items = scan::array_items(args, 8).ok_or_else(bad)?;
+        let keyword = scan::map_value(body, "with_kwargs") == Some(&[0xc3][..])
+            || items
+                .last()
+                .is_some_and(|last| matches!(last.first(), Some(0x80..=0x8f | 0xde | 0xdf)));
+        if keyword {
+            return Err("message_cache calls take positional arguments only".into());
         }
-        Ok(CallArgs {
-            body,
-            positional,
-            kwargs,
-        })
-    }
-
-    fn keyword(&self, name: &str) -> Option<&rmpv::Value> {
-        self.kwargs
-            .as_ref()
-            .and_then(|k| crate::rpc::value::get(k, name))
+        Ok(CallArgs { body, args, items })
     }
 
     fn key(&self) -> Result<String, String> {
-        let text = match self.positional.first() {
-            Some(item) => rmp::decode::read_str_from_slice(item)
-                .ok()
-                .map(|(s, _)| s.to_string()),
-            None => self
-                .keyword("key")
-                .and_then(rmpv::Value::as_str)
-                .map(str::to_string),
-        };
-        text.filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+        self.items
+            .first()
+            .and_then(|item| rmp::decode::read_str_from_slice(item).ok())
+            .map(|(s, _)| s.to_string())
+            .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
             .ok_or_else(|| "the message_cache call names no valid key".to_string())
     }
 
     fn index(&self, at: usize) -> Result<u64, String> {
-        let value = match self.positional.get(at) {
-            Some(item) => scan::decode(item, Limits::decode(item.len(), 1, 1))
-                .ok()
-                .and_then(|(v, _)| v.as_u64()),
-            None => self.keyword("index").and_then(rmpv::Value::as_u64),
-        };
-        value.ok_or_else(|| "the message_cache call has no valid index".to_string())
+        self.items
+            .get(at)
+            .and_then(|item| scan::decode(item, Limits::decode(item.len(), 1, 1)).ok())
+            .and_then(|(v, _)| v.as_u64())
+            .ok_or_else(|| "the message_cache call has no valid index".to_string())
     }
 
     fn data(&self, at: usize) -> Result<Bytes, String> {
-        let data = match self.positional.get(at) {
-            Some(item) => scan::binary_payload(item).map(|p| self.body.slice_ref(p)),
-            None => match self.keyword("data") {
-                Some(rmpv::Value::Binary(b)) => Some(Bytes::copy_from_slice(b)),
-                _ => None,
-            },
-        };
-        data.ok_or_else(|| "the message_cache call carries no bytes".to_string())
+        self.items
+            .get(at)
+            .and_then(|item| scan::binary_payload(item))
+            .map(|payload| self.body.slice_ref(payload))
+            .ok_or_else(|| "the message_cache call carries no bytes".to_string())
     }
 
-    fn flag(&self, at: usize, name: &str) -> bool {
-        match self.positional.get(at) {
-            Some(item) => *item == [0xc3],
-            None => self.keyword(name).and_then(rmpv::Value::as_bool) == Some(true),
-        }
+    fn flag(&self, at: usize) -> bool {
+        self.items.get(at).is_some_and(|item| *item == [0xc3])
+    }
+
+    /// The body with the key (the first argument) replaced.
+    fn with_key(&self, key: &str) -> Bytes {
+        let base = self.body.as_ptr() as usize;
+        let first = self.items[0];
+        let start = first.as_ptr() as usize - base;
+        let end = start + first.len();
+        let mut out = Vec::with_capacity(self.body.len() + 32);
+        out.extend_from_slice(&self.body[..start]);
+        let _ = rmp::encode::write_str(&mut out, key);
+        out.extend_from_slice(&self.body[end..]);
+        let _ = self.args;
+        Bytes::from(out)
     }
 }
 
@@ -208,14 +277,27 @@ impl ChunkWatch {
         self.messages.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The key `sender`'s message `key` is delivered under.
+    fn namespaced(&self, sender: &str, key: &str) -> String {
+        use std::hash::BuildHasher;
+        format!("{key}~{:016x}", self.suffixes.hash_one(sender))
+    }
+
     /// Looks at a frame from `sender` to `target`; `Err` says why it must not be delivered.
-    /// Frames that are not `message_cache` calls pass untouched.
-    pub fn vet(&self, sender: &str, target: &str, frame: &Frame) -> Result<(), String> {
+    /// `answers(session)` says whether the sender was sent the target's call `session` (a
+    /// chunked answer goes under that session's key).
+    pub fn vet(
+        &self,
+        sender: &str,
+        target: &str,
+        frame: &Frame,
+        answers: impl Fn(&str) -> bool,
+    ) -> Result<Vetted, String> {
         let Some(method) = frame.field("method") else {
-            return Ok(());
+            return Ok(Vetted::default());
         };
         let Some(rest) = method.strip_prefix("services.built-in.message_cache") else {
-            return Ok(());
+            return Ok(Vetted::default());
         };
         let op = match rest {
             ".create" => Op::Create,
@@ -225,84 +307,121 @@ impl ChunkWatch {
             ".remove" => Op::Remove,
             _ => return Err(format!("{method} is not a message_cache function")),
         };
+        if target.ends_with("/*") {
+            return Err("message_cache calls go to one client, never to a whole workspace".into());
+        }
         if scan::map_value(&frame.body, "_enc").is_some() {
             return Err("message_cache calls cannot be end-to-end encrypted: the server vets what they assemble".into());
         }
         let args = CallArgs::read(&frame.body)?;
-        let key = (sender.to_string(), target.to_string(), args.key()?);
+        let key = args.key()?;
+        let namespaced = self.namespaced(sender, &key);
         let mut messages = self.lock();
+        // The message this call is about: in the sender's namespace, or under the session key
+        // of an answer this sender is sending.
+        let mine = |messages: &HashMap<Key, Watched>| {
+            let spaced = (target.to_string(), namespaced.clone());
+            if messages.contains_key(&spaced) {
+                return Some(spaced);
+            }
+            let plain = (target.to_string(), key.clone());
+            messages
+                .get(&plain)
+                .filter(|w| w.sender == sender)
+                .map(|_| plain)
+        };
+        let delivered = |watched_key: &Key, namespaced_key: bool| Vetted {
+            body: namespaced_key.then(|| args.with_key(&watched_key.1)),
+            call_session: None,
+        };
         match op {
             Op::Create => {
-                let overwrite = args.flag(2, "overwrite");
-                if let Some(existing) = messages.get_mut(&key) {
+                let answer = args.flag(1);
+                let overwrite = args.flag(2);
+                let slot: Key = if answer {
+                    // The key is the receiver's session: only its callee answers under it.
+                    if !answers(&key) {
+                        return Err("a chunked answer goes under the session of a call to its sender, and this is none".into());
+                    }
+                    (target.to_string(), key.clone())
+                } else {
+                    (target.to_string(), namespaced.clone())
+                };
+                if let Some(existing) = messages.get_mut(&slot) {
+                    if existing.sender != sender {
+                        return Err("another sender is using this message key".into());
+                    }
                     // Without overwrite the client refuses and keeps what it has; so do we.
                     if overwrite {
-                        *existing = Watched::new();
+                        *existing = Watched::new(sender, !answer);
                     }
-                    return Ok(());
+                    return Ok(delivered(&slot, !answer));
                 }
                 messages.retain(|_, w| w.touched.elapsed() < IDLE_LIMIT);
-                if messages.keys().filter(|(s, _, _)| s == sender).count()
+                if messages.values().filter(|w| w.sender == sender).count()
                     >= MAX_MESSAGES_PER_SENDER
                 {
                     return Err(format!(
                         "too many chunked messages in flight (at most {MAX_MESSAGES_PER_SENDER})"
                     ));
                 }
-                messages.insert(key, Watched::new());
-                Ok(())
+                messages.insert(slot.clone(), Watched::new(sender, !answer));
+                Ok(delivered(&slot, !answer))
             }
             Op::Append | Op::Set => {
                 let early_held: usize = messages
-                    .iter()
-                    .filter(|((s, _, _), _)| s == sender)
-                    .map(|(_, w)| w.early_bytes())
+                    .values()
+                    .filter(|w| w.sender == sender)
+                    .map(Watched::early_bytes)
                     .sum();
-                let Some(watched) = messages.get_mut(&key) else {
+                let Some(slot) = mine(&messages) else {
+                    return Err("this chunked message was not created through the server".into());
+                };
+                let Some(watched) = messages.get_mut(&slot) else {
                     return Err("this chunked message was not created through the server".into());
                 };
                 watched.touched = Instant::now();
+                let room = MAX_EARLY_BYTES_PER_SENDER.saturating_sub(early_held);
                 let outcome = if op == Op::Append {
-                    args.data(1).and_then(|data| {
-                        watched.chunk(
-                            watched.received,
-                            data,
-                            MAX_EARLY_BYTES_PER_SENDER.saturating_sub(early_held),
-                        )
-                    })
+                    args.data(1)
+                        .and_then(|data| watched.chunk(watched.received, data, room))
                 } else {
-                    args.index(1).and_then(|index| {
-                        args.data(2).and_then(|data| {
-                            watched.chunk(
-                                index,
-                                data,
-                                MAX_EARLY_BYTES_PER_SENDER.saturating_sub(early_held),
-                            )
-                        })
-                    })
+                    args.index(1)
+                        .and_then(|index| args.data(2).and_then(|d| watched.chunk(index, d, room)))
                 };
                 if let Err(reason) = &outcome {
                     watched.poisoned.get_or_insert_with(|| reason.clone());
                     watched.early.clear();
                 }
-                outcome
+                let namespaced_key = watched.namespaced;
+                outcome.map(|()| delivered(&slot, namespaced_key))
             }
             Op::Process => {
-                let watched = messages.remove(&key).ok_or_else(|| {
+                let slot = mine(&messages).ok_or_else(|| {
                     "this chunked message was not created through the server".to_string()
                 })?;
-                watched.verdict()
+                let Some(watched) = messages.remove(&slot) else {
+                    return Err("this chunked message was not created through the server".into());
+                };
+                watched.verdict()?;
+                Ok(Vetted {
+                    call_session: watched.call_session(),
+                    ..delivered(&slot, watched.namespaced)
+                })
             }
-            Op::Remove => {
-                messages.remove(&key);
-                Ok(())
-            }
+            Op::Remove => match mine(&messages) {
+                Some(slot) => {
+                    let namespaced_key = messages.remove(&slot).is_some_and(|w| w.namespaced);
+                    Ok(delivered(&slot, namespaced_key))
+                }
+                None => Err("this chunked message was not created through the server".into()),
+            },
         }
     }
 
     /// Forgets the messages of a sender that left.
     pub fn forget(&self, sender: &str) {
-        self.lock().retain(|(s, _, _), _| s != sender);
+        self.lock().retain(|_, w| w.sender != sender);
     }
 
     /// Messages being watched now.
@@ -344,10 +463,18 @@ mod tests {
         data
     }
 
+    fn none(_: &str) -> bool {
+        false
+    }
+
+    fn vet(watch: &ChunkWatch, sender: &str, frame: &Frame) -> Result<Vetted, String> {
+        watch.vet(sender, "ws/alice", frame, none)
+    }
+
     fn send(watch: &ChunkWatch, data: &[u8], piece: usize, reversed: bool) -> Result<(), String> {
-        watch.vet(
+        vet(
+            watch,
             "ws/eve",
-            "ws/alice",
             &call("create", vec!["k".into(), false.into()]),
         )?;
         let mut chunks: Vec<(usize, &[u8])> = data.chunks(piece).enumerate().collect();
@@ -361,13 +488,63 @@ mod tests {
                 Value::Binary(chunk.to_vec()),
                 false.into(),
             ];
-            watch.vet("ws/eve", "ws/alice", &call("set", args))?;
+            vet(watch, "ws/eve", &call("set", args))?;
         }
-        watch.vet(
+        vet(
+            watch,
             "ws/eve",
-            "ws/alice",
             &call("process", vec!["k".into(), false.into()]),
         )
+        .map(|_| ())
+    }
+
+    #[test]
+    fn a_chunked_call_tells_the_session_its_answer_goes_under() {
+        let mut data = encode(&obj([
+            ("type", "method".into()),
+            ("method", "services.s.f".into()),
+            ("session", "s3ss10n".into()),
+        ]));
+        data.extend(encode(&obj([("args", Value::Array(vec![1.into()]))])));
+        for piece in [1, 3, 7, 4096] {
+            let watch = ChunkWatch::default();
+            vet(
+                &watch,
+                "ws/eve",
+                &call("create", vec!["k".into(), false.into()]),
+            )
+            .unwrap();
+            for (index, chunk) in data.chunks(piece).enumerate() {
+                let args = vec![
+                    "k".into(),
+                    (index as u64).into(),
+                    Value::Binary(chunk.to_vec()),
+                    false.into(),
+                ];
+                vet(&watch, "ws/eve", &call("set", args)).unwrap();
+            }
+            let done = vet(
+                &watch,
+                "ws/eve",
+                &call("process", vec!["k".into(), false.into()]),
+            );
+            assert_eq!(
+                done.unwrap().call_session.as_deref(),
+                Some("s3ss10n"),
+                "{piece}"
+            );
+        }
+    }
+
+    /// The key a vetted call delivers.
+    fn delivered_key(vetted: Vetted, original: &Frame) -> String {
+        let body = vetted.body.unwrap_or_else(|| original.body.clone());
+        let args = scan::map_value(&body, "args").unwrap();
+        let first = scan::array_items(args, 8).unwrap()[0];
+        rmp::decode::read_str_from_slice(first)
+            .unwrap()
+            .0
+            .to_string()
     }
 
     #[test]
@@ -392,6 +569,37 @@ mod tests {
     }
 
     #[test]
+    fn senders_never_share_a_key() {
+        let watch = ChunkWatch::default();
+        let create = call("create", vec!["k".into(), false.into()]);
+        let eve = delivered_key(vet(&watch, "ws/eve", &create).unwrap(), &create);
+        let bob = delivered_key(vet(&watch, "ws/bob", &create).unwrap(), &create);
+        assert!(eve.starts_with("k~") && bob.starts_with("k~") && eve != bob);
+        // The attack: one sender sends a clean header, another the forged body under the same
+        // key. Each lands in a namespace of its own, so they never meet at the receiver.
+        let set = call("set", vec!["k".into(), 1.into(), Value::Binary(vec![0x80])]);
+        assert_ne!(
+            delivered_key(vet(&watch, "ws/bob", &set).unwrap(), &set),
+            eve
+        );
+        // An answer under a session key only from that call's callee, and only one sender.
+        let answer = call("create", vec!["sess".into(), true.into()]);
+        assert!(vet(&watch, "ws/eve", &answer).is_err());
+        let vetted = watch
+            .vet("ws/eve", "ws/alice", &answer, |s| s == "sess")
+            .unwrap();
+        assert_eq!(delivered_key(vetted, &answer), "sess");
+        // Even one that was sent the call too may not join a key another sender holds.
+        assert!(
+            watch
+                .vet("ws/bob", "ws/alice", &answer, |s| s == "sess")
+                .is_err()
+        );
+        // Never to a whole workspace.
+        assert!(watch.vet("ws/eve", "ws/*", &create, none).is_err());
+    }
+
+    #[test]
     fn chunks_that_bypass_the_watch_are_refused() {
         let watch = ChunkWatch::default();
         let set = call(
@@ -403,24 +611,19 @@ mod tests {
                 false.into(),
             ],
         );
-        assert!(watch.vet("ws/eve", "ws/alice", &set).is_err());
-        assert!(
-            watch
-                .vet("ws/eve", "ws/alice", &call("process", vec!["k".into()]))
-                .is_err()
-        );
+        assert!(vet(&watch, "ws/eve", &set).is_err());
+        assert!(vet(&watch, "ws/eve", &call("process", vec!["k".into()])).is_err());
         let odd = call("set.__call__", vec![]);
-        assert!(watch.vet("ws/eve", "ws/alice", &odd).is_err());
-        // A chunk overwritten after it was read would change what the server vetted.
-        watch
-            .vet("ws/eve", "ws/alice", &call("create", vec!["k".into()]))
-            .unwrap();
-        watch.vet("ws/eve", "ws/alice", &set).unwrap();
-        assert!(watch.vet("ws/eve", "ws/alice", &set).is_err());
-        assert!(
-            watch
-                .vet("ws/eve", "ws/alice", &call("process", vec!["k".into()]))
-                .is_err()
+        assert!(vet(&watch, "ws/eve", &odd).is_err());
+        let keywords = call(
+            "create",
+            vec![obj([("key", "k".into()), ("_rkwargs", true.into())])],
         );
+        assert!(vet(&watch, "ws/eve", &keywords).is_err());
+        // A chunk overwritten after it was read would change what the server vetted.
+        vet(&watch, "ws/eve", &call("create", vec!["k".into()])).unwrap();
+        vet(&watch, "ws/eve", &set).unwrap();
+        assert!(vet(&watch, "ws/eve", &set).is_err());
+        assert!(vet(&watch, "ws/eve", &call("process", vec!["k".into()])).is_err());
     }
 }

@@ -11,6 +11,8 @@ use crate::rpc::frame::Frame;
 
 /// A call seen without news for this long no longer counts (its caller timed out or left).
 const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Most calls of one caller tracked at once.
+const MAX_OPEN_PER_CALLER: u32 = 10_000;
 
 struct Open {
     caller: String,
@@ -24,6 +26,8 @@ pub struct InFlight {
     /// Hash of (caller address, session) -> the call; hashed so that looking a call up
     /// allocates nothing (a collision only blurs a count).
     calls: DashMap<u64, Open>,
+    /// Calls open per caller, to bound what one caller can make the server remember.
+    per_caller: DashMap<String, u32>,
     keys: std::hash::RandomState,
     /// Calls to the server's own services running now.
     server_calls: AtomicUsize,
@@ -70,7 +74,22 @@ impl InFlight {
     pub fn observe(&self, from: &str, to: &str, frame: &Frame) {
         match step(frame) {
             Step::Opens(session) => {
-                self.calls.insert(
+                // A caller that opens calls it never lets end is tracked up to a bound.
+                let counted = match self.per_caller.get_mut(from) {
+                    Some(open) if *open >= MAX_OPEN_PER_CALLER => false,
+                    Some(mut open) => {
+                        *open += 1;
+                        true
+                    }
+                    None => {
+                        self.per_caller.insert(from.to_string(), 1);
+                        true
+                    }
+                };
+                if !counted {
+                    return;
+                }
+                let replaced = self.calls.insert(
                     self.key(from, session),
                     Open {
                         caller: from.to_string(),
@@ -78,9 +97,13 @@ impl InFlight {
                         touched: Instant::now(),
                     },
                 );
+                if replaced.is_some() {
+                    self.closed(from);
+                }
             }
             Step::Answers(session) => {
-                if self.calls.remove(&self.key(to, session)).is_some() {
+                if let Some((_, open)) = self.calls.remove(&self.key(to, session)) {
+                    self.closed(&open.caller);
                     let counter = if frame
                         .field("method")
                         .is_some_and(|m| m.ends_with(".reject"))
@@ -103,8 +126,18 @@ impl InFlight {
 
     /// A call that will get no answer (its target was gone).
     pub fn abandoned(&self, caller: &str, session: &str) {
-        self.calls.remove(&self.key(caller, session));
+        if self.calls.remove(&self.key(caller, session)).is_some() {
+            self.closed(caller);
+        }
         self.peer_gone.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One call of `caller` no longer counts.
+    fn closed(&self, caller: &str) {
+        if let Some(mut open) = self.per_caller.get_mut(caller) {
+            *open = open.saturating_sub(1);
+        }
+        self.per_caller.remove_if(caller, |_, open| *open == 0);
     }
 
     /// Counts a call to the server's own services until the guard drops.
@@ -116,7 +149,7 @@ impl InFlight {
     /// Calls that still need this instance: one end is connected here (`is_here`), and there
     /// was news of it lately. Forgets the others.
     pub fn pending(&self, is_here: impl Fn(&str) -> bool) -> usize {
-        self.calls.retain(|_, open| {
+        self.retain(|open| {
             open.touched.elapsed() < FORGET_AFTER
                 && (is_here(&open.caller) || is_here(&open.callee))
         });
@@ -125,8 +158,26 @@ impl InFlight {
 
     /// Drops calls without news for a long time (run now and then).
     pub fn prune(&self) {
-        self.calls
-            .retain(|_, open| open.touched.elapsed() < FORGET_AFTER);
+        self.retain(|open| open.touched.elapsed() < FORGET_AFTER);
+    }
+
+    fn retain(&self, keep: impl Fn(&Open) -> bool) {
+        let mut dropped = Vec::new();
+        self.calls.retain(|_, open| {
+            let kept = keep(open);
+            if !kept {
+                dropped.push(open.caller.clone());
+            }
+            kept
+        });
+        for caller in dropped {
+            self.closed(&caller);
+        }
+    }
+
+    /// Calls tracked now.
+    pub fn open(&self) -> usize {
+        self.calls.len()
     }
 }
 

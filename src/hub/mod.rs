@@ -99,6 +99,8 @@ pub struct ClientHandle {
     /// reconnection token: what settles a claim on the same client id by two instances.
     pub since_ms: i64,
     pub reconnected: bool,
+    /// The calls it was sent lately, which it may answer in chunks.
+    pub answerable: Arc<chunks::Answerable>,
 }
 
 impl ClientHandle {
@@ -197,6 +199,8 @@ pub struct Hub {
     pub inflight: inflight::InFlight,
     /// Chunked messages passing between clients, vetted as they pass.
     pub chunks: chunks::ChunkWatch,
+    /// Keys the (caller, session) hashes of [`chunks::Answerable`].
+    session_keys: std::hash::RandomState,
     /// Frames that went to another instance, and those that came from one.
     pub bus_sent: AtomicU64,
     pub bus_received: AtomicU64,
@@ -222,6 +226,7 @@ impl Hub {
             routed_bytes: AtomicU64::new(0),
             inflight: Default::default(),
             chunks: Default::default(),
+            session_keys: Default::default(),
             bus_sent: AtomicU64::new(0),
             bus_received: AtomicU64::new(0),
         }
@@ -458,18 +463,37 @@ impl Hub {
         // The clients merge the body over the header the server wrote, so a body may not
         // carry the fields the server sets; and what a chunked message will assemble into is
         // vetted the same way as it passes.
-        let refused = crate::rpc::scan::check_body(&frame.body)
+        let vetted = crate::rpc::scan::check_body(&frame.body)
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                if target_client == "*" {
-                    Ok(())
-                } else {
-                    self.chunks.vet(sender.addr, &target, &frame)
-                }
+                self.chunks.vet(sender.addr, &target, &frame, |session| {
+                    // A call that came through another instance is not seen here: its
+                    // answer's content is still vetted like any other.
+                    !self.clients.contains_key(&target)
+                        || self.clients.get(sender.addr).is_some_and(|h| {
+                            h.answerable.contains(self.session_key(&target, session))
+                        })
+                })
             });
-        if let Err(error) = refused {
-            let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
-            return Ok(Routed::Refused { error, reject });
+        let mut frame = frame;
+        match vetted {
+            Err(error) => {
+                let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
+                return Ok(Routed::Refused { error, reject });
+            }
+            Ok(vetted) => {
+                if let Some(body) = vetted.body {
+                    frame.body = body;
+                }
+                // A chunked call: its receiver may answer under the session it assembles.
+                if let Some(session) = vetted.call_session
+                    && let Some(handle) = self.clients.get(&target)
+                {
+                    handle
+                        .answerable
+                        .record(self.session_key(sender.addr, &session));
+                }
+            }
         }
         let out = frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
         self.routed_messages.fetch_add(1, Ordering::Relaxed);
@@ -492,6 +516,7 @@ impl Hub {
             return Ok(Routed::Delivered);
         }
         self.inflight.observe(sender.addr, &target, &frame);
+        self.note_call(sender.addr, &target, &frame);
         match self.send(&target, Outbound::Binary(out)).await {
             Ok(()) => Ok(Routed::Delivered),
             Err(e) => match frame.field("session") {
@@ -506,6 +531,21 @@ impl Hub {
                 None => Ok(Routed::Dropped),
             },
         }
+    }
+
+    /// Remembers, for a client here that is sent a call, that it may answer that call in chunks.
+    pub fn note_call(&self, caller: &str, callee: &str, frame: &Frame) {
+        if let Some(session) = frame.field("session")
+            && !inflight::is_answer(frame)
+            && let Some(handle) = self.clients.get(callee)
+        {
+            handle.answerable.record(self.session_key(caller, session));
+        }
+    }
+
+    fn session_key(&self, caller: &str, session: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.session_keys.hash_one((caller, session))
     }
 
     /// Hands a frame addressed to the server to its services, counting it among the sender's
@@ -534,6 +574,7 @@ impl Hub {
             to: to.clone(),
             frame,
             peer_ip: sender.peer_ip,
+            slots: Some(sender.calls.clone()),
         };
         match self.server.try_send(ToServer { incoming, running }) {
             Ok(()) => Routed::Delivered,

@@ -87,6 +87,7 @@ impl Admission {
         }
         let per_address = self.settings.max_per_address;
         let counted = per_address > 0 && !self.settings.trusted_proxies.trusts(ip);
+        let ip = super::client_addr::address_key(ip);
         if counted {
             let mut addresses = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
             let open = addresses.entry(ip).or_insert(0);

@@ -68,6 +68,18 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// What per-address limits count against: the address itself for IPv4, its /64 for IPv6
+/// (one host usually holds a whole /64, so counting single addresses would let it multiply).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & (u128::MAX << 64);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 /// The proxies whose forwarding headers are believed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrustedProxies(pub Vec<Cidr>);
@@ -107,8 +119,10 @@ impl TrustedProxies {
     }
 }
 
-/// The addresses of `Forwarded: for=...` (RFC 7239), else of `X-Forwarded-For`, in order.
-/// An entry that is not an address (an obfuscated name, `unknown`) ends the chain there.
+/// The addresses of `X-Forwarded-For`, else of `Forwarded: for=...` (RFC 7239), in order.
+/// Proxies that append to one of them pass the other through as the client sent it, so the
+/// common one (`X-Forwarded-For`, nginx's) wins when both are there. An entry that is not an
+/// address (an obfuscated name, `unknown`) ends the chain there.
 fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
     let values = |name: &str| -> Vec<String> {
         headers
@@ -130,10 +144,11 @@ fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
             })
         })
         .collect();
-    let entries = if forwarded.is_empty() {
-        values("x-forwarded-for")
-    } else {
+    let forwarded_for = values("x-forwarded-for");
+    let entries = if forwarded_for.is_empty() {
         forwarded
+    } else {
+        forwarded_for
     };
     let mut chain = Vec::new();
     for entry in entries {
@@ -191,6 +206,19 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_counts_by_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(
+            address_key(a),
+            address_key("2001:db8:1:3::1".parse().unwrap())
+        );
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(address_key(v4), v4);
+    }
+
+    #[test]
     fn only_trusted_proxies_are_believed() {
         let trusted = TrustedProxies::parse("127.0.0.1, 10.0.0.0/8").unwrap();
         let proxy: SocketAddr = "127.0.0.1:5000".parse().unwrap();
@@ -211,6 +239,15 @@ mod tests {
         assert_eq!(
             trusted.client_ip(proxy, &rfc),
             "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        // A client's own Forwarded passed through by a proxy that appends X-Forwarded-For.
+        let both = headers(&[
+            ("forwarded", "for=10.9.9.9"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ]);
+        assert_eq!(
+            trusted.client_ip(proxy, &both),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
         );
         assert_eq!(trusted.client_ip(proxy, &HeaderMap::new()), proxy.ip());
     }

@@ -38,6 +38,9 @@ pub struct Incoming {
     pub frame: Frame,
     /// The network address of the caller, where known.
     pub peer_ip: Option<std::net::IpAddr>,
+    /// The caller's budget of calls to the server running at once (a call it makes in chunks
+    /// takes its place from it too).
+    pub slots: Option<Arc<Semaphore>>,
 }
 
 /// Who is calling: taken from the hub, never from the frame.
@@ -50,6 +53,8 @@ pub struct CallContext {
     pub to: String,
     /// The caller's network address (behind a trusted proxy, the client's), where known.
     pub peer_ip: Option<std::net::IpAddr>,
+    /// The caller's budget of calls to the server running at once.
+    pub slots: Option<Arc<Semaphore>>,
 }
 
 /// Where to send a call's outcome.
@@ -476,6 +481,7 @@ impl MethodMessage {
             user,
             to,
             peer_ip,
+            slots,
             ..
         } = incoming;
         Ok(Call {
@@ -485,6 +491,7 @@ impl MethodMessage {
                 user,
                 to,
                 peer_ip,
+                slots,
             },
             method,
             args: Args::from_call(args, with_kwargs),
@@ -509,7 +516,7 @@ pub fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
 pub fn reply_frame(call: &Call, outcome: Result<Value, String>, user: &Value) -> Option<Bytes> {
     let Some(reply) = &call.reply else {
         if let Err(e) = outcome {
-            tracing::debug!(method = %call.method, error = %e, "call without promise failed");
+            tracing::debug!(method = ?call.method, error = %e, "call without promise failed");
         }
         return None;
     };
@@ -601,7 +608,9 @@ fn take(map: &mut Value, key: &str) -> Option<Value> {
     Some(entries.swap_remove(index).1)
 }
 
+/// A heartbeat interval a caller asks for: at least a second (a caller cannot make the server
+/// send heartbeats by the thousand), at most a day.
 fn seconds(v: &Value) -> Option<Duration> {
     let s = v.as_f64().or_else(|| v.as_i64().map(|i| i as f64))?;
-    (s.is_finite() && s > 0.0 && s < 86_400.0).then(|| Duration::from_secs_f64(s))
+    (s.is_finite() && s > 0.0 && s < 86_400.0).then(|| Duration::from_secs_f64(s.max(1.0)))
 }

@@ -184,6 +184,15 @@ async fn call(
             Ok(Value::Nil)
         }
         "message_cache.process" => {
+            // The assembled call counts among its caller's calls, as one sent whole would.
+            let running = match &ctx.slots {
+                Some(slots) => Some(slots.clone().try_acquire_owned().map_err(|_| {
+                    Error::TooManyRequests(
+                        "too many calls to the server in flight from this connection; wait for some to finish".into(),
+                    )
+                })?),
+                None => None,
+            };
             let frame = cache.take(owner, key()?)?;
             let incoming = Incoming {
                 from: ctx.from.clone(),
@@ -192,8 +201,13 @@ async fn call(
                 to: ctx.to.clone(),
                 frame,
                 peer_ip: ctx.peer_ip,
+                slots: ctx.slots.clone(),
             };
-            tokio::spawn(super::handle(app.clone(), incoming));
+            let app = app.clone();
+            tokio::spawn(async move {
+                super::handle(app, incoming).await;
+                drop(running);
+            });
             Ok(Value::Nil)
         }
         _ => Err(super::not_found("built-in", function)),

@@ -33,11 +33,25 @@ pub const PAGE: &str = "/public/apps/hypha-login/";
 const MAX_PENDING_PER_ADDRESS: usize = 10;
 const MAX_PENDING_TOTAL: usize = 10_000;
 
+/// `check` calls waiting at once (per instance); each polls the store.
+const MAX_CHECKS: usize = 1_000;
+/// How often a waiting `check` looks at the store.
+const CHECK_POLL: Duration = Duration::from_millis(500);
+
 /// Sign-ins started and not yet expired, by address, so no caller can fill the store with
-/// login keys.
-#[derive(Default)]
+/// login keys; and the `check` calls waiting, so none can flood the store with polls.
 pub struct PendingLogins {
     started: std::sync::Mutex<HashMap<Option<std::net::IpAddr>, Vec<i64>>>,
+    checks: tokio::sync::Semaphore,
+}
+
+impl Default for PendingLogins {
+    fn default() -> Self {
+        Self {
+            started: Default::default(),
+            checks: tokio::sync::Semaphore::new(MAX_CHECKS),
+        }
+    }
 }
 
 impl PendingLogins {
@@ -52,7 +66,9 @@ impl PendingLogins {
             });
         }
         let total: usize = started.values().map(Vec::len).sum();
-        let mine = started.entry(address).or_default();
+        let mine = started
+            .entry(address.map(crate::net::client_addr::address_key))
+            .or_default();
         mine.retain(|at| *at > now);
         if mine.len() >= MAX_PENDING_PER_ADDRESS {
             return Err(Error::TooManyRequests(format!(
@@ -253,6 +269,11 @@ async fn check(
     timeout: Duration,
     profile: bool,
 ) -> Result<Value, Error> {
+    let Ok(_waiting) = state.pending_logins.checks.try_acquire() else {
+        return Err(Error::Unavailable(format!(
+            "too many sign-in checks are waiting on this server (at most {MAX_CHECKS}); try again shortly"
+        )));
+    };
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let pending = pending_key(state, key).await?;
@@ -306,7 +327,7 @@ async fn check(
                 "Login timeout: nobody signed in with this key yet".into(),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(CHECK_POLL.min(deadline - tokio::time::Instant::now())).await;
     }
 }
 

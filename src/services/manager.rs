@@ -171,9 +171,13 @@ async fn call(
         "ping" => Ok("pong".into()),
         "log" => {
             let message = args.require_str(0, "msg")?;
+            let who = match (&ctx.user.token, ctx.peer_ip) {
+                (Some(_), _) | (None, None) => ctx.user.account().to_string(),
+                (None, Some(ip)) => crate::net::client_addr::address_key(ip).to_string(),
+            };
             state
                 .client_log
-                .write(&ctx.from, ctx.user.is_anonymous(), message)?;
+                .write(&ctx.from, &who, ctx.user.is_anonymous(), message)?;
             Ok(Value::Nil)
         }
         "check_status" => Ok(obj([
@@ -217,6 +221,11 @@ async fn call(
             let id = args
                 .get_str(0, "service_id")
                 .ok_or_else(|| Error::BadRequest("unregister_service needs a service_id".into()))?;
+            if state.hub.get(&ctx.from).is_none() {
+                return Err(Error::BadRequest(
+                    "only websocket clients unregister services".into(),
+                ));
+            }
             let id = own_service_id(ctx, id)?;
             let removed = crate::workspace::remove_service(state, &id).await;
             if removed.is_empty() {
@@ -265,17 +274,25 @@ async fn call(
             let Some(revoked) = user.token else {
                 return Err(Error::BadRequest("Invalid token: it names no token".into()));
             };
+            if !ctx.user.is_admin() && !state.tokens.may_revoke(ctx.user.account()) {
+                return Err(Error::TooManyRequests(format!(
+                    "too many revocations from this account (at most {} a minute); try again shortly",
+                    crate::auth::token::REVOCATIONS_PER_MINUTE
+                )));
+            }
             let id = revoked.id;
+            let expires_at = revoked.expires_at;
+            // Refused here at once, even if the store fails below.
+            state.revoke_locally(id.clone(), expires_at);
             state
                 .store
-                .revoke_token(&id, revoked.expires_at, crate::auth::now_secs())
+                .revoke_token(&id, expires_at, crate::auth::now_secs())
                 .await
                 .map_err(Error::from)?;
-            state.revoke_locally(id.clone());
             let bus = state.hub.bus();
             if bus.is_shared()
                 && let Err(e) = bus
-                    .announce(crate::cluster::bus::Announcement::Revoked { id })
+                    .announce(crate::cluster::bus::Announcement::Revoked { id, expires_at })
                     .await
             {
                 // The other instances read it from the store within a minute.
@@ -303,6 +320,11 @@ async fn call(
                 .hub
                 .get(&ctx.from)
                 .ok_or_else(|| Error::BadRequest("only websocket clients can subscribe".into()))?;
+            if events.iter().any(|e| e.len() > 64) {
+                return Err(Error::BadRequest(
+                    "an event type has at most 64 characters".into(),
+                ));
+            }
             if let Ok(mut subscribed) = handle.events.lock() {
                 for event in events {
                     if function == "subscribe" {
@@ -355,6 +377,11 @@ fn own_service_id(ctx: &CallContext, id: &str) -> Result<ServiceId, Error> {
     Ok(parsed)
 }
 
+/// Services one client may register, and what one service's info may take (encoded).
+const MAX_SERVICES_PER_CLIENT: usize = 256;
+const MAX_SERVICES_PER_CLIENT_ANONYMOUS: usize = 32;
+const MAX_SERVICE_INFO: usize = 256 * 1024;
+
 async fn register_service(
     state: &Arc<AppState>,
     ctx: &CallContext,
@@ -368,9 +395,31 @@ async fn register_service(
         })?
         .clone();
     need(&ctx.user, &ctx.ws, Permission::ReadWrite)?;
+    // A service lives as long as its client's connection; an HTTP request has none.
+    if state.hub.get(&ctx.from).is_none() {
+        return Err(Error::BadRequest(
+            "only websocket clients register services (a service lives as long as its client's connection)".into(),
+        ));
+    }
+    let size = value::encode(&info).len();
+    if size > MAX_SERVICE_INFO {
+        return Err(Error::BadRequest(format!(
+            "the service info takes {size} bytes; at most {MAX_SERVICE_INFO} are kept"
+        )));
+    }
     let id = get_str(&info, "id")
         .ok_or_else(|| Error::BadRequest("the service info has no id".into()))?;
     let mut id = own_service_id(ctx, id)?;
+    let limit = if ctx.user.is_anonymous() {
+        MAX_SERVICES_PER_CLIENT_ANONYMOUS
+    } else {
+        MAX_SERVICES_PER_CLIENT
+    };
+    if state.registry.count_of(&ctx.from) >= limit {
+        return Err(Error::TooManyRequests(format!(
+            "a client may register at most {limit} services"
+        )));
+    }
     if id.provider.workspace == "public" {
         // `public` is what anonymous callers reach by name: only an explicit admin of it
         // registers there, and never under a name the server's own services answer to.
@@ -491,9 +540,12 @@ pub async fn get_service(
     let timeout = config
         .and_then(|c| get(c, "timeout"))
         .and_then(|t| t.as_f64().or_else(|| t.as_i64().map(|i| i as f64)))
-        .filter(|t| t.is_finite() && *t > 0.0 && *t < 3600.0)
+        .filter(|t| t.is_finite() && *t > 0.0)
         .map(Duration::from_secs_f64)
-        .unwrap_or(state.settings.connections.method_timeout);
+        // A caller may ask for less than the server's time-out, never more.
+        .map_or(state.settings.connections.method_timeout, |t| {
+            t.min(state.settings.connections.method_timeout)
+        });
     let options = CallOptions {
         from: &state.peer.manager_addr(),
         ws: entry.id.provider.workspace.as_str(),

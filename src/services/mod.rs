@@ -163,16 +163,26 @@ pub async fn handle(app: Arc<AppState>, incoming: Incoming) {
 
 async fn run_call(app: &Arc<AppState>, call: Call) {
     let running = app.hub.inflight.server_call();
+    // A call whose caller (connected here) has left is abandoned, not run to its end.
+    let gone = app
+        .hub
+        .get(&call.ctx.from)
+        .map(|handle| handle.kill.clone())
+        .unwrap_or_default();
     let work = dispatch(app, &call);
     tokio::pin!(work);
-    let outcome = match call.reply.as_ref().and_then(|r| r.interval) {
-        Some(interval) => loop {
-            tokio::select! {
-                outcome = &mut work => break outcome,
-                _ = tokio::time::sleep(interval) => app.peer.heartbeat(&call).await,
+    let interval = call.reply.as_ref().and_then(|r| r.interval);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut work => break outcome,
+            _ = gone.cancelled() => {
+                running.finished(false);
+                return;
             }
-        },
-        None => work.await,
+            _ = tokio::time::sleep(interval.unwrap_or(std::time::Duration::from_secs(3600))), if interval.is_some() => {
+                app.peer.heartbeat(&call).await;
+            }
+        }
     };
     running.finished(outcome.is_ok());
     app.peer

@@ -379,15 +379,16 @@ impl Store {
     }
 
     /// Revoked tokens that have not expired yet.
-    pub async fn revoked_tokens(&self, now: i64) -> Result<Vec<String>, StoreError> {
+    pub async fn revoked_tokens(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
         sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
             .bind(now)
             .execute(&self.pool)
             .await?;
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT token_sha256 FROM revoked_tokens")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(|(h,)| h).collect())
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT token_sha256, expires_at FROM revoked_tokens")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
     }
 
     /// Deletes the login keys that expired (finished or not).

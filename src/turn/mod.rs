@@ -252,10 +252,17 @@ impl IceService {
         let Some(coturn) = &self.settings.coturn else {
             return Err(IceError::NotConfigured);
         };
+        let now = crate::auth::now_secs();
+        // Credentials never outlive the token that asked for them.
+        let token_left = user
+            .expires_at
+            .map(|at| u64::try_from(at.saturating_sub(now)).unwrap_or(0).max(1))
+            .unwrap_or(u64::MAX);
         let ttl = request
             .ttl
             .unwrap_or(DEFAULT_TTL)
-            .min(self.settings.max_ttl);
+            .min(self.settings.max_ttl)
+            .min(token_left);
         if let Some(limiter) = &self.limiter
             && limiter.check_key(user.account()).is_err()
         {
@@ -269,7 +276,6 @@ impl IceService {
                 return Err(IceError::Probe(outcome.describe(probe.address())));
             }
         }
-        let now = crate::auth::now_secs();
         let credential = credentials::mint(&coturn.secret, user.id.as_str(), ttl, now);
         let recorded = self
             .store

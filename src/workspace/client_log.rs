@@ -56,14 +56,22 @@ impl Default for ClientLog {
 }
 
 impl ClientLog {
-    /// Writes a client's message, or refuses it when the client logs too fast.
-    pub fn write(&self, client: &str, anonymous: bool, message: &str) -> Result<(), Error> {
+    /// Writes a client's message, or refuses it when it logs too fast. `who` is what the rate
+    /// is counted against: the account for users with a token, the address for anonymous
+    /// ones (so new client ids do not bring a new allowance).
+    pub fn write(
+        &self,
+        client: &str,
+        who: &str,
+        anonymous: bool,
+        message: &str,
+    ) -> Result<(), Error> {
         let (limiter, rate) = if anonymous {
             (&self.anonymous, RATE_ANONYMOUS)
         } else {
             (&self.signed_in, RATE)
         };
-        if limiter.check_key(&client.to_string()).is_err() {
+        if limiter.check_key(&who.to_string()).is_err() {
             return Err(Error::TooManyRequests(format!(
                 "too many log messages: at most {rate} a second"
             )));
@@ -99,9 +107,10 @@ mod tests {
         assert!(long.ends_with("(4000 more characters)"), "{long}");
         let log = ClientLog::default();
         let allowed = (0..100)
-            .filter(|_| log.write("ws/anon", true, "hi").is_ok())
+            .filter(|_| log.write("ws/anon", "192.0.2.1", true, "hi").is_ok())
             .count();
         assert!((BURST_ANONYMOUS as usize..=BURST_ANONYMOUS as usize + 1).contains(&allowed));
-        assert!(log.write("ws/other", true, "hi").is_ok());
+        assert!(log.write("ws/other", "192.0.2.1", true, "hi").is_err());
+        assert!(log.write("ws/other", "192.0.2.2", true, "hi").is_ok());
     }
 }

@@ -68,7 +68,9 @@ pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
                     crate::workspace::emit_local(&state, &workspace, &event, data).await;
                 });
             }
-            Inbound::Announced(Announcement::Revoked { id }) => state.revoke_locally(id),
+            Inbound::Announced(Announcement::Revoked { id, expires_at }) => {
+                state.revoke_locally(id, expires_at)
+            }
             Inbound::Announced(Announcement::Kick { addr, keep }) => {
                 if keep != state.server_id
                     && let Some(handle) = state.hub.get(&addr)
@@ -82,9 +84,7 @@ pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
                 tokio::spawn(async move {
                     crate::workspace::resync(&state).await;
                     // Revocations announced while the bus was away are in the store.
-                    if let Ok(revoked) = state.store.revoked_tokens(crate::auth::now_secs()).await {
-                        revoked.into_iter().for_each(|id| state.revoke_locally(id));
-                    }
+                    crate::reload_revocations(&state).await;
                 });
             }
         }
@@ -98,6 +98,7 @@ async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<(String, Bytes)>) {
             && let Some(from) = frame.field("from")
         {
             state.hub.inflight.observe(from, &to, &frame);
+            state.hub.note_call(from, &to, &frame);
         }
         if let Err(Unsent::Elsewhere(Outbound::Binary(data))) =
             state.hub.send_local(&to, Outbound::Binary(data)).await
@@ -140,6 +141,7 @@ fn answer(state: &AppState, to: String, data: Bytes) {
         to,
         frame,
         peer_ip: None,
+        slots: None,
     };
     match state.peer.decode(incoming) {
         Ok(Decoded::Reply) => {}

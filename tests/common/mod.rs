@@ -230,6 +230,13 @@ pub async fn answer(socket: &mut Socket, session: &str) -> Result<rmpv::Value, S
 
 /// A plain HTTP/1.1 request over a new connection; returns the status, the headers (names
 /// in lower case) and the body.
+/// A GET with `token` as the Bearer.
+pub async fn get_as(app: &TestApp, path: &str, token: &str) -> (u16, String) {
+    let bearer = format!("Bearer {token}");
+    let (status, _, body) = http(app, "GET", path, &[("Authorization", &bearer)], b"").await;
+    (status, body)
+}
+
 pub async fn http(
     app: &TestApp,
     method: &str,

@@ -41,6 +41,12 @@ pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
     if crate::hub::is_manager_id(&client_id) {
         return Err("client ids starting with 'manager-' are reserved for the server".into());
     }
+    if client_id == crate::http::HTTP_CLIENT {
+        return Err(format!(
+            "the client id '{}' is reserved for calls made over HTTP",
+            crate::http::HTTP_CLIENT
+        ));
+    }
     let client = ClientId::parse(client_id).map_err(|e| e.to_string())?;
     let requested = hello.workspace.as_deref().filter(|w| !w.is_empty());
     let token = hello.token.as_deref().filter(|t| !t.is_empty());

@@ -200,7 +200,10 @@ class Server:
             self.database, url = postgres.new_database()
             self.extra += ["--database-url", url]
         self.proc = None
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"hypha-rtc-{self.port}.log"
+        # Its own log file: another server may have had the same port earlier in the run.
+        handle, log = tempfile.mkstemp(prefix=f"hypha-rtc-{self.port}-", suffix=".log")
+        os.close(handle)
+        self.log = Path(log)
         self.data_dir = Path(tempfile.mkdtemp(prefix="hypha-rtc-data-"))
 
     @property
@@ -217,6 +220,8 @@ class Server:
             [BIN, "--port", str(self.port), "--jwt-secret", self.secret, "--data-dir", str(self.data_dir), *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"),
+            # The test's own variable is not the server's (it would warn about it).
+            env={k: v for k, v in os.environ.items() if k != "HYPHA_RTC_BIN"},
         )
         wait_until(self.alive, 15, "the server to answer /health/liveness")
         return self

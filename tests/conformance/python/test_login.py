@@ -82,7 +82,7 @@ def test_python_login_with_browser_sign_in(accounts):
         assert url.startswith(f"{accounts.url}/public/apps/hypha-login/?key=")
         page = result_of(node("fill_login.mjs", url, "ann@example.org", PASSWORD))
         assert "Signed in as ann@example.org" in page["result"]
-        assert page["hasCookie"] and page["httpOnly"] and page["sameSite"] == "Lax"
+        assert page["hasCookie"] and page["httpOnly"] and page["sameSite"] == "Strict"
         token = json_line_raw(proc.stdout, "TOKEN ")
         proc.wait(timeout=30)
     finally:
@@ -237,7 +237,7 @@ def test_login_key_survives_restart_and_cookie_works(backend):
         status, body, headers = post_form(server, {"email": "gus@example.org", "password": PASSWORD, "key": key})
         assert status == 200 and "Signed in" in body
         cookie = headers["Set-Cookie"]
-        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" not in cookie
 
         async def check():
             anon = await connect_to_server({"server_url": server.url})

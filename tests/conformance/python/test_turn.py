@@ -36,7 +36,7 @@ def check_entry(entry, port, ttl):
 
 def test_python_client_credentials_allocate_on_coturn(turn_server, coturn):
     async def main():
-        server = await connect_to_server({"server_url": turn_server.url, "token": hypha_token("kim")})
+        server = await connect_to_server({"server_url": turn_server.url, "token": hypha_token("kim", expires_in=2 * 86400)})
         servers = await server.get_rtc_ice_servers()
         assert len(servers) == 1
         check_entry(servers[0], coturn.port, 43200)
@@ -51,7 +51,7 @@ def test_python_client_credentials_allocate_on_coturn(turn_server, coturn):
 
 
 def test_http_credentials_allocate_on_coturn(turn_server, coturn):
-    token = hypha_token("lee")
+    token = hypha_token("lee", expires_in=2 * 86400)
     status, servers, _ = turn_server.http("/public/services/coturn/get_rtc_ice_servers", token)
     assert status == 200, servers
     check_entry(servers[0], coturn.port, 43200)
@@ -65,6 +65,10 @@ def test_http_credentials_allocate_on_coturn(turn_server, coturn):
     # Above the maximum: clamped.
     status, servers, _ = turn_server.http("/ws-user-lee/services/ws/get_rtc_ice_servers?ttl=999999999", token)
     check_entry(servers[0], coturn.port, 86400)
+    # Never longer than the token that asked for them (a revoked token's credentials end with it).
+    status, servers, _ = turn_server.http("/public/services/coturn/get_rtc_ice_servers", hypha_token("lee", expires_in=600))
+    assert status == 200, servers
+    check_entry(servers[0], coturn.port, 600)
 
 
 def test_issuances_are_audited_without_the_credential(turn_server):
