@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod metrics;
 pub mod net;
 pub mod options;
 pub mod registry;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub ice: Arc<turn::IceService>,
     /// The built-in video producer (its settings say whether it is on).
     pub demo: Arc<demo::Producer>,
+    /// What `/metrics` shows.
+    pub metrics: metrics::Metrics,
     pub store: store::Store,
     /// The registry shared with other instances (in-process when this instance runs alone).
     pub directory: Arc<dyn cluster::Directory>,
@@ -239,6 +242,9 @@ impl App {
         }
         // str0m's DTLS needs one crypto provider for the process; a second install is harmless.
         str0m::crypto::from_feature_flags().install_process_default();
+        let ice = turn::IceService::new(settings.turn.clone(), store.clone());
+        let demo = demo::Producer::new(settings.demo.clone());
+        let metrics = metrics::Metrics::new(&hub, &ice, &demo);
         let state = Arc::new(AppState {
             tokens,
             accounts: auth::accounts::Accounts::new(
@@ -254,8 +260,9 @@ impl App {
                 &settings.http.allow_origins,
                 &[&public_base_url, &local_base_url],
             )),
-            ice: turn::IceService::new(settings.turn.clone(), store.clone()),
-            demo: demo::Producer::new(settings.demo.clone()),
+            ice,
+            demo,
+            metrics,
             store,
             directory,
             stopping,

@@ -14,7 +14,9 @@ pub mod vp8;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
 
 use str0m::config::DtlsCert;
 
@@ -184,8 +186,9 @@ pub struct Producer {
     pending: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
     /// Sessions alive, by the address that asked for them.
     live: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
-    frames: AtomicU64,
-    sessions: AtomicU64,
+    /// Frames sent to all viewers, and viewer sessions started (shared with the metrics).
+    pub frames: Counter,
+    pub sessions: Counter,
 }
 
 impl Producer {
@@ -204,8 +207,8 @@ impl Producer {
             viewers: AtomicUsize::new(0),
             pending: Default::default(),
             live: Default::default(),
-            frames: AtomicU64::new(0),
-            sessions: AtomicU64::new(0),
+            frames: Counter::default(),
+            sessions: Counter::default(),
         })
     }
 
@@ -216,12 +219,12 @@ impl Producer {
 
     /// Frames sent to all viewers since start-up.
     pub fn frames(&self) -> u64 {
-        self.frames.load(Ordering::Relaxed)
+        self.frames.get()
     }
 
     /// Viewer sessions started since start-up.
     pub fn sessions(&self) -> u64 {
-        self.sessions.load(Ordering::Relaxed)
+        self.sessions.get()
     }
 
     /// Counts a viewer for as long as the returned guard lives; `None` when the producer
@@ -299,11 +302,11 @@ struct ViewerGuard(Arc<Producer>, Option<IpAddr>);
 impl ViewerGuard {
     /// Counts the session once it is set up, not offers refused on the way.
     fn session_started(&self) {
-        self.0.sessions.fetch_add(1, Ordering::Relaxed);
+        self.0.sessions.inc();
     }
 
     fn frame_sent(&self) {
-        self.0.frames.fetch_add(1, Ordering::Relaxed);
+        self.0.frames.inc();
     }
 }
 

@@ -2,10 +2,14 @@
 //! call, a `<session>.resolve` or `.reject` back to its caller closes it, a `.heartbeat` keeps
 //! it alive. A graceful shutdown waits for them; `/metrics` counts how they ended.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::rpc::frame::Frame;
 
@@ -18,6 +22,14 @@ struct Open {
     caller: String,
     callee: String,
     touched: Instant,
+    /// When it was sent, for the latency of its answer.
+    opened: Instant,
+}
+
+/// How a call ended, the label of the calls counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
 }
 
 /// What the router knows of calls in flight.
@@ -31,12 +43,23 @@ pub struct InFlight {
     keys: std::hash::RandomState,
     /// Calls to the server's own services running now.
     server_calls: AtomicUsize,
-    pub resolved: AtomicU64,
-    pub rejected: AtomicU64,
-    /// Calls refused at once because their target was gone.
-    pub peer_gone: AtomicU64,
-    pub server_ok: AtomicU64,
-    pub server_failed: AtomicU64,
+    /// Calls between clients by how they ended: `resolved`, `rejected` or `peer_gone`
+    /// (refused at once because their target was gone).
+    pub ended: Family<Outcome, Counter>,
+    /// Calls to the server's own services by outcome: `ok` or `error`.
+    pub server: Family<Outcome, Counter>,
+    /// Seconds from a call to its answer, for calls routed between clients.
+    pub latency: CallLatency,
+}
+
+/// A histogram of call latencies, from 20 µs to about 20 s.
+#[derive(Clone, Debug)]
+pub struct CallLatency(pub Histogram);
+
+impl Default for CallLatency {
+    fn default() -> Self {
+        CallLatency(Histogram::new(exponential_buckets(20e-6, 2.0, 21)))
+    }
 }
 
 /// What a frame's `method` says about a call.
@@ -95,6 +118,7 @@ impl InFlight {
                         caller: from.to_string(),
                         callee: to.to_string(),
                         touched: Instant::now(),
+                        opened: Instant::now(),
                     },
                 );
                 if replaced.is_some() {
@@ -104,15 +128,16 @@ impl InFlight {
             Step::Answers(session) => {
                 if let Some((_, open)) = self.calls.remove(&self.key(to, session)) {
                     self.closed(&open.caller);
-                    let counter = if frame
+                    self.latency.0.observe(open.opened.elapsed().as_secs_f64());
+                    let outcome = if frame
                         .field("method")
                         .is_some_and(|m| m.ends_with(".reject"))
                     {
-                        &self.rejected
+                        "rejected"
                     } else {
-                        &self.resolved
+                        "resolved"
                     };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    self.count(outcome);
                 }
             }
             Step::KeepsAlive(session) => {
@@ -129,7 +154,26 @@ impl InFlight {
         if self.calls.remove(&self.key(caller, session)).is_some() {
             self.closed(caller);
         }
-        self.peer_gone.fetch_add(1, Ordering::Relaxed);
+        self.count("peer_gone");
+    }
+
+    /// Creates every outcome's counter, so each shows (at 0) before its first call.
+    pub fn show_outcomes(&self) {
+        for outcome in ["resolved", "rejected", "peer_gone"] {
+            let _ = self.ended.get_or_create(&Outcome { outcome });
+        }
+        for outcome in ["ok", "error"] {
+            let _ = self.server.get_or_create(&Outcome { outcome });
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.ended.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// Calls between clients that ended with `outcome`.
+    pub fn ended(&self, outcome: &'static str) -> u64 {
+        self.ended.get_or_create(&Outcome { outcome }).get()
     }
 
     /// One call of `caller` no longer counts.
@@ -187,12 +231,8 @@ pub struct ServerCall<'a>(&'a InFlight);
 impl ServerCall<'_> {
     /// Records how the call ended.
     pub fn finished(&self, ok: bool) {
-        let counter = if ok {
-            &self.0.server_ok
-        } else {
-            &self.0.server_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let outcome = if ok { "ok" } else { "error" };
+        self.0.server.get_or_create(&Outcome { outcome }).inc();
     }
 }
 
@@ -231,7 +271,7 @@ mod tests {
         assert_eq!(calls.pending(here), 1);
         calls.observe("ws/b", "ws/a", &frame(&[("method", "s1.c.resolve")]));
         assert_eq!(calls.pending(here), 0);
-        assert_eq!(calls.resolved.load(Ordering::Relaxed), 1);
+        assert_eq!(calls.ended("resolved"), 1);
         calls.observe(
             "ws/a",
             "ws/b",

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -193,8 +194,8 @@ pub struct Hub {
     bus: Arc<dyn Bus>,
     /// Where frames for the server's own services go.
     server: mpsc::Sender<ToServer>,
-    pub routed_messages: AtomicU64,
-    pub routed_bytes: AtomicU64,
+    pub routed_messages: Counter,
+    pub routed_bytes: Counter,
     /// Calls between clients that have not been answered yet, and how calls ended.
     pub inflight: inflight::InFlight,
     /// Chunked messages passing between clients, vetted as they pass.
@@ -202,8 +203,8 @@ pub struct Hub {
     /// Keys the (caller, session) hashes of [`chunks::Answerable`].
     session_keys: std::hash::RandomState,
     /// Frames that went to another instance, and those that came from one.
-    pub bus_sent: AtomicU64,
-    pub bus_received: AtomicU64,
+    pub bus_sent: Counter,
+    pub bus_received: Counter,
 }
 
 impl Hub {
@@ -222,13 +223,13 @@ impl Hub {
             slow_consumer_timeout,
             manager_id,
             bus,
-            routed_messages: AtomicU64::new(0),
-            routed_bytes: AtomicU64::new(0),
+            routed_messages: Counter::default(),
+            routed_bytes: Counter::default(),
             inflight: Default::default(),
             chunks: Default::default(),
             session_keys: Default::default(),
-            bus_sent: AtomicU64::new(0),
-            bus_received: AtomicU64::new(0),
+            bus_sent: Counter::default(),
+            bus_received: Counter::default(),
         }
     }
 
@@ -345,7 +346,7 @@ impl Hub {
             Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
                 match self.bus.send(addr, data).await {
                     Ok(true) => {
-                        self.bus_sent.fetch_add(1, Ordering::Relaxed);
+                        self.bus_sent.inc();
                         Ok(())
                     }
                     Ok(false) => Err(SendError::NotConnected(addr.to_string())),
@@ -496,9 +497,8 @@ impl Hub {
             }
         }
         let out = frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
-        self.routed_messages.fetch_add(1, Ordering::Relaxed);
-        self.routed_bytes
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.routed_messages.inc();
+        self.routed_bytes.inc_by(out.len() as u64);
         if target_client == "*" {
             if target_ws != sender.workspace || !sender.may_broadcast {
                 return Err(RouteError::BroadcastDenied(target_ws.to_string()));

@@ -7,10 +7,11 @@ pub mod probe;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::UserInfo;
@@ -182,8 +183,10 @@ pub struct IceService {
     /// No credential is handed out whose issuance the audit could not record.
     audit_required: bool,
     /// Credentials handed out, and calls refused, since start.
-    pub issued: AtomicU64,
-    pub refused: AtomicU64,
+    pub issued: Counter,
+    pub refused: Counter,
+    /// Seconds to answer a request for ICE servers (the audit write included).
+    pub latency: Histogram,
 }
 
 impl IceService {
@@ -205,8 +208,9 @@ impl IceService {
             limiter,
             store,
             audit_required,
-            issued: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
+            issued: Counter::default(),
+            refused: Counter::default(),
+            latency: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
         })
     }
 
@@ -231,13 +235,15 @@ impl IceService {
         user: &UserInfo,
         request: IceRequest,
     ) -> Result<serde_json::Value, IceError> {
+        let started = std::time::Instant::now();
         let outcome = self.issue(user, request).await;
+        self.latency.observe(started.elapsed().as_secs_f64());
         let counter = if outcome.is_ok() {
             &self.issued
         } else {
             &self.refused
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         outcome
     }
 

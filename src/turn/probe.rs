@@ -78,7 +78,12 @@ pub struct Probe {
     secret: SecretString,
     budget: Duration,
     cache_for: Duration,
-    last: tokio::sync::Mutex<Option<(Instant, ProbeOutcome)>>,
+    /// Held while a probe runs, so concurrent callers share one.
+    running: tokio::sync::Mutex<()>,
+    /// The last verdict, readable at any time (also while a probe runs).
+    last: std::sync::Mutex<Option<(Instant, ProbeOutcome)>>,
+    /// Seconds each probe took, whatever its verdict.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 enum StepError {
@@ -103,7 +108,11 @@ impl Probe {
             secret,
             budget,
             cache_for,
-            last: tokio::sync::Mutex::new(None),
+            running: tokio::sync::Mutex::new(()),
+            last: std::sync::Mutex::new(None),
+            latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(100e-6, 2.0, 16),
+            ),
         }
     }
 
@@ -113,24 +122,34 @@ impl Probe {
 
     /// The cached verdict, or a fresh probe; concurrent callers wait for one shared probe.
     pub async fn check(&self) -> ProbeOutcome {
-        let mut last = self.last.lock().await;
-        if let Some((at, outcome)) = last.as_ref()
-            && at.elapsed() < self.cache_for
-        {
-            return outcome.clone();
+        let fresh = || {
+            self.last()
+                .filter(|(age, _)| *age < self.cache_for)
+                .map(|(_, outcome)| outcome)
+        };
+        if let Some(outcome) = fresh() {
+            return outcome;
         }
+        let _running = self.running.lock().await;
+        // Another caller may have probed while this one waited.
+        if let Some(outcome) = fresh() {
+            return outcome;
+        }
+        let started = Instant::now();
         let outcome = self.run().await;
+        self.latency.observe(started.elapsed().as_secs_f64());
         match &outcome {
             ProbeOutcome::Ok { .. } => tracing::debug!(address = %self.address, "coturn probe ok"),
             other => tracing::warn!(state = other.state(), "{}", other.describe(&self.address)),
         }
-        *last = Some((Instant::now(), outcome.clone()));
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), outcome.clone()));
         outcome
     }
 
-    /// The last verdict and its age, without probing.
+    /// The last verdict and its age, without probing (a probe running keeps the previous one).
     pub fn last(&self) -> Option<(Duration, ProbeOutcome)> {
-        let last = self.last.try_lock().ok()?;
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         last.as_ref().map(|(at, o)| (at.elapsed(), o.clone()))
     }
 
@@ -331,5 +350,42 @@ async fn transact(socket: &UdpSocket, request: StunMessage) -> Result<StunMessag
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn the_last_verdict_stays_readable_while_a_probe_runs() {
+        // A coturn that never answers: the probe runs until its budget is spent.
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let address = HostPort::parse(&silent.local_addr().unwrap().to_string()).unwrap();
+        let probe = Arc::new(Probe::new(
+            address,
+            SecretString::from("s".to_string()),
+            Duration::from_millis(400),
+            Duration::from_millis(1),
+        ));
+        let earlier = ProbeOutcome::Ok {
+            latency: Duration::from_millis(1),
+        };
+        *probe.last.lock().unwrap() = Some((Instant::now(), earlier));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let running = tokio::spawn({
+            let probe = probe.clone();
+            async move { probe.check().await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while probe.running.try_lock().is_ok() {
+            assert!(Instant::now() < deadline, "the probe never started");
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(probe.last(), Some((_, ProbeOutcome::Ok { .. }))));
+        let outcome = running.await.unwrap();
+        assert_eq!(outcome.state(), "timed_out");
+        assert_eq!(probe.last().map(|(_, o)| o.state()), Some("timed_out"));
     }
 }

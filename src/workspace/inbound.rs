@@ -4,7 +4,6 @@
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -34,7 +33,7 @@ pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
     while let Some(item) = rx.recv().await {
         match item {
             Inbound::Frame { to, data } => {
-                state.hub.bus_received.fetch_add(1, Ordering::Relaxed);
+                state.hub.bus_received.inc();
                 if to == manager {
                     answer(&state, to, data);
                 } else if lanes[lane_of(&to)].send((to, data)).await.is_err() {

@@ -79,21 +79,31 @@ def test_demo_page_plays_over_https_in_chromium(certificate):
 
 
 def read_metrics(port):
-    """Parses the Prometheus text format: {(name, labels): value}; checks every sample has TYPE."""
+    """Parses the OpenMetrics text format: {(name, labels): value}; checks every sample belongs to a
+    family with a TYPE line (a counter's samples end in _total, a histogram's in _bucket, _sum,
+    _count), that histogram buckets never decrease, and that the text ends with # EOF."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
+        assert r.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
         text = r.read().decode()
-    samples, typed = {}, set()
+    assert text.endswith("# EOF\n"), text[-200:]
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    samples, typed = {}, {}
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge"), line
-            typed.add(name)
+            assert kind in suffixes, line
+            typed[name] = kind
         elif line and not line.startswith("#"):
-            match = re.fullmatch(r'([a-z_]+)(\{[a-z_]+="[a-z_]+"\})? (-?[0-9.e+]+)', line)
+            match = re.fullmatch(r'([a-z_]+)(\{[a-z_]+="[a-z_0-9.+Inf]+"\})? (-?[0-9.e+]+)', line)
             assert match, line
-            assert match.group(1) in typed, f"{match.group(1)} has no TYPE line"
-            samples[(match.group(1), match.group(2) or "")] = float(match.group(3))
+            name = match.group(1)
+            family = next((f for f, kind in typed.items() for suffix in suffixes[kind] if name == f + suffix), None)
+            assert family, f"{name} belongs to no family with a TYPE line"
+            samples[(name, match.group(2) or "")] = float(match.group(3))
+    for family, kind in typed.items():
+        if kind == "histogram":
+            buckets = [v for (n, _), v in samples.items() if n == family + "_bucket"]
+            assert buckets and buckets == sorted(buckets) and buckets[-1] == samples[(family + "_count", "")], family
     return samples
 
 
@@ -106,7 +116,8 @@ def test_metrics_on_their_own_port_move_with_traffic():
         before = read_metrics(metrics_port)
         for name in ("hypha_rtc_connections", "hypha_rtc_routed_messages_total", "hypha_rtc_routed_bytes_total",
                      "hypha_rtc_ice_credentials_issued_total", "hypha_rtc_ice_credentials_refused_total",
-                     "hypha_rtc_demo_viewers", "hypha_rtc_demo_frames_per_second"):
+                     "hypha_rtc_demo_viewers", "hypha_rtc_demo_frames_total", "hypha_rtc_call_duration_seconds_count",
+                     "hypha_rtc_ice_duration_seconds_count"):
             assert (name, "") in before, name
 
         async def main():
@@ -131,6 +142,8 @@ def test_metrics_on_their_own_port_move_with_traffic():
         calls = lambda m, outcome: m.get(("hypha_rtc_calls_total", f'{{outcome="{outcome}"}}'), 0)  # noqa: E731
         assert calls(after, "resolved") >= calls(before, "resolved") + 5
         assert calls(after, "rejected") >= calls(before, "rejected") + 1
+        latency = ("hypha_rtc_call_duration_seconds_count", "")
+        assert after[latency] >= before[latency] + 6
         assert ("hypha_rtc_calls_total", '{outcome="peer_gone"}') in after  # moves in test_cluster
         server_ok = ("hypha_rtc_server_calls_total", '{outcome="ok"}')
         assert after[server_ok] > before[server_ok]
