@@ -6,8 +6,8 @@
 #   CALLS=20000 PAIRS=50 scripts/bench-cluster.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 CALLS="${CALLS:-5000}"
 PAIRS="${PAIRS:-100}"
 command -v redis-server >/dev/null || { echo "missing prerequisite: redis-server (Debian package redis-server)" >&2; exit 1; }

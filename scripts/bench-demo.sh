@@ -5,8 +5,8 @@
 # FEATURES=vp8 DEMO_ARGS="--demo-codec vp8" measures VP8 instead of H.264.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 # Without nasm at build time openh264 silently drops its SIMD assembly: the figures would lie.
 command -v nasm >/dev/null || { echo "the demo benchmark needs nasm (apt-get install nasm)" >&2; exit 1; }
 cargo build --release --locked --bins -q ${FEATURES:+--features "$FEATURES"}

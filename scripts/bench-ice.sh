@@ -4,8 +4,8 @@
 # coturn (from the repository's turnserver.conf) and a release hypha-rtc on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 command -v wrk >/dev/null || { echo "missing prerequisite: wrk (apt-get install wrk)" >&2; exit 1; }
 command -v turnserver >/dev/null || { echo "missing prerequisite: coturn (apt-get install coturn)" >&2; exit 1; }
 

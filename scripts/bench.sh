@@ -5,8 +5,8 @@
 #   HYPHA_REF=0 scripts/bench.sh  # hypha-rtc only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 IDLE="${IDLE:-10000}"
 REF_IDLE="${REF_IDLE:-1000}"
 HYPHA_VERSION=0.21.137

@@ -31,8 +31,8 @@ if [ -f "$STATE/stack.pid" ] && kill -0 "$(cat "$STATE/stack.pid")" 2>/dev/null;
     exit 0
 fi
 
-# shellcheck source=scripts/apt.sh
-source scripts/apt.sh
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 command -v turnserver >/dev/null || apt_install coturn
 command -v curl >/dev/null || apt_install curl
 

@@ -6,14 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
-mkdir -p "$CACHE"
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 
 step() { printf '\n== %s\n' "$*"; }
 
-# shellcheck source=scripts/apt.sh
-source scripts/apt.sh
 
 command -v cargo >/dev/null || { echo "missing prerequisite: cargo (Rust toolchain)" >&2; exit 1; }
 command -v python3 >/dev/null || apt_install python3 python3-venv

@@ -240,6 +240,7 @@ impl Registry {
     }
 
     /// Services matching a query, in registration order.
+    #[cfg(test)]
     pub fn find(&self, query: &ServiceQuery) -> Vec<ServiceEntry> {
         self.in_workspace(&query.workspace)
             .into_iter()

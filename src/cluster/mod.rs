@@ -62,7 +62,7 @@ pub async fn join(
         tx,
         stopping.clone(),
     );
-    tracing::info!(redis = %redis::redact(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
+    tracing::info!(redis = %crate::options::redact_url(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
     Ok(Joined {
         bus,
         directory,

@@ -52,7 +52,7 @@ impl ClusterOptions {
             return Err(crate::options::SettingsError::new(format!(
                 "{}: must start with redis://, redis+unix:// or unix://, got {:?}",
                 crate::options::option_name("redis-uri"),
-                redact(uri)
+                crate::options::redact_url(uri)
             )));
         }
         Ok(ClusterSettings {
@@ -74,24 +74,18 @@ fn client_channel(addr: &str) -> String {
     format!("{PREFIX}c:{addr}")
 }
 
-/// A Redis URL without its password, for messages.
-pub fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &uri[..scheme + 3], &uri[at..])
-        }
-        _ => uri.to_string(),
-    }
-}
-
 fn bus_error(e: impl std::fmt::Display) -> BusError {
     BusError(e.to_string())
 }
 
 /// Opens a Redis client and a self-healing command connection.
 pub async fn connect(uri: &str) -> Result<(redis::Client, ConnectionManager), BusError> {
-    let client = redis::Client::open(uri)
-        .map_err(|e| BusError(format!("invalid Redis URI {}: {e}", redact(uri))))?;
+    let client = redis::Client::open(uri).map_err(|e| {
+        BusError(format!(
+            "invalid Redis URI {}: {e}",
+            crate::options::redact_url(uri)
+        ))
+    })?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(COMMAND_TIMEOUT))
         .set_response_timeout(Some(COMMAND_TIMEOUT))
@@ -102,8 +96,18 @@ pub async fn connect(uri: &str) -> Result<(redis::Client, ConnectionManager), Bu
         ConnectionManager::new_with_config(client.clone(), config),
     )
     .await
-    .map_err(|_| BusError(format!("no answer from Redis at {}", redact(uri))))?
-    .map_err(|e| BusError(format!("cannot connect to Redis at {}: {e}", redact(uri))))?;
+    .map_err(|_| {
+        BusError(format!(
+            "no answer from Redis at {}",
+            crate::options::redact_url(uri)
+        ))
+    })?
+    .map_err(|e| {
+        BusError(format!(
+            "cannot connect to Redis at {}: {e}",
+            crate::options::redact_url(uri)
+        ))
+    })?;
     Ok((client, manager))
 }
 
@@ -333,18 +337,4 @@ fn inbound_of(instance: &str, message: &redis::Msg) -> Option<Inbound> {
         to: to.to_string(),
         data: Bytes::copy_from_slice(payload),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("redis://user:secret@127.0.0.1:6379/0"),
-            "redis://***@127.0.0.1:6379/0"
-        );
-        assert_eq!(redact("redis://127.0.0.1"), "redis://127.0.0.1");
-    }
 }

@@ -147,7 +147,10 @@ async fn call_function(
         Manager.call(&state, &ctx, &function, &args).await?
     } else {
         let query = format!("{workspace}/{service}");
-        let mode = params.get("_mode").map(String::as_str);
+        let mode = params
+            .get("_mode")
+            .map(|m| m.parse::<manager::SelectMode>())
+            .transpose()?;
         let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode).await?;
         if entry.id.provider.client.as_str() == state.manager_id {
             let hosted = state

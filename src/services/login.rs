@@ -149,16 +149,7 @@ async fn call(
             let workspace = args.get_str(0, "workspace").map(str::to_string);
             let token_expires_in = match args.get(1, "expires_in") {
                 None => None,
-                Some(v) => Some(
-                    v.as_i64()
-                        .filter(|s| *s > 0 && *s <= 365 * 24 * 3600)
-                        .ok_or_else(|| {
-                            Error::BadRequest(
-                                "expires_in must be a positive number of seconds, at most one year"
-                                    .into(),
-                            )
-                        })?,
-                ),
+                Some(v) => Some(super::token_lifetime(v)?),
             };
             let key = LoginKey {
                 key: random_id(32),

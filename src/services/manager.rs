@@ -238,7 +238,7 @@ async fn call(
         }
         "get_service_info" => {
             let (query, config) = query_args(args)?;
-            Ok(resolve(state, &ctx.ws, &ctx.user, query, mode(config))
+            Ok(resolve(state, &ctx.ws, &ctx.user, query, mode(config)?)
                 .await?
                 .info)
         }
@@ -457,8 +457,42 @@ fn query_args(args: &Args) -> Result<(&str, Option<&Value>), Error> {
     Ok((query, args.get(1, "config").filter(|c| c.is_map())))
 }
 
-fn mode(config: Option<&Value>) -> Option<&str> {
-    config.and_then(|c| get_str(c, "mode"))
+/// How `get_service` picks among several services matching a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectMode {
+    /// Exactly one must match (the default outside `public`).
+    Exact,
+    /// Any of them, at random (the default in `public`).
+    Random,
+    /// The first registered.
+    First,
+    /// The last registered.
+    Last,
+}
+
+impl std::str::FromStr for SelectMode {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        match text {
+            "exact" => Ok(SelectMode::Exact),
+            "random" => Ok(SelectMode::Random),
+            "first" => Ok(SelectMode::First),
+            "last" => Ok(SelectMode::Last),
+            other => Err(Error::BadRequest(format!(
+                "unknown mode {:?}; use exact, random, first or last",
+                other.chars().take(64).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// The `mode` of a `get_service` config, if it names one.
+fn mode(config: Option<&Value>) -> Result<Option<SelectMode>, Error> {
+    config
+        .and_then(|c| get_str(c, "mode"))
+        .map(str::parse)
+        .transpose()
 }
 
 /// A service found for a caller: registered by a client, or hosted by the server itself.
@@ -467,7 +501,7 @@ pub async fn resolve(
     caller_ws: &str,
     user: &UserInfo,
     query: &str,
-    mode: Option<&str>,
+    mode: Option<SelectMode>,
 ) -> Result<ServiceEntry, Error> {
     let parsed = ServiceQuery::parse(query, caller_ws)?;
     if parsed.client.as_deref() == Some(state.manager_id.as_str()) && parsed.name == "default" {
@@ -494,12 +528,12 @@ pub async fn resolve(
         )));
     }
     let mode = mode.unwrap_or(if parsed.workspace == "public" {
-        "random"
+        SelectMode::Random
     } else {
-        "exact"
+        SelectMode::Exact
     });
     match mode {
-        "exact" if allowed.len() > 1 => Err(Error::BadRequest(format!(
+        SelectMode::Exact if allowed.len() > 1 => Err(Error::BadRequest(format!(
             "Multiple services found for {query}: {}; pass config mode 'random', 'first' or 'last'",
             allowed
                 .iter()
@@ -507,16 +541,13 @@ pub async fn resolve(
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
-        "exact" | "first" => Ok(allowed.remove(0)),
-        "last" => Ok(allowed.pop().unwrap_or_else(|| unreachable!())),
-        "random" => {
+        SelectMode::Exact | SelectMode::First => Ok(allowed.swap_remove(0)),
+        SelectMode::Last => Ok(allowed.swap_remove(allowed.len() - 1)),
+        SelectMode::Random => {
             use rand::RngExt;
             let pick = rand::rng().random_range(0..allowed.len());
             Ok(allowed.swap_remove(pick))
         }
-        other => Err(Error::BadRequest(format!(
-            "unknown mode {other:?}; use exact, random, first or last"
-        ))),
     }
 }
 
@@ -528,7 +559,7 @@ pub async fn get_service(
     query: &str,
     config: Option<&Value>,
 ) -> Result<Value, Error> {
-    let entry = resolve(state, caller_ws, user, query, mode(config)).await?;
+    let entry = resolve(state, caller_ws, user, query, mode(config)?).await?;
     let provider = entry.id.provider.to_string();
     if entry.id.provider.client.as_str() == state.manager_id {
         return state
@@ -753,14 +784,7 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
     // A child never outlives its parent: a longer lifetime is cut to what the parent has left.
     let expires_in = match field("expires_in") {
         None => 3600,
-        Some(v) => v
-            .as_i64()
-            .filter(|s| *s > 0 && *s <= crate::auth::token::MAX_LIFETIME)
-            .ok_or_else(|| {
-                Error::BadRequest(
-                    "expires_in must be a positive number of seconds, at most one year".into(),
-                )
-            })?,
+        Some(v) => super::token_lifetime(v)?,
     }
     .min(remaining);
     let client = text("client_id")?

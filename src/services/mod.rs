@@ -201,3 +201,16 @@ fn dispatch<'a>(app: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Result<
         hosted.call(app, &call.ctx, function, &call.args).await
     })
 }
+
+/// A token lifetime a caller asks for (`expires_in`): a positive number of seconds, at most
+/// [`crate::auth::token::MAX_LIFETIME`] (a year).
+pub fn token_lifetime(value: &rmpv::Value) -> Result<i64, Error> {
+    value
+        .as_i64()
+        .filter(|s| *s > 0 && *s <= crate::auth::token::MAX_LIFETIME)
+        .ok_or_else(|| {
+            Error::BadRequest(
+                "expires_in must be a positive number of seconds, at most one year".into(),
+            )
+        })
+}

@@ -62,18 +62,6 @@ pub enum StoreError {
     Audit(String),
 }
 
-/// A database URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// One issuance of TURN credentials, as audited.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IceIssuance {
@@ -184,14 +172,14 @@ impl Store {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let open_error = |source| StoreError::Open {
-            url: redact(url),
+            url: crate::options::redact_url(url),
             source,
         };
         let sqlite = url.starts_with("sqlite:");
         let postgres = url.starts_with("postgres:") || url.starts_with("postgresql:");
         if !sqlite && !postgres {
             return Err(StoreError::Open {
-                url: redact(url),
+                url: crate::options::redact_url(url),
                 source: sqlx::Error::Configuration(
                     "the database URL must start with sqlite: or postgres:".into(),
                 ),

@@ -1,0 +1,18 @@
+# Sourced by every script after `cd` to the repository root: where builds and installed tools
+# are kept between runs (HYPHA_RTC_CACHE, default ~/.cache/hypha-rtc; cargo's target directory
+# inside it unless CARGO_TARGET_DIR says otherwise), and apt_install.
+CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+mkdir -p "$CACHE"
+
+# apt_install PACKAGE... installs Debian packages when running as root,
+# and otherwise stops with a message naming what is missing.
+apt_install() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        printf '\n== installing Debian packages: %s\n' "$*"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "missing prerequisite: $* (install it with apt-get)" >&2
+        exit 1
+    fi
+}
