@@ -143,6 +143,27 @@ impl fmt::Display for PeerAddr {
     }
 }
 
+/// A peer address as it travels in frames and maps (`workspace/client` text), read in place:
+/// the one place that splits it, so nothing splits addresses by hand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerRef<'a> {
+    pub workspace: &'a str,
+    pub client: &'a str,
+}
+
+impl<'a> PeerRef<'a> {
+    /// Splits `workspace/client`; `None` without a `/`.
+    pub fn split(addr: &'a str) -> Option<Self> {
+        addr.split_once('/')
+            .map(|(workspace, client)| PeerRef { workspace, client })
+    }
+
+    /// The client part of an address (the whole text when it names no workspace).
+    pub fn client_of(addr: &'a str) -> &'a str {
+        Self::split(addr).map_or(addr, |peer| peer.client)
+    }
+}
+
 /// A full service id: `{workspace}/{client_id}:{service}[@{app_id}]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceId {

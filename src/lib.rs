@@ -75,7 +75,7 @@ impl AppState {
     /// of its workspace.
     pub async fn client_connected(&self, addr: &str, workspace: &str) {
         workspace::add_client(self, addr, workspace).await;
-        let client = addr.rsplit('/').next().unwrap_or(addr);
+        let client = crate::ids::PeerRef::client_of(addr);
         let data = obj([("id", client.into()), ("workspace", workspace.into())]);
         workspace::emit(self, workspace, "client_connected", data).await;
     }
@@ -112,7 +112,7 @@ impl AppState {
         for entry in removed {
             workspace::emit(self, workspace, "service_removed", entry.info).await;
         }
-        let client = addr.rsplit('/').next().unwrap_or(addr);
+        let client = crate::ids::PeerRef::client_of(addr);
         let data = obj([("id", client.into()), ("workspace", workspace.into())]);
         workspace::emit(self, workspace, "client_disconnected", data).await;
     }

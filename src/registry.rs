@@ -125,8 +125,8 @@ impl ServiceQuery {
             None => (service, None),
         };
         let (workspace, client, name) = match left {
-            Some(left) => match left.split_once('/') {
-                Some((ws, client)) => (ws, Some(client), service),
+            Some(left) => match crate::ids::PeerRef::split(left) {
+                Some(peer) => (peer.workspace, Some(peer.client), service),
                 None => (caller_ws, Some(left), service),
             },
             None => match service.split_once('/') {

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::UserInfo;
 use crate::cluster::bus::{self, Announcement, Bus};
+use crate::ids::PeerRef;
 use crate::rpc::frame::{Frame, FrameError};
 
 /// What a connection's writer sends to its socket.
@@ -268,7 +269,7 @@ impl Hub {
                 slot.insert(handle);
             }
         }
-        let client = addr.rsplit_once('/').map(|(_, c)| c).unwrap_or(addr);
+        let client = PeerRef::client_of(addr);
         self.workspaces
             .entry(workspace.to_string())
             .or_default()
@@ -284,7 +285,7 @@ impl Hub {
             .is_some();
         if removed {
             self.chunks.forget(addr);
-            let client = addr.rsplit_once('/').map(|(_, c)| c).unwrap_or(addr);
+            let client = PeerRef::client_of(addr);
             if let Some(mut members) = self.workspaces.get_mut(workspace) {
                 members.remove(client);
             }
@@ -437,7 +438,11 @@ impl Hub {
         let frame = Frame::parse(data)?;
         let to = frame.field("to").ok_or(FrameError::MissingField("to"))?;
         let target = normalize_target(to, sender.workspace);
-        let Some((target_ws, target_client)) = target.split_once('/') else {
+        let Some(PeerRef {
+            workspace: target_ws,
+            client: target_client,
+        }) = PeerRef::split(&target)
+        else {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         };
         // Any `*/manager-*` address is this server's manager: a client that kept the manager id

@@ -139,7 +139,7 @@ pub async fn remove_client(
     state.hub.bus().detach(addr).await;
     if directory_reachable(state) {
         withdraw(state, &removed).await;
-        let client = addr.rsplit('/').next().unwrap_or(addr);
+        let client = crate::ids::PeerRef::client_of(addr);
         if let Err(e) = state.directory.remove_client(workspace, client).await {
             tracing::warn!(error = %e, "a client stays in Redis until it is back");
         }
@@ -167,7 +167,7 @@ async fn claim(state: &AppState, addr: &str, workspace: &str) {
         return;
     };
     let directory = &state.directory;
-    let client = addr.rsplit('/').next().unwrap_or(addr);
+    let client = crate::ids::PeerRef::client_of(addr);
     let (since, reconnected) = (handle.since_ms, handle.reconnected);
     let other = match directory
         .claim_client(workspace, client, since, reconnected)

@@ -29,25 +29,51 @@ pub struct Admitted {
     pub reconnecting: bool,
 }
 
+/// Why a client is not let in (said to it in the close frame).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("client ids starting with 'manager-' are reserved for the server")]
+    ManagerId,
+    #[error("the client id '{0}' is reserved for calls made over HTTP")]
+    HttpClientId(&'static str),
+    #[error(transparent)]
+    InvalidId(#[from] crate::ids::InvalidId),
+    #[error("the reconnection token carries no client or workspace")]
+    ReconnectionIncomplete,
+    #[error("the reconnection token is for client {0}, not {1}")]
+    ReconnectionClient(ClientId, ClientId),
+    #[error("the reconnection token is for workspace {0}")]
+    ReconnectionWorkspace(WorkspaceId),
+    #[error("the reconnection token has been revoked")]
+    ReconnectionRevoked,
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("this token is restricted to {0} and cannot be used for a websocket connection")]
+    Specialized(String),
+    #[error("the token is bound to client {0}, not {1}")]
+    BoundClient(ClientId, ClientId),
+    #[error("the token is bound to workspace {0}, not {1}")]
+    BoundWorkspace(WorkspaceId, String),
+    #[error("Permission denied for workspace {0}")]
+    PermissionDenied(WorkspaceId),
+}
+
 /// How long an anonymous user's identity lasts (as in Hypha).
 const ANONYMOUS_LIFETIME: i64 = 600;
 
 /// Decides whether a client may join, and as whom.
-pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
+pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, Refused> {
     let client_id = match &hello.client_id {
         Some(id) => id.clone(),
         None => crate::ids::random_id(22),
     };
     if crate::hub::is_manager_id(&client_id) {
-        return Err("client ids starting with 'manager-' are reserved for the server".into());
+        return Err(Refused::ManagerId);
     }
     if client_id == crate::http::HTTP_CLIENT {
-        return Err(format!(
-            "the client id '{}' is reserved for calls made over HTTP",
-            crate::http::HTTP_CLIENT
-        ));
+        return Err(Refused::HttpClientId(crate::http::HTTP_CLIENT));
     }
-    let client = ClientId::parse(client_id).map_err(|e| e.to_string())?;
+    let client = ClientId::parse(client_id)?;
     let requested = hello.workspace.as_deref().filter(|w| !w.is_empty());
     let token = hello.token.as_deref().filter(|t| !t.is_empty());
 
@@ -61,15 +87,13 @@ pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
                 let (Some(cid), Some(wid)) =
                     (user.scope.client.clone(), user.scope.current.clone())
                 else {
-                    return Err("the reconnection token carries no client or workspace".into());
+                    return Err(Refused::ReconnectionIncomplete);
                 };
                 if cid != client {
-                    return Err(format!(
-                        "the reconnection token is for client {cid}, not {client}"
-                    ));
+                    return Err(Refused::ReconnectionClient(cid, client));
                 }
                 if requested.is_some_and(|w| wid != w) {
-                    return Err(format!("the reconnection token is for workspace {wid}"));
+                    return Err(Refused::ReconnectionWorkspace(wid));
                 }
                 // The original token, which the clients send along, gives the session back
                 // the identity it can mint with; without it the session may only reconnect.
@@ -87,7 +111,7 @@ pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
             Ok(_) => tracing::debug!("a general token was sent as reconnection token"),
             // A revoked family does not get back in under another guise.
             Err(TokenError::Revoked) => {
-                return Err("the reconnection token has been revoked".into());
+                return Err(Refused::ReconnectionRevoked);
             }
             // A token from before a restart with another secret, or an expired one: fall back
             // to the original token, which the client always sends along.
@@ -96,23 +120,21 @@ pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, String> {
     }
 
     let user = match token {
-        Some(token) => tokens.parse(token).map_err(|e: TokenError| e.to_string())?,
+        Some(token) => tokens.parse(token)?,
         None => UserInfo::anonymous(ANONYMOUS_LIFETIME),
     };
     if let Some(scope) = user.scope.extra.iter().find(|s| s.is_specialized()) {
-        return Err(format!(
-            "this token is restricted to {scope} and cannot be used for a websocket connection"
-        ));
+        return Err(Refused::Specialized(scope.to_string()));
     }
     if let Some(cid) = &user.scope.client
         && cid != &client
     {
-        return Err(format!("the token is bound to client {cid}, not {client}"));
+        return Err(Refused::BoundClient(cid.clone(), client));
     }
     if let (Some(wid), Some(req)) = (&user.scope.current, requested)
         && wid != req
     {
-        return Err(format!("the token is bound to workspace {wid}, not {req}"));
+        return Err(Refused::BoundWorkspace(wid.clone(), req.to_string()));
     }
     let workspace = requested
         .map(str::to_string)
@@ -126,11 +148,11 @@ fn finish(
     workspace: &str,
     client: ClientId,
     reconnecting: bool,
-) -> Result<Admitted, String> {
-    let workspace = WorkspaceId::parse(workspace).map_err(|e| e.to_string())?;
-    let permission = user
-        .permission(workspace.as_str())
-        .ok_or_else(|| format!("Permission denied for workspace {workspace}"))?;
+) -> Result<Admitted, Refused> {
+    let workspace = WorkspaceId::parse(workspace)?;
+    let Some(permission) = user.permission(workspace.as_str()) else {
+        return Err(Refused::PermissionDenied(workspace));
+    };
     Ok(Admitted {
         user,
         workspace,
@@ -187,11 +209,10 @@ mod tests {
                 .as_str(),
             "ws-user-bob"
         );
-        assert!(
-            admit(&hello(Some("other"), Some(token), None), &t)
-                .unwrap_err()
-                .contains("Permission denied")
-        );
+        assert!(matches!(
+            admit(&hello(Some("other"), Some(token), None), &t),
+            Err(Refused::PermissionDenied(ws)) if ws.as_str() == "other"
+        ));
     }
 
     #[test]
@@ -201,11 +222,10 @@ mod tests {
         user.scope.client = Some(ClientId::parse("c2").unwrap());
         user.scope.current = Some(WorkspaceId::parse("ws-user-bob").unwrap());
         let (rec, _) = t.issue_reconnection(&user, 60);
-        assert!(
-            admit(&hello(None, None, Some(rec)), &t)
-                .unwrap_err()
-                .contains("c2")
-        );
+        assert!(matches!(
+            admit(&hello(None, None, Some(rec)), &t),
+            Err(Refused::ReconnectionClient(cid, _)) if cid.as_str() == "c2"
+        ));
         user.scope.client = Some(ClientId::parse("c1").unwrap());
         let ok = admit(
             &hello(None, None, Some(t.issue_reconnection(&user, 60).0)),
