@@ -213,7 +213,7 @@ impl Default for Settings {
 pub use crate::options::SettingsError;
 
 /// Every `HYPHA_*` variable the command reads, from its own definition.
-pub fn known_variables() -> Vec<String> {
+pub(crate) fn known_variables() -> Vec<String> {
     let mut names: Vec<String> = Cli::command()
         .get_arguments()
         .filter_map(|arg| arg.get_env())
@@ -316,10 +316,10 @@ where
         accounts: cli.accounts.settings(),
         demo: cli.demo.settings(&cli.server.host)?,
     };
-    let known: Vec<&str> = ids.iter().map(|(_, name)| name.as_str()).collect();
+    let known = known_variables();
     let mut unknown: Vec<&String> = env
         .keys()
-        .filter(|k| k.starts_with("HYPHA_") && !known.contains(&k.as_str()))
+        .filter(|k| k.starts_with("HYPHA_") && !known.contains(k))
         .collect();
     unknown.sort();
     let warnings = unknown

@@ -32,7 +32,7 @@ pub enum Error {
 
 impl Error {
     /// The message a client may see; internal details stay in the log.
-    pub fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         if let Error::Internal(detail) = self {
             tracing::error!(%detail, "internal error");
         }
@@ -77,5 +77,3 @@ impl From<crate::store::StoreError> for Error {
         Error::Unavailable("the store is unavailable; try again later".into())
     }
 }
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;

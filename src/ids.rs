@@ -132,7 +132,7 @@ pub struct PeerAddr {
 }
 
 impl PeerAddr {
-    pub fn new(workspace: WorkspaceId, client: ClientId) -> Self {
+    pub(crate) fn new(workspace: WorkspaceId, client: ClientId) -> Self {
         Self { workspace, client }
     }
 }
@@ -146,20 +146,20 @@ impl fmt::Display for PeerAddr {
 /// A peer address as it travels in frames and maps (`workspace/client` text), read in place:
 /// the one place that splits it, so nothing splits addresses by hand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerRef<'a> {
+pub(crate) struct PeerRef<'a> {
     pub workspace: &'a str,
     pub client: &'a str,
 }
 
 impl<'a> PeerRef<'a> {
     /// Splits `workspace/client`; `None` without a `/`.
-    pub fn split(addr: &'a str) -> Option<Self> {
+    pub(crate) fn split(addr: &'a str) -> Option<Self> {
         addr.split_once('/')
             .map(|(workspace, client)| PeerRef { workspace, client })
     }
 
     /// The client part of an address (the whole text when it names no workspace).
-    pub fn client_of(addr: &'a str) -> &'a str {
+    pub(crate) fn client_of(addr: &'a str) -> &'a str {
         Self::split(addr).map_or(addr, |peer| peer.client)
     }
 }
@@ -174,7 +174,7 @@ pub struct ServiceId {
 
 impl ServiceId {
     /// Parses an absolute service id.
-    pub fn parse(value: &str) -> Result<Self, InvalidId> {
+    pub(crate) fn parse(value: &str) -> Result<Self, InvalidId> {
         let bad = |reason| InvalidId {
             kind: "service id",
             value: value.chars().take(80).collect(),

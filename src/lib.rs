@@ -34,7 +34,7 @@ use crate::rpc::peer::ServerPeer;
 use crate::rpc::value::obj;
 
 /// The Hypha version whose protocol this server speaks, reported in `connection_info`.
-pub const HYPHA_VERSION: &str = "0.21.47";
+pub(crate) const HYPHA_VERSION: &str = "0.21.47";
 
 /// Shared state of a running server.
 pub struct AppState {
@@ -73,7 +73,7 @@ pub struct AppState {
 impl AppState {
     /// Makes a new client reachable from every instance and announces it to the subscribers
     /// of its workspace.
-    pub async fn client_connected(&self, addr: &str, workspace: &str) {
+    pub(crate) async fn client_connected(&self, addr: &str, workspace: &str) {
         workspace::add_client(self, addr, workspace).await;
         let client = crate::ids::PeerRef::client_of(addr);
         let data = obj([("id", client.into()), ("workspace", workspace.into())]);
@@ -82,7 +82,7 @@ impl AppState {
 
     /// Refuses a token and every token derived from it from now on, and closes the
     /// connections opened with any of them.
-    pub fn revoke_locally(&self, id: String, expires_at: i64) {
+    pub(crate) fn revoke_locally(&self, id: String, expires_at: i64) {
         if self.tokens.mark_revoked(id.clone(), expires_at) {
             let closed = self.hub.close_where(
                 |handle| {
@@ -104,7 +104,7 @@ impl AppState {
     }
 
     /// Forgets a client that went away: its services, the server's calls to it, its events.
-    pub async fn client_gone(&self, addr: &str, workspace: &str, conn_id: u64) {
+    pub(crate) async fn client_gone(&self, addr: &str, workspace: &str, conn_id: u64) {
         let Some(removed) = workspace::remove_client(self, addr, workspace, conn_id).await else {
             return;
         };
@@ -299,13 +299,6 @@ impl App {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-    }
-
-    /// The address of the separate metrics listener, if there is one.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> Arc<AppState> {

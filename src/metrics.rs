@@ -26,7 +26,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers what the parts count; the bus and demo families only where they exist.
-    pub fn new(hub: &Hub, ice: &IceService, demo: &Producer) -> Self {
+    pub(crate) fn new(hub: &Hub, ice: &IceService, demo: &Producer) -> Self {
         let mut metrics = Self {
             registry: Registry::with_prefix("hypha_rtc"),
             connections: Gauge::default(),
@@ -139,7 +139,7 @@ impl Metrics {
     }
 
     /// The registry in the OpenMetrics text format.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -19,13 +19,13 @@ pub enum SettingsError {
 }
 
 impl SettingsError {
-    pub fn new(message: impl Into<String>) -> Self {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
         SettingsError::Invalid(message.into())
     }
 }
 
 /// A duration option given in seconds, refused when zero (for those that must be positive).
-pub fn positive_seconds(option: &str, seconds: u64) -> Result<Duration, SettingsError> {
+pub(crate) fn positive_seconds(option: &str, seconds: u64) -> Result<Duration, SettingsError> {
     if seconds == 0 {
         return Err(SettingsError::new(format!(
             "{option}: must be a positive number of seconds"
@@ -35,7 +35,7 @@ pub fn positive_seconds(option: &str, seconds: u64) -> Result<Duration, Settings
 }
 
 /// `--option (HYPHA_OPTION)`, for messages.
-pub fn option_name(long: &str) -> String {
+pub(crate) fn option_name(long: &str) -> String {
     format!(
         "--{long} (HYPHA_{})",
         long.replace('-', "_").to_ascii_uppercase()
@@ -43,7 +43,7 @@ pub fn option_name(long: &str) -> String {
 }
 
 /// A URL (database, Redis) without its password, for messages and logs.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

@@ -46,7 +46,7 @@ pub struct ServiceEntry {
 
 impl ServiceEntry {
     /// Builds an entry from a `register_service` info dict.
-    pub fn from_info(id: ServiceId, mut info: Value) -> Result<Self, Error> {
+    pub(crate) fn from_info(id: ServiceId, mut info: Value) -> Result<Self, Error> {
         let config = get(&info, "config");
         let visibility = Visibility::parse(config.and_then(|c| get_str(c, "visibility")))?;
         let authorized_workspaces = config
@@ -71,7 +71,7 @@ impl ServiceEntry {
     }
 
     /// Whether `user`, calling from `workspace`, may use this service.
-    pub fn allows(&self, workspace: &str, user: &UserInfo) -> bool {
+    pub(crate) fn allows(&self, workspace: &str, user: &UserInfo) -> bool {
         let home = self.id.provider.workspace.as_str();
         self.visibility != Visibility::Protected
             || workspace == home
@@ -80,17 +80,17 @@ impl ServiceEntry {
     }
 
     /// The registry key: the full id with its app (`ws/client:name@app`).
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         key(&self.id)
     }
 
     /// When it was registered (microseconds since the epoch, unique per instance).
-    pub fn seq(&self) -> u64 {
+    pub(crate) fn seq(&self) -> u64 {
         self.seq
     }
 
     /// The entry with a registration stamp read back from the shared registry.
-    pub fn with_seq(mut self, seq: u64) -> Self {
+    pub(crate) fn with_seq(mut self, seq: u64) -> Self {
         self.seq = seq;
         self
     }
@@ -102,7 +102,7 @@ fn key(id: &ServiceId) -> String {
 
 /// A parsed `get_service` query: `svc`, `ws/svc`, `ws/client:svc`, `client:svc`, with `@app`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ServiceQuery {
+pub(crate) struct ServiceQuery {
     pub workspace: String,
     /// `None` matches any client.
     pub client: Option<String>,
@@ -111,7 +111,7 @@ pub struct ServiceQuery {
 }
 
 impl ServiceQuery {
-    pub fn parse(query: &str, caller_ws: &str) -> Result<Self, Error> {
+    pub(crate) fn parse(query: &str, caller_ws: &str) -> Result<Self, Error> {
         let bad = || Error::BadRequest(format!("invalid service query {query:?}"));
         if query.is_empty() || query.len() > 512 {
             return Err(bad());
@@ -151,7 +151,7 @@ impl ServiceQuery {
     }
 
     /// Whether a service of the query's workspace answers it.
-    pub fn matches(&self, entry: &ServiceEntry) -> bool {
+    pub(crate) fn matches(&self, entry: &ServiceEntry) -> bool {
         entry.id.name.as_str() == self.name
             && self
                 .client
@@ -174,7 +174,7 @@ pub struct Registry {
 impl Registry {
     /// Gives an entry its registration stamp: the time in microseconds, so that entries of
     /// several instances sort by registration, and never twice the same on one instance.
-    pub fn stamp(&self, mut entry: ServiceEntry) -> ServiceEntry {
+    pub(crate) fn stamp(&self, mut entry: ServiceEntry) -> ServiceEntry {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -190,7 +190,7 @@ impl Registry {
     }
 
     /// Adds or replaces a service (stamping it if [`Registry::stamp`] was not called).
-    pub fn insert(&self, entry: ServiceEntry) {
+    pub(crate) fn insert(&self, entry: ServiceEntry) {
         let entry = if entry.seq == 0 {
             self.stamp(entry)
         } else {
@@ -202,13 +202,13 @@ impl Registry {
     }
 
     /// Removes services matching a full id (any app id); returns what was removed.
-    pub fn remove(&self, id: &ServiceId) -> Vec<ServiceEntry> {
+    pub(crate) fn remove(&self, id: &ServiceId) -> Vec<ServiceEntry> {
         let prefix = format!("{id}@");
         self.remove_prefix(&prefix)
     }
 
     /// Removes every service of a client (`ws/cid`).
-    pub fn remove_client(&self, addr: &str) -> Vec<ServiceEntry> {
+    pub(crate) fn remove_client(&self, addr: &str) -> Vec<ServiceEntry> {
         self.remove_prefix(&format!("{addr}:"))
     }
 
@@ -225,7 +225,7 @@ impl Registry {
     }
 
     /// Services in a workspace, in registration order.
-    pub fn in_workspace(&self, workspace: &str) -> Vec<ServiceEntry> {
+    pub(crate) fn in_workspace(&self, workspace: &str) -> Vec<ServiceEntry> {
         let prefix = format!("{workspace}/");
         let Ok(services) = self.services.read() else {
             return Vec::new();
@@ -241,7 +241,7 @@ impl Registry {
 
     /// Services matching a query, in registration order.
     #[cfg(test)]
-    pub fn find(&self, query: &ServiceQuery) -> Vec<ServiceEntry> {
+    pub(crate) fn find(&self, query: &ServiceQuery) -> Vec<ServiceEntry> {
         self.in_workspace(&query.workspace)
             .into_iter()
             .filter(|e| query.matches(e))
@@ -249,7 +249,7 @@ impl Registry {
     }
 
     /// Every entry (for writing this instance's state back to the shared registry).
-    pub fn all(&self) -> Vec<ServiceEntry> {
+    pub(crate) fn all(&self) -> Vec<ServiceEntry> {
         self.services
             .read()
             .map(|s| s.values().cloned().collect())
@@ -257,7 +257,7 @@ impl Registry {
     }
 
     /// Services a client (`ws/cid`) has registered.
-    pub fn count_of(&self, addr: &str) -> usize {
+    pub(crate) fn count_of(&self, addr: &str) -> usize {
         let prefix = format!("{addr}:");
         self.services
             .read()
@@ -269,12 +269,8 @@ impl Registry {
             .unwrap_or(0)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.services.read().map(|s| s.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

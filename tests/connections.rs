@@ -55,17 +55,17 @@ async fn a_consumer_that_stops_reading_is_disconnected_and_the_sender_goes_on() 
         {
             panic!("the sender was disconnected instead of the slow consumer");
         }
-        if !app.state.hub.is_connected(&target) {
+        if !app.is_connected(&target) {
             break;
         }
     }
     eventually(
         Duration::from_secs(10),
         "the slow consumer to be disconnected",
-        || !app.state.hub.is_connected(&target),
+        || !app.is_connected(&target),
     )
     .await;
-    assert!(app.state.hub.is_connected(&format!("{ws}/fast")));
+    assert!(app.is_connected(&format!("{ws}/fast")));
     sender
         .send(Message::Text(r#"{"type":"ping"}"#.into()))
         .await

@@ -24,7 +24,7 @@ fn user(id: &str, roles: &[&str]) -> UserInfo {
 }
 
 fn token(app: &TestApp, id: &str, roles: &[&str], expires_in: i64) -> String {
-    app.state.tokens.issue(&user(id, roles), expires_in)
+    app.tokens().issue(&user(id, roles), expires_in)
 }
 
 /// A token with claims written by hand (as a third party holding the secret would).
@@ -153,8 +153,8 @@ async fn scope_injection_through_generate_token_is_refused() {
     )
     .await
     .unwrap();
-    let child = app.state.tokens.parse(minted.as_str().unwrap()).unwrap();
-    let parent = app.state.tokens.parse(&alice).unwrap();
+    let child = app.tokens().parse(minted.as_str().unwrap()).unwrap();
+    let parent = app.tokens().parse(&alice).unwrap();
     assert_eq!(
         child.scope.to_claim(),
         "ws:ws-user-alice#rw wid:ws-user-alice cid:cam-1"
@@ -185,7 +185,7 @@ async fn only_an_admin_of_public_registers_there_and_never_over_the_server() {
         hypha_rtc::ids::WorkspaceId::parse("public").unwrap(),
         hypha_rtc::auth::Permission::ReadWrite,
     );
-    let writer = app.state.tokens.issue(&writer, 600);
+    let writer = app.tokens().issue(&writer, 600);
     let (mut w, info) = connect_with(&app, hello("fake", Some(&writer), Some("public")))
         .await
         .unwrap();
@@ -197,7 +197,7 @@ async fn only_an_admin_of_public_registers_there_and_never_over_the_server() {
         hypha_rtc::ids::WorkspaceId::parse("public").unwrap(),
         hypha_rtc::auth::Permission::Admin,
     );
-    let admin = app.state.tokens.issue(&admin, 600);
+    let admin = app.tokens().issue(&admin, 600);
     let (mut a, info) = connect_with(&app, hello("pub", Some(&admin), Some("public")))
         .await
         .unwrap();
@@ -233,7 +233,7 @@ async fn only_an_admin_of_public_registers_there_and_never_over_the_server() {
             .and_then(Value::as_str)
             .unwrap()
             .to_string();
-        assert!(id.contains(&app.state.manager_id), "{id}");
+        assert!(id.contains(app.manager_id()), "{id}");
     }
     still_works(&app).await;
 }
@@ -304,8 +304,8 @@ async fn reconnection_tokens_only_reconnect_and_never_outlive_their_token() {
     let reconnection = info["reconnection_token"].as_str().unwrap().to_string();
     let life = info["reconnection_token_life_time"].as_i64().unwrap();
     assert!(life <= 3600, "{life}");
-    let verified = app.state.tokens.verify(&reconnection).unwrap();
-    let parent = app.state.tokens.parse(&alice).unwrap();
+    let verified = app.tokens().verify(&reconnection).unwrap();
+    let parent = app.tokens().parse(&alice).unwrap();
     assert!(verified.token.unwrap().expires_at <= parent.token.unwrap().expires_at);
     // Refreshing does not extend it either.
     socket
@@ -318,7 +318,7 @@ async fn reconnection_tokens_only_reconnect_and_never_outlive_their_token() {
             break reply["reconnection_token"].as_str().unwrap().to_string();
         }
     };
-    assert!(app.state.tokens.verify(&refreshed).unwrap().expires_at <= parent.expires_at);
+    assert!(app.tokens().verify(&refreshed).unwrap().expires_at <= parent.expires_at);
     // Not a Bearer, not a sign-in token.
     let (status, _, body) = http(
         &app,
@@ -360,7 +360,7 @@ async fn a_disabled_account_loses_its_connections_and_its_children() {
         created_at: now(),
         disabled_at: None,
     };
-    app.state.store.create_user(&record).await.unwrap();
+    app.add_user(&record).await;
     let dan = token(&app, "udan", &[], 3600);
     let (mut parent, info) = connect_with(&app, hello("p", Some(&dan), None))
         .await
@@ -377,11 +377,7 @@ async fn a_disabled_account_loses_its_connections_and_its_children() {
     let (mut kid, _) = connect_with(&app, hello("kid", Some(&child), None))
         .await
         .unwrap();
-    app.state
-        .store
-        .disable_user("dan@example.org", now())
-        .await
-        .unwrap();
+    app.disable_user("dan@example.org").await;
     for socket in [&mut parent, &mut kid] {
         let reason = close_reason(socket, Duration::from_secs(10)).await;
         assert!(reason.contains("disabled"), "{reason}");
@@ -625,7 +621,7 @@ async fn chunked_messages_are_vetted_as_they_pass() {
     )
     .await;
     assert!(alias.is_err());
-    assert!(app.state.hub.chunks.is_empty());
+    assert_eq!(app.chunked_in_flight(), 0);
 }
 
 #[tokio::test]
@@ -796,19 +792,16 @@ async fn silent_slow_and_surplus_connections_are_cut() {
         stream.write_all(b"G").await.unwrap();
         held.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(Duration::from_secs(5), "the six to be admitted", || {
+        app.open_connections() == 6
+    })
+    .await;
     let mut extra = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     assert!(closed_within(&mut extra, Duration::from_secs(2)).await);
-    assert!(
-        app.state
-            .admission
-            .refused_per_address
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 1
-    );
+    assert!(app.refused_per_address() >= 1);
     drop(held);
     eventually(Duration::from_secs(5), "the slots to be given back", || {
-        app.state.admission.open() == 0
+        app.open_connections() == 0
     })
     .await;
     still_works(&app).await;
@@ -994,7 +987,7 @@ async fn a_lock_out_is_per_account_and_address_and_proxies_must_be_trusted() {
             created_at: now(),
             disabled_at: None,
         };
-        app.state.store.create_user(&record).await.unwrap();
+        app.add_user(&record).await;
     }
     async fn sign_in(app: &TestApp, password: &str, from: &str) -> u16 {
         let body = format!("email=bob%40example.org&password={password}");
@@ -1042,10 +1035,8 @@ async fn child_tokens_share_their_accounts_ice_limit_and_anonymous_get_none() {
         .await
         .unwrap();
     let get = |token: String| {
-        let addr = app.addr;
-        let state = app.state.clone();
+        let app = app.clone();
         async move {
-            let app = TestApp { addr, state };
             http(
                 &app,
                 "GET",
@@ -1098,10 +1089,7 @@ async fn credentials_are_not_issued_when_the_audit_cannot_record_them() {
         200
     );
     // The audit table refuses writes from now on, as a read-only store does.
-    let db = format!(
-        "sqlite://{}/hypha-rtc.db",
-        app.state.settings.store.data_dir.display()
-    );
+    let db = format!("sqlite://{}", app.database().display());
     let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
     sqlx::query("CREATE TRIGGER deny BEFORE INSERT ON ice_credentials BEGIN SELECT RAISE(ABORT, 'the store is read-only'); END")
         .execute(&pool)
@@ -1205,9 +1193,9 @@ async fn oversized_json_bodies_and_floods_of_revocations_are_refused() {
     assert_eq!(at, limit, "{message}");
     assert!(message.contains("too many revocations"), "{message}");
     // Revocations of expired tokens are forgotten.
-    assert_eq!(app.state.tokens.revoked_count(), limit);
-    app.state.tokens.prune_revoked(now() + 7200);
-    assert_eq!(app.state.tokens.revoked_count(), 0);
+    assert_eq!(app.tokens().revoked_count(), limit);
+    app.tokens().prune_revoked(now() + 7200);
+    assert_eq!(app.tokens().revoked_count(), 0);
     still_works(&app).await;
 }
 

@@ -41,7 +41,7 @@ pub struct AccountSettings {
 }
 
 impl AccountOptions {
-    pub fn settings(&self) -> AccountSettings {
+    pub(crate) fn settings(&self) -> AccountSettings {
         AccountSettings {
             max_failures: self.login_max_failures.max(1),
             lockout: Duration::from_secs(self.login_lockout),
@@ -70,7 +70,7 @@ fn verify_password(hash: &str, password: &str) -> bool {
 
 /// Why a sign-in was refused; the text is what the user sees.
 #[derive(Debug, thiserror::Error)]
-pub enum SignInError {
+pub(crate) enum SignInError {
     /// Unknown email and wrong password read the same, so accounts cannot be enumerated.
     #[error("Invalid email or password")]
     Invalid,
@@ -112,7 +112,7 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    pub fn new(store: Store, max_failures: u32, lockout: Duration) -> Self {
+    pub(crate) fn new(store: Store, max_failures: u32, lockout: Duration) -> Self {
         Self {
             store,
             dummy_hash: hash_password("no such user").unwrap_or_default(),
@@ -132,7 +132,7 @@ impl Accounts {
     /// the address (one address trying many accounts); they never lock the account itself,
     /// which an attacker could otherwise do to anyone from anywhere. An account that fails
     /// from many addresses is slowed instead.
-    pub async fn sign_in(
+    pub(crate) async fn sign_in(
         &self,
         email: &str,
         password: &str,
@@ -242,7 +242,7 @@ impl Accounts {
     /// (so a user disabled from the command line, another process, is refused at once by a
     /// server that has not seen it lately, and within that time otherwise); when the store
     /// cannot answer, the caller is refused, since a disabled account could not be told apart.
-    pub async fn is_disabled(&self, account: &UserId) -> Result<bool, AccountsUnavailable> {
+    pub(crate) async fn is_disabled(&self, account: &UserId) -> Result<bool, AccountsUnavailable> {
         if self
             .disabled
             .read()
@@ -279,7 +279,7 @@ impl Accounts {
 
     /// Reads the disabled accounts from the store; returns those disabled since the last
     /// read, whose live connections are then closed.
-    pub async fn reload_disabled(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn reload_disabled(&self) -> Result<Vec<String>, StoreError> {
         let ids: HashSet<String> = self.store.disabled_user_ids().await?.into_iter().collect();
         let mut known = self.disabled.write().unwrap_or_else(|p| p.into_inner());
         let fresh: Vec<String> = ids.difference(&known.ids).cloned().collect();
@@ -292,7 +292,7 @@ impl Accounts {
 }
 
 /// How often the disabled accounts are read from the store.
-pub const DISABLED_RELOAD: Duration = Duration::from_secs(2);
+pub(crate) const DISABLED_RELOAD: Duration = Duration::from_secs(2);
 /// How long an "enabled" answer is trusted on the request path.
 const ENABLED_TTL: Duration = Duration::from_secs(5);
 const ENABLED_CACHE_MAX: usize = 100_000;
@@ -300,7 +300,7 @@ const ENABLED_CACHE_MAX: usize = 100_000;
 /// The store could not be read recently enough to tell whether an account is disabled.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the account store is unavailable, so accounts cannot be checked; try again later")]
-pub struct AccountsUnavailable;
+pub(crate) struct AccountsUnavailable;
 
 #[derive(Default)]
 struct Disabled {

@@ -1,9 +1,9 @@
 //! Who a caller is: Hypha-compatible tokens, users (including anonymous ones) and their permissions.
 
 pub mod accounts;
-pub mod scope;
+pub(crate) mod scope;
 pub mod token;
-pub mod user;
+pub(crate) mod user;
 
 pub use token::{TokenError, TokenIssuer};
 pub use user::{Permission, Purpose, TokenRef, UserInfo};

@@ -9,15 +9,15 @@ use super::Permission;
 use crate::ids::{ClientId, WorkspaceId};
 
 /// Most workspace grants one token may carry.
-pub const MAX_GRANTS: usize = 64;
+pub(crate) const MAX_GRANTS: usize = 64;
 /// Most extra scopes one token may carry.
-pub const MAX_EXTRA: usize = 16;
+pub(crate) const MAX_EXTRA: usize = 16;
 /// Longest scope string accepted in a token.
-pub const MAX_SCOPE_LEN: usize = 8 * 1024;
+pub(crate) const MAX_SCOPE_LEN: usize = 8 * 1024;
 
 /// Why a scope was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ScopeError {
+pub(crate) enum ScopeError {
     #[error("the scope {0:?} is not valid: {1}")]
     Invalid(String, String),
     #[error(
@@ -35,7 +35,7 @@ pub enum ScopeError {
 pub struct ExtraScope(String);
 
 impl ExtraScope {
-    pub fn parse(text: &str) -> Result<Self, ScopeError> {
+    pub(crate) fn parse(text: &str) -> Result<Self, ScopeError> {
         let bad = |why: &str| Err(ScopeError::Invalid(shorten(text), why.to_string()));
         if text.is_empty() || text.len() > 128 {
             return bad("an extra scope has 1 to 128 characters");
@@ -52,13 +52,13 @@ impl ExtraScope {
         Ok(Self(text.to_string()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// Whether the scope restricts the token to one purpose (`file:download`), which
     /// Hypha refuses for general (websocket) use.
-    pub fn is_specialized(&self) -> bool {
+    pub(crate) fn is_specialized(&self) -> bool {
         self.0.contains(':')
     }
 }
@@ -87,7 +87,7 @@ pub struct Scope {
 
 impl Scope {
     /// Parses a token's `scope` claim; every word must be well formed.
-    pub fn parse(text: &str) -> Result<Self, ScopeError> {
+    pub(crate) fn parse(text: &str) -> Result<Self, ScopeError> {
         if text.len() > MAX_SCOPE_LEN {
             return Err(ScopeError::TooLong);
         }

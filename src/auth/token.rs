@@ -12,16 +12,15 @@ use super::scope::{Scope, ScopeError};
 use super::user::{Purpose, TokenRef, UserInfo};
 use crate::ids::UserId;
 
-pub const ISSUER: &str = "https://amun.ai/";
-pub const AUDIENCE: &str = "https://amun-ai.eu.auth0.com/api/v2/";
-pub const NAMESPACE: &str = "https://amun.ai/";
+pub(crate) const ISSUER: &str = "https://amun.ai/";
+pub(crate) const AUDIENCE: &str = "https://amun-ai.eu.auth0.com/api/v2/";
 
 /// Longest token accepted, in bytes.
-pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+pub(crate) const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// How many generations of derived tokens a token may descend from.
-pub const MAX_LINEAGE: usize = 10;
+pub(crate) const MAX_LINEAGE: usize = 10;
 /// Longest lifetime of any token minted here.
-pub const MAX_LIFETIME: i64 = 365 * 24 * 3600;
+pub(crate) const MAX_LIFETIME: i64 = 365 * 24 * 3600;
 
 /// Why a token was refused; the text is what the client is told.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -100,7 +99,7 @@ pub const REVOCATIONS_PER_MINUTE: u32 = 60;
 
 /// The SHA-256 of a token: the id of tokens minted without a `jti` (never the token itself
 /// is kept).
-pub fn fingerprint(token: &str) -> String {
+pub(crate) fn fingerprint(token: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bare(token).as_bytes()))
 }
@@ -138,7 +137,7 @@ impl std::fmt::Debug for TokenIssuer {
 }
 
 impl TokenIssuer {
-    pub fn new(secret: &SecretString) -> Self {
+    pub(crate) fn new(secret: &SecretString) -> Self {
         let bytes = secret.expose_secret().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
@@ -159,19 +158,19 @@ impl TokenIssuer {
     }
 
     /// Counts a revocation asked for by `account`; false when it has asked for too many.
-    pub fn may_revoke(&self, account: &crate::ids::UserId) -> bool {
+    pub(crate) fn may_revoke(&self, account: &crate::ids::UserId) -> bool {
         self.revocations.check_key(account).is_ok()
     }
 
     /// Forgets the revocation counts of accounts that have not revoked for a while.
-    pub fn prune_limits(&self) {
+    pub(crate) fn prune_limits(&self) {
         self.revocations.retain_recent();
         self.revocations.shrink_to_fit();
     }
 
     /// Refuses a token that expires at `expires_at`, and every token derived from it, from
     /// now on. Returns whether the id was new.
-    pub fn mark_revoked(&self, id: String, expires_at: i64) -> bool {
+    pub(crate) fn mark_revoked(&self, id: String, expires_at: i64) -> bool {
         let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
         revoked.insert(id, expires_at).is_none()
     }
@@ -189,7 +188,7 @@ impl TokenIssuer {
     }
 
     /// Whether the token, or one it was derived from, is revoked.
-    pub fn is_revoked(&self, token: &TokenRef) -> bool {
+    pub(crate) fn is_revoked(&self, token: &TokenRef) -> bool {
         self.revoked.read().is_ok_and(|revoked| {
             !revoked.is_empty() && token.family().any(|id| revoked.contains_key(id))
         })
@@ -316,7 +315,7 @@ impl TokenIssuer {
 
     /// Mints a token derived from `from` (a child from `generate_token`): it joins `from`'s
     /// family, so revoking `from` refuses it, and never outlives it.
-    pub fn issue_child(
+    pub(crate) fn issue_child(
         &self,
         from: &TokenRef,
         child: &UserInfo,
@@ -342,7 +341,7 @@ impl TokenIssuer {
     /// connection's client and workspace in its scope). It never outlives the token the
     /// connection was opened with; refreshing a reconnection token keeps its id, so revoking
     /// it reaches every refresh. Returns the token and when it expires.
-    pub fn issue_reconnection(&self, user: &UserInfo, life_time: i64) -> (String, i64) {
+    pub(crate) fn issue_reconnection(&self, user: &UserInfo, life_time: i64) -> (String, i64) {
         let now = super::now_secs();
         let fresh = now + life_time.min(MAX_LIFETIME);
         let (expires_at, id, lineage) = match &user.token {

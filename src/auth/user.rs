@@ -14,7 +14,7 @@ pub enum Permission {
 
 impl Permission {
     /// The code used in token scopes (`ws:name#rw`).
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Permission::Read => "r",
             Permission::ReadWrite => "rw",
@@ -22,17 +22,8 @@ impl Permission {
         }
     }
 
-    /// The long name `generate_token` takes and errors use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Permission::Read => "read",
-            Permission::ReadWrite => "read_write",
-            Permission::Admin => "admin",
-        }
-    }
-
     /// A scope code: `r`, `rw` or `a`.
-    pub fn from_code(code: &str) -> Option<Self> {
+    pub(crate) fn from_code(code: &str) -> Option<Self> {
         match code {
             "r" => Some(Permission::Read),
             "rw" => Some(Permission::ReadWrite),
@@ -42,7 +33,7 @@ impl Permission {
     }
 
     /// Accepts both the scope codes and the long names used by `generate_token`.
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         match text {
             "read" => Some(Permission::Read),
             "read_write" => Some(Permission::ReadWrite),
@@ -75,7 +66,7 @@ pub struct TokenRef {
 
 impl TokenRef {
     /// The token's own id and those of its ancestors.
-    pub fn family(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn family(&self) -> impl Iterator<Item = &str> {
         self.lineage
             .iter()
             .map(String::as_str)
@@ -99,7 +90,7 @@ pub struct UserInfo {
 
 impl UserInfo {
     /// A fresh anonymous user with its own temporary workspace.
-    pub fn anonymous(expires_in: i64) -> Self {
+    pub(crate) fn anonymous(expires_in: i64) -> Self {
         Self::new(
             UserId::parse(format!("anonymouz-{}", crate::ids::random_id(12)))
                 .unwrap_or_else(|_| unreachable!("a random id is a valid user id")),
@@ -109,7 +100,7 @@ impl UserInfo {
     }
 
     /// The user HTTP requests without a token act as: no workspace of its own, read access to `public`.
-    pub fn http_anonymous() -> Self {
+    pub(crate) fn http_anonymous() -> Self {
         Self::new(
             UserId::parse("http-anonymous").unwrap_or_else(|_| unreachable!()),
             vec!["anonymous".into()],
@@ -118,7 +109,7 @@ impl UserInfo {
     }
 
     /// The server itself, in the frames it sends.
-    pub fn server() -> Self {
+    pub(crate) fn server() -> Self {
         Self::new(
             UserId::parse("root").unwrap_or_else(|_| unreachable!()),
             vec!["admin".into()],
@@ -138,11 +129,11 @@ impl UserInfo {
         }
     }
 
-    pub fn is_anonymous(&self) -> bool {
+    pub(crate) fn is_anonymous(&self) -> bool {
         self.roles.iter().any(|r| r == "anonymous")
     }
 
-    pub fn is_admin(&self) -> bool {
+    pub(crate) fn is_admin(&self) -> bool {
         self.roles.iter().any(|r| r == "admin")
     }
 
@@ -153,12 +144,12 @@ impl UserInfo {
     }
 
     /// Every user owns `ws-user-{id}`.
-    pub fn own_workspace(&self) -> String {
+    pub(crate) fn own_workspace(&self) -> String {
         format!("ws-user-{}", self.id)
     }
 
     /// The user's permission in a workspace, if any.
-    pub fn permission(&self, workspace: &str) -> Option<Permission> {
+    pub(crate) fn permission(&self, workspace: &str) -> Option<Permission> {
         if self.is_admin() || (workspace == self.own_workspace() && self.id != "http-anonymous") {
             return Some(Permission::Admin);
         }
@@ -170,7 +161,7 @@ impl UserInfo {
     }
 
     /// Hypha's `UserInfo.model_dump()`, as clients see it in `context["user"]` and `connection_info`.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let workspaces: serde_json::Map<String, serde_json::Value> = self
             .scope
             .workspaces

@@ -13,7 +13,7 @@ pub struct BusError(pub String);
 
 /// Something every instance should learn about.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Announcement {
+pub(crate) enum Announcement {
     /// A frame for every client of a workspace (`to: "ws/*"`), header already rewritten.
     Broadcast { workspace: String, data: Bytes },
     /// A manager event for the subscribers of a workspace.
@@ -32,7 +32,7 @@ pub enum Announcement {
 
 /// What the bus hands to this instance.
 #[derive(Debug)]
-pub enum Inbound {
+pub(crate) enum Inbound {
     /// A frame for `to`, a client (or the manager) of this instance; its header is trusted.
     Frame { to: String, data: Bytes },
     /// An announcement from another instance.
@@ -42,7 +42,7 @@ pub enum Inbound {
 }
 
 /// Carries frames to clients on other instances and announcements to all of them.
-pub trait Bus: Send + Sync {
+pub(crate) trait Bus: Send + Sync {
     /// Delivers a frame to `addr` on whichever instance holds it: `Ok(false)` when none does.
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>>;
     /// Tells the other instances.
@@ -60,7 +60,7 @@ pub trait Bus: Send + Sync {
 }
 
 /// The bus of a single instance: there is nowhere else to deliver to.
-pub struct LocalBus;
+pub(crate) struct LocalBus;
 
 impl Bus for LocalBus {
     fn send<'a>(&'a self, _addr: &'a str, _data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
@@ -85,7 +85,7 @@ impl Bus for LocalBus {
 }
 
 /// Announcements on the wire: a msgpack array `[origin, kind, ...]`.
-pub fn encode_announcement(origin: &str, announcement: &Announcement) -> Vec<u8> {
+pub(crate) fn encode_announcement(origin: &str, announcement: &Announcement) -> Vec<u8> {
     let items: Vec<Value> = match announcement {
         Announcement::Broadcast { workspace, data } => vec![
             origin.into(),
@@ -121,7 +121,7 @@ pub fn encode_announcement(origin: &str, announcement: &Announcement) -> Vec<u8>
 }
 
 /// Reads an announcement; `None` for anything malformed. Returns the origin instance too.
-pub fn decode_announcement(payload: &[u8]) -> Option<(String, Announcement)> {
+pub(crate) fn decode_announcement(payload: &[u8]) -> Option<(String, Announcement)> {
     let mut reader = payload;
     let value = rmpv::decode::read_value_with_max_depth(&mut reader, 32).ok()?;
     let Value::Array(mut items) = value else {

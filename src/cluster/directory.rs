@@ -25,9 +25,9 @@ use crate::ids::ServiceId;
 use crate::registry::ServiceEntry;
 
 /// How long an instance's entries outlive its last heartbeat.
-pub const LEASE: Duration = Duration::from_secs(15);
+pub(crate) const LEASE: Duration = Duration::from_secs(15);
 /// How often an instance renews its lease and looks for dead ones.
-pub const HEARTBEAT: Duration = Duration::from_secs(3);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(3);
 
 /// Removes the members of an owner's set whose entries that owner still holds; returns
 /// `kind, ws, field, value` for each entry removed. ARGV: prefix, owner, then the members to
@@ -119,7 +119,7 @@ impl ClientClaim {
     /// Which of two claims on one client keeps it: the newer one if it came back with the
     /// client's reconnection token (the client moved), the older one otherwise (a newer
     /// claim without that proof is an intruder).
-    pub fn wins_over(&self, other: &ClientClaim) -> bool {
+    pub(crate) fn wins_over(&self, other: &ClientClaim) -> bool {
         let (newer, older) = if (self.since_ms, &self.owner) > (other.since_ms, &other.owner) {
             (self, other)
         } else {
@@ -139,7 +139,7 @@ pub struct Released {
 }
 
 /// The shared registry in Redis.
-pub struct RedisDirectory {
+pub(crate) struct RedisDirectory {
     instance: String,
     conn: ConnectionManager,
     release: redis::Script,
@@ -183,7 +183,7 @@ async fn timed<T>(work: impl Future<Output = redis::RedisResult<T>>) -> Result<T
 }
 
 impl RedisDirectory {
-    pub fn new(instance: String, conn: ConnectionManager) -> Self {
+    pub(crate) fn new(instance: String, conn: ConnectionManager) -> Self {
         Self {
             instance,
             conn,
@@ -194,7 +194,7 @@ impl RedisDirectory {
         }
     }
 
-    pub fn instance(&self) -> &str {
+    pub(crate) fn instance(&self) -> &str {
         &self.instance
     }
 
@@ -211,7 +211,7 @@ impl RedisDirectory {
 
     /// Claims this instance's id. A restart under the same id finds the lease its previous
     /// run left and waits it out; a live twin keeps renewing its lease, so the claim fails.
-    pub async fn claim(&self) -> Result<(), Error> {
+    pub(crate) async fn claim(&self) -> Result<(), Error> {
         let patience = LEASE + 2 * HEARTBEAT;
         let deadline = std::time::Instant::now() + patience;
         let mut warned = false;
@@ -243,7 +243,7 @@ impl RedisDirectory {
 
     /// Renews this instance's lease and reads everyone's. Returns true when Redis did not
     /// know this instance (it restarted, or the lease ran out): its entries must be rewritten.
-    pub async fn heartbeat(&self) -> Result<bool, Error> {
+    pub(crate) async fn heartbeat(&self) -> Result<bool, Error> {
         let now = now_ms();
         let mut conn = self.conn.clone();
         let (added, leases): (i64, Vec<(String, f64)>) = timed(
@@ -267,7 +267,7 @@ impl RedisDirectory {
     }
 
     /// Instances whose lease ran out.
-    pub fn expired(&self) -> Vec<String> {
+    pub(crate) fn expired(&self) -> Vec<String> {
         let now = now_ms();
         self.leases
             .read()
@@ -282,7 +282,7 @@ impl RedisDirectory {
 
     /// Removes a dead instance's entries, if this instance is the one to do it (exactly one
     /// does); returns what was removed.
-    pub async fn reap(&self, dead: &str) -> Result<Released, Error> {
+    pub(crate) async fn reap(&self, dead: &str) -> Result<Released, Error> {
         let mut conn = self.conn.clone();
         let claimed: i64 = timed(
             redis::cmd("ZREM")
@@ -324,7 +324,7 @@ impl RedisDirectory {
     }
 
     /// Publishes a service of this instance.
-    pub async fn put_service(&self, entry: &ServiceEntry) -> Result<(), Error> {
+    pub(crate) async fn put_service(&self, entry: &ServiceEntry) -> Result<(), Error> {
         let ws = entry.id.provider.workspace.as_str();
         let field = entry.key();
         let mut conn = self.conn.clone();
@@ -346,7 +346,7 @@ impl RedisDirectory {
     }
 
     /// Withdraws services of this instance.
-    pub async fn remove_services(&self, entries: &[ServiceEntry]) -> Result<(), Error> {
+    pub(crate) async fn remove_services(&self, entries: &[ServiceEntry]) -> Result<(), Error> {
         let members: Vec<String> = entries
             .iter()
             .map(|e| member('s', e.id.provider.workspace.as_str(), &e.key()))
@@ -359,7 +359,7 @@ impl RedisDirectory {
 
     /// Records that a client is connected to this instance, unless another live instance
     /// holds it; then returns that instance's claim.
-    pub async fn claim_client(
+    pub(crate) async fn claim_client(
         &self,
         ws: &str,
         client: &str,
@@ -385,7 +385,7 @@ impl RedisDirectory {
     }
 
     /// Records a client of this instance whatever holds it now (after this instance won it).
-    pub async fn force_client(
+    pub(crate) async fn force_client(
         &self,
         ws: &str,
         client: &str,
@@ -412,14 +412,18 @@ impl RedisDirectory {
     }
 
     /// Forgets a client of this instance.
-    pub async fn remove_client(&self, ws: &str, client: &str) -> Result<(), Error> {
+    pub(crate) async fn remove_client(&self, ws: &str, client: &str) -> Result<(), Error> {
         self.run_release(&self.instance, &[member('c', ws, client)])
             .await
             .map(|_| ())
     }
 
     /// The live instance other than this one that holds `ws/client`, if any.
-    pub async fn client_elsewhere(&self, ws: &str, client: &str) -> Result<Option<String>, Error> {
+    pub(crate) async fn client_elsewhere(
+        &self,
+        ws: &str,
+        client: &str,
+    ) -> Result<Option<String>, Error> {
         let mut conn = self.conn.clone();
         let owner: Option<String> = timed(
             redis::cmd("HGET")
@@ -435,7 +439,7 @@ impl RedisDirectory {
     }
 
     /// Clients of a workspace on the other live instances.
-    pub async fn clients_in(&self, ws: &str) -> Result<Vec<String>, Error> {
+    pub(crate) async fn clients_in(&self, ws: &str) -> Result<Vec<String>, Error> {
         let mut conn = self.conn.clone();
         let all: Vec<(String, String)> = timed(
             redis::cmd("HGETALL")
@@ -453,7 +457,7 @@ impl RedisDirectory {
     }
 
     /// Services of a workspace on the other live instances.
-    pub async fn services_in(&self, ws: &str) -> Result<Vec<ServiceEntry>, Error> {
+    pub(crate) async fn services_in(&self, ws: &str) -> Result<Vec<ServiceEntry>, Error> {
         let mut conn = self.conn.clone();
         let all: Vec<(String, Vec<u8>)> = timed(
             redis::cmd("HGETALL")
@@ -472,7 +476,7 @@ impl RedisDirectory {
 
     /// Writes this instance's entries again from its local state, and drops any it no longer
     /// has. Run after Redis came back or forgot this instance.
-    pub async fn resync(
+    pub(crate) async fn resync(
         &self,
         services: &[ServiceEntry],
         clients: &[(String, String)],

@@ -2,11 +2,11 @@
 //! between them, and the registry they share, each chosen once at start-up (in-process for
 //! one instance, Redis for several), so the rest of the code never asks which.
 
-pub mod bus;
-pub mod directory;
-pub mod redis;
+pub(crate) mod bus;
+pub(crate) mod directory;
+pub(crate) mod redis;
 
-pub use redis::{ClusterOptions, ClusterSettings};
+pub(crate) use redis::{ClusterOptions, ClusterSettings};
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ pub enum ClusterError {
 
 /// What an instance works with: the bus, the shared registry, and (with Redis) what other
 /// instances send here.
-pub struct Joined {
+pub(crate) struct Joined {
     pub bus: Arc<dyn bus::Bus>,
     pub directory: Arc<dyn Directory>,
     pub inbound: Option<tokio::sync::mpsc::Receiver<bus::Inbound>>,
@@ -31,7 +31,7 @@ pub struct Joined {
 
 /// Chooses the implementation once: in-process without `--redis-uri`; otherwise connects to
 /// Redis, claims this instance's id and starts the bus.
-pub async fn join(
+pub(crate) async fn join(
     settings: &ClusterSettings,
     server_id: &str,
     manager_id: &str,
@@ -74,7 +74,7 @@ use futures_util::future::BoxFuture;
 
 use crate::error::Error;
 use crate::registry::ServiceEntry;
-pub use directory::{ClientClaim, Released};
+pub(crate) use directory::{ClientClaim, Released};
 
 /// The half of the registry that other instances share: which clients and services live on
 /// them. One implementation per deployment, chosen at start-up: [`LocalDirectory`] (nothing
@@ -142,13 +142,13 @@ pub trait Directory: Send + Sync {
 }
 
 /// The directory of a single instance: nothing lives anywhere else.
-pub struct LocalDirectory {
+pub(crate) struct LocalDirectory {
     instance: String,
     writes: tokio::sync::Mutex<()>,
 }
 
 impl LocalDirectory {
-    pub fn new(instance: String) -> Self {
+    pub(crate) fn new(instance: String) -> Self {
         Self {
             instance,
             writes: tokio::sync::Mutex::new(()),

@@ -42,7 +42,7 @@ pub struct ClusterSettings {
 }
 
 impl ClusterOptions {
-    pub fn settings(&self) -> Result<ClusterSettings, crate::options::SettingsError> {
+    pub(crate) fn settings(&self) -> Result<ClusterSettings, crate::options::SettingsError> {
         let uri = self.redis_uri.as_deref().filter(|u| !u.is_empty());
         if let Some(uri) = uri
             && !(uri.starts_with("redis://")
@@ -61,10 +61,10 @@ impl ClusterOptions {
     }
 }
 
-pub const PREFIX: &str = "hypha-rtc:";
+pub(crate) const PREFIX: &str = "hypha-rtc:";
 const ANNOUNCE_CHANNEL: &str = "hypha-rtc:announce";
 /// How long one Redis command may take before it counts as failed.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the subscriber checks that its connection is alive.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -79,7 +79,7 @@ fn bus_error(e: impl std::fmt::Display) -> BusError {
 }
 
 /// Opens a Redis client and a self-healing command connection.
-pub async fn connect(uri: &str) -> Result<(redis::Client, ConnectionManager), BusError> {
+pub(crate) async fn connect(uri: &str) -> Result<(redis::Client, ConnectionManager), BusError> {
     let client = redis::Client::open(uri).map_err(|e| {
         BusError(format!(
             "invalid Redis URI {}: {e}",
@@ -112,7 +112,7 @@ pub async fn connect(uri: &str) -> Result<(redis::Client, ConnectionManager), Bu
 }
 
 /// The Redis implementation of [`Bus`].
-pub struct RedisBus {
+pub(crate) struct RedisBus {
     instance: String,
     conn: ConnectionManager,
     /// Client channels this instance wants; the subscriber restores them after a reconnect.
@@ -126,7 +126,7 @@ pub struct RedisBus {
 impl RedisBus {
     /// Starts the bus: `inbound` receives what other instances send here until `stop`, from
     /// the start for the addresses in `own` (the manager's).
-    pub fn start(
+    pub(crate) fn start(
         own: &[String],
         instance: String,
         client: redis::Client,

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
 const MAX_AUTOMATIC: usize = 8;
 
 /// The addresses for a server listening on `host`.
-pub fn automatic(host: &str) -> Vec<IpAddr> {
+pub(crate) fn automatic(host: &str) -> Vec<IpAddr> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     match host.parse::<IpAddr>() {
         Ok(ip) if ip.is_unspecified() => {

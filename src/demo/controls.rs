@@ -16,16 +16,16 @@ use crate::rpc::peer::{self, Call, Incoming};
 use crate::rpc::value::{self, Args, obj};
 
 /// The name of the service on the data channel.
-pub const SERVICE: &str = "controls";
+pub(crate) const SERVICE: &str = "controls";
 /// Longest text accepted from a viewer.
-pub const MAX_TEXT: usize = 200;
+pub(crate) const MAX_TEXT: usize = 200;
 /// Largest message accepted on the channel: a control call is a few hundred bytes, and a
 /// small cap bounds what decoding a hostile frame can allocate. hypha-rpc sends anything
 /// above 256 KiB in chunks through `message_cache`, which this peer refuses with a message.
-pub const MAX_MESSAGE: usize = 16 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 16 * 1024;
 
 /// A viewer whose controls can be changed. Values reaching it are already validated.
-pub trait Controllable {
+pub(crate) trait Controllable {
     fn set_text(&mut self, text: String);
     fn set_speed(&mut self, pixels_per_second: f32);
     fn set_paused(&mut self, paused: bool);
@@ -34,7 +34,7 @@ pub trait Controllable {
 
 /// What a viewer shows now; every answer carries it, so the caller sees what took effect.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ViewerState {
+pub(crate) struct ViewerState {
     pub text: String,
     pub speed: f32,
     pub paused: bool,
@@ -83,7 +83,7 @@ struct JsonControl {
 
 /// Applies the page's JSON message; the answer is the viewer's whole state or an error. A
 /// message with one bad field changes nothing.
-pub fn on_json(viewer: &mut impl Controllable, data: &[u8]) -> String {
+pub(crate) fn on_json(viewer: &mut impl Controllable, data: &[u8]) -> String {
     let outcome = serde_json::from_slice::<JsonControl>(data)
         .map_err(|e| {
             Error::BadRequest(format!(
@@ -153,7 +153,7 @@ static REPLY_USER: LazyLock<Value> = LazyLock::new(|| obj([("id", "video-produce
 
 /// Answers one hypha-rpc frame from the channel; returns the reply frame, if any. `user` is
 /// who opened the channel, known from the signaling call.
-pub fn on_rpc(
+pub(crate) fn on_rpc(
     viewer: &mut impl Controllable,
     data: Vec<u8>,
     user: &Arc<UserInfo>,

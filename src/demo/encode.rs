@@ -19,7 +19,7 @@ pub enum Codec {
 
 impl Codec {
     /// Parses `--demo-codec`; VP8 only where the build has it.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         match text.to_ascii_lowercase().as_str() {
             "h264" | "h.264" => Ok(Codec::H264),
             "vp8" if cfg!(feature = "vp8") => Ok(Codec::Vp8),
@@ -33,7 +33,7 @@ impl Codec {
 }
 
 /// A viewer's encoder, whichever the codec.
-pub enum VideoEncoder {
+pub(crate) enum VideoEncoder {
     // openh264's encoder state is large (about 7 KB inline): keep the enum small.
     H264(Box<H264>),
     #[cfg(feature = "vp8")]
@@ -41,7 +41,7 @@ pub enum VideoEncoder {
 }
 
 impl VideoEncoder {
-    pub fn new(codec: Codec, frame: &I420, fps: u32, bitrate: u32) -> Result<Self, String> {
+    pub(crate) fn new(codec: Codec, frame: &I420, fps: u32, bitrate: u32) -> Result<Self, String> {
         match codec {
             Codec::H264 => H264::new(fps, bitrate).map(|e| VideoEncoder::H264(Box::new(e))),
             #[cfg(feature = "vp8")]
@@ -57,7 +57,7 @@ impl VideoEncoder {
     }
 
     /// Encodes a frame (an Annex-B access unit or a VP8 frame); `keyframe` forces one.
-    pub fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
         match self {
             VideoEncoder::H264(e) => e.encode(frame, keyframe),
             #[cfg(feature = "vp8")]
@@ -67,12 +67,12 @@ impl VideoEncoder {
 }
 
 /// One H.264 encoder for one viewer.
-pub struct H264 {
+pub(crate) struct H264 {
     encoder: Encoder,
 }
 
 impl H264 {
-    pub fn new(fps: u32, bitrate: u32) -> Result<Self, String> {
+    pub(crate) fn new(fps: u32, bitrate: u32) -> Result<Self, String> {
         let config = EncoderConfig::new()
             .bitrate(BitRate::from_bps(bitrate))
             .max_frame_rate(FrameRate::from_hz(fps as f32))
@@ -91,7 +91,7 @@ impl H264 {
     }
 
     /// Encodes a frame into one Annex-B access unit; `keyframe` forces an IDR.
-    pub fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
         if keyframe {
             self.encoder.force_intra_frame();
         }

@@ -2,15 +2,15 @@
 //! (H.264; VP8 with the `vp8` feature), peer (one str0m session per viewer), controls (what a viewer may change, from the
 //! page's JSON or as a hypha-rpc service on the data channel). The page is served by `http::demo`.
 
-pub mod addresses;
-pub mod controls;
-pub mod encode;
-pub mod peer;
-pub mod render;
-pub mod scene;
-pub mod sockets;
+pub(crate) mod addresses;
+pub(crate) mod controls;
+pub(crate) mod encode;
+pub(crate) mod peer;
+pub(crate) mod render;
+pub(crate) mod scene;
+pub(crate) mod sockets;
 #[cfg(feature = "vp8")]
-pub mod vp8;
+pub(crate) mod vp8;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -63,7 +63,10 @@ pub struct DemoOptions {
 
 impl DemoOptions {
     /// Validates the options; `host` is where the server listens (the default media address).
-    pub fn settings(&self, host: &str) -> Result<DemoSettings, crate::options::SettingsError> {
+    pub(crate) fn settings(
+        &self,
+        host: &str,
+    ) -> Result<DemoSettings, crate::options::SettingsError> {
         use crate::options::{SettingsError, option_name};
         let resolution = self.demo_resolution.trim();
         let parsed = resolution
@@ -192,7 +195,7 @@ pub struct Producer {
 }
 
 impl Producer {
-    pub fn new(settings: DemoSettings) -> Arc<Self> {
+    pub(crate) fn new(settings: DemoSettings) -> Arc<Self> {
         let cert = settings
             .enabled
             .then(|| {
@@ -213,17 +216,19 @@ impl Producer {
     }
 
     /// Viewers whose session is alive now.
-    pub fn viewers(&self) -> usize {
+    pub(crate) fn viewers(&self) -> usize {
         self.viewers.load(Ordering::Relaxed)
     }
 
     /// Frames sent to all viewers since start-up.
-    pub fn frames(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn frames(&self) -> u64 {
         self.frames.get()
     }
 
     /// Viewer sessions started since start-up.
-    pub fn sessions(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn sessions(&self) -> u64 {
         self.sessions.get()
     }
 
@@ -252,7 +257,7 @@ impl Producer {
 
 /// Sessions one address may have waiting to connect: offers that never connect cannot take
 /// every viewer slot.
-pub const MAX_PENDING_PER_ADDRESS: usize = 4;
+pub(crate) const MAX_PENDING_PER_ADDRESS: usize = 4;
 
 impl Producer {
     /// Counts a session waiting to connect for `address` until the returned guard is

@@ -37,7 +37,7 @@ const PAUSE_LIMIT: Duration = Duration::from_secs(600);
 
 /// Accepts an offer and starts the viewer; returns the SDP answer. The viewer is controlled
 /// over the data channel the offer opens. `user` is who asked (for the channel's RPC context).
-pub async fn start(
+pub(crate) async fn start(
     producer: &Arc<Producer>,
     offer: &str,
     user: Arc<UserInfo>,

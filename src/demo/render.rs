@@ -6,14 +6,14 @@ use ab_glyph::{Font, FontRef, PxScale, ScaleFont, point};
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-Bold.ttf");
 
 /// A frame in I420 (YUV 4:2:0, planar).
-pub struct I420 {
+pub(crate) struct I420 {
     pub width: usize,
     pub height: usize,
     pub data: Vec<u8>,
 }
 
 /// A rasterised line of text: coverage 0-255, `width` x `height`.
-pub struct TextMask {
+pub(crate) struct TextMask {
     pub width: usize,
     pub height: usize,
     coverage: Vec<u8>,
@@ -21,7 +21,7 @@ pub struct TextMask {
 
 impl TextMask {
     /// Rasterises `text` at `px` pixels high.
-    pub fn new(text: &str, px: f32) -> Self {
+    pub(crate) fn new(text: &str, px: f32) -> Self {
         let Ok(font) = FontRef::try_from_slice(FONT) else {
             return Self {
                 width: 1,
@@ -71,7 +71,7 @@ const BACKGROUND: (u8, u8, u8) = (41, 172, 116);
 const TEXT: (u8, u8, u8) = (210, 100, 150);
 
 impl I420 {
-    pub fn new(width: usize, height: usize) -> Self {
+    pub(crate) fn new(width: usize, height: usize) -> Self {
         Self {
             width,
             height,
@@ -80,7 +80,7 @@ impl I420 {
     }
 
     /// Clears to the background and draws `mask` (and `overlay`, small, top-left) on it.
-    pub fn draw(&mut self, mask: &TextMask, x: usize, y: usize, overlay: &TextMask) {
+    pub(crate) fn draw(&mut self, mask: &TextMask, x: usize, y: usize, overlay: &TextMask) {
         let (w, h) = (self.width, self.height);
         let (luma, chroma) = self.data.split_at_mut(w * h);
         luma.fill(BACKGROUND.0);

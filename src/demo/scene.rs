@@ -3,7 +3,7 @@
 
 /// Where the text is and where it is going.
 #[derive(Debug, Clone)]
-pub struct Scene {
+pub(crate) struct Scene {
     pub text: String,
     /// Pixels per second along each axis.
     pub speed: f32,
@@ -14,10 +14,10 @@ pub struct Scene {
 }
 
 /// The largest speed accepted; faster values are clamped.
-pub const MAX_SPEED: f32 = 2000.0;
+pub(crate) const MAX_SPEED: f32 = 2000.0;
 
 impl Scene {
-    pub fn new(text: &str, speed: f32) -> Self {
+    pub(crate) fn new(text: &str, speed: f32) -> Self {
         Self {
             text: text.to_string(),
             speed: speed.clamp(0.0, MAX_SPEED),
@@ -30,7 +30,7 @@ impl Scene {
 
     /// Moves the text by `seconds`, bouncing off the frame edges; `(w, h)` is the room left for
     /// the text's top-left corner (frame size minus text size).
-    pub fn advance(&mut self, seconds: f32, room: (f32, f32)) {
+    pub(crate) fn advance(&mut self, seconds: f32, room: (f32, f32)) {
         let step = self.speed * seconds.clamp(0.0, 1.0);
         self.x = bounce(self.x + self.dx * step, room.0, &mut self.dx);
         self.y = bounce(self.y + self.dy * step, room.1, &mut self.dy);

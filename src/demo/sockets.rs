@@ -16,14 +16,14 @@ const QUEUE: usize = 256;
 const MAX_DATAGRAM: usize = 2048;
 
 /// A datagram as it arrived: who sent it and to which of our sockets.
-pub struct Datagram {
+pub(crate) struct Datagram {
     pub source: SocketAddr,
     pub destination: SocketAddr,
     pub data: Vec<u8>,
 }
 
 /// The sockets of one viewer.
-pub struct Sockets {
+pub(crate) struct Sockets {
     /// Each socket with the address it is bound to (looked up once, not per packet).
     sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
     incoming: mpsc::Receiver<Datagram>,
@@ -32,7 +32,7 @@ pub struct Sockets {
 
 impl Sockets {
     /// Binds one socket on an ephemeral port of each address.
-    pub async fn bind(ips: &[IpAddr]) -> std::io::Result<Self> {
+    pub(crate) async fn bind(ips: &[IpAddr]) -> std::io::Result<Self> {
         let (tx, incoming) = mpsc::channel(QUEUE);
         let mut sockets = Vec::with_capacity(ips.len());
         let mut readers = JoinSet::new();
@@ -50,18 +50,18 @@ impl Sockets {
     }
 
     /// The addresses the sockets are bound to.
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+    pub(crate) fn local_addrs(&self) -> Vec<SocketAddr> {
         self.sockets.iter().map(|(local, _)| *local).collect()
     }
 
     /// The next datagram from any socket; `None` once every reader has stopped.
-    pub async fn recv(&mut self) -> Option<Datagram> {
+    pub(crate) async fn recv(&mut self) -> Option<Datagram> {
         self.incoming.recv().await
     }
 
     /// Sends from the socket bound to `source`, or the one on the same port (an address that a
     /// NAT maps onto it), or the first.
-    pub async fn send(&self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+    pub(crate) async fn send(&self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
         let socket = self
             .sockets
             .iter()

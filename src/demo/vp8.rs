@@ -10,7 +10,7 @@ use vpx_sys as vpx;
 use super::render::I420;
 
 /// One VP8 encoder for one viewer.
-pub struct Vp8 {
+pub(crate) struct Vp8 {
     ctx: Box<vpx::vpx_codec_ctx_t>,
     width: usize,
     height: usize,
@@ -29,7 +29,7 @@ fn check(what: &str, status: vpx::vpx_codec_err_t) -> Result<(), String> {
 }
 
 impl Vp8 {
-    pub fn new(width: usize, height: usize, fps: u32, bitrate: u32) -> Result<Self, String> {
+    pub(crate) fn new(width: usize, height: usize, fps: u32, bitrate: u32) -> Result<Self, String> {
         // SAFETY: the interface pointer is libvpx's static VP8 encoder; the config is written by
         // libvpx before it is read, and the context lives in a Box that outlives every call.
         unsafe {
@@ -86,7 +86,7 @@ impl Vp8 {
     }
 
     /// Encodes a frame into one VP8 frame; `keyframe` forces a key frame.
-    pub fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
         if (frame.width, frame.height) != (self.width, self.height) {
             return Err("the frame size changed under the VP8 encoder".into());
         }

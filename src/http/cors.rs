@@ -29,7 +29,7 @@ impl Default for AllowOrigins {
 }
 
 /// `scheme://host[:port]` in lower case, or `None` for anything else.
-pub fn origin_of(url: &str) -> Option<String> {
+pub(crate) fn origin_of(url: &str) -> Option<String> {
     let url = url.trim().trim_end_matches('/');
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split('/').next()?;
@@ -70,7 +70,7 @@ pub struct CorsPolicy {
 }
 
 impl CorsPolicy {
-    pub fn new(allow: &AllowOrigins, own_urls: &[&str]) -> Self {
+    pub(crate) fn new(allow: &AllowOrigins, own_urls: &[&str]) -> Self {
         let mut credentialed: Vec<String> = own_urls.iter().filter_map(|u| origin_of(u)).collect();
         credentialed.extend(allow.listed.iter().cloned());
         Self {
@@ -80,7 +80,7 @@ impl CorsPolicy {
     }
 
     /// Whether a request from `origin` may carry the visitor's credentials.
-    pub fn credentialed(&self, origin: &str) -> bool {
+    pub(crate) fn credentialed(&self, origin: &str) -> bool {
         let origin = origin.to_ascii_lowercase();
         self.credentialed.contains(&origin)
     }
@@ -93,7 +93,7 @@ impl CorsPolicy {
     /// non-browser requests carry no `Origin`, or one that is credentialed. A browser's
     /// `Sec-Fetch-Site` saying another site started the request (a link, a form, an image)
     /// refuses it too, unless that site's origin is credentialed.
-    pub fn cookie_allowed(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn cookie_allowed(&self, headers: &HeaderMap) -> bool {
         let origin = match headers.get(header::ORIGIN).map(HeaderValue::to_str) {
             None => None,
             Some(Ok(origin)) => Some(origin),
@@ -131,7 +131,11 @@ fn decorate(response: &mut Response, policy: &CorsPolicy, origin: &HeaderValue, 
 }
 
 /// The middleware: answers preflights and decorates responses to cross-origin requests.
-pub async fn cors(State(policy): State<Arc<CorsPolicy>>, request: Request, next: Next) -> Response {
+pub(crate) async fn cors(
+    State(policy): State<Arc<CorsPolicy>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let Some(origin) = origin else {
         return next.run(request).await;

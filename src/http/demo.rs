@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/demo/", get(page))
         .route("/demo/offer", post(offer))

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/health", get(liveness))
         .route("/health/liveness", get(liveness))

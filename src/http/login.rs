@@ -15,7 +15,7 @@ use crate::AppState;
 use crate::auth::accounts::SignInError;
 use crate::services::login::{DEFAULT_TOKEN_LIFETIME, PAGE, complete, token_for};
 
-pub fn router() -> Router<Arc<AppState>> {
+pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/login", get(|| async { Redirect::to(PAGE) }))
         .route(PAGE, get(page).post(sign_in))

@@ -12,7 +12,7 @@ use axum::routing::get;
 use crate::AppState;
 use crate::turn::probe::ProbeOutcome;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/metrics", get(metrics))
 }
 

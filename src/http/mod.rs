@@ -6,7 +6,7 @@ mod health;
 mod login;
 mod metrics;
 mod services;
-pub mod ws;
+pub(crate) mod ws;
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use crate::auth::UserInfo;
 use crate::error::Error;
 
 /// The HTTP status of a service error.
-pub fn status(error: &Error) -> axum::http::StatusCode {
+pub(crate) fn status(error: &Error) -> axum::http::StatusCode {
     use axum::http::StatusCode;
     match error {
         Error::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -85,7 +85,10 @@ pub struct HttpSettings {
 
 impl HttpOptions {
     /// Validates the options; `port` is the main port (the metrics one must differ).
-    pub fn settings(&self, port: u16) -> Result<HttpSettings, crate::options::SettingsError> {
+    pub(crate) fn settings(
+        &self,
+        port: u16,
+    ) -> Result<HttpSettings, crate::options::SettingsError> {
         use crate::options::{SettingsError, option_name};
         let allow_origins = cors::AllowOrigins::parse(self.allow_origins.as_deref().unwrap_or("*"))
             .map_err(|e| SettingsError::new(format!("{}: {e}", option_name("allow-origins"))))?;
@@ -116,10 +119,10 @@ impl HttpOptions {
 }
 
 /// The client id calls made over HTTP come from (no websocket client may take it).
-pub const HTTP_CLIENT: &str = "http-client";
+pub(crate) const HTTP_CLIENT: &str = "http-client";
 
 /// All routes of the server.
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     let demo = if state.settings.demo.enabled {
         demo::router()
     } else {
@@ -147,13 +150,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The HTTP service as served: the routes, with request bodies held to time-outs (idle for
 /// `--header-timeout`, three times that in all, so a body that trickles in is cut off), and
 /// the peer's address for the handlers.
-pub type Service = axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
+pub(crate) type Service = axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
     tower_http::timeout::RequestBodyDeadline<tower_http::timeout::RequestBodyTimeout<Router>>,
     std::net::SocketAddr,
 >;
 
 /// Builds the [`Service`].
-pub fn service(state: Arc<AppState>) -> Service {
+pub(crate) fn service(state: Arc<AppState>) -> Service {
     use axum::ServiceExt;
     let idle = state.settings.admission.header_timeout;
     let routes = router(state);
@@ -169,13 +172,13 @@ pub fn service(state: Arc<AppState>) -> Service {
 }
 
 /// `/metrics` alone, for `--metrics-port`.
-pub fn metrics_router(state: Arc<AppState>) -> Router {
+pub(crate) fn metrics_router(state: Arc<AppState>) -> Router {
     metrics::router().with_state(state)
 }
 
 /// The client's network address: the peer's, or behind a trusted proxy, the one it reports.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientIp(pub std::net::IpAddr);
+pub(crate) struct ClientIp(pub std::net::IpAddr);
 
 impl axum::extract::FromRequestParts<Arc<AppState>> for ClientIp {
     type Rejection = std::convert::Infallible;
@@ -201,7 +204,7 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for ClientIp {
 
 /// The caller of an HTTP request: `Authorization: Bearer`, else the `access_token` cookie,
 /// else the anonymous HTTP user. Disabled local accounts are refused.
-pub async fn caller(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
     let user = token_user(state, headers)?;
     if user.token.is_none() {
         return Ok(user);

@@ -24,7 +24,7 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Largest JSON body: JSON's small tokens grow many times over once decoded.
 const MAX_JSON_BODY: usize = 2 * 1024 * 1024;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/{workspace}/services", get(list))
         .route("/{workspace}/services/", get(list))

@@ -155,7 +155,7 @@ const ANSWERABLE: usize = 1024;
 /// The calls a client was sent lately, by a hash of (caller, session): under those sessions'
 /// keys it may send chunked answers (and to callbacks of those calls). The oldest go first.
 #[derive(Default)]
-pub struct Answerable {
+pub(crate) struct Answerable {
     sessions: Mutex<
         Option<(
             std::collections::VecDeque<u64>,
@@ -165,7 +165,7 @@ pub struct Answerable {
 }
 
 impl Answerable {
-    pub fn record(&self, key: u64) {
+    pub(crate) fn record(&self, key: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let (order, set) = sessions.get_or_insert_with(Default::default);
         if set.insert(key) {
@@ -178,7 +178,7 @@ impl Answerable {
         }
     }
 
-    pub fn contains(&self, key: u64) -> bool {
+    pub(crate) fn contains(&self, key: u64) -> bool {
         self.sessions
             .lock()
             .map(|s| s.as_ref().is_some_and(|(_, set)| set.contains(&key)))
@@ -420,7 +420,7 @@ impl ChunkWatch {
     }
 
     /// Forgets the messages of a sender that left.
-    pub fn forget(&self, sender: &str) {
+    pub(crate) fn forget(&self, sender: &str) {
         self.lock().retain(|_, w| w.sender != sender);
     }
 

@@ -83,7 +83,7 @@ fn step(frame: &Frame) -> Step<'_> {
 }
 
 /// Whether a frame answers a call (`<session>.resolve`, `.reject` or `.heartbeat`).
-pub fn is_answer(frame: &Frame) -> bool {
+pub(crate) fn is_answer(frame: &Frame) -> bool {
     matches!(step(frame), Step::Answers(_) | Step::KeepsAlive(_))
 }
 
@@ -94,7 +94,7 @@ impl InFlight {
     }
 
     /// Notes a frame routed from `from` to `to`.
-    pub fn observe(&self, from: &str, to: &str, frame: &Frame) {
+    pub(crate) fn observe(&self, from: &str, to: &str, frame: &Frame) {
         match step(frame) {
             Step::Opens(session) => {
                 // A caller that opens calls it never lets end is tracked up to a bound.
@@ -150,7 +150,7 @@ impl InFlight {
     }
 
     /// A call that will get no answer (its target was gone).
-    pub fn abandoned(&self, caller: &str, session: &str) {
+    pub(crate) fn abandoned(&self, caller: &str, session: &str) {
         if self.calls.remove(&self.key(caller, session)).is_some() {
             self.closed(caller);
         }
@@ -158,7 +158,7 @@ impl InFlight {
     }
 
     /// Creates every outcome's counter, so each shows (at 0) before its first call.
-    pub fn show_outcomes(&self) {
+    pub(crate) fn show_outcomes(&self) {
         for outcome in ["resolved", "rejected", "peer_gone"] {
             let _ = self.ended.get_or_create(&Outcome { outcome });
         }
@@ -172,7 +172,8 @@ impl InFlight {
     }
 
     /// Calls between clients that ended with `outcome`.
-    pub fn ended(&self, outcome: &'static str) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn ended(&self, outcome: &'static str) -> u64 {
         self.ended.get_or_create(&Outcome { outcome }).get()
     }
 
@@ -185,14 +186,14 @@ impl InFlight {
     }
 
     /// Counts a call to the server's own services until the guard drops.
-    pub fn server_call(&self) -> ServerCall<'_> {
+    pub(crate) fn server_call(&self) -> ServerCall<'_> {
         self.server_calls.fetch_add(1, Ordering::Relaxed);
         ServerCall(self)
     }
 
     /// Calls that still need this instance: one end is connected here (`is_here`), and there
     /// was news of it lately. Forgets the others.
-    pub fn pending(&self, is_here: impl Fn(&str) -> bool) -> usize {
+    pub(crate) fn pending(&self, is_here: impl Fn(&str) -> bool) -> usize {
         self.retain(|open| {
             open.touched.elapsed() < FORGET_AFTER
                 && (is_here(&open.caller) || is_here(&open.callee))
@@ -201,7 +202,7 @@ impl InFlight {
     }
 
     /// Drops calls without news for a long time (run now and then).
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         self.retain(|open| open.touched.elapsed() < FORGET_AFTER);
     }
 
@@ -218,19 +219,14 @@ impl InFlight {
             self.closed(&caller);
         }
     }
-
-    /// Calls tracked now.
-    pub fn open(&self) -> usize {
-        self.calls.len()
-    }
 }
 
 /// A running call to the server's own services.
-pub struct ServerCall<'a>(&'a InFlight);
+pub(crate) struct ServerCall<'a>(&'a InFlight);
 
 impl ServerCall<'_> {
     /// Records how the call ended.
-    pub fn finished(&self, ok: bool) {
+    pub(crate) fn finished(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.0.server.get_or_create(&Outcome { outcome }).inc();
     }

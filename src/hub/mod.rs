@@ -3,7 +3,7 @@
 //! server's own RPC peer.
 
 pub mod chunks;
-pub mod inflight;
+pub(crate) mod inflight;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,23 +23,21 @@ use crate::rpc::frame::{Frame, FrameError};
 
 /// What a connection's writer sends to its socket.
 #[derive(Debug)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     Binary(Bytes),
-    Text(String),
 }
 
 impl Outbound {
     fn len(&self) -> usize {
         match self {
             Outbound::Binary(data) => data.len(),
-            Outbound::Text(text) => text.len(),
         }
     }
 }
 
 /// A message in a connection's queue. It holds its share of the queue's byte budget until it
 /// is written, so a client that reads slowly holds up at most that many bytes.
-pub struct Queued {
+pub(crate) struct Queued {
     pub out: Outbound,
     room: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -47,29 +45,29 @@ pub struct Queued {
 impl Queued {
     /// A small message from the connection itself (errors, answers to control messages),
     /// outside the byte budget.
-    pub fn unmetered(out: Outbound) -> Self {
+    pub(crate) fn unmetered(out: Outbound) -> Self {
         Self { out, room: None }
     }
 
     /// The message, with its share of the budget given back once the caller is done with it.
-    pub fn into_parts(self) -> (Outbound, Option<tokio::sync::OwnedSemaphorePermit>) {
+    pub(crate) fn into_parts(self) -> (Outbound, Option<tokio::sync::OwnedSemaphorePermit>) {
         (self.out, self.room)
     }
 }
 
 /// Bytes queued for one client before the sender waits (and the client counts as slow).
-pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
-pub const QUEUE_BYTES_ANONYMOUS: usize = 2 * 1024 * 1024;
+pub(crate) const QUEUE_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const QUEUE_BYTES_ANONYMOUS: usize = 2 * 1024 * 1024;
 
 /// A connection's byte budget, in KiB.
 #[derive(Clone)]
-pub struct Room {
+pub(crate) struct Room {
     kib: Arc<tokio::sync::Semaphore>,
     max_kib: u32,
 }
 
 impl Room {
-    pub fn new(bytes: usize) -> Self {
+    pub(crate) fn new(bytes: usize) -> Self {
         let max_kib = (bytes / 1024).max(1) as u32;
         Self {
             kib: Arc::new(tokio::sync::Semaphore::new(max_kib as usize)),
@@ -85,7 +83,7 @@ impl Room {
 
 /// The hub's handle on one live connection.
 #[derive(Clone)]
-pub struct ClientHandle {
+pub(crate) struct ClientHandle {
     pub conn_id: u64,
     pub tx: mpsc::Sender<Queued>,
     /// The byte budget of its queue.
@@ -107,7 +105,7 @@ pub struct ClientHandle {
 
 impl ClientHandle {
     /// Closes the connection, telling the client why.
-    pub fn close(&self, reason: &str) {
+    pub(crate) fn close(&self, reason: &str) {
         let _ = self.reason.set(reason.to_string());
         self.kill.cancel();
     }
@@ -115,7 +113,7 @@ impl ClientHandle {
 
 /// Why a frame could not be handed to a client.
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum SendError {
+pub(crate) enum SendError {
     #[error("Target peer {0} is not connected")]
     NotConnected(String),
     #[error("Target peer {0} is not reading its messages and was disconnected")]
@@ -127,10 +125,10 @@ pub enum SendError {
 /// Another live connection already holds the address.
 #[derive(Debug, thiserror::Error)]
 #[error("Client already exists and is active")]
-pub struct AlreadyConnected;
+pub(crate) struct AlreadyConnected;
 
 /// The sender of a frame, as the server knows it.
-pub struct Sender<'a> {
+pub(crate) struct Sender<'a> {
     pub addr: &'a str,
     pub workspace: &'a str,
     pub user: &'a Arc<UserInfo>,
@@ -144,17 +142,17 @@ pub struct Sender<'a> {
 
 /// A frame for the server's own services, with its sender's place among the calls it may
 /// have running (given back when the call is done).
-pub struct ToServer {
+pub(crate) struct ToServer {
     pub incoming: crate::rpc::peer::Incoming,
     pub running: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Frames for the server waiting to be taken: beyond this the server is too busy.
-pub const SERVER_QUEUE: usize = 4096;
+pub(crate) const SERVER_QUEUE: usize = 4096;
 
 /// Where a routed frame went.
 #[derive(Debug)]
-pub enum Routed {
+pub(crate) enum Routed {
     Delivered,
     /// The target is gone (or unreachable) and the frame expects an answer: tell the sender
     /// at once, with `error` saying why.
@@ -175,7 +173,7 @@ pub enum Routed {
 
 /// Routing failures that are the sender's fault.
 #[derive(Debug, thiserror::Error)]
-pub enum RouteError {
+pub(crate) enum RouteError {
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("broadcast to workspace {0} is not allowed")]
@@ -210,7 +208,7 @@ pub struct Hub {
 
 impl Hub {
     /// A hub that hands frames for the server to `server`.
-    pub fn new(
+    pub(crate) fn new(
         manager_id: String,
         slow_consumer_timeout: Duration,
         bus: Arc<dyn Bus>,
@@ -234,21 +232,21 @@ impl Hub {
         }
     }
 
-    pub fn bus(&self) -> &Arc<dyn Bus> {
+    pub(crate) fn bus(&self) -> &Arc<dyn Bus> {
         &self.bus
     }
 
-    pub fn next_conn_id(&self) -> u64 {
+    pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn connection_count(&self) -> usize {
+    pub(crate) fn connection_count(&self) -> usize {
         self.clients.len()
     }
 
     /// Adds a connection; with `replace`, an existing one under the same address is disconnected.
     /// Fails with [`AlreadyConnected`] when a live connection holds the address.
-    pub fn insert(
+    pub(crate) fn insert(
         &self,
         addr: &str,
         workspace: &str,
@@ -278,7 +276,7 @@ impl Hub {
     }
 
     /// Removes a connection if it is still the one with `conn_id` (a newer one may have replaced it).
-    pub fn remove(&self, addr: &str, workspace: &str, conn_id: u64) -> bool {
+    pub(crate) fn remove(&self, addr: &str, workspace: &str, conn_id: u64) -> bool {
         let removed = self
             .clients
             .remove_if(addr, |_, h| h.conn_id == conn_id)
@@ -294,7 +292,7 @@ impl Hub {
         removed
     }
 
-    pub fn get(&self, addr: &str) -> Option<ClientHandle> {
+    pub(crate) fn get(&self, addr: &str) -> Option<ClientHandle> {
         self.clients.get(addr).map(|h| h.clone())
     }
 
@@ -303,7 +301,7 @@ impl Hub {
     }
 
     /// Client ids connected in a workspace.
-    pub fn clients_in(&self, workspace: &str) -> Vec<String> {
+    pub(crate) fn clients_in(&self, workspace: &str) -> Vec<String> {
         self.workspaces
             .get(workspace)
             .map(|m| m.iter().cloned().collect())
@@ -311,7 +309,7 @@ impl Hub {
     }
 
     /// Every client connected here, as `(workspace, client)`.
-    pub fn addresses(&self) -> Vec<(String, String)> {
+    pub(crate) fn addresses(&self) -> Vec<(String, String)> {
         self.workspaces
             .iter()
             .flat_map(|entry| {
@@ -326,7 +324,7 @@ impl Hub {
     }
 
     /// Addresses of the clients in `workspace` subscribed to `event`.
-    pub fn subscribers(&self, workspace: &str, event: &str) -> Vec<String> {
+    pub(crate) fn subscribers(&self, workspace: &str, event: &str) -> Vec<String> {
         self.clients_in(workspace)
             .into_iter()
             .map(|c| format!("{workspace}/{c}"))
@@ -342,7 +340,7 @@ impl Hub {
     }
 
     /// Hands a message to a client here or, through the bus, on another instance.
-    pub async fn send(&self, addr: &str, message: Outbound) -> Result<(), SendError> {
+    pub(crate) async fn send(&self, addr: &str, message: Outbound) -> Result<(), SendError> {
         match self.send_local(addr, message).await {
             Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
                 match self.bus.send(addr, data).await {
@@ -363,7 +361,7 @@ impl Hub {
     /// Hands a message to the queue of a client connected here. A full queue blocks the sender
     /// (back-pressure) for at most the slow-consumer time-out; then the client that stopped
     /// reading is disconnected.
-    pub async fn send_local(&self, addr: &str, message: Outbound) -> Result<(), Unsent> {
+    pub(crate) async fn send_local(&self, addr: &str, message: Outbound) -> Result<(), Unsent> {
         let Some((tx, kill, room)) = self
             .clients
             .get(addr)
@@ -434,7 +432,11 @@ impl Hub {
     }
 
     /// Routes one binary frame from a client.
-    pub async fn route(&self, sender: &Sender<'_>, data: Bytes) -> Result<Routed, RouteError> {
+    pub(crate) async fn route(
+        &self,
+        sender: &Sender<'_>,
+        data: Bytes,
+    ) -> Result<Routed, RouteError> {
         let frame = Frame::parse(data)?;
         let to = frame.field("to").ok_or(FrameError::MissingField("to"))?;
         let target = normalize_target(to, sender.workspace);
@@ -539,7 +541,7 @@ impl Hub {
     }
 
     /// Remembers, for a client here that is sent a call, that it may answer that call in chunks.
-    pub fn note_call(&self, caller: &str, callee: &str, frame: &Frame) {
+    pub(crate) fn note_call(&self, caller: &str, callee: &str, frame: &Frame) {
         if let Some(session) = frame.field("session")
             && !inflight::is_answer(frame)
             && let Some(handle) = self.clients.get(callee)
@@ -594,7 +596,7 @@ impl Hub {
     }
 
     /// Hands a frame to every client of a workspace connected here.
-    pub async fn broadcast_local(&self, workspace: &str, data: &Bytes) {
+    pub(crate) async fn broadcast_local(&self, workspace: &str, data: &Bytes) {
         for client in self.clients_in(workspace) {
             let addr = format!("{workspace}/{client}");
             let _ = self.send_local(&addr, Outbound::Binary(data.clone())).await;
@@ -603,7 +605,11 @@ impl Hub {
 
     /// Closes every connection whose handle matches, telling each client `reason`; returns
     /// how many were closed.
-    pub fn close_where(&self, matches: impl Fn(&ClientHandle) -> bool, reason: &str) -> usize {
+    pub(crate) fn close_where(
+        &self,
+        matches: impl Fn(&ClientHandle) -> bool,
+        reason: &str,
+    ) -> usize {
         let mut closed = 0;
         for entry in self.clients.iter() {
             if !entry.kill.is_cancelled() && matches(entry.value()) {
@@ -615,7 +621,7 @@ impl Hub {
     }
 
     /// Disconnects every client (server shutdown).
-    pub fn disconnect_all(&self) {
+    pub(crate) fn disconnect_all(&self) {
         for entry in self.clients.iter() {
             entry.kill.cancel();
         }
@@ -638,7 +644,7 @@ impl crate::rpc::peer::Outbox for Hub {
 }
 
 /// The frame that tells a caller at once that its target is gone (`peer_not_found`).
-pub fn peer_not_found(target: &str, to: &str, session: &str, error: &str) -> Bytes {
+pub(crate) fn peer_not_found(target: &str, to: &str, session: &str, error: &str) -> Bytes {
     let header = crate::rpc::value::obj([
         ("type", "peer_not_found".into()),
         ("from", target.into()),
@@ -652,19 +658,19 @@ pub fn peer_not_found(target: &str, to: &str, session: &str, error: &str) -> Byt
 
 /// Why a message was not handed to a local client.
 #[derive(Debug)]
-pub enum Unsent {
+pub(crate) enum Unsent {
     /// No such client here; the message comes back for the bus.
     Elsewhere(Outbound),
     Failed(SendError),
 }
 
 /// Client ids of this form name a server's manager and are reserved.
-pub fn is_manager_id(client: &str) -> bool {
+pub(crate) fn is_manager_id(client: &str) -> bool {
     client.starts_with("manager-")
 }
 
 /// `*` means the sender's workspace; a bare client id is in the sender's workspace.
-pub fn normalize_target(to: &str, workspace: &str) -> String {
+pub(crate) fn normalize_target(to: &str, workspace: &str) -> String {
     if to == "*" {
         format!("{workspace}/*")
     } else if to.contains('/') {

@@ -46,13 +46,13 @@ pub struct Admission {
 
 /// Why a connection was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     Total,
     PerAddress,
 }
 
 impl Admission {
-    pub fn new(settings: AdmissionSettings) -> Arc<Self> {
+    pub(crate) fn new(settings: AdmissionSettings) -> Arc<Self> {
         Arc::new(Self {
             settings,
             total: AtomicUsize::new(0),
@@ -68,12 +68,8 @@ impl Admission {
         self.total.load(Ordering::Relaxed)
     }
 
-    pub fn settings(&self) -> &AdmissionSettings {
-        &self.settings
-    }
-
     /// Takes a connection from `ip`, or says which limit refuses it.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
         let ip = canonical(ip);
         let max = self.settings.max_connections;
         let taken = self
@@ -132,7 +128,7 @@ impl Admission {
 }
 
 /// One admitted connection's place in the counts, given back when it closes.
-pub struct Slot {
+pub(crate) struct Slot {
     admission: Arc<Admission>,
     ip: Option<IpAddr>,
 }
@@ -157,7 +153,7 @@ impl Drop for Slot {
 }
 
 /// A connection that holds its slot, and is failed if its first byte does not come in time.
-pub struct Guarded<S> {
+pub(crate) struct Guarded<S> {
     inner: S,
     _slot: Slot,
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -225,12 +221,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
 /// The acceptor that applies [`Admission`] to every TCP connection, under TLS if any.
 #[derive(Clone)]
-pub struct Acceptor {
+pub(crate) struct Acceptor {
     admission: Arc<Admission>,
 }
 
 impl Acceptor {
-    pub fn new(admission: Arc<Admission>) -> Self {
+    pub(crate) fn new(admission: Arc<Admission>) -> Self {
         Self { admission }
     }
 }

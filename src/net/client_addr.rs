@@ -15,7 +15,7 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let bad = || format!("{text:?} is not an address or address block (e.g. 10.0.0.0/8, ::1)");
         let (address, prefix) = match text.split_once('/') {
@@ -31,7 +31,7 @@ impl Cidr {
         Ok(Self { network, prefix })
     }
 
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         match (self.network, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -58,7 +58,7 @@ impl fmt::Display for Cidr {
 }
 
 /// An IPv4 address seen through an IPv6 socket (`::ffff:a.b.c.d`) is the IPv4 address.
-pub fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -70,7 +70,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 
 /// What per-address limits count against: the address itself for IPv4, its /64 for IPv6
 /// (one host usually holds a whole /64, so counting single addresses would let it multiply).
-pub fn address_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
     match canonical(ip) {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & (u128::MAX << 64);
@@ -94,13 +94,13 @@ impl TrustedProxies {
             .map(TrustedProxies)
     }
 
-    pub fn trusts(&self, ip: IpAddr) -> bool {
+    pub(crate) fn trusts(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|cidr| cidr.contains(ip))
     }
 
     /// The client's address: the peer's, unless the peer is a trusted proxy; then the last
     /// address in its forwarding chain that is not itself a trusted proxy.
-    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    pub(crate) fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer.ip());
         if !self.trusts(peer) {
             return peer;

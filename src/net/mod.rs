@@ -1,7 +1,7 @@
 //! The network edge: which TCP connections are taken (caps per server and per address, a
 //! first-byte deadline) and who the client behind a connection is (trusted proxies).
 
-pub mod admission;
+pub(crate) mod admission;
 pub mod client_addr;
 
 use std::time::Duration;
@@ -34,7 +34,9 @@ pub struct AdmissionOptions {
 }
 
 impl AdmissionOptions {
-    pub fn settings(&self) -> Result<admission::AdmissionSettings, crate::options::SettingsError> {
+    pub(crate) fn settings(
+        &self,
+    ) -> Result<admission::AdmissionSettings, crate::options::SettingsError> {
         use crate::options::{SettingsError, option_name, positive_seconds};
         let trusted_proxies =
             client_addr::TrustedProxies::parse(self.trusted_proxies.as_deref().unwrap_or(""))
@@ -51,13 +53,13 @@ impl AdmissionOptions {
 }
 
 /// How long request bodies may take in all, given the header time-out.
-pub fn body_deadline(header_timeout: Duration) -> Duration {
+pub(crate) fn body_deadline(header_timeout: Duration) -> Duration {
     header_timeout * 3
 }
 
 /// The process's limit on open files, after raising the soft limit to the hard one (each
 /// connection takes a file descriptor; the default soft limit is often only 1024).
-pub fn raise_fd_limit() -> Option<u64> {
+pub(crate) fn raise_fd_limit() -> Option<u64> {
     // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
     unsafe {
         let mut limit = libc::rlimit {
@@ -82,7 +84,7 @@ pub fn raise_fd_limit() -> Option<u64> {
 
 /// The default `--max-connections`: what the file limit allows, leaving room for the
 /// store, the probe, the demo's media sockets and log files.
-pub fn default_max_connections() -> usize {
+pub(crate) fn default_max_connections() -> usize {
     let files = raise_fd_limit().unwrap_or(1024);
     files.saturating_sub(256).clamp(64, 1_000_000) as usize
 }

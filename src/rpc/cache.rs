@@ -12,10 +12,10 @@ use super::RpcError as Error;
 use super::frame::Frame;
 
 /// What one client may park in the cache at once, by kind of user.
-pub const MAX_BYTES_SIGNED_IN: usize = 256 * 1024 * 1024;
-pub const MAX_BYTES_ANONYMOUS: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_BYTES_SIGNED_IN: usize = 256 * 1024 * 1024;
+pub(crate) const MAX_BYTES_ANONYMOUS: usize = 16 * 1024 * 1024;
 /// What all clients together may park.
-pub const MAX_BYTES_TOTAL: usize = 1024 * 1024 * 1024;
+pub(crate) const MAX_BYTES_TOTAL: usize = 1024 * 1024 * 1024;
 /// Messages one client may assemble at once.
 const MAX_MESSAGES_PER_CLIENT: usize = 32;
 /// Longest message key accepted.
@@ -63,12 +63,13 @@ impl MessageCache {
     }
 
     /// Bytes held for all clients.
-    pub fn total_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn total_bytes(&self) -> usize {
         self.lock().values().map(|o| o.bytes).sum()
     }
 
     /// `message_cache.create`.
-    pub fn create(&self, owner: &str, key: &str, overwrite: bool) -> Result<(), Error> {
+    pub(crate) fn create(&self, owner: &str, key: &str, overwrite: bool) -> Result<(), Error> {
         let key = checked_key(key)?;
         let mut owners = self.lock();
         let entry = owners.entry(owner.to_string()).or_default();
@@ -90,7 +91,7 @@ impl MessageCache {
 
     /// `message_cache.set` (and `append` with `index = None`). `limit` is what this client
     /// may hold in all.
-    pub fn put(
+    pub(crate) fn put(
         &self,
         owner: &str,
         key: &str,
@@ -131,7 +132,7 @@ impl MessageCache {
     }
 
     /// `message_cache.remove`.
-    pub fn remove(&self, owner: &str, key: &str) -> Result<(), Error> {
+    pub(crate) fn remove(&self, owner: &str, key: &str) -> Result<(), Error> {
         let mut owners = self.lock();
         let entry = owners.get_mut(owner).ok_or_else(|| missing(key))?;
         let message = entry.messages.remove(key).ok_or_else(|| missing(key))?;
@@ -140,7 +141,7 @@ impl MessageCache {
     }
 
     /// `message_cache.process`: takes the message out and reassembles it.
-    pub fn take(&self, owner: &str, key: &str) -> Result<Frame, Error> {
+    pub(crate) fn take(&self, owner: &str, key: &str) -> Result<Frame, Error> {
         let message = {
             let mut owners = self.lock();
             let entry = owners.get_mut(owner).ok_or_else(|| missing(key))?;
@@ -161,7 +162,7 @@ impl MessageCache {
     }
 
     /// Drops everything a client that went away had parked.
-    pub fn forget(&self, owner: &str) {
+    pub(crate) fn forget(&self, owner: &str) {
         self.lock().remove(owner);
     }
 }

@@ -7,7 +7,7 @@ use rmpv::Value;
 use super::value::{self, from_json, obj};
 
 /// A function a hosted service offers: its name, what it does, and its parameters.
-pub struct Function {
+pub(crate) struct Function {
     pub name: &'static str,
     pub doc: &'static str,
     /// `{parameter: JSON schema}`.
@@ -16,7 +16,7 @@ pub struct Function {
 }
 
 impl Function {
-    pub fn new(
+    pub(crate) fn new(
         name: &'static str,
         doc: &'static str,
         parameters: serde_json::Value,
@@ -31,7 +31,7 @@ impl Function {
     }
 
     /// Its `_rschema`: a JSON schema of a function call.
-    pub fn schema(&self) -> Value {
+    pub(crate) fn schema(&self) -> Value {
         from_json(&serde_json::json!({
             "name": self.name,
             "description": self.doc,
@@ -45,7 +45,7 @@ impl Function {
 }
 
 /// A service's own fields, before its functions.
-pub struct Envelope<'a> {
+pub(crate) struct Envelope<'a> {
     pub id: &'a str,
     pub name: &'a str,
     /// `type`: `functions`, `rtc`, `built-in`...
@@ -56,7 +56,7 @@ pub struct Envelope<'a> {
 
 /// An encoded method called at `target` (with `_rpromise: "*"`, as Hypha's manager encodes
 /// its own).
-pub fn method(target: &str, path: &str, doc: &str, schema: Option<Value>) -> Value {
+pub(crate) fn method(target: &str, path: &str, doc: &str, schema: Option<Value>) -> Value {
     let mut m = value::method_value(target, path, "*".into());
     value::set(&mut m, "_rdoc", doc.into());
     if let Some(schema) = schema {
@@ -66,7 +66,7 @@ pub fn method(target: &str, path: &str, doc: &str, schema: Option<Value>) -> Val
 }
 
 /// The description of a service called at `target`: its envelope and one method per function.
-pub fn describe(target: &str, envelope: Envelope<'_>, functions: &[Function]) -> Value {
+pub(crate) fn describe(target: &str, envelope: Envelope<'_>, functions: &[Function]) -> Value {
     let mut entries = vec![
         ("id".into(), envelope.id.into()),
         ("name".into(), envelope.name.into()),
@@ -84,7 +84,7 @@ pub fn describe(target: &str, envelope: Envelope<'_>, functions: &[Function]) ->
 }
 
 /// The config of a public service the server hosts: callers need the context.
-pub fn public_config(workspace: &str) -> Value {
+pub(crate) fn public_config(workspace: &str) -> Value {
     obj([
         ("visibility", "public".into()),
         ("require_context", true.into()),

@@ -81,7 +81,7 @@ impl Frame {
 }
 
 /// Encodes a header and an optional body map into one frame.
-pub fn encode(header: &Value, body: Option<&Value>) -> Bytes {
+pub(crate) fn encode(header: &Value, body: Option<&Value>) -> Bytes {
     let mut out = super::value::encode(header);
     if let Some(body) = body {
         let _ = rmpv::encode::write_value(&mut out, body);

@@ -1,17 +1,17 @@
 //! The wire: frames (a msgpack header followed by an opaque body), value encodings, and the
 //! server-side RPC peer that hosts the workspace manager.
 
-pub mod cache;
-pub mod describe;
+pub(crate) mod cache;
+pub(crate) mod describe;
 pub mod frame;
-pub mod peer;
+pub(crate) mod peer;
 pub mod scan;
-pub mod value;
+pub(crate) mod value;
 
 /// What can go wrong on the wire: a message that cannot be read, a call that cannot be
 /// delivered or that its callee refused. The text is what the caller is told.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RpcError {
+pub(crate) enum RpcError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]

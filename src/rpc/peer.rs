@@ -19,7 +19,7 @@ use crate::auth::UserInfo;
 
 /// Messages above this size are sent in chunks; hypha-rpc clients cannot receive a single
 /// frame over 512 000 bytes. The same threshold the clients use for their own sends.
-pub const CHUNK_SIZE: usize = 256 * 1024;
+pub(crate) const CHUNK_SIZE: usize = 256 * 1024;
 const CHUNK_THRESHOLD: usize = CHUNK_SIZE + 1024;
 /// What decoding the calls to the server may hold in memory at once, over all callers: a
 /// call's decoded arguments (and its result) count until its answer is sent.
@@ -29,7 +29,7 @@ const DECODE_BUDGET_ANONYMOUS: usize = 128 * 1024 * 1024;
 
 /// A frame for the server, with the identity the hub established.
 #[derive(Debug)]
-pub struct Incoming {
+pub(crate) struct Incoming {
     pub from: String,
     pub ws: String,
     pub user: Arc<UserInfo>,
@@ -45,7 +45,7 @@ pub struct Incoming {
 
 /// Who is calling: taken from the hub, never from the frame.
 #[derive(Debug, Clone)]
-pub struct CallContext {
+pub(crate) struct CallContext {
     pub from: String,
     pub ws: String,
     pub user: Arc<UserInfo>,
@@ -59,7 +59,7 @@ pub struct CallContext {
 
 /// Where to send a call's outcome.
 #[derive(Debug, Clone)]
-pub struct ReplyTo {
+pub(crate) struct ReplyTo {
     pub resolve: String,
     pub reject: String,
     pub heartbeat: Option<String>,
@@ -68,7 +68,7 @@ pub struct ReplyTo {
 
 /// A decoded call to a hosted service.
 #[derive(Debug)]
-pub struct Call {
+pub(crate) struct Call {
     pub ctx: CallContext,
     pub method: String,
     pub args: Args,
@@ -79,7 +79,7 @@ pub struct Call {
 
 impl Call {
     /// The service and function a call names: `services.<service>.<function>`.
-    pub fn target(&self) -> Result<(&str, &str), Error> {
+    pub(crate) fn target(&self) -> Result<(&str, &str), Error> {
         let not_found = || Error::NotFound(format!("Method not found: {}", self.method));
         self.method
             .strip_prefix("services.")
@@ -90,7 +90,7 @@ impl Call {
 
 /// What an incoming frame is.
 #[derive(Debug)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     Call(Box<Call>),
     /// An answer to one of the server's own calls.
     Reply,
@@ -104,7 +104,7 @@ struct Pending {
 }
 
 /// Options of an outgoing call.
-pub struct CallOptions<'a> {
+pub(crate) struct CallOptions<'a> {
     /// The address the call comes from (a manager address of this server).
     pub from: &'a str,
     /// The `ws` the callee sees in its context.
@@ -117,7 +117,7 @@ pub struct CallOptions<'a> {
 
 /// Where the server's own RPC peer sends its frames (the hub, in the running server), so the
 /// wire layer knows nothing of connections.
-pub trait Outbox: Send + Sync {
+pub(crate) trait Outbox: Send + Sync {
     /// Hands a frame to the client at `to`, wherever it is connected.
     fn send<'a>(&'a self, to: &'a str, frame: Bytes) -> BoxFuture<'a, Result<(), Error>>;
 }
@@ -137,7 +137,7 @@ pub struct ServerPeer {
 }
 
 impl ServerPeer {
-    pub fn new(manager_id: String, outbox: Arc<dyn Outbox>, server_user: &UserInfo) -> Self {
+    pub(crate) fn new(manager_id: String, outbox: Arc<dyn Outbox>, server_user: &UserInfo) -> Self {
         Self {
             manager_id,
             outbox,
@@ -150,12 +150,12 @@ impl ServerPeer {
     }
 
     /// The manager's global address.
-    pub fn manager_addr(&self) -> String {
+    pub(crate) fn manager_addr(&self) -> String {
         format!("*/{}", self.manager_id)
     }
 
     /// Decodes a frame: a call to a hosted service, or a reply to one of our calls.
-    pub fn decode(&self, incoming: Incoming) -> Result<Decoded, Error> {
+    pub(crate) fn decode(&self, incoming: Incoming) -> Result<Decoded, Error> {
         let anonymous = incoming.user.is_anonymous();
         let Some(message) = MethodMessage::read(&incoming.frame, anonymous)? else {
             return Ok(Decoded::Ignored);
@@ -204,7 +204,7 @@ impl ServerPeer {
 
     /// Sends a `method` message from the server. Replies always go back to the caller itself,
     /// whatever target the caller's promise named.
-    pub async fn send_method(
+    pub(crate) async fn send_method(
         &self,
         from: &str,
         to: &str,
@@ -219,7 +219,7 @@ impl ServerPeer {
 
     /// Sends the outcome of a call to its caller (in chunks if it is large); an error is the
     /// message the caller is to see.
-    pub async fn reply(&self, call: &Call, outcome: Result<Value, String>) {
+    pub(crate) async fn reply(&self, call: &Call, outcome: Result<Value, String>) {
         let Some(data) = reply_frame(call, outcome, &self.server_user) else {
             return;
         };
@@ -229,7 +229,7 @@ impl ServerPeer {
     }
 
     /// Sends a heartbeat for a long call, so the caller's time-out does not fire.
-    pub async fn heartbeat(&self, call: &Call) {
+    pub(crate) async fn heartbeat(&self, call: &Call) {
         if let Some(method) = call.reply.as_ref().and_then(|r| r.heartbeat.as_ref()) {
             let _ = self
                 .send_method(
@@ -285,7 +285,7 @@ impl ServerPeer {
     }
 
     /// Calls a function on a client and waits for its answer; heartbeats extend the time-out.
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         target: &str,
         method: &str,
@@ -348,7 +348,7 @@ impl ServerPeer {
     }
 
     /// Fails the server's calls to a client that went away, and drops its cached chunks.
-    pub fn peer_gone(&self, addr: &str) {
+    pub(crate) fn peer_gone(&self, addr: &str) {
         for mut entry in self.pending.iter_mut() {
             if entry.target == addr
                 && let Some(done) = entry.done.take()
@@ -503,7 +503,7 @@ impl MethodMessage {
 
 /// Decodes a call for a peer that makes no calls of its own (a data-channel peer): `None` for
 /// frames that are not calls.
-pub fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
+pub(crate) fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
     let anonymous = incoming.user.is_anonymous();
     match MethodMessage::read(&incoming.frame, anonymous)? {
         Some(message) => message.into_call(incoming).map(Some),
@@ -513,7 +513,11 @@ pub fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
 
 /// The frame that carries a call's outcome back to its caller, sent from the address the
 /// caller called; `None` when the call asked for no answer.
-pub fn reply_frame(call: &Call, outcome: Result<Value, String>, user: &Value) -> Option<Bytes> {
+pub(crate) fn reply_frame(
+    call: &Call,
+    outcome: Result<Value, String>,
+    user: &Value,
+) -> Option<Bytes> {
     let Some(reply) = &call.reply else {
         if let Err(e) = outcome {
             tracing::debug!(method = ?call.method, error = %e, "call without promise failed");
@@ -537,7 +541,7 @@ pub fn reply_frame(call: &Call, outcome: Result<Value, String>, user: &Value) ->
 /// The answer to a call that the server refused to deliver: a reject from `callee` to
 /// `caller`'s promise, so the caller learns why at once instead of waiting for its time-out.
 /// `None` when the frame is not a call with a promise.
-pub fn refusal(frame: &Frame, callee: &str, caller: &str, message: &str) -> Option<Bytes> {
+pub(crate) fn refusal(frame: &Frame, callee: &str, caller: &str, message: &str) -> Option<Bytes> {
     use std::sync::LazyLock;
     static SERVER_USER: LazyLock<Value> =
         LazyLock::new(|| super::value::from_json(&UserInfo::server().to_json()));

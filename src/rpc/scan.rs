@@ -204,32 +204,24 @@ impl Scanner {
     }
 
     /// Top-level objects complete so far.
-    pub fn objects(&self) -> usize {
+    pub(crate) fn objects(&self) -> usize {
         self.objects
     }
 
     /// Whether the input so far ends between two top-level objects.
-    pub fn at_boundary(&self) -> bool {
+    pub(crate) fn at_boundary(&self) -> bool {
         self.failed.is_none() && self.stack.is_empty() && self.head_len == 0 && self.skip == 0
     }
 
     /// Whether the watched object is a map; `None` until it starts.
-    pub fn watched_is_map(&self) -> Option<bool> {
+    pub(crate) fn watched_is_map(&self) -> Option<bool> {
         self.watched_is_map
     }
 
     /// The top-level string keys of the watched object seen so far that were at most
     /// 16 bytes long (longer ones are not kept).
-    pub fn keys(&self) -> &[String] {
+    pub(crate) fn keys(&self) -> &[String] {
         &self.keys
-    }
-
-    pub fn elements(&self) -> u64 {
-        self.elements
-    }
-
-    pub fn decoded(&self) -> u64 {
-        self.decoded
     }
 
     /// Feeds the next piece; an error stays.
@@ -239,7 +231,7 @@ impl Scanner {
 
     /// Scans until `objects` top-level objects are complete or the data ends; returns the
     /// bytes consumed from `data`.
-    pub fn run(&mut self, data: &[u8], objects: usize) -> Result<usize, ScanError> {
+    pub(crate) fn run(&mut self, data: &[u8], objects: usize) -> Result<usize, ScanError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -426,7 +418,7 @@ pub fn decode(data: &[u8], limits: Limits) -> Result<(rmpv::Value, usize), ScanE
 
 /// The encoded value of `key` in the map at the start of `data` (top-level keys only),
 /// found without decoding anything else; `None` if there is no such map or key.
-pub fn map_value<'a>(data: &'a [u8], key: &str) -> Option<&'a [u8]> {
+pub(crate) fn map_value<'a>(data: &'a [u8], key: &str) -> Option<&'a [u8]> {
     let (len, mut pos) = match *data.first()? {
         m @ 0x80..=0x8f => (u64::from(m & 0x0f), 1),
         0xde => (be(data.get(1..3)?), 3),
@@ -449,7 +441,7 @@ pub fn map_value<'a>(data: &'a [u8], key: &str) -> Option<&'a [u8]> {
 }
 
 /// The encoded items of the array at the start of `data`, at most `max` of them.
-pub fn array_items(data: &[u8], max: usize) -> Option<Vec<&[u8]>> {
+pub(crate) fn array_items(data: &[u8], max: usize) -> Option<Vec<&[u8]>> {
     let (len, mut pos) = match *data.first()? {
         m @ 0x90..=0x9f => (u64::from(m & 0x0f), 1),
         0xdc => (be(data.get(1..3)?), 3),
@@ -469,7 +461,7 @@ pub fn array_items(data: &[u8], max: usize) -> Option<Vec<&[u8]>> {
 }
 
 /// The payload of an encoded binary value.
-pub fn binary_payload(item: &[u8]) -> Option<&[u8]> {
+pub(crate) fn binary_payload(item: &[u8]) -> Option<&[u8]> {
     let mut reader = item;
     let len = rmp::decode::read_bin_len(&mut reader).ok()? as usize;
     reader.get(..len)
@@ -507,7 +499,7 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
 }
 
 /// The verdict on the watched object of a scanner that has read all of it.
-pub fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
+pub(crate) fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
     if scanner.watched_is_map() != Some(true) {
         return Err(BodyError::NotMap);
     }

@@ -3,7 +3,7 @@
 use rmpv::Value;
 
 /// Looks up a string key in a msgpack map.
-pub fn get<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
+pub(crate) fn get<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
     value
         .as_map()?
         .iter()
@@ -12,12 +12,12 @@ pub fn get<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 /// A string field of a map.
-pub fn get_str<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+pub(crate) fn get_str<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
     get(value, key).and_then(Value::as_str)
 }
 
 /// Sets (or replaces) a string key in a msgpack map; does nothing on a non-map.
-pub fn set(value: &mut Value, key: &str, new: Value) {
+pub(crate) fn set(value: &mut Value, key: &str, new: Value) {
     if let Value::Map(entries) = value {
         if let Some(slot) = entries.iter_mut().find(|(k, _)| k.as_str() == Some(key)) {
             slot.1 = new;
@@ -28,7 +28,7 @@ pub fn set(value: &mut Value, key: &str, new: Value) {
 }
 
 /// Builds a map from string keys.
-pub fn obj<const N: usize>(entries: [(&str, Value); N]) -> Value {
+pub(crate) fn obj<const N: usize>(entries: [(&str, Value); N]) -> Value {
     Value::Map(
         entries
             .into_iter()
@@ -38,7 +38,7 @@ pub fn obj<const N: usize>(entries: [(&str, Value); N]) -> Value {
 }
 
 /// The `_rtype: error` value a reject carries.
-pub fn error_value(message: &str) -> Value {
+pub(crate) fn error_value(message: &str) -> Value {
     obj([
         ("_rtype", "error".into()),
         ("_rvalue", message.into()),
@@ -47,7 +47,7 @@ pub fn error_value(message: &str) -> Value {
 }
 
 /// An encoded remote method, as hypha-rpc's `_encode` writes it.
-pub fn method_value(target: &str, method: &str, promise: Value) -> Value {
+pub(crate) fn method_value(target: &str, method: &str, promise: Value) -> Value {
     obj([
         ("_rtype", "method".into()),
         ("_rtarget", target.into()),
@@ -57,7 +57,7 @@ pub fn method_value(target: &str, method: &str, promise: Value) -> Value {
 }
 
 /// Converts JSON to msgpack.
-pub fn from_json(json: &serde_json::Value) -> Value {
+pub(crate) fn from_json(json: &serde_json::Value) -> Value {
     match json {
         serde_json::Value::Null => Value::Nil,
         serde_json::Value::Bool(b) => Value::Boolean(*b),
@@ -81,7 +81,7 @@ pub fn from_json(json: &serde_json::Value) -> Value {
 }
 
 /// Converts msgpack to JSON: bytes become base64 text, non-string keys become their text form.
-pub fn to_json(value: &Value) -> serde_json::Value {
+pub(crate) fn to_json(value: &Value) -> serde_json::Value {
     use base64::Engine;
     match value {
         Value::Nil => serde_json::Value::Null,
@@ -116,7 +116,7 @@ pub fn to_json(value: &Value) -> serde_json::Value {
 }
 
 /// A map key for a message: quoted, shortened, control characters escaped.
-pub fn describe_key(key: &Value) -> String {
+pub(crate) fn describe_key(key: &Value) -> String {
     match key.as_str() {
         Some(text) => format!("{:?}", text.chars().take(40).collect::<String>()),
         None => "(a key that is not a string)".to_string(),
@@ -124,7 +124,7 @@ pub fn describe_key(key: &Value) -> String {
 }
 
 /// Encodes a value to msgpack bytes.
-pub fn encode(value: &Value) -> Vec<u8> {
+pub(crate) fn encode(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     // Writing into a Vec cannot fail.
     let _ = rmpv::encode::write_value(&mut out, value);
@@ -133,14 +133,14 @@ pub fn encode(value: &Value) -> Vec<u8> {
 
 /// Arguments of a call: positional values plus hypha-rpc's trailing kwargs dict.
 #[derive(Debug, Default, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     pub positional: Vec<Value>,
     pub kwargs: Vec<(String, Value)>,
 }
 
 impl Args {
     /// Splits `args` per `with_kwargs` (Python sets it; JS marks the dict with `_rkwargs`).
-    pub fn from_call(args: Vec<Value>, with_kwargs: bool) -> Self {
+    pub(crate) fn from_call(args: Vec<Value>, with_kwargs: bool) -> Self {
         let mut positional = args;
         let mut kwargs = Vec::new();
         let last_is_kwargs = match positional.last() {
@@ -162,7 +162,7 @@ impl Args {
     }
 
     /// Keyword arguments only, as HTTP calls give them.
-    pub fn from_kwargs(kwargs: Vec<(String, Value)>) -> Self {
+    pub(crate) fn from_kwargs(kwargs: Vec<(String, Value)>) -> Self {
         Self {
             positional: Vec::new(),
             kwargs,
@@ -170,7 +170,7 @@ impl Args {
     }
 
     /// The argument at `index`, or the keyword `name`; nil counts as absent.
-    pub fn get(&self, index: usize, name: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, index: usize, name: &str) -> Option<&Value> {
         self.kwargs
             .iter()
             .find(|(k, _)| k == name)
@@ -180,7 +180,7 @@ impl Args {
     }
 
     /// A keyword argument only (no positional fallback).
-    pub fn kwarg(&self, name: &str) -> Option<&Value> {
+    pub(crate) fn kwarg(&self, name: &str) -> Option<&Value> {
         self.kwargs
             .iter()
             .find(|(k, _)| k == name)
@@ -188,12 +188,12 @@ impl Args {
             .filter(|v| !v.is_nil())
     }
 
-    pub fn get_str(&self, index: usize, name: &str) -> Option<&str> {
+    pub(crate) fn get_str(&self, index: usize, name: &str) -> Option<&str> {
         self.get(index, name).and_then(Value::as_str)
     }
 
     /// A string argument that must be there.
-    pub fn require_str(&self, index: usize, name: &str) -> Result<&str, super::RpcError> {
+    pub(crate) fn require_str(&self, index: usize, name: &str) -> Result<&str, super::RpcError> {
         self.get_str(index, name).ok_or_else(|| {
             super::RpcError::BadRequest(format!("the argument {name} (a string) is required"))
         })

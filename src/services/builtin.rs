@@ -16,7 +16,7 @@ use crate::rpc::peer::{CallContext, Incoming};
 use crate::rpc::value::{Args, obj};
 
 /// The `built-in` service.
-pub struct BuiltIn;
+pub(crate) struct BuiltIn;
 
 static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
     let key = json!({"key": {"type": "string"}});

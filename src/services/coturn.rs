@@ -15,10 +15,10 @@ use crate::rpc::peer::CallContext;
 use crate::rpc::value::Args;
 
 /// The `coturn` service.
-pub struct Coturn;
+pub(crate) struct Coturn;
 
 /// `get_rtc_ice_servers`, described once for the manager and for this service.
-pub fn ice_function() -> Function {
+pub(crate) fn ice_function() -> Function {
     Function::new(
         "get_rtc_ice_servers",
         "Time-limited TURN/STUN servers for RTCPeerConnection; refused for anonymous users.",
@@ -62,7 +62,11 @@ impl HostedService for Coturn {
 }
 
 /// `get_rtc_ice_servers(ttl=43200, test_connectivity=True)`, positional or keyword.
-pub async fn ice_servers(app: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
+pub(crate) async fn ice_servers(
+    app: &AppState,
+    ctx: &CallContext,
+    args: &Args,
+) -> Result<Value, Error> {
     let ttl = match args.get(0, "ttl") {
         None => None,
         Some(v) => Some(v.as_u64().filter(|t| *t > 0).ok_or_else(|| {

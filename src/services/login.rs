@@ -20,14 +20,14 @@ use crate::rpc::value::{Args, obj};
 use crate::store::{LoginKey, UserRecord};
 
 /// The `hypha-login` service.
-pub struct Login;
+pub(crate) struct Login;
 
 /// How long a login key waits for its sign-in (as in Hypha).
-pub const LOGIN_KEY_LIFETIME: i64 = 180;
+pub(crate) const LOGIN_KEY_LIFETIME: i64 = 180;
 /// Lifetime of tokens minted at sign-in unless the login asked for another.
-pub const DEFAULT_TOKEN_LIFETIME: i64 = 3 * 24 * 3600;
+pub(crate) const DEFAULT_TOKEN_LIFETIME: i64 = 3 * 24 * 3600;
 /// Where the sign-in page is.
-pub const PAGE: &str = "/public/apps/hypha-login/";
+pub(crate) const PAGE: &str = "/public/apps/hypha-login/";
 
 /// Sign-ins in progress one address may have, and all of them together (per instance).
 const MAX_PENDING_PER_ADDRESS: usize = 10;
@@ -56,7 +56,7 @@ impl Default for PendingLogins {
 
 impl PendingLogins {
     /// Counts a new sign-in from `address`, or refuses it when there are too many.
-    pub fn take(&self, address: Option<std::net::IpAddr>, now: i64) -> Result<(), Error> {
+    pub(crate) fn take(&self, address: Option<std::net::IpAddr>, now: i64) -> Result<(), Error> {
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = started.values().map(Vec::len).sum();
         if total >= MAX_PENDING_TOTAL {
@@ -230,7 +230,7 @@ async fn pending_key(state: &AppState, key: &str) -> Result<LoginKey, Error> {
         })
 }
 
-pub async fn complete(
+pub(crate) async fn complete(
     state: &AppState,
     key: &str,
     token: &str,
@@ -323,7 +323,7 @@ async fn check(
 }
 
 /// The token a local user gets at sign-in.
-pub fn token_for(
+pub(crate) fn token_for(
     state: &AppState,
     user: &UserRecord,
     workspace: Option<&str>,

@@ -113,7 +113,7 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
 });
 
 /// The workspace manager, `*/manager-<id>:default`.
-pub struct Manager;
+pub(crate) struct Manager;
 
 impl HostedService for Manager {
     fn name(&self) -> &'static str {
@@ -459,7 +459,7 @@ fn query_args(args: &Args) -> Result<(&str, Option<&Value>), Error> {
 
 /// How `get_service` picks among several services matching a query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SelectMode {
+pub(crate) enum SelectMode {
     /// Exactly one must match (the default outside `public`).
     Exact,
     /// Any of them, at random (the default in `public`).
@@ -496,7 +496,7 @@ fn mode(config: Option<&Value>) -> Result<Option<SelectMode>, Error> {
 }
 
 /// A service found for a caller: registered by a client, or hosted by the server itself.
-pub async fn resolve(
+pub(crate) async fn resolve(
     state: &AppState,
     caller_ws: &str,
     user: &UserInfo,
@@ -552,7 +552,7 @@ pub async fn resolve(
 }
 
 /// Resolves a service and fetches its functions from its provider, with absolute targets.
-pub async fn get_service(
+pub(crate) async fn get_service(
     state: &Arc<AppState>,
     caller_ws: &str,
     user: &UserInfo,

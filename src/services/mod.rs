@@ -4,11 +4,11 @@
 //! module; they are registered once, in [`Hosted::new`]. Frames the hub routes to the server
 //! come here ([`run`]): calls are decoded, run (with heartbeats for long ones) and answered.
 
-pub mod builtin;
-pub mod coturn;
-pub mod login;
-pub mod manager;
-pub mod video;
+pub(crate) mod builtin;
+pub(crate) mod coturn;
+pub(crate) mod login;
+pub(crate) mod manager;
+pub(crate) mod video;
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use crate::rpc::peer::{Call, CallContext, Decoded, Incoming};
 use crate::rpc::value::{Args, obj};
 
 /// A service the server answers itself.
-pub trait HostedService: Send + Sync {
+pub(crate) trait HostedService: Send + Sync {
     /// Its name: the `<service>` of `services.<service>.<function>`.
     fn name(&self) -> &'static str;
     /// What it says of itself.
@@ -61,7 +61,7 @@ pub trait HostedService: Send + Sync {
 }
 
 /// The refusal for a function a service does not have.
-pub fn not_found(service: &str, function: &str) -> Error {
+pub(crate) fn not_found(service: &str, function: &str) -> Error {
     Error::NotFound(format!("Method not found: services.{service}.{function}"))
 }
 
@@ -72,7 +72,7 @@ pub struct Hosted {
 
 impl Hosted {
     /// Every hosted service; the demo's only when the demo is on.
-    pub fn new(demo: bool) -> Self {
+    pub(crate) fn new(demo: bool) -> Self {
         let mut services: Vec<Arc<dyn HostedService>> = vec![
             Arc::new(manager::Manager),
             Arc::new(builtin::BuiltIn),
@@ -85,16 +85,12 @@ impl Hosted {
         Self { services }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn HostedService>> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<dyn HostedService>> {
         self.services.iter().find(|s| s.name() == name)
     }
 
-    pub fn all(&self) -> &[Arc<dyn HostedService>] {
-        &self.services
-    }
-
     /// Registers the public ones, so one lookup path serves them and client services.
-    pub fn register(&self, app: &AppState) {
+    pub(crate) fn register(&self, app: &AppState) {
         for service in self.services.iter().filter(|s| s.public()) {
             let name = service.name();
             let id = format!("public/{}:{name}", app.manager_id);
@@ -123,7 +119,7 @@ impl Hosted {
 }
 
 /// Names in `public` only the server's own services may have (whether or not they run).
-pub fn is_reserved_public_name(name: &str) -> bool {
+pub(crate) fn is_reserved_public_name(name: &str) -> bool {
     matches!(
         name,
         "default" | "built-in" | "coturn" | "hypha-login" | "video-producer"
@@ -132,7 +128,7 @@ pub fn is_reserved_public_name(name: &str) -> bool {
 
 /// Takes the frames the hub routes to the server, until the hub stops; each runs in a task of
 /// its own, holding its caller's place among the calls it may have running.
-pub async fn run(app: Arc<AppState>, mut frames: tokio::sync::mpsc::Receiver<ToServer>) {
+pub(crate) async fn run(app: Arc<AppState>, mut frames: tokio::sync::mpsc::Receiver<ToServer>) {
     while let Some(ToServer { incoming, running }) = frames.recv().await {
         let app = app.clone();
         tokio::spawn(async move {
@@ -144,7 +140,7 @@ pub async fn run(app: Arc<AppState>, mut frames: tokio::sync::mpsc::Receiver<ToS
 
 /// Handles a frame addressed to the server: runs a call and answers it, or completes one of
 /// the server's own pending calls.
-pub async fn handle(app: Arc<AppState>, incoming: Incoming) {
+pub(crate) async fn handle(app: Arc<AppState>, incoming: Incoming) {
     let from = incoming.from.clone();
     let to = incoming.to.clone();
     let frame = incoming.frame.clone();
@@ -204,7 +200,7 @@ fn dispatch<'a>(app: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Result<
 
 /// A token lifetime a caller asks for (`expires_in`): a positive number of seconds, at most
 /// [`crate::auth::token::MAX_LIFETIME`] (a year).
-pub fn token_lifetime(value: &rmpv::Value) -> Result<i64, Error> {
+pub(crate) fn token_lifetime(value: &rmpv::Value) -> Result<i64, Error> {
     value
         .as_i64()
         .filter(|s| *s > 0 && *s <= crate::auth::token::MAX_LIFETIME)

@@ -15,7 +15,7 @@ use crate::rpc::peer::CallContext;
 use crate::rpc::value::{Args, get_str, obj};
 
 /// The `video-producer` service.
-pub struct VideoProducer;
+pub(crate) struct VideoProducer;
 
 static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
     vec![Function::new(

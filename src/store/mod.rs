@@ -41,7 +41,7 @@ pub struct StoreSettings {
 }
 
 impl StoreOptions {
-    pub fn settings(&self) -> StoreSettings {
+    pub(crate) fn settings(&self) -> StoreSettings {
         StoreSettings {
             data_dir: self.data_dir.clone(),
             database_url: self.database_url.clone().filter(|u| !u.is_empty()),
@@ -64,7 +64,7 @@ pub enum StoreError {
 
 /// One issuance of TURN credentials, as audited.
 #[derive(Debug, Clone, PartialEq)]
-pub struct IceIssuance {
+pub(crate) struct IceIssuance {
     pub user_id: String,
     pub issued_at: i64,
     pub ttl: i64,
@@ -84,7 +84,7 @@ pub struct UserRecord {
 
 /// A pending sign-in of the hypha-login flow.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoginKey {
+pub(crate) struct LoginKey {
     pub key: String,
     pub expires_at: i64,
     pub workspace: Option<String>,
@@ -139,7 +139,7 @@ pub struct Store {
 
 /// How the store's last writes went, for `/health/readiness`.
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     failing: std::sync::atomic::AtomicBool,
     last_error: std::sync::Mutex<Option<String>>,
 }
@@ -161,7 +161,7 @@ impl Health {
 
 /// The store's state as readiness reports it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StoreState {
+pub(crate) enum StoreState {
     Ok,
     /// The last write failed, with the error.
     Failing(String),
@@ -169,7 +169,7 @@ pub enum StoreState {
 
 impl Store {
     /// Opens (creating a SQLite file if needed) the database and applies the migrations.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
+    pub(crate) async fn open(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let open_error = |source| StoreError::Open {
             url: crate::options::redact_url(url),
@@ -229,7 +229,7 @@ impl Store {
     }
 
     /// Whether the last write worked.
-    pub fn state(&self) -> StoreState {
+    pub(crate) fn state(&self) -> StoreState {
         if self
             .health
             .failing
@@ -251,7 +251,7 @@ impl Store {
     /// Records an audit row. With `confirmed`, waits until its batch is committed and says
     /// whether it was (no credential is handed out that the audit could not record); without,
     /// queues it and returns (waiting only for room in the queue, never dropping it).
-    pub async fn record_ice_issuance(
+    pub(crate) async fn record_ice_issuance(
         &self,
         row: IceIssuance,
         confirmed: bool,
@@ -276,7 +276,7 @@ impl Store {
     }
 
     /// Writes every queued audit row, waiting at most `limit` (server shutdown).
-    pub async fn flush(&self, limit: Duration) -> bool {
+    pub(crate) async fn flush(&self, limit: Duration) -> bool {
         let (done, written) = tokio::sync::oneshot::channel();
         let flushed = async {
             self.audit.send(AuditItem::Flush(done)).await.is_ok() && written.await.is_ok()
@@ -298,7 +298,10 @@ impl Store {
         Ok(())
     }
 
-    pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
+    pub(crate) async fn user_by_email(
+        &self,
+        email: &str,
+    ) -> Result<Option<UserRecord>, StoreError> {
         let row: Option<UserRow> = sqlx::query_as("SELECT id, email, password_hash, roles, created_at, disabled_at FROM users WHERE email = $1")
             .bind(email)
             .fetch_optional(&self.pool)
@@ -306,7 +309,7 @@ impl Store {
         Ok(row.map(user_from_row))
     }
 
-    pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRecord>, StoreError> {
+    pub(crate) async fn user_by_id(&self, id: &str) -> Result<Option<UserRecord>, StoreError> {
         let row: Option<UserRow> = sqlx::query_as("SELECT id, email, password_hash, roles, created_at, disabled_at FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
@@ -314,7 +317,7 @@ impl Store {
         Ok(row.map(user_from_row))
     }
 
-    pub async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+    pub(crate) async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
         let rows: Vec<UserRow> = sqlx::query_as("SELECT id, email, password_hash, roles, created_at, disabled_at FROM users ORDER BY created_at, email")
             .fetch_all(&self.pool)
             .await?;
@@ -322,7 +325,7 @@ impl Store {
     }
 
     /// Ids of the disabled users.
-    pub async fn disabled_user_ids(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) async fn disabled_user_ids(&self) -> Result<Vec<String>, StoreError> {
         let rows: Vec<(String,)> =
             sqlx::query_as("SELECT id FROM users WHERE disabled_at IS NOT NULL")
                 .fetch_all(&self.pool)
@@ -341,7 +344,11 @@ impl Store {
     }
 
     /// Replaces a password hash; false if there is no such email.
-    pub async fn set_password(&self, email: &str, password_hash: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn set_password(
+        &self,
+        email: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE email = $2")
             .bind(password_hash)
             .bind(email)
@@ -351,7 +358,7 @@ impl Store {
     }
 
     /// Records a revoked token (by its SHA-256) until it would have expired.
-    pub async fn revoke_token(
+    pub(crate) async fn revoke_token(
         &self,
         token_sha256: &str,
         expires_at: i64,
@@ -367,7 +374,7 @@ impl Store {
     }
 
     /// Revoked tokens that have not expired yet.
-    pub async fn revoked_tokens(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+    pub(crate) async fn revoked_tokens(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
         sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
             .bind(now)
             .execute(&self.pool)
@@ -380,7 +387,7 @@ impl Store {
     }
 
     /// Deletes the login keys that expired (finished or not).
-    pub async fn delete_expired_login_keys(&self, now: i64) -> Result<u64, StoreError> {
+    pub(crate) async fn delete_expired_login_keys(&self, now: i64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM login_keys WHERE expires_at < $1")
             .bind(now)
             .execute(&self.pool)
@@ -388,7 +395,11 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    pub async fn create_login_key(&self, key: &LoginKey, now: i64) -> Result<(), StoreError> {
+    pub(crate) async fn create_login_key(
+        &self,
+        key: &LoginKey,
+        now: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO login_keys (login_key, created_at, expires_at, workspace, token_expires_in) VALUES ($1, $2, $3, $4, $5)")
             .bind(&key.key)
             .bind(now)
@@ -400,7 +411,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn login_key(&self, key: &str) -> Result<Option<LoginKey>, StoreError> {
+    pub(crate) async fn login_key(&self, key: &str) -> Result<Option<LoginKey>, StoreError> {
         type Row = (
             String,
             i64,
@@ -428,7 +439,7 @@ impl Store {
     }
 
     /// Completes a pending sign-in; false if the key is unknown or already used.
-    pub async fn complete_login_key(
+    pub(crate) async fn complete_login_key(
         &self,
         key: &str,
         token: &str,
@@ -445,7 +456,7 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    pub async fn delete_login_key(&self, key: &str) -> Result<(), StoreError> {
+    pub(crate) async fn delete_login_key(&self, key: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM login_keys WHERE login_key = $1")
             .bind(key)
             .execute(&self.pool)
@@ -454,7 +465,8 @@ impl Store {
     }
 
     /// The audited issuances of a user, newest first.
-    pub async fn ice_issuances(
+    #[cfg(test)]
+    pub(crate) async fn ice_issuances(
         &self,
         user_id: &str,
         limit: i64,

@@ -8,7 +8,7 @@ use sha1::Sha1;
 
 /// A username and password for coturn. The password is a secret: it never prints.
 #[derive(Clone)]
-pub struct TurnCredential {
+pub(crate) struct TurnCredential {
     pub username: String,
     pub credential: SecretString,
     pub expires_at: i64,
@@ -25,7 +25,7 @@ impl std::fmt::Debug for TurnCredential {
 }
 
 /// Mints a credential for `user_id` valid for `ttl` seconds from `now`.
-pub fn mint(secret: &SecretString, user_id: &str, ttl: u64, now: i64) -> TurnCredential {
+pub(crate) fn mint(secret: &SecretString, user_id: &str, ttl: u64, now: i64) -> TurnCredential {
     let expires_at = now + ttl as i64;
     let username = format!("{expires_at}:{user_id}");
     // HMAC accepts keys of any length.

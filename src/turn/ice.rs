@@ -6,7 +6,7 @@ use std::fmt;
 use serde_json::{Value, json};
 
 /// The default STUN/TURN port.
-pub const DEFAULT_PORT: u16 = 3478;
+pub(crate) const DEFAULT_PORT: u16 = 3478;
 
 /// A host and port, with IPv6 literals kept in brackets for URIs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +62,7 @@ impl HostPort {
     }
 
     /// `host:port` as it goes into a URI.
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -102,7 +102,7 @@ impl fmt::Debug for StaticIceServer {
 impl StaticIceServer {
     /// Parses `turn:<host>:<port>[<user>:<password>]` or `stun:<host>:<port>`. The password is
     /// everything after the first `:` inside the brackets, so it may itself contain `:`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let expected = "expected turn:<host>:<port>[<user>:<password>] or stun:<host>:<port>";
         let text = text.trim();
         if let Some(rest) = text.strip_prefix("stun:") {
@@ -144,7 +144,7 @@ impl StaticIceServer {
     }
 
     /// The entry clients pass to `RTCPeerConnection`: only `urls`, `username`, `credential`.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         match self {
             StaticIceServer::Stun(a) => json!({"urls": [format!("stun:{a}")]}),
             StaticIceServer::Turn {
@@ -161,7 +161,7 @@ impl StaticIceServer {
 }
 
 /// The URLs handed out for one coturn server, in Hypha's order and then the extras.
-pub fn coturn_urls(address: &HostPort, tls_port: Option<u16>) -> Vec<String> {
+pub(crate) fn coturn_urls(address: &HostPort, tls_port: Option<u16>) -> Vec<String> {
     let mut urls = vec![
         format!("turn:{address}"),
         format!("stun:{address}"),

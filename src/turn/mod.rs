@@ -1,9 +1,9 @@
 //! TURN credentials that coturn provably accepts: credentials (TURN REST API HMAC), ice (ICE
 //! server lists and `--ice-server` syntax), probe (STUN binding and TURN allocate, cached).
 
-pub mod credentials;
+pub(crate) mod credentials;
 pub mod ice;
-pub mod probe;
+pub(crate) mod probe;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -20,9 +20,9 @@ use ice::{HostPort, StaticIceServer};
 use probe::Probe;
 
 /// The refusal Hypha gives anonymous callers, word for word.
-pub const ANONYMOUS_REFUSED: &str = "Anonymous users are not allowed to get RTC ICE servers";
+pub(crate) const ANONYMOUS_REFUSED: &str = "Anonymous users are not allowed to get RTC ICE servers";
 /// The default credential lifetime (Hypha's).
-pub const DEFAULT_TTL: u64 = 43_200;
+pub(crate) const DEFAULT_TTL: u64 = 43_200;
 
 /// The coturn this server issues credentials for.
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ pub struct TurnOptions {
 
 impl TurnOptions {
     /// Validates the options; every error names the option and the expected form.
-    pub fn settings(&self) -> Result<TurnSettings, crate::options::SettingsError> {
+    pub(crate) fn settings(&self) -> Result<TurnSettings, crate::options::SettingsError> {
         use crate::options::{SettingsError, option_name};
         let option =
             |name: &str, e: String| SettingsError::new(format!("{}: {e}", option_name(name)));
@@ -190,7 +190,7 @@ pub struct IceService {
 }
 
 impl IceService {
-    pub fn new(settings: TurnSettings, store: Store) -> Arc<Self> {
+    pub(crate) fn new(settings: TurnSettings, store: Store) -> Arc<Self> {
         let audit_required = settings.audit_required;
         let probe = settings.coturn.as_ref().map(|c| {
             Probe::new(
@@ -216,21 +216,21 @@ impl IceService {
 
     /// Forgets rate-limit state of accounts that have not asked for a while (call it now
     /// and then, so the limiter's map does not grow with every account ever seen).
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         if let Some(limiter) = &self.limiter {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
     }
 
-    pub fn probe(&self) -> Option<&Probe> {
+    pub(crate) fn probe(&self) -> Option<&Probe> {
         self.probe.as_ref()
     }
 
     /// ICE servers for `user`: coturn credentials (after the probe, when asked) and the
     /// static servers, as a JSON list each entry of which holds `urls`, and `username` and
     /// `credential` for TURN.
-    pub async fn ice_servers(
+    pub(crate) async fn ice_servers(
         &self,
         user: &UserInfo,
         request: IceRequest,
@@ -323,7 +323,7 @@ impl IceService {
 
 /// What `get_rtc_ice_servers` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IceRequest {
+pub(crate) struct IceRequest {
     /// Credential lifetime in seconds (clamped to `--coturn-max-ttl`); `None`: 12 hours.
     pub ttl: Option<u64>,
     /// Probe coturn before handing out credentials.
@@ -332,7 +332,7 @@ pub struct IceRequest {
 
 /// Why no ICE servers were handed out.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum IceError {
+pub(crate) enum IceError {
     #[error("{ANONYMOUS_REFUSED}")]
     Anonymous,
     #[error(

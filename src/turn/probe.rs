@@ -25,7 +25,7 @@ const RETRANSMIT: Duration = Duration::from_millis(250);
 
 /// The probe's verdict.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ProbeOutcome {
+pub(crate) enum ProbeOutcome {
     Ok { latency: Duration },
     Unreachable(String),
     TimedOut(&'static str),
@@ -34,12 +34,12 @@ pub enum ProbeOutcome {
 }
 
 impl ProbeOutcome {
-    pub fn is_ok(&self) -> bool {
+    pub(crate) fn is_ok(&self) -> bool {
         matches!(self, ProbeOutcome::Ok { .. })
     }
 
     /// A sentence for users and operators; names the step that failed.
-    pub fn describe(&self, address: &HostPort) -> String {
+    pub(crate) fn describe(&self, address: &HostPort) -> String {
         match self {
             ProbeOutcome::Ok { latency } => format!(
                 "coturn at {address} accepted a TURN allocation in {:.1} ms",
@@ -61,7 +61,7 @@ impl ProbeOutcome {
     }
 
     /// A short word for health output and metrics.
-    pub fn state(&self) -> &'static str {
+    pub(crate) fn state(&self) -> &'static str {
         match self {
             ProbeOutcome::Ok { .. } => "ok",
             ProbeOutcome::Unreachable(_) => "unreachable",
@@ -73,7 +73,7 @@ impl ProbeOutcome {
 }
 
 /// The coturn prober.
-pub struct Probe {
+pub(crate) struct Probe {
     address: HostPort,
     secret: SecretString,
     budget: Duration,
@@ -97,7 +97,7 @@ impl From<ProbeOutcome> for StepError {
 }
 
 impl Probe {
-    pub fn new(
+    pub(crate) fn new(
         address: HostPort,
         secret: SecretString,
         budget: Duration,
@@ -116,12 +116,12 @@ impl Probe {
         }
     }
 
-    pub fn address(&self) -> &HostPort {
+    pub(crate) fn address(&self) -> &HostPort {
         &self.address
     }
 
     /// The cached verdict, or a fresh probe; concurrent callers wait for one shared probe.
-    pub async fn check(&self) -> ProbeOutcome {
+    pub(crate) async fn check(&self) -> ProbeOutcome {
         let fresh = || {
             self.last()
                 .filter(|(age, _)| *age < self.cache_for)
@@ -148,7 +148,7 @@ impl Probe {
     }
 
     /// The last verdict and its age, without probing (a probe running keeps the previous one).
-    pub fn last(&self) -> Option<(Duration, ProbeOutcome)> {
+    pub(crate) fn last(&self) -> Option<(Duration, ProbeOutcome)> {
         let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         last.as_ref().map(|(at, o)| (at.elapsed(), o.clone()))
     }

@@ -9,7 +9,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use crate::error::Error;
 
 /// Longest message written, in characters; the rest is counted, not written.
-pub const MAX_CHARS: usize = 1000;
+pub(crate) const MAX_CHARS: usize = 1000;
 /// Messages per second one client may log, and the burst it may save up.
 const RATE: u32 = 5;
 const BURST: u32 = 20;
@@ -18,7 +18,7 @@ const BURST_ANONYMOUS: u32 = 5;
 
 /// Text from a client, safe to put in a log line: control and bidirectional-formatting
 /// characters escaped, at most `max` characters kept.
-pub fn sanitize(text: &str, max: usize) -> String {
+pub(crate) fn sanitize(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max * 2));
     for (kept, c) in text.chars().enumerate() {
         if kept == max {
@@ -59,7 +59,7 @@ impl ClientLog {
     /// Writes a client's message, or refuses it when it logs too fast. `who` is what the rate
     /// is counted against: the account for users with a token, the address for anonymous
     /// ones (so new client ids do not bring a new allowance).
-    pub fn write(
+    pub(crate) fn write(
         &self,
         client: &str,
         who: &str,
@@ -81,7 +81,7 @@ impl ClientLog {
     }
 
     /// Forgets clients that have not logged for a while.
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         for limiter in [&self.signed_in, &self.anonymous] {
             limiter.retain_recent();
             limiter.shrink_to_fit();

@@ -19,7 +19,7 @@ const LANES: usize = 8;
 const LANE_QUEUE: usize = 1024;
 
 /// Handles the bus's deliveries until the bus stops.
-pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
+pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
     let lanes: Vec<mpsc::Sender<(String, Bytes)>> = (0..LANES)
         .map(|_| {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);

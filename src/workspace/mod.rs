@@ -2,8 +2,8 @@
 //! for this instance, the shared directory for the others, and the events that announce
 //! changes to the subscribers of a workspace.
 
-pub mod client_log;
-pub mod inbound;
+pub(crate) mod client_log;
+pub(crate) mod inbound;
 
 use rmpv::Value;
 
@@ -16,7 +16,7 @@ use crate::rpc::value::obj;
 
 /// Sends a manager event (`client_disconnected`, `service_added`, ...) to the clients of a
 /// workspace that subscribed to it, on every instance.
-pub async fn emit(state: &AppState, workspace: &str, event: &str, data: Value) {
+pub(crate) async fn emit(state: &AppState, workspace: &str, event: &str, data: Value) {
     let bus = state.hub.bus();
     if bus.is_shared() {
         let announcement = crate::cluster::bus::Announcement::Event {
@@ -32,7 +32,7 @@ pub async fn emit(state: &AppState, workspace: &str, event: &str, data: Value) {
 }
 
 /// Sends a manager event to the subscribers connected to this instance.
-pub async fn emit_local(state: &AppState, workspace: &str, event: &str, data: Value) {
+pub(crate) async fn emit_local(state: &AppState, workspace: &str, event: &str, data: Value) {
     let subscribers = state.hub.subscribers(workspace, event);
     if subscribers.is_empty() {
         return;
@@ -54,7 +54,10 @@ pub async fn emit_local(state: &AppState, workspace: &str, event: &str, data: Va
 }
 
 /// Services of a workspace on every instance, in registration order.
-pub async fn services_in(state: &AppState, workspace: &str) -> Result<Vec<ServiceEntry>, Error> {
+pub(crate) async fn services_in(
+    state: &AppState,
+    workspace: &str,
+) -> Result<Vec<ServiceEntry>, Error> {
     let mut found = state.registry.in_workspace(workspace);
     let elsewhere = state.directory.services_in(workspace).await?;
     if !elsewhere.is_empty() {
@@ -65,7 +68,7 @@ pub async fn services_in(state: &AppState, workspace: &str) -> Result<Vec<Servic
 }
 
 /// Services answering a query, on every instance, in registration order.
-pub async fn find_services(
+pub(crate) async fn find_services(
     state: &AppState,
     query: &ServiceQuery,
 ) -> Result<Vec<ServiceEntry>, Error> {
@@ -75,7 +78,7 @@ pub async fn find_services(
 }
 
 /// Client ids connected to a workspace, on every instance, sorted.
-pub async fn clients_in(state: &AppState, workspace: &str) -> Result<Vec<String>, Error> {
+pub(crate) async fn clients_in(state: &AppState, workspace: &str) -> Result<Vec<String>, Error> {
     let mut clients = state.hub.clients_in(workspace);
     clients.extend(state.directory.clients_in(workspace).await?);
     clients.sort();
@@ -86,12 +89,12 @@ pub async fn clients_in(state: &AppState, workspace: &str) -> Result<Vec<String>
 /// Whether the shared registry can be written now. While Redis is away, writes are skipped
 /// rather than left to time out one by one (holding up connections); the resync that follows
 /// the reconnection writes this instance's state back.
-pub fn directory_reachable(state: &AppState) -> bool {
+pub(crate) fn directory_reachable(state: &AppState) -> bool {
     !state.directory.is_shared() || state.hub.bus().is_up()
 }
 
 /// Registers a service of a client connected here, in the shared registry too.
-pub async fn add_service(state: &AppState, entry: ServiceEntry) -> Result<(), Error> {
+pub(crate) async fn add_service(state: &AppState, entry: ServiceEntry) -> Result<(), Error> {
     let entry = state.registry.stamp(entry);
     if !directory_reachable(state) {
         return Err(Error::Unavailable(
@@ -116,7 +119,10 @@ async fn withdraw(state: &AppState, removed: &[ServiceEntry]) {
 }
 
 /// Unregisters a service (every app id of it); returns what was removed.
-pub async fn remove_service(state: &AppState, id: &crate::ids::ServiceId) -> Vec<ServiceEntry> {
+pub(crate) async fn remove_service(
+    state: &AppState,
+    id: &crate::ids::ServiceId,
+) -> Vec<ServiceEntry> {
     let _writes = state.directory.writes().lock().await;
     let removed = state.registry.remove(id);
     withdraw(state, &removed).await;
@@ -125,7 +131,7 @@ pub async fn remove_service(state: &AppState, id: &crate::ids::ServiceId) -> Vec
 
 /// Forgets a client that left this instance: its services and its place on the bus. Returns
 /// its services, or `None` when a newer connection holds the address.
-pub async fn remove_client(
+pub(crate) async fn remove_client(
     state: &AppState,
     addr: &str,
     workspace: &str,
@@ -150,7 +156,7 @@ pub async fn remove_client(
 /// Records a client that connected here, on the bus and in the shared registry. When another
 /// instance holds the client id too, the claims are compared (see
 /// [`crate::cluster::ClientClaim::wins_over`]): the loser's connection is closed.
-pub async fn add_client(state: &AppState, addr: &str, workspace: &str) {
+pub(crate) async fn add_client(state: &AppState, addr: &str, workspace: &str) {
     if let Err(e) = state.hub.bus().attach(addr).await {
         tracing::warn!(client = addr, error = %e, "the client is reachable from other instances once Redis is back");
     }
@@ -211,7 +217,7 @@ async fn claim(state: &AppState, addr: &str, workspace: &str) {
 
 /// Writes this instance's clients and services to the shared registry again (after Redis
 /// restarted or forgot this instance), dropping what it no longer has.
-pub async fn resync(state: &AppState) {
+pub(crate) async fn resync(state: &AppState) {
     let _writes = state.directory.writes().lock().await;
     let services: Vec<ServiceEntry> = state
         .registry
@@ -237,7 +243,7 @@ pub async fn resync(state: &AppState) {
 
 /// Renews this instance's lease and clears up after instances whose lease ran out, until
 /// `stop` (several instances only).
-pub async fn keep_lease(
+pub(crate) async fn keep_lease(
     state: std::sync::Arc<AppState>,
     stop: tokio_util::sync::CancellationToken,
 ) {

@@ -13,14 +13,73 @@ use tokio_tungstenite::tungstenite::Message;
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// A server started by a test: its address, and what tests may look at or arrange.
+#[derive(Clone)]
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
-    pub state: std::sync::Arc<hypha_rtc::AppState>,
+    state: std::sync::Arc<hypha_rtc::AppState>,
 }
 
 impl TestApp {
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// The server's token issuer: to mint tokens as a sign-in would, and to read them back.
+    pub fn tokens(&self) -> &hypha_rtc::auth::TokenIssuer {
+        &self.state.tokens
+    }
+
+    /// Adds an account to the store, as `hypha-rtc user add` does.
+    pub async fn add_user(&self, record: &hypha_rtc::store::UserRecord) {
+        self.state
+            .store
+            .create_user(record)
+            .await
+            .expect("the user is added");
+    }
+
+    /// Disables an account in the store, as `hypha-rtc user disable` does.
+    pub async fn disable_user(&self, email: &str) {
+        let now = hypha_rtc::auth::now_secs();
+        self.state
+            .store
+            .disable_user(email, now)
+            .await
+            .expect("the user is disabled");
+    }
+
+    /// Connections refused because their address had too many.
+    pub fn refused_per_address(&self) -> u64 {
+        self.state
+            .admission
+            .refused_per_address
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `addr` (`workspace/client`) has a live connection here.
+    pub fn is_connected(&self, addr: &str) -> bool {
+        self.state.hub.is_connected(addr)
+    }
+
+    /// Chunked messages the server is watching now.
+    pub fn chunked_in_flight(&self) -> usize {
+        self.state.hub.chunks.len()
+    }
+
+    /// Connections admitted and still open.
+    pub fn open_connections(&self) -> usize {
+        self.state.admission.open()
+    }
+
+    /// The id the server's manager goes by.
+    pub fn manager_id(&self) -> &str {
+        &self.state.manager_id
+    }
+
+    /// The embedded store's database file.
+    pub fn database(&self) -> std::path::PathBuf {
+        self.state.settings.store.data_dir.join("hypha-rtc.db")
     }
 }
 

@@ -105,7 +105,7 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionOptions {
-    pub fn settings(&self) -> Result<ConnectionSettings, crate::options::SettingsError> {
+    pub(crate) fn settings(&self) -> Result<ConnectionSettings, crate::options::SettingsError> {
         use crate::options::{SettingsError, option_name, positive_seconds};
         if self.max_frame_size < 1024 {
             return Err(SettingsError::new(format!(
@@ -178,7 +178,11 @@ async fn close_with(socket: &mut WebSocket, code: u16, message: &str) {
 }
 
 /// Serves one upgraded websocket until it closes.
-pub async fn serve(mut socket: WebSocket, state: Arc<AppState>, client_ip: std::net::IpAddr) {
+pub(crate) async fn serve(
+    mut socket: WebSocket,
+    state: Arc<AppState>,
+    client_ip: std::net::IpAddr,
+) {
     let settings = &state.settings.connections;
     let first = match tokio::time::timeout(settings.handshake_timeout, socket.recv()).await {
         Ok(Some(Ok(message))) => message,
@@ -568,7 +572,6 @@ async fn write(
     fn to_message(out: Outbound) -> Message {
         match out {
             Outbound::Binary(data) => Message::Binary(data),
-            Outbound::Text(text) => Message::Text(text.into()),
         }
     }
     let mut written = Vec::new();

@@ -7,7 +7,7 @@ use crate::ids::{ClientId, WorkspaceId};
 
 /// The client's first message, as hypha-rpc sends it.
 #[derive(Debug, Deserialize)]
-pub struct Hello {
+pub(crate) struct Hello {
     #[serde(default)]
     pub client_id: Option<String>,
     #[serde(default)]
@@ -20,7 +20,7 @@ pub struct Hello {
 
 /// A client let in.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     pub user: UserInfo,
     pub workspace: WorkspaceId,
     pub client: ClientId,
@@ -31,7 +31,7 @@ pub struct Admitted {
 
 /// Why a client is not let in (said to it in the close frame).
 #[derive(Debug, thiserror::Error)]
-pub enum Refused {
+pub(crate) enum Refused {
     #[error("client ids starting with 'manager-' are reserved for the server")]
     ManagerId,
     #[error("the client id '{0}' is reserved for calls made over HTTP")]
@@ -62,7 +62,7 @@ pub enum Refused {
 const ANONYMOUS_LIFETIME: i64 = 600;
 
 /// Decides whether a client may join, and as whom.
-pub fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, Refused> {
+pub(crate) fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, Refused> {
     let client_id = match &hello.client_id {
         Some(id) => id.clone(),
         None => crate::ids::random_id(22),

@@ -1,7 +1,7 @@
 //! `GET /ws`: the websocket endpoint of the Hypha protocol: the upgrade, the first message
 //! (handshake), then the connection's loop.
 
-pub mod connection;
+pub(crate) mod connection;
 mod handshake;
 
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use axum::routing::get;
 
 use crate::AppState;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new().route("/ws", get(upgrade))
 }
 
