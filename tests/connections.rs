@@ -9,24 +9,6 @@ use futures_util::{SinkExt, StreamExt};
 use rmpv::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-fn frame(header: Value, body: Option<Value>) -> Vec<u8> {
-    let mut out = Vec::new();
-    rmpv::encode::write_value(&mut out, &header).unwrap();
-    if let Some(body) = body {
-        rmpv::encode::write_value(&mut out, &body).unwrap();
-    }
-    out
-}
-
-fn map(entries: &[(&str, Value)]) -> Value {
-    Value::Map(
-        entries
-            .iter()
-            .map(|(k, v)| (Value::from(*k), v.clone()))
-            .collect(),
-    )
-}
-
 #[tokio::test]
 async fn a_consumer_that_stops_reading_is_disconnected_and_the_sender_goes_on() {
     let app = spawn_app(|s| {
@@ -42,8 +24,8 @@ async fn a_consumer_that_stops_reading_is_disconnected_and_the_sender_goes_on() 
     let target = format!("{}/slow", slow_info["workspace"].as_str().unwrap());
     let payload = Value::Binary(vec![7u8; 64 * 1024]);
     let data = frame(
-        map(&[("type", "event".into()), ("to", target.as_str().into())]),
-        Some(map(&[("data", payload)])),
+        &map(&[("type", "event".into()), ("to", target.as_str().into())]),
+        Some(&map(&[("data", payload)])),
     );
     // Far more than queue + socket buffers can hold: the slow client must be dropped, and the
     // sender must not be blocked for good.
@@ -117,7 +99,7 @@ async fn routed_frames_carry_the_server_identity_and_untouched_body() {
         ("user", map(&[("id", "root".into())])),
         ("method", "services.x.y".into()),
     ]);
-    a.send(Message::Binary(frame(header, Some(body.clone())).into()))
+    a.send(Message::Binary(frame(&header, Some(&body)).into()))
         .await
         .unwrap();
     let received = loop {
