@@ -212,6 +212,15 @@ impl Default for Settings {
 
 pub use crate::options::SettingsError;
 
+/// Hypha's names for variables the command reads under another: (Hypha's, ours).
+const ENV_ALIASES: &[(&str, &str)] = &[
+    ("HYPHA_DATABASE_URI", "HYPHA_DATABASE_URL"),
+    (
+        "RECONNECTION_TOKEN_LIFE_TIME",
+        "HYPHA_RECONNECTION_TOKEN_LIFE_TIME",
+    ),
+];
+
 /// Every `HYPHA_*` variable the command reads, from its own definition.
 pub(crate) fn known_variables() -> Vec<String> {
     let mut names: Vec<String> = Cli::command()
@@ -275,6 +284,14 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    // Hypha's names count where ours are not set.
+    let mut env = env.clone();
+    for (theirs, ours) in ENV_ALIASES {
+        if let Some(value) = env.get(*theirs).cloned() {
+            env.entry(ours.to_string()).or_insert(value);
+        }
+    }
+    let env = &env;
     let mut command = Cli::command();
     // The file sits under the environment: its values become the arguments' defaults, and
     // the environment (given as `env`, so tests need not touch the process's) above them.
@@ -319,7 +336,11 @@ where
     let known = known_variables();
     let mut unknown: Vec<&String> = env
         .keys()
-        .filter(|k| k.starts_with("HYPHA_") && !known.contains(k))
+        .filter(|k| {
+            k.starts_with("HYPHA_")
+                && !known.contains(k)
+                && !ENV_ALIASES.iter().any(|(theirs, _)| theirs == k)
+        })
         .collect();
     unknown.sort();
     let warnings = unknown
@@ -387,6 +408,45 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.port, 999);
         assert_eq!(s.server.jwt_secret.unwrap().expose_secret(), "h");
+    }
+
+    #[test]
+    fn hyphas_names_for_settings_are_understood() {
+        let (_, s, warnings) = load(
+            ["x"],
+            &env(&[
+                (
+                    "HYPHA_DATABASE_URI",
+                    "postgresql+asyncpg://u:p@db:5432/hypha",
+                ),
+                ("RECONNECTION_TOKEN_LIFE_TIME", "600"),
+            ]),
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            s.store.database_url.as_deref(),
+            Some("postgres://u:p@db:5432/hypha")
+        );
+        assert_eq!(s.connections.reconnection_token_life_time, 600);
+        for (given, meant) in [
+            ("sqlite+aiosqlite:///rel.db", "sqlite://rel.db"),
+            ("sqlite+aiosqlite:////abs/h.db", "sqlite:///abs/h.db"),
+            ("sqlite:///abs/h.db", "sqlite:///abs/h.db"),
+        ] {
+            let (_, s, _) = load(["x", "--database-uri", given], &env(&[])).unwrap();
+            assert_eq!(s.store.database_url.as_deref(), Some(meant), "{given}");
+        }
+        // Ours wins over Hypha's.
+        let (_, s, _) = load(
+            ["x"],
+            &env(&[
+                ("HYPHA_DATABASE_URI", "sqlite://a.db"),
+                ("HYPHA_DATABASE_URL", "sqlite://b.db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.store.database_url.as_deref(), Some("sqlite://b.db"));
     }
 
     #[test]

@@ -1256,3 +1256,53 @@ async fn the_client_id_of_http_calls_is_reserved() {
     };
     assert!(message.contains("reserved"), "{message}");
 }
+
+#[tokio::test]
+async fn anonymous_users_mint_anonymous_tokens_for_their_own_workspace_only() {
+    let app = spawn_app(|s| s.turn = turn_settings(0)).await;
+    let (mut anon, info) = connect(&app, "guest").await;
+    let own = info["workspace"].as_str().unwrap().to_string();
+    // For another workspace, or with more than it holds: refused.
+    for config in [
+        map(&[("workspace", "ws-user-alice".into())]),
+        map(&[
+            ("workspace", "public".into()),
+            ("permission", "admin".into()),
+        ]),
+    ] {
+        let refused = manager_call(&mut anon, &info, "generate_token", vec![config]).await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+    let minted = manager_call(
+        &mut anon,
+        &info,
+        "generate_token",
+        vec![map(&[("expires_in", 86_400.into())])],
+    )
+    .await
+    .unwrap();
+    let token = minted.as_str().unwrap().to_string();
+    let child = app.tokens().parse(&token).unwrap();
+    assert!(
+        child.is_anonymous(),
+        "an anonymous user minted a signed-in token"
+    );
+    assert_eq!(
+        child.permission(&own),
+        Some(hypha_rtc::auth::Permission::ReadWrite)
+    );
+    let life = child.token.as_ref().unwrap().expires_at - now();
+    assert!((3500..=3600).contains(&life), "{life}");
+    // It joins the anonymous workspace, and never gets TURN credentials.
+    let (_second, joined) = connect_with(&app, hello("second", Some(&token), None))
+        .await
+        .unwrap();
+    assert_eq!(joined["workspace"], own.as_str());
+    let (status, body) = get_as(
+        &app,
+        "/public/services/coturn/get_rtc_ice_servers?test_connectivity=false",
+        &token,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+}

@@ -129,7 +129,7 @@ impl UserInfo {
         }
     }
 
-    pub(crate) fn is_anonymous(&self) -> bool {
+    pub fn is_anonymous(&self) -> bool {
         self.roles.iter().any(|r| r == "anonymous")
     }
 
@@ -149,7 +149,7 @@ impl UserInfo {
     }
 
     /// The user's permission in a workspace, if any.
-    pub(crate) fn permission(&self, workspace: &str) -> Option<Permission> {
+    pub fn permission(&self, workspace: &str) -> Option<Permission> {
         if self.is_admin() || (workspace == self.own_workspace() && self.id != "http-anonymous") {
             return Some(Permission::Admin);
         }

@@ -737,25 +737,26 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
         }
     };
     let caller = &ctx.user;
-    if caller.is_anonymous() {
-        return Err(Error::PermissionDenied(
-            "Anonymous users cannot generate tokens".into(),
-        ));
-    }
-    let Some(from) = caller.token.as_ref() else {
-        return Err(Error::PermissionDenied(
-            "this connection was opened without a token, so it cannot derive one".into(),
-        ));
+    // An anonymous user is admin of its own temporary workspace and may mint tokens for it
+    // (as in Hypha); they stay anonymous and short-lived. Anyone else derives from a token.
+    let from = match caller.token.as_ref() {
+        Some(from) if from.purpose != crate::auth::Purpose::General => {
+            return Err(Error::PermissionDenied(
+                "this connection was resumed with a reconnection token, which cannot mint tokens; reconnect with your token".into(),
+            ));
+        }
+        Some(from) => Some(from),
+        None if caller.is_anonymous() => None,
+        None => {
+            return Err(Error::PermissionDenied(
+                "this connection was opened without a token, so it cannot derive one".into(),
+            ));
+        }
     };
-    if from.purpose != crate::auth::Purpose::General {
-        return Err(Error::PermissionDenied(
-            "this connection was resumed with a reconnection token, which cannot mint tokens; reconnect with your token".into(),
-        ));
-    }
     let workspace = WorkspaceId::parse(text("workspace")?.unwrap_or(&ctx.ws))
         .map_err(|e| Error::BadRequest(e.to_string()))?;
     let permission = match text("permission")? {
-        None => Permission::Read,
+        None => Permission::ReadWrite,
         Some(name) => Permission::parse(name).ok_or_else(|| {
             Error::BadRequest(format!(
                 "permission must be read, read_write or admin, not {:?}",
@@ -775,7 +776,7 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
         )));
     }
     let now = crate::auth::now_secs();
-    let remaining = from.expires_at - now;
+    let remaining = from.map_or(ANONYMOUS_TOKEN_LIFETIME, |from| from.expires_at - now);
     if remaining <= 0 {
         return Err(Error::PermissionDenied(
             "the token this connection was opened with has expired".into(),
@@ -832,19 +833,30 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
     let account = caller.account();
     let id = UserId::parse(format!("{account}-{}", crate::ids::random_id(8)))
         .map_err(|e| Error::BadRequest(format!("cannot derive a user id: {e}")))?;
-    let mut child = UserInfo::new(id, Vec::new(), None);
+    let roles = if caller.is_anonymous() {
+        vec!["anonymous".to_string()]
+    } else {
+        Vec::new()
+    };
+    let mut child = UserInfo::new(id, roles, None);
     child.parent = Some(account.clone());
     child.email = caller.email.clone();
     child.scope.workspaces.insert(workspace.clone(), permission);
     child.scope.current = Some(workspace);
     child.scope.client = client;
     child.scope.extra = extra;
-    let token = state
-        .tokens
-        .issue_child(from, &child, now + expires_in)
-        .map_err(|e| Error::PermissionDenied(e.to_string()))?;
+    let token = match from {
+        Some(from) => state
+            .tokens
+            .issue_child(from, &child, now + expires_in)
+            .map_err(|e| Error::PermissionDenied(e.to_string()))?,
+        None => state.tokens.issue(&child, expires_in),
+    };
     Ok(token.into())
 }
+
+/// The longest life of a token an anonymous user mints for its workspace.
+const ANONYMOUS_TOKEN_LIFETIME: i64 = 3600;
 
 #[cfg(test)]
 mod tests {

@@ -20,9 +20,10 @@ pub struct StoreOptions {
         default_value = "hypha-rtc-data"
     )]
     pub data_dir: std::path::PathBuf,
-    /// Database URL: sqlite://... or postgres://... [default: sqlite://<data-dir>/hypha-rtc.db]
+    /// Database URL: sqlite://... or postgres://... (Hypha's postgresql+asyncpg:// and sqlite+aiosqlite:/// forms too) [default: sqlite://<data-dir>/hypha-rtc.db]
     #[arg(
         long,
+        visible_alias = "database-uri",
         env = "HYPHA_DATABASE_URL",
         value_name = "URL",
         global = true,
@@ -44,9 +45,29 @@ impl StoreOptions {
     pub(crate) fn settings(&self) -> StoreSettings {
         StoreSettings {
             data_dir: self.data_dir.clone(),
-            database_url: self.database_url.clone().filter(|u| !u.is_empty()),
+            database_url: self
+                .database_url
+                .as_deref()
+                .filter(|u| !u.is_empty())
+                .map(sqlx_url),
         }
     }
+}
+
+/// A database URL in the form sqlx takes: Hypha's SQLAlchemy forms (`postgresql+asyncpg://`,
+/// `sqlite+aiosqlite:///relative.db`, `sqlite+aiosqlite:////absolute.db`) are translated.
+fn sqlx_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((base, _driver)) = scheme.split_once('+')
+    {
+        return match base {
+            // SQLAlchemy's third slash ends the authority: what follows is the path.
+            "sqlite" => format!("sqlite://{}", rest.strip_prefix('/').unwrap_or(rest)),
+            "postgresql" | "postgres" => format!("postgres://{rest}"),
+            _ => url.to_string(),
+        };
+    }
+    url.to_string()
 }
 
 /// A store that could not be opened or written.

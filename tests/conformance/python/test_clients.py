@@ -182,3 +182,23 @@ def test_manager_events_reach_subscribers(server):
         await a.disconnect()
 
     run(main())
+
+
+def test_an_anonymous_client_mints_a_token_for_its_own_workspace(server):
+    """As in Hypha: an anonymous user is admin of its temporary workspace and may share it."""
+    async def main():
+        a = await connect_to_server({"server_url": server.url, "client_id": "host"})
+        await a.register_service({"id": "inside", "config": {"visibility": "protected"}, "f": lambda: "in"})
+        token = await a.generate_token()  # read_write by default, as in Hypha
+        b = await connect_to_server({"server_url": server.url, "token": token, "workspace": a.config.workspace})
+        assert b.config.workspace == a.config.workspace
+        assert b.config.user["is_anonymous"] is True
+        assert await (await b.get_service("host:inside")).f() == "in"
+        with pytest.raises(Exception, match="[Aa]nonymous"):
+            await b.get_rtc_ice_servers()
+        with pytest.raises(Exception, match="admin of workspace ws-user-someone"):
+            await a.generate_token({"workspace": "ws-user-someone"})
+        await b.disconnect()
+        await a.disconnect()
+
+    run(main())
