@@ -6,13 +6,45 @@ use crate::auth::accounts::hash_password;
 use crate::config::{Command, Settings, UserAction};
 use crate::store::{Store, UserRecord};
 
-/// Runs a command; returns what to print, or an error message.
+/// Why an operator's command did not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The request itself cannot be done (its message says why and what to do).
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Id(#[from] crate::ids::InvalidId),
+    #[error("cannot hash the password: {0}")]
+    Hash(argon2::password_hash::Error),
+}
+
+impl From<argon2::password_hash::Error> for AdminError {
+    fn from(e: argon2::password_hash::Error) -> Self {
+        AdminError::Hash(e)
+    }
+}
+
+impl From<String> for AdminError {
+    fn from(message: String) -> Self {
+        AdminError::Refused(message)
+    }
+}
+
+impl From<&str> for AdminError {
+    fn from(message: &str) -> Self {
+        AdminError::Refused(message.to_string())
+    }
+}
+
+/// Runs a command; returns what to print, or why it failed.
 pub async fn run(
     command: &Command,
     settings: &Settings,
     store: &Store,
     stdin: impl BufRead,
-) -> Result<String, String> {
+) -> Result<String, AdminError> {
     let now = crate::auth::now_secs();
     match command {
         Command::User { action } => match action {
@@ -23,13 +55,10 @@ pub async fn run(
             } => {
                 let email = checked_email(email)?;
                 let password = read_password(*password_stdin, stdin)?;
-                if store
-                    .user_by_email(&email)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .is_some()
-                {
-                    return Err(format!("a user with the email {email} already exists"));
+                if store.user_by_email(&email).await?.is_some() {
+                    return Err(AdminError::Refused(format!(
+                        "a user with the email {email} already exists"
+                    )));
                 }
                 let user = UserRecord {
                     id: format!("u{}", crate::ids::random_id(15)),
@@ -39,7 +68,7 @@ pub async fn run(
                     created_at: now,
                     disabled_at: None,
                 };
-                store.create_user(&user).await.map_err(|e| e.to_string())?;
+                store.create_user(&user).await?;
                 Ok(format!(
                     "added {email} (id {}, workspace ws-user-{})",
                     user.id, user.id
@@ -47,7 +76,7 @@ pub async fn run(
             }
             UserAction::List => {
                 let mut out = String::from("email\tid\troles\tcreated_at\tdisabled\n");
-                for u in store.users().await.map_err(|e| e.to_string())? {
+                for u in store.users().await? {
                     out.push_str(&format!(
                         "{}\t{}\t{}\t{}\t{}\n",
                         u.email,
@@ -59,13 +88,11 @@ pub async fn run(
                 }
                 Ok(out.trim_end().to_string())
             }
-            UserAction::Disable { email } => match store
-                .disable_user(email, now)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            UserAction::Disable { email } => match store.disable_user(email, now).await? {
                 true => Ok(format!("disabled {email}")),
-                false => Err(format!("no user with the email {email}")),
+                false => Err(AdminError::Refused(format!(
+                    "no user with the email {email}"
+                ))),
             },
             UserAction::Passwd {
                 email,
@@ -74,11 +101,12 @@ pub async fn run(
                 let password = read_password(*password_stdin, stdin)?;
                 match store
                     .set_password(email, &hash_password(&password)?)
-                    .await
-                    .map_err(|e| e.to_string())?
+                    .await?
                 {
                     true => Ok(format!("changed the password of {email}")),
-                    false => Err(format!("no user with the email {email}")),
+                    false => Err(AdminError::Refused(format!(
+                        "no user with the email {email}"
+                    ))),
                 }
             }
         },
@@ -91,13 +119,12 @@ pub async fn run(
             }
             let user = store
                 .user_by_email(email)
-                .await
-                .map_err(|e| e.to_string())?
+                .await?
                 .ok_or_else(|| format!("no user with the email {email}"))?;
             if user.disabled_at.is_some() {
-                return Err(format!("{email} is disabled"));
+                return Err(AdminError::Refused(format!("{email} is disabled")));
             }
-            let id = crate::ids::UserId::parse(user.id).map_err(|e| e.to_string())?;
+            let id = crate::ids::UserId::parse(user.id)?;
             let mut info = crate::auth::UserInfo::new(id, user.roles, Some(now + expires_in));
             info.email = Some(user.email);
             Ok(crate::auth::TokenIssuer::new(secret).issue(&info, *expires_in))
@@ -105,7 +132,7 @@ pub async fn run(
     }
 }
 
-fn checked_email(email: &str) -> Result<String, String> {
+fn checked_email(email: &str) -> Result<String, AdminError> {
     let email = email.trim().to_string();
     let valid = email.len() <= 254
         && email
@@ -115,11 +142,13 @@ fn checked_email(email: &str) -> Result<String, String> {
     if valid {
         Ok(email)
     } else {
-        Err(format!("{email:?} is not an email address"))
+        Err(AdminError::Refused(format!(
+            "{email:?} is not an email address"
+        )))
     }
 }
 
-fn read_password(from_stdin: bool, mut stdin: impl BufRead) -> Result<String, String> {
+fn read_password(from_stdin: bool, mut stdin: impl BufRead) -> Result<String, AdminError> {
     if !from_stdin {
         return Err("pass the password on standard input with --password-stdin".into());
     }

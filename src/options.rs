@@ -18,6 +18,23 @@ pub enum SettingsError {
     },
 }
 
+/// A value of an option that does not parse: what was given and what is expected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
+
+impl From<String> for InvalidValue {
+    fn from(message: String) -> Self {
+        InvalidValue(message)
+    }
+}
+
+impl From<&str> for InvalidValue {
+    fn from(message: &str) -> Self {
+        InvalidValue(message.to_string())
+    }
+}
+
 impl SettingsError {
     pub(crate) fn new(message: impl Into<String>) -> Self {
         SettingsError::Invalid(message.into())

@@ -50,12 +50,11 @@ impl AccountOptions {
 }
 
 /// Hashes a password with argon2 and a random salt.
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
 }
 
 fn verify_password(hash: &str, password: &str) -> bool {

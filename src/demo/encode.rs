@@ -10,6 +10,17 @@ use openh264::formats::YUVSlices;
 
 use super::render::I420;
 
+/// An encoder that could not start or encode a frame.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct EncodeError(pub String);
+
+impl From<&str> for EncodeError {
+    fn from(message: &str) -> Self {
+        EncodeError(message.to_string())
+    }
+}
+
 /// The codec the demo streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
@@ -19,7 +30,7 @@ pub enum Codec {
 
 impl Codec {
     /// Parses `--demo-codec`; VP8 only where the build has it.
-    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, crate::options::InvalidValue> {
         match text.to_ascii_lowercase().as_str() {
             "h264" | "h.264" => Ok(Codec::H264),
             "vp8" if cfg!(feature = "vp8") => Ok(Codec::Vp8),
@@ -27,7 +38,7 @@ impl Codec {
                 "this build has no VP8: build it with `--features vp8` (needs Debian's libvpx-dev)"
                     .into(),
             ),
-            other => Err(format!("{other:?} is not a codec: h264 or vp8")),
+            other => Err(format!("{other:?} is not a codec: h264 or vp8").into()),
         }
     }
 }
@@ -41,7 +52,12 @@ pub(crate) enum VideoEncoder {
 }
 
 impl VideoEncoder {
-    pub(crate) fn new(codec: Codec, frame: &I420, fps: u32, bitrate: u32) -> Result<Self, String> {
+    pub(crate) fn new(
+        codec: Codec,
+        frame: &I420,
+        fps: u32,
+        bitrate: u32,
+    ) -> Result<Self, EncodeError> {
         match codec {
             Codec::H264 => H264::new(fps, bitrate).map(|e| VideoEncoder::H264(Box::new(e))),
             #[cfg(feature = "vp8")]
@@ -57,7 +73,7 @@ impl VideoEncoder {
     }
 
     /// Encodes a frame (an Annex-B access unit or a VP8 frame); `keyframe` forces one.
-    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, EncodeError> {
         match self {
             VideoEncoder::H264(e) => e.encode(frame, keyframe),
             #[cfg(feature = "vp8")]
@@ -72,7 +88,7 @@ pub(crate) struct H264 {
 }
 
 impl H264 {
-    pub(crate) fn new(fps: u32, bitrate: u32) -> Result<Self, String> {
+    pub(crate) fn new(fps: u32, bitrate: u32) -> Result<Self, EncodeError> {
         let config = EncoderConfig::new()
             .bitrate(BitRate::from_bps(bitrate))
             .max_frame_rate(FrameRate::from_hz(fps as f32))
@@ -86,12 +102,12 @@ impl H264 {
             .intra_frame_period(IntraFramePeriod::from_num_frames(fps * 4))
             .num_threads(1);
         let encoder = Encoder::with_api_config(openh264::OpenH264API::from_source(), config)
-            .map_err(|e| format!("cannot start the H.264 encoder: {e}"))?;
+            .map_err(|e| EncodeError(format!("cannot start the H.264 encoder: {e}")))?;
         Ok(Self { encoder })
     }
 
     /// Encodes a frame into one Annex-B access unit; `keyframe` forces an IDR.
-    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, EncodeError> {
         if keyframe {
             self.encoder.force_intra_frame();
         }
@@ -102,7 +118,7 @@ impl H264 {
         let bitstream = self
             .encoder
             .encode(&yuv)
-            .map_err(|e| format!("encoding failed: {e}"))?;
+            .map_err(|e| EncodeError(format!("encoding failed: {e}")))?;
         Ok(bitstream.to_vec())
     }
 }

@@ -22,6 +22,15 @@ use super::{Producer, ViewerGuard};
 use crate::auth::UserInfo;
 use crate::error::Error;
 
+/// Why a frame did not reach a viewer.
+#[derive(Debug, thiserror::Error)]
+enum MediaError {
+    #[error(transparent)]
+    Encode(#[from] super::encode::EncodeError),
+    #[error("cannot write the frame: {0}")]
+    Write(String),
+}
+
 /// A session that has not connected within this time is dropped (slow relays included: ICE
 /// through TURN completes within a few seconds).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -223,7 +232,7 @@ impl Viewer {
         let started = Instant::now();
         match self.encode_next(0.0) {
             Ok(unit) => self.ready = Some(unit),
-            Err(e) => return End::Failed(e),
+            Err(e) => return End::Failed(e.to_string()),
         }
         let frame_interval = Duration::from_secs_f64(1.0 / self.fps.max(1) as f64);
         let mut ticker = tokio::time::interval(frame_interval);
@@ -271,7 +280,7 @@ impl Viewer {
                     if self.keyframe {
                         last_keyframe = now;
                     }
-                    if let Err(e) = self.send_frame(elapsed, started) { return End::Failed(e); }
+                    if let Err(e) = self.send_frame(elapsed, started) { return End::Failed(e.to_string()); }
                     // str0m packetises written media when it next handles an input: drain after
                     // the write (one mutation at a time), then let it release the frame now
                     // rather than at its next timer, which held the stream near 18 fps.
@@ -356,7 +365,7 @@ impl Viewer {
     }
 
     /// Sends the next frame: the one encoded ahead, if any, or a new one.
-    fn send_frame(&mut self, elapsed: f32, started: Instant) -> Result<(), String> {
+    fn send_frame(&mut self, elapsed: f32, started: Instant) -> Result<(), MediaError> {
         let unit = match self.ready.take() {
             Some(unit) => unit,
             None => self.encode_next(elapsed)?,
@@ -365,7 +374,7 @@ impl Viewer {
     }
 
     /// Moves the scene by `elapsed` seconds, renders it and encodes it.
-    fn encode_next(&mut self, elapsed: f32) -> Result<Vec<u8>, String> {
+    fn encode_next(&mut self, elapsed: f32) -> Result<Vec<u8>, MediaError> {
         let room = (
             (self.frame.width.saturating_sub(self.mask.width)) as f32,
             (self.frame.height.saturating_sub(self.mask.height)) as f32,
@@ -401,11 +410,11 @@ impl Viewer {
                 self.encoder.insert(encoder)
             }
         };
-        encoder.encode(&self.frame, std::mem::take(&mut self.keyframe))
+        Ok(encoder.encode(&self.frame, std::mem::take(&mut self.keyframe))?)
     }
 
     /// Hands an encoded frame to str0m, stamped with the wall clock.
-    fn write(&mut self, unit: Vec<u8>, started: Instant) -> Result<(), String> {
+    fn write(&mut self, unit: Vec<u8>, started: Instant) -> Result<(), MediaError> {
         let Some(mid) = self.mid else { return Ok(()) };
         let Some(writer) = self.rtc.writer(mid) else {
             return Ok(());
@@ -420,7 +429,7 @@ impl Viewer {
         );
         writer
             .write(pt, Instant::now(), rtp, unit)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| MediaError::Write(e.to_string()))?;
         self.guard.frame_sent();
         Ok(())
     }

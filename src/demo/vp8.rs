@@ -9,6 +9,8 @@ use vpx_sys as vpx;
 
 use super::render::I420;
 
+use super::encode::EncodeError;
+
 /// One VP8 encoder for one viewer.
 pub(crate) struct Vp8 {
     ctx: Box<vpx::vpx_codec_ctx_t>,
@@ -20,16 +22,21 @@ pub(crate) struct Vp8 {
 // The encoder context is used by one viewer task at a time; libvpx keeps no thread affinity.
 unsafe impl Send for Vp8 {}
 
-fn check(what: &str, status: vpx::vpx_codec_err_t) -> Result<(), String> {
+fn check(what: &str, status: vpx::vpx_codec_err_t) -> Result<(), EncodeError> {
     if status == vpx::vpx_codec_err_t::VPX_CODEC_OK {
         Ok(())
     } else {
-        Err(format!("VP8 {what} failed: {status:?}"))
+        Err(EncodeError(format!("VP8 {what} failed: {status:?}")))
     }
 }
 
 impl Vp8 {
-    pub(crate) fn new(width: usize, height: usize, fps: u32, bitrate: u32) -> Result<Self, String> {
+    pub(crate) fn new(
+        width: usize,
+        height: usize,
+        fps: u32,
+        bitrate: u32,
+    ) -> Result<Self, EncodeError> {
         // SAFETY: the interface pointer is libvpx's static VP8 encoder; the config is written by
         // libvpx before it is read, and the context lives in a Box that outlives every call.
         unsafe {
@@ -86,7 +93,7 @@ impl Vp8 {
     }
 
     /// Encodes a frame into one VP8 frame; `keyframe` forces a key frame.
-    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode(&mut self, frame: &I420, keyframe: bool) -> Result<Vec<u8>, EncodeError> {
         if (frame.width, frame.height) != (self.width, self.height) {
             return Err("the frame size changed under the VP8 encoder".into());
         }
@@ -133,7 +140,7 @@ impl Vp8 {
                 if (*packet).kind == vpx::vpx_codec_cx_pkt_kind::VPX_CODEC_CX_FRAME_PKT {
                     let data = (*packet).data.frame;
                     let size = usize::try_from(data.sz)
-                        .map_err(|_| "VP8 produced an impossible frame size".to_string())?;
+                        .map_err(|_| EncodeError::from("VP8 produced an impossible frame size"))?;
                     out.extend_from_slice(std::slice::from_raw_parts(data.buf as *const u8, size));
                 }
             }

@@ -43,7 +43,7 @@ pub(crate) fn origin_of(url: &str) -> Option<String> {
 
 impl AllowOrigins {
     /// Parses a comma-separated list of origins and `*`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, crate::options::InvalidValue> {
         let mut allow = AllowOrigins {
             any: false,
             listed: Vec::new(),

@@ -46,7 +46,7 @@ struct Watched {
     early: BTreeMap<u64, Bytes>,
     touched: Instant,
     /// Set when the message can no longer be vouched for; its `process` is refused.
-    poisoned: Option<String>,
+    poisoned: Option<ChunkRefusal>,
     /// The bytes of the main message, while it fits in [`MAX_MAIN`].
     main: Option<Vec<u8>>,
 }
@@ -71,10 +71,10 @@ impl Watched {
     }
 
     /// Takes chunk `index`; scans it now if its turn has come.
-    fn chunk(&mut self, index: u64, data: Bytes, early_room: usize) -> Result<(), String> {
+    fn chunk(&mut self, index: u64, data: Bytes, early_room: usize) -> Result<(), ChunkRefusal> {
         self.received += 1;
         if index < self.next || self.early.contains_key(&index) {
-            return Err(format!("chunk {index} of this message was already sent"));
+            return Err(format!("chunk {index} of this message was already sent").into());
         }
         if index > self.next {
             if data.len() > early_room {
@@ -92,13 +92,14 @@ impl Watched {
         Ok(())
     }
 
-    fn scan(&mut self, data: &[u8]) -> Result<(), String> {
+    fn scan(&mut self, data: &[u8]) -> Result<(), ChunkRefusal> {
         // Past the body (the second object) nothing is merged: no need to read on.
         if self.scanner.objects() >= 2 {
             return Ok(());
         }
-        let invalid =
-            |e: scan::ScanError| format!("the chunked message is not valid msgpack: it {e}");
+        let invalid = |e: scan::ScanError| {
+            ChunkRefusal(format!("the chunked message is not valid msgpack: it {e}"))
+        };
         let mut data = data;
         if self.scanner.objects() == 0 {
             let used = self.scanner.run(data, 1).map_err(invalid)?;
@@ -125,7 +126,7 @@ impl Watched {
     }
 
     /// Whether the message, as sent so far, is complete and merges nothing the server sets.
-    fn verdict(&self) -> Result<(), String> {
+    fn verdict(&self) -> Result<(), ChunkRefusal> {
         if let Some(reason) = &self.poisoned {
             return Err(reason.clone());
         }
@@ -136,7 +137,7 @@ impl Watched {
             0 => Err("the chunked message is incomplete".into()),
             1 if self.scanner.at_boundary() => Ok(()),
             1 => Err("the chunked message ends in the middle of its body".into()),
-            _ => scan::verdict(&self.scanner).map_err(|e| e.to_string()),
+            _ => scan::verdict(&self.scanner).map_err(|e| ChunkRefusal(e.to_string())),
         }
     }
 }
@@ -186,6 +187,23 @@ impl Answerable {
     }
 }
 
+/// Why a `message_cache` call is not delivered (said to its sender in the reject).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ChunkRefusal(pub String);
+
+impl From<String> for ChunkRefusal {
+    fn from(reason: String) -> Self {
+        ChunkRefusal(reason)
+    }
+}
+
+impl From<&str> for ChunkRefusal {
+    fn from(reason: &str) -> Self {
+        ChunkRefusal(reason.into())
+    }
+}
+
 /// What to deliver of a vetted `message_cache` call.
 #[derive(Debug, Default)]
 pub struct Vetted {
@@ -228,29 +246,29 @@ impl CallArgs<'_> {
         Ok(CallArgs { body, args, items })
     }
 
-    fn key(&self) -> Result<String, String> {
+    fn key(&self) -> Result<String, ChunkRefusal> {
         self.items
             .first()
             .and_then(|item| rmp::decode::read_str_from_slice(item).ok())
             .map(|(s, _)| s.to_string())
             .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
-            .ok_or_else(|| "the message_cache call names no valid key".to_string())
+            .ok_or_else(|| "the message_cache call names no valid key".into())
     }
 
-    fn index(&self, at: usize) -> Result<u64, String> {
+    fn index(&self, at: usize) -> Result<u64, ChunkRefusal> {
         self.items
             .get(at)
             .and_then(|item| scan::decode(item, Limits::decode(item.len(), 1, 1)).ok())
             .and_then(|(v, _)| v.as_u64())
-            .ok_or_else(|| "the message_cache call has no valid index".to_string())
+            .ok_or_else(|| "the message_cache call has no valid index".into())
     }
 
-    fn data(&self, at: usize) -> Result<Bytes, String> {
+    fn data(&self, at: usize) -> Result<Bytes, ChunkRefusal> {
         self.items
             .get(at)
             .and_then(|item| scan::binary_payload(item))
             .map(|payload| self.body.slice_ref(payload))
-            .ok_or_else(|| "the message_cache call carries no bytes".to_string())
+            .ok_or_else(|| "the message_cache call carries no bytes".into())
     }
 
     fn flag(&self, at: usize) -> bool {
@@ -292,7 +310,7 @@ impl ChunkWatch {
         target: &str,
         frame: &Frame,
         answers: impl Fn(&str) -> bool,
-    ) -> Result<Vetted, String> {
+    ) -> Result<Vetted, ChunkRefusal> {
         let Some(method) = frame.field("method") else {
             return Ok(Vetted::default());
         };
@@ -305,7 +323,7 @@ impl ChunkWatch {
             ".set" => Op::Set,
             ".process" => Op::Process,
             ".remove" => Op::Remove,
-            _ => return Err(format!("{method} is not a message_cache function")),
+            _ => return Err(format!("{method} is not a message_cache function").into()),
         };
         if target.ends_with("/*") {
             return Err("message_cache calls go to one client, never to a whole workspace".into());
@@ -363,7 +381,8 @@ impl ChunkWatch {
                 {
                     return Err(format!(
                         "too many chunked messages in flight (at most {MAX_MESSAGES_PER_SENDER})"
-                    ));
+                    )
+                    .into());
                 }
                 messages.insert(slot.clone(), Watched::new(sender, !answer));
                 Ok(delivered(&slot, !answer))
@@ -467,11 +486,16 @@ mod tests {
         false
     }
 
-    fn vet(watch: &ChunkWatch, sender: &str, frame: &Frame) -> Result<Vetted, String> {
+    fn vet(watch: &ChunkWatch, sender: &str, frame: &Frame) -> Result<Vetted, ChunkRefusal> {
         watch.vet(sender, "ws/alice", frame, none)
     }
 
-    fn send(watch: &ChunkWatch, data: &[u8], piece: usize, reversed: bool) -> Result<(), String> {
+    fn send(
+        watch: &ChunkWatch,
+        data: &[u8],
+        piece: usize,
+        reversed: bool,
+    ) -> Result<(), ChunkRefusal> {
         vet(
             watch,
             "ws/eve",
@@ -562,7 +586,7 @@ mod tests {
             for reversed in [false, true] {
                 assert_eq!(send(&watch, &clean, piece, reversed), Ok(()));
                 let refused = send(&watch, &forged, piece, reversed).unwrap_err();
-                assert!(refused.contains("\"from\""), "{refused}");
+                assert!(refused.0.contains("\"from\""), "{refused}");
             }
         }
         assert!(watch.is_empty());

@@ -472,7 +472,7 @@ impl Hub {
         // carry the fields the server sets; and what a chunked message will assemble into is
         // vetted the same way as it passes.
         let vetted = crate::rpc::scan::check_body(&frame.body)
-            .map_err(|e| e.to_string())
+            .map_err(|e| chunks::ChunkRefusal(e.to_string()))
             .and_then(|()| {
                 self.chunks.vet(sender.addr, &target, &frame, |session| {
                     // A call that came through another instance is not seen here: its
@@ -485,7 +485,7 @@ impl Hub {
             });
         let mut frame = frame;
         match vetted {
-            Err(error) => {
+            Err(chunks::ChunkRefusal(error)) => {
                 let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
                 return Ok(Routed::Refused { error, reject });
             }

@@ -15,7 +15,7 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, crate::options::InvalidValue> {
         let text = text.trim();
         let bad = || format!("{text:?} is not an address or address block (e.g. 10.0.0.0/8, ::1)");
         let (address, prefix) = match text.split_once('/') {
@@ -26,7 +26,7 @@ impl Cidr {
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
         if prefix > max {
-            return Err(bad());
+            return Err(bad().into());
         }
         Ok(Self { network, prefix })
     }
@@ -86,7 +86,7 @@ pub struct TrustedProxies(pub Vec<Cidr>);
 
 impl TrustedProxies {
     /// Parses a comma-separated list (`--trusted-proxies`).
-    pub fn parse(list: &str) -> Result<Self, String> {
+    pub fn parse(list: &str) -> Result<Self, crate::options::InvalidValue> {
         list.split(',')
             .filter(|s| !s.trim().is_empty())
             .map(Cidr::parse)

@@ -17,7 +17,7 @@ pub struct HostPort {
 
 impl HostPort {
     /// Parses `host[:port]`, `[v6]:port` or a bare IPv6 literal; a `turn:`/`stun:` prefix is allowed.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, crate::options::InvalidValue> {
         let text = text.trim();
         let text = ["turn:", "turns:", "stun:", "stuns:"]
             .iter()
@@ -27,7 +27,7 @@ impl HostPort {
             format!("{text:?} is not host:port (e.g. turn.example.org:3478 or [2001:db8::1]:3478)")
         };
         if text.is_empty() {
-            return Err(bad());
+            return Err(bad().into());
         }
         let (host, port) = if let Some(rest) = text.strip_prefix('[') {
             let (host, after) = rest.split_once(']').ok_or_else(bad)?;
@@ -56,7 +56,7 @@ impl HostPort {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')));
         if !valid_host {
-            return Err(bad());
+            return Err(bad().into());
         }
         Ok(Self { host, port })
     }
@@ -102,13 +102,13 @@ impl fmt::Debug for StaticIceServer {
 impl StaticIceServer {
     /// Parses `turn:<host>:<port>[<user>:<password>]` or `stun:<host>:<port>`. The password is
     /// everything after the first `:` inside the brackets, so it may itself contain `:`.
-    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, crate::options::InvalidValue> {
         let expected = "expected turn:<host>:<port>[<user>:<password>] or stun:<host>:<port>";
         let text = text.trim();
         if let Some(rest) = text.strip_prefix("stun:") {
             return HostPort::parse(rest)
                 .map(StaticIceServer::Stun)
-                .map_err(|e| format!("{e}; {expected}"));
+                .map_err(|e| format!("{e}; {expected}").into());
         }
         let rest = text
             .strip_prefix("turn:")
@@ -132,9 +132,9 @@ impl StaticIceServer {
             .split_once(':')
             .ok_or_else(|| format!("{text:?}: {expected}"))?;
         if username.is_empty() || password.is_empty() {
-            return Err(format!(
-                "{text:?}: user and password must not be empty; {expected}"
-            ));
+            return Err(
+                format!("{text:?}: user and password must not be empty; {expected}").into(),
+            );
         }
         Ok(StaticIceServer::Turn {
             address: HostPort::parse(address).map_err(|e| format!("{e}; {expected}"))?,

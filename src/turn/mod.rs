@@ -91,8 +91,9 @@ impl TurnOptions {
     /// Validates the options; every error names the option and the expected form.
     pub(crate) fn settings(&self) -> Result<TurnSettings, crate::options::SettingsError> {
         use crate::options::{SettingsError, option_name};
-        let option =
-            |name: &str, e: String| SettingsError::new(format!("{}: {e}", option_name(name)));
+        let option = |name: &str, e: crate::options::InvalidValue| {
+            SettingsError::new(format!("{}: {e}", option_name(name)))
+        };
         let secret = self.coturn_secret.clone().filter(|s| !s.is_empty());
         let uri = self.coturn_uri.clone().filter(|s| !s.is_empty());
         let public_list = self.public_coturn_uri.as_deref().filter(|s| !s.is_empty());
