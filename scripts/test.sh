@@ -70,3 +70,31 @@ step "conformance suites (real hypha-rpc clients)"
 HYPHA_RTC_BIN="$CARGO_TARGET_DIR/debug/hypha-rtc" \
     "$VENV/bin/python" -m pytest tests/conformance/python -q -p no:cacheprovider \
     -W ignore::jwt.warnings.InsecureKeyLengthWarning
+
+step "the hypha-rpc client's own test suite (its PyPI source distribution, unchanged)"
+SUITE_REQS=tests/conformance/client-suite/requirements.txt
+SUITE_VENV="$CACHE/client-suite-venv-$(sha256sum "$SUITE_REQS" | cut -c1-12)"
+if [ ! -f "$SUITE_VENV/.complete" ]; then
+    rm -rf "$SUITE_VENV"
+    python3 -m venv "$SUITE_VENV"
+    "$SUITE_VENV/bin/pip" install -q --upgrade pip
+    "$SUITE_VENV/bin/pip" install -q -r "$SUITE_REQS"
+    touch "$SUITE_VENV/.complete"
+fi
+SDIST="$CACHE/hypha_rpc-0.21.47"
+if [ ! -f "$SDIST/.complete" ]; then
+    rm -rf "$SDIST" "$CACHE/sdist-download"
+    "$SUITE_VENV/bin/pip" download -q --no-deps --no-binary :all: hypha-rpc==0.21.47 -d "$CACHE/sdist-download"
+    tar -xzf "$CACHE/sdist-download/hypha_rpc-0.21.47.tar.gz" -C "$CACHE"
+    touch "$SDIST/.complete"
+fi
+# The published tests, as they are, beside the fixtures that start hypha-rtc; run from a
+# folder without the client's sources, so the installed client is the one tested.
+SUITE_RUN="$(mktemp -d)"
+trap 'rm -rf "$SUITE_RUN"' EXIT
+mkdir "$SUITE_RUN/tests"
+cp "$SDIST"/tests/test_*.py "$SUITE_RUN/tests/"
+cp tests/conformance/client-suite/{__init__,conftest,known}.py "$SUITE_RUN/tests/"
+(cd "$SUITE_RUN" && HYPHA_RTC_BIN="$CARGO_TARGET_DIR/debug/hypha-rtc" \
+    "$SUITE_VENV/bin/python" -m pytest tests -q -p no:cacheprovider -o asyncio_mode=auto \
+    -o asyncio_default_fixture_loop_scope=function --timeout 120 -rfEX)

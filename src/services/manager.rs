@@ -559,13 +559,14 @@ pub(crate) async fn get_service(
     query: &str,
     config: Option<&Value>,
 ) -> Result<Value, Error> {
+    let case = KeyCase::of(config)?;
     let entry = resolve(state, caller_ws, user, query, mode(config)?).await?;
     let provider = entry.id.provider.to_string();
     if entry.id.provider.client.as_str() == state.manager_id {
         return state
             .hosted
             .get(entry.id.name.as_str())
-            .map(|service| service.description(state))
+            .map(|service| case.apply(service.description(state)))
             .ok_or_else(|| Error::NotFound(format!("Service not found: {query}")));
     }
     let timeout = config
@@ -623,7 +624,111 @@ pub(crate) async fn get_service(
             ),
         }
     }
-    Ok(description)
+    Ok(case.apply(description))
+}
+
+/// `get_service(..., case_conversion=...)`: the function names of a description in the
+/// caller's preferred case, as Hypha converts them (`HelloWorld` is `helloWorld` in camel
+/// case and `hello_world` in snake case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyCase {
+    AsIs,
+    Camel,
+    Snake,
+}
+
+impl KeyCase {
+    fn of(config: Option<&Value>) -> Result<Self, Error> {
+        match config.and_then(|c| get(c, "case_conversion")) {
+            None | Some(Value::Nil) => Ok(KeyCase::AsIs),
+            Some(v) => match v.as_str() {
+                Some("camel") => Ok(KeyCase::Camel),
+                Some("snake") => Ok(KeyCase::Snake),
+                _ => Err(Error::BadRequest(
+                    "case_conversion must be \"camel\" or \"snake\"".into(),
+                )),
+            },
+        }
+    }
+
+    /// Converts the keys of the description and of the plain maps in it (never the keys of
+    /// an encoded value such as a method, whose fields start with `_`).
+    fn apply(self, description: Value) -> Value {
+        fn convert(value: Value, case: KeyCase, depth: usize) -> Value {
+            let Value::Map(entries) = value else {
+                return value;
+            };
+            let encoded = entries
+                .iter()
+                .any(|(k, _)| k.as_str().is_some_and(|k| k.starts_with('_')));
+            if encoded || depth > 32 {
+                return Value::Map(entries);
+            }
+            Value::Map(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let key = match k.as_str() {
+                            Some(name) => case.name(name).into(),
+                            None => k,
+                        };
+                        (key, convert(v, case, depth + 1))
+                    })
+                    .collect(),
+            )
+        }
+        if self == KeyCase::AsIs {
+            return description;
+        }
+        convert(description, self, 0)
+    }
+
+    /// One name in this case: its words are split at `_`, `-` and before capitals.
+    fn name(self, name: &str) -> String {
+        let mut words: Vec<String> = Vec::new();
+        let mut current = String::new();
+        let mut previous_lower = false;
+        for c in name.chars() {
+            if c == '_' || c == '-' {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+                previous_lower = false;
+                continue;
+            }
+            if c.is_uppercase() && previous_lower && !current.is_empty() {
+                words.push(std::mem::take(&mut current));
+            }
+            previous_lower = c.is_lowercase() || c.is_ascii_digit();
+            current.push(c);
+        }
+        if !current.is_empty() {
+            words.push(current);
+        }
+        match self {
+            KeyCase::AsIs => name.to_string(),
+            KeyCase::Snake => words
+                .iter()
+                .map(|w| w.to_lowercase())
+                .collect::<Vec<_>>()
+                .join("_"),
+            KeyCase::Camel => words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let lower = w.to_lowercase();
+                    if i == 0 {
+                        return lower;
+                    }
+                    let mut chars = lower.chars();
+                    chars
+                        .next()
+                        .map(|first| first.to_uppercase().chain(chars).collect())
+                        .unwrap_or_default()
+                })
+                .collect(),
+        }
+    }
 }
 
 /// JS providers encode `_rtarget` relative to their workspace; consumers need it absolute.
@@ -861,6 +966,37 @@ const ANONYMOUS_TOKEN_LIFETIME: i64 = 3600;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_convert_to_either_case_as_hypha_does() {
+        for (name, camel, snake) in [
+            ("HelloWorld", "helloWorld", "hello_world"),
+            ("hello_world", "helloWorld", "hello_world"),
+            ("helloWorld", "helloWorld", "hello_world"),
+            ("echo", "echo", "echo"),
+            (
+                "get_rtc_ice_servers",
+                "getRtcIceServers",
+                "get_rtc_ice_servers",
+            ),
+        ] {
+            assert_eq!(KeyCase::Camel.name(name), camel, "{name}");
+            assert_eq!(KeyCase::Snake.name(name), snake, "{name}");
+        }
+        let description = obj([
+            ("id", "ws/c:s".into()),
+            (
+                "HelloWorld",
+                obj([("_rtype", "method".into()), ("_rtarget", "ws/c".into())]),
+            ),
+        ]);
+        let camel = KeyCase::Camel.apply(description);
+        let method = get(&camel, "helloWorld").expect("converted");
+        assert!(
+            get(method, "_rtarget").is_some(),
+            "an encoded value kept its fields"
+        );
+    }
 
     #[test]
     fn relative_targets_become_absolute() {

@@ -438,8 +438,8 @@ impl RateLimit {
 }
 
 /// Calls to the server's own services one connection may have running at once.
-const MAX_SERVER_CALLS: usize = 64;
-const MAX_SERVER_CALLS_ANONYMOUS: usize = 16;
+const MAX_SERVER_CALLS: usize = 512;
+const MAX_SERVER_CALLS_ANONYMOUS: usize = 128;
 
 /// One admitted connection: who it is and what it holds while it runs.
 struct Session<'a> {

@@ -54,7 +54,7 @@ pub(crate) enum Refused {
     BoundClient(ClientId, ClientId),
     #[error("the token is bound to workspace {0}, not {1}")]
     BoundWorkspace(WorkspaceId, String),
-    #[error("Permission denied for workspace {0}")]
+    #[error("Permission denied for workspace {0}: it does not exist or is not accessible")]
     PermissionDenied(WorkspaceId),
 }
 

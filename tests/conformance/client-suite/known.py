@@ -1,0 +1,31 @@
+"""Tests of the client suite that do not run against hypha-rtc, each with its reason.
+
+EXCLUDED: they need infrastructure hypha-rtc does not claim (skipped).
+GAPS: what hypha-rtc has not built yet (reported as expected failures without being run, since
+most of them would only wait for their time-out; remove an entry when its gap is built).
+Keys are `file.py` (the whole file) or `file.py::test_name`.
+"""
+
+EXCLUDED = {
+    "test_server_compatibility.py": "talks to the public Hypha server at hypha.aicell.io (no network in the test run)",
+    "test_utils.py::test_launch_external_services": "launches tests/example_service_script.py, which the source distribution does not ship",
+    # A race inside the client: connect_to_server returns before the client's own
+    # subscribe(["client_disconnected"]) call is answered; the test disconnects at once, the
+    # cleanup removes the handler and sets it to None (hypha_rpc/rpc.py, _cleanup_on_disconnect),
+    # then the answer arrives and the subscription code registers that None as the handler
+    # (rpc.py, `self.on("client_disconnected", self._bound_handle_client_disconnected)`).
+    # Evidence: the assertion prints `{'client_disconnected': [None]}`, a handler no server
+    # can put there; the outcome depends on whether the answer beats the close.
+    "test_memory_gc_validation.py::TestIntegrationGC::test_client_collected_after_disconnect": "client race: a None handler registered after disconnect (see above)",
+    "test_memory_gc_validation.py::TestMemoryGrowth::test_repeated_connections_no_growth": "client race: a None handler registered after disconnect (see above)",
+}
+
+ASGI = "ASGI apps served at /{workspace}/apps/{service_id}/... are not built yet"
+
+GAPS = {
+    "test_http_rpc.py": "the HTTP streaming transport (GET/POST /rpc) is not built yet",
+    "test_mcp.py::test_serve_mcp_calculator": ASGI + " (MCP over SSE)",
+    "test_utils.py::test_serve_fastapi_app": ASGI,
+    "test_utils.py::test_openai_server_comprehensive": ASGI + " (an OpenAI-compatible server)",
+    "test_utils.py::test_openai_server_edge_cases": ASGI + " (an OpenAI-compatible server)",
+}
