@@ -16,3 +16,18 @@ apt_install() {
         exit 1
     fi
 }
+
+# venv_for REQUIREMENTS NAME: prints the path of a virtual environment under $CACHE holding
+# exactly REQUIREMENTS (kept while the file is unchanged), creating it when needed.
+venv_for() {
+    local venv
+    venv="$CACHE/$2-$(sha256sum "$1" | cut -c1-12)"
+    if [ ! -f "$venv/.complete" ]; then
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --upgrade pip >&2
+        "$venv/bin/pip" install -q -r "$1" >&2
+        touch "$venv/.complete"
+    fi
+    echo "$venv"
+}

@@ -36,15 +36,7 @@ if ! command -v nasm >/dev/null; then
 fi
 
 step "Python environment (hypha-rpc, aiortc, numpy)"
-REQS=tests/conformance/python/requirements.txt
-VENV="$CACHE/venv-$(sha256sum "$REQS" | cut -c1-12)"
-if [ ! -f "$VENV/.complete" ]; then
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -r "$REQS"
-    touch "$VENV/.complete"
-fi
+VENV="$(venv_for tests/conformance/python/requirements.txt venv)"
 
 step "npm packages (hypha-rpc, ws, playwright-core)"
 JS=tests/conformance/js
@@ -72,15 +64,7 @@ HYPHA_RTC_BIN="$CARGO_TARGET_DIR/debug/hypha-rtc" \
     -W ignore::jwt.warnings.InsecureKeyLengthWarning
 
 step "the hypha-rpc client's own test suite (its PyPI source distribution, unchanged)"
-SUITE_REQS=tests/conformance/client-suite/requirements.txt
-SUITE_VENV="$CACHE/client-suite-venv-$(sha256sum "$SUITE_REQS" | cut -c1-12)"
-if [ ! -f "$SUITE_VENV/.complete" ]; then
-    rm -rf "$SUITE_VENV"
-    python3 -m venv "$SUITE_VENV"
-    "$SUITE_VENV/bin/pip" install -q --upgrade pip
-    "$SUITE_VENV/bin/pip" install -q -r "$SUITE_REQS"
-    touch "$SUITE_VENV/.complete"
-fi
+SUITE_VENV="$(venv_for tests/conformance/client-suite/requirements.txt client-suite-venv)"
 SDIST="$CACHE/hypha_rpc-0.21.47"
 if [ ! -f "$SDIST/.complete" ]; then
     rm -rf "$SDIST" "$CACHE/sdist-download"
