@@ -65,12 +65,16 @@ pub struct AppState {
     /// What clients write to the log, and how fast they may.
     pub client_log: workspace::client_log::ClientLog,
     pub server_id: String,
-    pub manager_id: String,
     pub public_base_url: String,
     pub local_base_url: String,
 }
 
 impl AppState {
+    /// The id the server's manager goes by (held once, by the hub, which routes by it).
+    pub fn manager_id(&self) -> &str {
+        self.hub.manager_id()
+    }
+
     /// Makes a new client reachable from every instance and announces it to the subscribers
     /// of its workspace.
     pub(crate) async fn client_connected(&self, addr: &str, workspace: &str) {
@@ -266,11 +270,10 @@ impl App {
             store,
             directory,
             stopping,
-            peer: ServerPeer::new(manager_id.clone(), hub.clone(), &server_user),
+            peer: ServerPeer::new(hub.clone(), &server_user),
             hub,
             registry: Registry::default(),
             server_id,
-            manager_id,
             public_base_url,
             local_base_url,
             settings,
@@ -322,7 +325,7 @@ impl App {
             tls,
             state,
         } = self;
-        tracing::info!(%addr, tls = tls.is_some(), manager_id = %state.manager_id, "hypha-rtc listening");
+        tracing::info!(%addr, tls = tls.is_some(), manager_id = %state.manager_id(), "hypha-rtc listening");
         if let Some(listener) = metrics_listener {
             let metrics = http::metrics_router(state.clone());
             let stopping = state.stopping.clone();

@@ -84,7 +84,7 @@ async fn config(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<
         .map(|u| u.to_json());
     Json(json!({
         "server_id": state.server_id,
-        "manager_id": state.manager_id,
+        "manager_id": state.manager_id(),
         "hypha_version": crate::HYPHA_VERSION,
         "hypha_rtc_version": env!("CARGO_PKG_VERSION"),
         "public_base_url": state.public_base_url,

@@ -152,7 +152,7 @@ async fn call_function(
             .map(|m| m.parse::<manager::SelectMode>())
             .transpose()?;
         let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode).await?;
-        if entry.id.provider.client.as_str() == state.manager_id {
+        if entry.id.provider.client.as_str() == state.manager_id() {
             let hosted = state
                 .hosted
                 .get(entry.id.name.as_str())

@@ -232,6 +232,11 @@ impl Hub {
         }
     }
 
+    /// The id the server's manager goes by; frames to it are the server's.
+    pub(crate) fn manager_id(&self) -> &str {
+        &self.manager_id
+    }
+
     pub(crate) fn bus(&self) -> &Arc<dyn Bus> {
         &self.bus
     }
@@ -640,6 +645,10 @@ impl crate::rpc::peer::Outbox for Hub {
                 .await
                 .map_err(|e| crate::rpc::RpcError::Unavailable(e.to_string()))
         })
+    }
+
+    fn manager_id(&self) -> &str {
+        Hub::manager_id(self)
     }
 }
 

@@ -120,11 +120,12 @@ pub(crate) struct CallOptions<'a> {
 pub(crate) trait Outbox: Send + Sync {
     /// Hands a frame to the client at `to`, wherever it is connected.
     fn send<'a>(&'a self, to: &'a str, frame: Bytes) -> BoxFuture<'a, Result<(), Error>>;
+    /// The id the server's manager goes by: the address the server peer speaks from.
+    fn manager_id(&self) -> &str;
 }
 
 /// The server's RPC peer.
 pub struct ServerPeer {
-    pub manager_id: String,
     outbox: Arc<dyn Outbox>,
     pending: DashMap<String, Pending>,
     /// Chunked messages clients are sending to the server.
@@ -137,9 +138,8 @@ pub struct ServerPeer {
 }
 
 impl ServerPeer {
-    pub(crate) fn new(manager_id: String, outbox: Arc<dyn Outbox>, server_user: &UserInfo) -> Self {
+    pub(crate) fn new(outbox: Arc<dyn Outbox>, server_user: &UserInfo) -> Self {
         Self {
-            manager_id,
             outbox,
             pending: DashMap::new(),
             cache: Default::default(),
@@ -151,7 +151,7 @@ impl ServerPeer {
 
     /// The manager's global address.
     pub(crate) fn manager_addr(&self) -> String {
-        format!("*/{}", self.manager_id)
+        format!("*/{}", self.outbox.manager_id())
     }
 
     /// Decodes a frame: a call to a hosted service, or a reply to one of our calls.

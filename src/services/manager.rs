@@ -504,15 +504,15 @@ pub(crate) async fn resolve(
     mode: Option<SelectMode>,
 ) -> Result<ServiceEntry, Error> {
     let parsed = ServiceQuery::parse(query, caller_ws)?;
-    if parsed.client.as_deref() == Some(state.manager_id.as_str()) && parsed.name == "default" {
-        let id = ServiceId::parse(&format!("{}/{}:default", caller_ws, state.manager_id))
+    if parsed.client.as_deref() == Some(state.manager_id()) && parsed.name == "default" {
+        let id = ServiceId::parse(&format!("{}/{}:default", caller_ws, state.manager_id()))
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         let info = Manager.description(state);
         return ServiceEntry::from_info(id, info);
     }
     let mut found = crate::workspace::find_services(state, &parsed).await?;
     if parsed.workspace == "public" && super::is_reserved_public_name(&parsed.name) {
-        found.retain(|e| e.id.provider.client.as_str() == state.manager_id);
+        found.retain(|e| e.id.provider.client.as_str() == state.manager_id());
     }
     if found.is_empty() {
         return Err(Error::NotFound(format!("Service not found: {query}")));
@@ -562,7 +562,7 @@ pub(crate) async fn get_service(
     let case = KeyCase::of(config)?;
     let entry = resolve(state, caller_ws, user, query, mode(config)?).await?;
     let provider = entry.id.provider.to_string();
-    if entry.id.provider.client.as_str() == state.manager_id {
+    if entry.id.provider.client.as_str() == state.manager_id() {
         return state
             .hosted
             .get(entry.id.name.as_str())

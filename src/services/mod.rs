@@ -48,7 +48,7 @@ pub(crate) trait HostedService: Send + Sync {
     ) -> BoxFuture<'a, Result<Value, Error>>;
     /// What `get_service` returns for it.
     fn description(&self, app: &AppState) -> Value {
-        let id = format!("public/{}:{}", app.manager_id, self.name());
+        let id = format!("public/{}:{}", app.manager_id(), self.name());
         let envelope = Envelope {
             id: &id,
             name: self.name(),
@@ -93,7 +93,7 @@ impl Hosted {
     pub(crate) fn register(&self, app: &AppState) {
         for service in self.services.iter().filter(|s| s.public()) {
             let name = service.name();
-            let id = format!("public/{}:{name}", app.manager_id);
+            let id = format!("public/{}:{name}", app.manager_id());
             let info = obj([
                 ("id", id.as_str().into()),
                 ("name", name.into()),

@@ -223,7 +223,7 @@ pub(crate) async fn resync(state: &AppState) {
         .registry
         .all()
         .into_iter()
-        .filter(|e| e.id.provider.client.as_str() != state.manager_id)
+        .filter(|e| e.id.provider.client.as_str() != state.manager_id())
         .collect();
     let clients = state.hub.addresses();
     match state.directory.resync(&services, &clients).await {

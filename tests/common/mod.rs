@@ -74,7 +74,7 @@ impl TestApp {
 
     /// The id the server's manager goes by.
     pub fn manager_id(&self) -> &str {
-        &self.state.manager_id
+        self.state.manager_id()
     }
 
     /// The embedded store's database file.

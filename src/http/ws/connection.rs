@@ -302,7 +302,7 @@ async fn run(
     };
     let fresh_anonymous = user.token.is_none() && ws == user.own_workspace();
     let taken = if state.hub.insert(&addr, &ws, handle, reconnecting).is_err() {
-        Err(format!("Client already exists and is active: {addr}"))
+        Err(Taken::Live(addr.clone()))
     } else {
         free_elsewhere(
             &state,
@@ -312,9 +312,9 @@ async fn run(
         )
         .await
     };
-    if let Err(message) = taken {
+    if let Err(taken) = taken {
         state.hub.remove(&addr, &ws, conn_id);
-        close_with(&mut socket, CLOSE_POLICY, &message).await;
+        close_with(&mut socket, CLOSE_POLICY, &taken.to_string()).await;
         return;
     }
 
@@ -334,7 +334,7 @@ async fn run(
         "hypha_version": crate::HYPHA_VERSION,
         "public_base_url": state.public_base_url,
         "local_base_url": state.local_base_url,
-        "manager_id": state.manager_id,
+        "manager_id": state.manager_id(),
         "workspace": ws,
         "client_id": client.as_str(),
         "user": user.to_json(),
@@ -391,25 +391,39 @@ async fn free_elsewhere(
     ws: &str,
     client: &str,
     proven: bool,
-) -> Result<(), String> {
+) -> Result<(), Taken> {
     if !state.directory.is_shared() || proven {
         return Ok(());
     }
-    let unavailable = || {
-        format!(
-            "the shared directory (Redis) is unavailable, so the server cannot check that client id {client} is free; reconnect with its reconnection token, or try again once Redis is back"
-        )
-    };
+    let unavailable = || Taken::DirectoryUnavailable(client.to_string());
     if !crate::workspace::directory_reachable(state) {
         return Err(unavailable());
     }
     match state.directory.client_elsewhere(ws, client).await {
         Ok(None) => Ok(()),
-        Ok(Some(_)) => Err(format!(
-            "Client already exists and is active: {ws}/{client}"
-        )),
+        Ok(Some(_)) => Err(Taken::Live(format!("{ws}/{client}"))),
         Err(_) => Err(unavailable()),
     }
+}
+
+/// Why a client id cannot be taken (said in the close frame).
+#[derive(Debug, thiserror::Error)]
+enum Taken {
+    #[error("Client already exists and is active: {0}")]
+    Live(String),
+    #[error(
+        "the shared directory (Redis) is unavailable, so the server cannot check that client id {0} is free; reconnect with its reconnection token, or try again once Redis is back"
+    )]
+    DirectoryUnavailable(String),
+}
+
+/// Why a frame from the client was not routed (said to it in an error message).
+#[derive(Debug, thiserror::Error)]
+enum Unrouted {
+    #[error(transparent)]
+    Route(#[from] crate::hub::RouteError),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A token bucket: `rate` messages a second, bursts of twice that.
@@ -518,7 +532,7 @@ async fn serve_frames(
                         }
                         if let Err(e) = route(state, session, data).await {
                             errors += 1;
-                            let _ = socket.send(Message::Text(error_text(&e).into())).await;
+                            let _ = socket.send(Message::Text(error_text(&e.to_string()).into())).await;
                             if errors >= MAX_PROTOCOL_ERRORS {
                                 close_with(socket, CLOSE_POLICY, "too many invalid frames").await;
                                 return "too many invalid frames";
@@ -610,14 +624,9 @@ fn control(state: &AppState, scoped: &crate::auth::UserInfo, text: &str) -> Opti
     }
 }
 
-async fn route(state: &Arc<AppState>, session: &Session<'_>, data: Bytes) -> Result<(), String> {
+async fn route(state: &Arc<AppState>, session: &Session<'_>, data: Bytes) -> Result<(), Unrouted> {
     let Session { sender, tx, .. } = session;
-    match state
-        .hub
-        .route(sender, data)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    match state.hub.route(sender, data).await? {
         Routed::Delivered | Routed::Dropped => {}
         Routed::PeerGone {
             session,
@@ -631,7 +640,7 @@ async fn route(state: &Arc<AppState>, session: &Session<'_>, data: Bytes) -> Res
             if let Some(reject) = reject {
                 let _ = tx.try_send(Queued::unmetered(Outbound::Binary(reject)));
             }
-            return Err(error);
+            return Err(Unrouted::Refused(error));
         }
     }
     Ok(())
