@@ -222,8 +222,8 @@ const ENV_ALIASES: &[(&str, &str)] = &[
 ];
 
 /// Every `HYPHA_*` variable the command reads, from its own definition.
-pub(crate) fn known_variables() -> Vec<String> {
-    let mut names: Vec<String> = Cli::command()
+pub(crate) fn known_variables(command: &clap::Command) -> Vec<String> {
+    let mut names: Vec<String> = command
         .get_arguments()
         .filter_map(|arg| arg.get_env())
         .map(|env| env.to_string_lossy().into_owned())
@@ -320,6 +320,7 @@ where
             });
         }
     }
+    let known = known_variables(&command);
     let matches = command.try_get_matches_from(args)?;
     let cli = Cli::from_arg_matches(&matches)?;
     let settings = Settings {
@@ -333,7 +334,6 @@ where
         accounts: cli.accounts.settings(),
         demo: cli.demo.settings(&cli.server.host)?,
     };
-    let known = known_variables();
     let mut unknown: Vec<&String> = env
         .keys()
         .filter(|k| {
@@ -532,6 +532,6 @@ mod tests {
         assert!(warnings[0].contains("HYPHA_COTURN_SECRT"));
         let e = load(["hypha-rtc"], &env(&[("HYPHA_PORT", "eighty")])).unwrap_err();
         assert!(e.to_string().contains("port"), "{e}");
-        assert!(known_variables().contains(&"HYPHA_COTURN_SECRET".to_string()));
+        assert!(known_variables(&Cli::command()).contains(&"HYPHA_COTURN_SECRET".to_string()));
     }
 }

@@ -36,7 +36,6 @@ impl Metrics {
             probe_up: Gauge::default(),
             probe_age: Gauge::default(),
         };
-        hub.inflight.show_outcomes();
         let r = &mut metrics.registry;
         r.register(
             "connections",

@@ -1307,3 +1307,53 @@ async fn anonymous_users_mint_anonymous_tokens_for_their_own_workspace_only() {
     .await;
     assert_eq!(status, 403, "{body}");
 }
+
+#[tokio::test]
+async fn one_login_key_holds_one_waiting_check() {
+    let app = spawn_app(|_| {}).await;
+    let (mut first, info) = connect(&app, "waiter").await;
+    let login = format!("*/{}", info["manager_id"].as_str().unwrap());
+    let started = call(&mut first, &login, "services.hypha-login.start", vec![])
+        .await
+        .unwrap();
+    let key = field(&started, "key").unwrap().clone();
+    // One check waits for the sign-in...
+    let waiting = {
+        let (login, key) = (login.clone(), key.clone());
+        tokio::spawn(async move {
+            call(
+                &mut first,
+                &login,
+                "services.hypha-login.check",
+                vec![key, 4.into()],
+            )
+            .await
+        })
+    };
+    // ...and every other check of the same key is refused while it does.
+    let (mut second, _) = connect(&app, "piler").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let refused = loop {
+        let again = call(
+            &mut second,
+            &login,
+            "services.hypha-login.check",
+            vec![key.clone(), 0.2.into()],
+        )
+        .await;
+        match again {
+            Err(e) if e.contains("already being checked") => break e,
+            _ if tokio::time::Instant::now() > deadline => panic!("a second check was let wait"),
+            _ => {}
+        }
+    };
+    assert!(refused.contains("already being checked"), "{refused}");
+    let first_outcome = waiting.await.unwrap();
+    assert!(
+        first_outcome
+            .as_ref()
+            .is_err_and(|e| e.contains("nobody signed in")),
+        "{first_outcome:?}"
+    );
+    still_works(&app).await;
+}

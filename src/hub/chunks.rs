@@ -150,43 +150,6 @@ pub struct ChunkWatch {
     suffixes: std::hash::RandomState,
 }
 
-/// Most calls a client is remembered to have been sent, for its chunked answers.
-const ANSWERABLE: usize = 1024;
-
-/// The calls a client was sent lately, by a hash of (caller, session): under those sessions'
-/// keys it may send chunked answers (and to callbacks of those calls). The oldest go first.
-#[derive(Default)]
-pub(crate) struct Answerable {
-    sessions: Mutex<
-        Option<(
-            std::collections::VecDeque<u64>,
-            std::collections::HashSet<u64>,
-        )>,
-    >,
-}
-
-impl Answerable {
-    pub(crate) fn record(&self, key: u64) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let (order, set) = sessions.get_or_insert_with(Default::default);
-        if set.insert(key) {
-            order.push_back(key);
-            if order.len() > ANSWERABLE
-                && let Some(oldest) = order.pop_front()
-            {
-                set.remove(&oldest);
-            }
-        }
-    }
-
-    pub(crate) fn contains(&self, key: u64) -> bool {
-        self.sessions
-            .lock()
-            .map(|s| s.as_ref().is_some_and(|(_, set)| set.contains(&key)))
-            .unwrap_or(false)
-    }
-}
-
 /// Why a `message_cache` call is not delivered (said to its sender in the reject).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]

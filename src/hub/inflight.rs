@@ -33,7 +33,6 @@ pub struct Outcome {
 }
 
 /// What the router knows of calls in flight.
-#[derive(Default)]
 pub struct InFlight {
     /// Hash of (caller address, session) -> the call; hashed so that looking a call up
     /// allocates nothing (a collision only blurs a count).
@@ -50,6 +49,44 @@ pub struct InFlight {
     pub server: Family<Outcome, Counter>,
     /// Seconds from a call to its answer, for calls routed between clients.
     pub latency: CallLatency,
+    /// The counters of `ended` and `server`, taken once so counting takes no lock.
+    counters: Counters,
+}
+
+struct Counters {
+    resolved: Counter,
+    rejected: Counter,
+    peer_gone: Counter,
+    server_ok: Counter,
+    server_error: Counter,
+}
+
+impl Default for InFlight {
+    /// Every outcome's counter exists from the start, so each shows (at 0) before its first call.
+    fn default() -> Self {
+        let ended = Family::<Outcome, Counter>::default();
+        let server = Family::<Outcome, Counter>::default();
+        let of = |family: &Family<Outcome, Counter>, outcome| {
+            family.get_or_create(&Outcome { outcome }).clone()
+        };
+        let counters = Counters {
+            resolved: of(&ended, "resolved"),
+            rejected: of(&ended, "rejected"),
+            peer_gone: of(&ended, "peer_gone"),
+            server_ok: of(&server, "ok"),
+            server_error: of(&server, "error"),
+        };
+        Self {
+            calls: DashMap::new(),
+            per_caller: DashMap::new(),
+            keys: Default::default(),
+            server_calls: AtomicUsize::new(0),
+            ended,
+            server,
+            latency: CallLatency::default(),
+            counters,
+        }
+    }
 }
 
 /// A histogram of call latencies, from 20 µs to about 20 s.
@@ -96,48 +133,20 @@ impl InFlight {
     /// Notes a frame routed from `from` to `to`.
     pub(crate) fn observe(&self, from: &str, to: &str, frame: &Frame) {
         match step(frame) {
-            Step::Opens(session) => {
-                // A caller that opens calls it never lets end is tracked up to a bound.
-                let counted = match self.per_caller.get_mut(from) {
-                    Some(open) if *open >= MAX_OPEN_PER_CALLER => false,
-                    Some(mut open) => {
-                        *open += 1;
-                        true
-                    }
-                    None => {
-                        self.per_caller.insert(from.to_string(), 1);
-                        true
-                    }
-                };
-                if !counted {
-                    return;
-                }
-                let replaced = self.calls.insert(
-                    self.key(from, session),
-                    Open {
-                        caller: from.to_string(),
-                        callee: to.to_string(),
-                        touched: Instant::now(),
-                        opened: Instant::now(),
-                    },
-                );
-                if replaced.is_some() {
-                    self.closed(from);
-                }
-            }
+            Step::Opens(session) => self.opened(from, to, session),
             Step::Answers(session) => {
                 if let Some((_, open)) = self.calls.remove(&self.key(to, session)) {
                     self.closed(&open.caller);
                     self.latency.0.observe(open.opened.elapsed().as_secs_f64());
-                    let outcome = if frame
+                    let counter = if frame
                         .field("method")
                         .is_some_and(|m| m.ends_with(".reject"))
                     {
-                        "rejected"
+                        &self.counters.rejected
                     } else {
-                        "resolved"
+                        &self.counters.resolved
                     };
-                    self.count(outcome);
+                    counter.inc();
                 }
             }
             Step::KeepsAlive(session) => {
@@ -149,26 +158,52 @@ impl InFlight {
         }
     }
 
+    /// Notes the call `session` from `from` to `to` (also one the router saw only in pieces:
+    /// a chunked call, whose session the assembled header names).
+    pub(crate) fn opened(&self, from: &str, to: &str, session: &str) {
+        // A caller that opens calls it never lets end is tracked up to a bound.
+        let counted = match self.per_caller.get_mut(from) {
+            Some(open) if *open >= MAX_OPEN_PER_CALLER => false,
+            Some(mut open) => {
+                *open += 1;
+                true
+            }
+            None => {
+                self.per_caller.insert(from.to_string(), 1);
+                true
+            }
+        };
+        if !counted {
+            return;
+        }
+        let replaced = self.calls.insert(
+            self.key(from, session),
+            Open {
+                caller: from.to_string(),
+                callee: to.to_string(),
+                touched: Instant::now(),
+                opened: Instant::now(),
+            },
+        );
+        if replaced.is_some() {
+            self.closed(from);
+        }
+    }
+
+    /// Whether `callee` was sent `caller`'s call `session` and has not answered it yet (what
+    /// lets it answer in chunks under that session's key).
+    pub(crate) fn awaits_answer(&self, caller: &str, session: &str, callee: &str) -> bool {
+        self.calls
+            .get(&self.key(caller, session))
+            .is_some_and(|open| open.caller == caller && open.callee == callee)
+    }
+
     /// A call that will get no answer (its target was gone).
     pub(crate) fn abandoned(&self, caller: &str, session: &str) {
         if self.calls.remove(&self.key(caller, session)).is_some() {
             self.closed(caller);
         }
-        self.count("peer_gone");
-    }
-
-    /// Creates every outcome's counter, so each shows (at 0) before its first call.
-    pub(crate) fn show_outcomes(&self) {
-        for outcome in ["resolved", "rejected", "peer_gone"] {
-            let _ = self.ended.get_or_create(&Outcome { outcome });
-        }
-        for outcome in ["ok", "error"] {
-            let _ = self.server.get_or_create(&Outcome { outcome });
-        }
-    }
-
-    fn count(&self, outcome: &'static str) {
-        self.ended.get_or_create(&Outcome { outcome }).inc();
+        self.counters.peer_gone.inc();
     }
 
     /// Calls between clients that ended with `outcome`.
@@ -227,8 +262,12 @@ pub(crate) struct ServerCall<'a>(&'a InFlight);
 impl ServerCall<'_> {
     /// Records how the call ended.
     pub(crate) fn finished(&self, ok: bool) {
-        let outcome = if ok { "ok" } else { "error" };
-        self.0.server.get_or_create(&Outcome { outcome }).inc();
+        let counters = &self.0.counters;
+        if ok {
+            counters.server_ok.inc();
+        } else {
+            counters.server_error.inc();
+        }
     }
 }
 

@@ -99,8 +99,6 @@ pub(crate) struct ClientHandle {
     /// reconnection token: what settles a claim on the same client id by two instances.
     pub since_ms: i64,
     pub reconnected: bool,
-    /// The calls it was sent lately, which it may answer in chunks.
-    pub answerable: Arc<chunks::Answerable>,
 }
 
 impl ClientHandle {
@@ -199,8 +197,6 @@ pub struct Hub {
     pub inflight: inflight::InFlight,
     /// Chunked messages passing between clients, vetted as they pass.
     pub chunks: chunks::ChunkWatch,
-    /// Keys the (caller, session) hashes of [`chunks::Answerable`].
-    session_keys: std::hash::RandomState,
     /// Frames that went to another instance, and those that came from one.
     pub bus_sent: Counter,
     pub bus_received: Counter,
@@ -226,7 +222,6 @@ impl Hub {
             routed_bytes: Counter::default(),
             inflight: Default::default(),
             chunks: Default::default(),
-            session_keys: Default::default(),
             bus_sent: Counter::default(),
             bus_received: Counter::default(),
         }
@@ -483,9 +478,7 @@ impl Hub {
                     // A call that came through another instance is not seen here: its
                     // answer's content is still vetted like any other.
                     !self.clients.contains_key(&target)
-                        || self.clients.get(sender.addr).is_some_and(|h| {
-                            h.answerable.contains(self.session_key(&target, session))
-                        })
+                        || self.inflight.awaits_answer(&target, session, sender.addr)
                 })
             });
         let mut frame = frame;
@@ -499,12 +492,8 @@ impl Hub {
                     frame.body = body;
                 }
                 // A chunked call: its receiver may answer under the session it assembles.
-                if let Some(session) = vetted.call_session
-                    && let Some(handle) = self.clients.get(&target)
-                {
-                    handle
-                        .answerable
-                        .record(self.session_key(sender.addr, &session));
+                if let Some(session) = vetted.call_session {
+                    self.inflight.opened(sender.addr, &target, &session);
                 }
             }
         }
@@ -528,7 +517,6 @@ impl Hub {
             return Ok(Routed::Delivered);
         }
         self.inflight.observe(sender.addr, &target, &frame);
-        self.note_call(sender.addr, &target, &frame);
         match self.send(&target, Outbound::Binary(out)).await {
             Ok(()) => Ok(Routed::Delivered),
             Err(e) => match frame.field("session") {
@@ -543,21 +531,6 @@ impl Hub {
                 None => Ok(Routed::Dropped),
             },
         }
-    }
-
-    /// Remembers, for a client here that is sent a call, that it may answer that call in chunks.
-    pub(crate) fn note_call(&self, caller: &str, callee: &str, frame: &Frame) {
-        if let Some(session) = frame.field("session")
-            && !inflight::is_answer(frame)
-            && let Some(handle) = self.clients.get(callee)
-        {
-            handle.answerable.record(self.session_key(caller, session));
-        }
-    }
-
-    fn session_key(&self, caller: &str, session: &str) -> u64 {
-        use std::hash::BuildHasher;
-        self.session_keys.hash_one((caller, session))
     }
 
     /// Hands a frame addressed to the server to its services, counting it among the sender's

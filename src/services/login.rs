@@ -43,6 +43,9 @@ const CHECK_POLL: Duration = Duration::from_millis(500);
 pub struct PendingLogins {
     started: std::sync::Mutex<HashMap<Option<std::net::IpAddr>, Vec<i64>>>,
     checks: tokio::sync::Semaphore,
+    /// The keys being checked now: one waiting check per key, so the few keys one address may
+    /// start cannot hold every check slot.
+    checking: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for PendingLogins {
@@ -50,11 +53,38 @@ impl Default for PendingLogins {
         Self {
             started: Default::default(),
             checks: tokio::sync::Semaphore::new(MAX_CHECKS),
+            checking: Default::default(),
         }
     }
 }
 
+/// A key being checked, until dropped.
+struct Checking<'a>(&'a PendingLogins, String);
+
+impl Drop for Checking<'_> {
+    fn drop(&mut self) {
+        let mut checking = self.0.checking.lock().unwrap_or_else(|p| p.into_inner());
+        checking.remove(&self.1);
+    }
+}
+
 impl PendingLogins {
+    /// Marks `key` as being checked; refused while another check of it waits.
+    fn check_once(&self, key: &str) -> Result<Checking<'_>, Error> {
+        if key.len() > 128 {
+            return Err(Error::BadRequest(
+                "a login key has at most 128 characters".into(),
+            ));
+        }
+        let mut checking = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+        if !checking.insert(key.to_string()) {
+            return Err(Error::TooManyRequests(
+                "this login key is already being checked; wait for that check to end".into(),
+            ));
+        }
+        Ok(Checking(self, key.to_string()))
+    }
+
     /// Counts a new sign-in from `address`, or refuses it when there are too many.
     pub(crate) fn take(&self, address: Option<std::net::IpAddr>, now: i64) -> Result<(), Error> {
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
@@ -265,6 +295,7 @@ async fn check(
             "too many sign-in checks are waiting on this server (at most {MAX_CHECKS}); try again shortly"
         )));
     };
+    let _checking = state.pending_logins.check_once(key)?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let pending = pending_key(state, key).await?;

@@ -97,7 +97,6 @@ async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<(String, Bytes)>) {
             && let Some(from) = frame.field("from")
         {
             state.hub.inflight.observe(from, &to, &frame);
-            state.hub.note_call(from, &to, &frame);
         }
         if let Err(Unsent::Elsewhere(Outbound::Binary(data))) =
             state.hub.send_local(&to, Outbound::Binary(data)).await

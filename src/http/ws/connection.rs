@@ -298,7 +298,6 @@ async fn run(
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0),
         reconnected: reconnecting,
-        answerable: Default::default(),
     };
     let fresh_anonymous = user.token.is_none() && ws == user.own_workspace();
     let taken = if state.hub.insert(&addr, &ws, handle, reconnecting).is_err() {
