@@ -135,6 +135,14 @@ impl PeerAddr {
     pub(crate) fn new(workspace: WorkspaceId, client: ClientId) -> Self {
         Self { workspace, client }
     }
+
+    /// The address of `client` in `workspace`, both checked; `None` when either is invalid.
+    pub(crate) fn from_parts(workspace: &str, client: &str) -> Option<Self> {
+        Some(Self::new(
+            WorkspaceId::parse(workspace).ok()?,
+            ClientId::parse(client).ok()?,
+        ))
+    }
 }
 
 impl fmt::Display for PeerAddr {

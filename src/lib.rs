@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use crate::auth::{TokenIssuer, UserInfo};
 use crate::config::Settings;
 use crate::hub::Hub;
+use crate::ids::PeerAddr;
 use crate::registry::Registry;
 use crate::rpc::peer::ServerPeer;
 use crate::rpc::value::obj;
@@ -36,37 +37,51 @@ use crate::rpc::value::obj;
 /// The Hypha version whose protocol this server speaks, reported in `connection_info`.
 pub(crate) const HYPHA_VERSION: &str = "0.21.47";
 
-/// Shared state of a running server.
+/// Shared state of a running server: the composition root every part is reached from. Its
+/// parts stay inside the crate; tests and tools look through the methods below.
 pub struct AppState {
-    pub settings: Settings,
-    pub tokens: TokenIssuer,
-    pub hub: Arc<Hub>,
-    pub registry: Registry,
-    pub peer: ServerPeer,
-    pub ice: Arc<turn::IceService>,
+    /// The validated configuration.
+    pub(crate) settings: Settings,
+    /// Signs and checks tokens, and remembers revocations.
+    pub(crate) tokens: TokenIssuer,
+    /// Live connections and routing.
+    pub(crate) hub: Arc<Hub>,
+    /// Services registered on this instance (clients' and the server's own).
+    pub(crate) registry: Registry,
+    /// The server's own RPC peer: how it calls clients and answers their calls.
+    pub(crate) peer: ServerPeer,
+    /// TURN credentials and the coturn probe.
+    pub(crate) ice: Arc<turn::IceService>,
     /// The built-in video producer (its settings say whether it is on).
-    pub demo: Arc<demo::Producer>,
+    pub(crate) demo: Arc<demo::Producer>,
     /// What `/metrics` shows.
-    pub metrics: metrics::Metrics,
-    pub store: store::Store,
+    pub(crate) metrics: metrics::Metrics,
+    /// The database: accounts, revocations, the credential audit.
+    pub(crate) store: store::Store,
     /// The registry shared with other instances (in-process when this instance runs alone).
-    pub directory: Arc<dyn cluster::Directory>,
+    pub(crate) directory: Arc<dyn cluster::Directory>,
     /// Cancelled when the server stops; ends its background tasks.
-    pub stopping: tokio_util::sync::CancellationToken,
-    pub accounts: auth::accounts::Accounts,
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
+    /// Local accounts: sign-in checks, lockouts, disabled accounts.
+    pub(crate) accounts: auth::accounts::Accounts,
     /// Who may connect, how many at once.
-    pub admission: Arc<net::admission::Admission>,
+    pub(crate) admission: Arc<net::admission::Admission>,
     /// Which browser origins may call with credentials.
-    pub cors: Arc<http::cors::CorsPolicy>,
+    pub(crate) cors: Arc<http::cors::CorsPolicy>,
     /// The services the server answers itself.
-    pub hosted: services::Hosted,
+    pub(crate) hosted: services::Hosted,
     /// Sign-ins in progress, by address.
-    pub pending_logins: services::login::PendingLogins,
+    pub(crate) pending_logins: services::login::PendingLogins,
     /// What clients write to the log, and how fast they may.
-    pub client_log: workspace::client_log::ClientLog,
-    pub server_id: String,
-    pub public_base_url: String,
-    pub local_base_url: String,
+    pub(crate) client_log: workspace::client_log::ClientLog,
+    /// The HTTP streams (`GET /rpc`) open here.
+    pub(crate) streams: http::streaming::Streams,
+    /// This instance's id (in its manager id, and in Redis).
+    pub(crate) server_id: String,
+    /// The URL clients are told to use (`--public-base-url`, else the local one).
+    pub(crate) public_base_url: String,
+    /// The URL this instance listens on.
+    pub(crate) local_base_url: String,
 }
 
 impl AppState {
@@ -75,12 +90,52 @@ impl AppState {
         self.hub.manager_id()
     }
 
+    /// The server's token issuer: what signs and checks its tokens.
+    pub fn tokens(&self) -> &TokenIssuer {
+        &self.tokens
+    }
+
+    /// The database.
+    pub fn store(&self) -> &store::Store {
+        &self.store
+    }
+
+    /// The settings the server runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Whether `addr` (`workspace/client`) has a live connection here.
+    pub fn is_connected(&self, addr: &str) -> bool {
+        self.hub.is_connected(addr)
+    }
+
+    /// Chunked messages between clients that the server is watching now.
+    pub fn chunked_in_flight(&self) -> usize {
+        self.hub.chunks.len()
+    }
+
+    /// Connections admitted and still open.
+    pub fn open_connections(&self) -> usize {
+        self.admission.open()
+    }
+
+    /// Connections refused because their address held too many.
+    pub fn refused_per_address(&self) -> u64 {
+        self.admission
+            .refused_per_address
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Makes a new client reachable from every instance and announces it to the subscribers
     /// of its workspace.
-    pub(crate) async fn client_connected(&self, addr: &str, workspace: &str) {
-        workspace::add_client(self, addr, workspace).await;
-        let client = crate::ids::PeerRef::client_of(addr);
-        let data = obj([("id", client.into()), ("workspace", workspace.into())]);
+    pub(crate) async fn client_connected(&self, addr: &PeerAddr) {
+        workspace::add_client(self, addr).await;
+        let workspace = addr.workspace.as_str();
+        let data = obj([
+            ("id", addr.client.as_str().into()),
+            ("workspace", workspace.into()),
+        ]);
         workspace::emit(self, workspace, "client_connected", data).await;
     }
 
@@ -108,16 +163,19 @@ impl AppState {
     }
 
     /// Forgets a client that went away: its services, the server's calls to it, its events.
-    pub(crate) async fn client_gone(&self, addr: &str, workspace: &str, conn_id: u64) {
-        let Some(removed) = workspace::remove_client(self, addr, workspace, conn_id).await else {
+    pub(crate) async fn client_gone(&self, addr: &PeerAddr, conn_id: u64) {
+        let Some(removed) = workspace::remove_client(self, addr, conn_id).await else {
             return;
         };
-        self.peer.peer_gone(addr);
+        let workspace = addr.workspace.as_str();
+        self.peer.peer_gone(&addr.to_string());
         for entry in removed {
             workspace::emit(self, workspace, "service_removed", entry.info).await;
         }
-        let client = crate::ids::PeerRef::client_of(addr);
-        let data = obj([("id", client.into()), ("workspace", workspace.into())]);
+        let data = obj([
+            ("id", addr.client.as_str().into()),
+            ("workspace", workspace.into()),
+        ]);
         workspace::emit(self, workspace, "client_disconnected", data).await;
     }
 }
@@ -257,6 +315,7 @@ impl App {
                 settings.accounts.lockout,
             ),
             client_log: Default::default(),
+            streams: Default::default(),
             hosted: services::Hosted::new(settings.demo.enabled),
             pending_logins: Default::default(),
             admission: net::admission::Admission::new(settings.admission.clone()),

@@ -17,6 +17,7 @@ use crate::turn::IceService;
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
+    pub http_streams: Gauge,
     pub services: Gauge,
     pub bus_up: Gauge,
     pub demo_viewers: Gauge,
@@ -30,6 +31,7 @@ impl Metrics {
         let mut metrics = Self {
             registry: Registry::with_prefix("hypha_rtc"),
             connections: Gauge::default(),
+            http_streams: Gauge::default(),
             services: Gauge::default(),
             bus_up: Gauge::default(),
             demo_viewers: Gauge::default(),
@@ -39,8 +41,13 @@ impl Metrics {
         let r = &mut metrics.registry;
         r.register(
             "connections",
-            "Open websocket connections",
+            "Connected clients (websockets and HTTP streams)",
             metrics.connections.clone(),
+        );
+        r.register(
+            "http_streams",
+            "Clients connected through the HTTP streaming transport (GET /rpc)",
+            metrics.http_streams.clone(),
         );
         r.register("services", "Registered services", metrics.services.clone());
         r.register(

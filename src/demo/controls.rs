@@ -194,7 +194,11 @@ pub(crate) fn on_rpc(
         }
     };
     let outcome = dispatch(viewer, &call);
-    peer::reply_frame(&call, outcome.map_err(|e| e.public_message()), &REPLY_USER)
+    peer::reply_frame(
+        &call,
+        outcome.map_err(|e| crate::rpc::peer::Rejection(e.public_message())),
+        &REPLY_USER,
+    )
 }
 
 fn dispatch(viewer: &mut impl Controllable, call: &Call) -> Result<Value, Error> {

@@ -23,6 +23,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let m = &state.metrics;
     let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     m.connections.set(count(state.hub.connection_count()));
+    m.http_streams.set(count(state.streams.len()));
     m.services.set(count(state.registry.len()));
     m.bus_up.set(i64::from(state.hub.bus().is_up()));
     m.demo_viewers.set(count(state.demo.viewers()));

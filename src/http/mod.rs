@@ -2,10 +2,13 @@
 
 pub mod cors;
 mod demo;
+pub(crate) mod handshake;
 mod health;
 mod login;
 mod metrics;
 mod services;
+pub(crate) mod session;
+pub(crate) mod streaming;
 pub(crate) mod ws;
 
 use std::sync::Arc;
@@ -135,6 +138,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     };
     Router::new()
         .merge(ws::router())
+        .merge(streaming::router())
         .merge(health::router())
         .merge(metrics)
         .merge(login::router())
@@ -219,6 +223,18 @@ pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<User
 }
 
 fn token_user(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+    match request_token(state, headers) {
+        Some(token) => state
+            .tokens
+            .parse(token)
+            .map_err(|e| Error::Unauthorized(format!("Authentication error: {e}"))),
+        None => Ok(UserInfo::http_anonymous()),
+    }
+}
+
+/// The token a request carries: `Authorization: Bearer`, else the `access_token` cookie when
+/// the request comes from this server's own pages (or an allowed origin).
+pub(crate) fn request_token<'h>(state: &AppState, headers: &'h HeaderMap) -> Option<&'h str> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -239,11 +255,5 @@ fn token_user(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> 
             .filter_map(|pair| pair.trim().strip_prefix("access_token="))
             .next()
     };
-    match bearer.or_else(cookie).filter(|t| !t.is_empty()) {
-        Some(token) => state
-            .tokens
-            .parse(token)
-            .map_err(|e| Error::Unauthorized(format!("Authentication error: {e}"))),
-        None => Ok(UserInfo::http_anonymous()),
-    }
+    bearer.or_else(cookie).filter(|t| !t.is_empty())
 }

@@ -191,15 +191,15 @@ pub struct Hub {
     bus: Arc<dyn Bus>,
     /// Where frames for the server's own services go.
     server: mpsc::Sender<ToServer>,
-    pub routed_messages: Counter,
-    pub routed_bytes: Counter,
+    pub(crate) routed_messages: Counter,
+    pub(crate) routed_bytes: Counter,
     /// Calls between clients that have not been answered yet, and how calls ended.
-    pub inflight: inflight::InFlight,
+    pub(crate) inflight: inflight::InFlight,
     /// Chunked messages passing between clients, vetted as they pass.
-    pub chunks: chunks::ChunkWatch,
+    pub(crate) chunks: chunks::ChunkWatch,
     /// Frames that went to another instance, and those that came from one.
-    pub bus_sent: Counter,
-    pub bus_received: Counter,
+    pub(crate) bus_sent: Counter,
+    pub(crate) bus_received: Counter,
 }
 
 impl Hub {
@@ -296,7 +296,7 @@ impl Hub {
         self.clients.get(addr).map(|h| h.clone())
     }
 
-    pub fn is_connected(&self, addr: &str) -> bool {
+    pub(crate) fn is_connected(&self, addr: &str) -> bool {
         self.clients.contains_key(addr)
     }
 

@@ -219,7 +219,7 @@ impl ServerPeer {
 
     /// Sends the outcome of a call to its caller (in chunks if it is large); an error is the
     /// message the caller is to see.
-    pub(crate) async fn reply(&self, call: &Call, outcome: Result<Value, String>) {
+    pub(crate) async fn reply(&self, call: &Call, outcome: Result<Value, Rejection>) {
         let Some(data) = reply_frame(call, outcome, &self.server_user) else {
             return;
         };
@@ -511,11 +511,21 @@ pub(crate) fn decode_call(incoming: Incoming) -> Result<Option<Call>, Error> {
     }
 }
 
+/// Why a call failed, in the words its caller is to see (nothing internal).
+#[derive(Debug)]
+pub(crate) struct Rejection(pub(crate) String);
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The frame that carries a call's outcome back to its caller, sent from the address the
 /// caller called; `None` when the call asked for no answer.
 pub(crate) fn reply_frame(
     call: &Call,
-    outcome: Result<Value, String>,
+    outcome: Result<Value, Rejection>,
     user: &Value,
 ) -> Option<Bytes> {
     let Some(reply) = &call.reply else {
@@ -526,7 +536,7 @@ pub(crate) fn reply_frame(
     };
     let (method, value) = match outcome {
         Ok(v) => (&reply.resolve, v),
-        Err(message) => (&reply.reject, value::error_value(&message)),
+        Err(Rejection(message)) => (&reply.reject, value::error_value(&message)),
     };
     Some(method_frame(
         &call.ctx.to,

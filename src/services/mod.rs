@@ -182,7 +182,10 @@ async fn run_call(app: &Arc<AppState>, call: Call) {
     };
     running.finished(outcome.is_ok());
     app.peer
-        .reply(&call, outcome.map_err(|e| e.public_message()))
+        .reply(
+            &call,
+            outcome.map_err(|e| crate::rpc::peer::Rejection(e.public_message())),
+        )
         .await;
 }
 

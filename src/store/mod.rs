@@ -81,6 +81,9 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("cannot write the credential audit: {0}")]
     Audit(String),
+    /// The batch holding the row could not be written (the error is shared by its rows).
+    #[error("cannot write the credential audit: {0}")]
+    AuditBatch(std::sync::Arc<sqlx::Error>),
 }
 
 /// One issuance of TURN credentials, as audited.
@@ -144,7 +147,7 @@ enum AuditItem {
     /// A row, and who waits to hear whether it was written.
     Row(
         IceIssuance,
-        Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        Option<tokio::sync::oneshot::Sender<Result<(), std::sync::Arc<sqlx::Error>>>>,
     ),
     /// Answer once every row queued before this one is written.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -293,7 +296,7 @@ impl Store {
         written
             .await
             .map_err(|_| stopped())?
-            .map_err(StoreError::Audit)
+            .map_err(StoreError::AuditBatch)
     }
 
     /// Writes every queued audit row, waiting at most `limit` (server shutdown).
@@ -538,7 +541,7 @@ async fn write_audit(
             if let Err(e) = &outcome {
                 tracing::error!(error = %e, rows = batch.len(), "cannot write ICE audit rows");
             }
-            let outcome = outcome.map_err(|e| e.to_string());
+            let outcome = outcome.map_err(std::sync::Arc::new);
             for done in waiting.drain(..) {
                 let _ = done.send(outcome.clone());
             }

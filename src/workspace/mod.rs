@@ -10,6 +10,7 @@ use rmpv::Value;
 use crate::AppState;
 use crate::error::Error;
 use crate::hub::Outbound;
+use crate::ids::PeerAddr;
 use crate::registry::{ServiceEntry, ServiceQuery};
 use crate::rpc::frame;
 use crate::rpc::value::obj;
@@ -133,20 +134,24 @@ pub(crate) async fn remove_service(
 /// its services, or `None` when a newer connection holds the address.
 pub(crate) async fn remove_client(
     state: &AppState,
-    addr: &str,
-    workspace: &str,
+    addr: &PeerAddr,
     conn_id: u64,
 ) -> Option<Vec<ServiceEntry>> {
+    let key = addr.to_string();
+    let workspace = addr.workspace.as_str();
     let _writes = state.directory.writes().lock().await;
-    if !state.hub.remove(addr, workspace, conn_id) {
+    if !state.hub.remove(&key, workspace, conn_id) {
         return None;
     }
-    let removed = state.registry.remove_client(addr);
-    state.hub.bus().detach(addr).await;
+    let removed = state.registry.remove_client(&key);
+    state.hub.bus().detach(&key).await;
     if directory_reachable(state) {
         withdraw(state, &removed).await;
-        let client = crate::ids::PeerRef::client_of(addr);
-        if let Err(e) = state.directory.remove_client(workspace, client).await {
+        if let Err(e) = state
+            .directory
+            .remove_client(workspace, addr.client.as_str())
+            .await
+        {
             tracing::warn!(error = %e, "a client stays in Redis until it is back");
         }
     }
@@ -156,24 +161,24 @@ pub(crate) async fn remove_client(
 /// Records a client that connected here, on the bus and in the shared registry. When another
 /// instance holds the client id too, the claims are compared (see
 /// [`crate::cluster::ClientClaim::wins_over`]): the loser's connection is closed.
-pub(crate) async fn add_client(state: &AppState, addr: &str, workspace: &str) {
-    if let Err(e) = state.hub.bus().attach(addr).await {
-        tracing::warn!(client = addr, error = %e, "the client is reachable from other instances once Redis is back");
+pub(crate) async fn add_client(state: &AppState, addr: &PeerAddr) {
+    if let Err(e) = state.hub.bus().attach(&addr.to_string()).await {
+        tracing::warn!(client = %addr, error = %e, "the client is reachable from other instances once Redis is back");
     }
     if directory_reachable(state) {
         let _writes = state.directory.writes().lock().await;
-        claim(state, addr, workspace).await;
+        claim(state, addr).await;
     }
 }
 
 /// Claims a client of this instance in the shared registry and settles a conflict with
 /// another instance's claim.
-async fn claim(state: &AppState, addr: &str, workspace: &str) {
-    let Some(handle) = state.hub.get(addr) else {
+async fn claim(state: &AppState, addr: &PeerAddr) {
+    let Some(handle) = state.hub.get(&addr.to_string()) else {
         return;
     };
     let directory = &state.directory;
-    let client = crate::ids::PeerRef::client_of(addr);
+    let (workspace, client) = (addr.workspace.as_str(), addr.client.as_str());
     let (since, reconnected) = (handle.since_ms, handle.reconnected);
     let other = match directory
         .claim_client(workspace, client, since, reconnected)
@@ -181,7 +186,7 @@ async fn claim(state: &AppState, addr: &str, workspace: &str) {
     {
         Ok(other) => other,
         Err(e) => {
-            tracing::warn!(client = addr, error = %e, "the client is listed on other instances once Redis is back");
+            tracing::warn!(client = %addr, error = %e, "the client is listed on other instances once Redis is back");
             return;
         }
     };
@@ -194,7 +199,7 @@ async fn claim(state: &AppState, addr: &str, workspace: &str) {
         reconnected,
     };
     if !mine.wins_over(&other) {
-        tracing::warn!(client = addr, other = %other.owner, "closing a connection whose client id another instance holds");
+        tracing::warn!(client = %addr, other = %other.owner, "closing a connection whose client id another instance holds");
         handle.close(&format!(
             "Client already exists and is active: {addr} is connected through another server instance"
         ));
@@ -204,14 +209,14 @@ async fn claim(state: &AppState, addr: &str, workspace: &str) {
         .force_client(workspace, client, since, reconnected)
         .await
     {
-        tracing::warn!(client = addr, error = %e, "cannot take the client over in Redis yet");
+        tracing::warn!(client = %addr, error = %e, "cannot take the client over in Redis yet");
     }
     let kick = crate::cluster::bus::Announcement::Kick {
         addr: addr.to_string(),
         keep: directory.instance().to_string(),
     };
     if let Err(e) = state.hub.bus().announce(kick).await {
-        tracing::warn!(client = addr, error = %e, "cannot tell the other instance to close the old connection");
+        tracing::warn!(client = %addr, error = %e, "cannot tell the other instance to close the old connection");
     }
 }
 
@@ -237,7 +242,9 @@ pub(crate) async fn resync(state: &AppState) {
     // Claim each client again: one that another instance took meanwhile (while Redis was
     // away) is settled now, and the loser's connection closed.
     for (ws, client) in &clients {
-        claim(state, &format!("{ws}/{client}"), ws).await;
+        if let Some(addr) = PeerAddr::from_parts(ws, client) {
+            claim(state, &addr).await;
+        }
     }
 }
 

@@ -27,13 +27,13 @@ impl TestApp {
 
     /// The server's token issuer: to mint tokens as a sign-in would, and to read them back.
     pub fn tokens(&self) -> &hypha_rtc::auth::TokenIssuer {
-        &self.state.tokens
+        self.state.tokens()
     }
 
     /// Adds an account to the store, as `hypha-rtc user add` does.
     pub async fn add_user(&self, record: &hypha_rtc::store::UserRecord) {
         self.state
-            .store
+            .store()
             .create_user(record)
             .await
             .expect("the user is added");
@@ -43,7 +43,7 @@ impl TestApp {
     pub async fn disable_user(&self, email: &str) {
         let now = hypha_rtc::auth::now_secs();
         self.state
-            .store
+            .store()
             .disable_user(email, now)
             .await
             .expect("the user is disabled");
@@ -51,25 +51,22 @@ impl TestApp {
 
     /// Connections refused because their address had too many.
     pub fn refused_per_address(&self) -> u64 {
-        self.state
-            .admission
-            .refused_per_address
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.state.refused_per_address()
     }
 
     /// Whether `addr` (`workspace/client`) has a live connection here.
     pub fn is_connected(&self, addr: &str) -> bool {
-        self.state.hub.is_connected(addr)
+        self.state.is_connected(addr)
     }
 
     /// Chunked messages the server is watching now.
     pub fn chunked_in_flight(&self) -> usize {
-        self.state.hub.chunks.len()
+        self.state.chunked_in_flight()
     }
 
     /// Connections admitted and still open.
     pub fn open_connections(&self) -> usize {
-        self.state.admission.open()
+        self.state.open_connections()
     }
 
     /// The id the server's manager goes by.
@@ -79,7 +76,7 @@ impl TestApp {
 
     /// The embedded store's database file.
     pub fn database(&self) -> std::path::PathBuf {
-        self.state.settings.store.data_dir.join("hypha-rtc.db")
+        self.state.settings().store.data_dir.join("hypha-rtc.db")
     }
 }
 

@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use futures_util::SinkExt;
-use tokio::sync::{Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
 
-use super::handshake::{Admitted, Hello, admit};
 use crate::AppState;
-use crate::auth::{Permission, UserInfo};
-use crate::hub::{ClientHandle, Outbound, Queued, Room, Routed, Sender};
+use crate::http::handshake::{Admitted, Hello, admit};
+use crate::http::session::{RateLimit, Session, account_usable};
+use crate::hub::{Outbound, Queued};
 
 /// How connections behave: time-outs, sizes, rates.
 #[derive(clap::Args, Debug, Clone)]
@@ -221,29 +220,6 @@ pub(crate) async fn serve(
         }
     };
     let admitted = match admit(&hello, &state.tokens) {
-        Ok(admitted) if !admitted.user.is_anonymous() => {
-            match state.accounts.is_disabled(admitted.user.account()).await {
-                Ok(false) => admitted,
-                Ok(true) => {
-                    close_with(
-                        &mut socket,
-                        CLOSE_POLICY,
-                        "Authentication error: this account is disabled",
-                    )
-                    .await;
-                    return;
-                }
-                Err(e) => {
-                    close_with(
-                        &mut socket,
-                        CLOSE_POLICY,
-                        &format!("Authentication error: {e}"),
-                    )
-                    .await;
-                    return;
-                }
-            }
-        }
         Ok(admitted) => admitted,
         Err(reason) => {
             tracing::info!(%reason, "connection refused");
@@ -256,6 +232,10 @@ pub(crate) async fn serve(
             return;
         }
     };
+    if let Err(reason) = account_usable(&state, &admitted.user).await {
+        close_with(&mut socket, CLOSE_POLICY, &reason).await;
+        return;
+    }
     run(socket, state, admitted, client_ip).await;
 }
 
@@ -265,82 +245,15 @@ async fn run(
     admitted: Admitted,
     client_ip: std::net::IpAddr,
 ) {
-    let settings = &state.settings.connections;
-    let Admitted {
-        user,
-        workspace,
-        client,
-        permission,
-        reconnecting,
-    } = admitted;
-    let addr = format!("{workspace}/{client}");
-    let ws = workspace.to_string();
-    let user = Arc::new(user);
-    let user_msgpack = crate::rpc::value::encode(&crate::rpc::value::from_json(&user.to_json()));
-    let (tx, mut rx) = mpsc::channel::<Queued>(settings.queue);
-    let kill = CancellationToken::new();
-    let conn_id = state.hub.next_conn_id();
-    let handle_reason: Arc<std::sync::OnceLock<String>> = Default::default();
-    let handle = ClientHandle {
-        conn_id,
-        tx: tx.clone(),
-        room: Room::new(if user.is_anonymous() {
-            crate::hub::QUEUE_BYTES_ANONYMOUS
-        } else {
-            crate::hub::QUEUE_BYTES
-        }),
-        kill: kill.clone(),
-        user: user.clone(),
-        events: Default::default(),
-        reason: handle_reason.clone(),
-        since_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
-        reconnected: reconnecting,
+    let (session, mut rx) = match Session::open(&state, admitted, client_ip).await {
+        Ok(opened) => opened,
+        Err(taken) => {
+            close_with(&mut socket, CLOSE_POLICY, &taken.to_string()).await;
+            return;
+        }
     };
-    let fresh_anonymous = user.token.is_none() && ws == user.own_workspace();
-    let taken = if state.hub.insert(&addr, &ws, handle, reconnecting).is_err() {
-        Err(Taken::Live(addr.clone()))
-    } else {
-        free_elsewhere(
-            &state,
-            &ws,
-            client.as_str(),
-            reconnecting || fresh_anonymous,
-        )
-        .await
-    };
-    if let Err(taken) = taken {
-        state.hub.remove(&addr, &ws, conn_id);
-        close_with(&mut socket, CLOSE_POLICY, &taken.to_string()).await;
-        return;
-    }
-
-    // The identity with this connection's client and workspace: what its reconnection tokens carry.
-    let mut scoped = (*user).clone();
-    scoped.scope.client = Some(client.clone());
-    scoped.scope.current = Some(workspace.clone());
-    scoped
-        .scope
-        .workspaces
-        .insert(workspace.clone(), permission);
-    let (reconnection_token, expires_at) = state
-        .tokens
-        .issue_reconnection(&scoped, settings.reconnection_token_life_time);
-    let info = serde_json::json!({
-        "type": "connection_info",
-        "hypha_version": crate::HYPHA_VERSION,
-        "public_base_url": state.public_base_url,
-        "local_base_url": state.local_base_url,
-        "manager_id": state.manager_id(),
-        "workspace": ws,
-        "client_id": client.as_str(),
-        "user": user.to_json(),
-        "reconnection_token": reconnection_token,
-        "reconnection_token_life_time": (expires_at - crate::auth::now_secs()).max(1),
-    });
-    tracing::info!(client = %addr, user = %user.id, reconnecting, "connection opened");
+    let info = session.connection_info(&state);
+    tracing::info!(client = %session.key, user = %session.user.id, reconnecting = session.reconnecting, "connection opened");
     let reason = if socket
         .send(Message::Text(info.to_string().into()))
         .await
@@ -348,141 +261,28 @@ async fn run(
     {
         "write failed"
     } else {
-        state.client_connected(&addr, &ws).await;
-        let calls = Arc::new(Semaphore::new(if user.is_anonymous() {
-            MAX_SERVER_CALLS_ANONYMOUS
-        } else {
-            MAX_SERVER_CALLS
-        }));
-        let session = Session {
-            sender: Sender {
-                addr: &addr,
-                workspace: &ws,
-                user: &user,
-                user_msgpack: &user_msgpack,
-                may_broadcast: permission >= Permission::ReadWrite,
-                calls: &calls,
-                peer_ip: Some(client_ip),
-            },
-            scoped,
-            tx: tx.clone(),
-        };
-        serve_frames(
-            &mut socket,
-            &state,
-            &session,
-            &mut rx,
-            &kill,
-            &handle_reason,
-        )
-        .await
+        session.started(&state).await;
+        serve_frames(&mut socket, &state, &session, &mut rx).await
     };
-    tracing::info!(client = %addr, reason, "connection closed");
-    state.client_gone(&addr, &ws, conn_id).await;
-}
-
-/// Whether the client id is free of other live instances. A reconnecting client (or a fresh
-/// anonymous one, whose workspace is new) may take it over; when the shared directory cannot
-/// be consulted, nobody else may claim it: failing open would let anyone holding a token
-/// for the workspace take over a live client's id while Redis is away.
-async fn free_elsewhere(
-    state: &AppState,
-    ws: &str,
-    client: &str,
-    proven: bool,
-) -> Result<(), Taken> {
-    if !state.directory.is_shared() || proven {
-        return Ok(());
-    }
-    let unavailable = || Taken::DirectoryUnavailable(client.to_string());
-    if !crate::workspace::directory_reachable(state) {
-        return Err(unavailable());
-    }
-    match state.directory.client_elsewhere(ws, client).await {
-        Ok(None) => Ok(()),
-        Ok(Some(_)) => Err(Taken::Live(format!("{ws}/{client}"))),
-        Err(_) => Err(unavailable()),
-    }
-}
-
-/// Why a client id cannot be taken (said in the close frame).
-#[derive(Debug, thiserror::Error)]
-enum Taken {
-    #[error("Client already exists and is active: {0}")]
-    Live(String),
-    #[error(
-        "the shared directory (Redis) is unavailable, so the server cannot check that client id {0} is free; reconnect with its reconnection token, or try again once Redis is back"
-    )]
-    DirectoryUnavailable(String),
-}
-
-/// Why a frame from the client was not routed (said to it in an error message).
-#[derive(Debug, thiserror::Error)]
-enum Unrouted {
-    #[error(transparent)]
-    Route(#[from] crate::hub::RouteError),
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// A token bucket: `rate` messages a second, bursts of twice that.
-struct RateLimit {
-    rate: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimit {
-    fn allow(&mut self) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
-            .min(self.rate * 2.0);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Calls to the server's own services one connection may have running at once.
-const MAX_SERVER_CALLS: usize = 512;
-const MAX_SERVER_CALLS_ANONYMOUS: usize = 128;
-
-/// One admitted connection: who it is and what it holds while it runs.
-struct Session<'a> {
-    sender: Sender<'a>,
-    /// The identity with the connection's client and workspace: what its reconnection
-    /// tokens carry.
-    scoped: UserInfo,
-    tx: mpsc::Sender<Queued>,
+    tracing::info!(client = %session.key, reason, "connection closed");
+    session.close(&state).await;
 }
 
 async fn serve_frames(
     socket: &mut WebSocket,
     state: &Arc<AppState>,
-    session: &Session<'_>,
+    session: &Session,
     rx: &mut mpsc::Receiver<Queued>,
-    kill: &CancellationToken,
-    reason: &std::sync::OnceLock<String>,
 ) -> &'static str {
     let settings = &state.settings.connections;
+    let kill = &session.kill;
+    let reason = &session.reason;
     let mut ticker = tokio::time::interval(settings.ping_interval);
     ticker.tick().await;
     let mut last_message = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let mut errors = 0u32;
-    let rate = settings.rate_limit as f64;
-    let mut limit = RateLimit {
-        rate,
-        tokens: rate * 2.0,
-        at: Instant::now(),
-    };
+    let mut limit = RateLimit::new(settings.rate_limit);
     loop {
         tokio::select! {
             biased;
@@ -529,7 +329,7 @@ async fn serve_frames(
                                 "more than {} messages per second; slow down", settings.rate_limit)).await;
                             return "rate limit";
                         }
-                        if let Err(e) = route(state, session, data).await {
+                        if let Err(e) = session.route(state, data).await {
                             errors += 1;
                             let _ = socket.send(Message::Text(error_text(&e.to_string()).into())).await;
                             if errors >= MAX_PROTOCOL_ERRORS {
@@ -544,8 +344,8 @@ async fn serve_frames(
                             close_with(socket, CLOSE_POLICY, "too many messages per second").await;
                             return "rate limit";
                         }
-                        if let Some(reply) = control(state, &session.scoped, text.as_str()) {
-                            let _ = socket.send(Message::Text(reply.into())).await;
+                        if let Some(reply) = control_type(text.as_str()).and_then(|kind| session.control(state, &kind)) {
+                            let _ = socket.send(Message::Text(reply.to_string().into())).await;
                         }
                     }
                     Message::Close(_) => return "closed by the client",
@@ -604,43 +404,11 @@ async fn write(
     socket.flush().await
 }
 
-/// Answers the text control messages: `ping` and `refresh_token`; others are ignored.
-fn control(state: &AppState, scoped: &crate::auth::UserInfo, text: &str) -> Option<String> {
+/// The type of a text control message (`{"type": "ping"}`, `{"type": "refresh_token"}`).
+fn control_type(text: &str) -> Option<String> {
     if text.len() > 1000 {
         return None;
     }
     let message: serde_json::Value = serde_json::from_str(text).ok()?;
-    match message.get("type")?.as_str()? {
-        "ping" => Some(r#"{"type":"pong"}"#.to_string()),
-        "refresh_token" => Some(
-            serde_json::json!({
-                "type": "reconnection_token",
-                "reconnection_token": state.tokens.issue_reconnection(scoped, state.settings.connections.reconnection_token_life_time).0,
-            })
-            .to_string(),
-        ),
-        _ => None,
-    }
-}
-
-async fn route(state: &Arc<AppState>, session: &Session<'_>, data: Bytes) -> Result<(), Unrouted> {
-    let Session { sender, tx, .. } = session;
-    match state.hub.route(sender, data).await? {
-        Routed::Delivered | Routed::Dropped => {}
-        Routed::PeerGone {
-            session,
-            target,
-            error,
-        } => {
-            let frame = crate::hub::peer_not_found(&target, sender.addr, &session, &error);
-            let _ = tx.try_send(Queued::unmetered(Outbound::Binary(frame)));
-        }
-        Routed::Refused { error, reject } => {
-            if let Some(reject) = reject {
-                let _ = tx.try_send(Queued::unmetered(Outbound::Binary(reject)));
-            }
-            return Err(Unrouted::Refused(error));
-        }
-    }
-    Ok(())
+    Some(message.get("type")?.as_str()?.to_string())
 }

@@ -2,7 +2,6 @@
 //! (handshake), then the connection's loop.
 
 pub(crate) mod connection;
-mod handshake;
 
 use std::sync::Arc;
 

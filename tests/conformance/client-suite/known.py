@@ -30,7 +30,6 @@ EXCLUDED = {
 ASGI = "ASGI apps served at /{workspace}/apps/{service_id}/... are not built yet"
 
 GAPS = {
-    "test_http_rpc.py": "the HTTP streaming transport (GET/POST /rpc) is not built yet",
     "test_mcp.py::test_serve_mcp_calculator": ASGI + " (MCP over SSE)",
     "test_utils.py::test_serve_fastapi_app": ASGI,
     "test_utils.py::test_openai_server_comprehensive": ASGI + " (an OpenAI-compatible server)",

@@ -1,4 +1,5 @@
-//! The first message of a websocket: who the client is and which workspace it joins.
+//! How a client joins: who it is and which workspace it joins (the websocket's first message, or
+//! the query of `GET /rpc`).
 
 use serde::Deserialize;
 
