@@ -540,6 +540,13 @@ async fn watch_accounts(state: Arc<AppState>) {
             {
                 tracing::debug!(error = %e, "cannot delete expired login keys yet");
             }
+            if let Err(e) = state
+                .store
+                .delete_expired_workspace_data(auth::now_secs())
+                .await
+            {
+                tracing::debug!(error = %e, "cannot delete expired workspace data yet");
+            }
         }
         match state.accounts.reload_disabled().await {
             Ok(disabled) => {

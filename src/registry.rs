@@ -20,7 +20,8 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    fn parse(text: Option<&str>) -> Result<Self, Error> {
+    /// `public`, `protected` (the default) or `unlisted`.
+    pub(crate) fn parse(text: Option<&str>) -> Result<Self, Error> {
         match text.unwrap_or("protected") {
             "public" => Ok(Visibility::Public),
             "protected" => Ok(Visibility::Protected),

@@ -88,12 +88,20 @@ pub struct UserInfo {
     pub token: Option<TokenRef>,
 }
 
+/// The id of every anonymous user starts with this (Hypha's spelling).
+pub(crate) const ANONYMOUS_ID_PREFIX: &str = "anonymouz-";
+/// Temporary workspaces (those of anonymous users) start with this.
+pub(crate) const ANONYMOUS_WORKSPACE_PREFIX: &str = "ws-user-anonymouz-";
+
 impl UserInfo {
     /// A fresh anonymous user with its own temporary workspace.
     pub(crate) fn anonymous(expires_in: i64) -> Self {
         Self::new(
-            UserId::parse(format!("anonymouz-{}", crate::ids::random_id(12)))
-                .unwrap_or_else(|_| unreachable!("a random id is a valid user id")),
+            UserId::parse(format!(
+                "{ANONYMOUS_ID_PREFIX}{}",
+                crate::ids::random_id(12)
+            ))
+            .unwrap_or_else(|_| unreachable!("a random id is a valid user id")),
             vec!["anonymous".into()],
             Some(super::now_secs() + expires_in),
         )

@@ -28,6 +28,8 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/{workspace}/services", get(list))
         .route("/{workspace}/services/", get(list))
+        .route("/{workspace}/services/{service}", get(service_info))
+        .route("/{workspace}/info", get(workspace_info))
         .route(
             "/{workspace}/services/{service}/{function}",
             get(call_function).post(call_function),
@@ -35,17 +37,69 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }
 
+/// `GET /{workspace}/services`: `list_services` for the workspace.
 async fn list(
     State(state): State<Arc<AppState>>,
     Path(workspace): Path<String>,
     super::ClientIp(ip): super::ClientIp,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
+    manager_json(&state, &headers, ip, &workspace, "list_services", "query").await
+}
+
+/// Calls a manager function for the workspace named in the path (passed as `argument`) and
+/// answers its result as JSON.
+async fn manager_json(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    ip: std::net::IpAddr,
+    workspace: &str,
+    function: &str,
+    argument: &str,
+) -> Result<Response, Error> {
+    let user = super::caller(state, headers).await?;
+    let ctx = context(state, &user, workspace, ip);
+    let args = Args::from_kwargs(vec![(argument.into(), workspace.into())]);
+    let result = Manager.call(state, &ctx, function, &args).await?;
+    Ok(axum::Json(value::to_json(&result)).into_response())
+}
+
+/// `GET /{workspace}/services/{service}`: the service's info, as `get_service_info` gives it
+/// (`service` may be `svc`, `client:svc` or with `@app`; `?_mode=` picks among several).
+async fn service_info(
+    State(state): State<Arc<AppState>>,
+    Path((workspace, service)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    super::ClientIp(ip): super::ClientIp,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
     let user = super::caller(&state, &headers).await?;
     let ctx = context(&state, &user, &workspace, ip);
-    let args = Args::from_kwargs(vec![("query".into(), workspace.as_str().into())]);
-    let result = Manager.call(&state, &ctx, "list_services", &args).await?;
-    Ok(axum::Json(value::to_json(&result)).into_response())
+    let mode = params
+        .get("_mode")
+        .map(|m| m.parse::<manager::SelectMode>())
+        .transpose()?;
+    let query = format!("{workspace}/{service}");
+    let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode).await?;
+    Ok(axum::Json(value::to_json(&entry.info)).into_response())
+}
+
+/// `GET /{workspace}/info`: `get_workspace_info` for the workspace.
+async fn workspace_info(
+    State(state): State<Arc<AppState>>,
+    Path(workspace): Path<String>,
+    super::ClientIp(ip): super::ClientIp,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    manager_json(
+        &state,
+        &headers,
+        ip,
+        &workspace,
+        "get_workspace_info",
+        "workspace",
+    )
+    .await
 }
 
 fn context(

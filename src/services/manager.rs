@@ -13,7 +13,7 @@ use crate::AppState;
 use crate::auth::{Permission, UserInfo};
 use crate::error::Error;
 use crate::ids::ServiceId;
-use crate::registry::{ServiceEntry, ServiceQuery, Visibility};
+use crate::registry::{ServiceEntry, ServiceQuery};
 use crate::rpc::describe::{self, Envelope, Function};
 use crate::rpc::peer::{CallContext, CallOptions};
 use crate::rpc::value::{self, Args, get, get_str, obj};
@@ -27,7 +27,12 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
             json!({"data":{"description":"Any value"}}),
             &["data"],
         ),
-        Function::new("ping", "Answer 'pong'.", json!({}), &[]),
+        Function::new(
+            "ping",
+            "Ping a client (ws/client or client): 'pong' when it answers, otherwise why not; without a client, answer 'pong'.",
+            json!({"client_id":{"type":"string"},"timeout":{"type":"number","description":"Seconds, default 5, at most 30"}}),
+            &[],
+        ),
         Function::new(
             "log",
             "Write a message to the server log.",
@@ -73,8 +78,8 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         ),
         Function::new(
             "list_services",
-            "List the services visible to the caller in a workspace.",
-            json!({"query":{"description":"Workspace name, or a dict with workspace, type, client_id"}}),
+            "List the services visible to the caller: a workspace (* for all), a pattern ws/client:svc, or a dict with workspace, client_id, service_id, app_id, type, visibility.",
+            json!({"query":{"description":"Workspace name, ws/client:svc pattern (* wildcards), or a dict"},"include_unlisted":{"type":"boolean"},"include_app_services":{"type":"boolean"},"prioritize_running_services":{"type":"boolean"}}),
             &[],
         ),
         Function::new(
@@ -109,6 +114,7 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         ),
     ];
     functions.push(super::coturn::ice_function());
+    functions.extend(super::workspace_data::functions());
     functions
 });
 
@@ -168,7 +174,10 @@ async fn call(
 ) -> Result<Value, Error> {
     match function {
         "echo" => Ok(args.get(0, "data").cloned().unwrap_or(Value::Nil)),
-        "ping" => Ok("pong".into()),
+        "ping" => match args.get_str(0, "client_id") {
+            None => Ok("pong".into()),
+            Some(client) => ping(state, ctx, client, args.get(1, "timeout")).await,
+        },
         "log" => {
             let message = args.require_str(0, "msg")?;
             let who = match (&ctx.user.token, ctx.peer_ip) {
@@ -247,7 +256,7 @@ async fn call(
             get_service(state, &ctx.ws, &ctx.user, query, config).await
         }
         "get_rtc_ice_servers" => super::coturn::ice_servers(state, ctx, args).await,
-        "list_services" => list_services(state, ctx, args).await,
+        "list_services" => super::listing::list_services(state, ctx, args).await,
         "parse_token" => {
             let token = args.require_str(0, "token")?;
             let user = state
@@ -338,11 +347,69 @@ async fn call(
             }
             Ok(Value::Nil)
         }
-        _ => Err(super::not_found("default", function)),
+        _ => match super::workspace_data::call(state, ctx, function, args).await {
+            Some(result) => result,
+            None => Err(super::not_found("default", function)),
+        },
     }
 }
 
-fn need(user: &UserInfo, workspace: &str, at_least: Permission) -> Result<Permission, Error> {
+/// `ping(client_id, timeout=5)`: calls the client's `built-in` `ping`. Hypha's contract: it
+/// never raises for an unreachable client but says why in the answer; a client the caller
+/// may not see is refused.
+async fn ping(
+    state: &AppState,
+    ctx: &CallContext,
+    client: &str,
+    timeout: Option<&Value>,
+) -> Result<Value, Error> {
+    let (ws, id) = client.split_once('/').unwrap_or((&ctx.ws, client));
+    let addr = crate::ids::PeerAddr::from_parts(ws, id).ok_or_else(|| {
+        Error::BadRequest(format!(
+            "invalid client id {:?}: use client or workspace/client",
+            client.chars().take(64).collect::<String>()
+        ))
+    })?;
+    need(&ctx.user, &ctx.ws, Permission::Read)?;
+    need(&ctx.user, addr.workspace.as_str(), Permission::Read)?;
+    if addr.client.as_str() == state.manager_id() {
+        return Ok("pong".into());
+    }
+    let seconds = timeout
+        .and_then(|t| t.as_f64().or_else(|| t.as_i64().map(|i| i as f64)))
+        .filter(|t| t.is_finite() && *t > 0.0)
+        .unwrap_or(5.0)
+        .min(30.0);
+    let options = CallOptions {
+        from: &state.peer.manager_addr(),
+        ws: addr.workspace.as_str(),
+        user: &state.peer.server_user,
+        timeout: Duration::from_secs_f64(seconds),
+        with_kwargs: false,
+    };
+    let target = addr.to_string();
+    let answer = state
+        .peer
+        .call(
+            &target,
+            "services.built-in.ping",
+            vec!["ping".into()],
+            &options,
+        )
+        .await;
+    Ok(match answer {
+        Ok(Value::String(s)) if s.as_str() == Some("pong") => "pong".into(),
+        Ok(_) => format!("Failed to ping client {target}: it did not answer 'pong'").into(),
+        Err(e) => format!("Failed to ping client {target}: {e}").into(),
+    })
+}
+
+/// The caller's permission in `workspace` if it is at least `at_least`, else a refusal.
+pub(crate) fn need(
+    user: &UserInfo,
+    workspace: &str,
+    at_least: Permission,
+) -> Result<Permission, Error> {
     match user.permission(workspace) {
         Some(p) if p >= at_least => Ok(p),
         _ => Err(Error::PermissionDenied(format!(
@@ -758,45 +825,6 @@ fn absolutize_targets(value: &mut Value, workspace: &str, depth: usize) {
             .for_each(|v| absolutize_targets(v, workspace, depth + 1)),
         _ => {}
     }
-}
-
-async fn list_services(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
-    let query = args.get(0, "query");
-    let (mut workspace, mut service_type, mut client) = (ctx.ws.clone(), None, None);
-    match query {
-        Some(Value::String(s)) => {
-            let text = s.as_str().unwrap_or("");
-            workspace = text.split('/').next().unwrap_or("").to_string();
-            if workspace.is_empty() || workspace == "*" {
-                workspace = ctx.ws.clone();
-            }
-        }
-        Some(q @ Value::Map(_)) => {
-            if let Some(ws) = get_str(q, "workspace").filter(|w| *w != "*") {
-                workspace = ws.to_string();
-            }
-            service_type = get_str(q, "type").map(str::to_string);
-            client = get_str(q, "client_id").map(str::to_string);
-        }
-        _ => {}
-    }
-    if let Some(t) = args.kwarg("type").and_then(Value::as_str) {
-        service_type = Some(t.to_string());
-    }
-    let same = workspace == ctx.ws || ctx.user.permission(&workspace).is_some();
-    let items = crate::workspace::services_in(state, &workspace)
-        .await?
-        .into_iter()
-        .filter(|e| (same && e.allows(&ctx.ws, &ctx.user)) || e.visibility == Visibility::Public)
-        .filter(|e| service_type.as_deref().is_none_or(|t| e.service_type == t))
-        .filter(|e| {
-            client
-                .as_deref()
-                .is_none_or(|c| e.id.provider.client.as_str() == c)
-        })
-        .map(|e| e.info)
-        .collect();
-    Ok(Value::Array(items))
 }
 
 /// The keys `generate_token`'s config may hold.

@@ -6,9 +6,11 @@
 
 pub(crate) mod builtin;
 pub(crate) mod coturn;
+pub(crate) mod listing;
 pub(crate) mod login;
 pub(crate) mod manager;
 pub(crate) mod video;
+pub(crate) mod workspace_data;
 
 use std::sync::Arc;
 

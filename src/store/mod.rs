@@ -8,6 +8,8 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use tokio::sync::mpsc;
 
+pub(crate) mod workspace_data;
+
 /// Where the store is.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreOptions {

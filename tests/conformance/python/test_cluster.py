@@ -190,6 +190,15 @@ def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
         over_rtc = await pc.get_service("lab")
         assert await over_rtc.add(1, 1) == 2
         await pc.close()
+
+        # The manager's data is in the shared store (PostgreSQL here); ping crosses instances.
+        await a.set_env("SHARED", {"from": "one"})
+        assert await b.get_env("SHARED") == {"from": "one"}
+        await a.log_event("scan.done", {"n": 1})
+        assert [e["data"] for e in await b.get_events("scan.done")] == [{"n": 1}]
+        await a.register_service_type({"id": "scope", "name": "Scope", "definition": {"snap": {}}})
+        assert [t["id"] for t in await b.list_service_types()] == [f"{a.config.workspace}/scope"]
+        assert await b.ping("prov") == "pong"
         await a.disconnect()
         await b.disconnect()
 
