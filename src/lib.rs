@@ -76,6 +76,10 @@ pub struct AppState {
     pub(crate) client_log: workspace::client_log::ClientLog,
     /// The HTTP streams (`GET /rpc`) open here.
     pub(crate) streams: http::streaming::Streams,
+    /// Callbacks handed to clients for one exchange (an ASGI request's `receive`/`send`).
+    pub(crate) exports: services::exports::Exports,
+    /// Requests to ASGI apps in progress here, bounded.
+    pub(crate) app_requests: Arc<tokio::sync::Semaphore>,
     /// This instance's id (in its manager id, and in Redis).
     pub(crate) server_id: String,
     /// The URL clients are told to use (`--public-base-url`, else the local one).
@@ -316,6 +320,8 @@ impl App {
             ),
             client_log: Default::default(),
             streams: Default::default(),
+            exports: Default::default(),
+            app_requests: Arc::new(tokio::sync::Semaphore::new(http::apps::MAX_REQUESTS)),
             hosted: services::Hosted::new(settings.demo.enabled),
             pending_logins: Default::default(),
             admission: net::admission::Admission::new(settings.admission.clone()),

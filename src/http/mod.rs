@@ -1,5 +1,6 @@
 //! HTTP routes: the websocket upgrade, service calls, health and client configuration.
 
+pub(crate) mod apps;
 pub mod cors;
 mod demo;
 pub(crate) mod handshake;
@@ -144,6 +145,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(login::router())
         .merge(demo)
         .merge(services::router())
+        .merge(apps::router())
         .layer(axum::middleware::from_fn_with_state(
             state.cors.clone(),
             cors::cors,

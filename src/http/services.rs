@@ -102,7 +102,9 @@ async fn workspace_info(
     .await
 }
 
-fn context(
+/// The call context of an HTTP caller addressing `workspace`: that workspace where the caller
+/// holds a permission in it, else the token's current or the caller's own.
+pub(crate) fn context(
     state: &AppState,
     user: &crate::auth::UserInfo,
     workspace: &str,

@@ -6,6 +6,7 @@
 
 pub(crate) mod builtin;
 pub(crate) mod coturn;
+pub(crate) mod exports;
 pub(crate) mod listing;
 pub(crate) mod login;
 pub(crate) mod manager;
@@ -194,6 +195,10 @@ async fn run_call(app: &Arc<AppState>, call: Call) {
 /// Runs a call on a hosted service: `services.<service>.<function>`.
 fn dispatch<'a>(app: &'a Arc<AppState>, call: &'a Call) -> BoxFuture<'a, Result<Value, Error>> {
     Box::pin(async move {
+        if let Some(found) = app.exports.find(&call.method, &call.ctx.from) {
+            let found = found?;
+            return found.handler.call(found.function, &call.args).await;
+        }
         let (service, function) = call.target()?;
         let hosted = app
             .hosted

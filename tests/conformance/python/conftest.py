@@ -293,6 +293,22 @@ def hypha_token(user_id, workspaces=None, secret=SECRET, expires_in=3600, roles=
     return jwt.encode(claims, secret, algorithm=alg)
 
 
+async def announce_body(url, path, length, headers=None):
+    """Sends only the head of a POST whose body would be `length` bytes and returns the
+    answer's status and text: a refusal of an oversized body is then read without the race
+    between the server closing and the client still writing the body."""
+    host, port = url.split("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {length}\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    size = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+    body = await asyncio.wait_for(reader.readexactly(size), 10)
+    writer.close()
+    return int(head.split()[1]), body.decode()
+
+
 def run(coro, timeout=120):
     """Runs a coroutine with a deadline."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
