@@ -80,6 +80,8 @@ pub struct AppState {
     pub(crate) exports: services::exports::Exports,
     /// Requests to ASGI apps in progress here, bounded.
     pub(crate) app_requests: Arc<tokio::sync::Semaphore>,
+    /// Workspaces made with `create_workspace`: their owners, and since when grants count.
+    pub(crate) workspaces: auth::workspaces::WorkspaceBook,
     /// This instance's id (in its manager id, and in Redis).
     pub(crate) server_id: String,
     /// The URL clients are told to use (`--public-base-url`, else the local one).
@@ -306,6 +308,8 @@ impl App {
         for (revoked, expires_at) in store.revoked_tokens(auth::now_secs()).await? {
             tokens.mark_revoked(revoked, expires_at);
         }
+        let workspaces = auth::workspaces::WorkspaceBook::default();
+        workspaces.apply(&store.workspaces_changed_since(0).await?);
         // str0m's DTLS needs one crypto provider for the process; a second install is harmless.
         str0m::crypto::from_feature_flags().install_process_default();
         let ice = turn::IceService::new(settings.turn.clone(), store.clone());
@@ -322,6 +326,7 @@ impl App {
             streams: Default::default(),
             exports: Default::default(),
             app_requests: Arc::new(tokio::sync::Semaphore::new(http::apps::MAX_REQUESTS)),
+            workspaces,
             hosted: services::Hosted::new(settings.demo.enabled),
             pending_logins: Default::default(),
             admission: net::admission::Admission::new(settings.admission.clone()),
@@ -522,8 +527,27 @@ pub(crate) async fn reload_revocations(state: &AppState) {
     state.tokens.prune_revoked(now);
 }
 
+/// Reads the workspaces other instances made or deleted since the last reading; closes the
+/// connections here of those deleted since.
+async fn reload_workspaces(state: &Arc<AppState>) {
+    match state
+        .store
+        .workspaces_changed_since(state.workspaces.reload_from())
+        .await
+    {
+        Ok(rows) => {
+            for gone in state.workspaces.apply(&rows) {
+                services::workspaces::close_connections(state, &gone, None);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read the workspaces from the store yet"),
+    }
+}
+
 /// Reads the disabled accounts every few seconds and closes the connections of accounts
-/// disabled since (from any token of their family); prunes the ICE rate limiter now and then.
+/// disabled since (from any token of their family), and, when the store is shared, the
+/// workspaces other instances made or deleted; prunes the rate limiters and old rows now and
+/// then.
 async fn watch_accounts(state: Arc<AppState>) {
     let mut ticker = tokio::time::interval(auth::accounts::DISABLED_RELOAD);
     let mut failing = false;
@@ -553,6 +577,15 @@ async fn watch_accounts(state: Arc<AppState>) {
             {
                 tracing::debug!(error = %e, "cannot delete expired workspace data yet");
             }
+            // A deleted workspace is remembered while a token issued before could live.
+            let forgotten = (auth::now_secs() - auth::token::MAX_LIFETIME - 24 * 3600) * 1000;
+            state.workspaces.forget_deleted_before(forgotten);
+            if let Err(e) = state.store.purge_deleted_workspaces(forgotten).await {
+                tracing::debug!(error = %e, "cannot forget old deleted workspaces yet");
+            }
+        }
+        if state.directory.is_shared() || state.settings.store.database_url.is_some() {
+            reload_workspaces(&state).await;
         }
         match state.accounts.reload_disabled().await {
             Ok(disabled) => {

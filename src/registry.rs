@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rmpv::Value;
 
 use crate::auth::UserInfo;
+use crate::auth::workspaces::WorkspaceBook;
 use crate::error::Error;
 use crate::ids::ServiceId;
 use crate::rpc::value::{get, get_str};
@@ -72,12 +73,12 @@ impl ServiceEntry {
     }
 
     /// Whether `user`, calling from `workspace`, may use this service.
-    pub(crate) fn allows(&self, workspace: &str, user: &UserInfo) -> bool {
+    pub(crate) fn allows(&self, workspace: &str, user: &UserInfo, book: &WorkspaceBook) -> bool {
         let home = self.id.provider.workspace.as_str();
         self.visibility != Visibility::Protected
             || workspace == home
             || self.authorized_workspaces.iter().any(|w| w == workspace)
-            || user.permission(home).is_some()
+            || book.permission(user, home).is_some()
     }
 
     /// The registry key: the full id with its app (`ws/client:name@app`).
@@ -322,7 +323,7 @@ mod tests {
         assert_eq!(registry.find(&q).len(), 1);
         assert_eq!(registry.len(), 2);
         let outsider = UserInfo::new(crate::ids::UserId::parse("x").unwrap(), vec![], None);
-        assert!(!registry.find(&q)[0].allows("ws9", &outsider));
-        assert!(registry.find(&q)[0].allows("ws1", &outsider));
+        assert!(!registry.find(&q)[0].allows("ws9", &outsider, &WorkspaceBook::default()));
+        assert!(registry.find(&q)[0].allows("ws1", &outsider, &WorkspaceBook::default()));
     }
 }

@@ -4,6 +4,7 @@ pub mod accounts;
 pub(crate) mod scope;
 pub mod token;
 pub(crate) mod user;
+pub(crate) mod workspaces;
 
 pub use token::{TokenError, TokenIssuer};
 pub use user::{Permission, Purpose, TokenRef, UserInfo};

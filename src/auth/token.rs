@@ -263,6 +263,7 @@ impl TokenIssuer {
             id,
             lineage: claims.lineage,
             expires_at: claims.exp,
+            issued_at: claims.iat,
             purpose,
         };
         if self.is_revoked(&token_ref) {

@@ -61,6 +61,9 @@ pub struct TokenRef {
     /// Ids of the tokens this one was derived from, oldest first.
     pub lineage: Vec<String>,
     pub expires_at: i64,
+    /// When it was issued (`iat`), if it says: grants for a workspace made after that do
+    /// not count.
+    pub issued_at: Option<i64>,
     pub purpose: Purpose,
 }
 

@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 
+use crate::auth::workspaces::WorkspaceBook;
 use crate::auth::{Permission, Purpose, TokenError, TokenIssuer, UserInfo};
 use crate::ids::{ClientId, WorkspaceId};
 
@@ -63,7 +64,11 @@ pub(crate) enum Refused {
 const ANONYMOUS_LIFETIME: i64 = 600;
 
 /// Decides whether a client may join, and as whom.
-pub(crate) fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, Refused> {
+pub(crate) fn admit(
+    hello: &Hello,
+    tokens: &TokenIssuer,
+    book: &WorkspaceBook,
+) -> Result<Admitted, Refused> {
     let client_id = match &hello.client_id {
         Some(id) => id.clone(),
         None => crate::ids::random_id(22),
@@ -101,13 +106,13 @@ pub(crate) fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, Ref
                 let user = match token.map(|t| tokens.parse(t)) {
                     Some(Ok(original))
                         if original.id == user.id
-                            && original.permission(wid.as_str()).is_some() =>
+                            && book.permission(&original, wid.as_str()).is_some() =>
                     {
                         original
                     }
                     _ => user,
                 };
-                return finish(user, wid.as_str(), client, true);
+                return finish(user, wid.as_str(), client, true, book);
             }
             Ok(_) => tracing::debug!("a general token was sent as reconnection token"),
             // A revoked family does not get back in under another guise.
@@ -141,7 +146,7 @@ pub(crate) fn admit(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, Ref
         .map(str::to_string)
         .or_else(|| user.scope.current.as_ref().map(ToString::to_string))
         .unwrap_or_else(|| user.own_workspace());
-    finish(user, &workspace, client, false)
+    finish(user, &workspace, client, false, book)
 }
 
 fn finish(
@@ -149,9 +154,10 @@ fn finish(
     workspace: &str,
     client: ClientId,
     reconnecting: bool,
+    book: &WorkspaceBook,
 ) -> Result<Admitted, Refused> {
     let workspace = WorkspaceId::parse(workspace)?;
-    let Some(permission) = user.permission(workspace.as_str()) else {
+    let Some(permission) = book.permission(&user, workspace.as_str()) else {
         return Err(Refused::PermissionDenied(workspace));
     };
     Ok(Admitted {
@@ -169,6 +175,11 @@ mod tests {
     use crate::ids::UserId;
     use secrecy::SecretString;
 
+    /// Admission where no workspace has been made.
+    fn admit_plain(hello: &Hello, tokens: &TokenIssuer) -> Result<Admitted, Refused> {
+        admit(hello, tokens, &WorkspaceBook::default())
+    }
+
     fn tokens() -> TokenIssuer {
         TokenIssuer::new(&SecretString::from("k".to_string()))
     }
@@ -184,9 +195,9 @@ mod tests {
 
     #[test]
     fn anonymous_gets_own_workspace_only() {
-        let a = admit(&hello(None, None, None), &tokens()).unwrap();
+        let a = admit_plain(&hello(None, None, None), &tokens()).unwrap();
         assert!(a.workspace.as_str().starts_with("ws-user-anonymouz-"));
-        assert!(admit(&hello(Some("lab"), None, None), &tokens()).is_err());
+        assert!(admit_plain(&hello(Some("lab"), None, None), &tokens()).is_err());
     }
 
     #[test]
@@ -198,20 +209,20 @@ mod tests {
             .insert(WorkspaceId::parse("lab").unwrap(), Permission::ReadWrite);
         let token = t.issue(&user, 60);
         assert_eq!(
-            admit(&hello(Some("lab"), Some(token.clone()), None), &t)
+            admit_plain(&hello(Some("lab"), Some(token.clone()), None), &t)
                 .unwrap()
                 .permission,
             Permission::ReadWrite
         );
         assert_eq!(
-            admit(&hello(None, Some(token.clone()), None), &t)
+            admit_plain(&hello(None, Some(token.clone()), None), &t)
                 .unwrap()
                 .workspace
                 .as_str(),
             "ws-user-bob"
         );
         assert!(matches!(
-            admit(&hello(Some("other"), Some(token), None), &t),
+            admit_plain(&hello(Some("other"), Some(token), None), &t),
             Err(Refused::PermissionDenied(ws)) if ws.as_str() == "other"
         ));
     }
@@ -224,11 +235,11 @@ mod tests {
         user.scope.current = Some(WorkspaceId::parse("ws-user-bob").unwrap());
         let (rec, _) = t.issue_reconnection(&user, 60);
         assert!(matches!(
-            admit(&hello(None, None, Some(rec)), &t),
+            admit_plain(&hello(None, None, Some(rec)), &t),
             Err(Refused::ReconnectionClient(cid, _)) if cid.as_str() == "c2"
         ));
         user.scope.client = Some(ClientId::parse("c1").unwrap());
-        let ok = admit(
+        let ok = admit_plain(
             &hello(None, None, Some(t.issue_reconnection(&user, 60).0)),
             &t,
         )

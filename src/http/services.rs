@@ -110,7 +110,7 @@ pub(crate) fn context(
     workspace: &str,
     peer_ip: std::net::IpAddr,
 ) -> CallContext {
-    let ws = if user.permission(workspace).is_some() {
+    let ws = if state.workspaces.permission(user, workspace).is_some() {
         workspace.to_string()
     } else {
         // The token's current workspace only where it grants something.
@@ -118,7 +118,7 @@ pub(crate) fn context(
             .current
             .as_ref()
             .map(ToString::to_string)
-            .filter(|current| user.permission(current).is_some())
+            .filter(|current| state.workspaces.permission(user, current).is_some())
             .unwrap_or_else(|| user.own_workspace())
     };
     CallContext {
@@ -195,7 +195,7 @@ async fn call_function(
     let args = Args { positional, kwargs };
     let ctx = context(&state, &user, &workspace, ip);
     let result = if service == "ws" {
-        if user.permission(&workspace).is_none() {
+        if state.workspaces.permission(&user, &workspace).is_none() {
             return Err(Error::PermissionDenied(format!(
                 "Permission denied for workspace {workspace}"
             )));

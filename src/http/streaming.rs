@@ -129,7 +129,7 @@ async fn open(
         token: super::request_token(&state, &headers).map(str::to_string),
         reconnection_token: query.reconnection_token,
     };
-    let admitted = match admit(&hello, &state.tokens) {
+    let admitted = match admit(&hello, &state.tokens, &state.workspaces) {
         Ok(admitted) => admitted,
         Err(refused) => {
             tracing::info!(reason = %refused, "HTTP stream refused");

@@ -598,6 +598,29 @@ impl Hub {
         closed
     }
 
+    /// Closes the connections of a workspace's clients here, except `except` (a client id);
+    /// returns how many were closed.
+    pub(crate) fn close_workspace(
+        &self,
+        workspace: &str,
+        except: Option<&str>,
+        reason: &str,
+    ) -> usize {
+        let mut closed = 0;
+        for client in self.clients_in(workspace) {
+            if except == Some(client.as_str()) {
+                continue;
+            }
+            if let Some(handle) = self.clients.get(&format!("{workspace}/{client}"))
+                && !handle.kill.is_cancelled()
+            {
+                handle.close(reason);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Disconnects every client (server shutdown).
     pub(crate) fn disconnect_all(&self) {
         for entry in self.clients.iter() {

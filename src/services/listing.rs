@@ -208,7 +208,7 @@ pub(crate) async fn list_services(
         .get(1, "include_unlisted")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let readable = |ws: &str| ws == ctx.ws || ctx.user.permission(ws).is_some();
+    let readable = |ws: &str| ws == ctx.ws || state.workspaces.permission(&ctx.user, ws).is_some();
     let candidates = match &query.workspace {
         Some(ws) => crate::workspace::services_in(state, ws).await?,
         None => {
@@ -236,7 +236,8 @@ pub(crate) async fn list_services(
             match e.visibility {
                 Visibility::Public => true,
                 Visibility::Protected => {
-                    (query.workspace.is_some() || home == ctx.ws) && e.allows(&ctx.ws, &ctx.user)
+                    (query.workspace.is_some() || home == ctx.ws)
+                        && e.allows(&ctx.ws, &ctx.user, &state.workspaces)
                 }
                 Visibility::Unlisted => include_unlisted && readable(home),
             }

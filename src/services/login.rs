@@ -368,7 +368,10 @@ pub(crate) fn token_for(
     if let Some(ws) = workspace {
         let ws =
             crate::ids::WorkspaceId::parse(ws).map_err(|e| Error::BadRequest(e.to_string()))?;
-        let permission = info.permission(ws.as_str()).filter(|_| ws != "public");
+        let permission = state
+            .workspaces
+            .permission(&info, ws.as_str())
+            .filter(|_| ws != "public");
         let Some(permission) = permission else {
             return Err(Error::PermissionDenied(format!(
                 "{} has no access to workspace {ws}",

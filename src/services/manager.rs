@@ -41,12 +41,6 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
         ),
         Function::new("check_status", "Report the server status.", json!({}), &[]),
         Function::new(
-            "get_workspace_info",
-            "Describe a workspace.",
-            json!({"workspace":{"type":"string","description":"Workspace name; default the caller's"}}),
-            &[],
-        ),
-        Function::new(
             "list_clients",
             "List the clients connected to a workspace.",
             json!({"workspace":{"type":"string"}}),
@@ -115,6 +109,7 @@ static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
     ];
     functions.push(super::coturn::ice_function());
     functions.extend(super::workspace_data::functions());
+    functions.extend(super::workspaces::functions());
     functions
 });
 
@@ -195,28 +190,9 @@ async fn call(
             ("connections", (state.hub.connection_count() as u64).into()),
             ("services", (state.registry.len() as u64).into()),
         ])),
-        "get_workspace_info" => {
-            let ws = args.get_str(0, "workspace").unwrap_or(&ctx.ws);
-            let permission = need(&ctx.user, ws, Permission::Read)?;
-            Ok(obj([
-                ("id", ws.into()),
-                ("name", ws.into()),
-                ("description", "".into()),
-                ("persistent", false.into()),
-                ("read_only", (permission == Permission::Read).into()),
-                (
-                    "owners",
-                    Value::Array(if ws == ctx.user.own_workspace() {
-                        vec![ctx.user.id.as_str().into()]
-                    } else {
-                        vec![]
-                    }),
-                ),
-            ]))
-        }
         "list_clients" => {
             let ws = args.get_str(0, "workspace").unwrap_or(&ctx.ws);
-            need(&ctx.user, ws, Permission::Read)?;
+            need(state, &ctx.user, ws, Permission::Read)?;
             let clients = crate::workspace::clients_in(state, ws).await?;
             Ok(Value::Array(
                 clients
@@ -347,10 +323,15 @@ async fn call(
             }
             Ok(Value::Nil)
         }
-        _ => match super::workspace_data::call(state, ctx, function, args).await {
-            Some(result) => result,
-            None => Err(super::not_found("default", function)),
-        },
+        _ => {
+            if let Some(result) = super::workspace_data::call(state, ctx, function, args).await {
+                return result;
+            }
+            match super::workspaces::call(state, ctx, function, args).await {
+                Some(result) => result,
+                None => Err(super::not_found("default", function)),
+            }
+        }
     }
 }
 
@@ -370,8 +351,8 @@ async fn ping(
             client.chars().take(64).collect::<String>()
         ))
     })?;
-    need(&ctx.user, &ctx.ws, Permission::Read)?;
-    need(&ctx.user, addr.workspace.as_str(), Permission::Read)?;
+    need(state, &ctx.user, &ctx.ws, Permission::Read)?;
+    need(state, &ctx.user, addr.workspace.as_str(), Permission::Read)?;
     if addr.client.as_str() == state.manager_id() {
         return Ok("pong".into());
     }
@@ -406,11 +387,12 @@ async fn ping(
 
 /// The caller's permission in `workspace` if it is at least `at_least`, else a refusal.
 pub(crate) fn need(
+    state: &AppState,
     user: &UserInfo,
     workspace: &str,
     at_least: Permission,
 ) -> Result<Permission, Error> {
-    match user.permission(workspace) {
+    match state.workspaces.permission(user, workspace) {
         Some(p) if p >= at_least => Ok(p),
         _ => Err(Error::PermissionDenied(format!(
             "Permission denied for workspace {workspace}: {} access is required",
@@ -461,7 +443,7 @@ async fn register_service(
             Error::BadRequest("register_service needs the service info as a dict".into())
         })?
         .clone();
-    need(&ctx.user, &ctx.ws, Permission::ReadWrite)?;
+    need(state, &ctx.user, &ctx.ws, Permission::ReadWrite)?;
     // A service lives as long as its client's connection; an HTTP request has none.
     if state.hub.get(&ctx.from).is_none() {
         return Err(Error::BadRequest(
@@ -490,7 +472,7 @@ async fn register_service(
     if id.provider.workspace == "public" {
         // `public` is what anonymous callers reach by name: only an explicit admin of it
         // registers there, and never under a name the server's own services answer to.
-        need(&ctx.user, "public", Permission::Admin)?;
+        need(state, &ctx.user, "public", Permission::Admin)?;
         if super::is_reserved_public_name(id.name.as_str()) {
             return Err(Error::PermissionDenied(format!(
                 "the name {} belongs to the server's own service in public",
@@ -586,7 +568,7 @@ pub(crate) async fn resolve(
     }
     let mut allowed: Vec<ServiceEntry> = found
         .into_iter()
-        .filter(|e| e.allows(caller_ws, user))
+        .filter(|e| e.allows(caller_ws, user, &state.workspaces))
         .collect();
     if allowed.is_empty() {
         return Err(Error::PermissionDenied(format!(
@@ -897,7 +879,7 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
             ))
         })?,
     };
-    let held = caller.permission(workspace.as_str());
+    let held = state.workspaces.permission(caller, workspace.as_str());
     if held != Some(Permission::Admin) {
         return Err(Error::PermissionDenied(format!(
             "Only an admin of workspace {workspace} may generate tokens for it"

@@ -12,6 +12,7 @@ pub(crate) mod login;
 pub(crate) mod manager;
 pub(crate) mod video;
 pub(crate) mod workspace_data;
+pub(crate) mod workspaces;
 
 use std::sync::Arc;
 

@@ -159,7 +159,7 @@ fn clip(text: &str) -> String {
 }
 
 async fn set_env(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
-    need(&ctx.user, &ctx.ws, Permission::ReadWrite)?;
+    need(state, &ctx.user, &ctx.ws, Permission::ReadWrite)?;
     let key = args.require_str(0, "key")?;
     if key.is_empty() || key.len() > 128 || key.chars().any(char::is_control) {
         return Err(Error::BadRequest(
@@ -191,7 +191,7 @@ async fn set_env(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Val
 }
 
 async fn get_env(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
-    need(&ctx.user, &ctx.ws, Permission::ReadWrite)?;
+    need(state, &ctx.user, &ctx.ws, Permission::ReadWrite)?;
     let env = state.store.env(&ctx.ws).await?;
     match args.get_str(0, "key") {
         None => Ok(Value::Map(
@@ -238,7 +238,7 @@ fn event_type(text: &str) -> Result<&str, Error> {
 }
 
 async fn log_event(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
-    need(&ctx.user, &ctx.ws, Permission::ReadWrite)?;
+    need(state, &ctx.user, &ctx.ws, Permission::ReadWrite)?;
     let kind = event_type(args.require_str(0, "event_type")?)?;
     let caps = caps(ctx);
     let data = match args.get(1, "data") {
@@ -292,7 +292,7 @@ fn event_filter<'a>(ctx: &'a CallContext, args: &'a Args) -> Result<EventFilter<
 }
 
 async fn get_events(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
-    need(&ctx.user, &ctx.ws, Permission::Read)?;
+    need(state, &ctx.user, &ctx.ws, Permission::Read)?;
     let filter = event_filter(ctx, args)?;
     let rows = state.store.events(&filter, MAX_EVENTS_RETURNED).await?;
     Ok(Value::Array(
@@ -315,7 +315,7 @@ async fn get_events(state: &AppState, ctx: &CallContext, args: &Args) -> Result<
 }
 
 async fn get_event_stats(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Value, Error> {
-    need(&ctx.user, &ctx.ws, Permission::Read)?;
+    need(state, &ctx.user, &ctx.ws, Permission::Read)?;
     let filter = event_filter(ctx, args)?;
     let counts = state.store.event_counts(&filter).await?;
     Ok(Value::Array(
@@ -342,7 +342,7 @@ async fn register_service_type(
     ctx: &CallContext,
     args: &Args,
 ) -> Result<Value, Error> {
-    need(&ctx.user, &ctx.ws, Permission::ReadWrite)?;
+    need(state, &ctx.user, &ctx.ws, Permission::ReadWrite)?;
     let Some(info @ Value::Map(_)) = args.get(0, "type_info") else {
         return Err(Error::BadRequest(
             "register_service_type needs type_info, a dict with id, name and definition".into(),
@@ -403,7 +403,7 @@ async fn get_service_type(
         .map(|(_, text)| from_json_text(text))
     else {
         // The same answer whether it is missing or hidden.
-        return match need(&ctx.user, ws, Permission::Read) {
+        return match need(state, &ctx.user, ws, Permission::Read) {
             Ok(_) => Err(not_found()),
             Err(e) => Err(e),
         };
@@ -412,7 +412,7 @@ async fn get_service_type(
         .and_then(|c| get_str(c, "visibility"))
         .is_some_and(|v| v == "public");
     if !public {
-        need(&ctx.user, ws, Permission::Read)?;
+        need(state, &ctx.user, ws, Permission::Read)?;
     }
     Ok(info)
 }
@@ -423,7 +423,7 @@ async fn list_service_types(
     args: &Args,
 ) -> Result<Value, Error> {
     let ws = args.get_str(0, "workspace").unwrap_or(&ctx.ws);
-    need(&ctx.user, ws, Permission::Read)?;
+    need(state, &ctx.user, ws, Permission::Read)?;
     let types = state.store.service_types(ws).await?;
     Ok(Value::Array(
         types.iter().map(|(_, text)| from_json_text(text)).collect(),

@@ -9,6 +9,7 @@ use sqlx::any::AnyPoolOptions;
 use tokio::sync::mpsc;
 
 pub(crate) mod workspace_data;
+pub(crate) mod workspaces;
 
 /// Where the store is.
 #[derive(clap::Args, Debug, Clone)]

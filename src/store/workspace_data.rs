@@ -15,6 +15,17 @@ pub(crate) enum Write {
     Full,
 }
 
+impl Write {
+    /// The outcome of an insert that skips a taken key, from the rows it wrote.
+    pub(crate) fn inserted(rows: u64) -> Self {
+        if rows == 0 {
+            Write::Exists
+        } else {
+            Write::Done
+        }
+    }
+}
+
 /// A logged event, as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct EventRow {
@@ -205,11 +216,7 @@ impl Store {
             .bind(expires_at)
             .execute(&self.pool)
             .await?;
-        Ok(if done.rows_affected() == 0 {
-            Write::Exists
-        } else {
-            Write::Done
-        })
+        Ok(Write::inserted(done.rows_affected()))
     }
 
     /// The service types of a workspace (JSON), by id.

@@ -219,7 +219,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let admitted = match admit(&hello, &state.tokens) {
+    let admitted = match admit(&hello, &state.tokens, &state.workspaces) {
         Ok(admitted) => admitted,
         Err(reason) => {
             tracing::info!(%reason, "connection refused");

@@ -271,8 +271,10 @@ def server():
     s.stop()
 
 
-def hypha_token(user_id, workspaces=None, secret=SECRET, expires_in=3600, roles=None, wid=None, cid=None, alg="HS256"):
-    """A token exactly as Hypha's `_generate_presigned_token` mints it (HS256, Hypha's claims)."""
+def hypha_token(user_id, workspaces=None, secret=SECRET, expires_in=3600, roles=None, wid=None, cid=None, alg="HS256",
+                issued_ago=0):
+    """A token exactly as Hypha's `_generate_presigned_token` mints it (HS256, Hypha's claims);
+    `issued_ago`: seconds its `iat` lies in the past."""
     now = int(time.time())
     scope = [f"ws:{ws}#{perm}" for ws, perm in (workspaces or {}).items()]
     if wid:
@@ -283,7 +285,7 @@ def hypha_token(user_id, workspaces=None, secret=SECRET, expires_in=3600, roles=
         "iss": "https://amun.ai/",
         "sub": user_id,
         "aud": "https://amun-ai.eu.auth0.com/api/v2/",
-        "iat": now,
+        "iat": now - issued_ago,
         "exp": now + expires_in,
         "scope": " ".join(scope),
         "gty": "client-credentials",

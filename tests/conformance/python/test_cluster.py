@@ -212,6 +212,38 @@ def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
         assert status == 200 and ready["redis"]["state"] == "ok", ready
 
 
+def test_a_workspace_made_on_one_instance_is_owned_and_deleted_on_both(pair):
+    one, two = pair
+
+    async def main():
+        owner_token = hypha_token("wanda")
+        a = await connect_to_server({"server_url": one.url, "token": owner_token, "client_id": "wanda-one"})
+        await a.create_workspace({"id": "shared-lab", "persistent": True})
+        # The other instance reads it from the store within seconds: the owner gets in there.
+        b = await poll("the workspace to reach the other instance", lambda: connect_to_server({
+            "server_url": two.url, "token": owner_token, "workspace": "shared-lab", "client_id": "wanda-two"}))
+        assert (await b.get_workspace_info())["owners"] == ["wanda"]
+        guest_token = await b.generate_token({"workspace": "shared-lab", "permission": "read"})
+        guest = await connect_to_server({"server_url": two.url, "token": guest_token, "workspace": "shared-lab",
+                                         "client_id": "guest"})
+        assert "shared-lab" in [w["id"] for w in await guest.list_workspaces()]
+        admin = await connect_to_server({"server_url": two.url, "token": hypha_token("root-c", roles=["admin"])})
+        # Deleted through the first instance: the connections on the second are closed too.
+        await a.delete_workspace("shared-lab")
+
+        async def closed():
+            return await admin.list_clients("shared-lab") == []
+
+        await poll("the second instance to close the deleted workspace's clients", closed)
+        with pytest.raises(Exception, match="does not exist or is not accessible"):
+            await connect_to_server({"server_url": two.url, "token": guest_token, "workspace": "shared-lab",
+                                     "client_id": "guest-again"})
+        await admin.disconnect()
+        await a.disconnect()
+
+    run(main(), timeout=120)
+
+
 def test_sign_in_revocation_and_audit_are_shared(pair, postgres):
     one, two = pair
     database_url = next(a for a in one.extra if a.startswith("postgres://"))
