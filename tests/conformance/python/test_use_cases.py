@@ -1,5 +1,6 @@
-"""The documented use cases, as users run them: the synchronous client (`hypha_rpc.sync`)
-signing in and reaching an instrument over WebRTC, and a plain aiortc peer built from the
+"""The documented use cases, as users run them: a web page with the client's browser bundle
+signing in and reaching a Python instrument over WebRTC (the remote microscope), the
+synchronous client (`hypha_rpc.sync`) doing the same, and a plain aiortc peer built from the
 server's ICE servers with `RTCIceServer(..., credentialType="password")` relaying through a
 real coturn."""
 
@@ -12,7 +13,7 @@ import time
 
 import pytest
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from hypha_rpc import connect_to_server
+from hypha_rpc import connect_to_server, register_rtc_service
 
 from conftest import COTURN_SECRET, Coturn, Server, hypha_token, node, result_of, run
 
@@ -101,10 +102,11 @@ scope.register_service({
     "config": {"visibility": "public"},
     "snap": lambda exposure: {"exposure": exposure, "pixels": [exposure] * 4},
 })
-register_rtc_service(scope, "microscope-rtc", {"visibility": "public"})
+# The server's ICE servers on both sides (the clients' default is a public STUN server).
+register_rtc_service(scope, "microscope-rtc", {"visibility": "public", "ice_servers": scope.get_rtc_ice_servers()})
 viewer = connect_to_server({"server_url": url, "token": token, "client_id": "viewer"})
 ice = viewer.get_rtc_ice_servers()
-pc = get_rtc_service(viewer, scope.config.workspace + "/microscope-rtc")
+pc = get_rtc_service(viewer, scope.config.workspace + "/microscope-rtc", {"ice_servers": ice})
 mic = pc.get_service("microscope")
 snap = mic.snap(3)
 stats = pc.getStats()
@@ -146,3 +148,46 @@ def test_sync_client_signs_in_and_reaches_an_instrument_over_webrtc(relaying):
     assert result["state"] == "connected", result
     turn = [s for s in result["ice"] if any(u.startswith("turn:") for u in s["urls"])]
     assert turn and turn[0]["credential"], result["ice"]
+
+
+def test_browser_bundle_signs_in_and_calls_a_python_instrument_over_webrtc(relaying):
+    """The remote microscope: a page loading dist/hypha-rpc-websocket.min.js (from the pinned
+    npm package, served from this machine) signs in, gets ICE servers with `getRtcIceServers()`
+    and calls the Python instrument's functions over the data channel, relayed by coturn."""
+    from test_login import PASSWORD, add_user
+
+    server, _ = relaying
+    add_user(server, "viewer@example.org")
+
+    async def main():
+        scope = await connect_to_server({
+            "server_url": server.url, "token": hypha_token("lab-scope-owner", {"lab-scope": "rw"}),
+            "workspace": "lab-scope", "client_id": "scope",
+        })
+        await scope.register_service({
+            "id": "microscope", "config": {"visibility": "public"},
+            "snap": lambda exposure: {"exposure": exposure, "pixels": [exposure] * 4},
+        })
+        await register_rtc_service(scope, "microscope-rtc", {
+            "visibility": "public", "ice_servers": await scope.get_rtc_ice_servers(),
+        })
+        try:
+            # The page runs while this loop keeps answering for the instrument.
+            return result_of(await asyncio.to_thread(
+                node, "remote_microscope.mjs", server.url, "lab-scope/microscope-rtc",
+                "viewer@example.org", PASSWORD, timeout=150))
+        finally:
+            await scope.disconnect()
+
+    page = run(main(), timeout=200)
+    print("remote microscope page:", json.dumps({k: page.get(k) for k in ("seconds", "pair", "state", "workspace")}))
+    assert "error" not in page, page["error"]
+    assert page["bundle"] == "/hypha-rpc/hypha-rpc-websocket.min.js"
+    assert "Signed in as viewer@example.org" in page["signedIn"]
+    assert page["workspace"].startswith("ws-user-"), page["workspace"]
+    turn = [s for s in page["iceServers"] if any(u.startswith("turn:") for u in s["urls"])]
+    assert turn and turn[0]["credential"], page["iceServers"]
+    assert page["image"] == {"exposure": 3, "pixels": [3, 3, 3, 3]}
+    assert page["state"] == "connected"
+    assert page["pair"] and page["pair"]["local"] == "relay", page["pair"]
+    assert page["consoleErrors"] == [] and page["failed"] == [], page
