@@ -89,6 +89,8 @@ stop() {
 trap 'stop; exit 0' INT TERM
 trap stop EXIT
 
+# Where this run's output starts in the log, to find the first-run link it prints.
+LOG_START=$(stat -c %s "$STATE/hypha-rtc.log" 2>/dev/null || echo 0)
 turnserver "${TURN_ARGS[@]}" >"$STATE/coturn.log" 2>&1 &
 PIDS+=($!)
 "$BIN" --host "$HOST" --port "$PORT" --data-dir "$STATE/data" \
@@ -105,6 +107,10 @@ for _ in $(seq 1 300); do
     done
     if curl -sf "http://$LOCAL_HOST:$PORT/health/readiness" 2>/dev/null | grep -q '"state":"ok"'; then
         echo "hypha-rtc is up with coturn on port $TURN_PORT: open $URL"
+        SETUP=$(tail -c +"$((LOG_START + 1))" "$STATE/hypha-rtc.log" | grep -o 'https\?://[^ ]*/setup?key=[a-z0-9]*' | tail -n 1 || true)
+        if [ -n "$SETUP" ]; then
+            echo "First run: no account exists yet. Create the admin account at $SETUP (the link works once, for 60 minutes)"
+        fi
         wait -n "${PIDS[@]}" || true
         echo "a part of the stack stopped; stopping the rest (logs in $STATE)" >&2
         exit 1

@@ -2,9 +2,11 @@
 
 use std::io::BufRead;
 
-use crate::auth::accounts::hash_password;
+use crate::auth::accounts::{
+    MIN_PASSWORD_CHARS, NewAccountError, checked_email, create_account, hash_password,
+};
 use crate::config::{Command, Settings, UserAction};
-use crate::store::{Store, UserRecord};
+use crate::store::Store;
 
 /// Why an operator's command did not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -53,22 +55,14 @@ pub async fn run(
                 role,
                 password_stdin,
             } => {
-                let email = checked_email(email)?;
+                let email = checked_email(email).map_err(|e| e.to_string())?;
                 let password = read_password(*password_stdin, stdin)?;
-                if store.user_by_email(&email).await?.is_some() {
-                    return Err(AdminError::Refused(format!(
-                        "a user with the email {email} already exists"
-                    )));
-                }
-                let user = UserRecord {
-                    id: format!("u{}", crate::ids::random_id(15)),
-                    email: email.clone(),
-                    password_hash: hash_password(&password)?,
-                    roles: role.clone(),
-                    created_at: now,
-                    disabled_at: None,
-                };
-                store.create_user(&user).await?;
+                let user = create_account(store, &email, &password, role.clone(), now)
+                    .await
+                    .map_err(|e| match e {
+                        NewAccountError::Store(e) => AdminError::Store(e),
+                        other => AdminError::Refused(other.to_string()),
+                    })?;
                 Ok(format!(
                     "added {email} (id {}, workspace ws-user-{})",
                     user.id, user.id
@@ -132,22 +126,6 @@ pub async fn run(
     }
 }
 
-fn checked_email(email: &str) -> Result<String, AdminError> {
-    let email = email.trim().to_string();
-    let valid = email.len() <= 254
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
-    if valid {
-        Ok(email)
-    } else {
-        Err(AdminError::Refused(format!(
-            "{email:?} is not an email address"
-        )))
-    }
-}
-
 fn read_password(from_stdin: bool, mut stdin: impl BufRead) -> Result<String, AdminError> {
     if !from_stdin {
         return Err("pass the password on standard input with --password-stdin".into());
@@ -157,8 +135,8 @@ fn read_password(from_stdin: bool, mut stdin: impl BufRead) -> Result<String, Ad
         .read_line(&mut line)
         .map_err(|e| format!("cannot read the password: {e}"))?;
     let password = line.trim_end_matches(['\n', '\r']).to_string();
-    if password.chars().count() < 8 {
-        return Err("the password must have at least 8 characters".into());
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(NewAccountError::ShortPassword.to_string().into());
     }
     Ok(password)
 }

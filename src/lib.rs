@@ -82,6 +82,8 @@ pub struct AppState {
     pub(crate) app_requests: Arc<tokio::sync::Semaphore>,
     /// Workspaces made with `create_workspace`: their owners, and since when grants count.
     pub(crate) workspaces: auth::workspaces::WorkspaceBook,
+    /// The first run's one-time setup key, while no account exists.
+    pub(crate) first_run: auth::first_run::FirstRun,
     /// This instance's id (in its manager id, and in Redis).
     pub(crate) server_id: String,
     /// The URL clients are told to use (`--public-base-url`, else the local one).
@@ -327,6 +329,7 @@ impl App {
             exports: Default::default(),
             app_requests: Arc::new(tokio::sync::Semaphore::new(http::apps::MAX_REQUESTS)),
             workspaces,
+            first_run: Default::default(),
             hosted: services::Hosted::new(settings.demo.enabled),
             pending_logins: Default::default(),
             admission: net::admission::Admission::new(settings.admission.clone()),
@@ -359,6 +362,8 @@ impl App {
             tokio::spawn(workspace::keep_lease(state.clone(), state.stopping.clone()));
         }
         tokio::spawn(reload_revocations_now_and_then(state.clone()));
+        tokio::spawn(probe_now_and_then(state.clone()));
+        offer_first_run(&state).await;
         Ok(App {
             listener,
             metrics_listener,
@@ -509,6 +514,44 @@ async fn reload_revocations_now_and_then(state: Arc<AppState>) {
             reload_revocations(&state).await;
         } else {
             state.tokens.prune_revoked(auth::now_secs());
+        }
+    }
+}
+
+/// While no account exists, tells the one-time link that creates the first admin, in the
+/// server's output (a line of the log, JSON too when the log is JSON). The link is void once
+/// used, after an hour, and as soon as any account exists.
+async fn offer_first_run(state: &AppState) {
+    match state.store.users().await {
+        Ok(users) if users.is_empty() => {
+            let key = state.first_run.open(auth::first_run::LIFETIME);
+            tracing::warn!(
+                "No account exists yet. Create the first admin at {}/setup?key={key} (the link works once, for {} minutes)",
+                state.public_base_url,
+                auth::first_run::LIFETIME.as_secs() / 60
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot tell whether an account exists"),
+    }
+}
+
+/// How often coturn is probed when nobody asks (the home page's chart of the last hour).
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Probes coturn once a minute, from a moment after start-up (which it does not delay).
+async fn probe_now_and_then(state: Arc<AppState>) {
+    if state.ice.probe().is_none() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(PROBE_EVERY);
+    loop {
+        tokio::select! {
+            _ = state.stopping.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Some(probe) = state.ice.probe() {
+            probe.check().await;
         }
     }
 }

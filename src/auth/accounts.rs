@@ -49,6 +49,74 @@ impl AccountOptions {
     }
 }
 
+/// Shortest password an account may have.
+pub(crate) const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Why an account was not created (the text is what the operator sees).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NewAccountError {
+    #[error("{0:?} is not an email address")]
+    Email(String),
+    #[error("the password must have at least {MIN_PASSWORD_CHARS} characters")]
+    ShortPassword,
+    #[error("a user with the email {0} already exists")]
+    Exists(String),
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An email address as accounts take it: trimmed, at most 254 characters, `local@domain.tld`,
+/// no spaces or control characters.
+pub(crate) fn checked_email(email: &str) -> Result<String, NewAccountError> {
+    let email = email.trim().to_string();
+    let valid = email.len() <= 254
+        && email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if valid {
+        Ok(email)
+    } else {
+        Err(NewAccountError::Email(email.chars().take(254).collect()))
+    }
+}
+
+/// Creates a local account, with the checks every way of creating one goes through (the
+/// `user add` command and the first-run page).
+pub(crate) async fn create_account(
+    store: &Store,
+    email: &str,
+    password: &str,
+    roles: Vec<String>,
+    now: i64,
+) -> Result<UserRecord, NewAccountError> {
+    let email = checked_email(email)?;
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(NewAccountError::ShortPassword);
+    }
+    if store.user_by_email(&email).await?.is_some() {
+        return Err(NewAccountError::Exists(email));
+    }
+    let password = password.to_string();
+    // argon2 takes tens of milliseconds of CPU: off the async workers.
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| NewAccountError::Hash(format!("the hashing task stopped: {e}")))?
+        .map_err(|e| NewAccountError::Hash(e.to_string()))?;
+    let user = UserRecord {
+        id: format!("u{}", crate::ids::random_id(15)),
+        email,
+        password_hash: hash,
+        roles,
+        created_at: now,
+        disabled_at: None,
+    };
+    store.create_user(&user).await?;
+    Ok(user)
+}
+
 /// Hashes a password with argon2 and a random salt.
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);

@@ -1,6 +1,7 @@
 //! Who a caller is: Hypha-compatible tokens, users (including anonymous ones) and their permissions.
 
 pub mod accounts;
+pub(crate) mod first_run;
 pub(crate) mod scope;
 pub mod token;
 pub(crate) mod user;

@@ -266,6 +266,23 @@ impl RedisDirectory {
         Ok(added == 1)
     }
 
+    /// Instances whose lease runs, by id.
+    pub(crate) fn live(&self) -> Vec<String> {
+        let now = now_ms();
+        let mut live: Vec<String> = self
+            .leases
+            .read()
+            .map(|l| {
+                l.iter()
+                    .filter(|(_, end)| **end > now)
+                    .map(|(i, _)| i.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        live.sort();
+        live
+    }
+
     /// Instances whose lease ran out.
     pub(crate) fn expired(&self) -> Vec<String> {
         let now = now_ms();

@@ -137,6 +137,8 @@ pub trait Directory: Send + Sync {
     fn heartbeat(&self) -> BoxFuture<'_, Result<bool, Error>>;
     /// Instances whose lease ran out.
     fn expired(&self) -> Vec<String>;
+    /// Instances whose lease runs (this one included), as of the last heartbeat, by id.
+    fn live(&self) -> Vec<String>;
     /// Removes a dead instance's entries (if this instance is the one to do it).
     fn reap<'a>(&'a self, dead: &'a str) -> BoxFuture<'a, Result<Released, Error>>;
 }
@@ -222,6 +224,9 @@ impl Directory for LocalDirectory {
     }
     fn expired(&self) -> Vec<String> {
         Vec::new()
+    }
+    fn live(&self) -> Vec<String> {
+        vec![self.instance.clone()]
     }
     fn reap<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Released, Error>> {
         done(Released::default())
@@ -311,6 +316,9 @@ impl Directory for directory::RedisDirectory {
     }
     fn expired(&self) -> Vec<String> {
         directory::RedisDirectory::expired(self)
+    }
+    fn live(&self) -> Vec<String> {
+        directory::RedisDirectory::live(self)
     }
     fn reap<'a>(&'a self, dead: &'a str) -> BoxFuture<'a, Result<Released, Error>> {
         Box::pin(directory::RedisDirectory::reap(self, dead))

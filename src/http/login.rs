@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Form, Router};
 use serde::Deserialize;
@@ -28,48 +28,42 @@ struct PageQuery {
     workspace: Option<String>,
 }
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
-
 fn render(key: Option<&str>, workspace: Option<&str>, message: Option<&str>, done: bool) -> String {
     let body = if done {
         format!(
-            "<p id=\"result\" class=\"ok\">{}</p>",
-            escape(message.unwrap_or("Signed in."))
+            "<p id=\"result\" class=\"message ok\">{}</p>",
+            super::escape(message.unwrap_or("Signed in."))
         )
     } else {
         format!(
-            r#"{message}<form method="post" action="{PAGE}">
+            r#"{message}<form class="stack" method="post" action="{PAGE}">
   <input type="hidden" name="key" value="{key}">
   <input type="hidden" name="workspace" value="{workspace}">
   <label>Email <input type="email" name="email" autocomplete="username" required autofocus></label>
   <label>Password <input type="password" name="password" autocomplete="current-password" required></label>
-  <button type="submit">Sign in</button>
+  <div class="actions"><button class="button" type="submit">Sign in</button></div>
 </form>"#,
             message = message
-                .map(|m| format!("<p id=\"result\" class=\"error\">{}</p>", escape(m)))
+                .map(|m| format!(
+                    "<p id=\"result\" class=\"message bad\">{}</p>",
+                    super::escape(m)
+                ))
                 .unwrap_or_default(),
-            key = escape(key.unwrap_or("")),
-            workspace = escape(workspace.unwrap_or("")),
+            key = super::escape(key.unwrap_or("")),
+            workspace = super::escape(workspace.unwrap_or("")),
         )
     };
     format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Sign in · hypha-rtc</title><style>
-body{{font-family:system-ui,sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}
-label{{display:block;margin:.8rem 0}} input{{display:block;width:100%;padding:.4rem;margin-top:.2rem}}
-button{{padding:.5rem 1.2rem}} .error{{color:#b00020}} .ok{{color:#05670f}}
-</style></head><body><h1>Sign in</h1>{body}</body></html>"#
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Sign in · hypha-rtc</title>
+<link rel="icon" href="/favicon.svg" type="image/svg+xml"><link rel="stylesheet" href="/assets/style.css"></head>
+<body><header class="top"><a class="brand" href="/">hypha-rtc</a></header>
+<main class="narrow"><h1>Sign in</h1>{body}</main></body></html>"#
     )
 }
 
-async fn page(Query(query): Query<PageQuery>) -> Html<String> {
-    Html(render(
+async fn page(Query(query): Query<PageQuery>) -> Response {
+    super::home::page(render(
         query.key.as_deref(),
         query.workspace.as_deref(),
         None,
@@ -96,7 +90,11 @@ async fn sign_in(
     let key = Some(form.key.as_str()).filter(|k| !k.is_empty());
     let workspace = Some(form.workspace.as_str()).filter(|w| !w.is_empty());
     let refuse = |status: StatusCode, message: &str| {
-        (status, Html(render(key, workspace, Some(message), false))).into_response()
+        (
+            status,
+            super::home::page(render(key, workspace, Some(message), false)),
+        )
+            .into_response()
     };
     let user = match state
         .accounts
@@ -168,7 +166,7 @@ async fn sign_in(
             .unwrap_or(DEFAULT_TOKEN_LIFETIME),
         if secure { "; Secure" } else { "" }
     );
-    let mut response = Html(render(
+    let mut response = super::home::page(render(
         None,
         None,
         Some(&format!(
@@ -185,7 +183,7 @@ async fn sign_in(
 }
 
 async fn logout() -> Response {
-    let mut response = Html(render(None, None, Some("Signed out."), true)).into_response();
+    let mut response = super::home::page(render(None, None, Some("Signed out."), true));
     response.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_static("access_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),

@@ -5,10 +5,12 @@ pub mod cors;
 mod demo;
 pub(crate) mod handshake;
 mod health;
+mod home;
 mod login;
 mod metrics;
 mod services;
 pub(crate) mod session;
+mod setup;
 pub(crate) mod streaming;
 pub(crate) mod ws;
 
@@ -122,6 +124,15 @@ impl HttpOptions {
     }
 }
 
+/// Text made safe to put into HTML (element content and quoted attributes).
+pub(crate) fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
 /// The client id calls made over HTTP come from (no websocket client may take it).
 pub(crate) const HTTP_CLIENT: &str = "http-client";
 
@@ -141,6 +152,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(ws::router())
         .merge(streaming::router())
         .merge(health::router())
+        .merge(home::router())
+        .merge(setup::router())
         .merge(metrics)
         .merge(login::router())
         .merge(demo)

@@ -244,6 +244,14 @@ impl Hub {
         self.clients.len()
     }
 
+    /// Workspaces with at least one client connected here.
+    pub(crate) fn workspace_count(&self) -> usize {
+        self.workspaces
+            .iter()
+            .filter(|w| !w.value().is_empty())
+            .count()
+    }
+
     /// Adds a connection; with `replace`, an existing one under the same address is disconnected.
     /// Fails with [`AlreadyConnected`] when a live connection holds the address.
     pub(crate) fn insert(

@@ -491,6 +491,21 @@ impl Store {
         Ok(())
     }
 
+    /// Credentials issued per hour since `since` (seconds): the hour's start and the count,
+    /// oldest first, hours without any left out.
+    pub(crate) async fn ice_issuances_per_hour(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT (issued_at / 3600) * 3600 AS hour, COUNT(*) FROM ice_credentials \
+             WHERE issued_at >= $1 GROUP BY (issued_at / 3600) * 3600 ORDER BY hour",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// The audited issuances of a user, newest first.
     #[cfg(test)]
     pub(crate) async fn ice_issuances(

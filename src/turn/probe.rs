@@ -72,6 +72,18 @@ impl ProbeOutcome {
     }
 }
 
+/// Verdicts the probe remembers (one a minute from the periodic probe, more when asked).
+pub(crate) const HISTORY: usize = 120;
+
+/// One probe's verdict, for the home page's chart.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub(crate) struct Verdict {
+    /// Seconds since the epoch.
+    pub at: i64,
+    pub state: &'static str,
+    pub latency_ms: Option<f64>,
+}
+
 /// The coturn prober.
 pub(crate) struct Probe {
     address: HostPort,
@@ -82,6 +94,8 @@ pub(crate) struct Probe {
     running: tokio::sync::Mutex<()>,
     /// The last verdict, readable at any time (also while a probe runs).
     last: std::sync::Mutex<Option<(Instant, ProbeOutcome)>>,
+    /// The verdicts of the last hour or so, oldest first, at most [`HISTORY`].
+    history: std::sync::Mutex<std::collections::VecDeque<Verdict>>,
     /// Seconds each probe took, whatever its verdict.
     pub latency: prometheus_client::metrics::histogram::Histogram,
 }
@@ -110,6 +124,7 @@ impl Probe {
             cache_for,
             running: tokio::sync::Mutex::new(()),
             last: std::sync::Mutex::new(None),
+            history: Default::default(),
             latency: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(100e-6, 2.0, 16),
             ),
@@ -144,7 +159,25 @@ impl Probe {
         }
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), outcome.clone()));
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(Verdict {
+            at: crate::auth::now_secs(),
+            state: outcome.state(),
+            latency_ms: match &outcome {
+                ProbeOutcome::Ok { latency } => Some(latency.as_secs_f64() * 1e3),
+                _ => None,
+            },
+        });
         outcome
+    }
+
+    /// The remembered verdicts, oldest first.
+    pub(crate) fn history(&self) -> Vec<Verdict> {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.iter().cloned().collect()
     }
 
     /// The last verdict and its age, without probing (a probe running keeps the previous one).

@@ -250,6 +250,13 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=10, context=self.ssl) as r:
             return r.status, r.read().decode(), r.headers
 
+    def http_text_status(self, path):
+        """Like http_text, with error statuses returned instead of raised."""
+        try:
+            return self.http_text(path)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), e.headers
+
     def http(self, path, token=None, data=None, method=None):
         """Returns (status, parsed JSON body, headers)."""
         headers = {"Content-Type": "application/json"}

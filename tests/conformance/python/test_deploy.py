@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,12 @@ def test_run_command_brings_up_the_stack_and_tears_it_down():
             if not line or "open http" in line:
                 break
         assert f"open http://127.0.0.1:{port}/demo/" in line, line
+        # A fresh stack has no account: it shows the link that creates the first admin.
+        first_run = stack.stdout.readline()
+        assert f"Create the admin account at http://127.0.0.1:{port}/setup?key=" in first_run, first_run
+        setup_path = first_run.split(f":{port}", 1)[1].split()[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{setup_path}", timeout=10) as page:
+            assert page.status == 200 and "Create the first admin" in page.read().decode()
 
         async def main():
             secret = (state / "jwt-secret").read_text()

@@ -1,0 +1,181 @@
+"""The server's pages in headless Chromium: each loads with no console error, no failed request
+and no HTTP error, is not blank, fits a phone's width and keeps to its own resources; what it
+shows depends on who looks (the public summary, or an admin's details)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import BIN, COTURN_SECRET, SECRET, Server, node, result_of, wait_until
+from test_login import PASSWORD, add_user, store_args
+
+pytestmark = pytest.mark.timeout(240)
+
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 900}
+SCREENSHOTS = os.environ.get("HYPHA_RTC_SCREENSHOTS", "/tmp/hypha-rtc-pages")
+
+
+@pytest.fixture(scope="module")
+def site(coturn):
+    server = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}").start()
+    add_user(server, "admin@example.org", "admin")
+    add_user(server, "user@example.org")
+    yield server
+    server.stop()
+
+
+def visit(server, visits, sign_in=None):
+    plan = {"screenshots": SCREENSHOTS, "visits": visits}
+    if sign_in:
+        plan["signIn"] = {"url": server.url + "/login", "email": sign_in, "password": PASSWORD}
+    return result_of(node("pages.mjs", json.dumps(plan), timeout=120))["visits"]
+
+
+def assert_clean(page):
+    assert page["status"] == 200, page
+    assert page["consoleErrors"] == [] and page["failed"] == [] and page["httpErrors"] == [], page
+    assert page["colours"] > 5, f"{page['name']} looks blank"
+    assert not page["horizontalOverflow"], f"{page['name']} is wider than the screen"
+    assert page["csp"] and "default-src 'self'" in page["csp"], page["csp"]
+
+
+TURN_CHECKED = "document.getElementById('turn-state').textContent !== 'checking…'"
+DETAILS_SHOWN = ("!document.getElementById('details').hidden && "
+                 "document.getElementById('chart-probe').childElementCount > 0")
+
+
+def test_home_page_public_summary_and_admin_details(site):
+    # Credentials issued now show in the admin's chart of the last 24 hours.
+    admin_token = token_for(site, "admin@example.org")
+    status, servers, _ = site.http("/public/services/coturn/get_rtc_ice_servers", token=admin_token)
+    assert status == 200 and servers
+    # The periodic probe has run once at start-up: the chart has a point.
+    wait_until(lambda: site.http("/api/status", token=admin_token)[1]["details"]["probe"]["history"], 15,
+               "the first coturn probe")
+
+    anonymous = visit(site, [
+        {"name": "home-desktop", "url": site.url + "/", "viewport": DESKTOP, "waitFor": TURN_CHECKED,
+         "texts": ["#turn-state", "#who", "#python-snippet"]},
+        {"name": "home-phone", "url": site.url + "/", "viewport": PHONE, "waitFor": TURN_CHECKED,
+         "texts": ["#turn-state"]},
+    ])
+    for page in anonymous:
+        assert_clean(page)
+        assert page["texts"]["#turn-state"] == "reachable"
+    assert anonymous[0]["texts"]["#who"] == "Visitor"
+    assert f'"server_url": "{site.url}"' in anonymous[0]["texts"]["#python-snippet"]
+
+    [admin] = visit(site, [
+        {"name": "home-admin", "url": site.url + "/", "viewport": DESKTOP, "waitFor": DETAILS_SHOWN,
+         "texts": ["#who", "#d-issued", "#d-store", "#d-instances", "#d-probe"]},
+    ], sign_in="admin@example.org")
+    assert_clean(admin)
+    assert admin["texts"]["#who"] == "admin@example.org"
+    assert int(admin["texts"]["#d-issued"]) >= 1
+    assert admin["texts"]["#d-store"] == "SQLite"
+    assert admin["texts"]["#d-instances"] == "1"
+    assert "accepted a TURN allocation" in admin["texts"]["#d-probe"]
+
+    # A signed-in user who is not an admin sees the summary only.
+    [user] = visit(site, [
+        {"name": "home-user", "url": site.url + "/", "viewport": PHONE, "waitFor": TURN_CHECKED,
+         "texts": ["#who"]},
+    ], sign_in="user@example.org")
+    assert_clean(user)
+    assert user["texts"]["#who"] == "user@example.org"
+
+
+def token_for(server, email):
+    """A token for a local user, from the `token` command."""
+    result = subprocess.run([BIN, "token", "--email", email, "--jwt-secret", SECRET, *store_args(server)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_status_api_tells_details_to_admins_only(site):
+    status, public, _ = site.http("/api/status")
+    assert status == 200 and public["name"] == "hypha-rtc" and public["user"] is None
+    assert "details" not in public and public["turn"]["state"] in ("ok", "unknown")
+    _, as_user, _ = site.http("/api/status", token=token_for(site, "user@example.org"))
+    assert as_user["user"]["email"] == "user@example.org" and "details" not in as_user
+    _, as_admin, _ = site.http("/api/status", token=token_for(site, "admin@example.org"))
+    details = as_admin["details"]
+    assert details["store"] == {"kind": "SQLite", "state": "ok"}
+    assert details["cluster"]["instances"] == [details["cluster"]["instance"]]
+    assert "secret" not in json.dumps(as_admin).lower()
+
+
+def setup_link(server):
+    """The first-run link the server printed at start-up."""
+    import re
+
+    found = {}
+
+    def printed():
+        match = re.search(r"(http://\S+/setup\?key=[a-z0-9]+)", server.log.read_text())
+        if match:
+            found["url"] = match.group(1)
+        return bool(found)
+
+    wait_until(printed, 10, "the first-run link in the server's output")
+    return found["url"]
+
+
+def test_first_run_link_creates_the_admin_once():
+    server = Server().start()
+    try:
+        link = setup_link(server)
+        page = result_of(node("first_run.mjs", link, "first@example.org", PASSWORD, SCREENSHOTS, timeout=120))
+        assert page["openedStatus"] == 200
+        assert page["mismatch"] == "The two passwords differ."
+        assert page["created"] == "The admin account first@example.org is ready."
+        assert page["againStatus"] == 404 and "does not work" in page["spent"]
+        assert "Signed in as first@example.org" in page["signedIn"]
+        # The only errors the browser reports are the refusals asked for: the differing
+        # passwords (400) and the spent link (404).
+        assert page["failed"] == [], page
+        for error in page["consoleErrors"]:
+            assert error.startswith(("mismatch: ", "again: ")) and ("status of 400" in error or "status of 404" in error), error
+        listed = subprocess.run([BIN, "user", "list", *store_args(server)], capture_output=True, text=True, timeout=30)
+        assert "first@example.org" in listed.stdout and "\tadmin\t" in listed.stdout, listed.stdout
+        # A guessed key does nothing, and a restart with an account prints no link.
+        status, body, _ = server.http_text_status("/setup?key=" + "a" * 43)
+        assert status == 404 and "does not work" in body
+        server.stop()
+        server.log.write_text("")
+        server.start()
+        assert "/setup?key=" not in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_first_run_link_is_void_once_an_account_exists():
+    server = Server().start()
+    try:
+        link = setup_link(server)
+        add_user(server, "cli-admin@example.org", "admin")
+        status, body, _ = server.http_text_status(link.split(str(server.port), 1)[1])
+        assert status == 404 and "does not work" in body
+    finally:
+        server.stop()
+
+
+def test_api_description_covers_the_routes_and_reads_in_a_browser(site):
+    status, spec, _ = site.http("/openapi.json")
+    assert status == 200 and spec["openapi"].startswith("3.1") and spec["servers"] == [{"url": site.url}]
+    # Every plain GET route it names is there (the transports and the one-time page aside).
+    for path, item in spec["paths"].items():
+        if "{" in path or "get" not in item or path in ("/ws", "/rpc", "/setup"):
+            continue
+        code, _, _ = site.http_text_status(path)
+        assert code != 404, f"{path} is described but not served"
+    [page] = visit(site, [
+        {"name": "api-docs-phone", "url": site.url + "/api-docs", "viewport": PHONE,
+         "waitFor": "document.querySelectorAll('.operation').length > 10", "texts": ["#api"]},
+    ])
+    assert_clean(page)
+    assert "GET /{workspace}/services/{service}/{function}" in page["texts"]["#api"]
