@@ -123,6 +123,7 @@ pub async fn run(
             info.email = Some(user.email);
             Ok(crate::auth::TokenIssuer::new(secret).issue(&info, *expires_in))
         }
+        Command::Doctor(_) => Err("the doctor runs on its own, without the store".into()),
     }
 }
 

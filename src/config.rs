@@ -57,6 +57,8 @@ pub enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// Check the TURN setup from this machine (coturn, and every address and transport clients are given), naming what to change; exit 0 when all is well
+    Doctor(crate::turn::doctor::DoctorOptions),
     /// Print a token for a local user, for scripts (needs the server's --jwt-secret)
     Token {
         #[arg(long)]

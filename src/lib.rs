@@ -539,7 +539,8 @@ async fn offer_first_run(state: &AppState) {
 /// How often coturn is probed when nobody asks (the home page's chart of the last hour).
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Probes coturn once a minute, from a moment after start-up (which it does not delay).
+/// Probes coturn once a minute, and every address and transport clients are given, from a
+/// moment after start-up (which it does not delay).
 async fn probe_now_and_then(state: Arc<AppState>) {
     if state.ice.probe().is_none() {
         return;
@@ -553,6 +554,7 @@ async fn probe_now_and_then(state: Arc<AppState>) {
         if let Some(probe) = state.ice.probe() {
             probe.check().await;
         }
+        state.ice.check_listeners().await;
     }
 }
 

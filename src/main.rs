@@ -22,6 +22,15 @@ async fn main() -> ExitCode {
     for warning in warnings {
         tracing::warn!("{warning}");
     }
+    if let Some(hypha_rtc::config::Command::Doctor(options)) = &cli.command {
+        let found =
+            hypha_rtc::turn::doctor::run(&settings.turn, options, &mut std::io::stdout()).await;
+        return if found.healthy() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
     if let Some(command) = &cli.command {
         return admin(command, &settings).await;
     }

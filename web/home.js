@@ -63,6 +63,19 @@
     } else {
       $("d-probe").textContent = "No coturn is configured (--coturn-uri).";
     }
+    const table = $("d-listeners");
+    while (table.rows.length > 1) table.deleteRow(1);
+    for (const l of d.listeners || []) {
+      const row = table.insertRow();
+      row.insertCell().textContent = l.url;
+      const state = row.insertCell();
+      state.textContent = l.state === "ok" ? "ok" : l.detail;
+      state.className = l.state === "ok" ? "ok" : "bad";
+      row.insertCell().textContent = l.latency_ms ? `${l.latency_ms.toFixed(1)} ms` : "–";
+      row.insertCell().textContent = l.certificate
+        ? `${l.certificate.names.join(", ")}; until ${new Date(l.certificate.expires_at * 1000).toISOString().slice(0, 10)}; ${l.certificate.trusted ? "trusted" : "not trusted here"}`
+        : "";
+    }
     $("d-instances").textContent = d.cluster.instances.length;
     $("d-cluster").textContent = d.cluster.shared
       ? `this one: ${d.cluster.instance}; Redis ${d.cluster.redis.replace("_", " ")}`

@@ -45,6 +45,19 @@ async fn readiness(
             if let crate::turn::probe::ProbeOutcome::Ok { latency } = outcome {
                 report["latency_ms"] = json!(latency.as_secs_f64() * 1e3);
             }
+            // Every address and transport clients are given, as checked once a minute.
+            report["listeners"] = state
+                .ice
+                .listeners()
+                .into_iter()
+                .map(|l| {
+                    let mut entry = json!(l);
+                    if detailed && l.state != "ok" {
+                        entry["detail"] = json!(l.detail);
+                    }
+                    entry
+                })
+                .collect();
             report
         }
     };

@@ -178,6 +178,11 @@ async fn details(state: &AppState) -> Value {
             "since": day_ago,
         },
         "probe": probe,
+        "listeners": state.ice.listeners().into_iter().map(|l| {
+            let mut entry = json!(l);
+            entry["detail"] = json!(l.detail);
+            entry
+        }).collect::<Vec<_>>(),
         "cluster": {
             "instance": state.server_id,
             "shared": bus.is_shared(),

@@ -2,8 +2,10 @@
 //! server lists and `--ice-server` syntax), probe (STUN binding and TURN allocate, cached).
 
 pub(crate) mod credentials;
+pub mod doctor;
 pub mod ice;
 pub(crate) mod probe;
+pub(crate) mod stun;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -34,6 +36,26 @@ pub struct CoturnSettings {
     pub public: Vec<HostPort>,
     /// With a TLS port, `turns:` URLs are offered too.
     pub tls_port: Option<u16>,
+}
+
+impl CoturnSettings {
+    /// Every address and transport clients are given: UDP and TCP on each public coturn, and
+    /// TLS on the TLS port when there is one.
+    pub(crate) fn listeners(&self) -> Vec<(HostPort, stun::Transport)> {
+        let mut found = Vec::new();
+        for host in &self.public {
+            found.push((host.clone(), stun::Transport::Udp));
+            found.push((host.clone(), stun::Transport::Tcp));
+            if let Some(port) = self.tls_port {
+                let tls = HostPort {
+                    host: host.host.clone(),
+                    port,
+                };
+                found.push((tls, stun::Transport::Tls));
+            }
+        }
+        found
+    }
 }
 
 /// The TURN and ICE options.
@@ -188,6 +210,8 @@ pub struct IceService {
     pub refused: Counter,
     /// Seconds to answer a request for ICE servers (the audit write included).
     pub latency: Histogram,
+    /// Every address and transport clients are given, as last checked (once a minute).
+    listeners: std::sync::Mutex<Vec<probe::ListenerState>>,
 }
 
 impl IceService {
@@ -212,6 +236,7 @@ impl IceService {
             issued: Counter::default(),
             refused: Counter::default(),
             latency: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
+            listeners: Default::default(),
         })
     }
 
@@ -226,6 +251,38 @@ impl IceService {
 
     pub(crate) fn probe(&self) -> Option<&Probe> {
         self.probe.as_ref()
+    }
+
+    /// Checks every address and transport clients are given (UDP and TCP on each public
+    /// coturn, TLS where a TLS port is set), one after the other, and keeps the results.
+    pub(crate) async fn check_listeners(&self) {
+        let Some(coturn) = &self.settings.coturn else {
+            return;
+        };
+        let roots = stun::roots(&[]).ok();
+        let mut found = Vec::new();
+        for (target, transport) in coturn.listeners() {
+            let state = probe::check_listener(
+                &target,
+                transport,
+                &coturn.secret,
+                roots.as_ref(),
+                Duration::from_secs(2),
+            )
+            .await;
+            if state.state != "ok" {
+                tracing::warn!(url = %state.url, "{}", state.detail);
+            }
+            found.push(state);
+        }
+        if let Ok(mut listeners) = self.listeners.lock() {
+            *listeners = found;
+        }
+    }
+
+    /// The last check of every address and transport clients are given.
+    pub(crate) fn listeners(&self) -> Vec<probe::ListenerState> {
+        self.listeners.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// ICE servers for `user`: coturn credentials (after the probe, when asked) and the

@@ -4,24 +4,12 @@
 //! The whole probe has a fixed budget; its result is cached briefly and shared by concurrent
 //! callers, so a burst of requests does not hammer coturn.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use secrecy::{ExposeSecret, SecretString};
-use stun_rs::attributes::stun::{MessageIntegrity, Nonce, Realm, UserName};
-use stun_rs::attributes::turn::{LifeTime, RequestedTrasport};
-use stun_rs::methods::{ALLOCATE, BINDING, REFRESH};
-use stun_rs::{
-    Algorithm, AlgorithmId, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder,
-    StunMessage, StunMessageBuilder,
-};
-use tokio::net::UdpSocket;
+use secrecy::SecretString;
 
-use super::credentials;
 use super::ice::HostPort;
-
-/// How long one request waits before it is sent again.
-const RETRANSMIT: Duration = Duration::from_millis(250);
+use super::stun::{self, Client, Transport};
 
 /// The probe's verdict.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,16 +86,6 @@ pub(crate) struct Probe {
     history: std::sync::Mutex<std::collections::VecDeque<Verdict>>,
     /// Seconds each probe took, whatever its verdict.
     pub latency: prometheus_client::metrics::histogram::Histogram,
-}
-
-enum StepError {
-    Outcome(ProbeOutcome),
-}
-
-impl From<ProbeOutcome> for StepError {
-    fn from(outcome: ProbeOutcome) -> Self {
-        StepError::Outcome(outcome)
-    }
 }
 
 impl Probe {
@@ -193,196 +171,85 @@ impl Probe {
             Ok(Ok(())) => ProbeOutcome::Ok {
                 latency: started.elapsed(),
             },
-            Ok(Err(StepError::Outcome(outcome))) => outcome,
+            Ok(Err(outcome)) => outcome,
             Err(_) => ProbeOutcome::TimedOut(step),
         }
     }
 
-    async fn steps(&self, step: &mut &'static str) -> Result<(), StepError> {
-        let target = tokio::net::lookup_host(self.address.authority())
-            .await
-            .map_err(|e| {
-                ProbeOutcome::Unreachable(format!("cannot resolve {}: {e}", self.address.host))
-            })?
-            .next()
-            .ok_or_else(|| {
-                ProbeOutcome::Unreachable(format!("{} has no address", self.address.host))
-            })?;
-        let local: SocketAddr = if target.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .unwrap_or_else(|_| unreachable!());
-        let socket = UdpSocket::bind(local)
-            .await
-            .map_err(|e| ProbeOutcome::Failed(format!("cannot open a UDP socket: {e}")))?;
-        socket
-            .connect(target)
-            .await
-            .map_err(|e| ProbeOutcome::Unreachable(e.to_string()))?;
-
-        let binding = transact(
-            &socket,
-            StunMessageBuilder::new(BINDING, MessageClass::Request).build(),
-        )
-        .await?;
-        if binding.class() != MessageClass::SuccessResponse {
-            return Err(ProbeOutcome::Failed("the STUN binding request was refused".into()).into());
-        }
-
+    async fn steps(&self, step: &mut &'static str) -> Result<(), ProbeOutcome> {
+        let (mut client, _) = Client::connect(&self.address, Transport::Udp, None).await?;
+        stun::binding(&mut client).await?;
         *step = "TURN allocate request";
-        let credential =
-            credentials::mint(&self.secret, "hypha-rtc-probe", 60, crate::auth::now_secs());
-        let challenge = transact(&socket, allocate(None)).await?;
-        let (realm, nonce) = match (challenge.class(), realm_and_nonce(&challenge)) {
-            (MessageClass::ErrorResponse, Some(found)) => found,
-            (MessageClass::SuccessResponse, _) => {
-                return Err(ProbeOutcome::Failed(
-                    "coturn allocated without authentication: it is not configured with use-auth-secret".into(),
-                )
-                .into());
-            }
-            _ => {
-                return Err(ProbeOutcome::Failed(
-                    "the allocate challenge had no realm and nonce".into(),
-                )
-                .into());
-            }
-        };
-        let auth = Auth {
-            username: credential.username.clone(),
-            password: credential.credential.expose_secret().to_string(),
-            realm,
-            nonce,
-        };
-        let allocated = transact(&socket, allocate(Some(&auth))).await?;
-        match (allocated.class(), error_code(&allocated)) {
-            (MessageClass::SuccessResponse, _) => {}
-            (_, Some(401)) => return Err(ProbeOutcome::SecretRejected.into()),
-            (_, code) => {
-                return Err(
-                    ProbeOutcome::Failed(format!("allocate failed with error {code:?}")).into(),
-                );
-            }
-        }
-
+        let (_, auth) = stun::allocate(&mut client, &self.secret, 60).await?;
         *step = "TURN refresh request";
-        let mut builder = StunMessageBuilder::new(REFRESH, MessageClass::Request)
-            .with_attribute(LifeTime::new(0));
-        for attribute in auth.attributes()? {
-            builder = builder.with_attribute(attribute);
-        }
-        let refreshed = transact(&socket, builder.build()).await?;
-        if refreshed.class() != MessageClass::SuccessResponse {
-            tracing::debug!(code = ?error_code(&refreshed), "coturn refused to free the probe allocation");
-        }
+        stun::release(&mut client, &auth).await;
         Ok(())
     }
 }
 
-struct Auth {
-    username: String,
-    password: String,
-    realm: String,
-    nonce: String,
+/// One address and transport clients are given, as the last check saw it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ListenerState {
+    /// The URL clients are given (`turn:...`, `turns:...`).
+    pub url: String,
+    pub state: &'static str,
+    pub latency_ms: Option<f64>,
+    /// What went wrong, in words (for operators).
+    #[serde(skip)]
+    pub detail: String,
+    /// For TLS: the certificate's names, expiry (seconds since the epoch) and whether this
+    /// machine trusts it.
+    pub certificate: Option<CertificateState>,
 }
 
-impl Auth {
-    /// USERNAME, REALM, NONCE and MESSAGE-INTEGRITY (long-term credentials), in that order.
-    fn attributes(&self) -> Result<Vec<stun_rs::StunAttribute>, StepError> {
-        let bad =
-            |e: stun_rs::StunError| ProbeOutcome::Failed(format!("cannot build the request: {e}"));
-        let username = UserName::new(&self.username).map_err(bad)?;
-        let realm = Realm::new(&self.realm).map_err(bad)?;
-        let nonce = Nonce::new(&self.nonce).map_err(bad)?;
-        let key = HMACKey::new_long_term(
-            &username,
-            &realm,
-            &self.password,
-            Algorithm::from(AlgorithmId::MD5),
-        )
-        .map_err(bad)?;
-        Ok(vec![
-            username.into(),
-            realm.into(),
-            nonce.into(),
-            MessageIntegrity::new(key).into(),
-        ])
-    }
+/// What a `turns:` listener's certificate is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct CertificateState {
+    pub names: Vec<String>,
+    pub expires_at: i64,
+    pub trusted: bool,
 }
 
-fn allocate(auth: Option<&Auth>) -> StunMessage {
-    let mut builder = StunMessageBuilder::new(ALLOCATE, MessageClass::Request)
-        .with_attribute(RequestedTrasport::new(stun_rs::protocols::UDP));
-    if let Some(auth) = auth
-        && let Ok(attributes) = auth.attributes()
-    {
-        for attribute in attributes {
-            builder = builder.with_attribute(attribute);
-        }
-    }
-    builder.build()
-}
-
-fn realm_and_nonce(message: &StunMessage) -> Option<(String, String)> {
-    let realm = message
-        .get::<Realm>()?
-        .as_realm()
-        .ok()?
-        .as_str()
-        .to_string();
-    let nonce = message
-        .get::<Nonce>()?
-        .as_nonce()
-        .ok()?
-        .as_str()
-        .to_string();
-    Some((realm, nonce))
-}
-
-fn error_code(message: &StunMessage) -> Option<u16> {
-    use stun_rs::attributes::stun::ErrorCode;
-    Some(
-        message
-            .get::<ErrorCode>()?
-            .as_error_code()
-            .ok()?
-            .error_code()
-            .error_code(),
-    )
-}
-
-/// Sends a request and waits for the response with its transaction id, retransmitting; the
-/// caller's time-out bounds the whole exchange.
-async fn transact(socket: &UdpSocket, request: StunMessage) -> Result<StunMessage, StepError> {
-    let mut out = [0u8; 1024];
-    let size = MessageEncoderBuilder::default()
-        .build()
-        .encode(&mut out, &request)
-        .map_err(|e| ProbeOutcome::Failed(format!("cannot encode the request: {e}")))?;
-    let decoder = MessageDecoderBuilder::default().build();
-    let mut buffer = [0u8; 2048];
-    loop {
-        socket
-            .send(&out[..size])
-            .await
-            .map_err(|e| ProbeOutcome::Unreachable(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + RETRANSMIT;
-        loop {
-            match tokio::time::timeout_at(deadline, socket.recv(&mut buffer)).await {
-                Err(_) => break,
-                Ok(Err(e)) => return Err(ProbeOutcome::Unreachable(e.to_string()).into()),
-                Ok(Ok(n)) => {
-                    if let Ok((response, _)) = decoder.decode(&buffer[..n])
-                        && response.transaction_id() == request.transaction_id()
-                    {
-                        return Ok(response);
-                    }
-                }
-            }
-        }
+/// Checks one listener clients are given: connection (and certificate), binding, allocation
+/// with fresh credentials, release; within `budget`.
+pub(crate) async fn check_listener(
+    target: &HostPort,
+    transport: Transport,
+    secret: &SecretString,
+    roots: Option<&stun::Roots>,
+    budget: Duration,
+) -> ListenerState {
+    let url = transport.url(target);
+    let started = Instant::now();
+    let mut certificate = None;
+    let attempt = async {
+        let (mut client, cert) = Client::connect(target, transport, roots).await?;
+        certificate = cert.map(|c| CertificateState {
+            names: c.names,
+            expires_at: c.not_after,
+            trusted: c.trust.is_ok(),
+        });
+        stun::binding(&mut client).await?;
+        let (_, auth) = stun::allocate(&mut client, secret, 60).await?;
+        stun::release(&mut client, &auth).await;
+        Ok(())
+    };
+    let outcome = match tokio::time::timeout(budget, attempt).await {
+        Ok(Ok(())) => ProbeOutcome::Ok {
+            latency: started.elapsed(),
+        },
+        Ok(Err(outcome)) => outcome,
+        Err(_) => ProbeOutcome::TimedOut("check"),
+    };
+    ListenerState {
+        url,
+        state: outcome.state(),
+        latency_ms: match &outcome {
+            ProbeOutcome::Ok { latency } => Some(latency.as_secs_f64() * 1e3),
+            _ => None,
+        },
+        detail: outcome.describe(target),
+        certificate,
     }
 }
 

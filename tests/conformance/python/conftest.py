@@ -28,13 +28,14 @@ def free_port():
 
 
 def wait_until(predicate, timeout, what):
-    """Polls `predicate` until it is true or `timeout` seconds pass."""
+    """Polls `predicate` until it is true or `timeout` seconds pass; returns its value."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
-            if predicate():
-                return
+            value = predicate()
+            if value:
+                return value
         except Exception as exc:  # noqa: BLE001 - keep polling, report the last error
             last = exc
         time.sleep(0.05)
@@ -54,14 +55,17 @@ def stun_binding_ok(port):
 
 
 class Coturn:
-    def __init__(self, secret=COTURN_SECRET, *extra):
+    def __init__(self, secret=COTURN_SECRET, *extra, tls=None):
+        """`tls`: (certificate, key) paths: coturn also speaks TLS, on `self.tls_port`."""
         assert shutil.which("turnserver"), "coturn (turnserver) is not installed"
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        tls_args = [f"--tls-listening-port={self.tls_port}", f"--cert={tls[0]}", f"--pkey={tls[1]}"] if tls else ["--no-tls"]
         relay = 40000 + (self.port % 2000) * 10
         self.proc = subprocess.Popen(
             ["turnserver", "-c", str(ROOT / "turnserver.conf"),
              "--listening-ip=127.0.0.1", f"--listening-port={self.port}", "--relay-ip=127.0.0.1",
-             f"--static-auth-secret={secret}", "--realm=hypha-rtc.test", "--no-tls", "--no-dtls",
+             f"--static-auth-secret={secret}", "--realm=hypha-rtc.test", *tls_args, "--no-dtls",
              f"--min-port={relay}", f"--max-port={relay + 9}", f"--pidfile=/tmp/turnserver-{self.port}.pid", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
