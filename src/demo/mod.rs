@@ -4,6 +4,7 @@
 
 pub(crate) mod addresses;
 pub(crate) mod controls;
+pub(crate) mod echo;
 pub(crate) mod encode;
 pub(crate) mod peer;
 pub(crate) mod render;
@@ -253,6 +254,31 @@ impl Producer {
         live.insert(address, mine + 1);
         Some(ViewerGuard(self.clone(), address))
     }
+}
+
+/// Advertises the sockets' addresses as host candidates of `rtc` (ICE-lite), and the 1:1 NAT's
+/// public address when one is set: behind such a NAT the public address maps onto the bound
+/// one, port for port, so it goes on the port of the first socket of its family, and what
+/// arrives through the NAT lands on that socket.
+pub(crate) fn add_host_candidates(
+    rtc: &mut str0m::Rtc,
+    sockets: &sockets::Sockets,
+    public_ip: Option<IpAddr>,
+) -> Result<(), crate::error::Error> {
+    let internal = |e: str0m::error::IceError| crate::error::Error::Internal(e.to_string());
+    let locals = sockets.local_addrs();
+    for local in &locals {
+        rtc.add_local_candidate(str0m::Candidate::host(*local, "udp").map_err(internal)?);
+    }
+    if let Some(public) = public_ip
+        && let Some(base) = locals.iter().find(|a| a.is_ipv4() == public.is_ipv4())
+    {
+        let candidate =
+            str0m::Candidate::host(std::net::SocketAddr::new(public, base.port()), "udp")
+                .map_err(internal)?;
+        rtc.add_local_candidate(candidate);
+    }
+    Ok(())
 }
 
 /// Sessions one address may have waiting to connect: offers that never connect cannot take

@@ -3,7 +3,6 @@
 //! The session ends, and everything it holds is freed, when the browser closes the connection,
 //! when nothing is heard from it for a while, when ICE fails, or when it never connects.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use str0m::change::SdpOffer;
 use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 
 use super::controls::{self, Controllable, ViewerState};
 use super::encode::{Codec, VideoEncoder};
@@ -89,22 +88,7 @@ pub(crate) async fn start(
         config = config.set_dtls_cert(cert.clone());
     }
     let mut rtc = config.build(Instant::now());
-    let locals = sockets.local_addrs();
-    for local in &locals {
-        let candidate =
-            Candidate::host(*local, "udp").map_err(|e| Error::Internal(e.to_string()))?;
-        rtc.add_local_candidate(candidate);
-    }
-    // Behind a 1:1 NAT the public address maps onto the bound one, port for port: advertise
-    // it on the port of the first socket of its family. What arrives through the NAT lands
-    // on that socket, so str0m sees it as reaching the bound address.
-    if let Some(public) = settings.rtc_public_ip
-        && let Some(base) = locals.iter().find(|a| a.is_ipv4() == public.is_ipv4())
-    {
-        let candidate = Candidate::host(SocketAddr::new(public, base.port()), "udp")
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        rtc.add_local_candidate(candidate);
-    }
+    super::add_host_candidates(&mut rtc, &sockets, settings.rtc_public_ip)?;
     let answer = rtc
         .sdp_api()
         .accept_offer(offer)
@@ -486,6 +470,7 @@ fn bitrate(settings: &super::DemoSettings) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use str0m::Candidate;
     use str0m::change::SdpAnswer;
     use str0m::media::Direction;
 

@@ -19,10 +19,49 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
 }
 
 #[derive(Deserialize)]
-struct Offer {
+pub(crate) struct Offer {
     sdp: String,
     #[serde(rename = "type")]
     kind: String,
+}
+
+/// A JSON refusal with the status that goes with it.
+pub(crate) fn refuse(status: StatusCode, detail: String) -> Response {
+    (status, Json(serde_json::json!({ "detail": detail }))).into_response()
+}
+
+/// The SDP of a page's `{"sdp": ..., "type": "offer"}` body, or the refusal (400) that says
+/// what is wrong with it.
+pub(crate) fn offer_sdp(
+    body: Result<Json<Offer>, axum::extract::rejection::JsonRejection>,
+) -> Result<String, Box<Response>> {
+    let offer = match body {
+        Ok(Json(offer)) => offer,
+        Err(e) => {
+            return Err(Box::new(refuse(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body must be JSON {{\"sdp\": ..., \"type\": \"offer\"}}: {}",
+                    e.body_text()
+                ),
+            )));
+        }
+    };
+    if offer.kind != "offer" {
+        return Err(Box::new(refuse(
+            StatusCode::BAD_REQUEST,
+            "type must be \"offer\"".into(),
+        )));
+    }
+    Ok(offer.sdp)
+}
+
+/// The answer to a page's offer: `{"sdp": ..., "type": "answer"}`, or the refusal in words.
+pub(crate) fn answer(outcome: Result<String, crate::error::Error>) -> Response {
+    match outcome {
+        Ok(sdp) => Json(serde_json::json!({"sdp": sdp, "type": "answer"})).into_response(),
+        Err(e) => refuse(super::status(&e), e.public_message()),
+    }
 }
 
 async fn offer(
@@ -30,42 +69,19 @@ async fn offer(
     super::ClientIp(client): super::ClientIp,
     body: Result<Json<Offer>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let offer = match body {
-        Ok(Json(offer)) => offer,
-        Err(e) => {
-            let detail = format!(
-                "the body must be JSON {{\"sdp\": ..., \"type\": \"offer\"}}: {}",
-                e.body_text()
-            );
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({"detail": detail})),
-            )
-                .into_response();
-        }
+    let sdp = match offer_sdp(body) {
+        Ok(sdp) => sdp,
+        Err(refused) => return *refused,
     };
-    if offer.kind != "offer" {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({"detail": "type must be \"offer\""})),
+    answer(
+        crate::demo::peer::start(
+            &state.demo,
+            &sdp,
+            Arc::new(crate::auth::UserInfo::http_anonymous()),
+            Some(client),
         )
-            .into_response();
-    }
-    match crate::demo::peer::start(
-        &state.demo,
-        &offer.sdp,
-        Arc::new(crate::auth::UserInfo::http_anonymous()),
-        Some(client),
+        .await,
     )
-    .await
-    {
-        Ok(answer) => Json(serde_json::json!({"sdp": answer, "type": "answer"})).into_response(),
-        Err(e) => (
-            super::status(&e),
-            Json(serde_json::json!({"detail": e.public_message()})),
-        )
-            .into_response(),
-    }
 }
 
 /// The page with its limits filled in, built on first use.

@@ -45,19 +45,11 @@ async fn readiness(
             if let crate::turn::probe::ProbeOutcome::Ok { latency } = outcome {
                 report["latency_ms"] = json!(latency.as_secs_f64() * 1e3);
             }
-            // Every address and transport clients are given, as checked once a minute.
-            report["listeners"] = state
-                .ice
-                .listeners()
-                .into_iter()
-                .map(|l| {
-                    let mut entry = json!(l);
-                    if detailed && l.state != "ok" {
-                        entry["detail"] = json!(l.detail);
-                    }
-                    entry
-                })
-                .collect();
+            // Every address and transport clients are given, as checked once a minute (for
+            // this machine and admins: it names the addresses).
+            if detailed {
+                report["listeners"] = listeners(&state);
+            }
             report
         }
     };
@@ -88,6 +80,22 @@ async fn readiness(
             "max_connections_per_address": state.admission.refused_per_address.load(std::sync::atomic::Ordering::Relaxed),
         },
     }))
+}
+
+/// The last check of every address and transport clients are given.
+pub(crate) fn listeners(state: &AppState) -> Value {
+    state
+        .ice
+        .listeners()
+        .into_iter()
+        .map(|l| {
+            let mut entry = json!(l);
+            if l.state != "ok" {
+                entry["detail"] = json!(l.detail);
+            }
+            entry
+        })
+        .collect()
 }
 
 async fn config(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<Value> {

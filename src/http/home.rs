@@ -130,6 +130,10 @@ async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Json<
         "server_url": state.public_base_url,
         "turn": turn,
         "demo": state.settings.demo.enabled,
+        // What anonymous visitors may use: the STUN side of the coturn clients are given.
+        "stun": state.settings.turn.coturn.as_ref().map(|c| {
+            c.public.iter().map(|p| format!("stun:{}", p.authority())).collect::<Vec<_>>()
+        }).unwrap_or_default(),
         "user": user.as_ref().map(|u| json!({
             "id": u.id.as_str(),
             "email": u.email,
@@ -178,11 +182,7 @@ async fn details(state: &AppState) -> Value {
             "since": day_ago,
         },
         "probe": probe,
-        "listeners": state.ice.listeners().into_iter().map(|l| {
-            let mut entry = json!(l);
-            entry["detail"] = json!(l.detail);
-            entry
-        }).collect::<Vec<_>>(),
+        "listeners": super::health::listeners(state),
         "cluster": {
             "instance": state.server_id,
             "shared": bus.is_shared(),

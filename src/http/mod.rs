@@ -3,6 +3,7 @@
 pub(crate) mod apps;
 pub mod cors;
 mod demo;
+mod doctor;
 pub(crate) mod handshake;
 mod health;
 mod home;
@@ -154,6 +155,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(health::router())
         .merge(home::router())
         .merge(setup::router())
+        .merge(doctor::router())
         .merge(metrics)
         .merge(login::router())
         .merge(demo)
