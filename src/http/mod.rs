@@ -13,6 +13,7 @@ mod services;
 pub(crate) mod session;
 mod setup;
 pub(crate) mod streaming;
+mod users;
 pub(crate) mod ws;
 
 use std::sync::Arc;
@@ -156,6 +157,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(home::router())
         .merge(setup::router())
         .merge(doctor::router())
+        .merge(users::router())
         .merge(metrics)
         .merge(login::router())
         .merge(demo)

@@ -243,46 +243,7 @@ async fn call(
         }
         "revoke_token" => {
             let token = args.require_str(0, "token")?;
-            let user = state
-                .tokens
-                .verify(token)
-                .map_err(|e| Error::BadRequest(format!("Invalid token: {e}")))?;
-            // The token's own user, the account at the root of its family, or an admin; a
-            // child's holder cannot revoke its parent's tokens.
-            let allowed =
-                user.id == ctx.user.id || user.account() == &ctx.user.id || ctx.user.is_admin();
-            if !allowed || ctx.user.is_anonymous() {
-                return Err(Error::PermissionDenied(
-                    "Only the token's user, its issuer or an admin may revoke it".into(),
-                ));
-            }
-            let Some(revoked) = user.token else {
-                return Err(Error::BadRequest("Invalid token: it names no token".into()));
-            };
-            if !ctx.user.is_admin() && !state.tokens.may_revoke(ctx.user.account()) {
-                return Err(Error::TooManyRequests(format!(
-                    "too many revocations from this account (at most {} a minute); try again shortly",
-                    crate::auth::token::REVOCATIONS_PER_MINUTE
-                )));
-            }
-            let id = revoked.id;
-            let expires_at = revoked.expires_at;
-            // Refused here at once, even if the store fails below.
-            state.revoke_locally(id.clone(), expires_at);
-            state
-                .store
-                .revoke_token(&id, expires_at, crate::auth::now_secs())
-                .await
-                .map_err(Error::from)?;
-            let bus = state.hub.bus();
-            if bus.is_shared()
-                && let Err(e) = bus
-                    .announce(crate::cluster::bus::Announcement::Revoked { id, expires_at })
-                    .await
-            {
-                // The other instances read it from the store within a minute.
-                tracing::warn!(error = %e, "the revocation reaches the other instances through the store");
-            }
+            revoke_token(state, &ctx.user, token).await?;
             Ok(Value::Nil)
         }
         "generate_token" => generate_token(state, ctx, args),
@@ -333,6 +294,56 @@ async fn call(
             }
         }
     }
+}
+
+/// Revokes a token (and every token derived from it) for `caller`: its own user, the account
+/// at the root of its family, or an admin. The same checks whether asked over RPC or from the
+/// admin page.
+pub(crate) async fn revoke_token(
+    state: &AppState,
+    caller: &UserInfo,
+    token: &str,
+) -> Result<(), Error> {
+    let user = state
+        .tokens
+        .verify(token)
+        .map_err(|e| Error::BadRequest(format!("Invalid token: {e}")))?;
+    // The token's own user, the account at the root of its family, or an admin; a child's
+    // holder cannot revoke its parent's tokens.
+    let allowed = user.id == caller.id || user.account() == &caller.id || caller.is_admin();
+    if !allowed || caller.is_anonymous() {
+        return Err(Error::PermissionDenied(
+            "Only the token's user, its issuer or an admin may revoke it".into(),
+        ));
+    }
+    let Some(revoked) = user.token else {
+        return Err(Error::BadRequest("Invalid token: it names no token".into()));
+    };
+    if !caller.is_admin() && !state.tokens.may_revoke(caller.account()) {
+        return Err(Error::TooManyRequests(format!(
+            "too many revocations from this account (at most {} a minute); try again shortly",
+            crate::auth::token::REVOCATIONS_PER_MINUTE
+        )));
+    }
+    let id = revoked.id;
+    let expires_at = revoked.expires_at;
+    // Refused here at once, even if the store fails below.
+    state.revoke_locally(id.clone(), expires_at);
+    state
+        .store
+        .revoke_token(&id, expires_at, crate::auth::now_secs())
+        .await
+        .map_err(Error::from)?;
+    let bus = state.hub.bus();
+    if bus.is_shared()
+        && let Err(e) = bus
+            .announce(crate::cluster::bus::Announcement::Revoked { id, expires_at })
+            .await
+    {
+        // The other instances read it from the store within a minute.
+        tracing::warn!(error = %e, "the revocation reaches the other instances through the store");
+    }
+    Ok(())
 }
 
 /// `ping(client_id, timeout=5)`: calls the client's `built-in` `ping`. Hypha's contract: it

@@ -506,6 +506,23 @@ impl Store {
         .await?)
     }
 
+    /// Credentials issued since `since` (seconds) per user: the user id and the count, most
+    /// first, at most `limit` users.
+    pub(crate) async fn ice_issuances_by_user(
+        &self,
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT user_id, COUNT(*) AS issued FROM ice_credentials WHERE issued_at >= $1 \
+             GROUP BY user_id ORDER BY issued DESC, user_id LIMIT $2",
+        )
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// The audited issuances of a user, newest first.
     #[cfg(test)]
     pub(crate) async fn ice_issuances(

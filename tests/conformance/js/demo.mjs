@@ -7,6 +7,9 @@ const [url] = process.argv.slice(2);
 const browser = await launchChromium();
 try {
   const page = await browser.newPage();
+  const consoleErrors = [];
+  page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+  page.on("pageerror", (e) => consoleErrors.push(String(e)));
   await page.goto(url);
   const clicked = Date.now();
   await page.click("#start");
@@ -19,7 +22,14 @@ try {
   }
   const sixtyFramesMs = Date.now() - clicked;
   const firstFrameMs = await page.evaluate(() => window.demoFirstFrameMs());
-  const statsLine = await page.locator("#stats").innerText();
+  // The figures the page shows, as labelled fields (read once they have been refreshed).
+  await page.waitForFunction(() => document.getElementById("s-first").textContent !== "–", null, { timeout: 5000 });
+  const fields = {};
+  for (const id of ["s-codec", "s-resolution", "s-fps", "s-bitrate", "s-rtt", "s-first", "s-pair", "signin", "state"]) {
+    fields[id] = await page.locator(`#${id}`).innerText();
+  }
+  const phases = await page.evaluate(() => window.demoPhases());
+  const pageText = await page.locator("main").innerText();
   const distinctColours = await page.evaluate(() => {
     const video = document.getElementById("video");
     const canvas = document.createElement("canvas");
@@ -84,7 +94,7 @@ try {
   const disconnectMs = Date.now() - d0;
   console.log(`RESULT ${JSON.stringify({ ...stats, sixtyFramesMs, distinctColours, text1, speed1, text2, still1, tooLong, negative,
     pausedFrames: pausedTo - pausedFrom, resumedFrames: resumed - pausedTo, secondFrames, viewersBefore, viewersAfter, disconnectMs,
-    firstFrameMs, statsLine })}`);
+    firstFrameMs, fields, phases, pageText, consoleErrors })}`);
 } finally {
   await browser.close();
 }

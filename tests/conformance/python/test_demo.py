@@ -31,13 +31,21 @@ def test_demo_page_plays_720p_in_chromium(server, tmp_path):
     assert (result["frameWidth"], result["frameHeight"]) == (1280, 720)
     assert result["codec"] == "video/H264", result
     assert result["sixtyFramesMs"] < 5000, result
-    # The page times Start to the first frame on screen and shows it in its stats line, with
-    # the resolution and the selected candidate type.
+    # The page times Start to the first frame on screen and shows it among its labelled
+    # figures, with the codec, the resolution and both ends of the selected candidate pair.
     assert 0 < result["firstFrameMs"] < 5000, result
-    assert "1280x720" in result["statsLine"], result["statsLine"]
+    fields = result["fields"]
+    assert fields["s-resolution"] == "1280x720" and fields["s-codec"] == "H264", fields
     # The browser's end of a loopback pair is peer-reflexive; the server's is a host candidate.
-    assert re.search(r"(host|srflx|prflx|relay) to host candidate", result["statsLine"]), result["statsLine"]
-    assert f"first after {result['firstFrameMs']} ms" in result["statsLine"], result["statsLine"]
+    assert re.fullmatch(r"(host|srflx|prflx|relay)\S*( \S+)? → host 127\.0\.0\.1:\d+", fields["s-pair"]), fields
+    assert fields["s-first"] == f"{result['firstFrameMs']} ms", fields
+    assert fields["s-bitrate"].endswith("Mbit/s") and fields["s-rtt"].endswith("ms"), fields
+    assert "Not signed in" in fields["signin"] and fields["state"] == "Playing.", fields
+    # The phases of the connection, in words, and no raw JSON anywhere on the page.
+    assert [p["name"] for p in result["phases"]][0] == "signaling: the server answered", result["phases"]
+    assert {"ICE: a path was found", "DTLS: encrypted", "first frame on screen"} <= {p["name"] for p in result["phases"]}
+    assert "{" not in result["pageText"], result["pageText"]
+    assert result["consoleErrors"] == [], result["consoleErrors"]
     assert result["distinctColours"] > 5, "the video frame looks blank"
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     # Text and speed apply to this viewer only, confirmed by the server within 100 ms.

@@ -61,18 +61,30 @@ def test_home_page_public_summary_and_admin_details(site):
          "texts": ["#turn-state", "#who", "#python-snippet"]},
         {"name": "home-phone", "url": site.url + "/", "viewport": PHONE, "waitFor": TURN_CHECKED,
          "texts": ["#turn-state"]},
+        # The other pages a visitor meets, on a phone.
+        {"name": "login-phone", "url": site.url + "/login", "viewport": PHONE},
+        {"name": "doctor-phone", "url": site.url + "/doctor/", "viewport": PHONE,
+         "waitFor": "!document.getElementById('run').disabled", "texts": ["#who"]},
+        {"name": "demo-phone", "url": site.url + "/demo/", "viewport": PHONE,
+         "waitFor": "document.getElementById('signin').textContent.startsWith('Not signed in')"},
     ])
-    for page in anonymous:
+    for page in anonymous[:2]:
         assert_clean(page)
         assert page["texts"]["#turn-state"] == "reachable"
+    for page in anonymous[2:]:
+        assert_clean(page)
     assert anonymous[0]["texts"]["#who"] == "Visitor"
     assert f'"server_url": "{site.url}"' in anonymous[0]["texts"]["#python-snippet"]
 
-    [admin] = visit(site, [
+    [admin, accounts] = visit(site, [
         {"name": "home-admin", "url": site.url + "/", "viewport": DESKTOP, "waitFor": DETAILS_SHOWN,
          "texts": ["#who", "#d-issued", "#d-store", "#d-instances", "#d-probe"]},
+        {"name": "accounts-phone", "url": site.url + "/admin/", "viewport": PHONE, "waitFor": "window.adminReady",
+         "texts": ["#users"]},
     ], sign_in="admin@example.org")
     assert_clean(admin)
+    assert_clean(accounts)
+    assert "admin@example.org" in accounts["texts"]["#users"]
     assert admin["texts"]["#who"] == "admin@example.org"
     assert int(admin["texts"]["#d-issued"]) >= 1
     assert admin["texts"]["#d-store"] == "SQLite"
@@ -179,3 +191,48 @@ def test_api_description_covers_the_routes_and_reads_in_a_browser(site):
     ])
     assert_clean(page)
     assert "GET /{workspace}/services/{service}/{function}" in page["texts"]["#api"]
+
+
+def test_the_accounts_page_adds_a_user_who_signs_in_and_refuses_non_admins(site):
+    page = result_of(node("admin_page.mjs", site.url, "admin@example.org", "new@example.org", "user@example.org",
+                          PASSWORD, os.path.join(SCREENSHOTS, "admin.png"), timeout=120))
+    assert page["added"] == "Added new@example.org.", page
+    assert "new@example.org" in page["users"] and "admin@example.org" in page["users"]
+    assert "Signed in as new@example.org" in page["newUserSignedIn"]
+    assert page["adminSeen"]["consoleErrors"] == [] and page["adminSeen"]["failed"] == [], page["adminSeen"]
+    # A signed-in user without the admin role: told so, and the API refuses (403).
+    assert "Only admins manage accounts" in page["refused"] and page["adminHidden"] is True
+    assert page["apiStatus"] == 403
+    assert all("403" in e for e in page["userSeen"]["consoleErrors"]), page["userSeen"]
+
+
+def test_the_accounts_api_checks_like_the_command_line(site):
+    admin = token_for(site, "admin@example.org")
+    user = token_for(site, "user@example.org")
+    assert site.http("/api/admin/users")[0] == 401
+    assert site.http("/api/admin/users", token=user)[0] == 403
+    assert site.http("/api/admin/users", token=user, data={"email": "x@example.org", "password": "long enough"})[0] == 403
+    # The same checks as `user add`.
+    status, body, _ = site.http("/api/admin/users", token=admin, data={"email": "not-an-email", "password": "long enough"})
+    assert status == 400 and "is not an email address" in body["detail"]
+    status, body, _ = site.http("/api/admin/users", token=admin, data={"email": "short@example.org", "password": "short"})
+    assert status == 400 and "at least 8 characters" in body["detail"]
+    status, body, _ = site.http("/api/admin/users", token=admin, data={"email": "user@example.org", "password": "long enough"})
+    assert status == 400 and "already exists" in body["detail"]
+    status, body, _ = site.http("/api/admin/users", token=admin, data={"email": "temp@example.org", "password": "long enough"})
+    assert status == 201 and body["roles"] == []
+    # Revoking a token through the page's API: refused from then on.
+    temp = token_for(site, "temp@example.org")
+    assert site.http("/api/status", token=temp)[1]["user"]["email"] == "temp@example.org"
+    assert site.http("/api/admin/revoke", token=admin, data={"token": temp})[0] == 200
+    assert site.http("/api/status", token=temp)[1]["user"] is None
+    # A new password, then disabling: the command line no longer mints tokens for it.
+    assert site.http("/api/admin/users/password", token=admin, data={"email": "temp@example.org", "password": "x"})[0] == 400
+    assert site.http("/api/admin/users/password", token=admin, data={"email": "temp@example.org", "password": "another long one"})[0] == 200
+    assert site.http("/api/admin/users/disable", token=admin, data={"email": "temp@example.org"})[0] == 200
+    result = subprocess.run([BIN, "token", "--email", "temp@example.org", "--jwt-secret", SECRET, *store_args(site)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "disabled" in result.stderr
+    # The audit lists issuance per hour and per user.
+    status, audit, _ = site.http("/api/admin/audit", token=admin)
+    assert status == 200 and sum(n for _, n in audit["per_hour"]) >= 1 and audit["by_user"], audit
