@@ -53,6 +53,11 @@ struct Options {
     /// instead of the routing figures.
     #[arg(long)]
     ice_token: Option<String>,
+    /// Measure the cost of connecting as connections grow instead of the routing figures: the
+    /// server CPU per 1,000 connects (and their disconnects) into one workspace, with none held
+    /// and with this many held there (needs the server's token secret: the own server's).
+    #[arg(long)]
+    connect_cost: Option<usize>,
     // `cargo bench` passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -453,6 +458,114 @@ async fn idle_memory(url: &str, pid: u32, count: usize) -> (u64, u64, usize, Opt
     (before, after, accepted, refusal)
 }
 
+/// CPU ticks (user and system) a process has used.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A token for the shared workspace of the connect-cost phase, as Hypha mints one, signed
+/// with the own server's secret.
+fn workspace_token(workspace: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": "https://amun.ai/",
+        "sub": "bench-user",
+        "aud": "https://amun-ai.eu.auth0.com/api/v2/",
+        "iat": now,
+        "exp": now + 3600,
+        "scope": format!("ws:{workspace}#rw"),
+        "gty": "client-credentials",
+        "https://amun.ai/roles": [],
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"bench-secret"),
+    )
+    .expect("a token")
+}
+
+/// Opens `count` connections into the token's workspace, 200 at a time; returns them and the
+/// seconds it took.
+async fn open_many(url: &str, token: &str, prefix: &str, count: usize) -> (Vec<Socket>, f64) {
+    let started = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(200));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let (url, token, semaphore) = (url.to_string(), token.to_string(), semaphore.clone());
+        let id = format!("{prefix}-{i}");
+        tasks.push(tokio::spawn(async move {
+            let _permit = semaphore.acquire().await.expect("semaphore");
+            try_connect_as(&url, &id, Some(&token)).await.map(|c| c.0)
+        }));
+    }
+    let mut sockets = Vec::with_capacity(count);
+    for task in tasks {
+        match task.await {
+            Ok(Ok(socket)) => sockets.push(socket),
+            Ok(Err(e)) => panic!("a connection was refused: {e}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    (sockets, started.elapsed().as_secs_f64())
+}
+
+/// Server CPU ticks for `count` connects and their disconnects; and connects per second.
+async fn connect_round(url: &str, token: &str, pid: u32, prefix: &str, count: usize) -> (u64, f64) {
+    let before = cpu_ticks(pid).unwrap_or(0);
+    let (sockets, seconds) = open_many(url, token, prefix, count).await;
+    drop(sockets);
+    // The server handles the closes after the sockets go: wait until its CPU is quiet.
+    let mut last = cpu_ticks(pid).unwrap_or(0);
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = cpu_ticks(pid).unwrap_or(0);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    (last.saturating_sub(before), count as f64 / seconds)
+}
+
+async fn connect_cost(url: &str, pid: u32, held: usize) {
+    const ROUND: usize = 1000;
+    let token = workspace_token("bench-connect");
+    let mut rounds = Vec::new();
+    for round in 0..3 {
+        rounds.push(connect_round(url, &token, pid, &format!("first-{round}"), ROUND).await);
+    }
+    let (kept, seconds) = open_many(url, &token, "held", held).await;
+    println!(
+        "held {} connections in one workspace: opened at {:.0} per second",
+        kept.len(),
+        held as f64 / seconds
+    );
+    let mut late = Vec::new();
+    for round in 0..3 {
+        late.push(connect_round(url, &token, pid, &format!("late-{round}"), ROUND).await);
+    }
+    let median = |mut values: Vec<(u64, f64)>| {
+        values.sort_by_key(|v| v.0);
+        values[values.len() / 2]
+    };
+    let (first_ticks, first_rate) = median(rounds);
+    let (late_ticks, late_rate) = median(late);
+    println!(
+        "server CPU per {ROUND} connects and disconnects, median of 3: {first_ticks} ticks with none held, {late_ticks} ticks with {held} held: ratio {:.2} (goal <= 1.5); {:.0} and {:.0} connects per second",
+        late_ticks as f64 / first_ticks.max(1) as f64,
+        first_rate,
+        late_rate
+    );
+    drop(kept);
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -494,6 +607,14 @@ async fn main() {
     };
 
     println!("== {} at {url}", options.label);
+    if let (Some(held), Some(pid)) = (options.connect_cost, pid) {
+        connect_cost(&url, pid, held).await;
+        if let Some(mut child) = own_server {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        return;
+    }
     if let Some(token) = &options.ice_token {
         for connections in [1, 32] {
             let (rtts, per_second, refusal) =

@@ -13,6 +13,9 @@ HYPHA_VERSION=0.21.137
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo bench --bench load -- --idle "$IDLE"
+# The cost of a connect as connections grow: server CPU per 1,000 connects into one workspace
+# with none held and with HELD held there.
+cargo bench --bench load -- --connect-cost "${HELD:-10000}"
 
 [ "${HYPHA_REF:-1}" = 1 ] || exit 0
 VENV="$CACHE/hypha-ref-$HYPHA_VERSION"

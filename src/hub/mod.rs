@@ -184,6 +184,10 @@ pub(crate) enum RouteError {
 pub struct Hub {
     clients: DashMap<String, ClientHandle>,
     workspaces: DashMap<String, HashSet<String>>,
+    /// The clients of each workspace that subscribed to manager events: what an event looks
+    /// through, instead of every client of the workspace (connects and disconnects send
+    /// events, so a look at every client made their cost grow with the workspace).
+    watching: DashMap<String, HashSet<String>>,
     next_conn: AtomicU64,
     slow_consumer_timeout: Duration,
     manager_id: String,
@@ -214,6 +218,7 @@ impl Hub {
             server,
             clients: DashMap::new(),
             workspaces: DashMap::new(),
+            watching: DashMap::new(),
             next_conn: AtomicU64::new(1),
             slow_consumer_timeout,
             manager_id,
@@ -296,6 +301,10 @@ impl Hub {
                 members.remove(client);
             }
             self.workspaces.remove_if(workspace, |_, m| m.is_empty());
+            if let Some(mut watchers) = self.watching.get_mut(workspace) {
+                watchers.remove(client);
+            }
+            self.watching.remove_if(workspace, |_, m| m.is_empty());
         }
         removed
     }
@@ -331,9 +340,23 @@ impl Hub {
             .collect()
     }
 
+    /// Notes that a client of `workspace` subscribed to manager events (it stays noted until
+    /// it disconnects).
+    pub(crate) fn watch(&self, workspace: &str, client: &str) {
+        self.watching
+            .entry(workspace.to_string())
+            .or_default()
+            .insert(client.to_string());
+    }
+
     /// Addresses of the clients in `workspace` subscribed to `event`.
     pub(crate) fn subscribers(&self, workspace: &str, event: &str) -> Vec<String> {
-        self.clients_in(workspace)
+        let Some(watchers) = self.watching.get(workspace) else {
+            return Vec::new();
+        };
+        let candidates: Vec<String> = watchers.iter().cloned().collect();
+        drop(watchers);
+        candidates
             .into_iter()
             .map(|c| format!("{workspace}/{c}"))
             .filter(|addr| {

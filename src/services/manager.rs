@@ -271,6 +271,11 @@ async fn call(
                     "an event type has at most 64 characters".into(),
                 ));
             }
+            if function == "subscribe"
+                && let Some((ws, client)) = ctx.from.split_once('/')
+            {
+                state.hub.watch(ws, client);
+            }
             if let Ok(mut subscribed) = handle.events.lock() {
                 for event in events {
                     if function == "subscribe" {
