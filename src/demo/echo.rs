@@ -90,8 +90,8 @@ pub(crate) async fn start(
         .await
         .map_err(|e| Error::Internal(format!("cannot open a socket: {e}")))?;
     let mut config = Rtc::builder().set_ice_lite(true);
-    if let Some(cert) = &producer.cert {
-        config = config.set_dtls_cert(cert.clone());
+    if let Some(cert) = producer.cert() {
+        config = config.set_dtls_cert(cert);
     }
     let mut rtc = config.build(Instant::now());
     super::add_host_candidates(&mut rtc, &sockets, settings.rtc_public_ip)?;

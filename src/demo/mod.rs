@@ -184,7 +184,9 @@ pub struct DemoSettings {
 /// (generating one per session costs time at every Start), and live figures for `/metrics`.
 pub struct Producer {
     pub settings: DemoSettings,
-    cert: Option<DtlsCert>,
+    /// Made on a thread of its own at start-up, so start-up does not wait for it (it takes
+    /// tens of milliseconds); a session that comes before it makes its own.
+    cert: Arc<std::sync::OnceLock<DtlsCert>>,
     viewers: AtomicUsize,
     /// Sessions not connected yet, by the address that asked for them.
     pending: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
@@ -197,14 +199,23 @@ pub struct Producer {
 
 impl Producer {
     pub(crate) fn new(settings: DemoSettings) -> Arc<Self> {
-        let cert = settings
-            .enabled
-            .then(|| {
-                str0m::crypto::from_feature_flags()
-                    .dtls_provider
-                    .generate_certificate()
-            })
-            .flatten();
+        let cert = Arc::new(std::sync::OnceLock::new());
+        if settings.enabled {
+            let slot = cert.clone();
+            let made = std::thread::Builder::new()
+                .name("demo-dtls-cert".into())
+                .spawn(move || {
+                    if let Some(made) = str0m::crypto::from_feature_flags()
+                        .dtls_provider
+                        .generate_certificate()
+                    {
+                        let _ = slot.set(made);
+                    }
+                });
+            if let Err(e) = made {
+                tracing::warn!(error = %e, "the demo's certificate is made per session");
+            }
+        }
         Arc::new(Self {
             settings,
             cert,
@@ -214,6 +225,11 @@ impl Producer {
             frames: Counter::default(),
             sessions: Counter::default(),
         })
+    }
+
+    /// The shared DTLS certificate, once made.
+    pub(crate) fn cert(&self) -> Option<DtlsCert> {
+        self.cert.get().cloned()
     }
 
     /// Viewers whose session is alive now.

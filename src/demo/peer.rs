@@ -84,8 +84,8 @@ pub(crate) async fn start(
         Codec::H264 => config.enable_h264(true),
         Codec::Vp8 => config.enable_vp8(true),
     };
-    if let Some(cert) = &producer.cert {
-        config = config.set_dtls_cert(cert.clone());
+    if let Some(cert) = producer.cert() {
+        config = config.set_dtls_cert(cert);
     }
     let mut rtc = config.build(Instant::now());
     super::add_host_candidates(&mut rtc, &sockets, settings.rtc_public_ip)?;
