@@ -76,7 +76,15 @@ try {
     page.on("response", (r) => { if (r.status() >= 400) httpErrors.push(`${r.status()} ${r.url()}`); });
     const started = Date.now();
     const response = await page.goto(visit.url);
-    if (visit.waitFor) await page.waitForFunction(visit.waitFor, null, { timeout: 20000 });
+    // Polled from here: a string predicate given to waitForFunction is evaluated with eval in
+    // the page, which the pages' content security policy forbids.
+    if (visit.waitFor) {
+      const deadline = Date.now() + 20000;
+      while (!(await page.evaluate(visit.waitFor))) {
+        if (Date.now() > deadline) throw new Error(`${visit.name}: timed out waiting for ${visit.waitFor}`);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    }
     const ms = Date.now() - started;
     const texts = {};
     for (const selector of visit.texts || []) {
