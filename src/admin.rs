@@ -3,7 +3,7 @@
 use std::io::BufRead;
 
 use crate::auth::accounts::{
-    MIN_PASSWORD_CHARS, NewAccountError, checked_email, create_account, hash_password,
+    MIN_PASSWORD_CHARS, NewAccountError, checked_email, create_account, set_password,
 };
 use crate::config::{Command, Settings, UserAction};
 use crate::store::Store;
@@ -25,6 +25,15 @@ pub enum AdminError {
 impl From<argon2::password_hash::Error> for AdminError {
     fn from(e: argon2::password_hash::Error) -> Self {
         AdminError::Hash(e)
+    }
+}
+
+impl From<NewAccountError> for AdminError {
+    fn from(e: NewAccountError) -> Self {
+        match e {
+            NewAccountError::Store(e) => AdminError::Store(e),
+            other => AdminError::Refused(other.to_string()),
+        }
     }
 }
 
@@ -55,14 +64,9 @@ pub async fn run(
                 role,
                 password_stdin,
             } => {
-                let email = checked_email(email).map_err(|e| e.to_string())?;
+                let email = checked_email(email)?;
                 let password = read_password(*password_stdin, stdin)?;
-                let user = create_account(store, &email, &password, role.clone(), now)
-                    .await
-                    .map_err(|e| match e {
-                        NewAccountError::Store(e) => AdminError::Store(e),
-                        other => AdminError::Refused(other.to_string()),
-                    })?;
+                let user = create_account(store, &email, &password, role.clone(), now).await?;
                 Ok(format!(
                     "added {email} (id {}, workspace ws-user-{})",
                     user.id, user.id
@@ -93,10 +97,7 @@ pub async fn run(
                 password_stdin,
             } => {
                 let password = read_password(*password_stdin, stdin)?;
-                match store
-                    .set_password(email, &hash_password(&password)?)
-                    .await?
-                {
+                match set_password(store, email, &password).await? {
                     true => Ok(format!("changed the password of {email}")),
                     false => Err(AdminError::Refused(format!(
                         "no user with the email {email}"

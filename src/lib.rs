@@ -522,8 +522,8 @@ async fn reload_revocations_now_and_then(state: Arc<AppState>) {
 /// server's output (a line of the log, JSON too when the log is JSON). The link is void once
 /// used, after an hour, and as soon as any account exists.
 async fn offer_first_run(state: &AppState) {
-    match state.store.users().await {
-        Ok(users) if users.is_empty() => {
+    match state.store.has_users().await {
+        Ok(false) => {
             let key = state.first_run.open(auth::first_run::LIFETIME);
             tracing::warn!(
                 "No account exists yet. Create the first admin at {}/setup?key={key} (the link works once, for {} minutes)",
@@ -531,7 +531,7 @@ async fn offer_first_run(state: &AppState) {
                 auth::first_run::LIFETIME.as_secs() / 60
             );
         }
-        Ok(_) => {}
+        Ok(true) => {}
         Err(e) => tracing::warn!(error = %e, "cannot tell whether an account exists"),
     }
 }

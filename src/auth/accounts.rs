@@ -99,12 +99,7 @@ pub(crate) async fn create_account(
     if store.user_by_email(&email).await?.is_some() {
         return Err(NewAccountError::Exists(email));
     }
-    let password = password.to_string();
-    // argon2 takes tens of milliseconds of CPU: off the async workers.
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| NewAccountError::Hash(format!("the hashing task stopped: {e}")))?
-        .map_err(|e| NewAccountError::Hash(e.to_string()))?;
+    let hash = hash_off_the_workers(password).await?;
     let user = UserRecord {
         id: format!("u{}", crate::ids::random_id(15)),
         email,
@@ -115,6 +110,30 @@ pub(crate) async fn create_account(
     };
     store.create_user(&user).await?;
     Ok(user)
+}
+
+/// Sets a local account's password, with the same checks as creating one; `false` when no
+/// account has that email.
+pub(crate) async fn set_password(
+    store: &Store,
+    email: &str,
+    password: &str,
+) -> Result<bool, NewAccountError> {
+    let email = checked_email(email)?;
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(NewAccountError::ShortPassword);
+    }
+    let hash = hash_off_the_workers(password).await?;
+    Ok(store.set_password(&email, &hash).await?)
+}
+
+/// argon2 takes tens of milliseconds of CPU: it runs off the async workers.
+async fn hash_off_the_workers(password: &str) -> Result<String, NewAccountError> {
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| NewAccountError::Hash(format!("the hashing task stopped: {e}")))?
+        .map_err(|e| NewAccountError::Hash(e.to_string()))
 }
 
 /// Hashes a password with argon2 and a random salt.

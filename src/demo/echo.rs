@@ -3,9 +3,9 @@
 //! back as it came. It proves a path end to end (through a TURN relay, or direct) and lets the
 //! page time round trips and a short burst. Sessions are few, short and bounded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
@@ -26,44 +26,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const LIFETIME: Duration = Duration::from_secs(60);
 /// Nothing heard for this long once connected: the page is gone.
 const SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
-/// Messages waiting for room in the channel at most.
-const MAX_WAITING: usize = 256;
+/// Bytes of echoes waiting for room in the channel at most.
+const MAX_WAITING: usize = 1024 * 1024;
 /// Bytes echoed per session at most (the throughput check sends about a megabyte).
 const MAX_BYTES: usize = 16 * 1024 * 1024;
-
-static LIVE: Mutex<Option<HashMap<Option<IpAddr>, usize>>> = Mutex::new(None);
-
-/// Keeps one echo session counted while it lives.
-struct Slot(Option<IpAddr>);
-
-impl Slot {
-    fn take(address: Option<IpAddr>) -> Option<Self> {
-        let address = address.map(crate::net::client_addr::address_key);
-        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
-        let live = live.get_or_insert_with(HashMap::new);
-        let total: usize = live.values().sum();
-        let mine = live.entry(address).or_insert(0);
-        if total >= MAX_SESSIONS || *mine >= MAX_PER_ADDRESS {
-            return None;
-        }
-        *mine += 1;
-        Some(Self(address))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(live) = live.as_mut()
-            && let Some(count) = live.get_mut(&self.0)
-        {
-            *count -= 1;
-            if *count == 0 {
-                live.remove(&self.0);
-            }
-        }
-    }
-}
 
 /// Accepts an offer with a data channel and starts an echo session; returns the SDP answer.
 pub(crate) async fn start(
@@ -80,7 +46,7 @@ pub(crate) async fn start(
             "the offer has no data channel: create one before the offer".into(),
         ));
     }
-    let slot = Slot::take(client).ok_or_else(|| {
+    let slot = producer.echoes.take(client, MAX_PER_ADDRESS, MAX_SESSIONS).ok_or_else(|| {
         Error::TooManyRequests(format!(
             "too many connectivity checks at once (at most {MAX_SESSIONS}, {MAX_PER_ADDRESS} per address); try again in a minute"
         ))
@@ -102,28 +68,32 @@ pub(crate) async fn start(
     Ok(answer.to_sdp_string())
 }
 
-async fn run(mut rtc: Rtc, mut sockets: Sockets, _slot: Slot) {
+async fn run(mut rtc: Rtc, mut sockets: Sockets, _slot: super::Counted) {
     let started = Instant::now();
     let mut connected = false;
     let mut last_heard: Option<Instant> = None;
     let mut echoed = 0usize;
     // Echoes the channel had no room for yet, oldest first.
     let mut waiting: VecDeque<(ChannelId, bool, Vec<u8>)> = VecDeque::new();
+    let mut waiting_bytes = 0usize;
     let end = loop {
         while let Some((id, binary, data)) = waiting.front() {
             let Some(mut channel) = rtc.channel(*id) else {
-                waiting.pop_front();
+                if let Some((_, _, data)) = waiting.pop_front() {
+                    waiting_bytes -= data.len();
+                }
                 continue;
             };
-            match channel.write(*binary, data) {
-                Ok(true) => {
-                    waiting.pop_front();
-                }
+            let sent = match channel.write(*binary, data) {
+                Ok(true) => true,
                 Ok(false) => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "an echo was not sent");
-                    waiting.pop_front();
+                    true
                 }
+            };
+            if sent && let Some((_, _, data)) = waiting.pop_front() {
+                waiting_bytes -= data.len();
             }
         }
         let timeout = loop {
@@ -137,8 +107,9 @@ async fn run(mut rtc: Rtc, mut sockets: Sockets, _slot: Slot) {
                         if echoed > MAX_BYTES {
                             break Err("the echo limit was reached");
                         }
+                        waiting_bytes += data.data.len();
                         waiting.push_back((data.id, data.binary, data.data));
-                        if waiting.len() > MAX_WAITING {
+                        if waiting_bytes > MAX_WAITING {
                             break Err("the page sends faster than it reads its echoes");
                         }
                     }

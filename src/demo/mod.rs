@@ -189,7 +189,9 @@ pub struct Producer {
     cert: Arc<std::sync::OnceLock<DtlsCert>>,
     viewers: AtomicUsize,
     /// Sessions not connected yet, by the address that asked for them.
-    pending: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
+    pending: Arc<Counts>,
+    /// The connectivity doctor's echo sessions, by the address that asked for them.
+    pub(crate) echoes: Arc<Counts>,
     /// Sessions alive, by the address that asked for them.
     live: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>,
     /// Frames sent to all viewers, and viewer sessions started (shared with the metrics).
@@ -221,6 +223,7 @@ impl Producer {
             cert,
             viewers: AtomicUsize::new(0),
             pending: Default::default(),
+            echoes: Default::default(),
             live: Default::default(),
             frames: Counter::default(),
             sessions: Counter::default(),
@@ -305,39 +308,58 @@ impl Producer {
     /// Counts a session waiting to connect for `address` until the returned guard is
     /// dropped; `None` when the address, or all addresses together (half the viewer slots),
     /// already have as many as they may.
-    fn pending_guard(self: &Arc<Self>, address: Option<IpAddr>) -> Option<PendingGuard> {
+    fn pending_guard(&self, address: Option<IpAddr>) -> Option<Counted> {
+        self.pending.take(
+            address,
+            MAX_PENDING_PER_ADDRESS,
+            (self.settings.max_viewers / 2).max(1),
+        )
+    }
+}
+
+/// Sessions counted per address (its key: IPv6 by /64), with a limit per address and in all.
+#[derive(Default)]
+pub(crate) struct Counts(std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, usize>>);
+
+impl Counts {
+    /// Counts one for `address` until the returned guard is dropped; `None` past either limit.
+    pub(crate) fn take(
+        self: &Arc<Self>,
+        address: Option<IpAddr>,
+        per_address: usize,
+        total: usize,
+    ) -> Option<Counted> {
         let address = address.map(crate::net::client_addr::address_key);
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = pending.values().sum();
-        let mine = pending.entry(address).or_insert(0);
-        if *mine >= MAX_PENDING_PER_ADDRESS || total >= (self.settings.max_viewers / 2).max(1) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let all: usize = counts.values().sum();
+        let mine = counts.entry(address).or_insert(0);
+        if *mine >= per_address || all >= total {
+            if *mine == 0 {
+                counts.remove(&address);
+            }
             return None;
         }
         *mine += 1;
-        Some(PendingGuard {
-            producer: self.clone(),
+        Some(Counted {
+            counts: self.clone(),
             address,
         })
     }
 }
 
-/// Keeps one session counted as waiting to connect.
-struct PendingGuard {
-    producer: Arc<Producer>,
+/// Keeps one session counted in its [`Counts`].
+pub(crate) struct Counted {
+    counts: Arc<Counts>,
     address: Option<IpAddr>,
 }
 
-impl Drop for PendingGuard {
+impl Drop for Counted {
     fn drop(&mut self) {
-        let mut pending = self
-            .producer
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = pending.get_mut(&self.address) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.address) {
             *count -= 1;
             if *count == 0 {
-                pending.remove(&self.address);
+                counts.remove(&self.address);
             }
         }
     }

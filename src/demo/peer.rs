@@ -143,7 +143,7 @@ struct Viewer {
     last_heard: Option<Instant>,
     frames: u64,
     /// Counts the session as waiting to connect until it connects.
-    pending: Option<super::PendingGuard>,
+    pending: Option<super::Counted>,
     /// Frames per second actually produced, smoothed, for the overlay.
     measured_fps: f32,
     guard: ViewerGuard,

@@ -34,7 +34,7 @@ pub(crate) struct Offer {
 }
 
 /// A JSON refusal with the status that goes with it.
-pub(crate) fn refuse(status: StatusCode, detail: String) -> Response {
+fn refuse(status: StatusCode, detail: String) -> Response {
     (status, Json(serde_json::json!({ "detail": detail }))).into_response()
 }
 

@@ -86,6 +86,18 @@ pub(crate) fn page(html: impl Into<axum::body::Body>) -> Response {
     response
 }
 
+/// A small page made on the server (sign-in, first run): the shared head and header around
+/// `body`, which the caller has escaped.
+pub(crate) fn narrow_page(title: &str, heading: &str, body: &str) -> String {
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title} · hypha-rtc</title>
+<link rel="icon" href="/favicon.svg" type="image/svg+xml"><link rel="stylesheet" href="/assets/style.css"></head>
+<body><header class="top"><a class="brand" href="/">hypha-rtc</a></header>
+<main class="narrow"><h1>{heading}</h1>{body}</main></body></html>"#
+    )
+}
+
 /// A script or stylesheet of the pages.
 pub(crate) fn asset(body: &'static str, kind: &'static str) -> Response {
     (

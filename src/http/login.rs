@@ -53,13 +53,7 @@ fn render(key: Option<&str>, workspace: Option<&str>, message: Option<&str>, don
             workspace = super::escape(workspace.unwrap_or("")),
         )
     };
-    format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>Sign in · hypha-rtc</title>
-<link rel="icon" href="/favicon.svg" type="image/svg+xml"><link rel="stylesheet" href="/assets/style.css"></head>
-<body><header class="top"><a class="brand" href="/">hypha-rtc</a></header>
-<main class="narrow"><h1>Sign in</h1>{body}</main></body></html>"#
-    )
+    super::home::narrow_page("Sign in", "Sign in", &body)
 }
 
 async fn page(Query(query): Query<PageQuery>) -> Response {

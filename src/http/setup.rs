@@ -41,13 +41,7 @@ const GONE: &str = "This setup link does not work: it was used already, it expir
 Create accounts with <code>hypha-rtc user add</code>; a server that starts while no account exists prints a new link.";
 
 fn render(body: &str) -> String {
-    format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>First run · hypha-rtc</title>
-<link rel="icon" href="/favicon.svg" type="image/svg+xml"><link rel="stylesheet" href="/assets/style.css"></head>
-<body><header class="top"><a class="brand" href="/">hypha-rtc</a></header>
-<main class="narrow"><h1>Create the first admin</h1>{body}</main></body></html>"#
-    )
+    super::home::narrow_page("First run", "Create the first admin", body)
 }
 
 fn form(key: &str, email: &str, message: Option<&str>) -> String {
@@ -90,9 +84,9 @@ async fn open(state: &AppState, key: &str) -> bool {
     if !state.first_run.valid(key) {
         return false;
     }
-    match state.store.users().await {
-        Ok(users) if users.is_empty() => true,
-        Ok(_) => {
+    match state.store.has_users().await {
+        Ok(false) => true,
+        Ok(true) => {
             state.first_run.close();
             false
         }

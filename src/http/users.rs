@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::UserInfo;
-use crate::auth::accounts::{MIN_PASSWORD_CHARS, NewAccountError, checked_email, create_account};
+use crate::auth::accounts::{NewAccountError, checked_email, create_account};
 use crate::error::Error;
 
 static PAGE: &str = include_str!("../../web/admin.html");
@@ -100,12 +100,7 @@ async fn add(
     body: Result<Json<NewUser>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, Error> {
     let by = admin(&state, &headers).await?;
-    let Json(new) = body.map_err(|e| {
-        Error::BadRequest(format!(
-            "the body must be JSON {{\"email\", \"password\", \"admin\"}}: {}",
-            e.body_text()
-        ))
-    })?;
+    let new = json_body(body, "{\"email\", \"password\", \"admin\"}")?;
     let roles = if new.admin {
         vec!["admin".to_string()]
     } else {
@@ -177,14 +172,10 @@ async fn password(
     let request = json_body(body, "{\"email\", \"password\"}")?;
     let email = checked_email(&request.email).map_err(account_error)?;
     let password = request.password.unwrap_or_default();
-    if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(account_error(NewAccountError::ShortPassword));
-    }
-    let hash = tokio::task::spawn_blocking(move || crate::auth::accounts::hash_password(&password))
+    if !crate::auth::accounts::set_password(&state.store, &email, &password)
         .await
-        .map_err(|e| Error::Internal(format!("hashing stopped: {e}")))?
-        .map_err(|e| Error::Internal(format!("cannot hash the password: {e}")))?;
-    if !state.store.set_password(&email, &hash).await? {
+        .map_err(account_error)?
+    {
         return Err(Error::NotFound(format!("no user with the email {email}")));
     }
     tracing::info!(%email, by = %by.id, "an admin set a new password");

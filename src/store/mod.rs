@@ -351,6 +351,14 @@ impl Store {
         Ok(rows.into_iter().map(user_from_row).collect())
     }
 
+    /// Whether any local account exists (the first run is over).
+    pub(crate) async fn has_users(&self) -> Result<bool, StoreError> {
+        let found: Option<(String,)> = sqlx::query_as("SELECT id FROM users LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// Ids of the disabled users.
     pub(crate) async fn disabled_user_ids(&self) -> Result<Vec<String>, StoreError> {
         let rows: Vec<(String,)> =

@@ -150,15 +150,11 @@ pub async fn run(
         "\ncoturn at {} over UDP",
         coturn.internal.authority()
     ));
-    let relayed = check_internal(
-        &mut doctor,
-        &coturn.internal,
-        &coturn.secret,
-        &coturn.public,
-    )
-    .await;
+    // Where the public hosts resolve to, looked up once for the relay checks.
+    let ips = public_ips(&coturn.public).await;
+    let relayed = check_internal(&mut doctor, &coturn.internal, &coturn.secret, &ips).await;
     if let Some(relayed) = relayed {
-        check_relayed_address(&mut doctor, relayed, &coturn.public).await;
+        check_relayed_address(&mut doctor, relayed, &coturn.public, &ips);
     }
     doctor.say("\nWhat clients are given");
     for (target, transport) in coturn.listeners() {
@@ -197,7 +193,7 @@ async fn check_internal(
     doctor: &mut Doctor<'_>,
     target: &HostPort,
     secret: &SecretString,
-    public: &[HostPort],
+    public: &[IpAddr],
 ) -> Option<SocketAddr> {
     let name = format!("{} (UDP)", target.authority());
     let connected = doctor
@@ -257,7 +253,7 @@ async fn check_internal(
     check_clock(doctor, target, secret).await;
     let relayed = allocation.relayed;
     match relayed {
-        Some(relayed) if matches_public(relayed.ip(), public).await => {
+        Some(relayed) if public.contains(&relayed.ip()) => {
             check_relay_ports(doctor, &mut client, &auth, relayed).await;
         }
         Some(_) => {}
@@ -301,14 +297,14 @@ async fn public_ips(public: &[HostPort]) -> Vec<IpAddr> {
     ips
 }
 
-async fn matches_public(ip: IpAddr, public: &[HostPort]) -> bool {
-    public_ips(public).await.contains(&ip)
-}
-
 /// The relayed address must be where clients reach coturn, or peers are sent to an address
 /// they cannot reach.
-async fn check_relayed_address(doctor: &mut Doctor<'_>, relayed: SocketAddr, public: &[HostPort]) {
-    let ips = public_ips(public).await;
+fn check_relayed_address(
+    doctor: &mut Doctor<'_>,
+    relayed: SocketAddr,
+    public: &[HostPort],
+    ips: &[IpAddr],
+) {
     if ips.contains(&relayed.ip()) {
         doctor.ok(&format!(
             "coturn relays at {}, an address clients are given",

@@ -212,6 +212,8 @@ pub struct IceService {
     pub latency: Histogram,
     /// Every address and transport clients are given, as last checked (once a minute).
     listeners: std::sync::Mutex<Vec<probe::ListenerState>>,
+    /// The system's trust anchors for the `turns:` check, read at its first run.
+    roots: std::sync::OnceLock<Option<stun::Roots>>,
 }
 
 impl IceService {
@@ -237,6 +239,7 @@ impl IceService {
             refused: Counter::default(),
             latency: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
             listeners: Default::default(),
+            roots: Default::default(),
         })
     }
 
@@ -259,7 +262,7 @@ impl IceService {
         let Some(coturn) = &self.settings.coturn else {
             return;
         };
-        let roots = stun::roots(&[]).ok();
+        let roots = self.roots.get_or_init(|| stun::roots(&[]).ok());
         let mut found = Vec::new();
         for (target, transport) in coturn.listeners() {
             let state = probe::check_listener(

@@ -92,3 +92,44 @@ def test_anonymous_visitors_check_stun_and_the_direct_path():
     finally:
         server.stop()
         coturn.stop()
+
+
+def test_the_echo_peer_refuses_floods_and_bad_offers():
+    """What an anonymous caller can ask of the echo peer: at most four sessions waiting from one
+    address, and offers that are not offers with a data channel are refused with a reason."""
+    import asyncio
+    import json
+    import urllib.error
+    import urllib.request
+
+    from aiortc import RTCPeerConnection
+
+    server = Server().start()
+
+    def post(body):
+        request = urllib.request.Request(server.url + "/doctor/offer", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    async def offer():
+        pc = RTCPeerConnection()
+        pc.createDataChannel("echo")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    try:
+        assert post({"sdp": "v=0", "type": "answer"})[0] == 400
+        status, body = post({"sdp": "not sdp", "type": "offer"})
+        assert status == 400 and "not valid SDP" in body["detail"]
+        sdp = asyncio.run(offer())
+        answers = [post({"sdp": sdp, "type": "offer"}) for _ in range(5)]
+        assert [status for status, _ in answers[:4]] == [200] * 4, answers
+        assert answers[4][0] == 429 and "too many connectivity checks" in answers[4][1]["detail"], answers[4]
+    finally:
+        server.stop()
