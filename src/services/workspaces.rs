@@ -24,6 +24,9 @@ use crate::store::workspaces::WorkspaceRow;
 
 /// Live workspaces one account may make (Hypha's default quota).
 const MAX_PER_ACCOUNT: i64 = 100;
+/// Workspaces one account may have made and not yet forgotten, deleted ones included: making
+/// and deleting in a loop cannot grow the store and every instance's book without end.
+const MAX_KEPT_PER_ACCOUNT: i64 = 1_000;
 /// Owners one workspace may list.
 const MAX_OWNERS: usize = 16;
 /// Largest description of a workspace, as JSON text.
@@ -370,22 +373,25 @@ async fn create(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Valu
                 changed_at: now,
                 deleted_at: None,
             };
-            let limit = if ctx.user.is_admin() {
-                i64::MAX
-            } else {
-                MAX_PER_ACCOUNT
-            };
-            match state.store.create_workspace(&row, limit).await? {
-                Write::Done => {}
-                Write::Exists => {
-                    return Err(Error::BadRequest(format!("Workspace already exists: {id}")));
-                }
-                Write::Full => {
+            if !ctx.user.is_admin() {
+                let (live, kept) = state.store.workspaces_made_by(&row.created_by).await?;
+                if live >= MAX_PER_ACCOUNT {
                     return Err(Error::TooManyRequests(format!(
                         "Workspace quota exceeded: user {} already owns {MAX_PER_ACCOUNT} workspaces (max {MAX_PER_ACCOUNT}). Delete unused workspaces before creating new ones.",
                         ctx.user.id
                     )));
                 }
+                // Taking back a deleted name reuses its row; a new name adds one.
+                let new_row = state.workspaces.get(id.as_str()).is_none();
+                if new_row && kept >= MAX_KEPT_PER_ACCOUNT {
+                    return Err(Error::TooManyRequests(format!(
+                        "Workspace quota exceeded: user {} has made {MAX_KEPT_PER_ACCOUNT} workspaces in the last year (deleted ones are remembered a year, so the tokens issued for them stay void)",
+                        ctx.user.id
+                    )));
+                }
+            }
+            if state.store.create_workspace(&row).await? == Write::Exists {
+                return Err(Error::BadRequest(format!("Workspace already exists: {id}")));
             }
             Workspace {
                 id: row.id,

@@ -22,22 +22,21 @@ pub(crate) struct WorkspaceRow {
 const DATA_TABLES: [&str; 3] = ["workspace_env", "workspace_events", "service_types"];
 
 impl Store {
-    /// Creates a workspace, or takes over a deleted one's name: `Exists` if a live workspace
-    /// has the id, `Full` if its creator already has `max_per_creator` live workspaces.
-    pub(crate) async fn create_workspace(
-        &self,
-        row: &WorkspaceRow,
-        max_per_creator: i64,
-    ) -> Result<Write, StoreError> {
-        let (owned,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM workspaces WHERE created_by = $1 AND deleted_at IS NULL",
+    /// How many workspaces `creator` made: those that exist, and all rows kept (deleted ones
+    /// included, until they are purged).
+    pub(crate) async fn workspaces_made_by(&self, creator: &str) -> Result<(i64, i64), StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT COALESCE(SUM(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END), 0), COUNT(*) \
+             FROM workspaces WHERE created_by = $1",
         )
-        .bind(&row.created_by)
+        .bind(creator)
         .fetch_one(&self.pool)
-        .await?;
-        if owned >= max_per_creator {
-            return Ok(Write::Full);
-        }
+        .await?)
+    }
+
+    /// Creates a workspace, or takes over a deleted one's name: `Exists` if a live workspace
+    /// has the id.
+    pub(crate) async fn create_workspace(&self, row: &WorkspaceRow) -> Result<Write, StoreError> {
         // One statement, so two instances creating the same name cannot both win.
         let done = sqlx::query(
             "INSERT INTO workspaces (id, info, created_by, created_at, changed_at, deleted_at) \

@@ -188,3 +188,23 @@ def test_making_workspaces_is_refused_where_it_must_be(server):
         await mallory.disconnect()
 
     run(main())
+
+
+def test_making_and_deleting_in_a_loop_is_bounded(server):
+    """Deleted workspaces are remembered (so their tokens stay void): one account cannot make
+    and delete without end to grow what every instance keeps."""
+    async def main():
+        looper = await connect_to_server({"server_url": server.url, "token": hypha_token("looper"), "client_id": "loop"})
+        for i in range(1000):
+            await looper.create_workspace({"id": f"loop-{i}"})
+            await looper.delete_workspace(f"loop-{i}")
+        with pytest.raises(Exception, match="has made 1000 workspaces in the last year"):
+            await looper.create_workspace({"id": "loop-last"})
+        # Taking back a name it made itself is not a new row, and another account is not held.
+        await looper.create_workspace({"id": "loop-7"})
+        other = await connect_to_server({"server_url": server.url, "token": hypha_token("not-looper")})
+        await other.create_workspace({"id": "other-lab"})
+        await other.disconnect()
+        await looper.disconnect()
+
+    run(main(), timeout=170)
