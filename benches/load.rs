@@ -427,8 +427,9 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Opens `count` idle connections; returns RSS before and after (KiB) and how many were accepted.
-async fn idle_memory(url: &str, pid: u32, count: usize) -> (u64, u64, usize, Option<String>) {
+/// Opens `count` idle connections; returns RSS before, with them open and after they left
+/// (KiB), and how many were accepted.
+async fn idle_memory(url: &str, pid: u32, count: usize) -> (u64, u64, u64, usize, Option<String>) {
     let before = rss_kib(pid).unwrap_or(0);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(200));
     let mut tasks = Vec::with_capacity(count);
@@ -455,7 +456,15 @@ async fn idle_memory(url: &str, pid: u32, count: usize) -> (u64, u64, usize, Opt
     let after = rss_kib(pid).unwrap_or(0);
     let accepted = sockets.len();
     drop(sockets);
-    (before, after, accepted, refusal)
+    // After they leave: the server should give the memory back. Read until it is within 10 %
+    // of the start, or for at most 15 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut left = rss_kib(pid).unwrap_or(0);
+    while left > before + before / 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        left = rss_kib(pid).unwrap_or(0);
+    }
+    (before, after, left, accepted, refusal)
 }
 
 /// CPU ticks (user and system) a process has used.
@@ -636,13 +645,15 @@ async fn main() {
     }
     // Memory first, on a fresh process, before the load phases leave garbage behind.
     if let (Some(pid), true) = (pid, options.idle > 0) {
-        let (before, after, accepted, refusal) = idle_memory(&url, pid, options.idle).await;
+        let (before, after, left, accepted, refusal) = idle_memory(&url, pid, options.idle).await;
         println!(
-            "idle authenticated connections: {accepted} of {}; server RSS {:.1} MiB before, {:.1} MiB after: {:.1} KiB per connection",
+            "idle authenticated connections: {accepted} of {}; server RSS {:.1} MiB before, {:.1} MiB with them: {:.1} KiB per connection (goal <= 8); {:.1} MiB after they left ({:+.0} % of the start; goal within 10 %)",
             options.idle,
             before as f64 / 1024.0,
             after as f64 / 1024.0,
-            after.saturating_sub(before) as f64 / accepted.max(1) as f64
+            after.saturating_sub(before) as f64 / accepted.max(1) as f64,
+            left as f64 / 1024.0,
+            (left as f64 / before.max(1) as f64 - 1.0) * 100.0
         );
         if let Some(refusal) = refusal {
             println!("  some connections were refused: {refusal}");
@@ -651,6 +662,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     if options.idle_only {
+        if let Some(mut child) = own_server {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         return;
     }
     let direct = direct_baseline(options.calls).await;

@@ -452,15 +452,22 @@ impl App {
             served = &mut server => return served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
         }
         shutdown(&state, &handle).await;
-        match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
+        let served = match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
             Ok(served) => served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
             Err(_) => Ok(()),
+        };
+        // Last, once no request can queue another row: the audit writes what it holds.
+        if !state.store.flush(std::time::Duration::from_secs(5)).await {
+            tracing::warn!("the store did not confirm its last writes");
         }
+        tracing::info!("stopped");
+        served
     }
 }
 
 /// A graceful stop: no new connections; calls in flight finish (up to `--shutdown-timeout`);
-/// every client gets a close frame; the store writes what it queued.
+/// every client gets a close frame. The caller then waits for the HTTP connections to end
+/// and flushes the store.
 async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
     use std::time::{Duration, Instant};
     let limit = state.settings.server.shutdown_timeout;
@@ -490,10 +497,6 @@ async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
     while state.hub.connection_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if !state.store.flush(Duration::from_secs(5)).await {
-        tracing::warn!("the store did not confirm its last writes");
-    }
-    tracing::info!("stopped");
 }
 
 /// How often an instance reads the revocations others made through a shared store (the bus

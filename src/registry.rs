@@ -228,13 +228,27 @@ impl Registry {
 
     /// Services in a workspace, in registration order.
     pub(crate) fn in_workspace(&self, workspace: &str) -> Vec<ServiceEntry> {
+        self.in_workspace_where(workspace, |_| true)
+    }
+
+    /// Services in a workspace that `keep` accepts, in registration order (only those are
+    /// copied out).
+    pub(crate) fn in_workspace_where(
+        &self,
+        workspace: &str,
+        keep: impl Fn(&ServiceEntry) -> bool,
+    ) -> Vec<ServiceEntry> {
         let prefix = format!("{workspace}/");
         let Ok(services) = self.services.read() else {
             return Vec::new();
         };
         let mut found: Vec<ServiceEntry> = services
-            .range(prefix.clone()..)
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(_, e)| keep(e))
             .map(|(_, e)| e.clone())
             .collect();
         found.sort_by_key(|e| e.seq);
@@ -244,10 +258,7 @@ impl Registry {
     /// Services matching a query, in registration order.
     #[cfg(test)]
     pub(crate) fn find(&self, query: &ServiceQuery) -> Vec<ServiceEntry> {
-        self.in_workspace(&query.workspace)
-            .into_iter()
-            .filter(|e| query.matches(e))
-            .collect()
+        self.in_workspace_where(&query.workspace, |e| query.matches(e))
     }
 
     /// Every entry (for writing this instance's state back to the shared registry).

@@ -1077,18 +1077,23 @@ async fn child_tokens_share_their_accounts_ice_limit_and_anonymous_get_none() {
     assert_eq!(status, 403, "{body}");
 }
 
+async fn audit_rows(pool: &sqlx::SqlitePool) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM ice_credentials")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn credentials_are_not_issued_when_the_audit_cannot_record_them() {
     let app = spawn_app(|s| s.turn = turn_settings(0)).await;
     let alice = token(&app, "alice", &[], 3600);
     let path = "/public/services/coturn/get_rtc_ice_servers?test_connectivity=false";
     let bearer = format!("Bearer {alice}");
-    assert_eq!(
-        http(&app, "GET", path, &[("Authorization", &bearer)], b"")
-            .await
-            .0,
-        200
-    );
+    let headers = [("Authorization", bearer.as_str())];
+    let call = || http(&app, "GET", path, &headers, b"");
+    assert_eq!(call().await.0, 200);
+    let mut issued = 1;
     // The audit table refuses writes from now on, as a read-only store does.
     let db = format!("sqlite://{}", app.database().display());
     let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
@@ -1096,8 +1101,22 @@ async fn credentials_are_not_issued_when_the_audit_cannot_record_them() {
         .execute(&pool)
         .await
         .unwrap();
-    let (status, _, body) = http(&app, "GET", path, &[("Authorization", &bearer)], b"").await;
-    assert_eq!(status, 503, "{body}");
+    // Rows are written a few milliseconds after their answer: once the writer has met the
+    // refusal, no more credentials are handed out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, _, body) = call().await;
+        match status {
+            200 => issued += 1,
+            503 => break body,
+            other => panic!("unexpected {other}: {body}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "credentials still issued while the audit cannot write"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
     assert!(
         body.contains("audit store is unavailable") && !body.contains("credential\":"),
         "{body}"
@@ -1111,12 +1130,20 @@ async fn credentials_are_not_issued_when_the_audit_cannot_record_them() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(
-        http(&app, "GET", path, &[("Authorization", &bearer)], b"")
-            .await
-            .0,
-        200
-    );
+    // The refused rows were kept and retried: once the store takes them, every credential
+    // handed out is recorded, and credentials are handed out again.
+    let rows = || audit_rows(&pool);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rows().await < issued {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{issued} issued, {} recorded",
+            rows().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rows().await, issued);
+    assert_eq!(call().await.0, 200);
     let (_, _, ready) = http(&app, "GET", "/health/readiness", &[], b"").await;
     assert!(ready.contains("\"store\":{\"state\":\"ok\"}"), "{ready}");
 }

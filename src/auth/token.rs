@@ -92,7 +92,15 @@ pub struct TokenIssuer {
     revoked: std::sync::RwLock<std::collections::HashMap<String, i64>>,
     /// Revocations each account may ask for per minute, so none can grow the list at will.
     revocations: governor::DefaultKeyedRateLimiter<crate::ids::UserId>,
+    /// Tokens that passed `verify` lately, by their exact text, with what they proved: a
+    /// hit skips the signature and the parsing of the claims (most of a request's cost),
+    /// never the expiry and revocation checks. Bounded; emptied when full.
+    verified: std::sync::RwLock<std::collections::HashMap<Box<str>, UserInfo>>,
 }
+
+/// Tokens remembered by `TokenIssuer::verify` (each at most `MAX_CACHED_LEN` bytes).
+const MAX_CACHED: usize = 4096;
+const MAX_CACHED_LEN: usize = 2048;
 
 /// Revocations one account may make per minute (admins are not held to it).
 pub const REVOCATIONS_PER_MINUTE: u32 = 60;
@@ -154,6 +162,7 @@ impl TokenIssuer {
                 std::num::NonZeroU32::new(REVOCATIONS_PER_MINUTE)
                     .unwrap_or(std::num::NonZeroU32::MIN),
             )),
+            verified: Default::default(),
         }
     }
 
@@ -210,6 +219,37 @@ impl TokenIssuer {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed("it is longer than 8 KiB"));
         }
+        let now = super::now_secs();
+        let known = self
+            .verified
+            .read()
+            .ok()
+            .and_then(|verified| verified.get(token).cloned());
+        if let Some(user) = known
+            && let Some(proof) = &user.token
+            // The checks that time and revocation can change; the rest held when it was
+            // verified and cannot change (nbf only moves into the past).
+            && proof.expires_at >= now - self.validation.leeway as i64
+        {
+            if self.is_revoked(proof) {
+                return Err(TokenError::Revoked);
+            }
+            return Ok(user);
+        }
+        let user = self.verify_uncached(token)?;
+        if token.len() <= MAX_CACHED_LEN
+            && let Ok(mut verified) = self.verified.write()
+        {
+            if verified.len() >= MAX_CACHED {
+                verified.clear();
+            }
+            verified.insert(token.into(), user.clone());
+        }
+        Ok(user)
+    }
+
+    /// `verify` without the cache: the signature, every claim, the revocations.
+    fn verify_uncached(&self, token: &str) -> Result<UserInfo, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
@@ -409,6 +449,43 @@ mod tests {
 
     fn user(id: &str) -> UserInfo {
         UserInfo::new(UserId::parse(id).unwrap(), vec![], None)
+    }
+
+    #[test]
+    fn remembered_tokens_are_still_checked_for_revocation_and_expiry() {
+        let tokens = issuer("s3cret");
+        let token = tokens.issue(&user("alice"), 60);
+        let first = tokens.parse(&token).unwrap();
+        // The second verification comes from the cache, with the same result.
+        assert_eq!(tokens.parse(&format!("Bearer {token}")).unwrap(), first);
+        let proof = first.token.clone().unwrap();
+        assert!(tokens.mark_revoked(proof.id.clone(), proof.expires_at));
+        assert_eq!(tokens.parse(&token), Err(TokenError::Revoked));
+        // A remembered proof that has expired is not taken: the token is verified again
+        // (here a text that is no token at all).
+        let mut stale = first.clone();
+        if let Some(t) = stale.token.as_mut() {
+            t.expires_at = crate::auth::now_secs() - 60;
+        }
+        tokens
+            .verified
+            .write()
+            .unwrap()
+            .insert("not-a-token".into(), stale);
+        assert!(matches!(
+            tokens.parse("not-a-token"),
+            Err(TokenError::Malformed(_))
+        ));
+        // Bounded: filling it past its size empties it.
+        for i in 0..MAX_CACHED + 10 {
+            tokens
+                .verified
+                .write()
+                .unwrap()
+                .insert(format!("t{i}").into(), first.clone());
+            let _ = tokens.parse(&tokens.issue(&user("bob"), 60 + i as i64));
+        }
+        assert!(tokens.verified.read().unwrap().len() <= MAX_CACHED);
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
-use tokio::sync::mpsc;
 
+mod audit;
 pub(crate) mod workspace_data;
 pub(crate) mod workspaces;
 
@@ -140,50 +140,12 @@ fn user_from_row(
     }
 }
 
-/// Audit rows waiting to be written before callers feel back-pressure.
-const AUDIT_QUEUE: usize = 4096;
-/// Rows written per transaction.
-const AUDIT_BATCH: usize = 512;
-
-/// What the audit writer is asked to do, in order.
-enum AuditItem {
-    /// A row, and who waits to hear whether it was written.
-    Row(
-        IceIssuance,
-        Option<tokio::sync::oneshot::Sender<Result<(), std::sync::Arc<sqlx::Error>>>>,
-    ),
-    /// Answer once every row queued before this one is written.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
 /// The database.
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    audit: mpsc::Sender<AuditItem>,
-    health: std::sync::Arc<Health>,
-}
-
-/// How the store's last writes went, for `/health/readiness`.
-#[derive(Default)]
-pub(crate) struct Health {
-    failing: std::sync::atomic::AtomicBool,
-    last_error: std::sync::Mutex<Option<String>>,
-}
-
-impl Health {
-    fn record<T, E: std::fmt::Display>(&self, outcome: &Result<T, E>) {
-        use std::sync::atomic::Ordering;
-        match outcome {
-            Ok(_) => self.failing.store(false, Ordering::Relaxed),
-            Err(e) => {
-                self.failing.store(true, Ordering::Relaxed);
-                if let Ok(mut last) = self.last_error.lock() {
-                    *last = Some(e.to_string());
-                }
-            }
-        }
-    }
+    audit: audit::Audit,
+    health: std::sync::Arc<audit::Health>,
 }
 
 /// The store's state as readiness reports it.
@@ -245,9 +207,8 @@ impl Store {
         } else {
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         }
-        let (audit, rows) = mpsc::channel(AUDIT_QUEUE);
-        let health = std::sync::Arc::new(Health::default());
-        tokio::spawn(write_audit(pool.clone(), rows, health.clone()));
+        let health = std::sync::Arc::new(audit::Health::default());
+        let audit = audit::Audit::start(pool.clone(), sqlite, health.clone());
         Ok(Self {
             pool,
             audit,
@@ -257,58 +218,27 @@ impl Store {
 
     /// Whether the last write worked.
     pub(crate) fn state(&self) -> StoreState {
-        if self
-            .health
-            .failing
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            let detail = self
-                .health
-                .last_error
-                .lock()
-                .ok()
-                .and_then(|e| e.clone())
-                .unwrap_or_default();
-            StoreState::Failing(detail)
+        if self.health.failing() {
+            StoreState::Failing(self.health.last_error().unwrap_or_default())
         } else {
             StoreState::Ok
         }
     }
 
-    /// Records an audit row. With `confirmed`, waits until its batch is committed and says
-    /// whether it was (no credential is handed out that the audit could not record); without,
-    /// queues it and returns (waiting only for room in the queue, never dropping it).
-    pub(crate) async fn record_ice_issuance(
+    /// Queues an audit row without waiting for the database; with `required`, refuses while
+    /// the store is failing. See `audit`.
+    pub(crate) fn record_ice_issuance(
         &self,
         row: IceIssuance,
-        confirmed: bool,
+        required: bool,
     ) -> Result<(), StoreError> {
-        let stopped = || StoreError::Audit("the audit writer has stopped".into());
-        if !confirmed {
-            return self
-                .audit
-                .send(AuditItem::Row(row, None))
-                .await
-                .map_err(|_| stopped());
-        }
-        let (done, written) = tokio::sync::oneshot::channel();
-        self.audit
-            .send(AuditItem::Row(row, Some(done)))
-            .await
-            .map_err(|_| stopped())?;
-        written
-            .await
-            .map_err(|_| stopped())?
-            .map_err(StoreError::AuditBatch)
+        self.audit.record(row, required)
     }
 
-    /// Writes every queued audit row, waiting at most `limit` (server shutdown).
+    /// Writes every queued audit row, waiting at most `limit` (server shutdown, and the
+    /// audit's readers); says whether all were written.
     pub(crate) async fn flush(&self, limit: Duration) -> bool {
-        let (done, written) = tokio::sync::oneshot::channel();
-        let flushed = async {
-            self.audit.send(AuditItem::Flush(done)).await.is_ok() && written.await.is_ok()
-        };
-        tokio::time::timeout(limit, flushed).await.unwrap_or(false)
+        self.audit.flush(limit).await
     }
 
     /// Adds a user; fails if the email is taken.
@@ -499,12 +429,18 @@ impl Store {
         Ok(())
     }
 
+    /// Lets the audit's readers see the rows this instance has queued (waits at most 2 s).
+    async fn read_own_audit(&self) {
+        self.flush(Duration::from_secs(2)).await;
+    }
+
     /// Credentials issued per hour since `since` (seconds): the hour's start and the count,
     /// oldest first, hours without any left out.
     pub(crate) async fn ice_issuances_per_hour(
         &self,
         since: i64,
     ) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.read_own_audit().await;
         Ok(sqlx::query_as(
             "SELECT (issued_at / 3600) * 3600 AS hour, COUNT(*) FROM ice_credentials \
              WHERE issued_at >= $1 GROUP BY (issued_at / 3600) * 3600 ORDER BY hour",
@@ -521,6 +457,7 @@ impl Store {
         since: i64,
         limit: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read_own_audit().await;
         Ok(sqlx::query_as(
             "SELECT user_id, COUNT(*) AS issued FROM ice_credentials WHERE issued_at >= $1 \
              GROUP BY user_id ORDER BY issued DESC, user_id LIMIT $2",
@@ -538,6 +475,7 @@ impl Store {
         user_id: &str,
         limit: i64,
     ) -> Result<Vec<IceIssuance>, StoreError> {
+        self.read_own_audit().await;
         let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
             "SELECT user_id, issued_at, ttl, expires_at FROM ice_credentials WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
         )
@@ -555,69 +493,6 @@ impl Store {
             })
             .collect())
     }
-}
-
-/// Writes queued audit rows in batches, one transaction per batch, and tells each waiting
-/// caller how its row's batch went.
-async fn write_audit(
-    pool: AnyPool,
-    mut items: mpsc::Receiver<AuditItem>,
-    health: std::sync::Arc<Health>,
-) {
-    let mut received = Vec::with_capacity(AUDIT_BATCH);
-    let mut batch = Vec::with_capacity(AUDIT_BATCH);
-    let mut waiting = Vec::new();
-    while items.recv_many(&mut received, AUDIT_BATCH).await > 0 {
-        let mut flushes = Vec::new();
-        for item in received.drain(..) {
-            match item {
-                AuditItem::Row(row, done) => {
-                    batch.push(row);
-                    waiting.extend(done);
-                }
-                AuditItem::Flush(done) => flushes.push(done),
-            }
-        }
-        if !batch.is_empty() {
-            let outcome = write_batch(&pool, &batch).await;
-            health.record(&outcome);
-            if let Err(e) = &outcome {
-                tracing::error!(error = %e, rows = batch.len(), "cannot write ICE audit rows");
-            }
-            let outcome = outcome.map_err(std::sync::Arc::new);
-            for done in waiting.drain(..) {
-                let _ = done.send(outcome.clone());
-            }
-            batch.clear();
-        }
-        for done in flushes {
-            let _ = done.send(());
-        }
-    }
-}
-
-/// Writes a batch as one multi-row `INSERT`: one statement, one implicit transaction, one
-/// round trip to the database, whatever the batch's size.
-async fn write_batch(pool: &AnyPool, batch: &[IceIssuance]) -> Result<(), sqlx::Error> {
-    // `$n` placeholders, which both engines take; the text holds nothing but them.
-    let mut sql =
-        String::from("INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) VALUES ");
-    for i in 0..batch.len() {
-        let n = i * 4;
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4));
-    }
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for row in batch {
-        query = query
-            .bind(row.user_id.clone())
-            .bind(row.issued_at)
-            .bind(row.ttl)
-            .bind(row.expires_at);
-    }
-    query.execute(pool).await.map(|_| ())
 }
 
 #[cfg(test)]
@@ -638,7 +513,7 @@ mod tests {
             ttl: 60,
             expires_at: 70,
         };
-        store.record_ice_issuance(row.clone(), true).await.unwrap();
+        store.record_ice_issuance(row.clone(), true).unwrap();
         assert!(store.flush(Duration::from_secs(5)).await);
         assert_eq!(
             store.ice_issuances("u1", 10).await.unwrap(),

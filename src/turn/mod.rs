@@ -104,7 +104,7 @@ pub struct TurnOptions {
         default_value_t = 60
     )]
     pub ice_rate_limit: u32,
-    /// Refuse TURN credentials whose issuance cannot be written to the audit
+    /// Refuse TURN credentials while the audit store refuses writes or its queue is full
     #[arg(long, env = "HYPHA_AUDIT_REQUIRED", value_name = "BOOL", action = clap::ArgAction::Set, default_value_t = true)]
     pub audit_required: bool,
 }
@@ -208,7 +208,7 @@ pub struct IceService {
     /// Credentials handed out, and calls refused, since start.
     pub issued: Counter,
     pub refused: Counter,
-    /// Seconds to answer a request for ICE servers (the audit write included).
+    /// Seconds to answer a request for ICE servers (the probe included when asked).
     pub latency: Histogram,
     /// Every address and transport clients are given, as last checked (once a minute).
     listeners: std::sync::Mutex<Vec<probe::ListenerState>>,
@@ -344,21 +344,22 @@ impl IceService {
             }
         }
         let credential = credentials::mint(&coturn.secret, user.id.as_str(), ttl, now);
-        let recorded = self
-            .store
-            .record_ice_issuance(
-                IceIssuance {
-                    user_id: user.id.to_string(),
-                    issued_at: now,
-                    ttl: ttl as i64,
-                    expires_at: credential.expires_at,
-                },
-                self.audit_required,
-            )
-            .await;
+        // Queued for the audit's writer, not awaited: the request never waits on the database.
+        let recorded = self.store.record_ice_issuance(
+            IceIssuance {
+                user_id: user.id.to_string(),
+                issued_at: now,
+                ttl: ttl as i64,
+                expires_at: credential.expires_at,
+            },
+            self.audit_required,
+        );
         if let Err(e) = recorded {
-            tracing::warn!(error = %e, user = %user.id, "TURN credentials refused: the audit cannot record them");
-            return Err(IceError::AuditUnavailable);
+            if self.audit_required {
+                tracing::warn!(error = %e, user = %user.id, "TURN credentials refused: the audit cannot record them");
+                return Err(IceError::AuditUnavailable);
+            }
+            tracing::warn!(error = %e, user = %user.id, "TURN credentials issued without an audit row (--audit-required false)");
         }
         let mut servers: Vec<serde_json::Value> = coturn
             .public
@@ -377,7 +378,7 @@ impl IceService {
                 .iter()
                 .map(StaticIceServer::to_json),
         );
-        tracing::info!(user = %user.id, ttl, expires_at = credential.expires_at, "issued TURN credentials");
+        tracing::debug!(user = %user.id, ttl, expires_at = credential.expires_at, "issued TURN credentials");
         Ok(serde_json::Value::Array(servers))
     }
 }

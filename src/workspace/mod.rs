@@ -73,8 +73,15 @@ pub(crate) async fn find_services(
     state: &AppState,
     query: &ServiceQuery,
 ) -> Result<Vec<ServiceEntry>, Error> {
-    let mut found = services_in(state, &query.workspace).await?;
-    found.retain(|e| query.matches(e));
+    let mut found = state
+        .registry
+        .in_workspace_where(&query.workspace, |e| query.matches(e));
+    let mut elsewhere = state.directory.services_in(&query.workspace).await?;
+    elsewhere.retain(|e| query.matches(e));
+    if !elsewhere.is_empty() {
+        found.extend(elsewhere);
+        found.sort_by_key(ServiceEntry::seq);
+    }
     Ok(found)
 }
 

@@ -93,6 +93,46 @@ def test_issuances_are_audited_without_the_credential(turn_server):
         assert servers[0]["credential"].encode() not in path.read_bytes(), path
 
 
+def test_every_credential_is_audited_also_across_a_sigterm(coturn):
+    """Audit rows are written in batches after the answer: none may be lost when the server
+    is stopped (SIGTERM) while credentials are being handed out."""
+    import signal
+    import sqlite3
+
+    import httpx
+
+    s = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}", "--ice-rate-limit", "0").start()
+    url = f"{s.url}/public/services/coturn/get_rtc_ice_servers?test_connectivity=false"
+    issued = 0
+
+    async def main():
+        nonlocal issued
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {hypha_token('ivy')}"}, timeout=10) as client:
+            async def caller():
+                nonlocal issued
+                for _ in range(5_000):
+                    try:
+                        response = await client.get(url)
+                    except httpx.HTTPError:
+                        return
+                    if response.status_code != 200:
+                        return
+                    issued += 1
+                    if issued == 500:
+                        s.proc.send_signal(signal.SIGTERM)
+
+            await asyncio.gather(*(caller() for _ in range(16)))
+
+    try:
+        run(main())
+        assert s.proc.wait(timeout=20) == 0, s.log.read_text()
+    finally:
+        s.stop()
+    with sqlite3.connect(s.data_dir / "hypha-rtc.db") as db:
+        rows = db.execute("SELECT COUNT(*) FROM ice_credentials WHERE user_id = 'ivy'").fetchone()[0]
+    assert issued >= 500 and rows == issued, (issued, rows)
+
+
 def test_coturn_refuses_expired_and_foreign_credentials(coturn):
     def credential(secret, expiry):
         username = f"{expiry}:mallory"
