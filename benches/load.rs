@@ -430,6 +430,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
 /// Opens `count` idle connections; returns RSS before, with them open and after they left
 /// (KiB), and how many were accepted.
 async fn idle_memory(url: &str, pid: u32, count: usize) -> (u64, u64, u64, usize, Option<String>) {
+    // A server just started may still be setting up (the demo's certificate): let it settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib(pid).unwrap_or(0);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(200));
     let mut tasks = Vec::with_capacity(count);

@@ -160,7 +160,13 @@ fn error_text(message: &str) -> String {
 /// How long closing a socket may wait on a client that does not read.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Boxed where it is awaited in the long-lived loop, so that its state does not take room in
+/// every connection's future.
 async fn close_with(socket: &mut WebSocket, code: u16, message: &str) {
+    Box::pin(close_now(socket, code, message)).await
+}
+
+async fn close_now(socket: &mut WebSocket, code: u16, message: &str) {
     let reason: String = message.chars().take(100).collect();
     let close = async {
         socket
@@ -176,24 +182,34 @@ async fn close_with(socket: &mut WebSocket, code: u16, message: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
 }
 
-/// Serves one upgraded websocket until it closes.
+/// Serves one upgraded websocket until it closes. The handshake runs in a box of its own
+/// that is freed before the connection settles in: an idle connection keeps only what it
+/// needs (the future of `run`, small by design, is what every connection holds).
 pub(crate) async fn serve(
     mut socket: WebSocket,
     state: Arc<AppState>,
     client_ip: std::net::IpAddr,
 ) {
+    let Some(admitted) = Box::pin(handshake(&mut socket, &state)).await else {
+        return;
+    };
+    Box::pin(run(socket, state, admitted, client_ip)).await;
+}
+
+/// Reads the first message and admits the client, or closes the socket and says `None`.
+async fn handshake(socket: &mut WebSocket, state: &Arc<AppState>) -> Option<Admitted> {
     let settings = &state.settings.connections;
     let first = match tokio::time::timeout(settings.handshake_timeout, socket.recv()).await {
         Ok(Some(Ok(message))) => message,
-        Ok(_) => return,
+        Ok(_) => return None,
         Err(_) => {
             close_with(
-                &mut socket,
+                socket,
                 CLOSE_POLICY,
                 "no authentication message within the time-out",
             )
             .await;
-            return;
+            return None;
         }
     };
     let text = match first {
@@ -202,21 +218,21 @@ pub(crate) async fn serve(
             Ok(text) => text,
             Err(_) => {
                 close_with(
-                    &mut socket,
+                    socket,
                     CLOSE_UNSUPPORTED,
                     "the first message must be UTF-8 JSON",
                 )
                 .await;
-                return;
+                return None;
             }
         },
-        _ => return,
+        _ => return None,
     };
     let hello: Hello = match serde_json::from_str(&text) {
         Ok(hello) => hello,
         Err(e) => {
-            close_with(&mut socket, CLOSE_UNSUPPORTED, &format!("the first message must be a JSON object with client_id, workspace and token: {e}")).await;
-            return;
+            close_with(socket, CLOSE_UNSUPPORTED, &format!("the first message must be a JSON object with client_id, workspace and token: {e}")).await;
+            return None;
         }
     };
     let admitted = match admit(&hello, &state.tokens, &state.workspaces) {
@@ -224,19 +240,19 @@ pub(crate) async fn serve(
         Err(reason) => {
             tracing::info!(%reason, "connection refused");
             close_with(
-                &mut socket,
+                socket,
                 CLOSE_POLICY,
                 &format!("Authentication error: {reason}"),
             )
             .await;
-            return;
+            return None;
         }
     };
-    if let Err(reason) = account_usable(&state, &admitted.user).await {
-        close_with(&mut socket, CLOSE_POLICY, &reason).await;
-        return;
+    if let Err(reason) = account_usable(state, &admitted.user).await {
+        close_with(socket, CLOSE_POLICY, &reason).await;
+        return None;
     }
-    run(socket, state, admitted, client_ip).await;
+    Some(admitted)
 }
 
 async fn run(
@@ -245,27 +261,23 @@ async fn run(
     admitted: Admitted,
     client_ip: std::net::IpAddr,
 ) {
-    let (session, mut rx) = match Session::open(&state, admitted, client_ip).await {
+    let (session, mut rx) = match Box::pin(Session::open(&state, admitted, client_ip)).await {
         Ok(opened) => opened,
         Err(taken) => {
             close_with(&mut socket, CLOSE_POLICY, &taken.to_string()).await;
             return;
         }
     };
-    let info = session.connection_info(&state);
+    let info = session.connection_info(&state).to_string();
     tracing::info!(client = %session.key, user = %session.user.id, reconnecting = session.reconnecting, "connection opened");
-    let reason = if socket
-        .send(Message::Text(info.to_string().into()))
-        .await
-        .is_err()
-    {
+    let reason = if socket.send(Message::Text(info.into())).await.is_err() {
         "write failed"
     } else {
-        session.started(&state).await;
+        Box::pin(session.started(&state)).await;
         serve_frames(&mut socket, &state, &session, &mut rx).await
     };
     tracing::info!(client = %session.key, reason, "connection closed");
-    session.close(&state).await;
+    Box::pin(session.close(&state)).await;
 }
 
 async fn serve_frames(
@@ -329,7 +341,9 @@ async fn serve_frames(
                                 "more than {} messages per second; slow down", settings.rate_limit)).await;
                             return "rate limit";
                         }
-                        if let Err(e) = session.route(state, data).await {
+                        // Boxed: routing reaches every service's handler, whose state would
+                        // otherwise be part of every idle connection's future.
+                        if let Err(e) = Box::pin(session.route(state, data)).await {
                             errors += 1;
                             let _ = socket.send(Message::Text(error_text(&e.to_string()).into())).await;
                             if errors >= MAX_PROTOCOL_ERRORS {
