@@ -121,6 +121,60 @@ pub(crate) struct RedisBus {
     sink: Mutex<Option<PubSubSink>>,
     /// Whether the subscription connection is up.
     up: AtomicBool,
+    /// Frames for clients elsewhere, in order, for the publisher task.
+    publish: mpsc::Sender<Publish>,
+}
+
+/// A frame to publish, and who waits to hear whether any instance holds its client.
+struct Publish {
+    channel: String,
+    data: Bytes,
+    done: tokio::sync::oneshot::Sender<Result<bool, BusError>>,
+}
+
+/// Frames waiting for the publisher; a sender waits for room beyond this.
+const PUBLISH_QUEUE: usize = 4096;
+/// PUBLISH commands sent as one pipeline.
+const PUBLISH_BATCH: usize = 256;
+
+/// Publishes frames in the order they were queued: whatever queued while one pipeline was
+/// on its way goes as the next pipeline, so under load a round trip to Redis carries many
+/// frames instead of one, and each sender still hears its frame's receiver count.
+async fn publisher(conn: ConnectionManager, mut queue: mpsc::Receiver<Publish>) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let mut pipe = redis::pipe();
+        for frame in &batch {
+            pipe.cmd("PUBLISH")
+                .arg(&frame.channel)
+                .arg(frame.data.as_ref());
+        }
+        let mut conn = conn.clone();
+        let answered: Result<Vec<i64>, BusError> =
+            tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async(&mut conn))
+                .await
+                .map_err(|_| BusError("Redis did not answer a PUBLISH".into()))
+                .and_then(|r| r.map_err(bus_error));
+        match answered {
+            Ok(receivers) if receivers.len() == batch.len() => {
+                for (frame, n) in batch.drain(..).zip(receivers) {
+                    let _ = frame.done.send(Ok(n > 0));
+                }
+            }
+            Ok(_) => {
+                for frame in batch.drain(..) {
+                    let _ = frame
+                        .done
+                        .send(Err(BusError("Redis answered a pipeline in part".into())));
+                }
+            }
+            Err(e) => {
+                for frame in batch.drain(..) {
+                    let _ = frame.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 impl RedisBus {
@@ -134,8 +188,11 @@ impl RedisBus {
         inbound: mpsc::Sender<Inbound>,
         stop: CancellationToken,
     ) -> Arc<Self> {
+        let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(publisher(conn.clone(), queue));
         let bus = Arc::new(Self {
             instance,
+            publish,
             conn,
             wanted: Mutex::new(own.iter().map(|a| client_channel(a)).collect()),
             sink: Mutex::new(None),
@@ -160,14 +217,15 @@ impl RedisBus {
 impl Bus for RedisBus {
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let receivers: i64 = redis::cmd("PUBLISH")
-                .arg(client_channel(addr))
-                .arg(data.as_ref())
-                .query_async(&mut conn)
-                .await
-                .map_err(bus_error)?;
-            Ok(receivers > 0)
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let frame = Publish {
+                channel: client_channel(addr),
+                data,
+                done,
+            };
+            let stopped = || BusError("the publisher has stopped".into());
+            self.publish.send(frame).await.map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
         })
     }
 
