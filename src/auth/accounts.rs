@@ -2,7 +2,7 @@
 //! exists or not, and a lock-out after repeated failures per email and per address.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -182,10 +182,17 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 const SLOWDOWN_STEP: Duration = Duration::from_millis(200);
 const SLOWDOWN_MAX: Duration = Duration::from_secs(2);
 
+fn dummy_password_hash() -> String {
+    hash_password("no such user").unwrap_or_default()
+}
+
 /// Signs users in against the store.
 pub struct Accounts {
     store: Store,
-    dummy_hash: String,
+    /// A hash of no account's password, verified against when the email is unknown so that
+    /// an unknown email costs as long as a wrong password. Made on a thread of its own at
+    /// start (an argon2 hash takes about 30 ms, which start-up would otherwise wait for).
+    dummy_hash: Arc<std::sync::OnceLock<String>>,
     failures: Mutex<HashMap<String, Failures>>,
     /// When old failures were last forgotten.
     pruned: Mutex<Option<Instant>>,
@@ -199,9 +206,14 @@ pub struct Accounts {
 
 impl Accounts {
     pub(crate) fn new(store: Store, max_failures: u32, lockout: Duration) -> Self {
+        let dummy_hash = Arc::new(std::sync::OnceLock::new());
+        let making = dummy_hash.clone();
+        std::thread::spawn(move || {
+            making.get_or_init(dummy_password_hash);
+        });
         Self {
             store,
-            dummy_hash: hash_password("no such user").unwrap_or_default(),
+            dummy_hash,
             failures: Mutex::new(HashMap::new()),
             pruned: Mutex::new(None),
             max_failures: max_failures.max(1),
@@ -246,14 +258,15 @@ impl Accounts {
             tokio::time::sleep((SLOWDOWN_STEP * earlier).min(SLOWDOWN_MAX)).await;
         }
         let user = self.store.user_by_email(email).await?;
-        let hash = user
-            .as_ref()
-            .map(|u| u.password_hash.clone())
-            .unwrap_or_else(|| self.dummy_hash.clone());
+        let known = user.as_ref().map(|u| u.password_hash.clone());
+        let dummy = self.dummy_hash.clone();
         let password = password.to_string();
-        let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .unwrap_or(false);
+        let matches = tokio::task::spawn_blocking(move || {
+            let hash = known.unwrap_or_else(|| dummy.get_or_init(dummy_password_hash).clone());
+            verify_password(&hash, &password)
+        })
+        .await
+        .unwrap_or(false);
         match user {
             Some(user) if matches => {
                 self.forget(&pair);
