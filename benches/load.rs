@@ -58,6 +58,11 @@ struct Options {
     /// and with this many held there (needs the server's token secret: the own server's).
     #[arg(long)]
     connect_cost: Option<usize>,
+    /// Measure a reconnect storm instead: this many clients, each with a registered service,
+    /// lose the own server to a restart (SIGTERM, then a new process on the same port and data
+    /// directory) and reconnect and register again; prints how long until all had.
+    #[arg(long)]
+    reconnect_storm: Option<usize>,
     // `cargo bench` passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -584,9 +589,200 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Starts the release hypha-rtc on `port` and waits until it takes connections.
+async fn start_server(port: u16, data_dir: &std::path::Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
+        .args(["--port", &port.to_string(), "--jwt-secret", "bench-secret"])
+        // Every client of the benchmark comes from loopback: one address.
+        .args(["--max-connections-per-address", "0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start hypha-rtc");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "hypha-rtc did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child
+}
+
+/// Registers a service `echo` for the client at `addr` through the manager; waits for the
+/// answer.
+async fn register_echo(socket: &mut Socket, manager: &str, addr: &str) -> Result<(), String> {
+    let header = map(vec![
+        ("type", "method".into()),
+        ("from", addr.into()),
+        ("to", format!("*/{manager}").into()),
+        ("method", "services.default.register_service".into()),
+        ("session", "register".into()),
+    ]);
+    let info = map(vec![
+        ("id", format!("{addr}:echo").into()),
+        ("name", "echo".into()),
+        ("config", map(vec![("visibility", "protected".into())])),
+    ]);
+    let body = map(vec![
+        ("args", Value::Array(vec![info])),
+        ("promise", "*".into()),
+        ("t", 30.into()),
+    ]);
+    socket
+        .send(Message::Binary(frame(&header, &body).into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+            Ok(Some(Ok(Message::Binary(data)))) => {
+                let mut reader: &[u8] = &data;
+                let Ok(reply) = rmpv::decode::read_value(&mut reader) else {
+                    continue;
+                };
+                match field(&reply, "method") {
+                    Some("register.resolve") => return Ok(()),
+                    Some("register.reject") => {
+                        let body = rmpv::decode::read_value(&mut reader).ok();
+                        return Err(format!("register_service refused: {body:?}"));
+                    }
+                    _ => continue,
+                }
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => return Err(format!("no answer to register_service: {other:?}")),
+        }
+    }
+}
+
+/// One client of the storm: connects and registers (retrying while the server is away),
+/// reports it, waits for the server to go, then does it again.
+async fn storm_client(
+    url: String,
+    token: String,
+    id: String,
+    registered: Arc<AtomicU64>,
+    again: Arc<AtomicU64>,
+    retries: Arc<AtomicU64>,
+) -> Result<Option<Instant>, String> {
+    use rand::RngExt;
+    let mut done_at = None;
+    for round in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut socket = loop {
+            match try_connect_as(&url, &id, Some(&token)).await {
+                Ok((mut socket, info)) => {
+                    let ws = info["workspace"].as_str().unwrap_or_default().to_string();
+                    let manager = info["manager_id"].as_str().unwrap_or_default().to_string();
+                    match register_echo(&mut socket, &manager, &format!("{ws}/{id}")).await {
+                        Ok(()) => break socket,
+                        Err(e) if Instant::now() > deadline => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => {}
+            }
+            retries.fetch_add(1, Ordering::Relaxed);
+            // As the clients do: try again after a short, jittered pause.
+            let pause = rand::rng().random_range(100..300);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        };
+        if round == 0 {
+            registered.fetch_add(1, Ordering::Relaxed);
+            // Wait for the server to go away.
+            while let Some(Ok(_)) = socket.next().await {}
+        } else {
+            done_at = Some(Instant::now());
+            again.fetch_add(1, Ordering::Relaxed);
+            // Hold the connection until the benchmark ends.
+            while let Some(Ok(_)) = socket.next().await {}
+        }
+    }
+    Ok(done_at)
+}
+
+/// The reconnect storm: `count` clients with a service each, a server restart, and the time
+/// until every client has reconnected and registered its service again.
+async fn reconnect_storm(count: usize) {
+    let port = free_port();
+    let data_dir = std::env::temp_dir().join(format!("hypha-rtc-storm-{}", std::process::id()));
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let token = workspace_token("bench-storm");
+    let mut server = start_server(port, &data_dir).await;
+    let registered = Arc::new(AtomicU64::new(0));
+    let again = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::with_capacity(count);
+    let opening = Instant::now();
+    for i in 0..count {
+        clients.push(tokio::spawn(storm_client(
+            url.clone(),
+            token.clone(),
+            format!("storm-{i}"),
+            registered.clone(),
+            again.clone(),
+            retries.clone(),
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (registered.load(Ordering::Relaxed) as usize) < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "{} of {count} clients connected and registered a service in {:.1} s ({} retries)",
+        registered.load(Ordering::Relaxed),
+        opening.elapsed().as_secs_f64(),
+        retries.swap(0, Ordering::Relaxed)
+    );
+    // The restart: a graceful stop, then a new process on the same port and data.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+    let restarted = Instant::now();
+    server = start_server(port, &data_dir).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (again.load(Ordering::Relaxed) as usize) < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_back = restarted.elapsed().as_secs_f64();
+    let back = again.load(Ordering::Relaxed);
+    let _ = server.kill();
+    let _ = server.wait();
+    let mut times = Vec::new();
+    let mut errors = Vec::new();
+    for client in clients {
+        match tokio::time::timeout(Duration::from_secs(30), client).await {
+            Ok(Ok(Ok(Some(at)))) => times.push(at.saturating_duration_since(restarted)),
+            Ok(Ok(Ok(None))) => {}
+            Ok(Ok(Err(e))) => errors.push(e),
+            other => errors.push(format!("{other:?}")),
+        }
+    }
+    times.sort();
+    println!(
+        "after a restart: {back} of {count} clients reconnected and registered again, the last {all_back:.1} s after the restart began (p50 {:.1} s; goal: all within 10 s); {} retries; {} errors{}",
+        percentile(&times, 0.5).as_secs_f64(),
+        retries.load(Ordering::Relaxed),
+        errors.len(),
+        errors
+            .first()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let options = Options::parse();
+    if let Some(count) = options.reconnect_storm {
+        reconnect_storm(count).await;
+        return;
+    }
     let mut own_server = None;
     let (url, pid) = match &options.url {
         Some(url) => (url.clone(), options.pid),
@@ -594,25 +790,9 @@ async fn main() {
             let port = free_port();
             let data_dir =
                 std::env::temp_dir().join(format!("hypha-rtc-bench-{}", std::process::id()));
-            let child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
-                .args(["--port", &port.to_string(), "--jwt-secret", "bench-secret"])
-                // Every client of the benchmark comes from loopback: one address.
-                .args(["--max-connections-per-address", "0"])
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("start hypha-rtc");
+            let child = start_server(port, &data_dir).await;
             let pid = child.id();
             own_server = Some(child);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                assert!(Instant::now() < deadline, "hypha-rtc did not start");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
             (format!("ws://127.0.0.1:{port}/ws"), Some(pid))
         }
     };

@@ -16,6 +16,8 @@ cargo bench --bench load -- --idle "$IDLE"
 # The cost of a connect as connections grow: server CPU per 1,000 connects into one workspace
 # with none held and with HELD held there.
 cargo bench --bench load -- --connect-cost "${HELD:-10000}"
+# A reconnect storm: STORM clients with a service each, a server restart, all back.
+cargo bench --bench load -- --reconnect-storm "${STORM:-10000}"
 
 [ "${HYPHA_REF:-1}" = 1 ] || exit 0
 VENV="$CACHE/hypha-ref-$HYPHA_VERSION"
