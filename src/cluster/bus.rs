@@ -41,10 +41,22 @@ pub(crate) enum Inbound {
     Reconnected,
 }
 
+/// Told whether a frame sent with [`Bus::send_then`] reached an instance holding its client.
+pub(crate) type Delivered = Box<dyn FnOnce(Result<bool, BusError>) + Send>;
+
 /// Carries frames to clients on other instances and announcements to all of them.
 pub(crate) trait Bus: Send + Sync {
     /// Delivers a frame to `addr` on whichever instance holds it: `Ok(false)` when none does.
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>>;
+    /// Queues a frame for `addr` and returns once it is queued (frames from one sender keep
+    /// their order); `then` hears later whether any instance held `addr`. The sender need not
+    /// wait for Redis's answer before its next frame.
+    fn send_then<'a>(
+        &'a self,
+        addr: &'a str,
+        data: Bytes,
+        then: Delivered,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
     /// Tells the other instances.
     fn announce(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>>;
     /// Starts taking frames for `addr`, which is connected here.
@@ -65,6 +77,16 @@ pub(crate) struct LocalBus;
 impl Bus for LocalBus {
     fn send<'a>(&'a self, _addr: &'a str, _data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
         Box::pin(async { Ok(false) })
+    }
+
+    fn send_then<'a>(
+        &'a self,
+        _addr: &'a str,
+        _data: Bytes,
+        then: Delivered,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        then(Ok(false));
+        Box::pin(async { Ok(()) })
     }
 
     fn announce(&self, _announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>> {

@@ -125,11 +125,11 @@ pub(crate) struct RedisBus {
     publish: mpsc::Sender<Publish>,
 }
 
-/// A frame to publish, and who waits to hear whether any instance holds its client.
+/// A frame to publish, and who hears whether any instance holds its client.
 struct Publish {
     channel: String,
     data: Bytes,
-    done: tokio::sync::oneshot::Sender<Result<bool, BusError>>,
+    done: super::bus::Delivered,
 }
 
 /// Frames waiting for the publisher; a sender waits for room beyond this.
@@ -158,19 +158,17 @@ async fn publisher(conn: ConnectionManager, mut queue: mpsc::Receiver<Publish>) 
         match answered {
             Ok(receivers) if receivers.len() == batch.len() => {
                 for (frame, n) in batch.drain(..).zip(receivers) {
-                    let _ = frame.done.send(Ok(n > 0));
+                    (frame.done)(Ok(n > 0));
                 }
             }
             Ok(_) => {
                 for frame in batch.drain(..) {
-                    let _ = frame
-                        .done
-                        .send(Err(BusError("Redis answered a pipeline in part".into())));
+                    (frame.done)(Err(BusError("Redis answered a pipeline in part".into())));
                 }
             }
             Err(e) => {
                 for frame in batch.drain(..) {
-                    let _ = frame.done.send(Err(e.clone()));
+                    (frame.done)(Err(e.clone()));
                 }
             }
         }
@@ -218,14 +216,32 @@ impl Bus for RedisBus {
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
         Box::pin(async move {
             let (done, answer) = tokio::sync::oneshot::channel();
+            let then: super::bus::Delivered = Box::new(move |delivered| {
+                let _ = done.send(delivered);
+            });
+            self.send_then(addr, data, then).await?;
+            answer
+                .await
+                .map_err(|_| BusError("the publisher has stopped".into()))?
+        })
+    }
+
+    fn send_then<'a>(
+        &'a self,
+        addr: &'a str,
+        data: Bytes,
+        then: super::bus::Delivered,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
             let frame = Publish {
                 channel: client_channel(addr),
                 data,
-                done,
+                done: then,
             };
-            let stopped = || BusError("the publisher has stopped".into());
-            self.publish.send(frame).await.map_err(|_| stopped())?;
-            answer.await.map_err(|_| stopped())?
+            self.publish
+                .send(frame)
+                .await
+                .map_err(|_| BusError("the publisher has stopped".into()))
         })
     }
 

@@ -389,6 +389,43 @@ impl Hub {
         }
     }
 
+    /// Publishes a client's frame for another instance without waiting for Redis's answer
+    /// (the connection reads its next frame meanwhile); when no instance held the target, the
+    /// caller of a call hears `peer_not_found` on its own queue, as for a local target.
+    async fn send_elsewhere(
+        self: &Arc<Self>,
+        from: &str,
+        target: &str,
+        session: Option<&str>,
+        data: Bytes,
+    ) -> Result<(), SendError> {
+        let hub = self.clone();
+        let (from_addr, to) = (from.to_string(), target.to_string());
+        let session = session.map(str::to_string);
+        let then: bus::Delivered = Box::new(move |delivered| {
+            let error = match delivered {
+                Ok(true) => {
+                    hub.bus_sent.inc();
+                    return;
+                }
+                Ok(false) => SendError::NotConnected(to.clone()),
+                Err(e) => SendError::Bus(to.clone(), e),
+            };
+            let Some(session) = session else { return };
+            hub.inflight.abandoned(&from_addr, &session);
+            let frame = peer_not_found(&to, &from_addr, &session, &error.to_string());
+            if let Some(handle) = hub.clients.get(&from_addr) {
+                let _ = handle
+                    .tx
+                    .try_send(Queued::unmetered(Outbound::Binary(frame)));
+            }
+        });
+        self.bus
+            .send_then(target, data, then)
+            .await
+            .map_err(|e| SendError::Bus(target.to_string(), e))
+    }
+
     /// Hands a message to the queue of a client connected here. A full queue blocks the sender
     /// (back-pressure) for at most the slow-consumer time-out; then the client that stopped
     /// reading is disconnected.
@@ -464,7 +501,7 @@ impl Hub {
 
     /// Routes one binary frame from a client.
     pub(crate) async fn route(
-        &self,
+        self: &Arc<Self>,
         sender: &Sender<'_>,
         data: Bytes,
     ) -> Result<Routed, RouteError> {
@@ -548,7 +585,16 @@ impl Hub {
             return Ok(Routed::Delivered);
         }
         self.inflight.observe(sender.addr, &target, &frame);
-        match self.send(&target, Outbound::Binary(out)).await {
+        let sent = match self.send_local(&target, Outbound::Binary(out)).await {
+            Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
+                self.send_elsewhere(sender.addr, &target, frame.field("session"), data)
+                    .await
+            }
+            Err(Unsent::Elsewhere(_)) => Err(SendError::NotConnected(target.clone())),
+            Err(Unsent::Failed(e)) => Err(e),
+            Ok(()) => Ok(()),
+        };
+        match sent {
             Ok(()) => Ok(Routed::Delivered),
             Err(e) => match frame.field("session") {
                 Some(session) => {
