@@ -178,7 +178,7 @@ impl AppState {
         let workspace = addr.workspace.as_str();
         self.peer.peer_gone(&addr.to_string());
         for entry in removed {
-            workspace::emit(self, workspace, "service_removed", entry.info).await;
+            workspace::emit(self, workspace, "service_removed", entry.into_info()).await;
         }
         let data = obj([
             ("id", addr.client.as_str().into()),

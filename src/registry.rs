@@ -39,7 +39,7 @@ impl Visibility {
 pub struct ServiceEntry {
     pub id: ServiceId,
     /// The service info as registered, with `id` made absolute.
-    pub info: Value,
+    pub info: std::sync::Arc<Value>,
     pub visibility: Visibility,
     pub authorized_workspaces: Vec<String>,
     pub service_type: String,
@@ -47,6 +47,11 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// The service info, taken out (copied only if another holder shares it).
+    pub(crate) fn into_info(self) -> Value {
+        std::sync::Arc::unwrap_or_clone(self.info)
+    }
+
     /// Builds an entry from a `register_service` info dict.
     pub(crate) fn from_info(id: ServiceId, mut info: Value) -> Result<Self, Error> {
         let config = get(&info, "config");
@@ -64,7 +69,7 @@ impl ServiceEntry {
         crate::rpc::value::set(&mut info, "id", id.to_string().into());
         Ok(Self {
             id,
-            info,
+            info: std::sync::Arc::new(info),
             visibility,
             authorized_workspaces,
             service_type,

@@ -542,7 +542,7 @@ fn encode_service(owner: &str, entry: &ServiceEntry) -> Vec<u8> {
     let body = Value::Array(vec![
         entry.seq().into(),
         entry.id.to_string().into(),
-        entry.info.clone(),
+        (*entry.info).clone(),
     ]);
     out.extend(crate::rpc::value::encode(&body));
     out

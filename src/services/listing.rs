@@ -242,7 +242,7 @@ pub(crate) async fn list_services(
                 Visibility::Unlisted => include_unlisted && readable(home),
             }
         })
-        .map(|e| e.info)
+        .map(ServiceEntry::into_info)
         .collect();
     Ok(Value::Array(listed))
 }

@@ -217,7 +217,7 @@ async fn call(
                 return Err(Error::NotFound(format!("Service not found: {id}")));
             }
             for entry in removed {
-                crate::workspace::emit(state, &ctx.ws, "service_removed", entry.info).await;
+                crate::workspace::emit(state, &ctx.ws, "service_removed", entry.into_info()).await;
             }
             Ok(Value::Nil)
         }
@@ -225,7 +225,7 @@ async fn call(
             let (query, config) = query_args(args)?;
             Ok(resolve(state, &ctx.ws, &ctx.user, query, mode(config)?)
                 .await?
-                .info)
+                .into_info())
         }
         "get_service" => {
             let (query, config) = query_args(args)?;
@@ -507,7 +507,7 @@ async fn register_service(
         id.app = Some(app.to_string());
     }
     let entry = ServiceEntry::from_info(id, info)?;
-    let announced = entry.info.clone();
+    let announced = (*entry.info).clone();
     crate::workspace::add_service(state, entry).await?;
     crate::workspace::emit(state, &ctx.ws, "service_added", announced).await;
     Ok(Value::Nil)

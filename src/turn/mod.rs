@@ -214,6 +214,8 @@ pub struct IceService {
     listeners: std::sync::Mutex<Vec<probe::ListenerState>>,
     /// The system's trust anchors for the `turns:` check, read at its first run.
     roots: std::sync::OnceLock<Option<stun::Roots>>,
+    /// The `urls` of each public coturn address, made once (they are in every answer).
+    coturn_urls: Vec<serde_json::Value>,
 }
 
 impl IceService {
@@ -229,7 +231,17 @@ impl IceService {
         });
         let limiter =
             NonZeroU32::new(settings.rate_limit).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
+        let coturn_urls = settings
+            .coturn
+            .iter()
+            .flat_map(|c| {
+                c.public
+                    .iter()
+                    .map(|a| ice::coturn_urls(a, c.tls_port).into())
+            })
+            .collect();
         Arc::new(Self {
+            coturn_urls,
             settings,
             probe,
             limiter,
@@ -361,14 +373,14 @@ impl IceService {
             }
             tracing::warn!(error = %e, user = %user.id, "TURN credentials issued without an audit row (--audit-required false)");
         }
-        let mut servers: Vec<serde_json::Value> = coturn
-            .public
+        let mut servers: Vec<serde_json::Value> = self
+            .coturn_urls
             .iter()
-            .map(|address| {
+            .map(|urls| {
                 serde_json::json!({
                     "username": credential.username,
                     "credential": credential.credential.expose_secret(),
-                    "urls": ice::coturn_urls(address, coturn.tls_port),
+                    "urls": urls,
                 })
             })
             .collect();

@@ -313,7 +313,7 @@ async fn announce_released(state: &AppState, dead: &str, released: crate::cluste
     );
     for entry in released.services {
         let ws = entry.id.provider.workspace.to_string();
-        emit(state, &ws, "service_removed", entry.info).await;
+        emit(state, &ws, "service_removed", entry.into_info()).await;
     }
     for (ws, client) in released.clients {
         state.peer.peer_gone(&format!("{ws}/{client}"));
