@@ -231,11 +231,6 @@ impl Registry {
         keys.iter().filter_map(|k| services.remove(k)).collect()
     }
 
-    /// Services in a workspace, in registration order.
-    pub(crate) fn in_workspace(&self, workspace: &str) -> Vec<ServiceEntry> {
-        self.in_workspace_where(workspace, |_| true)
-    }
-
     /// Services in a workspace that `keep` accepts, in registration order (only those are
     /// copied out).
     pub(crate) fn in_workspace_where(

@@ -211,19 +211,12 @@ async fn audit(
         .store
         .ice_issuances_by_user(since, AUDIT_USERS)
         .await?;
-    let emails: std::collections::HashMap<String, String> = state
-        .store
-        .users()
-        .await?
-        .into_iter()
-        .map(|u| (u.id, u.email))
-        .collect();
     Ok(Json(json!({
         "since": since,
         "per_hour": per_hour,
         "by_user": by_user
             .into_iter()
-            .map(|(id, count)| json!({"user_id": id, "email": emails.get(&id), "issued": count}))
+            .map(|(id, email, count)| json!({"user_id": id, "email": email, "issued": count}))
             .collect::<Vec<_>>(),
     })))
 }

@@ -450,17 +450,18 @@ impl Store {
         .await?)
     }
 
-    /// Credentials issued since `since` (seconds) per user: the user id and the count, most
-    /// first, at most `limit` users.
+    /// Credentials issued since `since` (seconds) per user: the user id, the email of its
+    /// local account if it has one, and the count, most first, at most `limit` users.
     pub(crate) async fn ice_issuances_by_user(
         &self,
         since: i64,
         limit: i64,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+    ) -> Result<Vec<(String, Option<String>, i64)>, StoreError> {
         self.read_own_audit().await;
         Ok(sqlx::query_as(
-            "SELECT user_id, COUNT(*) AS issued FROM ice_credentials WHERE issued_at >= $1 \
-             GROUP BY user_id ORDER BY issued DESC, user_id LIMIT $2",
+            "SELECT c.user_id, u.email, COUNT(*) AS issued FROM ice_credentials c \
+             LEFT JOIN users u ON u.id = c.user_id WHERE c.issued_at >= $1 \
+             GROUP BY c.user_id, u.email ORDER BY issued DESC, c.user_id LIMIT $2",
         )
         .bind(since)
         .bind(limit)

@@ -59,13 +59,7 @@ pub(crate) async fn services_in(
     state: &AppState,
     workspace: &str,
 ) -> Result<Vec<ServiceEntry>, Error> {
-    let mut found = state.registry.in_workspace(workspace);
-    let elsewhere = state.directory.services_in(workspace).await?;
-    if !elsewhere.is_empty() {
-        found.extend(elsewhere);
-        found.sort_by_key(ServiceEntry::seq);
-    }
-    Ok(found)
+    services_where(state, workspace, |_| true).await
 }
 
 /// Services answering a query, on every instance, in registration order.
@@ -73,11 +67,19 @@ pub(crate) async fn find_services(
     state: &AppState,
     query: &ServiceQuery,
 ) -> Result<Vec<ServiceEntry>, Error> {
-    let mut found = state
-        .registry
-        .in_workspace_where(&query.workspace, |e| query.matches(e));
-    let mut elsewhere = state.directory.services_in(&query.workspace).await?;
-    elsewhere.retain(|e| query.matches(e));
+    services_where(state, &query.workspace, |e| query.matches(e)).await
+}
+
+/// Services of a workspace that `keep` accepts, on every instance, in registration order
+/// (this instance's are copied only when kept).
+async fn services_where(
+    state: &AppState,
+    workspace: &str,
+    keep: impl Fn(&ServiceEntry) -> bool,
+) -> Result<Vec<ServiceEntry>, Error> {
+    let mut found = state.registry.in_workspace_where(workspace, &keep);
+    let mut elsewhere = state.directory.services_in(workspace).await?;
+    elsewhere.retain(|e| keep(e));
     if !elsewhere.is_empty() {
         found.extend(elsewhere);
         found.sort_by_key(ServiceEntry::seq);
