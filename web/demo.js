@@ -63,17 +63,41 @@
     }
   }
 
+  // The next connection is prepared while the page waits for Start: the peer connection, its
+  // data channel and video transceiver, and its offer (together tens of milliseconds in the
+  // browser), so Start only sends the offer. Nothing goes on the network before Start: ICE
+  // gathering begins with setLocalDescription, after Start has set the current ICE servers.
+  let prepared = null;
+  function prepare() {
+    const made = (async () => {
+      const own = new RTCPeerConnection();
+      // The data channel must exist before the offer, or the offer has no m=application.
+      const controls = own.createDataChannel("controls");
+      own.addTransceiver("video", { direction: "recvonly" });
+      return { own, controls, offer: await own.createOffer() };
+    })();
+    made.catch(() => {});
+    prepared = made;
+  }
+  function takePrepared() {
+    if (!prepared) prepare();
+    const next = prepared;
+    prepared = null;
+    return next;
+  }
+
   async function connect(mine) {
-    const servers = await iceServersForStart();
-    if (mine !== attempt) return;
+    const [servers, { own, controls, offer }] = await Promise.all([iceServersForStart(), takePrepared()]);
+    if (mine !== attempt) { own.close(); return; }
     if (relayOnly && servers.length === 0) {
+      own.close();
       disconnect();
       showError("Relay only (?relay=1) needs TURN credentials: sign in, and the server needs a coturn.");
       return;
     }
-    const own = pc = new RTCPeerConnection({ iceServers: servers, iceTransportPolicy: relayOnly ? "relay" : "all" });
-    // The data channel must exist before the offer, or the offer has no m=application.
-    channel = own.createDataChannel("controls");
+    own.setConfiguration({ iceServers: servers, iceTransportPolicy: relayOnly ? "relay" : "all" });
+    pc = own;
+    channel = controls;
     channel.onopen = () => send({ text: $("text").value, speed: Number($("speed").value) * 10 });
     channel.onmessage = (e) => {
       confirmed = JSON.parse(e.data);
@@ -94,7 +118,6 @@
         else setState("The server ended the session.");
       }
     };
-    own.addTransceiver("video", { direction: "recvonly" });
     own.ontrack = (e) => {
       const video = $("video");
       video.srcObject = new MediaStream([e.track]);
@@ -107,7 +130,7 @@
       };
       if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(first); else video.addEventListener("loadeddata", first, { once: true });
     };
-    await own.setLocalDescription(await own.createOffer());
+    await own.setLocalDescription(offer);
     const response = await fetch("/demo/offer", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: own.localDescription.sdp, type: "offer" }) });
     const body = await response.json();
@@ -133,6 +156,7 @@
     $("video").srcObject = null;
     setState("Stopped.");
     $("start").disabled = false; $("stop").disabled = true; $("disconnect").disabled = true;
+    if (!prepared) prepare();
   }
 
   let lastBytes = null;
@@ -196,7 +220,11 @@
   }
 
   whoAmI();
-  addEventListener("pagehide", () => { if (pc) pc.close(); });
+  prepare();
+  addEventListener("pagehide", () => {
+    if (pc) pc.close();
+    if (prepared) prepared.then((next) => next.own.close(), () => {});
+  });
   window.demoConfirmed = () => confirmed;
   window.demoSend = send;
   window.demoStats = stats;

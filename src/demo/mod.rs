@@ -7,6 +7,7 @@ pub(crate) mod controls;
 pub(crate) mod echo;
 pub(crate) mod encode;
 pub(crate) mod peer;
+pub(crate) mod pipeline;
 pub(crate) mod render;
 pub(crate) mod scene;
 pub(crate) mod sockets;
@@ -197,6 +198,11 @@ pub struct Producer {
     /// Frames sent to all viewers, and viewer sessions started (shared with the metrics).
     pub frames: Counter,
     pub sessions: Counter,
+    /// The keyframe every viewer's stream opens with. Every session starts from the same
+    /// scene with the same encoder settings, and the encoders are deterministic, so it is the
+    /// same bytes each time: the first session's encoder makes it, later sessions send it the
+    /// moment they connect while their own encoder makes the same frame to go on from.
+    opening: std::sync::OnceLock<Arc<[u8]>>,
 }
 
 impl Producer {
@@ -227,6 +233,7 @@ impl Producer {
             live: Default::default(),
             frames: Counter::default(),
             sessions: Counter::default(),
+            opening: std::sync::OnceLock::new(),
         })
     }
 
@@ -275,7 +282,7 @@ impl Producer {
     }
 }
 
-/// Advertises the sockets' addresses as host candidates of `rtc` (ICE-lite), and the 1:1 NAT's
+/// Advertises the sockets' addresses as host candidates of `rtc`, and the 1:1 NAT's
 /// public address when one is set: behind such a NAT the public address maps onto the bound
 /// one, port for port, so it goes on the port of the first socket of its family, and what
 /// arrives through the NAT lands on that socket.
@@ -376,6 +383,16 @@ impl ViewerGuard {
 
     fn frame_sent(&self) {
         self.0.frames.inc();
+    }
+
+    /// The opening keyframe, once a session made it.
+    fn opening_frame(&self) -> Option<Arc<[u8]>> {
+        self.0.opening.get().cloned()
+    }
+
+    /// Keeps a session's first frame as the opening keyframe (the first one kept stays).
+    fn remember_opening_frame(&self, unit: &[u8]) {
+        let _ = self.0.opening.set(unit.into());
     }
 }
 

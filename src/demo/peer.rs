@@ -1,5 +1,10 @@
-//! One viewer: a str0m session (ICE-lite, host candidates on the serving addresses) on its own
-//! UDP socket, fed by its own render and encode pipeline, so text and speed are per viewer.
+//! One viewer: a str0m session (full ICE, host candidates on the serving addresses) on its own
+//! UDP socket, fed by its own render and encode pipeline on a thread of its own, so text and
+//! speed are per viewer and encoding never holds up the packets of any session.
+//!
+//! Full ICE rather than ICE-lite: Chromium nominates a pair with a lite peer only on a later
+//! check of a selected, writable pair (about 50 ms after the first), but at once, on its first
+//! check, with a full one; DTLS, and so the first frame, waits for that nomination.
 //! The session ends, and everything it holds is freed, when the browser closes the connection,
 //! when nothing is heard from it for a while, when ICE fails, or when it never connects.
 
@@ -13,10 +18,11 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 
 use super::controls::{self, Controllable, ViewerState};
-use super::encode::{Codec, VideoEncoder};
-use super::render::{I420, TextMask};
+use super::encode::{Codec, EncodeError};
+use super::pipeline::{EncoderSettings, FrameJob, Pipeline};
+use super::render::TextMask;
 use super::scene::Scene;
-use super::sockets::Sockets;
+use super::sockets::{Datagram, Sockets};
 use super::{Producer, ViewerGuard};
 use crate::auth::UserInfo;
 use crate::error::Error;
@@ -25,7 +31,7 @@ use crate::error::Error;
 #[derive(Debug, thiserror::Error)]
 enum MediaError {
     #[error(transparent)]
-    Encode(#[from] super::encode::EncodeError),
+    Encode(#[from] EncodeError),
     #[error("cannot write the frame: {0}")]
     Write(String),
 }
@@ -42,6 +48,12 @@ const SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
 const KEYFRAME_INTERVAL: Duration = Duration::from_secs(4);
 /// A viewer paused this long is closed; its page starts a new session on Start.
 const PAUSE_LIMIT: Duration = Duration::from_secs(600);
+/// Datagrams held while connecting because ICE did not know their sender yet. Chromium sends
+/// its DTLS ClientHello as soon as our answer to its check arrives, which can be before its
+/// answer to our own check: dropped, the hello came again only after DTLS's 50 ms retransmit.
+const MAX_EARLY: usize = 8;
+/// How long an early datagram is held before it is dropped.
+const EARLY_LIMIT: Duration = Duration::from_secs(2);
 
 /// Accepts an offer and starts the viewer; returns the SDP answer. The viewer is controlled
 /// over the data channel the offer opens. `user` is who asked (for the channel's RPC context).
@@ -79,7 +91,10 @@ pub(crate) async fn start(
     let sockets = Sockets::bind(&settings.rtc_ips)
         .await
         .map_err(|e| Error::Internal(format!("cannot open a media socket: {e}")))?;
-    let mut config = Rtc::builder().set_ice_lite(true).clear_codecs();
+    // 5 is the id browsers offer the playout-delay extension under.
+    let mut config = Rtc::builder()
+        .clear_codecs()
+        .set_extension(5, str0m::rtp::Extension::PlayoutDelay);
     config = match settings.codec {
         Codec::H264 => config.enable_h264(true),
         Codec::Vp8 => config.enable_vp8(true),
@@ -119,16 +134,18 @@ pub(crate) async fn start(
 struct Viewer {
     rtc: Rtc,
     sockets: Sockets,
-    /// Freed while paused, made anew (with a keyframe) on resume.
-    encoder: Option<VideoEncoder>,
-    codec: Codec,
-    /// The first keyframe, encoded while ICE and DTLS are still under way, so it goes out the
-    /// moment the session connects.
+    /// The encoder thread; ended while paused, started anew (with a keyframe) on resume.
+    pipeline: Option<Pipeline>,
+    encoder: EncoderSettings,
+    /// The first keyframe, made (or taken from the producer) while ICE and DTLS are still under
+    /// way, so it goes out the moment the session connects.
     ready: Option<Vec<u8>>,
-    bitrate: u32,
-    frame: I420,
+    /// The producer's opening keyframe this session started with, until its own encoder made
+    /// its first frame (the same bytes, which are then not sent twice).
+    opening: Option<Arc<[u8]>>,
     scene: Scene,
-    mask: TextMask,
+    /// The text's coverage, made once per text and shared with the encoder thread.
+    mask: Arc<TextMask>,
     fps: u32,
     mid: Option<Mid>,
     /// The data channel the viewer opened, for the controls.
@@ -142,6 +159,12 @@ struct Viewer {
     /// When the browser was last heard from; `None` before its first packet.
     last_heard: Option<Instant>,
     frames: u64,
+    /// Frames not made because the encoder was still busy with the one before.
+    skipped: u64,
+    /// When the last frame was asked for: the scene moves by the time since.
+    last_frame: Option<Instant>,
+    /// Datagrams from senders ICE did not know yet, held (while connecting) until it does.
+    early: std::collections::VecDeque<(Instant, Datagram)>,
     /// Counts the session as waiting to connect until it connects.
     pending: Option<super::Counted>,
     /// Frames per second actually produced, smoothed, for the overlay.
@@ -171,14 +194,19 @@ impl Viewer {
         let settings = &producer.settings;
         let scene = Scene::new("hypha-rtc", 240.0);
         Self {
-            mask: TextMask::new(&scene.text, text_size(settings.height)),
+            mask: Arc::new(TextMask::new(&scene.text, text_size(settings.height))),
             rtc,
             sockets,
-            encoder: None,
-            codec: settings.codec,
+            pipeline: None,
+            encoder: EncoderSettings {
+                codec: settings.codec,
+                width: settings.width,
+                height: settings.height,
+                fps: settings.fps,
+                bitrate: bitrate(settings),
+            },
             ready: None,
-            bitrate: bitrate(settings),
-            frame: I420::new(settings.width, settings.height),
+            opening: None,
             scene,
             fps: settings.fps,
             mid: None,
@@ -189,6 +217,9 @@ impl Viewer {
             paused_at: None,
             last_heard: None,
             frames: 0,
+            skipped: 0,
+            last_frame: None,
+            early: std::collections::VecDeque::new(),
             pending: None,
             measured_fps: 0.0,
             guard,
@@ -209,19 +240,21 @@ impl Viewer {
         if let End::Failed(error) = &end {
             tracing::debug!(%error, "demo viewer session failed");
         }
-        tracing::info!(frames = self.frames, reason = ?end, "demo viewer closed");
+        tracing::info!(frames = self.frames, skipped = self.skipped, reason = ?end, "demo viewer closed");
     }
 
     async fn serve(&mut self) -> End {
         let started = Instant::now();
-        match self.encode_next(0.0) {
-            Ok(unit) => self.ready = Some(unit),
-            Err(e) => return End::Failed(e.to_string()),
+        // The first keyframe is the producer's opening frame, if a session made it before; the
+        // encoder makes it (again) while ICE and DTLS are under way.
+        self.opening = self.guard.opening_frame();
+        self.ready = self.opening.as_deref().map(<[u8]>::to_vec);
+        if let Err(e) = self.request_frame() {
+            return End::Failed(e.to_string());
         }
         let frame_interval = Duration::from_secs_f64(1.0 / self.fps.max(1) as f64);
         let mut ticker = tokio::time::interval(frame_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut last_frame = Instant::now();
         let mut last_keyframe = Instant::now();
         loop {
             let was_connected = self.connected;
@@ -240,39 +273,124 @@ impl Viewer {
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_millis(1), Duration::from_secs(1));
             let sending = self.connected && self.mid.is_some() && self.paused_at.is_none();
+            let encoding = self.pipeline.as_ref().is_some_and(Pipeline::busy);
             tokio::select! {
                 received = self.sockets.recv() => {
                     let Some(datagram) = received else { return End::Failed("media sockets closed".into()) };
-                    let Ok(contents) = datagram.data.as_slice().try_into() else { continue };
-                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source: datagram.source, destination: datagram.destination, contents });
-                    // Only this session's peer counts: a stray sender can neither keep it alive
-                    // nor feed it packets that end it.
-                    if !self.rtc.accepts(&input) { continue; }
-                    self.last_heard = Some(Instant::now());
-                    if let Err(e) = self.rtc.handle_input(input) { return End::Failed(e.to_string()); }
+                    match self.receive(&datagram) {
+                        Ok(true) => {
+                            if let Err(e) = self.receive_early() { return End::Failed(e.to_string()); }
+                        }
+                        Ok(false) => self.hold_early(datagram),
+                        Err(e) => return End::Failed(e.to_string()),
+                    }
                 }
                 _ = tokio::time::sleep(wait) => {
                     if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) { return End::Failed(e.to_string()); }
                 }
+                finished = finished(&mut self.pipeline), if encoding => {
+                    let unit = match finished {
+                        Ok(unit) => unit,
+                        Err(e) => return End::Failed(e.to_string()),
+                    };
+                    if let Some(opening) = self.opening.take() {
+                        // This encoder's first frame. The same bytes as the opening frame sent
+                        // (or about to be): nothing to send. Should it ever differ, it goes
+                        // out too, so the frames after it refer to a frame the browser has.
+                        if *opening == *unit { continue; }
+                    } else if self.frames == 1 {
+                        self.guard.remember_opening_frame(&unit);
+                    }
+                    if sending {
+                        if let Err(end) = self.send(unit, started).await { return end; }
+                    } else {
+                        // Made before the session connected: it goes out when it does.
+                        self.ready = Some(unit);
+                    }
+                }
                 _ = ticker.tick(), if sending => {
                     let now = Instant::now();
-                    let elapsed = now.duration_since(last_frame).as_secs_f32();
-                    last_frame = now;
                     if now.duration_since(last_keyframe) > KEYFRAME_INTERVAL {
                         self.keyframe = true;
                     }
                     if self.keyframe {
                         last_keyframe = now;
                     }
-                    if let Err(e) = self.send_frame(elapsed, started) { return End::Failed(e.to_string()); }
-                    // str0m packetises written media when it next handles an input: drain after
-                    // the write (one mutation at a time), then let it release the frame now
-                    // rather than at its next timer, which held the stream near 18 fps.
-                    if let Err(end) = self.drain().await { return end; }
-                    if let Err(e) = self.rtc.handle_input(Input::Timeout(Instant::now())) { return End::Failed(e.to_string()); }
+                    let sent = match self.ready.take() {
+                        Some(unit) => self.send(unit, started).await,
+                        None => self.request_frame().map_err(|e| End::Failed(e.to_string())),
+                    };
+                    if let Err(end) = sent { return end; }
                 }
             }
         }
+    }
+
+    /// Hands an encoded frame to str0m and lets it go out at once.
+    async fn send(&mut self, unit: Vec<u8>, started: Instant) -> Result<(), End> {
+        self.write(unit, started)
+            .map_err(|e| End::Failed(e.to_string()))?;
+        // str0m packetises written media when it next handles an input: drain after the
+        // write (one mutation at a time), then let it release the frame now rather than at
+        // its next timer, which held the stream near 18 fps.
+        self.drain().await?;
+        self.rtc
+            .handle_input(Input::Timeout(Instant::now()))
+            .map_err(|e| End::Failed(e.to_string()))
+    }
+
+    /// Hands a datagram to str0m if it is this session's peer's; false if ICE does not know
+    /// the sender. Only this session's peer counts: a stray sender can neither keep the session
+    /// alive nor feed it packets that end it.
+    fn receive(&mut self, datagram: &Datagram) -> Result<bool, str0m::RtcError> {
+        let Ok(contents) = datagram.data.as_slice().try_into() else {
+            // Not STUN, DTLS, RTP or RTCP: nothing to hold either.
+            return Ok(true);
+        };
+        let input = Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source: datagram.source,
+                destination: datagram.destination,
+                contents,
+            },
+        );
+        if !self.rtc.accepts(&input) {
+            return Ok(false);
+        }
+        self.last_heard = Some(Instant::now());
+        self.rtc.handle_input(input)?;
+        Ok(true)
+    }
+
+    /// Holds a datagram from an unknown sender while the session connects (bounded: the
+    /// oldest goes first); once connected, such datagrams are dropped at once.
+    fn hold_early(&mut self, datagram: Datagram) {
+        if self.connected {
+            return;
+        }
+        if self.early.len() == MAX_EARLY {
+            self.early.pop_front();
+        }
+        self.early.push_back((Instant::now(), datagram));
+    }
+
+    /// Offers the held datagrams again, now that str0m took one that may have taught ICE
+    /// their sender; those it still does not know stay, until they are too old.
+    fn receive_early(&mut self) -> Result<(), str0m::RtcError> {
+        if self.early.is_empty() {
+            return Ok(());
+        }
+        for _ in 0..self.early.len() {
+            let Some((held_at, datagram)) = self.early.pop_front() else {
+                break;
+            };
+            if !self.receive(&datagram)? && held_at.elapsed() < EARLY_LIMIT && !self.connected {
+                self.early.push_back((held_at, datagram));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the session has outlived one of its limits.
@@ -348,20 +466,22 @@ impl Viewer {
         }
     }
 
-    /// Sends the next frame: the one encoded ahead, if any, or a new one.
-    fn send_frame(&mut self, elapsed: f32, started: Instant) -> Result<(), MediaError> {
-        let unit = match self.ready.take() {
-            Some(unit) => unit,
-            None => self.encode_next(elapsed)?,
-        };
-        self.write(unit, started)
-    }
-
-    /// Moves the scene by `elapsed` seconds, renders it and encodes it.
-    fn encode_next(&mut self, elapsed: f32) -> Result<Vec<u8>, MediaError> {
+    /// Moves the scene by the time since the last frame and asks the encoder thread for the
+    /// next one. A frame asked for while the last is unfinished is skipped (and counted): the
+    /// stream slows down rather than queueing stale frames.
+    fn request_frame(&mut self) -> Result<(), MediaError> {
+        if self.pipeline.as_ref().is_some_and(Pipeline::busy) {
+            self.skipped += 1;
+            return Ok(());
+        }
+        let now = Instant::now();
+        let elapsed = self
+            .last_frame
+            .map_or(0.0, |last| now.duration_since(last).as_secs_f32());
+        self.last_frame = Some(now);
         let room = (
-            (self.frame.width.saturating_sub(self.mask.width)) as f32,
-            (self.frame.height.saturating_sub(self.mask.height)) as f32,
+            (self.encoder.width.saturating_sub(self.mask.width)) as f32,
+            (self.encoder.height.saturating_sub(self.mask.height)) as f32,
         );
         self.scene.advance(elapsed, room);
         self.frames += 1;
@@ -373,28 +493,23 @@ impl Viewer {
                 self.measured_fps * 0.9 + rate * 0.1
             };
         }
-        let overlay = TextMask::new(
-            &format!(
+        let job = FrameJob {
+            mask: self.mask.clone(),
+            x: self.scene.x as usize,
+            y: self.scene.y as usize,
+            overlay: format!(
                 "#{} {}x{} {:.1} fps",
-                self.frames, self.frame.width, self.frame.height, self.measured_fps
+                self.frames, self.encoder.width, self.encoder.height, self.measured_fps
             ),
-            20.0,
-        );
-        self.frame.draw(
-            &self.mask,
-            self.scene.x as usize,
-            self.scene.y as usize,
-            &overlay,
-        );
-        let encoder = match &mut self.encoder {
-            Some(encoder) => encoder,
-            None => {
-                self.keyframe = true;
-                let encoder = VideoEncoder::new(self.codec, &self.frame, self.fps, self.bitrate)?;
-                self.encoder.insert(encoder)
-            }
+            keyframe: std::mem::take(&mut self.keyframe),
         };
-        Ok(encoder.encode(&self.frame, std::mem::take(&mut self.keyframe))?)
+        let pipeline = match &mut self.pipeline {
+            Some(pipeline) => pipeline,
+            // A new encoder starts with a keyframe anyway.
+            None => self.pipeline.insert(Pipeline::start(self.encoder)?),
+        };
+        pipeline.submit(job)?;
+        Ok(())
     }
 
     /// Hands an encoded frame to str0m, stamped with the wall clock.
@@ -412,6 +527,10 @@ impl Viewer {
             str0m::media::Frequency::NINETY_KHZ,
         );
         writer
+            // Show each frame as soon as it is decoded, as remote desktops and game streaming
+            // do: a live instrument's view wants the newest frame, not a smoothing buffer
+            // (Chromium otherwise holds frames for its render delay, also the first one).
+            .playout_delay(MediaTime::from_millis(0), MediaTime::from_millis(0))
             .write(pt, Instant::now(), rtp, unit)
             .map_err(|e| MediaError::Write(e.to_string()))?;
         self.guard.frame_sent();
@@ -421,7 +540,7 @@ impl Viewer {
 
 impl Controllable for Viewer {
     fn set_text(&mut self, text: String) {
-        self.mask = TextMask::new(&text, text_size(self.frame.height));
+        self.mask = Arc::new(TextMask::new(&text, text_size(self.encoder.height)));
         self.scene.text = text;
     }
 
@@ -432,9 +551,10 @@ impl Controllable for Viewer {
     fn set_paused(&mut self, paused: bool) {
         match (paused, self.paused_at.is_some()) {
             (true, false) => {
-                // Stop frees the encoder; resume makes a new one and starts with a keyframe.
-                self.encoder = None;
+                // Stop ends the encoder thread; resume starts a new one, with a keyframe.
+                self.pipeline = None;
                 self.ready = None;
+                self.opening = None;
                 self.paused_at = Some(Instant::now());
             }
             (false, true) => {
@@ -450,11 +570,19 @@ impl Controllable for Viewer {
             text: self.scene.text.clone(),
             speed: self.scene.speed,
             paused: self.paused_at.is_some(),
-            width: self.frame.width,
-            height: self.frame.height,
+            width: self.encoder.width,
+            height: self.encoder.height,
             frames: self.frames,
             fps: self.measured_fps,
         }
+    }
+}
+
+/// The frame the encoder thread is making, once it is made; never while none is asked for.
+async fn finished(pipeline: &mut Option<Pipeline>) -> Result<Vec<u8>, EncodeError> {
+    match pipeline {
+        Some(pipeline) => pipeline.finished().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -574,6 +702,45 @@ mod tests {
             ..super::super::default_settings()
         });
         assert!(view(&producer, 10).await >= 10);
+    }
+
+    #[tokio::test]
+    async fn datagrams_from_unknown_senders_are_held_only_while_connecting_and_only_a_few() {
+        let producer = Producer::new(super::super::DemoSettings {
+            width: 160,
+            height: 120,
+            ..super::super::default_settings()
+        });
+        let sockets = Sockets::bind(&["127.0.0.1".parse().unwrap()])
+            .await
+            .unwrap();
+        let guard = producer.viewer_guard(None).unwrap();
+        let rtc = Rtc::builder().build(Instant::now());
+        let user = Arc::new(UserInfo::http_anonymous());
+        let mut viewer = Viewer::new(&producer, rtc, sockets, user, guard);
+        // A DTLS record (content type 22) from a sender no ICE check came from.
+        let stray = |n: u8| Datagram {
+            source: "127.0.0.1:9".parse().unwrap(),
+            destination: "127.0.0.1:10".parse().unwrap(),
+            data: vec![22, 254, 253, 0, 0, 0, 0, 0, 0, 0, n, 0, 0],
+        };
+        assert!(
+            !viewer.receive(&stray(0)).unwrap(),
+            "a stranger's DTLS was taken"
+        );
+        for n in 0..100 {
+            viewer.hold_early(stray(n));
+        }
+        assert_eq!(viewer.early.len(), MAX_EARLY);
+        // The newest are kept; offered again, strangers stay strangers and stay held.
+        assert_eq!(viewer.early.back().unwrap().1.data[10], 99);
+        viewer.receive_early().unwrap();
+        assert_eq!(viewer.early.len(), MAX_EARLY);
+        // Once connected nothing is held, and what was held goes.
+        viewer.connected = true;
+        viewer.hold_early(stray(1));
+        viewer.receive_early().unwrap();
+        assert!(viewer.early.is_empty());
     }
 
     #[tokio::test]

@@ -43,7 +43,8 @@ const firstFrame = async (page) => {
 const startViewer = async () => {
   const page = await browser.newPage();
   await page.goto(url);
-  return { page, firstFrameMs: await firstFrame(page) };
+  const firstFrameMs = await firstFrame(page);
+  return { page, firstFrameMs, phases: await page.evaluate(() => window.demoPhases()) };
 };
 const frames = async (page) => (await page.evaluate(() => window.demoStats())).framesDecoded;
 // Percent of one core: 100 clock ticks are one core-second.
@@ -70,12 +71,19 @@ for (const v of viewers) await close(v.page);
 await settle();
 // 20 connects, each on a fresh page.
 const firsts = [];
+const phaseTimes = new Map();
 for (let i = 0; i < 20; i++) {
-  const { page, firstFrameMs } = await startViewer();
+  const { page, firstFrameMs, phases } = await startViewer();
   firsts.push(firstFrameMs);
+  for (const p of phases) phaseTimes.set(p.name, [...(phaseTimes.get(p.name) || []), p.ms]);
   await close(page);
 }
 firsts.sort((a, b) => a - b);
+// Median time from the click to each step the page saw (signaling, ICE, DTLS, first frame).
+const phaseMedians = Object.fromEntries([...phaseTimes].map(([name, ms]) => {
+  ms.sort((a, b) => a - b);
+  return [name, ms.length % 2 ? ms[(ms.length - 1) / 2] : (ms[ms.length / 2 - 1] + ms[ms.length / 2]) / 2];
+}));
 // Connect/disconnect cycles on one page.
 const page = await browser.newPage();
 await page.goto(url);
@@ -89,7 +97,7 @@ const cyclesSeconds = (Date.now() - c0) / 1000;
 await settle();
 const rss1 = status("VmRSS"), threads1 = status("Threads");
 console.log(JSON.stringify({
-  firstFrameMedianMs: (firsts[9] + firsts[10]) / 2, firstFrameMinMs: firsts[0], firstFrameMaxMs: firsts[19],
+  firstFrameMedianMs: (firsts[9] + firsts[10]) / 2, firstFrameMinMs: firsts[0], firstFrameMaxMs: firsts[19], phaseMedians,
   oneViewerFps: one.fps[0], oneViewerServerCpuPercent: one.cpuPercent,
   fourViewersFps: four.fps, fourViewersServerCpuPercent: four.cpuPercent,
   cycles, cyclesSeconds: Math.round(cyclesSeconds), rssAfterWarmupKiB: rss0, rssAfterCyclesKiB: rss1,
