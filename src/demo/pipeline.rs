@@ -100,6 +100,7 @@ fn work(
     inbox: std_mpsc::Receiver<FrameJob>,
     outbox: mpsc::Sender<Result<Vec<u8>, EncodeError>>,
 ) {
+    yield_to_the_network();
     let mut frame = I420::new(settings.width, settings.height);
     let mut encoder: Option<VideoEncoder> = None;
     while let Ok(job) = inbox.recv() {
@@ -114,6 +115,17 @@ fn work(
         if outbox.blocking_send(result).is_err() || failed {
             break;
         }
+    }
+}
+
+/// Lowers this thread's scheduling priority (nice 10; Linux sets it per thread), so when the
+/// cores are busy the workers that answer packets, signaling and RPC run first and the encoders
+/// take the time left: a late frame is better than a late answer to every client.
+fn yield_to_the_network() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its integer arguments; `who` 0 is the calling thread.
+    unsafe {
+        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 
