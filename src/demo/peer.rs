@@ -4,7 +4,9 @@
 //!
 //! Full ICE rather than ICE-lite: Chromium nominates a pair with a lite peer only on a later
 //! check of a selected, writable pair (about 50 ms after the first), but at once, on its first
-//! check, with a full one; DTLS, and so the first frame, waits for that nomination.
+//! check, with a full one; DTLS, and so the first frame, waits for that nomination. A full agent
+//! probes the candidates it knows, so it is told none: the offer's are dropped, and the browser's
+//! addresses are learnt from the checks that reach the server.
 //! The session ends, and everything it holds is freed, when the browser closes the connection,
 //! when nothing is heard from it for a while, when ICE fails, or when it never connects.
 
@@ -64,7 +66,7 @@ pub(crate) async fn start(
     client: Option<std::net::IpAddr>,
 ) -> Result<String, Error> {
     let bad = Error::BadRequest;
-    let offer = SdpOffer::from_sdp_string(offer).map_err(|e| {
+    let offer = SdpOffer::from_sdp_string(&without_candidates(offer)).map_err(|e| {
         tracing::debug!(error = %e, "an offer that is not SDP");
         bad("the offer is not valid SDP: it must be a session description (v=0 ...) with an m=video section".into())
     })?;
@@ -129,6 +131,18 @@ pub(crate) async fn start(
     viewer.pending = Some(pending);
     tokio::spawn(viewer.run());
     Ok(answer)
+}
+
+/// The offer without its candidates. The server learns the browser's addresses only from the
+/// checks that reach it (authenticated by ICE's credentials), so it never sends a packet to an
+/// address an offer merely names: with full ICE it would otherwise probe any host and port a
+/// caller writes into an offer.
+fn without_candidates(sdp: &str) -> String {
+    sdp.split_inclusive('\n')
+        .filter(|line| {
+            !(line.starts_with("a=candidate:") || line.starts_with("a=end-of-candidates"))
+        })
+        .collect()
 }
 
 struct Viewer {
@@ -741,6 +755,35 @@ mod tests {
         viewer.hold_early(stray(1));
         viewer.receive_early().unwrap();
         assert!(viewer.early.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_server_sends_nothing_to_candidates_named_in_an_offer() {
+        str0m::crypto::from_feature_flags().install_process_default();
+        let producer = Producer::new(super::super::DemoSettings {
+            width: 160,
+            height: 120,
+            ..super::super::default_settings()
+        });
+        // A socket the offer names as the browser's candidate but that never sends a check:
+        // full ICE would probe it (its first check came after about 1.3 s when the offer's
+        // candidates were kept), which would let anyone aim the server's packets anywhere.
+        let trap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let named = trap.local_addr().unwrap();
+        let mut client = Rtc::builder().enable_h264(true).build(Instant::now());
+        client.add_local_candidate(Candidate::host(named, "udp").unwrap());
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        let offer = api.apply().unwrap().0.to_sdp_string();
+        assert!(offer.contains("a=candidate:"), "{offer}");
+        let user = Arc::new(UserInfo::http_anonymous());
+        start(&producer, &offer, user, None).await.unwrap();
+        let mut buf = [0u8; 1500];
+        let heard = tokio::time::timeout(Duration::from_secs(3), trap.recv_from(&mut buf)).await;
+        assert!(
+            heard.is_err(),
+            "the server sent a packet to a candidate it was only told of"
+        );
     }
 
     #[tokio::test]
