@@ -240,12 +240,13 @@ impl App {
     /// Binds the listener and builds the state; nothing runs until [`App::run_until_stopped`].
     pub async fn build(settings: Settings) -> Result<App, StartupError> {
         let addr = format!("{}:{}", settings.server.host, settings.server.port);
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
+        let listener =
+            crate::net::listen::bind(&addr)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
         let local = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
@@ -263,7 +264,7 @@ impl App {
             Some(port) => {
                 let addr = format!("{}:{port}", settings.server.host);
                 Some(
-                    TcpListener::bind(&addr)
+                    crate::net::listen::bind(&addr)
                         .await
                         .map_err(|source| StartupError::Bind { addr, source })?,
                 )

@@ -3,6 +3,7 @@
 
 pub(crate) mod admission;
 pub mod client_addr;
+pub mod listen;
 
 use std::time::Duration;
 
