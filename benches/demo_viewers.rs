@@ -21,6 +21,8 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
+mod common;
+
 #[derive(Parser, Debug)]
 struct Options {
     /// Viewer counts to measure, one after the other on the same server.
@@ -48,10 +50,7 @@ struct Counters {
 async fn main() {
     let options = Options::parse();
     str0m::crypto::from_feature_flags().install_process_default();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
+    let port = common::free_port();
     let data = std::env::temp_dir().join(format!("hypha-rtc-demo-bench-{}", std::process::id()));
     let most = options.viewers.iter().copied().max().unwrap_or(1);
     let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
@@ -65,14 +64,7 @@ async fn main() {
         .spawn()
         .expect("start hypha-rtc");
     let pid = server.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "hypha-rtc did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_listening(port).await;
     for &count in &options.viewers {
         let viewers: Vec<Arc<Counters>> = (0..count).map(|_| Arc::default()).collect();
         let mut tasks = Vec::new();

@@ -16,6 +16,8 @@ use rmpv::Value;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
+mod common;
+
 #[derive(Parser, Debug)]
 struct Options {
     /// Websocket URL of the server; without it, the release hypha-rtc is started.
@@ -582,13 +584,6 @@ async fn connect_cost(url: &str, pid: u32, held: usize) {
     drop(kept);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// Starts the release hypha-rtc on `port` and waits until it takes connections.
 async fn start_server(port: u16, data_dir: &std::path::Path) -> std::process::Child {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
@@ -600,14 +595,7 @@ async fn start_server(port: u16, data_dir: &std::path::Path) -> std::process::Ch
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start hypha-rtc");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "hypha-rtc did not start");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_listening(port).await;
     child
 }
 
@@ -707,7 +695,7 @@ async fn storm_client(
 /// The reconnect storm: `count` clients with a service each, a server restart, and the time
 /// until every client has reconnected and registered its service again.
 async fn reconnect_storm(count: usize) {
-    let port = free_port();
+    let port = common::free_port();
     let data_dir = std::env::temp_dir().join(format!("hypha-rtc-storm-{}", std::process::id()));
     let url = format!("ws://127.0.0.1:{port}/ws");
     let token = workspace_token("bench-storm");
@@ -787,7 +775,7 @@ async fn main() {
     let (url, pid) = match &options.url {
         Some(url) => (url.clone(), options.pid),
         None => {
-            let port = free_port();
+            let port = common::free_port();
             let data_dir =
                 std::env::temp_dir().join(format!("hypha-rtc-bench-{}", std::process::id()));
             let child = start_server(port, &data_dir).await;

@@ -160,7 +160,6 @@ struct Viewer {
     scene: Scene,
     /// The text's coverage, made once per text and shared with the encoder thread.
     mask: Arc<TextMask>,
-    fps: u32,
     mid: Option<Mid>,
     /// The data channel the viewer opened, for the controls.
     channel: Option<ChannelId>,
@@ -222,7 +221,6 @@ impl Viewer {
             ready: None,
             opening: None,
             scene,
-            fps: settings.fps,
             mid: None,
             channel: None,
             user,
@@ -266,7 +264,7 @@ impl Viewer {
         if let Err(e) = self.request_frame() {
             return End::Failed(e.to_string());
         }
-        let frame_interval = Duration::from_secs_f64(1.0 / self.fps.max(1) as f64);
+        let frame_interval = Duration::from_secs_f64(1.0 / self.encoder.fps.max(1) as f64);
         let mut ticker = tokio::time::interval(frame_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_keyframe = Instant::now();
@@ -616,6 +614,15 @@ mod tests {
     use str0m::change::SdpAnswer;
     use str0m::media::Direction;
 
+    /// The default settings at 160x120, for tests that need a session but hardly its video.
+    fn small() -> super::super::DemoSettings {
+        super::super::DemoSettings {
+            width: 160,
+            height: 120,
+            ..super::super::default_settings()
+        }
+    }
+
     /// A str0m client on loopback: offers receive-only video and a data channel, reads media
     /// until `frames` packets came, then closes gracefully. Returns the media packets seen.
     async fn view(producer: &Arc<Producer>, packets: usize) -> usize {
@@ -720,11 +727,7 @@ mod tests {
 
     #[tokio::test]
     async fn datagrams_from_unknown_senders_are_held_only_while_connecting_and_only_a_few() {
-        let producer = Producer::new(super::super::DemoSettings {
-            width: 160,
-            height: 120,
-            ..super::super::default_settings()
-        });
+        let producer = Producer::new(small());
         let sockets = Sockets::bind(&["127.0.0.1".parse().unwrap()])
             .await
             .unwrap();
@@ -760,11 +763,7 @@ mod tests {
     #[tokio::test]
     async fn the_server_sends_nothing_to_candidates_named_in_an_offer() {
         str0m::crypto::from_feature_flags().install_process_default();
-        let producer = Producer::new(super::super::DemoSettings {
-            width: 160,
-            height: 120,
-            ..super::super::default_settings()
-        });
+        let producer = Producer::new(small());
         // A socket the offer names as the browser's candidate but that never sends a check:
         // full ICE would probe it (its first check came after about 1.3 s when the offer's
         // candidates were kept), which would let anyone aim the server's packets anywhere.
@@ -790,10 +789,8 @@ mod tests {
     async fn viewers_beyond_the_limit_are_refused() {
         str0m::crypto::from_feature_flags().install_process_default();
         let producer = Producer::new(super::super::DemoSettings {
-            width: 160,
-            height: 120,
             max_viewers: 1,
-            ..super::super::default_settings()
+            ..small()
         });
         let offer = || {
             let mut client = Rtc::builder().enable_h264(true).build(Instant::now());
