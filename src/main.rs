@@ -56,6 +56,7 @@ async fn main() -> ExitCode {
     if let Some(command) = &cli.command {
         return admin(command, &settings).await;
     }
+    tokio::spawn(reclaim::run());
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(e) => {
@@ -109,5 +110,53 @@ fn init_logging(settings: &Settings) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Handing freed memory back to the system. mimalloc keeps the pages a thread freed in that
+/// thread's heap until the thread collects them, and returns emptied pages to the system only
+/// after a delay, on a later allocation. A server whose crowd of connections has left goes
+/// quiet and allocates nothing, so without a nudge it would keep their memory for good.
+mod reclaim {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// How often each runtime worker collects.
+    const EVERY: Duration = Duration::from_secs(2);
+    /// Small tasks spread per round, per worker: tasks spawned on one worker are stolen by
+    /// the others, so every worker runs at least one of them in practice.
+    const TASKS_PER_WORKER: usize = 4;
+
+    static ROUND: AtomicU64 = AtomicU64::new(0);
+
+    thread_local! {
+        static COLLECTED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Every `EVERY`, starts a round: each worker that runs one of the round's tasks collects
+    /// its heap once.
+    pub(super) async fn run() {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        let mut ticker = tokio::time::interval(EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            ROUND.fetch_add(1, Ordering::Relaxed);
+            for _ in 0..workers * TASKS_PER_WORKER {
+                tokio::spawn(async { collect_once() });
+            }
+            collect_once();
+        }
+    }
+
+    /// Collects this thread's heap unless it did in this round. Forced: freed pages go back
+    /// to the system now (about 0.2 ms with 10,000 connections open, once per round).
+    fn collect_once() {
+        let round = ROUND.load(Ordering::Relaxed);
+        if COLLECTED.with(|c| c.replace(round)) != round {
+            // SAFETY: collects the calling thread's mimalloc heap; no pointers are involved.
+            unsafe { libmimalloc_sys::mi_collect(true) }
+        }
     }
 }

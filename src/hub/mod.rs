@@ -180,6 +180,11 @@ pub(crate) enum RouteError {
     BadTarget(String),
 }
 
+/// Removals between two looks at whether the maps should give room back.
+const COMPACT_EVERY: u64 = 1024;
+/// Maps this small keep their room.
+const COMPACT_ABOVE: usize = 4096;
+
 /// The registry of live connections.
 pub struct Hub {
     clients: DashMap<String, ClientHandle>,
@@ -189,6 +194,8 @@ pub struct Hub {
     /// events, so a look at every client made their cost grow with the workspace).
     watching: DashMap<String, HashSet<String>>,
     next_conn: AtomicU64,
+    /// Connections removed since the maps were last looked at for room to give back.
+    removed_since_compact: AtomicU64,
     slow_consumer_timeout: Duration,
     manager_id: String,
     /// Where frames for clients that are not here go.
@@ -220,6 +227,7 @@ impl Hub {
             workspaces: DashMap::new(),
             watching: DashMap::new(),
             next_conn: AtomicU64::new(1),
+            removed_since_compact: AtomicU64::new(0),
             slow_consumer_timeout,
             manager_id,
             bus,
@@ -305,8 +313,25 @@ impl Hub {
                 watchers.remove(client);
             }
             self.watching.remove_if(workspace, |_, m| m.is_empty());
+            if self.removed_since_compact.fetch_add(1, Ordering::Relaxed) + 1 >= COMPACT_EVERY {
+                self.removed_since_compact.store(0, Ordering::Relaxed);
+                self.compact();
+            }
         }
         removed
+    }
+
+    /// Gives back the room the maps grew for a crowd of connections that has left: a map
+    /// keeps its largest size otherwise, and a server that once held 100,000 clients would
+    /// hold their tables for good.
+    fn compact(&self) {
+        if self.clients.capacity() > COMPACT_ABOVE
+            && self.clients.len() < self.clients.capacity() / 4
+        {
+            self.clients.shrink_to_fit();
+            self.workspaces.shrink_to_fit();
+            self.watching.shrink_to_fit();
+        }
     }
 
     pub(crate) fn get(&self, addr: &str) -> Option<ClientHandle> {
@@ -765,6 +790,52 @@ pub(crate) fn normalize_target(to: &str, workspace: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn handle(conn_id: u64) -> ClientHandle {
+        ClientHandle {
+            conn_id,
+            tx: mpsc::channel(1).0,
+            room: Room::new(1024),
+            kill: CancellationToken::new(),
+            user: Arc::new(UserInfo::anonymous(60)),
+            events: Default::default(),
+            reason: Default::default(),
+            since_ms: 0,
+            reconnected: false,
+        }
+    }
+
+    #[test]
+    fn the_maps_give_room_back_after_a_crowd_leaves() {
+        let hub = Hub::new(
+            "manager".into(),
+            Duration::from_secs(1),
+            Arc::new(bus::LocalBus),
+            mpsc::channel(1).0,
+        );
+        let crowd = 20_000u64;
+        for i in 0..crowd {
+            let ws = format!("ws-{i}");
+            hub.insert(&format!("{ws}/c"), &ws, handle(i), false)
+                .expect("a free address");
+        }
+        let grown = hub.clients.capacity();
+        assert!(grown >= crowd as usize, "{grown}");
+        // All but ten leave.
+        for i in 10..crowd {
+            let ws = format!("ws-{i}");
+            assert!(hub.remove(&format!("{ws}/c"), &ws, i));
+        }
+        let left = hub.clients.capacity();
+        assert!(left < grown / 4, "capacity {grown} before, {left} after");
+        assert_eq!(hub.connection_count(), 10);
+        assert_eq!(hub.workspace_count(), 10);
+        assert!(hub.workspaces.capacity() < grown / 4);
+        // The ten still there are still reachable.
+        for i in 0..10 {
+            assert!(hub.is_connected(&format!("ws-{i}/c")));
+        }
+    }
 
     #[test]
     fn targets_are_normalised() {
