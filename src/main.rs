@@ -14,22 +14,46 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `arena_reserve` option (its index in mimalloc 3's `mi_option_t`).
 #[cfg(target_os = "linux")]
 const MI_OPTION_ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
+/// mimalloc's `page_full_retain` option (its index in mimalloc 3's `mi_option_t`).
+#[cfg(target_os = "linux")]
+const MI_OPTION_PAGE_FULL_RETAIN: libmimalloc_sys::mi_option_t = 36;
 
 /// Runs before `main` and before the first allocation: no 1 GiB arena reserved up front, so
-/// memory is taken from the system as it is used (an idle server stays under 20 MiB).
+/// memory is taken from the system as it is used (an idle server stays under 20 MiB), and no
+/// emptied pages kept in reserve per size class (after 10,000 connections leave, 2 MiB more
+/// stays resident with mimalloc's default of two).
 #[cfg(target_os = "linux")]
 #[used]
 #[unsafe(link_section = ".init_array")]
 static SMALL_ARENAS: extern "C" fn() = {
     extern "C" fn small_arenas() {
-        // SAFETY: sets a plain option value; mimalloc reads options when it needs them.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 0) }
+        // SAFETY: sets plain option values; mimalloc reads options when it needs them.
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 0);
+            libmimalloc_sys::mi_option_set(MI_OPTION_PAGE_FULL_RETAIN, 0);
+        }
     }
     small_arenas
 };
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(reclaim::on_park)
+        .build();
+    match runtime {
+        Ok(runtime) => {
+            reclaim::start(runtime.handle().clone());
+            runtime.block_on(serve())
+        }
+        Err(e) => {
+            eprintln!("hypha-rtc: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve() -> ExitCode {
     let env: HashMap<String, String> = std::env::vars().collect();
     let (cli, settings, warnings) = match hypha_rtc::config::load(std::env::args_os(), &env) {
         Ok(loaded) => loaded,
@@ -56,7 +80,6 @@ async fn main() -> ExitCode {
     if let Some(command) = &cli.command {
         return admin(command, &settings).await;
     }
-    tokio::spawn(reclaim::run());
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(e) => {
@@ -117,46 +140,70 @@ fn init_logging(settings: &Settings) {
 /// thread's heap until the thread collects them, and returns emptied pages to the system only
 /// after a delay, on a later allocation. A server whose crowd of connections has left goes
 /// quiet and allocates nothing, so without a nudge it would keep their memory for good.
+///
+/// Every `EVERY` a new round starts; a runtime worker collects its heap when it next goes
+/// idle in a round it has not collected in (a busy server's workers go idle often, so that
+/// costs one collection per worker per round). A worker asleep since before the round is
+/// woken by a short task, so that it collects too.
 mod reclaim {
     use std::cell::Cell;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::time::Duration;
 
-    /// How often each runtime worker collects.
     const EVERY: Duration = Duration::from_secs(2);
-    /// Small tasks spread per round, per worker: tasks spawned on one worker are stolen by
-    /// the others, so every worker runs at least one of them in practice.
-    const TASKS_PER_WORKER: usize = 4;
+    /// Workers whose rounds are tracked; a runtime with more leaves the rest to chance.
+    const TRACKED: usize = 64;
+    /// How long a waking task holds its worker, so that the next one wakes another worker
+    /// instead of finding the same one free again.
+    const HOLD: Duration = Duration::from_micros(200);
 
-    static ROUND: AtomicU64 = AtomicU64::new(0);
+    static ROUND: AtomicU64 = AtomicU64::new(1);
+    static WORKERS: AtomicUsize = AtomicUsize::new(0);
+    static COLLECTED: [AtomicU64; TRACKED] = [const { AtomicU64::new(0) }; TRACKED];
 
     thread_local! {
-        static COLLECTED: Cell<u64> = const { Cell::new(0) };
+        /// This worker's index in `COLLECTED`, given on its first park.
+        static SLOT: Cell<Option<usize>> = const { Cell::new(None) };
     }
 
-    /// Every `EVERY`, starts a round: each worker that runs one of the round's tasks collects
-    /// its heap once.
-    pub(super) async fn run() {
-        let workers = tokio::runtime::Handle::current().metrics().num_workers();
-        let mut ticker = tokio::time::interval(EVERY);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            ROUND.fetch_add(1, Ordering::Relaxed);
-            for _ in 0..workers * TASKS_PER_WORKER {
-                tokio::spawn(async { collect_once() });
-            }
-            collect_once();
+    /// Called by a runtime worker about to go idle.
+    pub(super) fn on_park() {
+        let round = ROUND.load(Ordering::Relaxed);
+        let slot = SLOT.with(|slot| {
+            let index = slot
+                .get()
+                .unwrap_or_else(|| WORKERS.fetch_add(1, Ordering::Relaxed).min(TRACKED - 1));
+            slot.set(Some(index));
+            index
+        });
+        if COLLECTED[slot].swap(round, Ordering::Relaxed) != round {
+            // SAFETY: collects the calling thread's mimalloc heap; no pointers are involved.
+            unsafe { libmimalloc_sys::mi_collect(true) }
         }
     }
 
-    /// Collects this thread's heap unless it did in this round. Forced: freed pages go back
-    /// to the system now (about 0.2 ms with 10,000 connections open, once per round).
-    fn collect_once() {
-        let round = ROUND.load(Ordering::Relaxed);
-        if COLLECTED.with(|c| c.replace(round)) != round {
-            // SAFETY: collects the calling thread's mimalloc heap; no pointers are involved.
-            unsafe { libmimalloc_sys::mi_collect(true) }
+    /// Starts the rounds on a thread of their own.
+    pub(super) fn start(runtime: tokio::runtime::Handle) {
+        let workers = runtime.metrics().num_workers();
+        let spawned = std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(EVERY);
+                    let round = ROUND.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Busy workers collect on their own; look again after a moment.
+                    std::thread::sleep(EVERY / 20);
+                    let seen = WORKERS.load(Ordering::Relaxed).min(TRACKED);
+                    let behind = (0..seen).any(|i| COLLECTED[i].load(Ordering::Relaxed) < round);
+                    if behind || seen < workers {
+                        for _ in 0..workers {
+                            runtime.spawn(async { std::thread::sleep(HOLD) });
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("hypha-rtc: memory will not be handed back while idle: {e}");
         }
     }
 }

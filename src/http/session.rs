@@ -32,9 +32,6 @@ pub(crate) struct Session {
     permission: Permission,
     calls: Arc<Semaphore>,
     peer_ip: IpAddr,
-    /// The identity with the connection's client and workspace: what its reconnection
-    /// tokens carry.
-    scoped: UserInfo,
     /// The client's queue (bounded; the hub writes to it).
     pub tx: mpsc::Sender<Queued>,
     /// Cancelled when the server ends the connection; `reason` says why, when it says.
@@ -129,10 +126,6 @@ impl Session {
             state.hub.remove(&key, ws, conn_id);
             return Err(taken);
         }
-        let mut scoped = (*user).clone();
-        scoped.scope.client = Some(client);
-        scoped.scope.current = Some(workspace.clone());
-        scoped.scope.workspaces.insert(workspace, permission);
         let calls = Arc::new(Semaphore::new(if user.is_anonymous() {
             MAX_SERVER_CALLS_ANONYMOUS
         } else {
@@ -147,7 +140,6 @@ impl Session {
             permission,
             calls,
             peer_ip: client_ip,
-            scoped,
             tx,
             kill,
             reason,
@@ -160,10 +152,24 @@ impl Session {
         self.addr.workspace.as_str()
     }
 
+    /// The identity with the connection's client and workspace: what its reconnection tokens
+    /// carry. Made when a token is issued (at the start and on `refresh_token`), not kept: it
+    /// would be a second copy of the user in every idle connection.
+    fn scoped(&self) -> UserInfo {
+        let mut scoped = (*self.user).clone();
+        scoped.scope.client = Some(self.addr.client.clone());
+        scoped.scope.current = Some(self.addr.workspace.clone());
+        scoped
+            .scope
+            .workspaces
+            .insert(self.addr.workspace.clone(), self.permission);
+        scoped
+    }
+
     /// The first message a client gets: where it is, who it is, and its reconnection token.
     pub(crate) fn connection_info(&self, state: &AppState) -> serde_json::Value {
         let (reconnection_token, expires_at) = state.tokens.issue_reconnection(
-            &self.scoped,
+            &self.scoped(),
             state.settings.connections.reconnection_token_life_time,
         );
         serde_json::json!({
@@ -236,7 +242,7 @@ impl Session {
             "refresh_token" => Some(serde_json::json!({
                 "type": "reconnection_token",
                 "reconnection_token": state.tokens.issue_reconnection(
-                    &self.scoped,
+                    &self.scoped(),
                     state.settings.connections.reconnection_token_life_time,
                 ).0,
             })),

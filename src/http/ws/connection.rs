@@ -160,10 +160,18 @@ fn error_text(message: &str) -> String {
 /// How long closing a socket may wait on a client that does not read.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Makes a future and boxes it in a plain function. A future made inside an `async fn` takes
+/// room in that function's own state as well as in its box (the compiler keeps the room of a
+/// value moved into `Box::pin` for as long as the caller lives); made here, only the box's
+/// pointer is kept.
+fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::pin(make())
+}
+
 /// Boxed where it is awaited in the long-lived loop, so that its state does not take room in
 /// every connection's future.
 async fn close_with(socket: &mut WebSocket, code: u16, message: &str) {
-    Box::pin(close_now(socket, code, message)).await
+    boxed(|| close_now(socket, code, message)).await
 }
 
 async fn close_now(socket: &mut WebSocket, code: u16, message: &str) {
@@ -182,18 +190,44 @@ async fn close_now(socket: &mut WebSocket, code: u16, message: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
 }
 
-/// Serves one upgraded websocket until it closes. The handshake runs in a box of its own
-/// that is freed before the connection settles in: an idle connection keeps only what it
-/// needs (the future of `run`, small by design, is what every connection holds).
-pub(crate) async fn serve(
+/// Serves one upgraded websocket until it closes. Its opening (the handshake, the hub's
+/// registration, the first message) runs in a box that is freed before the connection
+/// settles in; what stays for the connection's life is the box of `live` and this future's
+/// two pointers. (Awaited inline, each step would keep the room of its largest state in
+/// every connection for as long as the connection lives.)
+pub(crate) fn serve(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    client_ip: std::net::IpAddr,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let opening = Box::pin(opening(socket, state, client_ip));
+    async move {
+        if let Some(live) = opening.await {
+            live.await;
+        }
+    }
+}
+
+/// The connection's life after its opening.
+type Live = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Admits the client, registers it with the hub and sends its first message; says `None`
+/// (the socket closed, with a reason where there is one) when any of that fails.
+async fn opening(
     mut socket: WebSocket,
     state: Arc<AppState>,
     client_ip: std::net::IpAddr,
-) {
-    let Some(admitted) = Box::pin(handshake(&mut socket, &state)).await else {
-        return;
-    };
-    Box::pin(run(socket, state, admitted, client_ip)).await;
+) -> Option<Live> {
+    let admitted = boxed(|| handshake(&mut socket, &state)).await?;
+    let (session, rx) = boxed(|| open(&mut socket, &state, admitted, client_ip)).await?;
+    let info = session.connection_info(&state).to_string();
+    tracing::info!(client = %session.key, user = %session.user.id, reconnecting = session.reconnecting, "connection opened");
+    if socket.send(Message::Text(info.into())).await.is_err() {
+        tracing::info!(client = %session.key, reason = "write failed", "connection closed");
+        boxed(|| session.close(&state)).await;
+        return None;
+    }
+    Some(Box::pin(live(socket, state, session, rx)))
 }
 
 /// Reads the first message and admits the client, or closes the socket and says `None`.
@@ -255,29 +289,34 @@ async fn handshake(socket: &mut WebSocket, state: &Arc<AppState>) -> Option<Admi
     Some(admitted)
 }
 
-async fn run(
-    mut socket: WebSocket,
-    state: Arc<AppState>,
+/// Registers the admitted client with the hub; closes the socket and says `None` when its
+/// address is taken.
+async fn open(
+    socket: &mut WebSocket,
+    state: &Arc<AppState>,
     admitted: Admitted,
     client_ip: std::net::IpAddr,
-) {
-    let (session, mut rx) = match Box::pin(Session::open(&state, admitted, client_ip)).await {
-        Ok(opened) => opened,
+) -> Option<(Session, mpsc::Receiver<Queued>)> {
+    match Session::open(state, admitted, client_ip).await {
+        Ok(opened) => Some(opened),
         Err(taken) => {
-            close_with(&mut socket, CLOSE_POLICY, &taken.to_string()).await;
-            return;
+            close_with(socket, CLOSE_POLICY, &taken.to_string()).await;
+            None
         }
-    };
-    let info = session.connection_info(&state).to_string();
-    tracing::info!(client = %session.key, user = %session.user.id, reconnecting = session.reconnecting, "connection opened");
-    let reason = if socket.send(Message::Text(info.into())).await.is_err() {
-        "write failed"
-    } else {
-        Box::pin(session.started(&state)).await;
-        serve_frames(&mut socket, &state, &session, &mut rx).await
-    };
+    }
+}
+
+/// The connection's life: frames both ways until one side ends it.
+async fn live(
+    mut socket: WebSocket,
+    state: Arc<AppState>,
+    session: Session,
+    mut rx: mpsc::Receiver<Queued>,
+) {
+    boxed(|| session.started(&state)).await;
+    let reason = serve_frames(&mut socket, &state, &session, &mut rx).await;
     tracing::info!(client = %session.key, reason, "connection closed");
-    Box::pin(session.close(&state)).await;
+    boxed(|| session.close(&state)).await;
 }
 
 async fn serve_frames(
@@ -343,7 +382,7 @@ async fn serve_frames(
                         }
                         // Boxed: routing reaches every service's handler, whose state would
                         // otherwise be part of every idle connection's future.
-                        if let Err(e) = Box::pin(session.route(state, data)).await {
+                        if let Err(e) = boxed(|| session.route(state, data)).await {
                             errors += 1;
                             let _ = socket.send(Message::Text(error_text(&e.to_string()).into())).await;
                             if errors >= MAX_PROTOCOL_ERRORS {
