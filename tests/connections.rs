@@ -143,3 +143,73 @@ async fn routed_frames_carry_the_server_identity_and_untouched_body() {
         "the body must be forwarded byte for byte"
     );
 }
+
+#[tokio::test]
+async fn large_and_small_frames_arrive_whole_and_in_order() {
+    let app = spawn_app(|_| {}).await;
+    let (mut a, _) = connect(&app, "a").await;
+    let (mut b, b_info) = connect(&app, "b").await;
+    let target = format!("{}/b", b_info["workspace"].as_str().unwrap());
+    // Larger than any one read, an odd length, and no two neighbouring bytes alike: a frame
+    // cut or joined wrongly by the read-ahead would not decode to the same bytes.
+    let large: Vec<u8> = (0..1_048_583u32).map(|i| (i % 253) as u8).collect();
+    let sizes = [large.len(), 3, 70_000, 1];
+    for size in sizes {
+        let data = frame(
+            &map(&[("type", "event".into()), ("to", target.as_str().into())]),
+            Some(&map(&[("data", Value::Binary(large[..size].to_vec()))])),
+        );
+        a.send(Message::Binary(data.into())).await.unwrap();
+    }
+    for size in sizes {
+        let (_, body) = next_frame(&mut b, Duration::from_secs(10))
+            .await
+            .expect("the frame");
+        let got = field(&body, "data")
+            .and_then(|d| d.as_slice())
+            .expect("data");
+        assert_eq!(got.len(), size);
+        assert_eq!(got, &large[..size]);
+    }
+}
+
+#[tokio::test]
+async fn requests_that_cannot_become_websockets_are_told_why() {
+    let app = spawn_app(|_| {}).await;
+    let (status, _, body) = http(&app, "GET", "/ws", &[], b"").await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("Connection header must include 'upgrade'"),
+        "{body}"
+    );
+    let upgrade = [("Connection", "Upgrade"), ("Upgrade", "websocket")];
+    let (status, headers, body) = http(
+        &app,
+        "GET",
+        "/ws",
+        &[
+            upgrade[0],
+            upgrade[1],
+            ("Sec-WebSocket-Version", "8"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 426);
+    assert_eq!(header(&headers, "sec-websocket-version"), Some("13"));
+    assert!(body.contains("version 13"), "{body}");
+    let (status, _, body) = http(
+        &app,
+        "GET",
+        "/ws",
+        &[upgrade[0], upgrade[1], ("Sec-WebSocket-Version", "13")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("Sec-WebSocket-Key"), "{body}");
+    // The server is unharmed: a real client still connects.
+    let (_client, info) = connect(&app, "after").await;
+    assert_eq!(info["type"], "connection_info");
+}

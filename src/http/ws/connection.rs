@@ -4,11 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use super::WebSocket;
 use crate::AppState;
 use crate::http::handshake::{Admitted, Hello, admit};
 use crate::http::session::{RateLimit, Session, account_usable};
@@ -182,7 +185,7 @@ async fn close_now(socket: &mut WebSocket, code: u16, message: &str) {
             .await?;
         socket
             .send(Message::Close(Some(CloseFrame {
-                code,
+                code: code.into(),
                 reason: reason.into(),
             })))
             .await
@@ -196,11 +199,12 @@ async fn close_now(socket: &mut WebSocket, code: u16, message: &str) {
 /// two pointers. (Awaited inline, each step would keep the room of its largest state in
 /// every connection for as long as the connection lives.)
 pub(crate) fn serve(
-    socket: WebSocket,
+    upgrade: hyper::upgrade::OnUpgrade,
+    config: WebSocketConfig,
     state: Arc<AppState>,
     client_ip: std::net::IpAddr,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let opening = Box::pin(opening(socket, state, client_ip));
+    let opening = Box::pin(opening(upgrade, config, state, client_ip));
     async move {
         if let Some(live) = opening.await {
             live.await;
@@ -211,13 +215,16 @@ pub(crate) fn serve(
 /// The connection's life after its opening.
 type Live = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Admits the client, registers it with the hub and sends its first message; says `None`
-/// (the socket closed, with a reason where there is one) when any of that fails.
+/// Completes the upgrade, admits the client, registers it with the hub and sends its first
+/// message; says `None` (the socket closed, with a reason where there is one) when any of
+/// that fails.
 async fn opening(
-    mut socket: WebSocket,
+    upgrade: hyper::upgrade::OnUpgrade,
+    config: WebSocketConfig,
     state: Arc<AppState>,
     client_ip: std::net::IpAddr,
 ) -> Option<Live> {
+    let mut socket = boxed(|| super::accept(upgrade, config)).await?;
     let admitted = boxed(|| handshake(&mut socket, &state)).await?;
     let (session, rx) = boxed(|| open(&mut socket, &state, admitted, client_ip)).await?;
     let info = session.connection_info(&state).to_string();
@@ -233,7 +240,7 @@ async fn opening(
 /// Reads the first message and admits the client, or closes the socket and says `None`.
 async fn handshake(socket: &mut WebSocket, state: &Arc<AppState>) -> Option<Admitted> {
     let settings = &state.settings.connections;
-    let first = match tokio::time::timeout(settings.handshake_timeout, socket.recv()).await {
+    let first = match tokio::time::timeout(settings.handshake_timeout, socket.next()).await {
         Ok(Some(Ok(message))) => message,
         Ok(_) => return None,
         Err(_) => {
@@ -359,7 +366,7 @@ async fn serve_frames(
                     _ = kill.cancelled() => return "stopped reading its messages",
                 }
             }
-            incoming = socket.recv() => {
+            incoming = socket.next() => {
                 let message = match incoming {
                     Some(Ok(message)) => message,
                     Some(Err(_)) => return "read failed",
@@ -402,7 +409,7 @@ async fn serve_frames(
                         }
                     }
                     Message::Close(_) => return "closed by the client",
-                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 }
             }
             _ = ticker.tick() => {
@@ -434,7 +441,7 @@ async fn write(
     socket: &mut WebSocket,
     first: Queued,
     rx: &mut mpsc::Receiver<Queued>,
-) -> Result<(), axum::Error> {
+) -> Result<(), WsError> {
     fn to_message(out: Outbound) -> Message {
         match out {
             Outbound::Binary(data) => Message::Binary(data),
