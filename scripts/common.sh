@@ -4,6 +4,8 @@
 CACHE="${HYPHA_RTC_CACHE:-$HOME/.cache/hypha-rtc}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 mkdir -p "$CACHE"
+# A script that stops on an error (set -e) says where, instead of ending without a word.
+trap 'rc=$?; [[ $- == *e* ]] && echo "$0: stopped at line $LINENO ($BASH_COMMAND): exit $rc" >&2' ERR
 
 # apt_install PACKAGE... installs Debian packages when running as root,
 # and otherwise stops with a message naming what is missing.

@@ -11,17 +11,25 @@ use hypha_rtc::config::{LogFormat, Settings, SettingsError};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `arena_reserve` option (its index in mimalloc 3's `mi_option_t`).
+/// mimalloc's `arena_eager_commit` option (its index in mimalloc 3's `mi_option_t`).
+#[cfg(target_os = "linux")]
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+/// mimalloc's `arena_reserve` option (its index in mimalloc 3's `mi_option_t`), in KiB.
 #[cfg(target_os = "linux")]
 const MI_OPTION_ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
+/// Address space reserved per arena: mimalloc's smallest (its default is 1 GiB).
+#[cfg(target_os = "linux")]
+const ARENA_RESERVE_KIB: std::ffi::c_long = 32 * 1024;
 /// mimalloc's `page_full_retain` option (its index in mimalloc 3's `mi_option_t`).
 #[cfg(target_os = "linux")]
 const MI_OPTION_PAGE_FULL_RETAIN: libmimalloc_sys::mi_option_t = 36;
 
-/// Runs before `main` and before the first allocation: no 1 GiB arena reserved up front, so
-/// memory is taken from the system as it is used (an idle server stays under 20 MiB), and no
-/// emptied pages kept in reserve per size class (after 10,000 connections leave, 2 MiB more
-/// stays resident with mimalloc's default of two).
+/// Runs before `main` and before the first allocation: arenas of 32 MiB of address space,
+/// committed as they are used (an idle server stays under 20 MiB), and no emptied pages kept
+/// in reserve per size class (after 10,000 connections leave, 2 MiB more stays resident with
+/// mimalloc's default of two). Without any arena every page of the heap was a `mmap` of its
+/// own, given back with `munmap` when it emptied: 8 % of the server's CPU under HTTP load went
+/// to mapping, faulting in and unmapping the same pages again.
 #[cfg(target_os = "linux")]
 #[used]
 #[unsafe(link_section = ".init_array")]
@@ -29,7 +37,8 @@ static SMALL_ARENAS: extern "C" fn() = {
     extern "C" fn small_arenas() {
         // SAFETY: sets plain option values; mimalloc reads options when it needs them.
         unsafe {
-            libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 0);
+            libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+            libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, ARENA_RESERVE_KIB);
             libmimalloc_sys::mi_option_set(MI_OPTION_PAGE_FULL_RETAIN, 0);
         }
     }
@@ -37,6 +46,8 @@ static SMALL_ARENAS: extern "C" fn() = {
 };
 
 fn main() -> ExitCode {
+    // SAFETY: collects the calling thread's mimalloc heap; no pointers are involved.
+    hypha_rtc::memory::set_hand_back(|| unsafe { libmimalloc_sys::mi_collect(true) });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(reclaim::on_park)

@@ -12,6 +12,7 @@ use std::path::Path;
 const FORBIDDEN: &[(&str, &str)] = &[
     ("ids", "*"),
     ("options", "*"),
+    ("memory", "*"),
     ("store", "auth rpc hub http services workspace cluster lib"),
     ("auth", "rpc hub http services workspace cluster lib"),
     ("rpc", "hub http services workspace cluster error lib"),

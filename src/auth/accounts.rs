@@ -139,19 +139,24 @@ async fn hash_off_the_workers(password: &str) -> Result<String, NewAccountError>
 /// Hashes a password with argon2 and a random salt.
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
+    let hashed = Argon2::default()
         .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
+        .map(|h| h.to_string());
+    // argon2's 19 MiB of working memory has just been freed.
+    crate::memory::hand_back();
+    hashed
 }
 
 fn verify_password(hash: &str, password: &str) -> bool {
-    PasswordHash::new(hash)
+    let matches = PasswordHash::new(hash)
         .map(|parsed| {
             Argon2::default()
                 .verify_password(password.as_bytes(), &parsed)
                 .is_ok()
         })
-        .unwrap_or(false)
+        .unwrap_or(false);
+    crate::memory::hand_back();
+    matches
 }
 
 /// Why a sign-in was refused; the text is what the user sees.
@@ -409,6 +414,22 @@ struct Disabled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_argon2_hash_hands_its_working_memory_back() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        crate::memory::set_hand_back(|| {
+            CALLS.fetch_add(1, Ordering::Relaxed);
+        });
+        let before = CALLS.load(Ordering::Relaxed);
+        let hash = hash_password("a password").expect("hashes");
+        assert!(hash.starts_with("$argon2"));
+        assert!(
+            CALLS.load(Ordering::Relaxed) > before,
+            "the hook was not called"
+        );
+    }
 
     #[test]
     fn hashes_are_salted_and_verify() {
