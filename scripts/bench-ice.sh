@@ -52,7 +52,13 @@ print(f"{header}.{payload}.{b64(sig)}")
 PY
 )
 URL="http://127.0.0.1:$PORT/public/services/coturn/get_rtc_ice_servers"
-BODY=$(curl -sf -H "Authorization: Bearer $TOKEN" "$URL")   # also warms the probe cache
+# Also warms the probe cache; coturn may still be starting, so ask until it answers.
+BODY=
+for _ in $(seq 1 100); do
+    BODY=$(curl -sf -H "Authorization: Bearer $TOKEN" "$URL") && break
+    sleep 0.1
+done
+[ -n "$BODY" ] || { echo "get_rtc_ice_servers did not answer: $(curl -s -H "Authorization: Bearer $TOKEN" "$URL")" >&2; exit 1; }
 
 # nginx answering the same body, as a baseline for what this machine's HTTP stack can do.
 mkdir -p "$DATA/nginx"
