@@ -45,9 +45,14 @@ static SMALL_ARENAS: extern "C" fn() = {
     small_arenas
 };
 
+/// Collects the calling thread's mimalloc heap, handing what it freed back to the system.
+fn collect() {
+    // SAFETY: takes no pointers; mimalloc collects only the calling thread's own heap.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 fn main() -> ExitCode {
-    // SAFETY: collects the calling thread's mimalloc heap; no pointers are involved.
-    hypha_rtc::memory::set_hand_back(|| unsafe { libmimalloc_sys::mi_collect(true) });
+    hypha_rtc::memory::set_hand_back(collect);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(reclaim::on_park)
@@ -188,8 +193,7 @@ mod reclaim {
             index
         });
         if COLLECTED[slot].swap(round, Ordering::Relaxed) != round {
-            // SAFETY: collects the calling thread's mimalloc heap; no pointers are involved.
-            unsafe { libmimalloc_sys::mi_collect(true) }
+            super::collect();
         }
     }
 
