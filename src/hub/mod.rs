@@ -465,6 +465,26 @@ impl Hub {
             .map_err(|e| SendError::Bus(target.to_string(), e))
     }
 
+    /// Hands a binary frame to the queue of a client connected here only where that needs no
+    /// waiting; `false` where it does not (not here, leaving, queue or byte budget full): the
+    /// caller then uses [`Hub::send_local`], which waits and says why.
+    pub(crate) fn try_send_local(&self, addr: &str, data: &Bytes) -> bool {
+        let Some(handle) = self.clients.get(addr) else {
+            return false;
+        };
+        if handle.kill.is_cancelled() {
+            return false;
+        }
+        let share = handle.room.share(data.len());
+        let Ok(permit) = handle.room.kib.clone().try_acquire_many_owned(share) else {
+            return false;
+        };
+        handle
+            .tx
+            .try_send(Queued::metered(Outbound::Binary(data.clone()), permit))
+            .is_ok()
+    }
+
     /// Hands a message to the queue of a client connected here. A full queue blocks the sender
     /// (back-pressure) for at most the slow-consumer time-out; then the client that stopped
     /// reading is disconnected.

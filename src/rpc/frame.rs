@@ -22,52 +22,124 @@ pub enum FrameError {
     MissingField(&'static str),
 }
 
-/// A frame whose header has been read; the body stays as received.
+/// A frame whose header has been indexed; the body stays as received.
+///
+/// The header is not decoded: its top-level entries are located once, and fields are read
+/// from the received bytes as they are asked for, so routing a frame allocates only the
+/// index (a header carries the sender's whole `user` map, which routing never reads).
 #[derive(Debug, Clone)]
 pub struct Frame {
-    pub header: Vec<(Value, Value)>,
+    /// The encoded header, as received.
+    head: Bytes,
+    /// Where each top-level entry's key and value lie in `head`.
+    entries: Vec<Entry>,
     pub body: Bytes,
+}
+
+/// One header entry: its key at `key..value`, its value at `value..end` (offsets in the
+/// header, which is at most 256 KiB after the scan's limits).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    key: u32,
+    value: u32,
+    end: u32,
+}
+
+/// The string an encoded value holds, if it is a string of valid UTF-8.
+fn text(encoded: &[u8]) -> Option<&str> {
+    rmp::decode::read_str_from_slice(encoded)
+        .ok()
+        .map(|(s, _)| s)
 }
 
 impl Frame {
     /// Reads the header of a frame and keeps the rest as the body.
     pub fn parse(data: Bytes) -> Result<Self, FrameError> {
-        let (header, consumed) = super::scan::decode(&data, HEADER_LIMITS)
+        let scanned = super::scan::object(&data, HEADER_LIMITS)
             .map_err(|e| FrameError::Msgpack(format!("its header {e}")))?;
-        let Value::Map(header) = header else {
-            return Err(FrameError::HeaderNotMap);
+        let head = &data[..scanned.len];
+        let (count, mut at) = match head[0] {
+            m @ 0x80..=0x8f => (usize::from(m & 0x0f), 1),
+            0xde => (usize::from(u16::from_be_bytes([head[1], head[2]])), 3),
+            0xdf => (
+                u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize,
+                5,
+            ),
+            _ => return Err(FrameError::HeaderNotMap),
         };
+        // The scan proved the header complete and its elements within bounds, so each key
+        // and value below is whole and `count` is bounded by the element limit.
+        let mut entries = Vec::with_capacity(count);
+        let next = |from: usize| {
+            super::scan::object(&head[from..], super::scan::Limits::WALK)
+                .map(|s| from + s.len)
+                .map_err(|e| FrameError::Msgpack(format!("its header {e}")))
+        };
+        for _ in 0..count {
+            let value = next(at)?;
+            let end = next(value)?;
+            entries.push(Entry {
+                key: at as u32,
+                value: value as u32,
+                end: end as u32,
+            });
+            at = end;
+        }
         Ok(Self {
-            header,
-            body: data.slice(consumed..),
+            head: data.slice(..scanned.len),
+            body: data.slice(scanned.len..),
+            entries,
         })
+    }
+
+    fn key_of(&self, entry: &Entry) -> Option<&str> {
+        text(&self.head[entry.key as usize..entry.value as usize])
     }
 
     /// A string field of the header.
     pub fn field(&self, key: &str) -> Option<&str> {
-        self.header
+        self.entries
             .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .and_then(|(_, v)| v.as_str())
+            .find(|e| self.key_of(e) == Some(key))
+            .and_then(|e| text(&self.head[e.value as usize..e.end as usize]))
+    }
+
+    /// The header's top-level string keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().filter_map(|e| self.key_of(e))
+    }
+
+    /// The header decoded, for inspection (routing reads [`Frame::field`]).
+    pub fn header(&self) -> Value {
+        let mut reader = self.head.as_ref();
+        // The scan in `parse` proved the header whole and within the depth limit.
+        rmpv::decode::read_value_with_max_depth(&mut reader, HEADER_LIMITS.max_depth + 1)
+            .unwrap_or(Value::Nil)
     }
 
     /// Re-encodes the frame with `to`, `from`, `ws` set by the server and `user` as pre-encoded
     /// msgpack; whatever the client wrote in those fields, and any `ctx` (which the Python
-    /// client would trust as the caller's context), is dropped.
+    /// client would trust as the caller's context), is dropped. Other entries are copied as
+    /// received.
     pub fn rewrite(&self, to: &str, from: &str, ws: &str, user_msgpack: &[u8]) -> Bytes {
         const TRUSTED: [&str; 5] = ["to", "from", "ws", "user", "ctx"];
-        let kept: Vec<&(Value, Value)> = self
-            .header
-            .iter()
-            .filter(|(k, _)| !k.as_str().is_some_and(|k| TRUSTED.contains(&k)))
-            .collect();
-        let mut out = BytesMut::with_capacity(128 + user_msgpack.len() + self.body.len()).writer();
+        let kept = || {
+            self.entries
+                .iter()
+                .filter(|e| !self.key_of(e).is_some_and(|k| TRUSTED.contains(&k)))
+        };
+        let kept_len: usize = kept().map(|e| (e.end - e.key) as usize).sum();
+        let mut out = BytesMut::with_capacity(
+            64 + kept_len + to.len() + from.len() + ws.len() + user_msgpack.len() + self.body.len(),
+        )
+        .writer();
         // Writes into a BytesMut cannot fail.
-        let _ = rmp::encode::write_map_len(&mut out, (kept.len() + 4) as u32);
-        for (k, v) in kept {
-            let _ = rmpv::encode::write_value(&mut out, k);
-            let _ = rmpv::encode::write_value(&mut out, v);
+        let _ = rmp::encode::write_map_len(&mut out, (kept().count() + 4) as u32);
+        let mut out = out.into_inner();
+        for entry in kept() {
+            out.put_slice(&self.head[entry.key as usize..entry.end as usize]);
         }
+        let mut out = out.writer();
         for (key, value) in [("to", to), ("from", from), ("ws", ws)] {
             let _ = rmp::encode::write_str(&mut out, key);
             let _ = rmp::encode::write_str(&mut out, value);
@@ -111,13 +183,16 @@ mod tests {
         let user = crate::rpc::value::encode(&obj([("id", "alice".into())]));
         let out = frame.rewrite("ws/b", "ws/a", "ws", &user);
         let again = Frame::parse(out).unwrap();
-        let header = Value::Map(again.header.clone());
+        let header = again.header();
         assert_eq!(get_str(&header, "from"), Some("ws/a"));
         assert_eq!(get_str(&header, "type"), Some("method"));
         let user = crate::rpc::value::get(&header, "user").unwrap();
         assert_eq!(get_str(user, "id"), Some("alice"));
         assert_eq!(again.body.as_ref(), body.as_slice());
-        assert_eq!(again.header.len(), 5);
+        assert_eq!(
+            again.keys().collect::<Vec<_>>(),
+            ["type", "to", "from", "ws", "user"]
+        );
     }
 
     #[test]

@@ -391,18 +391,115 @@ impl Scanner {
     }
 }
 
-/// Scans the first object of `data`: its length and what decoding it would cost.
-pub fn object(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
-    let mut scanner = Scanner::new(limits, None);
-    let len = scanner.run(data, 1)?;
-    if scanner.objects() < 1 {
-        return Err(ScanError::Truncated);
+/// Containers still open during a walk, with the items each still expects: the first levels
+/// on the stack, deeper ones (rare) on the heap.
+struct Open {
+    inline: [u64; Open::INLINE],
+    len: usize,
+    spill: Vec<u64>,
+}
+
+impl Open {
+    const INLINE: usize = 24;
+
+    fn new() -> Self {
+        Self {
+            inline: [0; Self::INLINE],
+            len: 0,
+            spill: Vec::new(),
+        }
     }
-    Ok(Scanned {
-        len,
-        elements: scanner.elements,
-        decoded: scanner.decoded,
-    })
+
+    fn push(&mut self, items: u64) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = items,
+            None => self.spill.push(items),
+        }
+        self.len += 1;
+    }
+
+    /// Counts one item against the innermost container; `true` when the walk is done.
+    fn complete(&mut self) -> bool {
+        while self.len > 0 {
+            let remaining = if self.len > Self::INLINE {
+                self.spill.last_mut()
+            } else {
+                self.inline.get_mut(self.len - 1)
+            };
+            let Some(remaining) = remaining else {
+                return true;
+            };
+            *remaining -= 1;
+            if *remaining > 0 {
+                return false;
+            }
+            if self.len > Self::INLINE {
+                self.spill.pop();
+            }
+            self.len -= 1;
+        }
+        true
+    }
+}
+
+/// Scans the first object of `data`: its length and what decoding it would cost. The same
+/// walk as a [`Scanner`] fed all of `data` at once, without its piece-by-piece state.
+pub fn object(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
+    let mut scanned = Scanned {
+        len: 0,
+        elements: 0,
+        decoded: 0,
+    };
+    let count = |scanned: &mut Scanned, extra: u64| {
+        scanned.elements += 1;
+        scanned.decoded = scanned
+            .decoded
+            .saturating_add(VALUE_SIZE)
+            .saturating_add(extra);
+        if scanned.elements > limits.max_elements {
+            return Err(ScanError::TooManyElements(limits.max_elements));
+        }
+        if scanned.decoded > limits.max_decoded {
+            return Err(ScanError::TooLarge(limits.max_decoded));
+        }
+        Ok(())
+    };
+    let mut open = Open::new();
+    let mut pos = 0usize;
+    // Every round consumes at least the marker byte, so this ends within `data.len()` rounds.
+    loop {
+        let marker = *data.get(pos).ok_or(ScanError::Truncated)?;
+        let head = data
+            .get(pos..pos + head_len(marker))
+            .ok_or(ScanError::Truncated)?;
+        pos += head.len();
+        match item(head)? {
+            Item::Scalar => count(&mut scanned, 0)?,
+            Item::Bytes { len, .. } => {
+                count(&mut scanned, len)?;
+                let rest = (data.len() - pos) as u64;
+                if len > rest {
+                    return Err(ScanError::Truncated);
+                }
+                pos += len as usize;
+            }
+            Item::Container { is_map, len } => {
+                count(&mut scanned, 0)?;
+                let items = if is_map { len.saturating_mul(2) } else { len };
+                if items > 0 {
+                    if open.len >= limits.max_depth {
+                        return Err(ScanError::TooDeep(limits.max_depth));
+                    }
+                    open.push(items);
+                    continue;
+                }
+            }
+        }
+        if open.complete() {
+            scanned.len = pos;
+            return Ok(scanned);
+        }
+    }
 }
 
 /// Decodes the first object of `data` after a scan shows it stays within `limits`; returns
@@ -490,12 +587,25 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     if body.is_empty() {
         return Ok(());
     }
-    let mut scanner = Scanner::new(Limits::WALK, Some(0));
-    scanner.run(body, 1)?;
-    if scanner.objects() < 1 {
-        return Err(BodyError::Msgpack(ScanError::Truncated));
+    object(body, Limits::WALK)?;
+    let (len, mut pos) = match body[0] {
+        m @ 0x80..=0x8f => (u64::from(m & 0x0f), 1),
+        0xde => (be(&body[1..3]), 3),
+        0xdf => (be(&body[1..5]), 5),
+        _ => return Err(BodyError::NotMap),
+    };
+    // The walk above proved the map whole, so every entry below is there.
+    for _ in 0..len {
+        let key = object(&body[pos..], Limits::WALK)?;
+        if let Ok((name, _)) = rmp::decode::read_str_from_slice(&body[pos..pos + key.len])
+            && SERVER_FIELDS.contains(&name)
+        {
+            return Err(BodyError::ServerField(name.to_string()));
+        }
+        pos += key.len;
+        pos += object(&body[pos..], Limits::WALK)?.len;
     }
-    verdict(&scanner)
+    Ok(())
 }
 
 /// The verdict on the watched object of a scanner that has read all of it.
@@ -516,7 +626,87 @@ pub(crate) fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use rmpv::Value;
+
+    /// The piece-by-piece scanner's answer for a whole slice, to hold [`object`] to it.
+    fn by_scanner(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
+        let mut scanner = Scanner::new(limits, None);
+        let len = scanner.run(data, 1)?;
+        if scanner.objects() < 1 {
+            return Err(ScanError::Truncated);
+        }
+        Ok(Scanned {
+            len,
+            elements: scanner.elements,
+            decoded: scanner.decoded,
+        })
+    }
+
+    /// The scanner's verdict on a body, to hold [`check_body`] to it.
+    fn body_by_scanner(body: &[u8]) -> Result<(), BodyError> {
+        if body.is_empty() {
+            return Ok(());
+        }
+        let mut scanner = Scanner::new(Limits::WALK, Some(0));
+        scanner.run(body, 1)?;
+        if scanner.objects() < 1 {
+            return Err(BodyError::Msgpack(ScanError::Truncated));
+        }
+        verdict(&scanner)
+    }
+
+    /// A map of `keys` (server fields among them) to values of random bytes.
+    fn body(keys: &[usize], values: &[u8]) -> Vec<u8> {
+        const NAMES: [&str; 7] = [
+            "args",
+            "from",
+            "to",
+            "user",
+            "ctx",
+            "a-key-longer-than-16",
+            "ws",
+        ];
+        let mut out = vec![0x80 | keys.len() as u8];
+        for (i, key) in keys.iter().enumerate() {
+            let name = NAMES[key % NAMES.len()];
+            out.push(0xa0 | name.len() as u8);
+            out.extend_from_slice(name.as_bytes());
+            out.push(values.get(i).copied().unwrap_or(0xc0));
+        }
+        out.extend_from_slice(values);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_whole_slice_walk_agrees_with_the_scanner(
+            nested in 0usize..60,
+            tail in proptest::collection::vec(any::<u8>(), 0..400),
+            max_depth in 0usize..40,
+            max_elements in 0u64..300,
+            max_decoded in 0u64..20_000,
+        ) {
+            let mut data = vec![0x92; nested];
+            data.extend_from_slice(&tail);
+            let limits = Limits { max_depth, max_elements, max_decoded };
+            prop_assert_eq!(object(&data, limits), by_scanner(&data, limits));
+            prop_assert_eq!(object(&data, Limits::WALK), by_scanner(&data, Limits::WALK));
+            prop_assert_eq!(object(&tail, Limits::WALK), by_scanner(&tail, Limits::WALK));
+        }
+
+        #[test]
+        fn the_body_check_agrees_with_the_scanner(
+            keys in proptest::collection::vec(0usize..7, 0..15),
+            values in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let data = body(&keys, &values);
+            prop_assert_eq!(check_body(&data), body_by_scanner(&data));
+            prop_assert_eq!(check_body(&values), body_by_scanner(&values));
+        }
+    }
 
     fn pack(value: &Value) -> Vec<u8> {
         let mut out = Vec::new();

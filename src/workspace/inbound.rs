@@ -1,9 +1,12 @@
 //! What arrives from the bus: frames for clients connected here, answers to this manager's
-//! calls, and other instances' announcements. Frames go through a few ordered lanes, so one
-//! client that stops reading holds up only its lane, and frames to one client stay in order.
+//! calls, and other instances' announcements. A frame goes straight into its client's queue
+//! when that takes no waiting; otherwise it goes through one of a few ordered lanes, so one
+//! client that stops reading holds up only its lane. Frames to one client stay in order: while
+//! a lane holds frames, every frame of that lane goes through it.
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -18,13 +21,31 @@ use crate::rpc::peer::{Decoded, Incoming};
 const LANES: usize = 8;
 const LANE_QUEUE: usize = 1024;
 
+/// A frame for a lane: its client, and whether the call it belongs to was already noted.
+type LaneItem = (String, Bytes, bool);
+
+/// An ordered way to clients that may make the sender wait.
+struct Lane {
+    tx: mpsc::Sender<LaneItem>,
+    /// Frames handed to the lane and not yet in their client's queue.
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Lane {
+    async fn send(&self, item: LaneItem) -> Result<(), mpsc::error::SendError<LaneItem>> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.tx.send(item).await
+    }
+}
+
 /// Handles the bus's deliveries until the bus stops.
 pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
-    let lanes: Vec<mpsc::Sender<(String, Bytes)>> = (0..LANES)
+    let lanes: Vec<Lane> = (0..LANES)
         .map(|_| {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
-            tokio::spawn(lane(state.clone(), rx));
-            tx
+            let waiting = Arc::new(AtomicUsize::new(0));
+            tokio::spawn(lane(state.clone(), rx, waiting.clone()));
+            Lane { tx, waiting }
         })
         .collect();
     let hasher = std::collections::hash_map::RandomState::new();
@@ -36,7 +57,20 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
                 state.hub.bus_received.inc();
                 if to == manager {
                     answer(&state, to, data);
-                } else if lanes[lane_of(&to)].send((to, data)).await.is_err() {
+                    continue;
+                }
+                let lane = &lanes[lane_of(&to)];
+                // Nothing of this lane waits before it: straight into the client's queue.
+                let item = if lane.waiting.load(Ordering::Acquire) == 0 {
+                    observe(&state, &to, &data);
+                    if state.hub.try_send_local(&to, &data) {
+                        continue;
+                    }
+                    (to, data, true)
+                } else {
+                    (to, data, false)
+                };
+                if lane.send(item).await.is_err() {
                     return;
                 }
             }
@@ -44,7 +78,7 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
                 for client in state.hub.clients_in(&workspace) {
                     let addr = format!("{workspace}/{client}");
                     if lanes[lane_of(&addr)]
-                        .send((addr, data.clone()))
+                        .send((addr, data.clone(), false))
                         .await
                         .is_err()
                     {
@@ -90,19 +124,27 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
     }
 }
 
-/// Delivers frames to the clients of one lane, in order.
-async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<(String, Bytes)>) {
-    while let Some((to, data)) = rx.recv().await {
-        if let Ok(frame) = Frame::parse(data.clone())
-            && let Some(from) = frame.field("from")
-        {
-            state.hub.inflight.observe(from, &to, &frame);
+/// Notes the call a frame for `to` opens, answers or keeps alive.
+fn observe(state: &AppState, to: &str, data: &Bytes) {
+    if let Ok(frame) = Frame::parse(data.clone())
+        && let Some(from) = frame.field("from")
+    {
+        state.hub.inflight.observe(from, to, &frame);
+    }
+}
+
+/// Delivers frames to the clients of one lane, in order, waiting for room where needed.
+async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<LaneItem>, waiting: Arc<AtomicUsize>) {
+    while let Some((to, data, observed)) = rx.recv().await {
+        if !observed {
+            observe(&state, &to, &data);
         }
         if let Err(Unsent::Elsewhere(Outbound::Binary(data))) =
             state.hub.send_local(&to, Outbound::Binary(data)).await
         {
             peer_left(&state, &to, data).await;
         }
+        waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
