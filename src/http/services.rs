@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -61,7 +61,7 @@ async fn manager_json(
     let ctx = context(state, &user, workspace, ip);
     let args = Args::from_kwargs(vec![(argument.into(), workspace.into())]);
     let result = Manager.call(state, &ctx, function, &args).await?;
-    Ok(axum::Json(value::to_json(&result)).into_response())
+    Ok(json(&result))
 }
 
 /// `GET /{workspace}/services/{service}`: the service's info, as `get_service_info` gives it
@@ -81,7 +81,7 @@ async fn service_info(
         .transpose()?;
     let query = format!("{workspace}/{service}");
     let entry = manager::resolve(&state, &ctx.ws, &user, &query, mode).await?;
-    Ok(axum::Json(value::to_json(&entry.info)).into_response())
+    Ok(json(&entry.info))
 }
 
 /// `GET /{workspace}/info`: `get_workspace_info` for the workspace.
@@ -150,22 +150,30 @@ async fn call_function(
     Path((workspace, service, function)): Path<(String, String, String)>,
     Query(params): Query<HashMap<String, String>>,
     super::ClientIp(ip): super::ClientIp,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Result<Response, Error> {
-    let user = super::caller(&state, &headers).await?;
+    let user = super::caller(&state, request.headers()).await?;
+    let accepts_msgpack = accepts_msgpack(request.headers());
+    let msgpack = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("msgpack"));
     let mut kwargs: Vec<(String, Value)> = params
         .iter()
         .filter(|(k, _)| k.as_str() != "_mode")
         .map(|(k, v)| (k.clone(), query_value(v)))
         .collect();
     let mut positional = Vec::new();
-    if method == Method::POST && !body.is_empty() {
-        let msgpack = headers
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("msgpack"));
+    // Only a POST carries arguments in its body; a GET's is not read.
+    let body = if request.method() == Method::POST {
+        Bytes::from_request(request, &state)
+            .await
+            .map_err(|e| body_error(&e))?
+    } else {
+        Bytes::new()
+    };
+    if !body.is_empty() {
         let decoded = if msgpack {
             let limits = crate::rpc::scan::Limits::decode(body.len(), 1_000_000, 8);
             crate::rpc::scan::decode(&body, limits)
@@ -214,7 +222,7 @@ async fn call_function(
                 .get(entry.id.name.as_str())
                 .ok_or_else(|| crate::services::not_found(entry.id.name.as_str(), &function))?;
             let result = hosted.call(&state, &ctx, &function, &args).await?;
-            return Ok(respond(&headers, &result));
+            return Ok(respond(accepts_msgpack, &result));
         }
         let mut call_args = args.positional;
         let with_kwargs = !args.kwargs.is_empty();
@@ -241,15 +249,37 @@ async fn call_function(
             .call(&target, &method_path, call_args, &options)
             .await?
     };
-    Ok(respond(&headers, &result))
+    Ok(respond(accepts_msgpack, &result))
+}
+
+/// Whether the client asks for msgpack answers.
+fn accepts_msgpack(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/msgpack"))
+}
+
+/// A body that could not be read, as the error the caller sees (its status and words kept).
+fn body_error(rejection: &axum::extract::rejection::BytesRejection) -> Error {
+    let text = rejection.body_text();
+    match rejection.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(text),
+        _ => Error::BadRequest(text),
+    }
+}
+
+/// A result as a JSON answer, written straight from the msgpack value.
+fn json(result: &Value) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        value::json_bytes(result),
+    )
+        .into_response()
 }
 
 /// JSON, or msgpack when the client asks for it.
-fn respond(headers: &HeaderMap, result: &Value) -> Response {
-    let accepts_msgpack = headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/msgpack"));
+fn respond(accepts_msgpack: bool, result: &Value) -> Response {
     if accepts_msgpack {
         let bytes = value::encode(result);
         return (
@@ -258,5 +288,5 @@ fn respond(headers: &HeaderMap, result: &Value) -> Response {
         )
             .into_response();
     }
-    axum::Json(value::to_json(result)).into_response()
+    json(result)
 }

@@ -115,6 +115,72 @@ pub(crate) fn to_json(value: &Value) -> serde_json::Value {
     }
 }
 
+/// A msgpack value written as the JSON [`to_json`] makes of it, without building that tree
+/// first: keys in order and each once (the last wins), binary as base64, what JSON cannot hold
+/// as `null`.
+pub(crate) struct AsJson<'a>(pub &'a Value);
+
+impl serde::Serialize for AsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        use serde::ser::{SerializeMap, SerializeSeq};
+        let float = |f: f64, out: S| match f.is_finite() {
+            true => out.serialize_f64(f),
+            false => out.serialize_unit(),
+        };
+        match self.0 {
+            Value::Nil | Value::Ext(_, _) => out.serialize_unit(),
+            Value::Boolean(b) => out.serialize_bool(*b),
+            Value::Integer(i) => match (i.as_i64(), i.as_u64()) {
+                (Some(i), _) => out.serialize_i64(i),
+                (None, Some(u)) => out.serialize_u64(u),
+                (None, None) => out.serialize_unit(),
+            },
+            Value::F32(f) => float(f64::from(*f), out),
+            Value::F64(f) => float(*f, out),
+            Value::String(s) => match s.as_str() {
+                Some(text) => out.serialize_str(text),
+                None => out.serialize_str(&String::from_utf8_lossy(s.as_bytes())),
+            },
+            Value::Binary(b) => {
+                out.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+            }
+            Value::Array(items) => {
+                let mut seq = out.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&AsJson(item))?;
+                }
+                seq.end()
+            }
+            Value::Map(entries) => {
+                let mut keyed: Vec<(std::borrow::Cow<'_, str>, &Value)> = entries
+                    .iter()
+                    .map(|(k, v)| match k.as_str() {
+                        Some(key) => (std::borrow::Cow::Borrowed(key), v),
+                        None => (std::borrow::Cow::Owned(k.to_string()), v),
+                    })
+                    .collect();
+                // Stable: of equal keys the last stays last, and is the one written.
+                keyed.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut map = out.serialize_map(None)?;
+                for (i, (key, value)) in keyed.iter().enumerate() {
+                    if keyed.get(i + 1).is_some_and(|next| next.0 == *key) {
+                        continue;
+                    }
+                    map.serialize_entry(key.as_ref(), &AsJson(value))?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+/// A value as JSON text (what `serde_json::to_vec(&to_json(value))` gives).
+pub(crate) fn json_bytes(value: &Value) -> Vec<u8> {
+    // Writing into a Vec cannot fail, and every key is a string.
+    serde_json::to_vec(&AsJson(value)).unwrap_or_else(|_| b"null".to_vec())
+}
+
 /// A map key for a message: quoted, shortened, control characters escaped.
 pub(crate) fn describe_key(key: &Value) -> String {
     match key.as_str() {
@@ -203,6 +269,45 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::F64),
+            any::<f32>().prop_map(Value::F32),
+            "[a-c]{0,3}".prop_map(|s: String| Value::from(s.as_str())),
+            proptest::collection::vec(any::<u8>(), 0..6).prop_map(|b| {
+                // A msgpack string of any bytes, valid UTF-8 or not.
+                let mut data = vec![0xa0 | b.len() as u8];
+                data.extend_from_slice(&b);
+                rmpv::decode::read_value(&mut data.as_slice()).unwrap()
+            }),
+            proptest::collection::vec(any::<u8>(), 0..20).prop_map(Value::Binary),
+            (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..4))
+                .prop_map(|(t, d)| Value::Ext(t, d)),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                // Keys of any kind, often the same twice.
+                proptest::collection::vec((inner.clone(), inner), 0..8).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn json_written_directly_is_the_json_of_the_tree(value in any_value()) {
+            let tree = serde_json::to_vec(&to_json(&value)).unwrap();
+            prop_assert_eq!(String::from_utf8(json_bytes(&value)).unwrap(), String::from_utf8(tree).unwrap());
+        }
+    }
 
     #[test]
     fn kwargs_both_forms() {
