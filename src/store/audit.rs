@@ -204,15 +204,64 @@ async fn write_batch(
     statement: &'static str,
     batch: &[IceIssuance],
 ) -> Result<(), sqlx::Error> {
-    let rows: Vec<serde_json::Value> = batch
-        .iter()
-        .map(|row| {
-            serde_json::json!({"u": row.user_id, "i": row.issued_at, "t": row.ttl, "e": row.expires_at})
-        })
-        .collect();
+    let rows = rows_json(batch).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(statement)
-        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(rows)
         .execute(pool)
         .await
         .map(|_| ())
+}
+
+/// One row as the statement reads it.
+#[derive(serde::Serialize)]
+struct Row<'a> {
+    u: &'a str,
+    i: i64,
+    t: i64,
+    e: i64,
+}
+
+/// A batch as the JSON array the statement reads, written straight from the rows.
+fn rows_json(batch: &[IceIssuance]) -> Result<String, serde_json::Error> {
+    let rows: Vec<Row<'_>> = batch
+        .iter()
+        .map(|row| Row {
+            u: &row.user_id,
+            i: row.issued_at,
+            t: row.ttl,
+            e: row.expires_at,
+        })
+        .collect();
+    serde_json::to_string(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_the_json_array_the_statement_reads() {
+        let batch = [
+            IceIssuance {
+                user_id: "alice".into(),
+                issued_at: 1_800_000_000,
+                ttl: 3600,
+                expires_at: 1_800_003_600,
+            },
+            IceIssuance {
+                user_id: "a \"quoted\" \\ ü\n".into(),
+                issued_at: -1,
+                ttl: 0,
+                expires_at: i64::MAX,
+            },
+        ];
+        let text = rows_json(&batch).unwrap();
+        let read: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let expected: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|r| serde_json::json!({"u": r.user_id, "i": r.issued_at, "t": r.ttl, "e": r.expires_at}))
+            .collect();
+        assert_eq!(read, serde_json::Value::Array(expected));
+        assert_eq!(rows_json(&[]).unwrap(), "[]");
+    }
 }
