@@ -4,6 +4,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use rmpv::Value;
 
+use super::scan::{MapEntry, map_entries, text};
+
 /// What a header may cost to decode; real headers are a handful of short fields (and `user`).
 const HEADER_LIMITS: super::scan::Limits = super::scan::Limits {
     max_depth: 16,
@@ -32,24 +34,8 @@ pub struct Frame {
     /// The encoded header, as received.
     head: Bytes,
     /// Where each top-level entry's key and value lie in `head`.
-    entries: Vec<Entry>,
+    entries: Vec<MapEntry>,
     pub body: Bytes,
-}
-
-/// One header entry: its key at `key..value`, its value at `value..end` (offsets in the
-/// header, which is at most 256 KiB after the scan's limits).
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    key: u32,
-    value: u32,
-    end: u32,
-}
-
-/// The string an encoded value holds, if it is a string of valid UTF-8.
-fn text(encoded: &[u8]) -> Option<&str> {
-    rmp::decode::read_str_from_slice(encoded)
-        .ok()
-        .map(|(s, _)| s)
 }
 
 impl Frame {
@@ -57,34 +43,11 @@ impl Frame {
     pub fn parse(data: Bytes) -> Result<Self, FrameError> {
         let scanned = super::scan::object(&data, HEADER_LIMITS)
             .map_err(|e| FrameError::Msgpack(format!("its header {e}")))?;
-        let head = &data[..scanned.len];
-        let (count, mut at) = match head[0] {
-            m @ 0x80..=0x8f => (usize::from(m & 0x0f), 1),
-            0xde => (usize::from(u16::from_be_bytes([head[1], head[2]])), 3),
-            0xdf => (
-                u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize,
-                5,
-            ),
-            _ => return Err(FrameError::HeaderNotMap),
-        };
-        // The scan proved the header complete and its elements within bounds, so each key
-        // and value below is whole and `count` is bounded by the element limit.
-        let mut entries = Vec::with_capacity(count);
-        let next = |from: usize| {
-            super::scan::object(&head[from..], super::scan::Limits::WALK)
-                .map(|s| from + s.len)
-                .map_err(|e| FrameError::Msgpack(format!("its header {e}")))
-        };
-        for _ in 0..count {
-            let value = next(at)?;
-            let end = next(value)?;
-            entries.push(Entry {
-                key: at as u32,
-                value: value as u32,
-                end: end as u32,
-            });
-            at = end;
-        }
+        // The scan proved the header whole, so every entry is there; there are at most as
+        // many as the element limit allows.
+        let entries = map_entries(&data[..scanned.len])
+            .ok_or(FrameError::HeaderNotMap)?
+            .collect();
         Ok(Self {
             head: data.slice(..scanned.len),
             body: data.slice(scanned.len..),
@@ -92,8 +55,8 @@ impl Frame {
         })
     }
 
-    fn key_of(&self, entry: &Entry) -> Option<&str> {
-        text(&self.head[entry.key as usize..entry.value as usize])
+    fn key_of(&self, entry: &MapEntry) -> Option<&str> {
+        text(&self.head[entry.key..entry.value])
     }
 
     /// A string field of the header.
@@ -101,7 +64,7 @@ impl Frame {
         self.entries
             .iter()
             .find(|e| self.key_of(e) == Some(key))
-            .and_then(|e| text(&self.head[e.value as usize..e.end as usize]))
+            .and_then(|e| text(&self.head[e.value..e.end]))
     }
 
     /// The header's top-level string keys, in order.
@@ -128,7 +91,7 @@ impl Frame {
                 .iter()
                 .filter(|e| !self.key_of(e).is_some_and(|k| TRUSTED.contains(&k)))
         };
-        let kept_len: usize = kept().map(|e| (e.end - e.key) as usize).sum();
+        let kept_len: usize = kept().map(|e| e.end - e.key).sum();
         let mut out = BytesMut::with_capacity(
             64 + kept_len + to.len() + from.len() + ws.len() + user_msgpack.len() + self.body.len(),
         )
@@ -137,7 +100,7 @@ impl Frame {
         let _ = rmp::encode::write_map_len(&mut out, (kept().count() + 4) as u32);
         let mut out = out.into_inner();
         for entry in kept() {
-            out.put_slice(&self.head[entry.key as usize..entry.end as usize]);
+            out.put_slice(&self.head[entry.key..entry.end]);
         }
         let mut out = out.writer();
         for (key, value) in [("to", to), ("from", from), ("ws", ws)] {

@@ -418,17 +418,18 @@ impl Open {
         self.len += 1;
     }
 
-    /// Counts one item against the innermost container; `true` when the walk is done.
+    /// The items the innermost open container still expects.
+    fn innermost(&mut self) -> Option<&mut u64> {
+        match self.len.checked_sub(1)? {
+            i if i < Self::INLINE => self.inline.get_mut(i),
+            _ => self.spill.last_mut(),
+        }
+    }
+
+    /// Counts one item against the innermost container, closing those it fills; `true` when
+    /// none is left open (the walk is done).
     fn complete(&mut self) -> bool {
-        while self.len > 0 {
-            let remaining = if self.len > Self::INLINE {
-                self.spill.last_mut()
-            } else {
-                self.inline.get_mut(self.len - 1)
-            };
-            let Some(remaining) = remaining else {
-                return true;
-            };
+        while let Some(remaining) = self.innermost() {
             *remaining -= 1;
             if *remaining > 0 {
                 return false;
@@ -513,28 +514,69 @@ pub fn decode(data: &[u8], limits: Limits) -> Result<(rmpv::Value, usize), ScanE
     Ok((value, scanned.len))
 }
 
-/// The encoded value of `key` in the map at the start of `data` (top-level keys only),
-/// found without decoding anything else; `None` if there is no such map or key.
-pub(crate) fn map_value<'a>(data: &'a [u8], key: &str) -> Option<&'a [u8]> {
-    let (len, mut pos) = match *data.first()? {
+/// Where one top-level entry of an encoded map lies: its key at `key..value`, its value at
+/// `value..end` (offsets into the map's encoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapEntry {
+    pub key: usize,
+    pub value: usize,
+    pub end: usize,
+}
+
+/// The top-level entries of the map at the start of `data`, located without decoding
+/// anything; the iteration ends at the first entry that is not whole.
+pub(crate) struct MapEntries<'a> {
+    data: &'a [u8],
+    pos: usize,
+    left: u64,
+}
+
+/// The entries of the map at the start of `data`; `None` if no map starts there.
+pub(crate) fn map_entries(data: &[u8]) -> Option<MapEntries<'_>> {
+    let (left, pos) = match *data.first()? {
         m @ 0x80..=0x8f => (u64::from(m & 0x0f), 1),
         0xde => (be(data.get(1..3)?), 3),
         0xdf => (be(data.get(1..5)?), 5),
         _ => return None,
     };
-    for _ in 0..len {
-        let k = object(data.get(pos..)?, Limits::WALK).ok()?;
-        let name = rmp::decode::read_str_from_slice(&data[pos..pos + k.len])
-            .ok()
-            .map(|(s, _)| s);
-        pos += k.len;
-        let v = object(data.get(pos..)?, Limits::WALK).ok()?;
-        if name == Some(key) {
-            return Some(&data[pos..pos + v.len]);
+    Some(MapEntries { data, pos, left })
+}
+
+impl Iterator for MapEntries<'_> {
+    type Item = MapEntry;
+
+    fn next(&mut self) -> Option<MapEntry> {
+        if self.left == 0 {
+            return None;
         }
-        pos += v.len;
+        let walk = |from: usize| {
+            let rest = self.data.get(from..)?;
+            object(rest, Limits::WALK).ok().map(|s| from + s.len)
+        };
+        let key = self.pos;
+        let Some((value, end)) = walk(key).and_then(|value| Some((value, walk(value)?))) else {
+            self.left = 0;
+            return None;
+        };
+        self.left -= 1;
+        self.pos = end;
+        Some(MapEntry { key, value, end })
     }
-    None
+}
+
+/// The text of an encoded string; `None` for anything else (or text that is not UTF-8).
+pub(crate) fn text(encoded: &[u8]) -> Option<&str> {
+    rmp::decode::read_str_from_slice(encoded)
+        .ok()
+        .map(|(s, _)| s)
+}
+
+/// The encoded value of `key` in the map at the start of `data` (top-level keys only),
+/// found without decoding anything else; `None` if there is no such map or key.
+pub(crate) fn map_value<'a>(data: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    map_entries(data)?
+        .find(|e| text(&data[e.key..e.value]) == Some(key))
+        .map(|e| &data[e.value..e.end])
 }
 
 /// The encoded items of the array at the start of `data`, at most `max` of them.
@@ -588,22 +630,14 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
         return Ok(());
     }
     object(body, Limits::WALK)?;
-    let (len, mut pos) = match body[0] {
-        m @ 0x80..=0x8f => (u64::from(m & 0x0f), 1),
-        0xde => (be(&body[1..3]), 3),
-        0xdf => (be(&body[1..5]), 5),
-        _ => return Err(BodyError::NotMap),
-    };
-    // The walk above proved the map whole, so every entry below is there.
-    for _ in 0..len {
-        let key = object(&body[pos..], Limits::WALK)?;
-        if let Ok((name, _)) = rmp::decode::read_str_from_slice(&body[pos..pos + key.len])
+    // The walk above proved the map whole, so every entry is there.
+    let entries = map_entries(body).ok_or(BodyError::NotMap)?;
+    for entry in entries {
+        if let Some(name) = text(&body[entry.key..entry.value])
             && SERVER_FIELDS.contains(&name)
         {
             return Err(BodyError::ServerField(name.to_string()));
         }
-        pos += key.len;
-        pos += object(&body[pos..], Limits::WALK)?.len;
     }
     Ok(())
 }
