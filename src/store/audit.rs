@@ -19,10 +19,11 @@ use super::{IceIssuance, StoreError};
 /// Rows queued for the writer; a full queue refuses (or, with the audit optional, drops and
 /// logs) rather than making requests wait.
 const QUEUE: usize = 16_384;
-/// Rows written per statement.
-const BATCH: usize = 1024;
+/// Rows written per statement (one statement is one transaction: a batch the store refuses
+/// is retried whole without writing any of it twice).
+const BATCH: usize = 512;
 /// How long the writer waits for more rows before writing what it has.
-const LINGER: Duration = Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(20);
 /// Rows kept while the store refuses them (beyond this the writer stops taking rows from the
 /// queue, which then fills).
 const MAX_PENDING: usize = 65_536;
@@ -78,7 +79,16 @@ impl Audit {
     /// Starts the writer on `pool`.
     pub(crate) fn start(pool: AnyPool, sqlite: bool, health: Arc<Health>) -> Self {
         let (queue, items) = mpsc::channel(QUEUE);
-        tokio::spawn(write(pool, insert_statement(sqlite), items, health.clone()));
+        tokio::spawn(write(
+            pool,
+            if sqlite {
+                Dialect::Sqlite
+            } else {
+                Dialect::Postgres
+            },
+            items,
+            health.clone(),
+        ));
         Self { queue, health }
     }
 
@@ -116,7 +126,7 @@ impl Audit {
 /// flushes that came with them; keeps and retries rows the store refused, with a growing pause.
 async fn write(
     pool: AnyPool,
-    statement: &'static str,
+    dialect: Dialect,
     mut items: mpsc::Receiver<Item>,
     health: Arc<Health>,
 ) {
@@ -155,7 +165,7 @@ async fn write(
         }
         while !pending.is_empty() {
             let n = pending.len().min(BATCH);
-            let outcome = write_batch(&pool, statement, &pending[..n]).await;
+            let outcome = write_batch(&pool, dialect, &pending[..n]).await;
             health.record(&outcome);
             match outcome {
                 Ok(()) => {
@@ -184,35 +194,85 @@ async fn write(
     }
 }
 
-/// The statement that writes a batch: its rows arrive as one JSON array parameter, so the
-/// text is the same for every batch (prepared once, no per-row placeholders to bind).
-fn insert_statement(sqlite: bool) -> &'static str {
-    if sqlite {
+/// How the writer puts a batch into the database.
+#[derive(Clone, Copy)]
+enum Dialect {
+    /// SQLite: rows bound as parameters of a `VALUES` list (see [`sqlite_insert`]).
+    Sqlite,
+    /// PostgreSQL: rows as one JSON array parameter (one statement text for every batch).
+    Postgres,
+}
+
+/// Rows per statement in SQLite: a batch is written in statements of the smallest of these
+/// that holds it (the largest, repeated, for more), padded with rows of `NULL`s that the
+/// statement leaves out. A few fixed texts, each prepared once per connection; the padding
+/// wastes at most three quarters of a statement's rows, and only on small batches.
+const SQLITE_ROWS: [usize; 4] = [8, 32, 128, BATCH];
+
+/// The statement that writes `rows` rows in SQLite: parameters bound straight into a `VALUES`
+/// list (no JSON to build and parse again per row, which cost about as much as the insert
+/// itself); rows whose user is `NULL` are padding.
+fn sqlite_insert(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
+    format!(
         "INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) \
-         SELECT json_extract(value, '$.u'), json_extract(value, '$.i'), json_extract(value, '$.t'), \
-         json_extract(value, '$.e') FROM json_each($1)"
-    } else {
-        "INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) \
-         SELECT u, i, t, e FROM json_to_recordset($1::json) AS r(u TEXT, i BIGINT, t BIGINT, e BIGINT)"
+         SELECT column1, column2, column3, column4 FROM (VALUES {values}) WHERE column1 IS NOT NULL"
+    )
+}
+
+/// PostgreSQL's statement: the rows arrive as one JSON array parameter.
+const POSTGRES_INSERT: &str = "INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) \
+     SELECT u, i, t, e FROM json_to_recordset($1::json) AS r(u TEXT, i BIGINT, t BIGINT, e BIGINT)";
+
+/// SQLite's statements, one per entry of [`SQLITE_ROWS`], made once.
+static SQLITE_INSERTS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| SQLITE_ROWS.iter().map(|&n| sqlite_insert(n)).collect());
+
+/// Writes a batch (at most [`BATCH`] rows) as one statement: one implicit transaction, one
+/// round trip to the database.
+async fn write_batch(
+    pool: &AnyPool,
+    dialect: Dialect,
+    batch: &[IceIssuance],
+) -> Result<(), sqlx::Error> {
+    match dialect {
+        Dialect::Postgres => {
+            let rows = rows_json(batch).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            sqlx::query(POSTGRES_INSERT)
+                .bind(rows)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        }
+        Dialect::Sqlite => {
+            let (size, text) = SQLITE_ROWS
+                .iter()
+                .zip(SQLITE_INSERTS.iter())
+                .find(|(size, _)| **size >= batch.len())
+                .ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("{} rows are more than a batch", batch.len()))
+                })?;
+            let mut query = sqlx::query(text.as_str());
+            for row in batch {
+                query = query
+                    .bind(Some(row.user_id.as_str()))
+                    .bind(Some(row.issued_at))
+                    .bind(Some(row.ttl))
+                    .bind(Some(row.expires_at));
+            }
+            for _ in batch.len()..*size {
+                query = query
+                    .bind(None::<&str>)
+                    .bind(None::<i64>)
+                    .bind(None::<i64>)
+                    .bind(None::<i64>);
+            }
+            query.execute(pool).await.map(|_| ())
+        }
     }
 }
 
-/// Writes a batch as one `INSERT`: one statement, one implicit transaction, one round trip to
-/// the database, whatever the batch's size.
-async fn write_batch(
-    pool: &AnyPool,
-    statement: &'static str,
-    batch: &[IceIssuance],
-) -> Result<(), sqlx::Error> {
-    let rows = rows_json(batch).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query(statement)
-        .bind(rows)
-        .execute(pool)
-        .await
-        .map(|_| ())
-}
-
-/// One row as the statement reads it.
+/// One row as PostgreSQL's statement reads it.
 #[derive(serde::Serialize)]
 struct Row<'a> {
     u: &'a str,
@@ -221,7 +281,7 @@ struct Row<'a> {
     e: i64,
 }
 
-/// A batch as the JSON array the statement reads, written straight from the rows.
+/// A batch as the JSON array PostgreSQL's statement reads, written straight from the rows.
 fn rows_json(batch: &[IceIssuance]) -> Result<String, serde_json::Error> {
     let rows: Vec<Row<'_>> = batch
         .iter()
@@ -263,5 +323,50 @@ mod tests {
             .collect();
         assert_eq!(read, serde_json::Value::Array(expected));
         assert_eq!(rows_json(&[]).unwrap(), "[]");
+    }
+
+    /// Every size of batch SQLite's statements take, on both sides of each statement's size,
+    /// lands whole and exactly (the padding rows leave nothing behind); more than a batch is
+    /// refused without writing any of it.
+    #[tokio::test]
+    async fn sqlite_batches_of_every_size_land_exactly() {
+        let dir =
+            std::env::temp_dir().join(format!("hypha-rtc-audit-{}", crate::ids::random_id(8)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = crate::store::Store::open(&format!("sqlite://{}/t.db", dir.display()))
+            .await
+            .unwrap();
+        let pool = store.pool.clone();
+        let mut expected = Vec::new();
+        for (b, size) in [1, 7, 8, 9, 32, 33, 127, 128, 129, 511, BATCH]
+            .into_iter()
+            .enumerate()
+        {
+            let batch: Vec<IceIssuance> = (0..size)
+                .map(|i| IceIssuance {
+                    user_id: format!("user-{b}-{i} \"ü\""),
+                    issued_at: (b * 10_000 + i) as i64,
+                    ttl: i as i64,
+                    expires_at: i64::MAX - i as i64,
+                })
+                .collect();
+            write_batch(&pool, Dialect::Sqlite, &batch).await.unwrap();
+            expected.extend(batch);
+        }
+        let too_many: Vec<IceIssuance> = (0..=BATCH).map(|_| expected[0].clone()).collect();
+        assert!(
+            write_batch(&pool, Dialect::Sqlite, &too_many)
+                .await
+                .is_err()
+        );
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT user_id, issued_at, ttl, expires_at FROM ice_credentials ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let written: Vec<IceIssuance> = rows.into_iter().map(IceIssuance::from).collect();
+        assert_eq!(written, expected);
+        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -98,6 +98,18 @@ pub(crate) struct IceIssuance {
     pub expires_at: i64,
 }
 
+/// A row as read from the table: user, issued at, ttl, expires at.
+impl From<(String, i64, i64, i64)> for IceIssuance {
+    fn from((user_id, issued_at, ttl, expires_at): (String, i64, i64, i64)) -> Self {
+        Self {
+            user_id,
+            issued_at,
+            ttl,
+            expires_at,
+        }
+    }
+}
+
 /// A local user account.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserRecord {
@@ -484,15 +496,7 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(user_id, issued_at, ttl, expires_at)| IceIssuance {
-                user_id,
-                issued_at,
-                ttl,
-                expires_at,
-            })
-            .collect())
+        Ok(rows.into_iter().map(IceIssuance::from).collect())
     }
 }
 
