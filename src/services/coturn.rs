@@ -88,6 +88,5 @@ pub(crate) async fn ice_servers(
         ttl,
         test_connectivity,
     };
-    let servers = app.ice.ice_servers(&ctx.user, request).await?;
-    Ok(crate::rpc::value::from_json(&servers))
+    Ok(app.ice.ice_servers(&ctx.user, request).await?)
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use serde_json::{Value, json};
+use rmpv::Value;
 
 /// The default STUN/TURN port.
 pub(crate) const DEFAULT_PORT: u16 = 3478;
@@ -143,19 +143,29 @@ impl StaticIceServer {
         })
     }
 
-    /// The entry clients pass to `RTCPeerConnection`: only `urls`, `username`, `credential`.
-    pub(crate) fn to_json(&self) -> Value {
+    /// The entry clients pass to `RTCPeerConnection`: only `urls`, `username`, `credential`
+    /// (in the order of coturn's entries: `credential`, `urls`, `username`).
+    pub(crate) fn to_value(&self) -> Value {
         match self {
-            StaticIceServer::Stun(a) => json!({"urls": [format!("stun:{a}")]}),
+            StaticIceServer::Stun(a) => Value::Map(vec![(
+                "urls".into(),
+                Value::Array(vec![format!("stun:{a}").into()]),
+            )]),
             StaticIceServer::Turn {
                 address,
                 username,
                 password,
-            } => json!({
-                "username": username,
-                "credential": password,
-                "urls": [format!("turn:{address}"), format!("turn:{address}?transport=tcp")],
-            }),
+            } => Value::Map(vec![
+                ("credential".into(), password.as_str().into()),
+                (
+                    "urls".into(),
+                    Value::Array(vec![
+                        format!("turn:{address}").into(),
+                        format!("turn:{address}?transport=tcp").into(),
+                    ]),
+                ),
+                ("username".into(), username.as_str().into()),
+            ]),
         }
     }
 }
@@ -243,9 +253,20 @@ mod tests {
         assert_eq!(
             StaticIceServer::parse("stun:[::1]:19302")
                 .unwrap()
-                .to_json()["urls"][0],
-            "stun:[::1]:19302"
+                .to_value(),
+            Value::Map(vec![(
+                "urls".into(),
+                Value::Array(vec!["stun:[::1]:19302".into()])
+            )])
         );
+        let turn = s.to_value();
+        let keys: Vec<&str> = turn
+            .as_map()
+            .unwrap()
+            .iter()
+            .filter_map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(keys, ["credential", "urls", "username"]);
         assert!(!format!("{s:?}").contains("pa:ss"));
         for bad in [
             "turn:1.2.3.4:3478",

@@ -215,7 +215,11 @@ pub struct IceService {
     /// The system's trust anchors for the `turns:` check, read at its first run.
     roots: std::sync::OnceLock<Option<stun::Roots>>,
     /// The `urls` of each public coturn address, made once (they are in every answer).
-    coturn_urls: Vec<serde_json::Value>,
+    coturn_urls: Vec<rmpv::Value>,
+    /// The static servers' entries, made once.
+    static_entries: Vec<rmpv::Value>,
+    /// HMAC-SHA1 keyed with coturn's secret, made once (each credential starts from a copy).
+    signer: Option<credentials::Signer>,
 }
 
 impl IceService {
@@ -235,13 +239,29 @@ impl IceService {
             .coturn
             .iter()
             .flat_map(|c| {
-                c.public
-                    .iter()
-                    .map(|a| ice::coturn_urls(a, c.tls_port).into())
+                c.public.iter().map(|a| {
+                    rmpv::Value::Array(
+                        ice::coturn_urls(a, c.tls_port)
+                            .into_iter()
+                            .map(rmpv::Value::from)
+                            .collect(),
+                    )
+                })
             })
             .collect();
+        let static_entries = settings
+            .static_servers
+            .iter()
+            .map(StaticIceServer::to_value)
+            .collect();
+        let signer = settings
+            .coturn
+            .as_ref()
+            .map(|c| credentials::Signer::new(&c.secret));
         Arc::new(Self {
             coturn_urls,
+            static_entries,
+            signer,
             settings,
             probe,
             limiter,
@@ -301,13 +321,13 @@ impl IceService {
     }
 
     /// ICE servers for `user`: coturn credentials (after the probe, when asked) and the
-    /// static servers, as a JSON list each entry of which holds `urls`, and `username` and
-    /// `credential` for TURN.
+    /// static servers, as a list each entry of which holds `urls`, and `username` and
+    /// `credential` for TURN (keys in that order: `credential`, `urls`, `username`).
     pub(crate) async fn ice_servers(
         &self,
         user: &UserInfo,
         request: IceRequest,
-    ) -> Result<serde_json::Value, IceError> {
+    ) -> Result<rmpv::Value, IceError> {
         let started = std::time::Instant::now();
         let outcome = self.issue(user, request).await;
         self.latency.observe(started.elapsed().as_secs_f64());
@@ -320,15 +340,11 @@ impl IceService {
         outcome
     }
 
-    async fn issue(
-        &self,
-        user: &UserInfo,
-        request: IceRequest,
-    ) -> Result<serde_json::Value, IceError> {
+    async fn issue(&self, user: &UserInfo, request: IceRequest) -> Result<rmpv::Value, IceError> {
         if user.is_anonymous() {
             return Err(IceError::Anonymous);
         }
-        let Some(coturn) = &self.settings.coturn else {
+        let Some(signer) = &self.signer else {
             return Err(IceError::NotConfigured);
         };
         let now = crate::auth::now_secs();
@@ -355,7 +371,7 @@ impl IceService {
                 return Err(IceError::Probe(outcome.describe(probe.address())));
             }
         }
-        let credential = credentials::mint(&coturn.secret, user.id.as_str(), ttl, now);
+        let credential = signer.mint(user.id.as_str(), ttl, now);
         // Queued for the audit's writer, not awaited: the request never waits on the database.
         let recorded = self.store.record_ice_issuance(
             IceIssuance {
@@ -373,25 +389,21 @@ impl IceService {
             }
             tracing::warn!(error = %e, user = %user.id, "TURN credentials issued without an audit row (--audit-required false)");
         }
-        let mut servers: Vec<serde_json::Value> = self
-            .coturn_urls
-            .iter()
-            .map(|urls| {
-                serde_json::json!({
-                    "username": credential.username,
-                    "credential": credential.credential.expose_secret(),
-                    "urls": urls,
-                })
-            })
-            .collect();
-        servers.extend(
-            self.settings
-                .static_servers
-                .iter()
-                .map(StaticIceServer::to_json),
-        );
+        let mut servers: Vec<rmpv::Value> =
+            Vec::with_capacity(self.coturn_urls.len() + self.static_entries.len());
+        servers.extend(self.coturn_urls.iter().map(|urls| {
+            rmpv::Value::Map(vec![
+                (
+                    "credential".into(),
+                    credential.credential.expose_secret().into(),
+                ),
+                ("urls".into(), urls.clone()),
+                ("username".into(), credential.username.as_str().into()),
+            ])
+        }));
+        servers.extend(self.static_entries.iter().cloned());
         tracing::debug!(user = %user.id, ttl, expires_at = credential.expires_at, "issued TURN credentials");
-        Ok(serde_json::Value::Array(servers))
+        Ok(rmpv::Value::Array(servers))
     }
 }
 
