@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::scope::{Scope, ScopeError};
 use super::user::{Purpose, TokenRef, UserInfo};
 use crate::ids::UserId;
+use std::sync::Arc;
 
 pub(crate) const ISSUER: &str = "https://amun.ai/";
 pub(crate) const AUDIENCE: &str = "https://amun-ai.eu.auth0.com/api/v2/";
@@ -95,7 +96,7 @@ pub struct TokenIssuer {
     /// Tokens that passed `verify` lately, by their exact text, with what they proved: a
     /// hit skips the signature and the parsing of the claims (most of a request's cost),
     /// never the expiry and revocation checks. Bounded; emptied when full.
-    verified: std::sync::RwLock<std::collections::HashMap<Box<str>, UserInfo>>,
+    verified: std::sync::RwLock<std::collections::HashMap<Box<str>, Arc<UserInfo>>>,
 }
 
 /// Tokens remembered by `TokenIssuer::verify` (each at most `MAX_CACHED_LEN` bytes).
@@ -205,7 +206,13 @@ impl TokenIssuer {
 
     /// Verifies a token (raw or `Bearer ...`) for signing in; reconnection tokens are refused.
     pub fn parse(&self, token: &str) -> Result<UserInfo, TokenError> {
-        let user = self.verify(token)?;
+        self.parse_shared(token).map(Arc::unwrap_or_clone)
+    }
+
+    /// [`parse`](Self::parse), answering with the remembered user itself (no copy of it per
+    /// request).
+    pub fn parse_shared(&self, token: &str) -> Result<Arc<UserInfo>, TokenError> {
+        let user = self.verify_shared(token)?;
         match user.token.as_ref().map(|t| t.purpose) {
             Some(Purpose::Reconnection) => Err(TokenError::ReconnectionOnly),
             _ => Ok(user),
@@ -215,6 +222,10 @@ impl TokenIssuer {
     /// Verifies a token of any purpose (reconnection tokens included) and returns the user
     /// it names, its scope and its family.
     pub fn verify(&self, token: &str) -> Result<UserInfo, TokenError> {
+        self.verify_shared(token).map(Arc::unwrap_or_clone)
+    }
+
+    fn verify_shared(&self, token: &str) -> Result<Arc<UserInfo>, TokenError> {
         let token = bare(token);
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed("it is longer than 8 KiB"));
@@ -236,7 +247,7 @@ impl TokenIssuer {
             }
             return Ok(user);
         }
-        let user = self.verify_uncached(token)?;
+        let user = Arc::new(self.verify_uncached(token)?);
         if token.len() <= MAX_CACHED_LEN
             && let Ok(mut verified) = self.verified.write()
         {
@@ -471,7 +482,7 @@ mod tests {
             .verified
             .write()
             .unwrap()
-            .insert("not-a-token".into(), stale);
+            .insert("not-a-token".into(), Arc::new(stale));
         assert!(matches!(
             tokens.parse("not-a-token"),
             Err(TokenError::Malformed(_))
@@ -482,7 +493,7 @@ mod tests {
                 .verified
                 .write()
                 .unwrap()
-                .insert(format!("t{i}").into(), first.clone());
+                .insert(format!("t{i}").into(), Arc::new(first.clone()));
             let _ = tokens.parse(&tokens.issue(&user("bob"), 60 + i as i64));
         }
         assert!(tokens.verified.read().unwrap().len() <= MAX_CACHED);

@@ -6,9 +6,11 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 /// `--allow-origins`: `*` (any origin, without credentials) and/or listed origins (with
@@ -130,58 +132,137 @@ fn decorate(response: &mut Response, policy: &CorsPolicy, origin: &HeaderValue, 
     }
 }
 
-/// The middleware: answers preflights and decorates responses to cross-origin requests.
-pub(crate) async fn cors(
-    State(policy): State<Arc<CorsPolicy>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let origin = request.headers().get(header::ORIGIN).cloned();
-    let Some(origin) = origin else {
-        return next.run(request).await;
-    };
-    let text = origin.to_str().unwrap_or("").to_string();
-    let preflight = request.method() == Method::OPTIONS
-        && request
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if preflight {
-        if !policy.allowed(&text) {
-            let mut refused = StatusCode::FORBIDDEN.into_response();
-            refused
-                .headers_mut()
-                .append(header::VARY, HeaderValue::from_static("Origin"));
-            return refused;
+/// The middleware as a tower layer around the routes: answers preflights and decorates
+/// answers to cross-origin requests. A request without `Origin` passes straight through (no
+/// boxed service or future per request, as a `from_fn` middleware would make).
+#[derive(Clone)]
+pub(crate) struct CorsLayer(pub(crate) Arc<CorsPolicy>);
+
+impl<S> tower::Layer<S> for CorsLayer {
+    type Service = Cors<S>;
+
+    fn layer(&self, inner: S) -> Cors<S> {
+        Cors {
+            inner,
+            policy: self.0.clone(),
         }
-        let requested = request
-            .headers()
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .filter(|v| {
-                v.to_str().is_ok_and(|s| {
-                    s.len() <= 512
-                        && s.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "-_, ".contains(c))
-                })
-            })
-            .cloned()
-            .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
-        let mut response = StatusCode::NO_CONTENT.into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, OPTIONS"),
-        );
-        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
-        headers.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-        decorate(&mut response, &policy, &origin, &text);
-        return response;
     }
-    let mut response = next.run(request).await;
-    decorate(&mut response, &policy, &origin, &text);
+}
+
+/// The service [`CorsLayer`] makes.
+#[derive(Clone)]
+pub(crate) struct Cors<S> {
+    inner: S,
+    policy: Arc<CorsPolicy>,
+}
+
+impl<S> tower::Service<Request> for Cors<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = CorsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let Some(origin) = request.headers().get(header::ORIGIN).cloned() else {
+            return CorsFuture::Inner {
+                future: self.inner.call(request),
+                origin: None,
+            };
+        };
+        let preflight = request.method() == Method::OPTIONS
+            && request
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight {
+            return CorsFuture::Ready {
+                response: Some(preflight_answer(&self.policy, &origin, &request)),
+            };
+        }
+        CorsFuture::Inner {
+            future: self.inner.call(request),
+            origin: Some((self.policy.clone(), origin)),
+        }
+    }
+}
+
+/// The answer to a preflight from `origin`: 403 for an origin not allowed, else 204 with the
+/// methods and headers it may use.
+fn preflight_answer(policy: &CorsPolicy, origin: &HeaderValue, request: &Request) -> Response {
+    let text = origin.to_str().unwrap_or("");
+    if !policy.allowed(text) {
+        let mut refused = StatusCode::FORBIDDEN.into_response();
+        refused
+            .headers_mut()
+            .append(header::VARY, HeaderValue::from_static("Origin"));
+        return refused;
+    }
+    let requested = request
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .filter(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.len() <= 512
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_, ".contains(c))
+            })
+        })
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    decorate(&mut response, policy, origin, text);
     response
+}
+
+pin_project_lite::pin_project! {
+    /// A preflight's answer, or the routes' answer decorated for its origin once it comes.
+    #[project = CorsFutureProjection]
+    pub(crate) enum CorsFuture<F> {
+        Ready { response: Option<Response> },
+        Inner {
+            #[pin]
+            future: F,
+            origin: Option<(Arc<CorsPolicy>, HeaderValue)>,
+        },
+    }
+}
+
+impl<F, E> Future for CorsFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CorsFutureProjection::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()))),
+            CorsFutureProjection::Inner { future, origin } => {
+                let mut response = std::task::ready!(future.poll(cx))?;
+                if let Some((policy, origin)) = origin.take() {
+                    let text = origin.to_str().unwrap_or("");
+                    decorate(&mut response, &policy, &origin, text);
+                }
+                Poll::Ready(Ok(response))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -163,10 +163,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(demo)
         .merge(services::router())
         .merge(apps::router())
-        .layer(axum::middleware::from_fn_with_state(
-            state.cors.clone(),
-            cors::cors,
-        ))
+        .layer(cors::CorsLayer(state.cors.clone()))
         .with_state(state)
 }
 
@@ -227,7 +224,7 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for ClientIp {
 
 /// The caller of an HTTP request: `Authorization: Bearer`, else the `access_token` cookie,
 /// else the anonymous HTTP user. Disabled local accounts are refused.
-pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Arc<UserInfo>, Error> {
     let user = token_user(state, headers)?;
     if user.token.is_none() {
         return Ok(user);
@@ -241,13 +238,13 @@ pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<User
     }
 }
 
-fn token_user(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+fn token_user(state: &AppState, headers: &HeaderMap) -> Result<Arc<UserInfo>, Error> {
     match request_token(state, headers) {
         Some(token) => state
             .tokens
-            .parse(token)
+            .parse_shared(token)
             .map_err(|e| Error::Unauthorized(format!("Authentication error: {e}"))),
-        None => Ok(UserInfo::http_anonymous()),
+        None => Ok(Arc::new(UserInfo::http_anonymous())),
     }
 }
 

@@ -106,7 +106,7 @@ async fn workspace_info(
 /// holds a permission in it, else the token's current or the caller's own.
 pub(crate) fn context(
     state: &AppState,
-    user: &crate::auth::UserInfo,
+    user: &Arc<crate::auth::UserInfo>,
     workspace: &str,
     peer_ip: std::net::IpAddr,
 ) -> CallContext {
@@ -124,7 +124,7 @@ pub(crate) fn context(
     CallContext {
         from: format!("{ws}/{}", super::HTTP_CLIENT),
         ws,
-        user: Arc::new(user.clone()),
+        user: user.clone(),
         to: state.peer.manager_addr(),
         peer_ip: Some(peer_ip),
         slots: None,

@@ -43,7 +43,7 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
 }
 
 /// The caller, if an admin; otherwise the refusal.
-async fn admin(state: &AppState, headers: &HeaderMap) -> Result<UserInfo, Error> {
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Arc<UserInfo>, Error> {
     let user = super::caller(state, headers).await?;
     if user.is_anonymous() {
         return Err(Error::Unauthorized(
