@@ -1,5 +1,5 @@
 //! The credential audit's writer. A request for ICE servers queues its row and answers at
-//! once; one task gathers the queued rows for a few milliseconds and writes them as one
+//! once; one task gathers the queued rows for up to 20 ms (512 at most) and writes them as one
 //! multi-row `INSERT`, so under load a commit carries hundreds of rows and no request waits
 //! for the database. A batch that cannot be written is kept and tried again (the rows are not
 //! dropped), the store reports itself failing meanwhile, and with `--audit-required` no more
