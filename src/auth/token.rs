@@ -4,6 +4,8 @@
 //! `jti`, the ids of the tokens they were derived from (`lineage`) and, for reconnection
 //! tokens, `use: "reconnection"`; Hypha ignores these claims.
 
+use std::sync::Arc;
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -11,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use super::scope::{Scope, ScopeError};
 use super::user::{Purpose, TokenRef, UserInfo};
 use crate::ids::UserId;
-use std::sync::Arc;
 
 pub(crate) const ISSUER: &str = "https://amun.ai/";
 pub(crate) const AUDIENCE: &str = "https://amun-ai.eu.auth0.com/api/v2/";

@@ -4,9 +4,8 @@
 //! request that comes from any other origin is served as anonymous even if the browser sent
 //! the cookie, so another site cannot act with a visitor's session.
 
-use std::sync::Arc;
-
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::Request;

@@ -224,9 +224,9 @@ fn sqlite_insert(rows: usize) -> String {
 const POSTGRES_INSERT: &str = "INSERT INTO ice_credentials (user_id, issued_at, ttl, expires_at) \
      SELECT u, i, t, e FROM json_to_recordset($1::json) AS r(u TEXT, i BIGINT, t BIGINT, e BIGINT)";
 
-/// SQLite's statements, one per entry of [`SQLITE_ROWS`], made once.
-static SQLITE_INSERTS: std::sync::LazyLock<Vec<String>> =
-    std::sync::LazyLock::new(|| SQLITE_ROWS.iter().map(|&n| sqlite_insert(n)).collect());
+/// SQLite's statements with the rows each takes, one per entry of [`SQLITE_ROWS`], made once.
+static SQLITE_INSERTS: std::sync::LazyLock<Vec<(usize, String)>> =
+    std::sync::LazyLock::new(|| SQLITE_ROWS.iter().map(|&n| (n, sqlite_insert(n))).collect());
 
 /// Writes a batch (at most [`BATCH`] rows) as one statement: one implicit transaction, one
 /// round trip to the database.
@@ -245,10 +245,9 @@ async fn write_batch(
                 .map(|_| ())
         }
         Dialect::Sqlite => {
-            let (size, text) = SQLITE_ROWS
+            let (size, text) = SQLITE_INSERTS
                 .iter()
-                .zip(SQLITE_INSERTS.iter())
-                .find(|(size, _)| **size >= batch.len())
+                .find(|(size, _)| *size >= batch.len())
                 .ok_or_else(|| {
                     sqlx::Error::Protocol(format!("{} rows are more than a batch", batch.len()))
                 })?;

@@ -155,19 +155,26 @@ impl StaticIceServer {
                 address,
                 username,
                 password,
-            } => Value::Map(vec![
-                ("credential".into(), password.as_str().into()),
-                (
-                    "urls".into(),
-                    Value::Array(vec![
-                        format!("turn:{address}").into(),
-                        format!("turn:{address}?transport=tcp").into(),
-                    ]),
-                ),
-                ("username".into(), username.as_str().into()),
-            ]),
+            } => turn_entry(
+                password,
+                Value::Array(vec![
+                    format!("turn:{address}").into(),
+                    format!("turn:{address}?transport=tcp").into(),
+                ]),
+                username,
+            ),
         }
     }
+}
+
+/// A TURN server's entry, coturn's and the static ones alike: `credential`, `urls` and
+/// `username`, in that order.
+pub(crate) fn turn_entry(credential: &str, urls: Value, username: &str) -> Value {
+    Value::Map(vec![
+        ("credential".into(), credential.into()),
+        ("urls".into(), urls),
+        ("username".into(), username.into()),
+    ])
 }
 
 /// The URLs handed out for one coturn server, in Hypha's order and then the extras.

@@ -392,14 +392,11 @@ impl IceService {
         let mut servers: Vec<rmpv::Value> =
             Vec::with_capacity(self.coturn_urls.len() + self.static_entries.len());
         servers.extend(self.coturn_urls.iter().map(|urls| {
-            rmpv::Value::Map(vec![
-                (
-                    "credential".into(),
-                    credential.credential.expose_secret().into(),
-                ),
-                ("urls".into(), urls.clone()),
-                ("username".into(), credential.username.as_str().into()),
-            ])
+            ice::turn_entry(
+                credential.credential.expose_secret(),
+                urls.clone(),
+                &credential.username,
+            )
         }));
         servers.extend(self.static_entries.iter().cloned());
         tracing::debug!(user = %user.id, ttl, expires_at = credential.expires_at, "issued TURN credentials");
