@@ -59,16 +59,39 @@ pub(crate) fn option_name(long: &str) -> String {
     )
 }
 
-/// A URL (database, Redis) without its password, for messages and logs.
+/// A URL (database, Redis) without its password, for messages and logs: the password of its
+/// user part and the value of any password parameter of its query (`redis+unix://...?pass=`,
+/// `postgres://...?password=`).
 pub(crate) fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    const SECRET_PARAMETERS: [&str; 3] = ["pass", "password", "sslpassword"];
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            format!("{}{user}:***{}", &base[..scheme + 3], &base[at..])
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _))
+                    if SECRET_PARAMETERS.contains(&key.to_ascii_lowercase().as_str()) =>
+                {
+                    format!("{key}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
 }
 
 #[cfg(test)]
@@ -82,5 +105,17 @@ mod tests {
         );
         assert_eq!(redact_url("redis://:secret@h"), "redis://:***@h");
         assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?user=bus&pass=secret&db=1"),
+            "redis+unix:///run/redis.sock?user=bus&pass=***&db=1"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?PassWord=secret&sslmode=require"),
+            "postgres://u:***@h/db?PassWord=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("redis://h:6379/0?user=a@b"),
+            "redis://h:6379/0?user=a@b"
+        );
     }
 }

@@ -5,6 +5,7 @@
 pub(crate) mod bus;
 pub(crate) mod directory;
 pub(crate) mod redis;
+pub(crate) mod resp;
 
 pub(crate) use redis::{ClusterOptions, ClusterSettings};
 
@@ -57,11 +58,10 @@ pub(crate) async fn join(
     let bus = redis::RedisBus::start(
         &[format!("*/{manager_id}")],
         server_id.to_string(),
-        client,
-        conn,
+        &client,
         tx,
         stopping.clone(),
-    );
+    )?;
     tracing::info!(redis = %crate::options::redact_url(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
     Ok(Joined {
         bus,

@@ -5,19 +5,19 @@
 //! When Redis goes away, sends fail with [`BusError`]; the subscriber reconnects with back-off,
 //! subscribes again and reports [`Inbound::Reconnected`] so the instance rewrites its state.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::StreamExt;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
-use tokio::sync::mpsc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::bus::{Announcement, Bus, BusError, Inbound, decode_announcement, encode_announcement};
+use super::resp::{self, Reply};
 
 /// Prefix of every key and channel this server uses in Redis.
 /// Several instances behind one address.
@@ -74,10 +74,6 @@ fn client_channel(addr: &str) -> String {
     format!("{PREFIX}c:{addr}")
 }
 
-fn bus_error(e: impl std::fmt::Display) -> BusError {
-    BusError(e.to_string())
-}
-
 /// Opens a Redis client and a self-healing command connection.
 pub(crate) async fn connect(uri: &str) -> Result<(redis::Client, ConnectionManager), BusError> {
     let client = redis::Client::open(uri).map_err(|e| {
@@ -111,18 +107,18 @@ pub(crate) async fn connect(uri: &str) -> Result<(redis::Client, ConnectionManag
     Ok((client, manager))
 }
 
-/// The Redis implementation of [`Bus`].
+/// The Redis implementation of [`Bus`]. Frames go out on a connection of their own (one
+/// task writes each batch of `PUBLISH` commands and reads their receiver counts) and come in
+/// on another (one task reads the subscription and hands each message on): no task sits
+/// between a socket and the bus, and no payload is parsed twice.
 pub(crate) struct RedisBus {
     instance: String,
-    conn: ConnectionManager,
-    /// Client channels this instance wants; the subscriber restores them after a reconnect.
-    wanted: Mutex<HashSet<String>>,
-    /// The live subscription connection's command half, if connected.
-    sink: Mutex<Option<PubSubSink>>,
     /// Whether the subscription connection is up.
-    up: AtomicBool,
-    /// Frames for clients elsewhere, in order, for the publisher task.
+    up: Arc<AtomicBool>,
+    /// Frames and announcements for the publisher task, in order.
     publish: mpsc::Sender<Publish>,
+    /// Subscription changes for the subscriber task, in order.
+    control: mpsc::Sender<Control>,
 }
 
 /// A frame to publish, and who hears whether any instance holds its client.
@@ -132,47 +128,124 @@ struct Publish {
     done: super::bus::Delivered,
 }
 
+/// A change of this instance's subscriptions.
+enum Control {
+    /// Take frames for this channel; told once Redis confirms.
+    Attach(String, oneshot::Sender<Result<(), BusError>>),
+    /// Stop taking frames for this channel.
+    Detach(String),
+}
+
 /// Frames waiting for the publisher; a sender waits for room beyond this.
 const PUBLISH_QUEUE: usize = 4096;
-/// PUBLISH commands sent as one pipeline.
+/// PUBLISH commands sent as one write.
 const PUBLISH_BATCH: usize = 256;
+/// Subscription changes waiting for the subscriber.
+const CONTROL_QUEUE: usize = 4096;
+/// Channels per SUBSCRIBE when (re)subscribing everything.
+const SUBSCRIBE_CHUNK: usize = 512;
+/// A write buffer grown past this by one large batch is let go afterwards.
+const KEEP_BUFFER: usize = 1 << 20;
+/// Payloads smaller than this are copied out of the read buffer, so that one small frame
+/// waiting in a slow client's queue cannot hold a whole read buffer; larger ones are shared.
+const COPY_BELOW: usize = 16 << 10;
 
-/// Publishes frames in the order they were queued: whatever queued while one pipeline was
-/// on its way goes as the next pipeline, so under load a round trip to Redis carries many
-/// frames instead of one, and each sender still hears its frame's receiver count.
-async fn publisher(conn: ConnectionManager, mut queue: mpsc::Receiver<Publish>) {
+/// Publishes frames in the order they were queued: whatever queued while one batch was on its
+/// way goes as the next, so under load a round trip to Redis carries many frames instead of
+/// one, and each sender still hears its frame's receiver count. Every frame's `done` is
+/// called, with an error where Redis cannot be reached.
+async fn publisher(target: resp::Target, mut queue: mpsc::Receiver<Publish>) {
+    let mut conn: Option<resp::Conn> = None;
+    let mut retry_at = Instant::now();
+    let mut delay = RECONNECT_MIN;
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-    while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
-        let mut pipe = redis::pipe();
-        for frame in &batch {
-            pipe.cmd("PUBLISH")
-                .arg(&frame.channel)
-                .arg(frame.data.as_ref());
+    let mut answers = Vec::with_capacity(PUBLISH_BATCH);
+    let mut out = BytesMut::new();
+    loop {
+        let taken = match conn.as_mut() {
+            // While idle the connection is watched: Redis going away is noticed now, not by
+            // the first frame after it (whose answer would be lost with the connection).
+            Some(idle) => tokio::select! {
+                taken = queue.recv_many(&mut batch, PUBLISH_BATCH) => taken,
+                broken = idle.fill() => {
+                    let e = broken.err().unwrap_or_else(|| BusError("Redis sent something unasked".into()));
+                    tracing::warn!(error = %e, "lost the Redis connection for publishing; reconnecting");
+                    conn = None;
+                    continue;
+                }
+            },
+            None => queue.recv_many(&mut batch, PUBLISH_BATCH).await,
+        };
+        if taken == 0 {
+            return;
         }
-        let mut conn = conn.clone();
-        let answered: Result<Vec<i64>, BusError> =
-            tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async(&mut conn))
-                .await
-                .map_err(|_| BusError("Redis did not answer a PUBLISH".into()))
-                .and_then(|r| r.map_err(bus_error));
-        match answered {
-            Ok(receivers) if receivers.len() == batch.len() => {
-                for (frame, n) in batch.drain(..).zip(receivers) {
-                    (frame.done)(Ok(n > 0));
+        if conn.is_none() && Instant::now() >= retry_at {
+            match resp::Conn::open(&target, COMMAND_TIMEOUT).await {
+                Ok(opened) => {
+                    conn = Some(opened);
+                    delay = RECONNECT_MIN;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot publish to Redis");
+                    retry_at = Instant::now() + delay;
+                    delay = (delay * 2).min(RECONNECT_MAX);
                 }
             }
-            Ok(_) => {
-                for frame in batch.drain(..) {
-                    (frame.done)(Err(BusError("Redis answered a pipeline in part".into())));
-                }
+        }
+        answers.clear();
+        out.clear();
+        for frame in &batch {
+            resp::put_command(
+                &mut out,
+                &[b"PUBLISH", frame.channel.as_bytes(), &frame.data],
+            );
+        }
+        let sent = match conn.as_mut() {
+            Some(c) => tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                publish_batch(c, &out, batch.len(), &mut answers),
+            )
+            .await
+            .unwrap_or_else(|_| Err(BusError("Redis did not answer a PUBLISH".into()))),
+            None => Err(BusError("not connected to Redis".into())),
+        };
+        if let Err(e) = sent {
+            if conn.take().is_some() {
+                tracing::warn!(error = %e, "lost the Redis connection for publishing; reconnecting");
             }
-            Err(e) => {
-                for frame in batch.drain(..) {
-                    (frame.done)(Err(e.clone()));
-                }
-            }
+            answers.clear();
+            answers.resize(batch.len(), Err(e));
+        }
+        for (frame, answer) in batch.drain(..).zip(answers.drain(..)) {
+            (frame.done)(answer);
+        }
+        if out.capacity() > KEEP_BUFFER {
+            out = BytesMut::new();
         }
     }
+}
+
+/// Writes a batch of `count` PUBLISH commands as one write and reads their answers: per
+/// frame, whether any instance holds its channel.
+async fn publish_batch(
+    conn: &mut resp::Conn,
+    commands: &[u8],
+    count: usize,
+    answers: &mut Vec<Result<bool, BusError>>,
+) -> Result<(), BusError> {
+    conn.write(commands).await?;
+    while answers.len() < count {
+        answers.push(match conn.reply().await? {
+            Reply::Integer(receivers) => Ok(receivers > 0),
+            Reply::Error(e) => Err(BusError(format!("Redis refused a PUBLISH: {e}"))),
+            _ => {
+                return Err(BusError(
+                    "Redis answered a PUBLISH with something else".into(),
+                ));
+            }
+        });
+    }
+    Ok(())
 }
 
 impl RedisBus {
@@ -181,41 +254,53 @@ impl RedisBus {
     pub(crate) fn start(
         own: &[String],
         instance: String,
-        client: redis::Client,
-        conn: ConnectionManager,
+        client: &redis::Client,
         inbound: mpsc::Sender<Inbound>,
         stop: CancellationToken,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, BusError> {
+        let target = resp::Target::of(client)?;
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
-        tokio::spawn(publisher(conn.clone(), queue));
-        let bus = Arc::new(Self {
+        let (control, controls) = mpsc::channel(CONTROL_QUEUE);
+        let up = Arc::new(AtomicBool::new(false));
+        tokio::spawn(publisher(target.clone(), queue));
+        let subscriber = Subscriber {
+            instance: instance.clone(),
+            target,
+            up: up.clone(),
+            wanted: own.iter().map(|a| client_channel(a)).collect(),
+            controls,
+            inbound,
+        };
+        tokio::spawn(subscriber.run(stop));
+        Ok(Arc::new(Self {
             instance,
+            up,
             publish,
-            conn,
-            wanted: Mutex::new(own.iter().map(|a| client_channel(a)).collect()),
-            sink: Mutex::new(None),
-            up: AtomicBool::new(false),
-        });
-        tokio::spawn(subscriber(bus.clone(), client, inbound, stop));
-        bus
+            control,
+        }))
     }
 
-    fn current_sink(&self) -> Option<PubSubSink> {
-        self.sink.lock().ok().and_then(|s| s.clone())
-    }
-
-    fn wanted_snapshot(&self) -> Vec<String> {
-        self.wanted
-            .lock()
-            .map(|w| w.iter().cloned().collect())
-            .unwrap_or_default()
+    async fn queue(
+        &self,
+        channel: String,
+        data: Bytes,
+        done: super::bus::Delivered,
+    ) -> Result<(), BusError> {
+        self.publish
+            .send(Publish {
+                channel,
+                data,
+                done,
+            })
+            .await
+            .map_err(|_| BusError("the publisher has stopped".into()))
     }
 }
 
 impl Bus for RedisBus {
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
         Box::pin(async move {
-            let (done, answer) = tokio::sync::oneshot::channel();
+            let (done, answer) = oneshot::channel();
             let then: super::bus::Delivered = Box::new(move |delivered| {
                 let _ = done.send(delivered);
             });
@@ -232,59 +317,46 @@ impl Bus for RedisBus {
         data: Bytes,
         then: super::bus::Delivered,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        Box::pin(async move {
-            let frame = Publish {
-                channel: client_channel(addr),
-                data,
-                done: then,
-            };
-            self.publish
-                .send(frame)
-                .await
-                .map_err(|_| BusError("the publisher has stopped".into()))
-        })
+        Box::pin(self.queue(client_channel(addr), data, then))
     }
 
     fn announce(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            let payload = encode_announcement(&self.instance, &announcement);
-            let mut conn = self.conn.clone();
-            let _: i64 = redis::cmd("PUBLISH")
-                .arg(ANNOUNCE_CHANNEL)
-                .arg(payload)
-                .query_async(&mut conn)
+            let payload = Bytes::from(encode_announcement(&self.instance, &announcement));
+            let (done, answer) = oneshot::channel();
+            let then: super::bus::Delivered = Box::new(move |published| {
+                let _ = done.send(published);
+            });
+            self.queue(ANNOUNCE_CHANNEL.to_string(), payload, then)
+                .await?;
+            answer
                 .await
-                .map_err(bus_error)?;
-            Ok(())
+                .map_err(|_| BusError("the publisher has stopped".into()))?
+                .map(|_| ())
         })
     }
 
     fn attach<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            let channel = client_channel(addr);
-            if let Ok(mut wanted) = self.wanted.lock() {
-                wanted.insert(channel.clone());
-            }
+            let (done, confirmed) = oneshot::channel();
+            self.control
+                .send(Control::Attach(client_channel(addr), done))
+                .await
+                .map_err(|_| BusError("the subscriber has stopped".into()))?;
             // Without a connection the subscriber subscribes it when Redis is back.
-            let Some(mut sink) = self.current_sink() else {
-                return Err(BusError("not connected to Redis".into()));
-            };
-            tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&channel))
+            tokio::time::timeout(COMMAND_TIMEOUT, confirmed)
                 .await
                 .map_err(|_| BusError("Redis did not confirm a subscription".into()))?
-                .map_err(bus_error)
+                .map_err(|_| BusError("lost the Redis subscription".into()))?
         })
     }
 
     fn detach<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let channel = client_channel(addr);
-            if let Ok(mut wanted) = self.wanted.lock() {
-                wanted.remove(&channel);
-            }
-            if let Some(mut sink) = self.current_sink() {
-                let _ = tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&channel)).await;
-            }
+            let _ = self
+                .control
+                .send(Control::Detach(client_channel(addr)))
+                .await;
         })
     }
 
@@ -297,118 +369,279 @@ impl Bus for RedisBus {
     }
 }
 
-/// Keeps one subscription connection alive, forwarding what arrives to `inbound`.
-async fn subscriber(
-    bus: Arc<RedisBus>,
-    client: redis::Client,
+/// The task that holds the subscription connection and owns the set of channels this
+/// instance wants, so subscription changes and reconnects never race.
+struct Subscriber {
+    instance: String,
+    target: resp::Target,
+    up: Arc<AtomicBool>,
+    /// Client channels this instance wants (restored after a reconnect).
+    wanted: HashSet<String>,
+    controls: mpsc::Receiver<Control>,
     inbound: mpsc::Sender<Inbound>,
-    stop: CancellationToken,
-) {
-    let mut delay = RECONNECT_MIN;
-    loop {
-        let outcome = tokio::select! {
-            _ = stop.cancelled() => return,
-            outcome = subscribe_and_read(&bus, &client, &inbound, &stop) => outcome,
+}
+
+/// What one reply on the subscription connection means.
+enum Event {
+    Deliver(Inbound),
+    Subscribed(Bytes),
+    Pong,
+    Other,
+}
+
+impl Subscriber {
+    /// Keeps the subscription alive until `stop`, reconnecting with back-off.
+    async fn run(mut self, stop: CancellationToken) {
+        let mut delay = RECONNECT_MIN;
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                outcome = self.serve() => outcome,
+            };
+            let was_up = self.up.swap(false, Ordering::Relaxed);
+            match outcome {
+                // The instance stopped listening.
+                Ok(()) => return,
+                Err(e) if was_up => {
+                    tracing::warn!(error = %e, "lost the Redis subscription; reconnecting");
+                    delay = RECONNECT_MIN;
+                }
+                Err(e) => tracing::debug!(error = %e, "Redis still unavailable"),
+            }
+            // Subscription changes keep arriving while Redis is away; `wanted` follows them.
+            let until = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(until.into()) => break,
+                    control = self.controls.recv() => match control {
+                        None => return,
+                        Some(Control::Attach(channel, done)) => {
+                            self.wanted.insert(channel);
+                            let _ = done.send(Err(BusError("not connected to Redis".into())));
+                        }
+                        Some(Control::Detach(channel)) => {
+                            self.wanted.remove(&channel);
+                        }
+                    },
+                }
+            }
+            delay = (delay * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    /// One connection's life: subscribe to everything wanted, then read and apply changes
+    /// until it breaks. `Ok` when the instance no longer listens.
+    async fn serve(&mut self) -> Result<(), BusError> {
+        let mut conn = resp::Conn::open(&self.target, COMMAND_TIMEOUT).await?;
+        let mut out = BytesMut::new();
+        let channels = {
+            let channels: Vec<&[u8]> = self
+                .wanted
+                .iter()
+                .map(String::as_bytes)
+                .chain([ANNOUNCE_CHANNEL.as_bytes()])
+                .collect();
+            for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
+                let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
+                args.push(b"SUBSCRIBE");
+                args.extend_from_slice(chunk);
+                resp::put_command(&mut out, &args);
+            }
+            channels.len()
         };
-        if let Ok(mut sink) = bus.sink.lock() {
-            *sink = None;
-        }
-        if stop.is_cancelled() || inbound.is_closed() {
-            return;
-        }
-        if let Err(e) = outcome {
-            if bus.up.swap(false, Ordering::Relaxed) {
-                tracing::warn!(error = %e, "lost the Redis subscription; reconnecting");
-                delay = RECONNECT_MIN;
-            } else {
-                tracing::debug!(error = %e, "Redis still unavailable");
+        // Every channel named gets its own confirmation; once all have come, this instance
+        // hears every frame for its clients and may rewrite its shared state.
+        let mut unconfirmed = channels;
+        write(&mut conn, &out).await?;
+        let confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
+        let mut confirming: HashMap<String, VecDeque<oneshot::Sender<Result<(), BusError>>>> =
+            HashMap::new();
+        let mut controls = Vec::new();
+        let mut awaiting_pong = false;
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                read = conn.fill() => {
+                    read?;
+                    while let Some(reply) = resp::take_reply(&mut conn.read)? {
+                        match event(&self.instance, reply)? {
+                            Event::Deliver(item) => {
+                                if self.inbound.send(item).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            Event::Subscribed(channel) => {
+                                let waiting = std::str::from_utf8(&channel)
+                                    .ok()
+                                    .and_then(|c| confirming.get_mut(c))
+                                    .and_then(VecDeque::pop_front);
+                                if let Some(done) = waiting {
+                                    let _ = done.send(Ok(()));
+                                } else if unconfirmed > 0 {
+                                    unconfirmed -= 1;
+                                    if unconfirmed == 0 {
+                                        tracing::info!(channels, "subscribed to Redis");
+                                        self.up.store(true, Ordering::Relaxed);
+                                        if self.inbound.send(Inbound::Reconnected).await.is_err() {
+                                            return Ok(());
+                                        }
+                                    }
+                                }
+                            }
+                            Event::Pong => awaiting_pong = false,
+                            Event::Other => {}
+                        }
+                    }
+                    confirming.retain(|_, waiting| !waiting.is_empty());
+                }
+                taken = self.controls.recv_many(&mut controls, SUBSCRIBE_CHUNK) => {
+                    if taken == 0 {
+                        return Ok(());
+                    }
+                    out.clear();
+                    for control in controls.drain(..) {
+                        match control {
+                            Control::Attach(channel, done) => {
+                                resp::put_command(&mut out, &[b"SUBSCRIBE", channel.as_bytes()]);
+                                confirming.entry(channel.clone()).or_default().push_back(done);
+                                self.wanted.insert(channel);
+                            }
+                            Control::Detach(channel) => {
+                                resp::put_command(&mut out, &[b"UNSUBSCRIBE", channel.as_bytes()]);
+                                self.wanted.remove(&channel);
+                            }
+                        }
+                    }
+                    write(&mut conn, &out).await?;
+                }
+                _ = ping.tick() => {
+                    if awaiting_pong {
+                        return Err(BusError("Redis did not answer a ping".into()));
+                    }
+                    if unconfirmed > 0 && Instant::now() > confirm_by {
+                        return Err(BusError("Redis did not confirm the subscriptions".into()));
+                    }
+                    out.clear();
+                    resp::put_command(&mut out, &[b"PING"]);
+                    write(&mut conn, &out).await?;
+                    awaiting_pong = true;
+                }
+            }
+            if out.capacity() > KEEP_BUFFER {
+                out = BytesMut::new();
             }
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(RECONNECT_MAX);
     }
 }
 
-/// One subscription connection's life: subscribe, read until it breaks.
-async fn subscribe_and_read(
-    bus: &Arc<RedisBus>,
-    client: &redis::Client,
-    inbound: &mpsc::Sender<Inbound>,
-    stop: &CancellationToken,
-) -> Result<(), BusError> {
-    let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
+/// Writes within the command time-out.
+async fn write(conn: &mut resp::Conn, data: &[u8]) -> Result<(), BusError> {
+    tokio::time::timeout(COMMAND_TIMEOUT, conn.write(data))
         .await
-        .map_err(|_| BusError("no answer from Redis".into()))?
-        .map_err(bus_error)?;
-    let (mut sink, mut stream) = pubsub.split();
-    // The sink goes live before the snapshot: an attach racing with this reconnect either is
-    // in the snapshot or subscribes through the new sink itself.
-    if let Ok(mut current) = bus.sink.lock() {
-        *current = Some(sink.clone());
-    }
-    let mut channels = bus.wanted_snapshot();
-    channels.push(ANNOUNCE_CHANNEL.to_string());
-    for chunk in channels.chunks(512) {
-        tokio::time::timeout(COMMAND_TIMEOUT * 4, sink.subscribe(chunk))
-            .await
-            .map_err(|_| BusError("Redis did not confirm the subscriptions".into()))?
-            .map_err(bus_error)?;
-    }
-    // A detach that ran during the snapshot is undone here.
-    let left: Vec<String> = {
-        let wanted = bus.wanted.lock().map(|w| w.clone()).unwrap_or_default();
-        channels
-            .iter()
-            .filter(|c| *c != ANNOUNCE_CHANNEL && !wanted.contains(*c))
-            .cloned()
-            .collect()
-    };
-    if !left.is_empty() {
-        let _ = tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&left)).await;
-    }
-    tracing::info!(channels = channels.len(), "subscribed to Redis");
-    bus.up.store(true, Ordering::Relaxed);
-    if inbound.send(Inbound::Reconnected).await.is_err() {
-        return Ok(());
-    }
-    let mut ping = tokio::time::interval(PING_INTERVAL);
-    ping.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            message = stream.next() => {
-                let Some(message) = message else {
-                    return Err(BusError("the Redis subscription connection closed".into()));
-                };
-                let Some(item) = inbound_of(&bus.instance, &message) else { continue };
-                if inbound.send(item).await.is_err() {
-                    return Ok(());
-                }
-            }
-            _ = ping.tick() => {
-                tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>())
-                    .await
-                    .map_err(|_| BusError("Redis did not answer a ping".into()))?
-                    .map_err(bus_error)?;
-            }
+        .map_err(|_| BusError("Redis did not take a command".into()))?
+}
+
+/// What a reply on the subscription connection means here.
+fn event(instance: &str, reply: Reply) -> Result<Event, BusError> {
+    let items = match reply {
+        Reply::Array(Some(items)) => items,
+        Reply::Status(status) if status.eq_ignore_ascii_case(b"pong") => return Ok(Event::Pong),
+        Reply::Error(e) => {
+            return Err(BusError(format!(
+                "Redis refused a subscription command: {e}"
+            )));
         }
-    }
+        _ => return Ok(Event::Other),
+    };
+    let mut items = items.into_iter();
+    let (Some(kind), Some(channel)) = (items.next(), items.next()) else {
+        return Ok(Event::Other);
+    };
+    let (Some(kind), Some(channel)) = (kind.bytes(), channel.bytes()) else {
+        return Ok(Event::Other);
+    };
+    Ok(match kind.as_ref() {
+        b"message" => match items.next().as_ref().and_then(Reply::bytes) {
+            Some(payload) => {
+                inbound_of(instance, channel, payload).map_or(Event::Other, Event::Deliver)
+            }
+            None => Event::Other,
+        },
+        b"subscribe" => Event::Subscribed(channel.clone()),
+        b"pong" => Event::Pong,
+        _ => Event::Other,
+    })
 }
 
 /// What a pub/sub message means here; `None` for our own announcements and malformed ones.
-fn inbound_of(instance: &str, message: &redis::Msg) -> Option<Inbound> {
-    let channel = message.get_channel_name();
-    let payload = message.get_payload_bytes();
-    if channel == ANNOUNCE_CHANNEL {
+fn inbound_of(instance: &str, channel: &[u8], payload: &Bytes) -> Option<Inbound> {
+    if channel == ANNOUNCE_CHANNEL.as_bytes() {
         let (origin, announcement) = decode_announcement(payload)?;
         return (origin != instance).then_some(Inbound::Announced(announcement));
     }
-    let to = channel.strip_prefix(PREFIX)?.strip_prefix("c:")?;
+    let to = channel
+        .strip_prefix(PREFIX.as_bytes())?
+        .strip_prefix(b"c:")?;
+    let data = if payload.len() < COPY_BELOW {
+        Bytes::copy_from_slice(payload)
+    } else {
+        payload.clone()
+    };
     Some(Inbound::Frame {
-        to: to.to_string(),
-        data: Bytes::copy_from_slice(payload),
+        to: std::str::from_utf8(to).ok()?.to_string(),
+        data,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_replies_mean_what_they_say() {
+        let bulk = |b: &'static [u8]| Reply::Bulk(Some(Bytes::from_static(b)));
+        let message = |channel: &'static [u8], payload: &'static [u8]| {
+            Reply::Array(Some(vec![bulk(b"message"), bulk(channel), bulk(payload)]))
+        };
+        match event("i1", message(b"hypha-rtc:c:ws1/alice", b"\x80")) {
+            Ok(Event::Deliver(Inbound::Frame { to, data })) => {
+                assert_eq!(to, "ws1/alice");
+                assert_eq!(&data[..], b"\x80");
+            }
+            _ => panic!("a frame for a client"),
+        }
+        let own = encode_announcement(
+            "i1",
+            &Announcement::Kick {
+                addr: "ws1/a".into(),
+                keep: "i1".into(),
+            },
+        );
+        let own: &'static [u8] = Box::leak(own.into_boxed_slice());
+        assert!(matches!(
+            event("i1", message(ANNOUNCE_CHANNEL.as_bytes(), own)),
+            Ok(Event::Other)
+        ));
+        assert!(matches!(
+            event("i2", message(ANNOUNCE_CHANNEL.as_bytes(), own)),
+            Ok(Event::Deliver(Inbound::Announced(
+                Announcement::Kick { .. }
+            )))
+        ));
+        assert!(matches!(
+            event("i1", message(b"elsewhere", b"x")),
+            Ok(Event::Other)
+        ));
+        let confirmed = Reply::Array(Some(vec![
+            bulk(b"subscribe"),
+            bulk(b"ch"),
+            Reply::Integer(1),
+        ]));
+        assert!(matches!(event("i1", confirmed), Ok(Event::Subscribed(c)) if &c[..] == b"ch"));
+        let pong = Reply::Array(Some(vec![bulk(b"pong"), bulk(b"")]));
+        assert!(matches!(event("i1", pong), Ok(Event::Pong)));
+        assert!(event("i1", Reply::Error("NOPERM no".into())).is_err());
+    }
 }

@@ -2,6 +2,7 @@
 //! call, a `<session>.resolve` or `.reject` back to its caller closes it, a `.heartbeat` keeps
 //! it alive. A graceful shutdown waits for them; `/metrics` counts how they ended.
 
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ pub struct Outcome {
 pub struct InFlight {
     /// Hash of (caller address, session) -> the call; hashed so that looking a call up
     /// allocates nothing (a collision only blurs a count).
-    calls: DashMap<u64, Open>,
+    calls: DashMap<u64, Open, BuildHasherDefault<PreHashed>>,
     /// Calls open per caller, to bound what one caller can make the server remember.
     per_caller: DashMap<String, u32>,
     keys: std::hash::RandomState,
@@ -77,7 +78,7 @@ impl Default for InFlight {
             server_error: of(&server, "error"),
         };
         Self {
-            calls: DashMap::new(),
+            calls: DashMap::with_hasher(Default::default()),
             per_caller: DashMap::new(),
             keys: Default::default(),
             server_calls: AtomicUsize::new(0),
@@ -86,6 +87,27 @@ impl Default for InFlight {
             latency: CallLatency::default(),
             counters,
         }
+    }
+}
+
+/// Hashes a key that is already a keyed hash (of caller and session) to itself: hashing it a
+/// second time would cost a SipHash per lookup and protect nothing more.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -107,21 +129,66 @@ enum Step<'a> {
     Other,
 }
 
-fn step(frame: &Frame) -> Step<'_> {
-    let method = frame.field("method").unwrap_or("");
-    match method.rsplit_once('.') {
-        Some((session, "resolve" | "reject")) if !session.is_empty() => Step::Answers(session),
-        Some((session, "heartbeat")) if !session.is_empty() => Step::KeepsAlive(session),
-        _ => match frame.field("session") {
+/// What a frame with this `method` and `session` does to a call.
+fn step<'a>(method: Option<&'a str>, session: Option<&'a str>) -> Step<'a> {
+    match answered(method) {
+        Some(answer) => answer,
+        None => match session {
             Some(session) if !session.is_empty() => Step::Opens(session),
             _ => Step::Other,
         },
     }
 }
 
+/// The call a `method` answers or keeps alive (`<session>.resolve`, `.reject`, `.heartbeat`).
+fn answered(method: Option<&str>) -> Option<Step<'_>> {
+    match method?.rsplit_once('.') {
+        Some((session, "resolve" | "reject")) if !session.is_empty() => {
+            Some(Step::Answers(session))
+        }
+        Some((session, "heartbeat")) if !session.is_empty() => Some(Step::KeepsAlive(session)),
+        _ => None,
+    }
+}
+
 /// Whether a frame answers a call (`<session>.resolve`, `.reject` or `.heartbeat`).
 pub(crate) fn is_answer(frame: &Frame) -> bool {
-    matches!(step(frame), Step::Answers(_) | Step::KeepsAlive(_))
+    answered(frame.field("method")).is_some()
+}
+
+/// The fields of a header that say what it does to a call: `from`, `method`, `session`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(crate) struct CallFields<'a> {
+    pub from: Option<&'a str>,
+    pub method: Option<&'a str>,
+    pub session: Option<&'a str>,
+}
+
+impl<'a> CallFields<'a> {
+    /// Read from a header this server wrote, walking its entries only until these are known
+    /// (an answer needs no `session`), so the sender's `user` after them is never looked at.
+    pub(crate) fn of_trusted(header: &'a [u8]) -> Self {
+        // As with `Frame::field`, the first entry of a key counts.
+        let (mut from, mut method, mut session) = (None, None, None);
+        for (key, value) in crate::rpc::frame::header_entries(header) {
+            let slot = match key {
+                "from" => &mut from,
+                "method" => &mut method,
+                "session" => &mut session,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+            let known = session.is_some() || answered(method.flatten()).is_some();
+            if from.is_some() && method.is_some() && known {
+                break;
+            }
+        }
+        Self {
+            from: from.flatten(),
+            method: method.flatten(),
+            session: session.flatten(),
+        }
+    }
 }
 
 impl InFlight {
@@ -132,16 +199,24 @@ impl InFlight {
 
     /// Notes a frame routed from `from` to `to`.
     pub(crate) fn observe(&self, from: &str, to: &str, frame: &Frame) {
-        match step(frame) {
+        self.observe_fields(from, to, frame.field("method"), frame.field("session"));
+    }
+
+    /// Notes a frame routed from `from` to `to` by the fields that matter for calls.
+    pub(crate) fn observe_fields(
+        &self,
+        from: &str,
+        to: &str,
+        method: Option<&str>,
+        session: Option<&str>,
+    ) {
+        match step(method, session) {
             Step::Opens(session) => self.opened(from, to, session),
             Step::Answers(session) => {
                 if let Some((_, open)) = self.calls.remove(&self.key(to, session)) {
                     self.closed(&open.caller);
                     self.latency.0.observe(open.opened.elapsed().as_secs_f64());
-                    let counter = if frame
-                        .field("method")
-                        .is_some_and(|m| m.ends_with(".reject"))
-                    {
+                    let counter = if method.is_some_and(|m| m.ends_with(".reject")) {
                         &self.counters.rejected
                     } else {
                         &self.counters.resolved
@@ -289,6 +364,53 @@ mod tests {
                 .collect(),
         );
         Frame::parse(crate::rpc::frame::encode(&header, None)).unwrap()
+    }
+
+    #[test]
+    fn call_fields_of_a_trusted_header_match_the_parsed_frame() {
+        let encoded = |fields: &[(&str, &str)]| {
+            let header = rmpv::Value::Map(
+                fields
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            );
+            crate::rpc::frame::encode(&header, None)
+        };
+        let cases: [&[(&str, &str)]; 4] = [
+            &[
+                ("type", "method"),
+                ("method", "services.x.f"),
+                ("session", "s1"),
+                ("from", "ws/a"),
+                ("user", "u"),
+            ],
+            &[
+                ("method", "s1.resolve"),
+                ("to", "ws/a"),
+                ("from", "ws/b"),
+                ("user", "u"),
+            ],
+            &[
+                ("from", "ws/a"),
+                ("from", "ws/z"),
+                ("session", "s2"),
+                ("method", "m"),
+                ("session", "s3"),
+            ],
+            &[("type", "log"), ("to", "ws/b")],
+        ];
+        for case in cases {
+            let data = encoded(case);
+            let parsed = Frame::parse(data.clone()).unwrap();
+            let expected = CallFields {
+                from: parsed.field("from"),
+                method: parsed.field("method"),
+                session: parsed.field("session"),
+            };
+            assert_eq!(CallFields::of_trusted(&data), expected, "{case:?}");
+        }
+        assert_eq!(CallFields::of_trusted(b"\xc1"), CallFields::default());
     }
 
     #[test]

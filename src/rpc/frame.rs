@@ -115,6 +115,17 @@ impl Frame {
     }
 }
 
+/// The string-keyed top-level entries of a frame's header, walked lazily from the start (a
+/// value that is not a string reads as `None`): for frames this server wrote, where a few
+/// fields are wanted and the rest (the sender's `user`, the body) need not be looked at. The
+/// walk is bounded like any scan; a malformed header simply ends it.
+pub(crate) fn header_entries(data: &[u8]) -> impl Iterator<Item = (&str, Option<&str>)> {
+    map_entries(data)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((text(&data[e.key..e.value])?, text(&data[e.value..e.end]))))
+}
+
 /// Encodes a header and an optional body map into one frame.
 pub(crate) fn encode(header: &Value, body: Option<&Value>) -> Bytes {
     let mut out = super::value::encode(header);
@@ -156,6 +167,30 @@ mod tests {
             again.keys().collect::<Vec<_>>(),
             ["type", "to", "from", "ws", "user"]
         );
+    }
+
+    #[test]
+    fn header_entries_walk_lazily_and_stop_at_what_is_broken() {
+        let header = obj([
+            ("type", "method".into()),
+            ("n", 3.into()),
+            ("from", "ws/a".into()),
+        ]);
+        let mut data = crate::rpc::value::encode(&header);
+        data.extend_from_slice(&[0xc1, 0xc1]);
+        let entries: Vec<_> = header_entries(&data).collect();
+        assert_eq!(
+            entries,
+            [
+                ("type", Some("method")),
+                ("n", None),
+                ("from", Some("ws/a"))
+            ]
+        );
+        // A header cut short yields the entries before the cut, then ends.
+        let cut = &data[..data.len() - 5];
+        assert_eq!(header_entries(cut).count(), 2);
+        assert_eq!(header_entries(b"\xc1").count(), 0);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::AppState;
 use crate::auth::UserInfo;
 use crate::cluster::bus::{Announcement, Inbound};
+use crate::hub::inflight::CallFields;
 use crate::hub::{Outbound, Unsent};
 use crate::rpc::frame::Frame;
 use crate::rpc::peer::{Decoded, Incoming};
@@ -126,10 +127,14 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
 
 /// Notes the call a frame for `to` opens, answers or keeps alive.
 fn observe(state: &AppState, to: &str, data: &Bytes) {
-    if let Ok(frame) = Frame::parse(data.clone())
-        && let Some(from) = frame.field("from")
-    {
-        state.hub.inflight.observe(from, to, &frame);
+    // The header was written by the instance that published it: only the call's fields are
+    // read, not the whole header.
+    let fields = CallFields::of_trusted(data);
+    if let Some(from) = fields.from {
+        state
+            .hub
+            .inflight
+            .observe_fields(from, to, fields.method, fields.session);
     }
 }
 

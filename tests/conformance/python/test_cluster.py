@@ -23,10 +23,12 @@ pytestmark = pytest.mark.timeout(240)
 class Redis:
     """A private redis-server on a loopback port, without persistence: a restart loses all."""
 
-    def __init__(self):
+    def __init__(self, *extra, password=None):
         assert shutil.which("redis-server"), "Redis is not installed (Debian package redis-server)"
         self.port = free_port()
         self.proc = None
+        self.extra = list(extra)
+        self.password = password
         self.start()
 
     @property
@@ -36,13 +38,17 @@ class Redis:
     def start(self):
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", "/tmp"],
+             "--dir", "/tmp", *self.extra]
+            + (["--requirepass", self.password] if self.password else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self.ping, 15, "redis-server to answer PING")
 
     def ping(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            if self.password:
+                s.sendall(f"AUTH {self.password}\r\n".encode())
+                assert s.recv(16).startswith(b"+OK")
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
 
@@ -388,6 +394,53 @@ def test_instances_recover_when_redis_restarts(redis, postgres, coturn):
     finally:
         one.stop()
         two.stop()
+
+
+def test_redis_with_passwords_over_tcp_and_a_unix_socket(postgres, coturn, tmp_path):
+    """Redis that asks for a password: one instance signs in as the default user over TCP, the
+    other as an ACL user over a unix socket, and calls cross between them both ways; a wrong
+    password stops the start with a message that names Redis and never shows the password."""
+    sock = tmp_path / "redis.sock"
+    redis = Redis("--unixsocket", str(sock), "--unixsocketperm", "700",
+                  "--user", "bus", "on", ">bus-word", "~*", "&*", "+@all", password="main-word")
+    _, database_url = postgres.new_database()
+    common = ("--database-url", database_url, "--coturn-secret", COTURN_SECRET,
+              "--coturn-uri", f"127.0.0.1:{coturn.port}")
+    suffix = free_port()
+    wrong = Server("--server-id", f"wrong-{suffix}", "--redis-uri",
+                   f"redis://:not-the-word@127.0.0.1:{redis.port}/0", *common)
+    one = Server("--server-id", f"one-{suffix}", "--redis-uri",
+                 f"redis://:main-word@127.0.0.1:{redis.port}/0", *common)
+    two = Server("--server-id", f"two-{suffix}", "--redis-uri",
+                 f"redis+unix://{sock}?user=bus&pass=bus-word", *common)
+    try:
+        proc = subprocess.run([BIN, "--port", str(wrong.port), "--jwt-secret", wrong.secret, "--data-dir",
+                               str(wrong.data_dir), *wrong.extra], capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert "Redis" in proc.stderr and "not-the-word" not in proc.stderr, proc.stderr
+        one.start()
+        two.start()
+
+        async def main():
+            token = hypha_token("gus")
+            a = await connect_to_server({"server_url": one.url, "token": token, "client_id": "a"})
+            b = await connect_to_server({"server_url": two.url, "token": token, "client_id": "b"})
+            await a.register_service({"id": "s", "config": {"visibility": "protected"}, "f": lambda x: x + 1})
+            await b.register_service({"id": "s", "config": {"visibility": "protected"}, "f": lambda x: x * 2})
+            for _ in range(20):
+                assert await (await b.get_service("a:s")).f(1) == 2
+                assert await (await a.get_service("b:s")).f(5) == 10
+            for client in (a, b):
+                await client.disconnect()
+
+        run(main(), timeout=120)
+        for server in (one, two):
+            assert "not-the-word" not in server.log.read_text()
+            assert "bus-word" not in server.log.read_text() and "main-word" not in server.log.read_text()
+    finally:
+        one.stop()
+        two.stop()
+        redis.stop()
 
 
 def test_a_twin_server_id_is_refused(pair):
