@@ -431,38 +431,52 @@ impl Hub {
     /// Publishes a client's frame for another instance without waiting for Redis's answer
     /// (the connection reads its next frame meanwhile); when no instance held the target, the
     /// caller of a call hears `peer_not_found` on its own queue, as for a local target.
-    async fn send_elsewhere(
-        self: &Arc<Self>,
-        from: &str,
-        target: &str,
-        session: Option<&str>,
-        data: Bytes,
-    ) -> Result<(), SendError> {
+    async fn send_elsewhere(self: &Arc<Self>, target: &str, data: Bytes) -> Result<(), SendError> {
         let hub = self.clone();
-        let (from_addr, to) = (from.to_string(), target.to_string());
-        let session = session.map(str::to_string);
+        // What the answer needs (sender, target, session) is read back from the frame, which
+        // this server wrote, only when it was not delivered.
+        let sent = data.clone();
         let then: bus::Delivered = Box::new(move |delivered| {
             let error = match delivered {
                 Ok(true) => {
                     hub.bus_sent.inc();
                     return;
                 }
-                Ok(false) => SendError::NotConnected(to.clone()),
-                Err(e) => SendError::Bus(to.clone(), e),
+                Ok(false) => None,
+                Err(e) => Some(e),
             };
-            let Some(session) = session else { return };
-            hub.inflight.abandoned(&from_addr, &session);
-            let frame = peer_not_found(&to, &from_addr, &session, &error.to_string());
-            if let Some(handle) = hub.clients.get(&from_addr) {
-                let _ = handle
-                    .tx
-                    .try_send(Queued::unmetered(Outbound::Binary(frame)));
-            }
+            hub.undelivered(&sent, error);
         });
         self.bus
             .send_then(target, data, then)
             .await
             .map_err(|e| SendError::Bus(target.to_string(), e))
+    }
+
+    /// A frame this server wrote for another instance reached none: the caller of a call
+    /// hears `peer_not_found` on its own queue and the call stops counting.
+    fn undelivered(&self, sent: &Bytes, error: Option<bus::BusError>) {
+        let Ok(frame) = Frame::parse(sent.clone()) else {
+            return;
+        };
+        let (Some(from), Some(to), Some(session)) = (
+            frame.field("from"),
+            frame.field("to"),
+            frame.field("session"),
+        ) else {
+            return;
+        };
+        let error = match error {
+            None => SendError::NotConnected(to.to_string()),
+            Some(e) => SendError::Bus(to.to_string(), e),
+        };
+        self.inflight.abandoned(from, session);
+        let reply = peer_not_found(to, from, session, &error.to_string());
+        if let Some(handle) = self.clients.get(from) {
+            let _ = handle
+                .tx
+                .try_send(Queued::unmetered(Outbound::Binary(reply)));
+        }
     }
 
     /// Hands a binary frame to the queue of a client connected here only where that needs no
@@ -643,8 +657,7 @@ impl Hub {
         self.inflight.observe(sender.addr, &target, &frame);
         let sent = match self.send_local(&target, Outbound::Binary(out)).await {
             Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
-                self.send_elsewhere(sender.addr, &target, frame.field("session"), data)
-                    .await
+                self.send_elsewhere(&target, data).await
             }
             Err(Unsent::Elsewhere(_)) => Err(SendError::NotConnected(target.clone())),
             Err(Unsent::Failed(e)) => Err(e),
