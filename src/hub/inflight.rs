@@ -251,13 +251,14 @@ impl InFlight {
         if !counted {
             return;
         }
+        let now = Instant::now();
         let replaced = self.calls.insert(
             self.key(from, session),
             Open {
                 caller: from.to_string(),
                 callee: to.to_string(),
-                touched: Instant::now(),
-                opened: Instant::now(),
+                touched: now,
+                opened: now,
             },
         );
         if replaced.is_some() {
@@ -289,10 +290,17 @@ impl InFlight {
 
     /// One call of `caller` no longer counts.
     fn closed(&self, caller: &str) {
-        if let Some(mut open) = self.per_caller.get_mut(caller) {
-            *open = open.saturating_sub(1);
+        let none_left = match self.per_caller.get_mut(caller) {
+            Some(mut open) => {
+                *open = open.saturating_sub(1);
+                *open == 0
+            }
+            None => false,
+        };
+        // Looked up again only when it may go (another call may have opened meanwhile).
+        if none_left {
+            self.per_caller.remove_if(caller, |_, open| *open == 0);
         }
-        self.per_caller.remove_if(caller, |_, open| *open == 0);
     }
 
     /// Counts a call to the server's own services until the guard drops.
