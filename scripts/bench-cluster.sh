@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Cross-instance routing figures: starts Debian's redis-server and two release hypha-rtc
 # instances sharing it, all on loopback, then runs the load client (benches/load.rs) twice:
-# caller and responder on the same instance, then on different instances.
+# caller and responder on the same instance, then on different instances, in ROUNDS alternating
+# rounds, and prints the medians and the cross-instance ratio of each figure.
 #   scripts/bench-cluster.sh
-#   CALLS=20000 PAIRS=50 scripts/bench-cluster.sh
+#   ROUNDS=5 CALLS=20000 PAIRS=50 scripts/bench-cluster.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/common.sh
 source scripts/common.sh
 CALLS="${CALLS:-5000}"
 PAIRS="${PAIRS:-100}"
+ROUNDS="${ROUNDS:-3}"
 command -v redis-server >/dev/null || { echo "missing prerequisite: redis-server (Debian package redis-server)" >&2; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -43,7 +45,36 @@ done
 
 ONE="ws://127.0.0.1:${PORTS[0]}/ws"
 TWO="ws://127.0.0.1:${PORTS[1]}/ws"
-cargo bench --bench load -- --url "$ONE" --responder-url "$ONE" --idle 0 --calls "$CALLS" \
-    --pairs "$PAIRS" --label "same instance (two instances sharing Redis)"
-cargo bench --bench load -- --url "$ONE" --responder-url "$TWO" --idle 0 --calls "$CALLS" \
-    --pairs "$PAIRS" --label "cross-instance (through Redis)"
+cargo bench --no-run --locked --bench load
+# run_load RESPONDER_URL LABEL: prints the load client's report and appends
+# "SEQUENTIAL_P50_US PAIRS_MSGS_PER_S WINDOW_MSGS_PER_S" to $WORK/figures
+run_load() {
+    cargo bench --bench load -- --url "$ONE" --responder-url "$1" --idle 0 --calls "$CALLS" \
+        --pairs "$PAIRS" --label "$2" 2>/dev/null | tee "$WORK/last"
+    awk '
+        /routed call round trip, sequential/ { for (i = 1; i <= NF; i++) if ($i == "p50") { seq = $(i + 1); break } }
+        /100 concurrent pairs|concurrent pairs:/ { for (i = 1; i <= NF; i++) if ($i == "routed" && $(i + 1) == "messages/s") { pairs = $(i - 1) } }
+        /calls in flight/ { for (i = 1; i <= NF; i++) if ($i == "routed" && $(i + 1) == "messages/s") { win = $(i - 1) } }
+        END { if (seq == "" || pairs == "" || win == "") exit 1; print seq, pairs, win }' "$WORK/last" >>"$WORK/figures.$3" \
+        || { echo "the load client printed no figures" >&2; exit 1; }
+}
+for round in $(seq 1 "$ROUNDS"); do
+    run_load "$ONE" "round $round: same instance (two instances sharing Redis)" same
+    run_load "$TWO" "round $round: cross-instance (through Redis)" cross
+done
+python3 - "$WORK/figures.same" "$WORK/figures.cross" <<'PY'
+import statistics, sys
+same = [list(map(float, line.split())) for line in open(sys.argv[1])]
+cross = [list(map(float, line.split())) for line in open(sys.argv[2])]
+print(f"== medians of {len(same)} alternating rounds: same instance, cross-instance, ratio")
+names = ["sequential round trip p50 (us)", "routed messages/s, 1 call in flight per pair",
+         "routed messages/s, 16 calls in flight per pair"]
+for i, name in enumerate(names):
+    s, c = statistics.median(r[i] for r in same), statistics.median(r[i] for r in cross)
+    spread = ", ".join(f"{b / a:.2f}" for a, b in zip((r[i] for r in same), (r[i] for r in cross)))
+    if i == 0:
+        print(f"{name}: {s:,.0f} / {c:,.0f} (+{c - s:,.0f} us across Redis; per round +" +
+              ", +".join(f"{r2[0] - r1[0]:,.0f}" for r1, r2 in zip(same, cross)) + ")")
+    else:
+        print(f"{name}: {s:,.0f} / {c:,.0f}, ratio {c / s:.2f} (per round {spread}; goal >= 0.8)")
+PY
