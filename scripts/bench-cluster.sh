@@ -12,6 +12,7 @@ source scripts/common.sh
 CALLS="${CALLS:-5000}"
 PAIRS="${PAIRS:-100}"
 ROUNDS="${ROUNDS:-3}"
+[ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "ROUNDS must be a positive number, got '$ROUNDS'" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "missing prerequisite: redis-server (Debian package redis-server)" >&2; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -46,11 +47,12 @@ done
 ONE="ws://127.0.0.1:${PORTS[0]}/ws"
 TWO="ws://127.0.0.1:${PORTS[1]}/ws"
 cargo bench --no-run --locked --bench load
-# run_load RESPONDER_URL LABEL: prints the load client's report and appends
-# "SEQUENTIAL_P50_US PAIRS_MSGS_PER_S WINDOW_MSGS_PER_S" to $WORK/figures
+# run_load RESPONDER_URL LABEL KIND: prints the load client's report and appends
+# "SEQUENTIAL_P50_US PAIRS_MSGS_PER_S WINDOW_MSGS_PER_S" to $WORK/figures.KIND
 run_load() {
     cargo bench --bench load -- --url "$ONE" --responder-url "$1" --idle 0 --calls "$CALLS" \
-        --pairs "$PAIRS" --label "$2" 2>/dev/null | tee "$WORK/last"
+        --pairs "$PAIRS" --label "$2" 2>"$WORK/load.err" | tee "$WORK/last" \
+        || { cat "$WORK/load.err" >&2; exit 1; }
     awk '
         /routed call round trip, sequential/ { for (i = 1; i <= NF; i++) if ($i == "p50") { seq = $(i + 1); break } }
         /100 concurrent pairs|concurrent pairs:/ { for (i = 1; i <= NF; i++) if ($i == "routed" && $(i + 1) == "messages/s") { pairs = $(i - 1) } }

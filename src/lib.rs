@@ -298,7 +298,14 @@ impl App {
             bus,
             directory,
             inbound,
-        } = cluster::join(&settings.cluster, &server_id, &manager_id, &stopping).await?;
+        } = cluster::join(
+            &settings.cluster,
+            &server_id,
+            &manager_id,
+            settings.connections.max_frame_size,
+            &stopping,
+        )
+        .await?;
         let (to_server, server_frames) = tokio::sync::mpsc::channel(hub::SERVER_QUEUE);
         let hub = Arc::new(Hub::new(
             manager_id.clone(),

@@ -64,32 +64,37 @@ pub(crate) fn option_name(long: &str) -> String {
 /// `postgres://...?password=`).
 pub(crate) fn redact_url(url: &str) -> String {
     const SECRET_PARAMETERS: [&str; 3] = ["pass", "password", "sslpassword"];
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let mut out = match (base.find("://"), base.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &base[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &base[..scheme + 3], &base[at..])
+    let authority = url.find("://").map_or(0, |i| i + 3);
+    // Everything up to the last `@` may be the user part (a password may hold `?`, `/` or
+    // `@` unescaped): all of it is masked but the user name, even where the `@` was in the
+    // query after all.
+    let (mut out, rest) = match url[authority..].rfind('@') {
+        Some(at) => {
+            let user = url[authority..authority + at]
+                .split(':')
+                .next()
+                .unwrap_or("");
+            (
+                format!("{}{user}:***@", &url[..authority]),
+                &url[authority + at + 1..],
+            )
         }
-        _ => base.to_string(),
+        None => (url[..authority].to_string(), &url[authority..]),
     };
-    if let Some(query) = query {
-        let pairs: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((key, _))
-                    if SECRET_PARAMETERS.contains(&key.to_ascii_lowercase().as_str()) =>
-                {
-                    format!("{key}=***")
-                }
-                _ => pair.to_string(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&pairs.join("&"));
+    // Parameters are read wherever a `?` or `&` starts one, so that none is missed.
+    for piece in rest.split_inclusive(['?', '&']) {
+        let (body, separator) = match piece.strip_suffix(['?', '&']) {
+            Some(body) => (body, &piece[body.len()..]),
+            None => (piece, ""),
+        };
+        match body.split_once('=') {
+            Some((key, _)) if SECRET_PARAMETERS.contains(&key.to_ascii_lowercase().as_str()) => {
+                out.push_str(key);
+                out.push_str("=***");
+            }
+            _ => out.push_str(body),
+        }
+        out.push_str(separator);
     }
     out
 }
@@ -113,9 +118,16 @@ mod tests {
             redact_url("postgres://u@h/db?PassWord=secret&sslmode=require"),
             "postgres://u:***@h/db?PassWord=***&sslmode=require"
         );
+        // A `?`, `/` or `@` in the password still leaves none of it.
         assert_eq!(
-            redact_url("redis://h:6379/0?user=a@b"),
-            "redis://h:6379/0?user=a@b"
+            redact_url("redis://user:12?3/4@5@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("no-scheme?pass=x"), "no-scheme?pass=***");
+        // An `@` in the query masks more than needed, never less.
+        assert_eq!(
+            redact_url("redis://h:6379/0?user=a@b&pass=x"),
+            "redis://h:***@b&pass=***"
         );
     }
 }

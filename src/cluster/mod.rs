@@ -31,11 +31,13 @@ pub(crate) struct Joined {
 }
 
 /// Chooses the implementation once: in-process without `--redis-uri`; otherwise connects to
-/// Redis, claims this instance's id and starts the bus.
+/// Redis, claims this instance's id and starts the bus (which carries frames of up to
+/// `max_frame` bytes from clients).
 pub(crate) async fn join(
     settings: &ClusterSettings,
     server_id: &str,
     manager_id: &str,
+    max_frame: usize,
     stopping: &tokio_util::sync::CancellationToken,
 ) -> Result<Joined, ClusterError> {
     use secrecy::ExposeSecret;
@@ -59,6 +61,7 @@ pub(crate) async fn join(
         &[format!("*/{manager_id}")],
         server_id.to_string(),
         &client,
+        max_frame,
         tx,
         stopping.clone(),
     )?;

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use super::bus::{Announcement, Bus, BusError, Inbound, decode_announcement, encode_announcement};
 use super::resp::{self, Reply};
 
-/// Prefix of every key and channel this server uses in Redis.
 /// Several instances behind one address.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterOptions {
@@ -42,6 +41,7 @@ pub struct ClusterSettings {
 }
 
 impl ClusterOptions {
+    /// The options checked: a Redis URI must name a scheme this server speaks.
     pub(crate) fn settings(&self) -> Result<ClusterSettings, crate::options::SettingsError> {
         let uri = self.redis_uri.as_deref().filter(|u| !u.is_empty());
         if let Some(uri) = uri
@@ -61,6 +61,7 @@ impl ClusterOptions {
     }
 }
 
+/// Prefix of every key and channel this server uses in Redis.
 pub(crate) const PREFIX: &str = "hypha-rtc:";
 const ANNOUNCE_CHANNEL: &str = "hypha-rtc:announce";
 /// How long one Redis command may take before it counts as failed.
@@ -131,7 +132,7 @@ struct Publish {
 /// A change of this instance's subscriptions.
 enum Control {
     /// Take frames for this channel; told once Redis confirms.
-    Attach(String, oneshot::Sender<Result<(), BusError>>),
+    Attach(String, Attached),
     /// Stop taking frames for this channel.
     Detach(String),
 }
@@ -146,9 +147,11 @@ const CONTROL_QUEUE: usize = 4096;
 const SUBSCRIBE_CHUNK: usize = 512;
 /// A write buffer grown past this by one large batch is let go afterwards.
 const KEEP_BUFFER: usize = 1 << 20;
-/// Payloads smaller than this are copied out of the read buffer, so that one small frame
-/// waiting in a slow client's queue cannot hold a whole read buffer; larger ones are shared.
-const COPY_BELOW: usize = 16 << 10;
+/// Room for what the sending instance adds to a client's frame (its header's `user`), or
+/// what an announcement wraps around it, above the largest frame a client may send.
+const FRAME_HEADROOM: usize = 1 << 20;
+/// The longest reply the publishing connection takes (its replies are integers).
+const PUBLISH_REPLY_MAX: usize = 64 << 10;
 
 /// Publishes frames in the order they were queued: whatever queued while one batch was on its
 /// way goes as the next, so under load a round trip to Redis carries many frames instead of
@@ -180,7 +183,7 @@ async fn publisher(target: resp::Target, mut queue: mpsc::Receiver<Publish>) {
             return;
         }
         if conn.is_none() && Instant::now() >= retry_at {
-            match resp::Conn::open(&target, COMMAND_TIMEOUT).await {
+            match resp::Conn::open(&target, COMMAND_TIMEOUT, PUBLISH_REPLY_MAX).await {
                 Ok(opened) => {
                     conn = Some(opened);
                     delay = RECONNECT_MIN;
@@ -255,6 +258,7 @@ impl RedisBus {
         own: &[String],
         instance: String,
         client: &redis::Client,
+        max_frame: usize,
         inbound: mpsc::Sender<Inbound>,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, BusError> {
@@ -270,6 +274,7 @@ impl RedisBus {
             wanted: own.iter().map(|a| client_channel(a)).collect(),
             controls,
             inbound,
+            max_bulk: max_frame.saturating_add(FRAME_HEADROOM),
         };
         tokio::spawn(subscriber.run(stop));
         Ok(Arc::new(Self {
@@ -343,7 +348,11 @@ impl Bus for RedisBus {
                 .send(Control::Attach(client_channel(addr), done))
                 .await
                 .map_err(|_| BusError("the subscriber has stopped".into()))?;
-            // Without a connection the subscriber subscribes it when Redis is back.
+            // Without a connection the subscriber subscribes it when Redis is back; the
+            // caller need not wait for that.
+            if !self.is_up() {
+                return Err(BusError("not connected to Redis".into()));
+            }
             tokio::time::timeout(COMMAND_TIMEOUT, confirmed)
                 .await
                 .map_err(|_| BusError("Redis did not confirm a subscription".into()))?
@@ -379,6 +388,8 @@ struct Subscriber {
     wanted: HashSet<String>,
     controls: mpsc::Receiver<Control>,
     inbound: mpsc::Sender<Inbound>,
+    /// The longest message accepted from Redis.
+    max_bulk: usize,
 }
 
 /// What one reply on the subscription connection means.
@@ -393,6 +404,9 @@ impl Subscriber {
     /// Keeps the subscription alive until `stop`, reconnecting with back-off.
     async fn run(mut self, stop: CancellationToken) {
         let mut delay = RECONNECT_MIN;
+        // Each new reason Redis is unavailable is logged once as a warning (a refused
+        // password, say); the same reason again only in debug.
+        let mut last_reason = String::new();
         loop {
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -405,6 +419,11 @@ impl Subscriber {
                 Err(e) if was_up => {
                     tracing::warn!(error = %e, "lost the Redis subscription; reconnecting");
                     delay = RECONNECT_MIN;
+                    last_reason = e.to_string();
+                }
+                Err(e) if e.to_string() != last_reason => {
+                    tracing::warn!(error = %e, "Redis still unavailable");
+                    last_reason = e.to_string();
                 }
                 Err(e) => tracing::debug!(error = %e, "Redis still unavailable"),
             }
@@ -433,79 +452,43 @@ impl Subscriber {
     /// One connection's life: subscribe to everything wanted, then read and apply changes
     /// until it breaks. `Ok` when the instance no longer listens.
     async fn serve(&mut self) -> Result<(), BusError> {
-        let mut conn = resp::Conn::open(&self.target, COMMAND_TIMEOUT).await?;
+        let mut conn = resp::Conn::open(&self.target, COMMAND_TIMEOUT, self.max_bulk).await?;
         let mut out = BytesMut::new();
-        let channels = {
-            let channels: Vec<&[u8]> = self
-                .wanted
-                .iter()
-                .map(String::as_bytes)
-                .chain([ANNOUNCE_CHANNEL.as_bytes()])
-                .collect();
-            for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
-                let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
-                args.push(b"SUBSCRIBE");
-                args.extend_from_slice(chunk);
-                resp::put_command(&mut out, &args);
-            }
-            channels.len()
-        };
-        // Every channel named gets its own confirmation; once all have come, this instance
-        // hears every frame for its clients and may rewrite its shared state.
+        // Everything wanted now, subscribed a chunk at a time: the next chunk goes once the
+        // last one is confirmed, so Redis never holds more than a chunk of confirmations for
+        // this connection however many clients there are.
+        let mut initial: Vec<String> = self.wanted.iter().cloned().collect();
+        initial.push(ANNOUNCE_CHANNEL.to_string());
+        let channels = initial.len();
+        let mut initial = initial.into_iter();
+        // Each SUBSCRIBE'd channel gets one confirmation, in the order sent: per channel, who
+        // waits for each (`None`: the initial subscription).
+        let mut confirming: HashMap<String, VecDeque<Option<Attached>>> = HashMap::new();
+        let mut chunk_left = subscribe_chunk(&mut initial, &mut confirming, &mut out);
         let mut unconfirmed = channels;
         write(&mut conn, &out).await?;
-        let confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
-        let mut confirming: HashMap<String, VecDeque<oneshot::Sender<Result<(), BusError>>>> =
-            HashMap::new();
+        let mut confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
         let mut controls = Vec::new();
         let mut awaiting_pong = false;
         let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         loop {
+            out.clear();
+            // Changes first (few, bounded), then what Redis sent; the ping only when neither
+            // is waiting, so a pong that came while deliveries waited is read before the
+            // next ping is judged unanswered.
             tokio::select! {
-                read = conn.fill() => {
-                    read?;
-                    while let Some(reply) = resp::take_reply(&mut conn.read)? {
-                        match event(&self.instance, reply)? {
-                            Event::Deliver(item) => {
-                                if self.inbound.send(item).await.is_err() {
-                                    return Ok(());
-                                }
-                            }
-                            Event::Subscribed(channel) => {
-                                let waiting = std::str::from_utf8(&channel)
-                                    .ok()
-                                    .and_then(|c| confirming.get_mut(c))
-                                    .and_then(VecDeque::pop_front);
-                                if let Some(done) = waiting {
-                                    let _ = done.send(Ok(()));
-                                } else if unconfirmed > 0 {
-                                    unconfirmed -= 1;
-                                    if unconfirmed == 0 {
-                                        tracing::info!(channels, "subscribed to Redis");
-                                        self.up.store(true, Ordering::Relaxed);
-                                        if self.inbound.send(Inbound::Reconnected).await.is_err() {
-                                            return Ok(());
-                                        }
-                                    }
-                                }
-                            }
-                            Event::Pong => awaiting_pong = false,
-                            Event::Other => {}
-                        }
-                    }
-                    confirming.retain(|_, waiting| !waiting.is_empty());
-                }
+                biased;
                 taken = self.controls.recv_many(&mut controls, SUBSCRIBE_CHUNK) => {
                     if taken == 0 {
                         return Ok(());
                     }
-                    out.clear();
                     for control in controls.drain(..) {
                         match control {
                             Control::Attach(channel, done) => {
                                 resp::put_command(&mut out, &[b"SUBSCRIBE", channel.as_bytes()]);
-                                confirming.entry(channel.clone()).or_default().push_back(done);
+                                confirming.entry(channel.clone()).or_default().push_back(Some(done));
                                 self.wanted.insert(channel);
                             }
                             Control::Detach(channel) => {
@@ -516,6 +499,51 @@ impl Subscriber {
                     }
                     write(&mut conn, &out).await?;
                 }
+                read = conn.fill() => {
+                    read?;
+                    while let Some(reply) = conn.take_reply()? {
+                        match event(&self.instance, reply)? {
+                            Event::Deliver(item) => {
+                                if self.inbound.send(item).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            Event::Subscribed(channel) => {
+                                let Ok(channel) = std::str::from_utf8(&channel) else { continue };
+                                let Some(waiting) = confirming.get_mut(channel) else { continue };
+                                let waiter = waiting.pop_front();
+                                if waiting.is_empty() {
+                                    confirming.remove(channel);
+                                }
+                                match waiter {
+                                    Some(Some(done)) => {
+                                        let _ = done.send(Ok(()));
+                                    }
+                                    Some(None) => {
+                                        unconfirmed -= 1;
+                                        chunk_left -= 1;
+                                        if chunk_left == 0 && unconfirmed > 0 {
+                                            out.clear();
+                                            chunk_left = subscribe_chunk(&mut initial, &mut confirming, &mut out);
+                                            write(&mut conn, &out).await?;
+                                            confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
+                                        }
+                                        if unconfirmed == 0 {
+                                            tracing::info!(channels, "subscribed to Redis");
+                                            self.up.store(true, Ordering::Relaxed);
+                                            if self.inbound.send(Inbound::Reconnected).await.is_err() {
+                                                return Ok(());
+                                            }
+                                        }
+                                    }
+                                    None => {}
+                                }
+                            }
+                            Event::Pong => awaiting_pong = false,
+                            Event::Other => {}
+                        }
+                    }
+                }
                 _ = ping.tick() => {
                     if awaiting_pong {
                         return Err(BusError("Redis did not answer a ping".into()));
@@ -523,7 +551,6 @@ impl Subscriber {
                     if unconfirmed > 0 && Instant::now() > confirm_by {
                         return Err(BusError("Redis did not confirm the subscriptions".into()));
                     }
-                    out.clear();
                     resp::put_command(&mut out, &[b"PING"]);
                     write(&mut conn, &out).await?;
                     awaiting_pong = true;
@@ -534,6 +561,33 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// Told once Redis has confirmed an attached channel's subscription.
+type Attached = oneshot::Sender<Result<(), BusError>>;
+
+/// Writes a SUBSCRIBE for the next chunk of `channels` into `out`, noting that the initial
+/// subscription waits for each; returns how many it named.
+fn subscribe_chunk(
+    channels: &mut std::vec::IntoIter<String>,
+    confirming: &mut HashMap<String, VecDeque<Option<Attached>>>,
+    out: &mut BytesMut,
+) -> usize {
+    let chunk: Vec<String> = channels.take(SUBSCRIBE_CHUNK).collect();
+    if chunk.is_empty() {
+        return 0;
+    }
+    let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
+    args.push(b"SUBSCRIBE");
+    args.extend(chunk.iter().map(String::as_bytes));
+    resp::put_command(out, &args);
+    for channel in &chunk {
+        confirming
+            .entry(channel.clone())
+            .or_default()
+            .push_back(None);
+    }
+    chunk.len()
 }
 
 /// Writes within the command time-out.
@@ -584,14 +638,11 @@ fn inbound_of(instance: &str, channel: &[u8], payload: &Bytes) -> Option<Inbound
     let to = channel
         .strip_prefix(PREFIX.as_bytes())?
         .strip_prefix(b"c:")?;
-    let data = if payload.len() < COPY_BELOW {
-        Bytes::copy_from_slice(payload)
-    } else {
-        payload.clone()
-    };
+    // Copied out: a frame left waiting in a slow client's queue holds only its own bytes,
+    // never the read buffer it came in.
     Some(Inbound::Frame {
         to: std::str::from_utf8(to).ok()?.to_string(),
-        data,
+        data: Bytes::copy_from_slice(payload),
     })
 }
 

@@ -13,15 +13,12 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::bus::BusError;
 
-/// The longest bulk string accepted from Redis: frames are far smaller; more is a broken
-/// or hostile peer, not data.
-const MAX_BULK: usize = 256 << 20;
 /// The longest status or error line accepted.
 const MAX_LINE: usize = 16 << 10;
-/// The most items of one array reply.
-const MAX_ITEMS: usize = 1 << 16;
-/// How deeply arrays may nest (pub/sub messages and command replies nest once).
-const MAX_DEPTH: usize = 4;
+/// The most items of one array reply: the bus's replies and messages have two or three.
+const MAX_ITEMS: usize = 64;
+/// How deeply arrays may nest: the bus's replies are flat arrays.
+const MAX_DEPTH: usize = 2;
 
 /// One reply or message from Redis.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,17 +82,15 @@ fn put_header(out: &mut BytesMut, kind: u8, mut n: usize) {
     out.put_slice(b"\r\n");
 }
 
-/// Takes the first complete reply off `buf`; `None` until all of it has arrived.
-pub(crate) fn take_reply(buf: &mut BytesMut) -> Result<Option<Reply>, RespError> {
-    let Some(len) = reply_len(buf, 0, 0)? else {
-        if buf.len() > MAX_BULK + MAX_LINE {
-            return Err(RespError("a reply larger than any frame"));
-        }
+/// Takes the first complete reply off `buf`, whose bulk strings may be at most `max_bulk`
+/// bytes; `None` until all of it has arrived.
+pub(crate) fn take_reply(buf: &mut BytesMut, max_bulk: usize) -> Result<Option<Reply>, RespError> {
+    let Some(len) = reply_len(buf, 0, 0, max_bulk)? else {
         return Ok(None);
     };
     let mut whole = buf.split_to(len).freeze();
     // `reply_len` proved it whole and well formed.
-    decode(&mut whole)
+    decode(&mut whole, max_bulk)
         .ok_or(RespError("a reply that changed while read"))
         .map(Some)
 }
@@ -106,7 +101,7 @@ fn line(buf: &[u8], at: usize) -> Result<Option<(&[u8], usize)>, RespError> {
     let window = &rest[..rest.len().min(MAX_LINE + 2)];
     match window.windows(2).position(|w| w == b"\r\n") {
         Some(end) => Ok(Some((&rest[..end], at + end + 2))),
-        None if window.len() > MAX_LINE => Err(RespError("a line without an end")),
+        None if window.len() >= MAX_LINE + 2 => Err(RespError("a line without an end")),
         None => Ok(None),
     }
 }
@@ -128,7 +123,12 @@ fn length(digits: &[u8], max: usize) -> Result<Option<usize>, RespError> {
 }
 
 /// How many bytes the reply starting at `at` takes, once all of it is in `buf`.
-fn reply_len(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, RespError> {
+fn reply_len(
+    buf: &[u8],
+    at: usize,
+    depth: usize,
+    max_bulk: usize,
+) -> Result<Option<usize>, RespError> {
     let Some(&kind) = buf.get(at) else {
         return Ok(None);
     };
@@ -141,7 +141,7 @@ fn reply_len(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, RespE
             number(text)?;
             next
         }
-        b'$' => match length(text, MAX_BULK)? {
+        b'$' => match length(text, max_bulk)? {
             None => next,
             Some(n) => {
                 let end = next + n + 2;
@@ -160,7 +160,7 @@ fn reply_len(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, RespE
             }
             let mut end = next;
             for _ in 0..length(text, MAX_ITEMS)?.unwrap_or(0) {
-                match reply_len(buf, end, depth + 1)? {
+                match reply_len(buf, end, depth + 1, max_bulk)? {
                     Some(item) => end = item,
                     None => return Ok(None),
                 }
@@ -173,7 +173,7 @@ fn reply_len(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, RespE
 }
 
 /// Decodes a reply known to be whole, advancing `data` past it.
-fn decode(data: &mut Bytes) -> Option<Reply> {
+fn decode(data: &mut Bytes, max_bulk: usize) -> Option<Reply> {
     let kind = *data.first()?;
     let end = data.windows(2).position(|w| w == b"\r\n")?;
     let text = data.slice(1..end);
@@ -182,7 +182,7 @@ fn decode(data: &mut Bytes) -> Option<Reply> {
         b'+' => Reply::Status(text),
         b'-' => Reply::Error(String::from_utf8_lossy(&text).into_owned()),
         b':' => Reply::Integer(number(&text).ok()?),
-        b'$' => match length(&text, MAX_BULK).ok()? {
+        b'$' => match length(&text, max_bulk).ok()? {
             None => Reply::Bulk(None),
             Some(n) => {
                 let bulk = data.slice(..n);
@@ -195,7 +195,7 @@ fn decode(data: &mut Bytes) -> Option<Reply> {
             Some(n) => {
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    items.push(decode(data)?);
+                    items.push(decode(data, max_bulk)?);
                 }
                 Reply::Array(Some(items))
             }
@@ -248,21 +248,29 @@ enum Io {
 pub(crate) struct Conn {
     io: Io,
     /// What has arrived and is not yet taken as replies.
-    pub(crate) read: BytesMut,
+    read: BytesMut,
+    /// The longest bulk string accepted (a frame with its header); more is a broken or
+    /// hostile peer, and the connection is dropped rather than the buffer grown.
+    max_bulk: usize,
 }
 
 /// The read buffer's free room before each read.
 const READ_ROOM: usize = 64 << 10;
 
 impl Conn {
-    /// Connects and signs in, within `timeout`.
-    pub(crate) async fn open(target: &Target, timeout: Duration) -> Result<Self, BusError> {
-        tokio::time::timeout(timeout, Self::open_now(target))
+    /// Connects and signs in, within `timeout`; bulk strings longer than `max_bulk` will be
+    /// refused.
+    pub(crate) async fn open(
+        target: &Target,
+        timeout: Duration,
+        max_bulk: usize,
+    ) -> Result<Self, BusError> {
+        tokio::time::timeout(timeout, Self::open_now(target, max_bulk))
             .await
             .map_err(|_| BusError("no answer from Redis".into()))?
     }
 
-    async fn open_now(target: &Target) -> Result<Self, BusError> {
+    async fn open_now(target: &Target, max_bulk: usize) -> Result<Self, BusError> {
         let unreachable = |e: std::io::Error| BusError(format!("cannot connect to Redis: {e}"));
         let io = match &target.addr {
             Addr::Tcp(host, port) => {
@@ -278,6 +286,7 @@ impl Conn {
         let mut conn = Self {
             io,
             read: BytesMut::with_capacity(READ_ROOM),
+            max_bulk,
         };
         if let Some(password) = &target.password {
             let mut out = BytesMut::new();
@@ -321,10 +330,15 @@ impl Conn {
         Ok(())
     }
 
+    /// The next reply already read, if whole.
+    pub(crate) fn take_reply(&mut self) -> Result<Option<Reply>, RespError> {
+        take_reply(&mut self.read, self.max_bulk)
+    }
+
     /// The next reply, reading until it is whole.
     pub(crate) async fn reply(&mut self) -> Result<Reply, BusError> {
         loop {
-            if let Some(reply) = take_reply(&mut self.read)? {
+            if let Some(reply) = self.take_reply()? {
                 return Ok(reply);
             }
             self.fill().await?;
@@ -339,7 +353,7 @@ mod tests {
     fn all(wire: &[u8]) -> Result<Vec<Reply>, RespError> {
         let mut buf = BytesMut::from(wire);
         let mut out = Vec::new();
-        while let Some(reply) = take_reply(&mut buf)? {
+        while let Some(reply) = take_reply(&mut buf, 1 << 20)? {
             out.push(reply);
         }
         assert!(buf.is_empty(), "left over: {buf:?}");
@@ -384,7 +398,7 @@ mod tests {
         let wire: &[u8] = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$4\r\na\r\nb\r\n:7\r\n";
         for cut in 0..wire.len() {
             let mut buf = BytesMut::from(&wire[..cut]);
-            let first = take_reply(&mut buf).unwrap();
+            let first = take_reply(&mut buf, 1 << 20).unwrap();
             if cut < wire.len() - 4 {
                 assert_eq!(first, None, "cut at {cut}");
                 assert_eq!(buf.len(), cut, "nothing taken at {cut}");
@@ -394,7 +408,7 @@ mod tests {
             if let Some(r) = first {
                 got.push(r);
             }
-            while let Some(r) = take_reply(&mut buf).unwrap() {
+            while let Some(r) = take_reply(&mut buf, 1 << 20).unwrap() {
                 got.push(r);
             }
             assert_eq!(got.len(), 2, "cut at {cut}");
@@ -409,9 +423,9 @@ mod tests {
             b":12x\r\n",
             b"$-2\r\n",
             b"$3\r\nabcd\r\n",
-            b"*99999999\r\n",
-            b"$999999999999\r\n",
-            b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
+            b"*65\r\n",
+            b"$1048577\r\n",
+            b"*1\r\n*1\r\n*1\r\n:1\r\n",
         ] {
             assert!(all(wire).is_err(), "{:?}", String::from_utf8_lossy(wire));
         }

@@ -169,24 +169,19 @@ impl<'a> CallFields<'a> {
     /// (an answer needs no `session`), so the sender's `user` after them is never looked at.
     pub(crate) fn of_trusted(header: &'a [u8]) -> Self {
         // As with `Frame::field`, the first entry of a key counts.
-        let (mut from, mut method, mut session) = (None, None, None);
-        for (key, value) in crate::rpc::frame::header_entries(header) {
-            let slot = match key {
-                "from" => &mut from,
-                "method" => &mut method,
-                "session" => &mut session,
-                _ => continue,
-            };
-            slot.get_or_insert(value);
-            let known = session.is_some() || answered(method.flatten()).is_some();
-            if from.is_some() && method.is_some() && known {
-                break;
-            }
-        }
+        let [from, method, session] = crate::rpc::frame::trusted_fields(
+            header,
+            ["from", "method", "session"],
+            |[from, method, session]| {
+                from.is_some()
+                    && method.is_some()
+                    && (session.is_some() || answered(method.flatten()).is_some())
+            },
+        );
         Self {
-            from: from.flatten(),
-            method: method.flatten(),
-            session: session.flatten(),
+            from,
+            method,
+            session,
         }
     }
 }

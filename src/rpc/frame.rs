@@ -126,6 +126,26 @@ pub(crate) fn header_entries(data: &[u8]) -> impl Iterator<Item = (&str, Option<
         .filter_map(|e| Some((text(&data[e.key..e.value])?, text(&data[e.value..e.end]))))
 }
 
+/// The first value of each of `keys` in a header this server wrote (see [`header_entries`]),
+/// walking its entries only until `enough` says what was found so far will do (a key not
+/// seen yet is `None`, a key whose value is not a string `Some(None)`).
+pub(crate) fn trusted_fields<'a, const N: usize>(
+    data: &'a [u8],
+    keys: [&str; N],
+    enough: impl Fn(&[Option<Option<&'a str>>; N]) -> bool,
+) -> [Option<&'a str>; N] {
+    let mut found = [None; N];
+    for (key, value) in header_entries(data) {
+        if let Some(i) = keys.iter().position(|k| *k == key) {
+            found[i].get_or_insert(value);
+            if enough(&found) {
+                break;
+            }
+        }
+    }
+    found.map(Option::flatten)
+}
+
 /// Encodes a header and an optional body map into one frame.
 pub(crate) fn encode(header: &Value, body: Option<&Value>) -> Bytes {
     let mut out = super::value::encode(header);

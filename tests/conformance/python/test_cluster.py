@@ -52,6 +52,20 @@ class Redis:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
 
+    def command(self, *args):
+        """Sends one command (signed in as the default user where there is a password) and
+        returns the raw reply."""
+        def encode(*words):
+            return f"*{len(words)}\r\n".encode() + b"".join(
+                f"${len(w.encode())}\r\n{w}\r\n".encode() for w in words)
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            if self.password:
+                s.sendall(encode("AUTH", self.password))
+                assert s.recv(64).startswith(b"+OK")
+            s.sendall(encode(*args))
+            return s.recv(4096)
+
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
@@ -430,13 +444,35 @@ def test_redis_with_passwords_over_tcp_and_a_unix_socket(postgres, coturn, tmp_p
             for _ in range(20):
                 assert await (await b.get_service("a:s")).f(1) == 2
                 assert await (await a.get_service("b:s")).f(5) == 10
+
+            # The ACL user's password changes under the second instance and its connections
+            # are cut: its bus is refused (and says so), then comes back with the password.
+            assert redis.command("ACL", "SETUSER", "bus", "resetpass", ">other-word").startswith(b"+OK")
+            assert redis.command("CLIENT", "KILL", "USER", "bus").startswith(b":")
+
+            def bus_up():
+                _, metrics, _ = two.http_text("/metrics")
+                found = re.search(r"^hypha_rtc_bus_up (\d+)", metrics, re.M)
+                assert found, metrics
+                return found.group(1) == "1"
+
+            await poll("the refusal in the log", lambda: asyncio.to_thread(
+                lambda: "Redis refused to sign in" in two.log.read_text() and not bus_up()))
+            assert redis.command("ACL", "SETUSER", "bus", "resetpass", ">bus-word").startswith(b"+OK")
+            await poll("the bus back", lambda: asyncio.to_thread(bus_up))
+
+            async def crosses():
+                return await (await a.get_service("b:s")).f(6) == 12
+
+            await poll("a call across again", crosses)
             for client in (a, b):
                 await client.disconnect()
 
         run(main(), timeout=120)
         for server in (one, two):
             assert "not-the-word" not in server.log.read_text()
-            assert "bus-word" not in server.log.read_text() and "main-word" not in server.log.read_text()
+            for word in ("bus-word", "main-word", "other-word"):
+                assert word not in server.log.read_text()
     finally:
         one.stop()
         two.stop()
