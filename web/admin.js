@@ -86,9 +86,10 @@
       const user = await api("/api/admin/users", {
         email: form.email.value, password: form.password.value, admin: form.admin.checked,
       });
-      say(`Added ${user.email}${user.roles.length ? " (" + user.roles.join(", ") + ")" : ""}.`, "ok");
       form.reset();
+      // The table shows the new user by the time the message says so.
       await loadUsers();
+      say(`Added ${user.email}${user.roles.length ? " (" + user.roles.join(", ") + ")" : ""}.`, "ok");
     } catch (e) { say(e.message, "bad"); }
   };
 
