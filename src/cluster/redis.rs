@@ -464,7 +464,8 @@ impl Subscriber {
         // Each SUBSCRIBE'd channel gets one confirmation, in the order sent: per channel, who
         // waits for each (`None`: the initial subscription).
         let mut confirming: HashMap<String, VecDeque<Option<Attached>>> = HashMap::new();
-        let mut chunk_left = subscribe_chunk(&mut initial, &mut confirming, &mut out);
+        let (mut chunk_left, _) =
+            subscribe_chunk(&mut initial, &self.wanted, &mut confirming, &mut out);
         let mut unconfirmed = channels;
         write(&mut conn, &out).await?;
         let mut confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
@@ -524,9 +525,18 @@ impl Subscriber {
                                         chunk_left -= 1;
                                         if chunk_left == 0 && unconfirmed > 0 {
                                             out.clear();
-                                            chunk_left = subscribe_chunk(&mut initial, &mut confirming, &mut out);
-                                            write(&mut conn, &out).await?;
-                                            confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
+                                            let skipped;
+                                            (chunk_left, skipped) = subscribe_chunk(
+                                                &mut initial,
+                                                &self.wanted,
+                                                &mut confirming,
+                                                &mut out,
+                                            );
+                                            unconfirmed -= skipped;
+                                            if chunk_left > 0 {
+                                                write(&mut conn, &out).await?;
+                                                confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
+                                            }
                                         }
                                         if unconfirmed == 0 {
                                             tracing::info!(channels, "subscribed to Redis");
@@ -567,15 +577,28 @@ impl Subscriber {
 type Attached = oneshot::Sender<Result<(), BusError>>;
 
 /// Writes a SUBSCRIBE for the next chunk of `channels` into `out`, noting that the initial
-/// subscription waits for each; returns how many it named.
+/// subscription waits for each; a client channel no longer `wanted` (detached meanwhile) is
+/// left out. Returns how many it named and how many it left out.
 fn subscribe_chunk(
     channels: &mut std::vec::IntoIter<String>,
+    wanted: &HashSet<String>,
     confirming: &mut HashMap<String, VecDeque<Option<Attached>>>,
     out: &mut BytesMut,
-) -> usize {
-    let chunk: Vec<String> = channels.take(SUBSCRIBE_CHUNK).collect();
+) -> (usize, usize) {
+    let mut chunk = Vec::with_capacity(SUBSCRIBE_CHUNK.min(channels.len()));
+    let mut skipped = 0;
+    while chunk.len() < SUBSCRIBE_CHUNK {
+        let Some(channel) = channels.next() else {
+            break;
+        };
+        if channel == ANNOUNCE_CHANNEL || wanted.contains(&channel) {
+            chunk.push(channel);
+        } else {
+            skipped += 1;
+        }
+    }
     if chunk.is_empty() {
-        return 0;
+        return (0, skipped);
     }
     let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
     args.push(b"SUBSCRIBE");
@@ -587,7 +610,7 @@ fn subscribe_chunk(
             .or_default()
             .push_back(None);
     }
-    chunk.len()
+    (chunk.len(), skipped)
 }
 
 /// Writes within the command time-out.
@@ -649,6 +672,42 @@ fn inbound_of(instance: &str, channel: &[u8], payload: &Bytes) -> Option<Inbound
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn initial_subscriptions_go_in_chunks_without_what_was_detached() {
+        let mut wanted: HashSet<String> = (0..1200).map(|i| format!("c{i}")).collect();
+        let mut all: Vec<String> = wanted.iter().cloned().collect();
+        all.push(ANNOUNCE_CHANNEL.to_string());
+        let total = all.len();
+        let mut channels = all.into_iter();
+        let mut confirming = HashMap::new();
+        let mut out = BytesMut::new();
+        let (first, skipped) = subscribe_chunk(&mut channels, &wanted, &mut confirming, &mut out);
+        assert_eq!((first, skipped), (SUBSCRIBE_CHUNK, 0));
+        assert!(
+            out.starts_with(format!("*{}\r\n$9\r\nSUBSCRIBE\r\n", SUBSCRIBE_CHUNK + 1).as_bytes())
+        );
+        // Detached meanwhile: left out of the later chunks and not waited for.
+        let later: Vec<String> = channels.as_slice().to_vec();
+        for gone in &later[..100] {
+            wanted.remove(gone);
+        }
+        let (mut named, mut left_out) = (first, 0);
+        loop {
+            out.clear();
+            let (n, s) = subscribe_chunk(&mut channels, &wanted, &mut confirming, &mut out);
+            if n == 0 && s == 0 {
+                break;
+            }
+            assert!(n <= SUBSCRIBE_CHUNK);
+            named += n;
+            left_out += s;
+        }
+        assert_eq!((named, left_out), (total - 100, 100));
+        assert_eq!(confirming.len(), total - 100);
+        assert!(confirming.contains_key(ANNOUNCE_CHANNEL));
+        assert!(later[..100].iter().all(|c| !confirming.contains_key(c)));
+    }
 
     #[test]
     fn subscription_replies_mean_what_they_say() {
