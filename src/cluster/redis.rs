@@ -196,20 +196,23 @@ async fn publisher(target: resp::Target, mut queue: mpsc::Receiver<Publish>) {
             }
         }
         answers.clear();
-        out.clear();
-        for frame in &batch {
-            resp::put_command(
-                &mut out,
-                &[b"PUBLISH", frame.channel.as_bytes(), &frame.data],
-            );
-        }
         let sent = match conn.as_mut() {
-            Some(c) => tokio::time::timeout(
-                COMMAND_TIMEOUT,
-                publish_batch(c, &out, batch.len(), &mut answers),
-            )
-            .await
-            .unwrap_or_else(|_| Err(BusError("Redis did not answer a PUBLISH".into()))),
+            // Encoded only when there is a connection to write it to.
+            Some(c) => {
+                out.clear();
+                for frame in &batch {
+                    resp::put_command(
+                        &mut out,
+                        &[b"PUBLISH", frame.channel.as_bytes(), &frame.data],
+                    );
+                }
+                tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    publish_batch(c, &out, batch.len(), &mut answers),
+                )
+                .await
+                .unwrap_or_else(|_| Err(BusError("Redis did not answer a PUBLISH".into())))
+            }
             None => Err(BusError("not connected to Redis".into())),
         };
         if let Err(e) = sent {
@@ -300,20 +303,23 @@ impl RedisBus {
             .await
             .map_err(|_| BusError("the publisher has stopped".into()))
     }
+
+    /// Publishes and waits for Redis's answer: whether any instance took it.
+    async fn publish_and_wait(&self, channel: String, data: Bytes) -> Result<bool, BusError> {
+        let (done, answer) = oneshot::channel();
+        let then: super::bus::Delivered = Box::new(move |delivered| {
+            let _ = done.send(delivered);
+        });
+        self.queue(channel, data, then).await?;
+        answer
+            .await
+            .map_err(|_| BusError("the publisher has stopped".into()))?
+    }
 }
 
 impl Bus for RedisBus {
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
-        Box::pin(async move {
-            let (done, answer) = oneshot::channel();
-            let then: super::bus::Delivered = Box::new(move |delivered| {
-                let _ = done.send(delivered);
-            });
-            self.send_then(addr, data, then).await?;
-            answer
-                .await
-                .map_err(|_| BusError("the publisher has stopped".into()))?
-        })
+        Box::pin(self.publish_and_wait(client_channel(addr), data))
     }
 
     fn send_then<'a>(
@@ -328,15 +334,8 @@ impl Bus for RedisBus {
     fn announce(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
             let payload = Bytes::from(encode_announcement(&self.instance, &announcement));
-            let (done, answer) = oneshot::channel();
-            let then: super::bus::Delivered = Box::new(move |published| {
-                let _ = done.send(published);
-            });
-            self.queue(ANNOUNCE_CHANNEL.to_string(), payload, then)
-                .await?;
-            answer
+            self.publish_and_wait(ANNOUNCE_CHANNEL.to_string(), payload)
                 .await
-                .map_err(|_| BusError("the publisher has stopped".into()))?
                 .map(|_| ())
         })
     }
@@ -454,19 +453,12 @@ impl Subscriber {
     async fn serve(&mut self) -> Result<(), BusError> {
         let mut conn = resp::Conn::open(&self.target, COMMAND_TIMEOUT, self.max_bulk).await?;
         let mut out = BytesMut::new();
-        // Everything wanted now, subscribed a chunk at a time: the next chunk goes once the
-        // last one is confirmed, so Redis never holds more than a chunk of confirmations for
-        // this connection however many clients there are.
+        // Everything wanted now, subscribed a chunk at a time.
         let mut initial: Vec<String> = self.wanted.iter().cloned().collect();
         initial.push(ANNOUNCE_CHANNEL.to_string());
         let channels = initial.len();
-        let mut initial = initial.into_iter();
-        // Each SUBSCRIBE'd channel gets one confirmation, in the order sent: per channel, who
-        // waits for each (`None`: the initial subscription).
-        let mut confirming: HashMap<String, VecDeque<Option<Attached>>> = HashMap::new();
-        let (mut chunk_left, _) =
-            subscribe_chunk(&mut initial, &self.wanted, &mut confirming, &mut out);
-        let mut unconfirmed = channels;
+        let mut confirmations = Confirmations::new(initial);
+        confirmations.next_chunk(&self.wanted, &mut out);
         write(&mut conn, &out).await?;
         let mut confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
         let mut controls = Vec::new();
@@ -489,7 +481,7 @@ impl Subscriber {
                         match control {
                             Control::Attach(channel, done) => {
                                 resp::put_command(&mut out, &[b"SUBSCRIBE", channel.as_bytes()]);
-                                confirming.entry(channel.clone()).or_default().push_back(Some(done));
+                                confirmations.attached(channel.clone(), done);
                                 self.wanted.insert(channel);
                             }
                             Control::Detach(channel) => {
@@ -510,43 +502,18 @@ impl Subscriber {
                                 }
                             }
                             Event::Subscribed(channel) => {
-                                let Ok(channel) = std::str::from_utf8(&channel) else { continue };
-                                let Some(waiting) = confirming.get_mut(channel) else { continue };
-                                let waiter = waiting.pop_front();
-                                if waiting.is_empty() {
-                                    confirming.remove(channel);
+                                out.clear();
+                                let all = confirmations.confirmed(&channel, &self.wanted, &mut out);
+                                if !out.is_empty() {
+                                    write(&mut conn, &out).await?;
+                                    confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
                                 }
-                                match waiter {
-                                    Some(Some(done)) => {
-                                        let _ = done.send(Ok(()));
+                                if all {
+                                    tracing::info!(channels, "subscribed to Redis");
+                                    self.up.store(true, Ordering::Relaxed);
+                                    if self.inbound.send(Inbound::Reconnected).await.is_err() {
+                                        return Ok(());
                                     }
-                                    Some(None) => {
-                                        unconfirmed -= 1;
-                                        chunk_left -= 1;
-                                        if chunk_left == 0 && unconfirmed > 0 {
-                                            out.clear();
-                                            let skipped;
-                                            (chunk_left, skipped) = subscribe_chunk(
-                                                &mut initial,
-                                                &self.wanted,
-                                                &mut confirming,
-                                                &mut out,
-                                            );
-                                            unconfirmed -= skipped;
-                                            if chunk_left > 0 {
-                                                write(&mut conn, &out).await?;
-                                                confirm_by = Instant::now() + COMMAND_TIMEOUT * 4;
-                                            }
-                                        }
-                                        if unconfirmed == 0 {
-                                            tracing::info!(channels, "subscribed to Redis");
-                                            self.up.store(true, Ordering::Relaxed);
-                                            if self.inbound.send(Inbound::Reconnected).await.is_err() {
-                                                return Ok(());
-                                            }
-                                        }
-                                    }
-                                    None => {}
                                 }
                             }
                             Event::Pong => awaiting_pong = false,
@@ -558,7 +525,7 @@ impl Subscriber {
                     if awaiting_pong {
                         return Err(BusError("Redis did not answer a ping".into()));
                     }
-                    if unconfirmed > 0 && Instant::now() > confirm_by {
+                    if !confirmations.initial_done() && Instant::now() > confirm_by {
                         return Err(BusError("Redis did not confirm the subscriptions".into()));
                     }
                     resp::put_command(&mut out, &[b"PING"]);
@@ -576,41 +543,104 @@ impl Subscriber {
 /// Told once Redis has confirmed an attached channel's subscription.
 type Attached = oneshot::Sender<Result<(), BusError>>;
 
-/// Writes a SUBSCRIBE for the next chunk of `channels` into `out`, noting that the initial
-/// subscription waits for each; a client channel no longer `wanted` (detached meanwhile) is
-/// left out. Returns how many it named and how many it left out.
-fn subscribe_chunk(
-    channels: &mut std::vec::IntoIter<String>,
-    wanted: &HashSet<String>,
-    confirming: &mut HashMap<String, VecDeque<Option<Attached>>>,
-    out: &mut BytesMut,
-) -> (usize, usize) {
-    let mut chunk = Vec::with_capacity(SUBSCRIBE_CHUNK.min(channels.len()));
-    let mut skipped = 0;
-    while chunk.len() < SUBSCRIBE_CHUNK {
-        let Some(channel) = channels.next() else {
-            break;
-        };
-        if channel == ANNOUNCE_CHANNEL || wanted.contains(&channel) {
-            chunk.push(channel);
-        } else {
-            skipped += 1;
+/// The subscriptions one connection waits for Redis to confirm. Each channel a SUBSCRIBE
+/// names gets one confirmation, in the order sent: per channel, who waits for each (`None`:
+/// the initial subscription). The initial subscription goes a chunk at a time, the next once
+/// the last is confirmed, so Redis never holds more than a chunk of confirmations for this
+/// connection however many clients there are.
+struct Confirmations {
+    waiting: HashMap<String, VecDeque<Option<Attached>>>,
+    /// The initial subscription's channels not sent yet.
+    initial: std::vec::IntoIter<String>,
+    /// Initial subscriptions not confirmed yet, sent or not.
+    unconfirmed: usize,
+    /// Of those, the ones sent in the last chunk.
+    chunk_left: usize,
+}
+
+impl Confirmations {
+    fn new(initial: Vec<String>) -> Self {
+        Self {
+            waiting: HashMap::new(),
+            unconfirmed: initial.len(),
+            initial: initial.into_iter(),
+            chunk_left: 0,
         }
     }
-    if chunk.is_empty() {
-        return (0, skipped);
+
+    /// Whether every channel of the initial subscription is confirmed.
+    fn initial_done(&self) -> bool {
+        self.unconfirmed == 0
     }
-    let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
-    args.push(b"SUBSCRIBE");
-    args.extend(chunk.iter().map(String::as_bytes));
-    resp::put_command(out, &args);
-    for channel in &chunk {
-        confirming
-            .entry(channel.clone())
+
+    /// A SUBSCRIBE for `channel` went out; `done` hears its confirmation.
+    fn attached(&mut self, channel: String, done: Attached) {
+        self.waiting
+            .entry(channel)
             .or_default()
-            .push_back(None);
+            .push_back(Some(done));
     }
-    (chunk.len(), skipped)
+
+    /// Writes a SUBSCRIBE for the next chunk of the initial subscription into `out`; a client
+    /// channel no longer `wanted` (detached meanwhile) is left out. Returns how many it named
+    /// and how many it left out.
+    fn next_chunk(&mut self, wanted: &HashSet<String>, out: &mut BytesMut) -> (usize, usize) {
+        let mut chunk = Vec::with_capacity(SUBSCRIBE_CHUNK.min(self.initial.len()));
+        let mut skipped = 0;
+        while chunk.len() < SUBSCRIBE_CHUNK {
+            let Some(channel) = self.initial.next() else {
+                break;
+            };
+            if channel == ANNOUNCE_CHANNEL || wanted.contains(&channel) {
+                chunk.push(channel);
+            } else {
+                skipped += 1;
+            }
+        }
+        self.unconfirmed -= skipped;
+        self.chunk_left = chunk.len();
+        if !chunk.is_empty() {
+            let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
+            args.push(b"SUBSCRIBE");
+            args.extend(chunk.iter().map(String::as_bytes));
+            resp::put_command(out, &args);
+        }
+        for channel in chunk {
+            self.waiting.entry(channel).or_default().push_back(None);
+        }
+        (self.chunk_left, skipped)
+    }
+
+    /// Redis confirmed `channel`: whoever waited for it hears so, and the last confirmation
+    /// of a chunk writes the next chunk into `out`. True when that completed the initial
+    /// subscription.
+    fn confirmed(&mut self, channel: &[u8], wanted: &HashSet<String>, out: &mut BytesMut) -> bool {
+        let Ok(channel) = std::str::from_utf8(channel) else {
+            return false;
+        };
+        let Some(waiting) = self.waiting.get_mut(channel) else {
+            return false;
+        };
+        let waiter = waiting.pop_front();
+        if waiting.is_empty() {
+            self.waiting.remove(channel);
+        }
+        match waiter {
+            Some(Some(done)) => {
+                let _ = done.send(Ok(()));
+                false
+            }
+            Some(None) => {
+                self.unconfirmed -= 1;
+                self.chunk_left -= 1;
+                if self.chunk_left == 0 && self.unconfirmed > 0 {
+                    self.next_chunk(wanted, out);
+                }
+                self.unconfirmed == 0
+            }
+            None => false,
+        }
+    }
 }
 
 /// Writes within the command time-out.
@@ -679,23 +709,22 @@ mod tests {
         let mut all: Vec<String> = wanted.iter().cloned().collect();
         all.push(ANNOUNCE_CHANNEL.to_string());
         let total = all.len();
-        let mut channels = all.into_iter();
-        let mut confirming = HashMap::new();
+        let mut confirmations = Confirmations::new(all);
         let mut out = BytesMut::new();
-        let (first, skipped) = subscribe_chunk(&mut channels, &wanted, &mut confirming, &mut out);
+        let (first, skipped) = confirmations.next_chunk(&wanted, &mut out);
         assert_eq!((first, skipped), (SUBSCRIBE_CHUNK, 0));
         assert!(
             out.starts_with(format!("*{}\r\n$9\r\nSUBSCRIBE\r\n", SUBSCRIBE_CHUNK + 1).as_bytes())
         );
         // Detached meanwhile: left out of the later chunks and not waited for.
-        let later: Vec<String> = channels.as_slice().to_vec();
+        let later: Vec<String> = confirmations.initial.as_slice().to_vec();
         for gone in &later[..100] {
             wanted.remove(gone);
         }
         let (mut named, mut left_out) = (first, 0);
         loop {
             out.clear();
-            let (n, s) = subscribe_chunk(&mut channels, &wanted, &mut confirming, &mut out);
+            let (n, s) = confirmations.next_chunk(&wanted, &mut out);
             if n == 0 && s == 0 {
                 break;
             }
@@ -704,6 +733,7 @@ mod tests {
             left_out += s;
         }
         assert_eq!((named, left_out), (total - 100, 100));
+        let confirming = &confirmations.waiting;
         assert_eq!(confirming.len(), total - 100);
         assert!(confirming.contains_key(ANNOUNCE_CHANNEL));
         assert!(later[..100].iter().all(|c| !confirming.contains_key(c)));
