@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod net;

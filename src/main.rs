@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use hypha_rtc::App;
 use hypha_rtc::config::{LogFormat, Settings, SettingsError};
+use hypha_rtc::logging::LogQueue;
 
 /// mimalloc: fewer cycles per allocation than the system allocator on the request paths, and
 /// it hands freed memory back to the system once connections leave.
@@ -60,7 +61,9 @@ fn main() -> ExitCode {
     match runtime {
         Ok(runtime) => {
             reclaim::start(runtime.handle().clone());
-            runtime.block_on(serve())
+            let code = runtime.block_on(serve());
+            flush_log();
+            code
         }
         Err(e) => {
             eprintln!("hypha-rtc: cannot start the runtime: {e}");
@@ -99,6 +102,7 @@ async fn serve() -> ExitCode {
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(e) => {
+            flush_log();
             eprintln!("hypha-rtc: {e}");
             return ExitCode::from(1);
         }
@@ -106,6 +110,7 @@ async fn serve() -> ExitCode {
     match app.run_until_stopped().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            flush_log();
             eprintln!("hypha-rtc: {e}");
             ExitCode::from(1)
         }
@@ -143,12 +148,37 @@ fn init_logging(settings: &Settings) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if settings.server.log_format == LogFormat::Json {
-        builder.json().init();
-    } else {
-        builder.init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let json = settings.server.log_format == LogFormat::Json;
+    match LogQueue::start(std::io::stderr(), hypha_rtc::logging::MAX_PENDING) {
+        Ok(queue) => {
+            let _ = LOG_QUEUE.set(queue.clone());
+            let builder = builder.with_writer(queue);
+            if json {
+                builder.json().init()
+            } else {
+                builder.init()
+            }
+        }
+        // No thread for the log: each line is written by whoever logs it.
+        Err(_) => {
+            let builder = builder.with_writer(std::io::stderr);
+            if json {
+                builder.json().init()
+            } else {
+                builder.init()
+            }
+        }
+    }
+}
+
+/// The log thread's queue, written out before the process ends.
+static LOG_QUEUE: std::sync::OnceLock<LogQueue> = std::sync::OnceLock::new();
+
+/// Writes out the log lines still queued (the last ones of a shutdown).
+fn flush_log() {
+    if let Some(queue) = LOG_QUEUE.get() {
+        queue.close(std::time::Duration::from_secs(2));
     }
 }
 

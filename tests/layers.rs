@@ -13,6 +13,7 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("ids", "*"),
     ("options", "*"),
     ("memory", "*"),
+    ("logging", "*"),
     ("store", "auth rpc hub http services workspace cluster lib"),
     ("auth", "rpc hub http services workspace cluster lib"),
     ("rpc", "hub http services workspace cluster error lib"),

@@ -1,0 +1,287 @@
+//! Log lines go out from a thread of their own. A runtime worker that logs only appends its
+//! formatted line to a bounded buffer; the log thread writes whatever gathered meanwhile in one
+//! system call, then lingers a moment so that the next lines gather too (a worker wakes it
+//! only when it is asleep on an empty buffer). A slow or stalled log reader (a pipe nobody drains, a busy journal) then never
+//! holds up a connection, and a burst of lines (a crowd connecting) costs one write per batch
+//! instead of one per line. When the buffer is full, lines are dropped and counted, and the
+//! count is written as soon as there is room.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Bytes of lines waiting to be written, at most; a line that does not fit is dropped.
+pub const MAX_PENDING: usize = 1024 * 1024;
+/// The log thread's own buffer is given back when a burst left it larger than this.
+const KEEP: usize = 64 * 1024;
+/// How long the log thread lets lines gather after a write: under a burst, at most one write
+/// and no wakeups per this long; a line waits at most this long besides the write itself.
+const LINGER: Duration = Duration::from_millis(1);
+
+/// A handle to the log thread: a `tracing_subscriber` writer (cheap to clone).
+#[derive(Clone)]
+pub struct LogQueue {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a line lands while the log thread sleeps on an empty buffer, and when
+    /// closing.
+    wake: Condvar,
+    /// Signalled each time the log thread has written a batch.
+    written: Condvar,
+    bound: usize,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Vec<u8>,
+    dropped: u64,
+    /// A batch is being written (taken out of `pending`, not yet in the sink).
+    writing: bool,
+    /// The log thread waits on `wake` (and nobody has woken it yet).
+    asleep: bool,
+    closing: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bytes and counters: still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl LogQueue {
+    /// Starts the log thread writing into `sink`, with at most `bound` bytes waiting.
+    pub fn start(sink: impl Write + Send + 'static, bound: usize) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            written: Condvar::new(),
+            bound,
+        });
+        let own = shared.clone();
+        std::thread::Builder::new()
+            .name("log".into())
+            .spawn(move || write_until_closed(&own, sink))?;
+        Ok(Self { shared })
+    }
+
+    /// Queues one formatted line (or several); drops it when the queue is full.
+    pub fn push(&self, line: &[u8]) {
+        let mut state = self.shared.lock();
+        if state.pending.len() + line.len() > self.shared.bound {
+            state.dropped += 1;
+            return;
+        }
+        state.pending.extend_from_slice(line);
+        let wake = std::mem::take(&mut state.asleep);
+        drop(state);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Writes out what is queued and stops the log thread; waits at most `limit`. Lines pushed
+    /// afterwards are still written while the thread runs, then dropped. Returns whether
+    /// everything queued was written.
+    pub fn close(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut state = self.shared.lock();
+        state.closing = true;
+        self.shared.wake.notify_one();
+        while !state.pending.is_empty() || state.writing {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .shared
+                .written
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+/// The log thread: waits for lines, writes each batch with one call, until closed and empty.
+fn write_until_closed(shared: &Shared, mut sink: impl Write) {
+    let mut batch = Vec::new();
+    loop {
+        let mut state = shared.lock();
+        while state.pending.is_empty() && !state.closing {
+            state.asleep = true;
+            state = shared
+                .wake
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.asleep = false;
+        if state.pending.is_empty() {
+            return;
+        }
+        std::mem::swap(&mut batch, &mut state.pending);
+        let dropped = std::mem::take(&mut state.dropped);
+        state.writing = true;
+        drop(state);
+        // Nothing is left to report a failing sink to: its errors are ignored.
+        let _ = sink.write_all(&batch);
+        if dropped > 0 {
+            let _ = writeln!(
+                sink,
+                "hypha-rtc: {dropped} log lines were dropped: the log output did not keep up"
+            );
+        }
+        let _ = sink.flush();
+        batch.clear();
+        if batch.capacity() > KEEP {
+            batch = Vec::new();
+        }
+        let closing = {
+            let mut state = shared.lock();
+            state.writing = false;
+            state.closing
+        };
+        shared.written.notify_all();
+        if !closing {
+            std::thread::sleep(LINGER);
+        }
+    }
+}
+
+/// One event's writer: appends to the queue.
+pub struct QueueWriter<'a>(&'a LogQueue);
+
+impl Write for QueueWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogQueue {
+    type Writer = QueueWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        QueueWriter(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A sink the test reads back; it can be held shut to act as a stalled log reader.
+    #[derive(Clone)]
+    struct Sink {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        gate: Arc<Mutex<()>>,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _open = self.gate.lock().unwrap();
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.bytes.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sink() -> Sink {
+        Sink {
+            bytes: Arc::default(),
+            gate: Arc::default(),
+            writes: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn every_line_from_every_thread_arrives_whole_and_in_order_per_thread() {
+        let out = sink();
+        let queue = LogQueue::start(out.clone(), MAX_PENDING).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let queue = queue.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        let mut writer = tracing_subscriber::fmt::MakeWriter::make_writer(&queue);
+                        writer
+                            .write_all(format!("thread {t} line {i}\n").as_bytes())
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert!(queue.close(Duration::from_secs(10)));
+        let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4000);
+        for t in 0..4 {
+            let own: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.starts_with(&format!("thread {t} ")))
+                .collect();
+            let expected: Vec<String> = (0..1000).map(|i| format!("thread {t} line {i}")).collect();
+            assert_eq!(own, expected);
+        }
+        // Batched: far fewer writes than lines.
+        let writes = out.writes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(writes < 4000, "{writes} writes for 4000 lines");
+    }
+
+    #[test]
+    fn a_stalled_reader_never_blocks_a_logger_and_drops_are_counted() {
+        let out = sink();
+        let shut = out.gate.lock().unwrap();
+        let queue = LogQueue::start(out.clone(), 100).unwrap();
+        // The first line is taken by the log thread, which then blocks on the shut sink.
+        queue.push(b"first\n");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !queue.shared.lock().writing {
+            assert!(
+                Instant::now() < deadline,
+                "the log thread never took a batch"
+            );
+            std::thread::yield_now();
+        }
+        // Meanwhile loggers fill the queue and go on: 10 lines of 10 bytes fit, 5 do not.
+        let (done, finished) = mpsc::channel();
+        let logger = queue.clone();
+        std::thread::spawn(move || {
+            for i in 0..15 {
+                logger.push(format!("line {i:04}\n").as_bytes());
+            }
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a logger was held up by the stalled reader");
+        drop(shut);
+        assert!(queue.close(Duration::from_secs(10)));
+        let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
+        let expected: String = std::iter::once("first\n".to_string())
+            .chain((0..10).map(|i| format!("line {i:04}\n")))
+            .chain(std::iter::once(
+                "hypha-rtc: 5 log lines were dropped: the log output did not keep up\n".to_string(),
+            ))
+            .collect();
+        assert_eq!(text, expected);
+    }
+}
