@@ -4,7 +4,7 @@
 //! only when it is asleep on an empty buffer). A slow or stalled log reader (a pipe nobody drains, a busy journal) then never
 //! holds up a connection, and a burst of lines (a crowd connecting) costs one write per batch
 //! instead of one per line. When the buffer is full, lines are dropped and counted, and the
-//! count is written as soon as there is room.
+//! count is written (in the log's format) with the next batch.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -32,6 +32,8 @@ struct Shared {
     /// Signalled each time the log thread has written a batch.
     written: Condvar,
     bound: usize,
+    /// Whether the log is JSON lines (the dropped-lines note is then one too).
+    json: bool,
 }
 
 #[derive(Default)]
@@ -42,6 +44,8 @@ struct State {
     writing: bool,
     /// The log thread waits on `wake` (and nobody has woken it yet).
     asleep: bool,
+    /// The log thread has ended (after `close`): lines are dropped at once.
+    finished: bool,
     closing: bool,
 }
 
@@ -53,13 +57,19 @@ impl Shared {
 }
 
 impl LogQueue {
-    /// Starts the log thread writing into `sink`, with at most `bound` bytes waiting.
-    pub fn start(sink: impl Write + Send + 'static, bound: usize) -> std::io::Result<Self> {
+    /// Starts the log thread writing into `sink`, with at most `bound` bytes waiting; `json`
+    /// when the lines are JSON objects.
+    pub fn start(
+        sink: impl Write + Send + 'static,
+        bound: usize,
+        json: bool,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             written: Condvar::new(),
             bound,
+            json,
         });
         let own = shared.clone();
         std::thread::Builder::new()
@@ -71,6 +81,9 @@ impl LogQueue {
     /// Queues one formatted line (or several); drops it when the queue is full.
     pub fn push(&self, line: &[u8]) {
         let mut state = self.shared.lock();
+        if state.finished {
+            return;
+        }
         if state.pending.len() + line.len() > self.shared.bound {
             state.dropped += 1;
             return;
@@ -83,15 +96,16 @@ impl LogQueue {
         }
     }
 
-    /// Writes out what is queued and stops the log thread; waits at most `limit`. Lines pushed
-    /// afterwards are still written while the thread runs, then dropped. Returns whether
-    /// everything queued was written.
+    /// Writes out what is queued and stops the log thread; waits at most `limit` (returns at
+    /// once when the thread has already ended). Lines pushed afterwards are written while the
+    /// thread still runs, dropped once it has ended. Returns whether everything queued was
+    /// written.
     pub fn close(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let mut state = self.shared.lock();
         state.closing = true;
         self.shared.wake.notify_one();
-        while !state.pending.is_empty() || state.writing {
+        while !state.finished && (!state.pending.is_empty() || state.writing) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -121,6 +135,9 @@ fn write_until_closed(shared: &Shared, mut sink: impl Write) {
         }
         state.asleep = false;
         if state.pending.is_empty() {
+            state.finished = true;
+            drop(state);
+            shared.written.notify_all();
             return;
         }
         std::mem::swap(&mut batch, &mut state.pending);
@@ -130,10 +147,15 @@ fn write_until_closed(shared: &Shared, mut sink: impl Write) {
         // Nothing is left to report a failing sink to: its errors are ignored.
         let _ = sink.write_all(&batch);
         if dropped > 0 {
-            let _ = writeln!(
-                sink,
-                "hypha-rtc: {dropped} log lines were dropped: the log output did not keep up"
-            );
+            let note = "log lines were dropped: the log output did not keep up";
+            let _ = if shared.json {
+                writeln!(
+                    sink,
+                    r#"{{"level":"WARN","fields":{{"message":"{note}","dropped":{dropped}}},"target":"hypha_rtc::logging"}}"#
+                )
+            } else {
+                writeln!(sink, "hypha-rtc: {dropped} {note}")
+            };
         }
         let _ = sink.flush();
         batch.clear();
@@ -183,13 +205,17 @@ mod tests {
     #[derive(Clone)]
     struct Sink {
         bytes: Arc<Mutex<Vec<u8>>>,
-        gate: Arc<Mutex<()>>,
+        /// Shut (true): writes wait until it opens.
+        gate: Arc<(Mutex<bool>, Condvar)>,
         writes: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let _open = self.gate.lock().unwrap();
+            let (shut, opened) = &*self.gate;
+            let _open = opened
+                .wait_while(shut.lock().unwrap(), |shut| *shut)
+                .unwrap();
             self.writes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.bytes.lock().unwrap().extend_from_slice(buf);
@@ -197,6 +223,36 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    /// Polls the queue's state until `done` says so, for at most 10 s.
+    fn wait_for(queue: &LogQueue, done: impl Fn(&State) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&queue.shared.lock()) {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// A queue of `bound` bytes whose log thread took `first` and is blocked on its shut sink.
+    fn stalled(bound: usize, json: bool, first: &[u8]) -> (Sink, LogQueue) {
+        let out = sink();
+        *out.gate.0.lock().unwrap() = true;
+        let queue = LogQueue::start(out.clone(), bound, json).unwrap();
+        queue.push(first);
+        wait_for(
+            &queue,
+            |state| state.writing,
+            "the log thread never took a batch",
+        );
+        (out, queue)
+    }
+
+    impl Sink {
+        fn open(&self) {
+            *self.gate.0.lock().unwrap() = false;
+            self.gate.1.notify_all();
         }
     }
 
@@ -211,7 +267,7 @@ mod tests {
     #[test]
     fn every_line_from_every_thread_arrives_whole_and_in_order_per_thread() {
         let out = sink();
-        let queue = LogQueue::start(out.clone(), MAX_PENDING).unwrap();
+        let queue = LogQueue::start(out.clone(), MAX_PENDING, false).unwrap();
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let queue = queue.clone();
@@ -248,19 +304,7 @@ mod tests {
 
     #[test]
     fn a_stalled_reader_never_blocks_a_logger_and_drops_are_counted() {
-        let out = sink();
-        let shut = out.gate.lock().unwrap();
-        let queue = LogQueue::start(out.clone(), 100).unwrap();
-        // The first line is taken by the log thread, which then blocks on the shut sink.
-        queue.push(b"first\n");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !queue.shared.lock().writing {
-            assert!(
-                Instant::now() < deadline,
-                "the log thread never took a batch"
-            );
-            std::thread::yield_now();
-        }
+        let (out, queue) = stalled(100, false, b"first\n");
         // Meanwhile loggers fill the queue and go on: 10 lines of 10 bytes fit, 5 do not.
         let (done, finished) = mpsc::channel();
         let logger = queue.clone();
@@ -273,7 +317,7 @@ mod tests {
         finished
             .recv_timeout(Duration::from_secs(10))
             .expect("a logger was held up by the stalled reader");
-        drop(shut);
+        out.open();
         assert!(queue.close(Duration::from_secs(10)));
         let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
         let expected: String = std::iter::once("first\n".to_string())
@@ -283,5 +327,28 @@ mod tests {
             ))
             .collect();
         assert_eq!(text, expected);
+        // Closed: a second close returns at once, later lines are dropped.
+        let again = Instant::now();
+        assert!(queue.close(Duration::from_secs(10)));
+        assert!(again.elapsed() < Duration::from_secs(1));
+        wait_for(&queue, |state| state.finished, "the log thread did not end");
+        queue.push(b"late\n");
+        assert!(queue.shared.lock().pending.is_empty());
+    }
+
+    #[test]
+    fn the_dropped_lines_note_is_json_in_a_json_log() {
+        let (out, queue) = stalled(10, true, b"{\"a\":1}\n");
+        queue.push(b"{\"b\":2}\n");
+        queue.push(b"{\"c\":3}\n");
+        out.open();
+        assert!(queue.close(Duration::from_secs(10)));
+        let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[2]["fields"]["dropped"], 1);
     }
 }

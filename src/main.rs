@@ -150,7 +150,7 @@ fn init_logging(settings: &Settings) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let json = settings.server.log_format == LogFormat::Json;
-    match LogQueue::start(std::io::stderr(), hypha_rtc::logging::MAX_PENDING) {
+    match LogQueue::start(std::io::stderr(), hypha_rtc::logging::MAX_PENDING, json) {
         Ok(queue) => {
             let _ = LOG_QUEUE.set(queue.clone());
             let builder = builder.with_writer(queue);

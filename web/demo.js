@@ -152,7 +152,8 @@
     setState("Paused: Start resumes.");
   }
 
-  // Disconnect ends the session: the server frees everything it held for this viewer at once.
+  // Disconnect ends the session: the server frees everything it held for this viewer at once
+  // (an offer still on its way is freed by the server's 10 s connect timeout instead).
   function disconnect() {
     attempt++;
     if (pc) pc.close();

@@ -197,7 +197,7 @@ pub(crate) enum RouteError {
 /// Removals between two looks at whether the maps should give room back (a look reads each
 /// shard's capacity; a crowd leaving ends within this many removals of its last look).
 const COMPACT_EVERY: u64 = 128;
-/// Maps this small keep their room (a few KiB; at 4,096 the three maps kept about 0.7 MiB
+/// Maps this small keep their room (tens of KiB; at 4,096 the three maps kept about 0.7 MiB
 /// after 10,000 clients had left).
 const COMPACT_ABOVE: usize = 256;
 

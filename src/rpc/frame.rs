@@ -13,6 +13,14 @@ const HEADER_LIMITS: super::scan::Limits = super::scan::Limits {
     max_decoded: 256 * 1024,
 };
 
+/// What a header this server wrote may cost (it carries the sender's whole `user`, which a
+/// client's own header limits do not allow for; a user comes from a token of at most 8 KiB).
+const TRUSTED_LIMITS: super::scan::Limits = super::scan::Limits {
+    max_depth: 16,
+    max_elements: 1 << 16,
+    max_decoded: 4 * 1024 * 1024,
+};
+
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum FrameError {
@@ -41,7 +49,17 @@ pub struct Frame {
 impl Frame {
     /// Reads the header of a frame and keeps the rest as the body.
     pub fn parse(data: Bytes) -> Result<Self, FrameError> {
-        let scanned = super::scan::object(&data, HEADER_LIMITS)
+        Self::parse_within(data, HEADER_LIMITS)
+    }
+
+    /// Reads a frame whose header this server (another instance of it) wrote, with the
+    /// sender's `user` in it: bounded, but not by a client's header limits.
+    pub(crate) fn parse_trusted(data: Bytes) -> Result<Self, FrameError> {
+        Self::parse_within(data, TRUSTED_LIMITS)
+    }
+
+    fn parse_within(data: Bytes, limits: super::scan::Limits) -> Result<Self, FrameError> {
+        let scanned = super::scan::object(&data, limits)
             .map_err(|e| FrameError::Msgpack(format!("its header {e}")))?;
         // The scan proved the header whole, so every entry is there; there are at most as
         // many as the element limit allows.
@@ -159,6 +177,25 @@ pub(crate) fn encode(header: &Value, body: Option<&Value>) -> Bytes {
 mod tests {
     use super::*;
     use crate::rpc::value::{get_str, obj};
+
+    #[test]
+    fn a_header_this_server_wrote_may_carry_a_user_larger_than_a_client_header() {
+        let roles: Vec<Value> = (0..2000).map(|i| format!("role-{i}").into()).collect();
+        let header = obj([
+            ("type", "method".into()),
+            ("from", "ws/a".into()),
+            ("to", "*/manager".into()),
+            ("user", obj([("roles", Value::Array(roles))])),
+        ]);
+        let data = encode(&header, Some(&obj([("args", Value::Array(vec![]))])));
+        assert!(Frame::parse(data.clone()).is_err());
+        let frame = Frame::parse_trusted(data).expect("within the trusted limits");
+        assert_eq!(frame.field("from"), Some("ws/a"));
+        // Still bounded: a header past the trusted limits is refused too.
+        let many: Vec<Value> = (0..70_000).map(|i| i.into()).collect();
+        let huge = encode(&obj([("user", Value::Array(many))]), None);
+        assert!(Frame::parse_trusted(huge).is_err());
+    }
 
     #[test]
     fn rewrite_overwrites_identity_and_keeps_body() {
