@@ -146,29 +146,30 @@ fn init_logging(settings: &Settings) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let json = settings.server.log_format == LogFormat::Json;
     match LogQueue::start(std::io::stderr(), hypha_rtc::logging::MAX_PENDING, json) {
         Ok(queue) => {
             let _ = LOG_QUEUE.set(queue.clone());
-            let builder = builder.with_writer(queue);
-            if json {
-                builder.json().init()
-            } else {
-                builder.init()
-            }
+            install_logging(filter, queue, json);
         }
         // No thread for the log: each line is written by whoever logs it.
-        Err(_) => {
-            let builder = builder.with_writer(std::io::stderr);
-            if json {
-                builder.json().init()
-            } else {
-                builder.init()
-            }
-        }
+        Err(_) => install_logging(filter, std::io::stderr, json),
+    }
+}
+
+/// Sets the global `tracing` subscriber: `filter`, lines (or JSON objects) into `writer`.
+fn install_logging<W>(filter: tracing_subscriber::EnvFilter, writer: W, json: bool)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer);
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
     }
 }
 
