@@ -155,12 +155,7 @@ async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<LaneItem>, waiting: A
 
 /// A frame came for a client that has just left: a call gets the dead-peer reject.
 async fn peer_left(state: &AppState, to: &str, data: Bytes) {
-    // Walked, not parsed: the header another instance wrote (with the sender's `user`) may be
-    // larger than what a client's header may be, and its caller would then wait out its call.
-    let fields = crate::rpc::frame::trusted_fields(&data, ["session", "from"], |found| {
-        found.iter().all(Option::is_some)
-    });
-    let [Some(session), Some(from)] = fields else {
+    let Some((session, from)) = awaited_call(&data) else {
         return;
     };
     let header = crate::hub::peer_not_found(
@@ -170,6 +165,23 @@ async fn peer_left(state: &AppState, to: &str, data: Bytes) {
         &format!("Target peer {to} is not connected"),
     );
     let _ = state.hub.send(from, Outbound::Binary(header)).await;
+}
+
+/// The call whose caller waits for an answer to this frame: (session, caller). `None` for a
+/// frame without a session and for a `peer_not_found` notice: answering a notice would bounce
+/// notices between two clients that both just left, for as long as both are subscribed.
+fn awaited_call(data: &[u8]) -> Option<(&str, &str)> {
+    // Walked, not parsed: the header another instance wrote (with the sender's `user`) may be
+    // larger than what a client's header may be, and its caller would then wait out its call.
+    let [session, from, kind] =
+        crate::rpc::frame::trusted_fields(data, ["session", "from", "type"], |found| {
+            found.iter().all(Option::is_some)
+        });
+    match (session, from, kind) {
+        (_, _, Some("peer_not_found")) => None,
+        (Some(session), Some(from), _) => Some((session, from)),
+        _ => None,
+    }
 }
 
 /// An answer to one of this manager's calls, sent by a client on another instance. Only
@@ -197,5 +209,32 @@ fn answer(state: &AppState, to: String, data: Bytes) {
         Ok(_) | Err(_) => {
             tracing::debug!("a frame for this manager through the bus was not an answer")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_for_a_client_that_left_is_answered_and_a_notice_is_not() {
+        let call = crate::rpc::frame::encode(
+            &crate::rpc::value::obj([
+                ("type", "method".into()),
+                ("from", "ws1/caller".into()),
+                ("to", "ws1/gone".into()),
+                ("session", "s1".into()),
+            ]),
+            None,
+        );
+        assert_eq!(awaited_call(&call), Some(("s1", "ws1/caller")));
+        let notice =
+            crate::hub::peer_not_found("ws1/gone", "ws1/caller", "s1", "Target peer is gone");
+        assert_eq!(awaited_call(&notice), None);
+        let no_session = crate::rpc::frame::encode(
+            &crate::rpc::value::obj([("type", "method".into()), ("from", "ws1/caller".into())]),
+            None,
+        );
+        assert_eq!(awaited_call(&no_session), None);
     }
 }
