@@ -66,6 +66,11 @@ struct Options {
     /// directory) and reconnect and register again; prints how long until all had.
     #[arg(long)]
     reconnect_storm: Option<usize>,
+    /// Run as a baseline process for the latency figures instead (used by this benchmark on
+    /// itself): `echo` answers calls like a responder, `relay` forwards every frame between
+    /// the first two websockets that connect; prints its port, then serves until killed.
+    #[arg(long, hide = true, value_parser = ["echo", "relay"])]
+    serve_baseline: Option<String>,
     // `cargo bench` passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -271,6 +276,102 @@ async fn direct_baseline(calls: usize) -> Vec<Duration> {
         .await
         .expect("connect");
     sequential(&mut socket, "responder", calls).await
+}
+
+/// Baselines in processes of their own: the same calls answered by an echo process, and sent
+/// through a relay process to a responder here (the shape of a routed call, with nothing but
+/// forwarding in between). Returns (echo round trips, relayed round trips).
+async fn process_baselines(calls: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let echo = BaselineProcess::start("echo");
+    let mut socket = echo.connect().await;
+    let echoed = sequential(&mut socket, "responder", calls).await;
+    drop(socket);
+    drop(echo);
+    let relay = BaselineProcess::start("relay");
+    let responder = tokio::spawn(respond(relay.connect().await));
+    let mut caller = relay.connect().await;
+    let relayed = sequential(&mut caller, "responder", calls).await;
+    drop(caller);
+    drop(relay);
+    responder.abort();
+    (echoed, relayed)
+}
+
+/// A baseline that runs in a process of its own, as a server does: a round trip through it
+/// pays for the wake-up of another process, which the in-process echo does not.
+struct BaselineProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl BaselineProcess {
+    /// Starts this benchmark as `--serve-baseline KIND` and reads the port it listens on.
+    fn start(kind: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .args(["--serve-baseline", kind])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the baseline process");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the baseline's port");
+        let port: u16 = line.trim().parse().expect("the baseline printed its port");
+        Self {
+            child,
+            url: format!("ws://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn connect(&self) -> Socket {
+        tokio_tungstenite::connect_async(&self.url)
+            .await
+            .expect("connect to the baseline process")
+            .0
+    }
+}
+
+impl Drop for BaselineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The baseline process: `echo` answers every call on each connection; `relay` forwards
+/// frames both ways between the first two connections, parsing nothing (the least any
+/// router between two clients can do).
+async fn serve_baseline(kind: &str) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    println!("{}", listener.local_addr().expect("addr").port());
+    let accept = async || {
+        let (stream, _) = listener.accept().await.expect("accept");
+        stream.set_nodelay(true).expect("nodelay");
+        tokio_tungstenite::accept_async(tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket handshake")
+    };
+    if kind == "echo" {
+        loop {
+            tokio::spawn(respond(accept().await));
+        }
+    }
+    let (mut one_out, mut one_in) = accept().await.split();
+    let (mut two_out, mut two_in) = accept().await.split();
+    let forward = tokio::spawn(async move {
+        while let Some(Ok(message)) = one_in.next().await {
+            if two_out.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(Ok(message)) = two_in.next().await {
+        if one_out.send(message).await.is_err() {
+            break;
+        }
+    }
+    let _ = forward.await;
 }
 
 /// Caller/responder pairs connected once and reused by every concurrent phase.
@@ -787,6 +888,10 @@ async fn reconnect_storm(count: usize) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let options = Options::parse();
+    if let Some(kind) = &options.serve_baseline {
+        serve_baseline(kind).await;
+        return;
+    }
     if let Some(count) = options.reconnect_storm {
         reconnect_storm(count).await;
         return;
@@ -859,6 +964,7 @@ async fn main() {
         return;
     }
     let direct = direct_baseline(options.calls).await;
+    let (echoed, relayed) = process_baselines(options.calls).await;
     let responder_url = options.responder_url.clone().unwrap_or_else(|| url.clone());
     if responder_url != url {
         println!("responders connect to {responder_url}");
@@ -882,6 +988,24 @@ async fn main() {
         micros(percentile(&routed, 0.99)),
         added50,
         added99
+    );
+    let p50 = |rtts: &[Duration]| micros(percentile(rtts, 0.5));
+    let p99 = |rtts: &[Duration]| micros(percentile(rtts, 0.99));
+    println!(
+        "the same calls through processes of their own (each hop wakes another process, as routing does): echo process p50 {:.0} us, p99 {:.0} us; relay process that forwards and parses nothing, p50 {:.0} us, p99 {:.0} us",
+        p50(&echoed),
+        p99(&echoed),
+        p50(&relayed),
+        p99(&relayed)
+    );
+    println!(
+        "routed against the bare relay: p50 {:.2}x ({:+.0} us), p99 {:.2}x ({:+.0} us); the server-added p50 is {:.2}x the in-process echo and {:.2}x the echo process",
+        p50(&routed) / p50(&relayed).max(1.0),
+        p50(&routed) - p50(&relayed),
+        p99(&routed) / p99(&relayed).max(1.0),
+        p99(&routed) - p99(&relayed),
+        added50 / p50(&direct).max(1.0),
+        added50 / p50(&echoed).max(1.0)
     );
     let mut pairs = connect_pairs(&url, &responder_url, options.pairs).await;
     let (rtts, calls_per_s) = concurrent(&mut pairs, 1, options.seconds).await;
