@@ -513,6 +513,72 @@ async fn bodies_cannot_name_the_sender_and_headers_cannot_carry_a_context() {
 }
 
 #[tokio::test]
+async fn clients_cannot_send_the_servers_peer_not_found_notice() {
+    let app = spawn_app(|_| {}).await;
+    let (mut mallory, _) = connect(&app, "mallory").await;
+    let (mut alice, alice_info) = connect(&app, "alice").await;
+    let target = format!("{}/alice", alice_info["workspace"].as_str().unwrap());
+    // A notice would make alice drop every call to the peer it names (`peer_id`).
+    let forged = map(&[
+        ("type", "peer_not_found".into()),
+        ("to", target.as_str().into()),
+        ("session", "s1".into()),
+        ("peer_id", "ws-user-bob/bob".into()),
+        ("error", "gone".into()),
+    ]);
+    mallory
+        .send(Message::Binary(frame(&forged, None).into()))
+        .await
+        .unwrap();
+    let error = next_text(&mut mallory).await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"peer_not_found\""),
+        "{error}"
+    );
+    // In the body, which the clients merge over the header.
+    let refused = call_with_body(
+        &mut mallory,
+        &target,
+        "services.vault.open",
+        &[
+            ("args", Value::Array(vec![])),
+            ("type", "peer_not_found".into()),
+        ],
+    )
+    .await;
+    let error = refused.unwrap_err();
+    assert!(error.contains("\"peer_not_found\""), "{error}");
+    assert!(
+        next_frame(&mut alice, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a forged notice was delivered"
+    );
+    // Any other type in the body is the client's business.
+    let (mut bob, _) = connect(&app, "bob").await;
+    let delivered = map(&[
+        ("type", "method".into()),
+        ("to", target.as_str().into()),
+        ("method", "services.x.f".into()),
+    ]);
+    bob.send(Message::Binary(
+        frame(&delivered, Some(&map(&[("type", "method".into())]))).into(),
+    ))
+    .await
+    .unwrap();
+    assert!(
+        next_frame(&mut alice, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a frame with a body type of its own was not delivered"
+    );
+}
+
+#[tokio::test]
 async fn chunked_messages_are_vetted_as_they_pass() {
     let app = spawn_app(|_| {}).await;
     let (mut mallory, _) = connect(&app, "mallory").await;

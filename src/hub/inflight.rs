@@ -156,12 +156,14 @@ pub(crate) fn is_answer(frame: &Frame) -> bool {
     answered(frame.field("method")).is_some()
 }
 
-/// The fields of a header that say what it does to a call: `from`, `method`, `session`.
+/// The fields of a header that say what it does to a call: `from`, `method`, `session`, and
+/// its `type` (a `peer_not_found` notice ends its call).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub(crate) struct CallFields<'a> {
     pub from: Option<&'a str>,
     pub method: Option<&'a str>,
     pub session: Option<&'a str>,
+    pub kind: Option<&'a str>,
 }
 
 impl<'a> CallFields<'a> {
@@ -169,12 +171,15 @@ impl<'a> CallFields<'a> {
     /// (an answer needs no `session`), so the sender's `user` after them is never looked at.
     pub(crate) fn of_trusted(header: &'a [u8]) -> Self {
         // As with `Frame::field`, the first entry of a key counts.
-        let [from, method, session] = crate::rpc::frame::trusted_fields(
+        // A routed header has its sender's `type` before the server's `from`: requiring it
+        // costs no longer walk.
+        let [from, method, session, kind] = crate::rpc::frame::trusted_fields(
             header,
-            ["from", "method", "session"],
-            |[from, method, session]| {
+            ["from", "method", "session", "type"],
+            |[from, method, session, kind]| {
                 from.is_some()
                     && method.is_some()
+                    && kind.is_some()
                     && (session.is_some() || answered(method.flatten()).is_some())
             },
         );
@@ -182,6 +187,7 @@ impl<'a> CallFields<'a> {
             from,
             method,
             session,
+            kind,
         }
     }
 }
@@ -269,12 +275,18 @@ impl InFlight {
             .is_some_and(|open| open.caller == caller && open.callee == callee)
     }
 
-    /// A call that will get no answer (its target was gone).
+    /// A call that will get no answer (its target was gone), counted as such.
     pub(crate) fn abandoned(&self, caller: &str, session: &str) {
+        self.forget(caller, session);
+        self.counters.peer_gone.inc();
+    }
+
+    /// Stops tracking a call without counting how it ended (the instance of its caller counts
+    /// it).
+    pub(crate) fn forget(&self, caller: &str, session: &str) {
         if self.calls.remove(&self.key(caller, session)).is_some() {
             self.closed(caller);
         }
-        self.counters.peer_gone.inc();
     }
 
     /// Calls between clients that ended with `outcome`.
@@ -380,7 +392,7 @@ mod tests {
             );
             crate::rpc::frame::encode(&header, None)
         };
-        let cases: [&[(&str, &str)]; 4] = [
+        let cases: [&[(&str, &str)]; 5] = [
             &[
                 ("type", "method"),
                 ("method", "services.x.f"),
@@ -402,6 +414,12 @@ mod tests {
                 ("session", "s3"),
             ],
             &[("type", "log"), ("to", "ws/b")],
+            &[
+                ("type", "peer_not_found"),
+                ("from", "ws/b"),
+                ("to", "ws/a"),
+                ("session", "s1"),
+            ],
         ];
         for case in cases {
             let data = encoded(case);
@@ -410,6 +428,7 @@ mod tests {
                 from: parsed.field("from"),
                 method: parsed.field("method"),
                 session: parsed.field("session"),
+                kind: parsed.field("type"),
             };
             assert_eq!(CallFields::of_trusted(&data), expected, "{case:?}");
         }

@@ -585,6 +585,15 @@ impl Hub {
         else {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         };
+        // A forged `peer_not_found` would make its receiver drop every call to the peer it
+        // names; the body's `type` is checked with the rest of the body below.
+        if let Some(kind) = frame.field("type")
+            && crate::rpc::scan::SERVER_TYPES.contains(&kind)
+        {
+            let error = format!("a frame of type {kind:?} is a notice only the server sends");
+            let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
+            return Ok(Routed::Refused { error, reject });
+        }
         // Any `*/manager-*` address is this server's manager: a client that kept the manager id
         // of a previous run (or of another instance) goes on working after it reconnects.
         if target_client == self.manager_id || (target_ws == "*" && is_manager_id(target_client)) {
@@ -797,7 +806,7 @@ impl crate::rpc::peer::Outbox for Hub {
 /// The frame that tells a caller at once that its target is gone (`peer_not_found`).
 pub(crate) fn peer_not_found(target: &str, to: &str, session: &str, error: &str) -> Bytes {
     let header = crate::rpc::value::obj([
-        ("type", "peer_not_found".into()),
+        ("type", PEER_NOT_FOUND.into()),
         ("from", target.into()),
         ("to", to.into()),
         ("session", session.into()),
@@ -806,6 +815,8 @@ pub(crate) fn peer_not_found(target: &str, to: &str, session: &str, error: &str)
     ]);
     crate::rpc::frame::encode(&header, None)
 }
+
+pub(crate) use crate::rpc::scan::PEER_NOT_FOUND;
 
 /// Why a message was not handed to a local client.
 #[derive(Debug)]

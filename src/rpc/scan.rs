@@ -621,10 +621,20 @@ pub enum BodyError {
         "the frame body carries {0:?}, a field only the server sets; the server fills in from, to, ws and user itself"
     )]
     ServerField(String),
+    #[error("the frame body makes the frame a {0:?} notice, which only the server sends")]
+    ServerNotice(String),
 }
 
+/// Message types only the server sends: a client's frame of such a type would make its
+/// receiver drop calls on the server's word (`peer_not_found` ends every call to its peer).
+pub const SERVER_TYPES: [&str; 1] = [PEER_NOT_FOUND];
+
+/// The `type` of the server's notice that a call's target is gone.
+pub const PEER_NOT_FOUND: &str = "peer_not_found";
+
 /// Checks the first object of a frame body (what the clients merge over the header) without
-/// decoding it: it must be a map whose top-level keys are none of [`SERVER_FIELDS`].
+/// decoding it: it must be a map whose top-level keys are none of [`SERVER_FIELDS`], and whose
+/// `type`, if any, is none of [`SERVER_TYPES`].
 pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     if body.is_empty() {
         return Ok(());
@@ -633,10 +643,17 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     // The walk above proved the map whole, so every entry is there.
     let entries = map_entries(body).ok_or(BodyError::NotMap)?;
     for entry in entries {
-        if let Some(name) = text(&body[entry.key..entry.value])
-            && SERVER_FIELDS.contains(&name)
-        {
+        let Some(name) = text(&body[entry.key..entry.value]) else {
+            continue;
+        };
+        if SERVER_FIELDS.contains(&name) {
             return Err(BodyError::ServerField(name.to_string()));
+        }
+        if name == "type"
+            && let Some(kind) = text(&body[entry.value..entry.end])
+            && SERVER_TYPES.contains(&kind)
+        {
+            return Err(BodyError::ServerNotice(kind.to_string()));
         }
     }
     Ok(())
@@ -822,6 +839,14 @@ mod tests {
                 Err(BodyError::ServerField(key.to_string()))
             );
         }
+        // A body that would make the frame a notice only the server sends.
+        let notice = pack(&map(vec![("type", "peer_not_found".into())]));
+        assert_eq!(
+            check_body(&notice),
+            Err(BodyError::ServerNotice("peer_not_found".into()))
+        );
+        let own_type = pack(&map(vec![("type", "method".into())]));
+        assert_eq!(check_body(&own_type), Ok(()));
         // Nested keys are the values' business, not the header's.
         let nested = pack(&map(vec![("args", map(vec![("from", 1.into())]))]));
         assert_eq!(check_body(&nested), Ok(()));

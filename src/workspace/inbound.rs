@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::AppState;
 use crate::auth::UserInfo;
 use crate::cluster::bus::{Announcement, Inbound};
-use crate::hub::inflight::CallFields;
+use crate::hub::inflight::{CallFields, InFlight};
 use crate::hub::{Outbound, Unsent};
 use crate::rpc::frame::Frame;
 use crate::rpc::peer::{Decoded, Incoming};
@@ -127,14 +127,24 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
 
 /// Notes the call a frame for `to` opens, answers or keeps alive.
 fn observe(state: &AppState, to: &str, data: &Bytes) {
+    note_call(&state.hub.inflight, to, data);
+}
+
+/// What a frame from another instance for `to` does to the calls tracked here.
+fn note_call(inflight: &InFlight, to: &str, data: &[u8]) {
     // The header was written by the instance that published it: only the call's fields are
     // read, not the whole header.
     let fields = CallFields::of_trusted(data);
+    // The instance of a target that left tells its caller: the caller's call ends here, where
+    // it was counted when it was sent (only the server sends such notices).
+    if fields.kind == Some(crate::hub::PEER_NOT_FOUND) {
+        if let Some(session) = fields.session {
+            inflight.abandoned(to, session);
+        }
+        return;
+    }
     if let Some(from) = fields.from {
-        state
-            .hub
-            .inflight
-            .observe_fields(from, to, fields.method, fields.session);
+        inflight.observe_fields(from, to, fields.method, fields.session);
     }
 }
 
@@ -158,6 +168,8 @@ async fn peer_left(state: &AppState, to: &str, data: Bytes) {
     let Some((session, from)) = awaited_call(&data) else {
         return;
     };
+    // Noted when it arrived; the caller's instance counts how it ended.
+    state.hub.inflight.forget(from, session);
     let header = crate::hub::peer_not_found(
         to,
         from,
@@ -178,7 +190,7 @@ fn awaited_call(data: &[u8]) -> Option<(&str, &str)> {
             found.iter().all(Option::is_some)
         });
     match (session, from, kind) {
-        (_, _, Some("peer_not_found")) => None,
+        (_, _, Some(crate::hub::PEER_NOT_FOUND)) => None,
         (Some(session), Some(from), _) => Some((session, from)),
         _ => None,
     }
@@ -236,5 +248,17 @@ mod tests {
             None,
         );
         assert_eq!(awaited_call(&no_session), None);
+    }
+
+    #[test]
+    fn a_notice_from_the_targets_instance_ends_the_call_here() {
+        let inflight = InFlight::default();
+        inflight.opened("ws1/caller", "ws1/gone", "s1");
+        assert_eq!(inflight.pending(|_| true), 1);
+        let notice =
+            crate::hub::peer_not_found("ws1/gone", "ws1/caller", "s1", "Target peer is gone");
+        note_call(&inflight, "ws1/caller", &notice);
+        assert_eq!(inflight.pending(|_| true), 0);
+        assert_eq!(inflight.ended("peer_gone"), 1);
     }
 }
