@@ -308,20 +308,24 @@ impl BaselineProcess {
     /// Starts this benchmark as `--serve-baseline KIND` and reads the port it listens on.
     fn start(kind: &str) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        let child = std::process::Command::new(std::env::current_exe().expect("own path"))
             .args(["--serve-baseline", kind])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start the baseline process");
+        // Owned by the guard first: a failure below still kills and reaps the child.
+        let mut baseline = Self {
+            child,
+            url: String::new(),
+        };
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        let stdout = baseline.child.stdout.take().expect("stdout");
+        std::io::BufReader::new(stdout)
             .read_line(&mut line)
             .expect("the baseline's port");
         let port: u16 = line.trim().parse().expect("the baseline printed its port");
-        Self {
-            child,
-            url: format!("ws://127.0.0.1:{port}"),
-        }
+        baseline.url = format!("ws://127.0.0.1:{port}");
+        baseline
     }
 
     async fn connect(&self) -> Socket {
@@ -998,14 +1002,20 @@ async fn main() {
         p50(&relayed),
         p99(&relayed)
     );
+    // The relay is one process between caller and responder, like one instance.
+    let across = if responder_url != url {
+        " (the routed call crossed two instances)"
+    } else {
+        ""
+    };
     println!(
-        "routed against the bare relay: p50 {:.2}x ({:+.0} us), p99 {:.2}x ({:+.0} us); the server-added p50 is {:.2}x the in-process echo and {:.2}x the echo process",
+        "routed against the bare relay{across}: p50 {:.2}x ({:+.0} us), p99 {:.2}x ({:+.0} us); added by the server, p50: {:.2}x the in-process echo (routed minus it, over it); routed minus the echo process, over it: {:.2}x",
         p50(&routed) / p50(&relayed).max(1.0),
         p50(&routed) - p50(&relayed),
         p99(&routed) / p99(&relayed).max(1.0),
         p99(&routed) - p99(&relayed),
         added50 / p50(&direct).max(1.0),
-        added50 / p50(&echoed).max(1.0)
+        (p50(&routed) - p50(&echoed)) / p50(&echoed).max(1.0)
     );
     let mut pairs = connect_pairs(&url, &responder_url, options.pairs).await;
     let (rtts, calls_per_s) = concurrent(&mut pairs, 1, options.seconds).await;
