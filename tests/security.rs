@@ -539,6 +539,31 @@ async fn clients_cannot_send_the_servers_peer_not_found_notice() {
             .contains("\"peer_not_found\""),
         "{error}"
     );
+    // Behind an ordinary `type`: the JS client reads the last of repeated keys.
+    let mut repeated = vec![0x86];
+    for (key, value) in [
+        ("type", "method"),
+        ("to", target.as_str()),
+        ("session", "s2"),
+        ("peer_id", "ws-user-bob/bob"),
+        ("error", "gone"),
+        ("type", "peer_not_found"),
+    ] {
+        rmp::encode::write_str(&mut repeated, key).unwrap();
+        rmp::encode::write_str(&mut repeated, value).unwrap();
+    }
+    mallory
+        .send(Message::Binary(repeated.into()))
+        .await
+        .unwrap();
+    let error = next_text(&mut mallory).await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"peer_not_found\""),
+        "{error}"
+    );
     // In the body, which the clients merge over the header.
     let refused = call_with_body(
         &mut mallory,

@@ -586,9 +586,11 @@ impl Hub {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         };
         // A forged `peer_not_found` would make its receiver drop every call to the peer it
-        // names; the body's `type` is checked with the rest of the body below.
-        if let Some(kind) = frame.field("type")
-            && crate::rpc::scan::SERVER_TYPES.contains(&kind)
+        // names; every `type` entry counts (the JS client reads the last of repeated keys, the
+        // server the first), and the body's is checked with the rest of the body below.
+        if let Some(kind) = frame
+            .fields("type")
+            .find(|kind| crate::rpc::scan::SERVER_TYPES.contains(kind))
         {
             let error = format!("a frame of type {kind:?} is a notice only the server sends");
             let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);

@@ -85,6 +85,15 @@ impl Frame {
             .and_then(|e| text(&self.head[e.value..e.end]))
     }
 
+    /// Every string value of `key` in the header, in order (a header may repeat a key, and the
+    /// clients differ on which one counts).
+    pub fn fields<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> {
+        self.entries
+            .iter()
+            .filter(move |e| self.key_of(e) == Some(key))
+            .filter_map(|e| text(&self.head[e.value..e.end]))
+    }
+
     /// The header's top-level string keys, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().filter_map(|e| self.key_of(e))
