@@ -695,6 +695,25 @@ async fn chunked_messages_are_vetted_as_they_pass() {
     let forged = assembled(&[("from", "ws-user-alice/x".into())]);
     let refused = send_chunks(&mut mallory, &mut alice, &target, &forged, "k2").await;
     assert!(refused.unwrap_err().contains("\"from\""));
+    // Assembled, the message is fired by its own `type`: a notice only the server sends (which
+    // would make alice drop every call to the peer it names) is refused, in the message or
+    // in the body merged over it.
+    let notice = frame(
+        &map(&[
+            ("type", "peer_not_found".into()),
+            ("peer_id", "ws-user-x/bob".into()),
+            ("pad", Value::Binary(vec![1; 600_000])),
+        ]),
+        None,
+    );
+    let refused = send_chunks(&mut mallory, &mut alice, &target, &notice, "k3").await;
+    assert!(
+        refused.unwrap_err().contains("\"peer_not_found\" notice"),
+        "a chunked notice was delivered"
+    );
+    let body_notice = assembled(&[("type", "peer_not_found".into())]);
+    let refused = send_chunks(&mut mallory, &mut alice, &target, &body_notice, "k4").await;
+    assert!(refused.unwrap_err().contains("\"peer_not_found\" notice"));
     // Chunks that skip create, or an alias of a cache function, are refused too.
     let skipped = call(
         &mut mallory,

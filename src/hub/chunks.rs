@@ -133,6 +133,14 @@ impl Watched {
         if !self.early.is_empty() {
             return Err("chunks of this message are missing".into());
         }
+        // The receiver fires the assembled message by its own `type` (the body's, merged
+        // over it, wins): neither may make it a notice only the server sends.
+        if let Some(kind) = self.scanner.server_type() {
+            return Err(format!(
+                "the chunked message is a {kind:?} notice, which only the server sends"
+            )
+            .into());
+        }
         match self.scanner.objects() {
             0 => Err("the chunked message is incomplete".into()),
             1 if self.scanner.at_boundary() => Ok(()),
@@ -550,6 +558,64 @@ mod tests {
                 assert_eq!(send(&watch, &clean, piece, reversed), Ok(()));
                 let refused = send(&watch, &forged, piece, reversed).unwrap_err();
                 assert!(refused.0.contains("\"from\""), "{refused}");
+            }
+        }
+        assert!(watch.is_empty());
+    }
+
+    #[test]
+    fn a_chunked_notice_only_the_server_sends_is_refused() {
+        let watch = ChunkWatch::default();
+        let notice = |main: Value, body: Option<Value>| {
+            let mut data = encode(&main);
+            if let Some(body) = body {
+                data.extend(encode(&body));
+            }
+            data
+        };
+        let forged_main = notice(
+            obj([
+                ("type", "peer_not_found".into()),
+                ("peer_id", "ws/bob".into()),
+                ("session", "s1".into()),
+            ]),
+            None,
+        );
+        let forged_body = notice(
+            obj([("type", "method".into()), ("method", "services.s.f".into())]),
+            Some(obj([
+                ("peer_id", "ws/bob".into()),
+                ("type", "peer_not_found".into()),
+            ])),
+        );
+        // A repeated key: the clients keep the last.
+        let repeated = {
+            let mut data = vec![0x82];
+            for kind in ["method", "peer_not_found"] {
+                data.extend(encode(&"type".into()));
+                data.extend(encode(&kind.into()));
+            }
+            data
+        };
+        let allowed = notice(
+            obj([
+                ("type", "method".into()),
+                ("method", "services.s.f".into()),
+                ("peer_id", "peer_not_found".into()),
+            ]),
+            Some(obj([(
+                "args",
+                Value::Array(vec![obj([("type", "peer_not_found".into())])]),
+            )])),
+        );
+        for piece in [1, 5, 4096] {
+            for reversed in [false, true] {
+                for forged in [&forged_main, &forged_body, &repeated] {
+                    let refused = send(&watch, forged, piece, reversed).unwrap_err();
+                    assert!(refused.0.contains("\"peer_not_found\" notice"), "{refused}");
+                }
+                // The same words elsewhere (a value of another key, nested) are not a notice.
+                assert_eq!(send(&watch, &allowed, piece, reversed), Ok(()));
             }
         }
         assert!(watch.is_empty());

@@ -73,8 +73,10 @@ struct Level {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Payload {
     Opaque,
-    /// A string in key position at the top level of the watched object.
-    WatchedKey,
+    /// A short string in key position at the top level of a top-level map.
+    TopKey,
+    /// A short string value of a top-level `type` key.
+    TypeValue,
 }
 
 /// An incremental scanner: feed it bytes in as many pieces as they come.
@@ -97,6 +99,11 @@ pub struct Scanner {
     watch: Option<usize>,
     watched_is_map: Option<bool>,
     keys: Vec<String>,
+    /// The item that comes next is the value of a top-level `type` key.
+    type_next: bool,
+    /// The first message type only the server sends ([`SERVER_TYPES`]) found as the `type`
+    /// of a top-level map, whichever object.
+    server_type: Option<&'static str>,
     failed: Option<ScanError>,
     /// Bytes consumed so far, over every piece fed.
     consumed: u64,
@@ -198,6 +205,8 @@ impl Scanner {
             watch,
             watched_is_map: None,
             keys: Vec::new(),
+            type_next: false,
+            server_type: None,
             failed: None,
             consumed: 0,
         }
@@ -222,6 +231,12 @@ impl Scanner {
     /// 16 bytes long (longer ones are not kept).
     pub(crate) fn keys(&self) -> &[String] {
         &self.keys
+    }
+
+    /// A message type only the server sends, if some top-level map scanned so far has it as
+    /// its `type` (any entry of a repeated key).
+    pub(crate) fn server_type(&self) -> Option<&'static str> {
+        self.server_type
     }
 
     /// Feeds the next piece; an error stays.
@@ -254,7 +269,7 @@ impl Scanner {
     fn step(&mut self, data: &[u8]) -> Result<usize, ScanError> {
         if self.skip > 0 {
             let n = (self.skip.min(data.len() as u64)) as usize;
-            if self.payload == Payload::WatchedKey {
+            if self.payload != Payload::Opaque {
                 self.key.extend_from_slice(&data[..n]);
             }
             self.skip -= n as u64;
@@ -284,12 +299,9 @@ impl Scanner {
         Ok(n)
     }
 
-    /// Whether the next item sits in key position at the top of the watched object.
-    fn in_watched_key_position(&self) -> bool {
-        self.watch == Some(self.objects)
-            && self.stack.len() == 1
-            && self.stack[0].is_map
-            && self.stack[0].remaining.is_multiple_of(2)
+    /// Whether the next item sits in key position at the top of a top-level map.
+    fn in_top_key_position(&self) -> bool {
+        self.stack.len() == 1 && self.stack[0].is_map && self.stack[0].remaining.is_multiple_of(2)
     }
 
     fn count(&mut self, extra_bytes: u64) -> Result<(), ScanError> {
@@ -311,6 +323,8 @@ impl Scanner {
         let parsed = item(&self.head[..self.head_len]);
         self.head_len = 0;
         let watched_top = self.watch == Some(self.objects) && self.stack.is_empty();
+        // The item right after a top-level `type` key is its value.
+        let type_value = std::mem::take(&mut self.type_next);
         match parsed? {
             Item::Scalar => {
                 if watched_top {
@@ -324,14 +338,15 @@ impl Scanner {
                     self.watched_is_map = Some(false);
                 }
                 self.count(len)?;
-                self.payload = if is_str && self.in_watched_key_position() {
-                    Payload::WatchedKey
+                self.payload = if !is_str || len > KEY_CAPTURE as u64 {
+                    Payload::Opaque
+                } else if self.in_top_key_position() {
+                    Payload::TopKey
+                } else if type_value {
+                    Payload::TypeValue
                 } else {
                     Payload::Opaque
                 };
-                if self.payload == Payload::WatchedKey && len > KEY_CAPTURE as u64 {
-                    self.payload = Payload::Opaque;
-                }
                 self.key.clear();
                 if len == 0 {
                     self.payload_done();
@@ -363,11 +378,24 @@ impl Scanner {
     }
 
     fn payload_done(&mut self) {
-        if self.payload == Payload::WatchedKey {
-            if let Ok(key) = std::str::from_utf8(&self.key) {
-                self.keys.push(key.to_string());
+        match std::mem::replace(&mut self.payload, Payload::Opaque) {
+            Payload::Opaque => {}
+            Payload::TopKey => {
+                self.type_next = self.key == b"type";
+                if self.watch == Some(self.objects)
+                    && let Ok(key) = std::str::from_utf8(&self.key)
+                {
+                    self.keys.push(key.to_string());
+                }
             }
-            self.payload = Payload::Opaque;
+            Payload::TypeValue => {
+                if self.server_type.is_none() {
+                    self.server_type = SERVER_TYPES
+                        .iter()
+                        .find(|kind| kind.as_bytes() == self.key)
+                        .copied();
+                }
+            }
         }
     }
 
@@ -664,6 +692,9 @@ pub(crate) fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
     if scanner.watched_is_map() != Some(true) {
         return Err(BodyError::NotMap);
     }
+    if let Some(kind) = scanner.server_type() {
+        return Err(BodyError::ServerNotice(kind.to_string()));
+    }
     match scanner
         .keys()
         .iter()
@@ -847,6 +878,38 @@ mod tests {
         );
         let own_type = pack(&map(vec![("type", "method".into())]));
         assert_eq!(check_body(&own_type), Ok(()));
+        // The piece-by-piece scanner says the same, however the bytes are cut, and notices a
+        // repeated `type` key; the same words as another key's value or nested are no notice.
+        let repeated = pack(&map(vec![
+            ("type", "method".into()),
+            ("type", "peer_not_found".into()),
+        ]));
+        let elsewhere = pack(&map(vec![
+            ("peer_not_found", "type".into()),
+            ("args", map(vec![("type", "peer_not_found".into())])),
+        ]));
+        for (body, expected) in [
+            (
+                &notice,
+                Err(BodyError::ServerNotice("peer_not_found".into())),
+            ),
+            (
+                &repeated,
+                Err(BodyError::ServerNotice("peer_not_found".into())),
+            ),
+            (&own_type, Ok(())),
+            (&elsewhere, Ok(())),
+        ] {
+            assert_eq!(check_body(body), expected);
+            assert_eq!(body_by_scanner(body), expected);
+            for piece in 1..body.len() {
+                let mut scanner = Scanner::new(Limits::WALK, Some(0));
+                for part in body.chunks(piece) {
+                    scanner.feed(part).unwrap();
+                }
+                assert_eq!(verdict(&scanner), expected, "{piece}");
+            }
+        }
         // Nested keys are the values' business, not the header's.
         let nested = pack(&map(vec![("args", map(vec![("from", 1.into())]))]));
         assert_eq!(check_body(&nested), Ok(()));
