@@ -710,7 +710,32 @@ async fn connect_cost(url: &str, pid: u32, held: usize) {
 }
 
 /// Starts the release hypha-rtc on `port` and waits until it takes connections.
-async fn start_server(port: u16, data_dir: &std::path::Path) -> std::process::Child {
+/// A server process this benchmark started: stopped and reaped when dropped, on a panic too.
+struct OwnServer(std::process::Child);
+
+impl OwnServer {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A scratch folder of this benchmark, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn start_server(port: u16, data_dir: &std::path::Path) -> OwnServer {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha-rtc"))
         .args(["--port", &port.to_string(), "--jwt-secret", "bench-secret"])
         // Every client of the benchmark comes from loopback: one address.
@@ -720,8 +745,9 @@ async fn start_server(port: u16, data_dir: &std::path::Path) -> std::process::Ch
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start hypha-rtc");
+    let server = OwnServer(child);
     common::wait_listening(port).await;
-    child
+    server
 }
 
 /// Registers a service `echo` for the client at `addr` through the manager; waits for the
@@ -822,6 +848,7 @@ async fn storm_client(
 async fn reconnect_storm(count: usize) {
     let port = common::free_port();
     let data_dir = std::env::temp_dir().join(format!("hypha-rtc-storm-{}", std::process::id()));
+    let scratch = Scratch(data_dir.clone());
     let url = format!("ws://127.0.0.1:{port}/ws");
     let token = workspace_token("bench-storm");
     let mut server = start_server(port, &data_dir).await;
@@ -854,7 +881,7 @@ async fn reconnect_storm(count: usize) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
         .status();
-    let _ = server.wait();
+    let _ = server.0.wait();
     let restarted = Instant::now();
     server = start_server(port, &data_dir).await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -863,8 +890,7 @@ async fn reconnect_storm(count: usize) {
     }
     let all_back = restarted.elapsed().as_secs_f64();
     let back = again.load(Ordering::Relaxed);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let mut times = Vec::new();
     let mut errors = Vec::new();
     for client in clients {
@@ -886,7 +912,7 @@ async fn reconnect_storm(count: usize) {
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default()
     );
-    let _ = std::fs::remove_dir_all(&data_dir);
+    drop(scratch);
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -900,6 +926,8 @@ async fn main() {
         reconnect_storm(count).await;
         return;
     }
+    // Declared before the server: dropped after it has stopped.
+    let mut scratch = None;
     let mut own_server = None;
     let (url, pid) = match &options.url {
         Some(url) => (url.clone(), options.pid),
@@ -907,9 +935,10 @@ async fn main() {
             let port = common::free_port();
             let data_dir =
                 std::env::temp_dir().join(format!("hypha-rtc-bench-{}", std::process::id()));
-            let child = start_server(port, &data_dir).await;
-            let pid = child.id();
-            own_server = Some(child);
+            scratch = Some(Scratch(data_dir.clone()));
+            let server = start_server(port, &data_dir).await;
+            let pid = server.id();
+            own_server = Some(server);
             (format!("ws://127.0.0.1:{port}/ws"), Some(pid))
         }
     };
@@ -917,10 +946,6 @@ async fn main() {
     println!("== {} at {url}", options.label);
     if let (Some(held), Some(pid)) = (options.connect_cost, pid) {
         connect_cost(&url, pid, held).await;
-        if let Some(mut child) = own_server {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
         return;
     }
     if let Some(token) = &options.ice_token {
@@ -935,10 +960,6 @@ async fn main() {
             if let Some(refusal) = refusal {
                 println!("  refused: {refusal}");
             }
-        }
-        if let Some(mut child) = own_server {
-            let _ = child.kill();
-            let _ = child.wait();
         }
         return;
     }
@@ -961,10 +982,6 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     if options.idle_only {
-        if let Some(mut child) = own_server {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
         return;
     }
     let direct = direct_baseline(options.calls).await;
@@ -1038,8 +1055,6 @@ async fn main() {
     );
     drop(caller);
     responder.abort();
-    if let Some(mut child) = own_server {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(own_server);
+    drop(scratch);
 }
