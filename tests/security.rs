@@ -561,7 +561,7 @@ async fn clients_cannot_send_the_servers_peer_not_found_notice() {
         error["message"]
             .as_str()
             .unwrap()
-            .contains("\"peer_not_found\""),
+            .contains("\"type\" twice"),
         "{error}"
     );
     // In the body, which the clients merge over the header.
@@ -601,6 +601,173 @@ async fn clients_cannot_send_the_servers_peer_not_found_notice() {
             .is_some(),
         "a frame with a body type of its own was not delivered"
     );
+}
+
+/// A frame that `mallory` sends is refused with an error that says `expected`, and `alice`
+/// gets nothing.
+async fn refused_frame(mallory: &mut Socket, alice: &mut Socket, data: Vec<u8>, expected: &str) {
+    mallory.send(Message::Binary(data.into())).await.unwrap();
+    let error = next_text(mallory).await;
+    assert_eq!(error["type"], "error", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains(expected), "{message} / {expected}");
+    assert!(
+        next_frame(alice, Duration::from_millis(200))
+            .await
+            .is_none(),
+        "delivered: {expected}"
+    );
+}
+
+#[tokio::test]
+async fn frames_cannot_reach_past_what_their_receiver_offers() {
+    let app = spawn_app(|s| s.connections.method_timeout = Duration::from_secs(2)).await;
+    let (mut mallory, _) = connect(&app, "mallory").await;
+    let (mut alice, alice_info) = connect(&app, "alice").await;
+    let ws = alice_info["workspace"].as_str().unwrap().to_string();
+    let target = format!("{ws}/alice");
+    let header = |entries: &[(&str, &str)]| {
+        let mut all = vec![("to", target.as_str())];
+        all.extend_from_slice(entries);
+        let mut data = Vec::new();
+        rmp::encode::write_map_len(&mut data, all.len() as u32).unwrap();
+        for (key, value) in all {
+            rmp::encode::write_str(&mut data, key).unwrap();
+            rmp::encode::write_str(&mut data, value).unwrap();
+        }
+        data
+    };
+    // A method path into the receiver's internals: the Python client looks each segment up
+    // with getattr (a callback's `__globals__` reaches `os.system`), the JavaScript client
+    // with [] (a function's `constructor` is `Function`).
+    for method in [
+        "s1.resolve.__globals__.os.system",
+        "s1.resolve.constructor",
+        "services.built-in.ping.__self__._process_message",
+    ] {
+        let data = header(&[("type", "method"), ("method", method)]);
+        refused_frame(
+            &mut mallory,
+            &mut alice,
+            data,
+            "not a function any client offers",
+        )
+        .await;
+    }
+    // The method read one way here and another by the client: repeated, or in the body.
+    let data = header(&[
+        ("type", "method"),
+        ("method", "services.built-in.ping"),
+        ("method", "services.built-in.message_cache.create"),
+    ]);
+    refused_frame(&mut mallory, &mut alice, data, "\"method\" twice").await;
+    let refused = call_with_body(
+        &mut mallory,
+        &target,
+        "services.built-in.ping",
+        &[
+            ("method", "services.built-in.message_cache.create".into()),
+            ("args", Value::Array(vec!["k".into()])),
+        ],
+    )
+    .await;
+    assert!(refused.unwrap_err().contains("only the header may carry"));
+    // The manager's events, and types that crash the JavaScript clients, or a key they cannot
+    // decode.
+    let data = header(&[("type", "client_disconnected")]);
+    refused_frame(&mut mallory, &mut alice, data, "only the server sends").await;
+    let data = header(&[("type", "constructor")]);
+    refused_frame(
+        &mut mallory,
+        &mut alice,
+        data,
+        "every JavaScript object has",
+    )
+    .await;
+    let mut data = header(&[("type", "method")]);
+    data[0] += 1;
+    data.extend_from_slice(&[0xc0, 0x01]);
+    refused_frame(&mut mallory, &mut alice, data, "must be a string").await;
+    // A chunked message's own header is held to the same rules once assembled.
+    let inner = frame(
+        &map(&[
+            ("type", "method".into()),
+            ("method", "s1.resolve.__globals__.os.system".into()),
+        ]),
+        Some(&map(&[("args", Value::Array(vec!["true".into()]))])),
+    );
+    let cache = |f: &str| format!("services.built-in.message_cache.{f}");
+    for (function, args) in [
+        ("create", vec!["k".into()]),
+        ("set", vec!["k".into(), 0.into(), Value::Binary(inner)]),
+    ] {
+        let session = format!("s{function}");
+        let data = frame(
+            &map(&[
+                ("type", "method".into()),
+                ("to", target.as_str().into()),
+                ("method", cache(function).into()),
+                ("session", session.as_str().into()),
+            ]),
+            Some(&map(&[("args", Value::Array(args))])),
+        );
+        mallory.send(Message::Binary(data.into())).await.unwrap();
+        let (delivered, _) = next_frame(&mut alice, Duration::from_secs(5))
+            .await
+            .expect("the cache call is delivered");
+        assert_eq!(
+            field(&delivered, "method").and_then(Value::as_str),
+            Some(cache(function).as_str())
+        );
+    }
+    let refused = call(&mut mallory, &target, &cache("process"), vec!["k".into()]).await;
+    let refused = refused.unwrap_err();
+    assert!(
+        refused.contains("not a function any client offers"),
+        "{refused}"
+    );
+    assert!(
+        next_frame(&mut alice, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    // Over HTTP a call goes out as the manager's: never to the chunk cache, never past a
+    // function. `built-in` is what every real client registers.
+    let svc = map(&[
+        ("id", "built-in".into()),
+        ("config", map(&[("visibility", "public".into())])),
+    ]);
+    manager_call(&mut alice, &alice_info, "register_service", vec![svc])
+        .await
+        .unwrap();
+    let base = format!("/{ws}/services/alice:built-in");
+    let (status, _, body) = http(
+        &app,
+        "POST",
+        &format!("{base}/message_cache.create"),
+        &[("Content-Type", "application/json")],
+        b"[\"k\"]",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("cannot be called over HTTP"), "{body}");
+    let (status, _, body) = http(
+        &app,
+        "GET",
+        &format!("{base}/ping.__self__._services"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a function any client offers"), "{body}");
+    assert!(
+        next_frame(&mut alice, Duration::from_millis(200))
+            .await
+            .is_none(),
+        "an HTTP call reached the client"
+    );
+    still_works(&app).await;
 }
 
 #[tokio::test]
@@ -708,12 +875,12 @@ async fn chunked_messages_are_vetted_as_they_pass() {
     );
     let refused = send_chunks(&mut mallory, &mut alice, &target, &notice, "k3").await;
     assert!(
-        refused.unwrap_err().contains("\"peer_not_found\" notice"),
+        refused.unwrap_err().contains("only the server sends"),
         "a chunked notice was delivered"
     );
     let body_notice = assembled(&[("type", "peer_not_found".into())]);
     let refused = send_chunks(&mut mallory, &mut alice, &target, &body_notice, "k4").await;
-    assert!(refused.unwrap_err().contains("\"peer_not_found\" notice"));
+    assert!(refused.unwrap_err().contains("only the server sends"));
     // Chunks that skip create, or an alias of a cache function, are refused too.
     let skipped = call(
         &mut mallory,

@@ -244,6 +244,15 @@ async fn call_function(
         };
         let target = entry.id.provider.to_string();
         let method_path = format!("services.{}.{function}", entry.id.name);
+        // The call goes out as the manager's, whom the clients trust with everything: it may
+        // name only a function the service offers, and never the chunked-message cache, whose
+        // calls the server vets only as they pass between clients.
+        crate::rpc::rules::check_method(&method_path).map_err(Error::BadRequest)?;
+        if method_path.starts_with("services.built-in.message_cache") {
+            return Err(Error::PermissionDenied(
+                "message_cache functions cannot be called over HTTP: clients call them on each other over their connection".into(),
+            ));
+        }
         state
             .peer
             .call(&target, &method_path, call_args, &options)

@@ -134,12 +134,23 @@ impl Watched {
             return Err("chunks of this message are missing".into());
         }
         // The receiver fires the assembled message by its own `type` (the body's, merged
-        // over it, wins): neither may make it a notice only the server sends.
-        if let Some(kind) = self.scanner.server_type() {
+        // over it, wins) and calls its own `method`: held to the rules of a header.
+        if let Some(kind) = self.scanner.refused_type() {
             return Err(format!(
-                "the chunked message is a {kind:?} notice, which only the server sends"
+                "the chunked message has the type {kind:?}: {}",
+                scan::type_reason(kind)
             )
             .into());
+        }
+        if self.scanner.objects() > 0 {
+            let main = self
+                .main
+                .as_deref()
+                .ok_or("the chunked message's header is larger than 64 KiB")?;
+            let main = Frame::parse(Bytes::copy_from_slice(main))
+                .map_err(|e| ChunkRefusal(format!("the chunked message's header: {e}")))?;
+            crate::rpc::rules::check_header(&main)
+                .map_err(|e| ChunkRefusal(format!("the chunked message's header: {e}")))?;
         }
         match self.scanner.objects() {
             0 => Err("the chunked message is incomplete".into()),
@@ -612,7 +623,8 @@ mod tests {
             for reversed in [false, true] {
                 for forged in [&forged_main, &forged_body, &repeated] {
                     let refused = send(&watch, forged, piece, reversed).unwrap_err();
-                    assert!(refused.0.contains("\"peer_not_found\" notice"), "{refused}");
+                    assert!(refused.0.contains("\"peer_not_found\""), "{refused}");
+                    assert!(refused.0.contains("only the server sends"), "{refused}");
                 }
                 // The same words elsewhere (a value of another key, nested) are not a notice.
                 assert_eq!(send(&watch, &allowed, piece, reversed), Ok(()));

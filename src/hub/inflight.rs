@@ -213,8 +213,13 @@ impl InFlight {
     ) {
         match step(method, session) {
             Step::Opens(session) => self.opened(from, to, session),
+            // Only the callee ends or keeps alive a call: anyone else who learnt its session
+            // could otherwise make it vanish here, or hold up a graceful stop.
             Step::Answers(session) => {
-                if let Some((_, open)) = self.calls.remove(&self.key(to, session)) {
+                if let Some((_, open)) = self
+                    .calls
+                    .remove_if(&self.key(to, session), |_, open| open.callee == from)
+                {
                     self.closed(&open.caller);
                     self.latency.0.observe(open.opened.elapsed().as_secs_f64());
                     let counter = if method.is_some_and(|m| m.ends_with(".reject")) {
@@ -226,7 +231,9 @@ impl InFlight {
                 }
             }
             Step::KeepsAlive(session) => {
-                if let Some(mut open) = self.calls.get_mut(&self.key(to, session)) {
+                if let Some(mut open) = self.calls.get_mut(&self.key(to, session))
+                    && open.callee == from
+                {
                     open.touched = Instant::now();
                 }
             }
@@ -448,6 +455,10 @@ mod tests {
         assert_eq!(calls.pending(here), 1);
         calls.observe("ws/b", "ws/a", &frame(&[("method", "s1.c.heartbeat")]));
         assert_eq!(calls.pending(here), 1);
+        // Only the callee answers: another client that learnt the session ends nothing.
+        calls.observe("ws/m", "ws/a", &frame(&[("method", "s1.c.resolve")]));
+        assert_eq!(calls.pending(here), 1);
+        assert_eq!(calls.ended("resolved"), 0);
         calls.observe("ws/b", "ws/a", &frame(&[("method", "s1.c.resolve")]));
         assert_eq!(calls.pending(here), 0);
         assert_eq!(calls.ended("resolved"), 1);

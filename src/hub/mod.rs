@@ -585,14 +585,10 @@ impl Hub {
         else {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         };
-        // A forged `peer_not_found` would make its receiver drop every call to the peer it
-        // names; every `type` entry counts (the JS client reads the last of repeated keys, the
-        // server the first), and the body's is checked with the rest of the body below.
-        if let Some(kind) = frame
-            .fields("type")
-            .find(|kind| crate::rpc::scan::SERVER_TYPES.contains(kind))
-        {
-            let error = format!("a frame of type {kind:?} is a notice only the server sends");
+        // The receiver acts on the header as delivered: a forged notice, a repeated key read
+        // one way here and another there, a method reaching into the receiver's internals
+        // are refused (the body is checked below).
+        if let Err(error) = crate::rpc::rules::check_header(&frame) {
             let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
             return Ok(Routed::Refused { error, reject });
         }

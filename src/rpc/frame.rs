@@ -85,13 +85,14 @@ impl Frame {
             .and_then(|e| text(&self.head[e.value..e.end]))
     }
 
-    /// Every string value of `key` in the header, in order (a header may repeat a key, and the
-    /// clients differ on which one counts).
-    pub fn fields<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> {
-        self.entries
-            .iter()
-            .filter(move |e| self.key_of(e) == Some(key))
-            .filter_map(|e| text(&self.head[e.value..e.end]))
+    /// The header's top-level keys, in order: `None` for a key that is not a string.
+    pub fn raw_keys(&self) -> impl Iterator<Item = Option<&str>> {
+        self.entries.iter().map(|e| self.key_of(e))
+    }
+
+    /// How many entries the header has.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
     }
 
     /// The header's top-level string keys, in order.

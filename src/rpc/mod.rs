@@ -5,6 +5,7 @@ pub(crate) mod cache;
 pub(crate) mod describe;
 pub mod frame;
 pub(crate) mod peer;
+pub mod rules;
 pub mod scan;
 pub(crate) mod value;
 

@@ -101,9 +101,9 @@ pub struct Scanner {
     keys: Vec<String>,
     /// The item that comes next is the value of a top-level `type` key.
     type_next: bool,
-    /// The first message type only the server sends ([`SERVER_TYPES`]) found as the `type`
-    /// of a top-level map, whichever object.
-    server_type: Option<&'static str>,
+    /// The first refused message type ([`refused_type`]) found as the `type` of a top-level
+    /// map, whichever object.
+    refused_type: Option<&'static str>,
     failed: Option<ScanError>,
     /// Bytes consumed so far, over every piece fed.
     consumed: u64,
@@ -206,7 +206,7 @@ impl Scanner {
             watched_is_map: None,
             keys: Vec::new(),
             type_next: false,
-            server_type: None,
+            refused_type: None,
             failed: None,
             consumed: 0,
         }
@@ -233,10 +233,10 @@ impl Scanner {
         &self.keys
     }
 
-    /// A message type only the server sends, if some top-level map scanned so far has it as
-    /// its `type` (any entry of a repeated key).
-    pub(crate) fn server_type(&self) -> Option<&'static str> {
-        self.server_type
+    /// A refused message type ([`refused_type`]), if some top-level map scanned so far has it
+    /// as its `type` (any entry of a repeated key).
+    pub(crate) fn refused_type(&self) -> Option<&'static str> {
+        self.refused_type
     }
 
     /// Feeds the next piece; an error stays.
@@ -389,11 +389,8 @@ impl Scanner {
                 }
             }
             Payload::TypeValue => {
-                if self.server_type.is_none() {
-                    self.server_type = SERVER_TYPES
-                        .iter()
-                        .find(|kind| kind.as_bytes() == self.key)
-                        .copied();
+                if self.refused_type.is_none() {
+                    self.refused_type = std::str::from_utf8(&self.key).ok().and_then(refused_type);
                 }
             }
         }
@@ -638,6 +635,11 @@ pub(crate) fn binary_payload(item: &[u8]) -> Option<&[u8]> {
 /// body carrying one of these would overrule what the server wrote.
 pub const SERVER_FIELDS: [&str; 5] = ["from", "to", "ws", "user", "ctx"];
 
+/// Fields that belong in the header, where the server reads them (what is called, which call
+/// is answered), and that a body merged over it would change behind the server's back.
+/// `__proto__` makes the JavaScript clients' decoder throw.
+pub const HEADER_ONLY_FIELDS: [&str; 3] = ["method", "session", "__proto__"];
+
 /// Why a frame body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
@@ -649,20 +651,68 @@ pub enum BodyError {
         "the frame body carries {0:?}, a field only the server sets; the server fills in from, to, ws and user itself"
     )]
     ServerField(String),
-    #[error("the frame body makes the frame a {0:?} notice, which only the server sends")]
-    ServerNotice(String),
+    #[error(
+        "the frame body carries {0:?}, which only the header may carry: the server reads it there"
+    )]
+    HeaderField(String),
+    #[error("the frame body gives the frame the type {0:?}: {reason}", reason = type_reason(.0))]
+    RefusedType(String),
 }
 
 /// Message types only the server sends: a client's frame of such a type would make its
-/// receiver drop calls on the server's word (`peer_not_found` ends every call to its peer).
-pub const SERVER_TYPES: [&str; 1] = [PEER_NOT_FOUND];
+/// receiver act on the server's word (`peer_not_found` ends every call to its peer,
+/// `client_disconnected` every call to the client it names; the rest are the manager's events).
+pub const SERVER_TYPES: [&str; 7] = [
+    PEER_NOT_FOUND,
+    "client_connected",
+    "client_disconnected",
+    "service_added",
+    "service_removed",
+    "workspace_loaded",
+    "workspace_deleted",
+];
+
+/// Names of the properties every JavaScript object has: the JavaScript clients look a frame's
+/// type up among their handlers, find one of these, and throw (in Node, out of the process).
+pub const JS_BUILTIN_TYPES: [&str; 12] = [
+    "constructor",
+    "__proto__",
+    "hasOwnProperty",
+    "isPrototypeOf",
+    "propertyIsEnumerable",
+    "toString",
+    "toLocaleString",
+    "valueOf",
+    "__defineGetter__",
+    "__defineSetter__",
+    "__lookupGetter__",
+    "__lookupSetter__",
+];
+
+/// The message type as refused, if a client may not send a frame of type `kind`.
+pub fn refused_type(kind: &str) -> Option<&'static str> {
+    SERVER_TYPES
+        .iter()
+        .chain(JS_BUILTIN_TYPES.iter())
+        .find(|refused| **refused == kind)
+        .copied()
+}
+
+/// Why a client may not send a frame of type `kind` (see [`refused_type`]).
+pub fn type_reason(kind: &str) -> &'static str {
+    if SERVER_TYPES.contains(&kind) {
+        "a notice only the server sends"
+    } else {
+        "a name every JavaScript object has, which makes the JavaScript clients fail"
+    }
+}
 
 /// The `type` of the server's notice that a call's target is gone.
 pub const PEER_NOT_FOUND: &str = "peer_not_found";
 
 /// Checks the first object of a frame body (what the clients merge over the header) without
-/// decoding it: it must be a map whose top-level keys are none of [`SERVER_FIELDS`], and whose
-/// `type`, if any, is none of [`SERVER_TYPES`].
+/// decoding it: it must be a map whose top-level keys are none of [`SERVER_FIELDS`] and
+/// [`HEADER_ONLY_FIELDS`], and whose `type`, if any, is not refused ([`refused_type`]).
 pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     if body.is_empty() {
         return Ok(());
@@ -677,11 +727,13 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
         if SERVER_FIELDS.contains(&name) {
             return Err(BodyError::ServerField(name.to_string()));
         }
+        if HEADER_ONLY_FIELDS.contains(&name) {
+            return Err(BodyError::HeaderField(name.to_string()));
+        }
         if name == "type"
-            && let Some(kind) = text(&body[entry.value..entry.end])
-            && SERVER_TYPES.contains(&kind)
+            && let Some(kind) = text(&body[entry.value..entry.end]).and_then(refused_type)
         {
-            return Err(BodyError::ServerNotice(kind.to_string()));
+            return Err(BodyError::RefusedType(kind.to_string()));
         }
     }
     Ok(())
@@ -692,15 +744,17 @@ pub(crate) fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
     if scanner.watched_is_map() != Some(true) {
         return Err(BodyError::NotMap);
     }
-    if let Some(kind) = scanner.server_type() {
-        return Err(BodyError::ServerNotice(kind.to_string()));
+    // The first offending key, as the whole-slice check finds it.
+    for key in scanner.keys() {
+        if SERVER_FIELDS.contains(&key.as_str()) {
+            return Err(BodyError::ServerField(key.clone()));
+        }
+        if HEADER_ONLY_FIELDS.contains(&key.as_str()) {
+            return Err(BodyError::HeaderField(key.clone()));
+        }
     }
-    match scanner
-        .keys()
-        .iter()
-        .find(|key| SERVER_FIELDS.contains(&key.as_str()))
-    {
-        Some(key) => Err(BodyError::ServerField(key.clone())),
+    match scanner.refused_type() {
+        Some(kind) => Err(BodyError::RefusedType(kind.to_string())),
         None => Ok(()),
     }
 }
@@ -874,7 +928,7 @@ mod tests {
         let notice = pack(&map(vec![("type", "peer_not_found".into())]));
         assert_eq!(
             check_body(&notice),
-            Err(BodyError::ServerNotice("peer_not_found".into()))
+            Err(BodyError::RefusedType("peer_not_found".into()))
         );
         let own_type = pack(&map(vec![("type", "method".into())]));
         assert_eq!(check_body(&own_type), Ok(()));
@@ -891,11 +945,11 @@ mod tests {
         for (body, expected) in [
             (
                 &notice,
-                Err(BodyError::ServerNotice("peer_not_found".into())),
+                Err(BodyError::RefusedType("peer_not_found".into())),
             ),
             (
                 &repeated,
-                Err(BodyError::ServerNotice("peer_not_found".into())),
+                Err(BodyError::RefusedType("peer_not_found".into())),
             ),
             (&own_type, Ok(())),
             (&elsewhere, Ok(())),
