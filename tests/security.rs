@@ -672,6 +672,35 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
     )
     .await;
     assert!(refused.unwrap_err().contains("only the header may carry"));
+    // What the JavaScript clients' decoder throws on (in Node, out of the process), deep in
+    // a body: a key that is not a string or a number, `__proto__`, a timestamp of odd size.
+    for (argument, expected) in [
+        (
+            Value::Map(vec![(Value::Nil, 1.into())]),
+            "map key that is nil",
+        ),
+        (map(&[("__proto__", 1.into())]), "\"__proto__\""),
+        (Value::Ext(-1, vec![0; 3]), "timestamp"),
+    ] {
+        let refused = call_with_body(
+            &mut mallory,
+            &target,
+            "services.built-in.ping",
+            &[("args", Value::Array(vec![map(&[("x", argument)])]))],
+        )
+        .await;
+        let refused = refused.unwrap_err();
+        assert!(refused.contains(expected), "{refused}");
+        assert!(
+            refused.contains("JavaScript clients cannot decode"),
+            "{refused}"
+        );
+    }
+    assert!(
+        next_frame(&mut alice, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
     // The manager's events, and types that crash the JavaScript clients, or a key they cannot
     // decode.
     let data = header(&[("type", "client_disconnected")]);
@@ -761,6 +790,34 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
     .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("not a function any client offers"), "{body}");
+    // Nor with arguments its receiver cannot decode, from JSON, msgpack or the query.
+    let mut nil_key = Vec::new();
+    rmpv::encode::write_value(
+        &mut nil_key,
+        &map(&[("x", Value::Map(vec![(Value::Nil, 1.into())]))]),
+    )
+    .unwrap();
+    for (path, content_type, body) in [
+        (
+            format!("{base}/ping"),
+            "application/json",
+            &br#"{"x": {"__proto__": 1}}"#[..],
+        ),
+        (
+            format!("{base}/ping?__proto__=1"),
+            "application/json",
+            &b""[..],
+        ),
+        (format!("{base}/ping"), "application/msgpack", &nil_key[..]),
+    ] {
+        let (status, _, answer) =
+            http(&app, "POST", &path, &[("Content-Type", content_type)], body).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert!(
+            answer.contains("JavaScript clients cannot decode"),
+            "{path}: {answer}"
+        );
+    }
     assert!(
         next_frame(&mut alice, Duration::from_millis(200))
             .await

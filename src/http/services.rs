@@ -200,6 +200,19 @@ async fn call_function(
             other => positional.push(other),
         }
     }
+    // The arguments go on to a client, which must be able to decode them.
+    kwargs
+        .iter()
+        .try_for_each(|(key, value)| match key.as_str() {
+            "__proto__" => Err(crate::rpc::scan::ScanError::ProtoKey),
+            _ => crate::rpc::scan::value_for_clients(value),
+        })
+        .and_then(|()| {
+            positional
+                .iter()
+                .try_for_each(crate::rpc::scan::value_for_clients)
+        })
+        .map_err(|e| Error::BadRequest(format!("an argument {e}")))?;
     let args = Args { positional, kwargs };
     let ctx = context(&state, &user, &workspace, ip);
     let result = if service == "ws" {

@@ -49,18 +49,27 @@ pub struct Frame {
 impl Frame {
     /// Reads the header of a frame and keeps the rest as the body.
     pub fn parse(data: Bytes) -> Result<Self, FrameError> {
-        Self::parse_within(data, HEADER_LIMITS)
+        Self::parse_within(data, HEADER_LIMITS, super::scan::object_for_clients)
     }
 
     /// Reads a frame whose header this server (another instance of it) wrote, with the
     /// sender's `user` in it: bounded, but not by a client's header limits.
     pub(crate) fn parse_trusted(data: Bytes) -> Result<Self, FrameError> {
-        Self::parse_within(data, TRUSTED_LIMITS)
+        Self::parse_within(data, TRUSTED_LIMITS, super::scan::object)
     }
 
-    fn parse_within(data: Bytes, limits: super::scan::Limits) -> Result<Self, FrameError> {
-        let scanned = super::scan::object(&data, limits)
-            .map_err(|e| FrameError::Msgpack(format!("its header {e}")))?;
+    /// Reads the header with `walk`, which bounds it (and, for a client's frame, refuses what
+    /// its receivers cannot decode).
+    fn parse_within(
+        data: Bytes,
+        limits: super::scan::Limits,
+        walk: fn(
+            &[u8],
+            super::scan::Limits,
+        ) -> Result<super::scan::Scanned, super::scan::ScanError>,
+    ) -> Result<Self, FrameError> {
+        let scanned =
+            walk(&data, limits).map_err(|e| FrameError::Msgpack(format!("its header {e}")))?;
         // The scan proved the header whole, so every entry is there; there are at most as
         // many as the element limit allows.
         let entries = map_entries(&data[..scanned.len])

@@ -46,6 +46,16 @@ pub enum ScanError {
     TooManyElements(u64),
     #[error("would take more than {0} bytes to decode")]
     TooLarge(u64),
+    #[error(
+        "has a map key that is {0}; the JavaScript clients cannot decode it (a key must be a string or a number)"
+    )]
+    MapKey(&'static str),
+    #[error("has a map key \"__proto__\", which the JavaScript clients cannot decode")]
+    ProtoKey,
+    #[error(
+        "has a timestamp (extension type -1) of {0} bytes, which the JavaScript clients cannot decode (only 4, 8 or 12)"
+    )]
+    Timestamp(u64),
 }
 
 /// The cost of one scanned object.
@@ -416,8 +426,8 @@ impl Scanner {
     }
 }
 
-/// Containers still open during a walk, with the items each still expects: the first levels
-/// on the stack, deeper ones (rare) on the heap.
+/// Containers still open during a walk, with the items each still expects (a map's count
+/// carries [`Open::MAP`]): the first levels on the stack, deeper ones (rare) on the heap.
 struct Open {
     inline: [u64; Open::INLINE],
     len: usize,
@@ -426,6 +436,8 @@ struct Open {
 
 impl Open {
     const INLINE: usize = 24;
+    /// Marks a map's count (at most twice a 32-bit length, far below this bit).
+    const MAP: u64 = 1 << 63;
 
     fn new() -> Self {
         Self {
@@ -451,12 +463,22 @@ impl Open {
         }
     }
 
+    /// Whether the next item is a key of the innermost open container (a map).
+    fn at_key(&self) -> bool {
+        let innermost = match self.len.checked_sub(1) {
+            None => return false,
+            Some(i) if i < Self::INLINE => self.inline.get(i),
+            Some(_) => self.spill.last(),
+        };
+        innermost.is_some_and(|items| items & Self::MAP != 0 && items % 2 == 0)
+    }
+
     /// Counts one item against the innermost container, closing those it fills; `true` when
     /// none is left open (the walk is done).
     fn complete(&mut self) -> bool {
         while let Some(remaining) = self.innermost() {
             *remaining -= 1;
-            if *remaining > 0 {
+            if *remaining & !Self::MAP > 0 {
                 return false;
             }
             if self.len > Self::INLINE {
@@ -471,6 +493,31 @@ impl Open {
 /// Scans the first object of `data`: its length and what decoding it would cost. The same
 /// walk as a [`Scanner`] fed all of `data` at once, without its piece-by-piece state.
 pub fn object(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
+    walk::<false>(data, limits)
+}
+
+/// [`object`], refusing also what the JavaScript clients' decoder throws on (in Node, out of
+/// the process): a map key that is not a string or a number, a `__proto__` key, and a
+/// timestamp (extension type -1) that is not 4, 8 or 12 bytes long. For what a client sends
+/// to other clients.
+pub fn object_for_clients(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
+    walk::<true>(data, limits)
+}
+
+/// What a value is, by its marker, when it is not a string or a number.
+fn key_kind(marker: u8) -> Option<&'static str> {
+    match marker {
+        0xc0 => Some("nil"),
+        0xc2 | 0xc3 => Some("a boolean"),
+        0xc4..=0xc6 => Some("binary"),
+        0xc7..=0xc9 | 0xd4..=0xd8 => Some("an extension"),
+        0x80..=0x8f | 0xde | 0xdf => Some("a map"),
+        0x90..=0x9f | 0xdc | 0xdd => Some("an array"),
+        _ => None,
+    }
+}
+
+fn walk<const CLIENTS: bool>(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
     let mut scanned = Scanned {
         len: 0,
         elements: 0,
@@ -499,13 +546,30 @@ pub fn object(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
             .get(pos..pos + head_len(marker))
             .ok_or(ScanError::Truncated)?;
         pos += head.len();
-        match item(head)? {
+        let parsed = item(head)?;
+        let at_key = CLIENTS && open.at_key();
+        if at_key && let Some(kind) = key_kind(marker) {
+            return Err(ScanError::MapKey(kind));
+        }
+        match parsed {
             Item::Scalar => count(&mut scanned, 0)?,
             Item::Bytes { len, .. } => {
                 count(&mut scanned, len)?;
                 let rest = (data.len() - pos) as u64;
                 if len > rest {
                     return Err(ScanError::Truncated);
+                }
+                if CLIENTS {
+                    let payload = &data[pos..pos + len as usize];
+                    if at_key && payload == b"__proto__" {
+                        return Err(ScanError::ProtoKey);
+                    }
+                    // An extension's type is the last byte of its head; -1 is a timestamp.
+                    let timestamp =
+                        matches!(marker, 0xc7..=0xc9 | 0xd4..=0xd8) && head.last() == Some(&0xff);
+                    if timestamp && !matches!(len, 4 | 8 | 12) {
+                        return Err(ScanError::Timestamp(len));
+                    }
                 }
                 pos += len as usize;
             }
@@ -516,7 +580,7 @@ pub fn object(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
                     if open.len >= limits.max_depth {
                         return Err(ScanError::TooDeep(limits.max_depth));
                     }
-                    open.push(items);
+                    open.push(if is_map { items | Open::MAP } else { items });
                     continue;
                 }
             }
@@ -537,6 +601,32 @@ pub fn decode(data: &[u8], limits: Limits) -> Result<(rmpv::Value, usize), ScanE
     let value = rmpv::decode::read_value_with_max_depth(&mut reader, limits.max_depth + 1)
         .map_err(|_| ScanError::Truncated)?;
     Ok((value, scanned.len))
+}
+
+/// Checks a decoded value as [`object_for_clients`] checks an encoded one, for values the
+/// server builds from what a caller sent (an HTTP call's arguments) before they go to a client.
+pub fn value_for_clients(value: &rmpv::Value) -> Result<(), ScanError> {
+    use rmpv::Value;
+    match value {
+        Value::Ext(-1, data) if !matches!(data.len(), 4 | 8 | 12) => {
+            Err(ScanError::Timestamp(data.len() as u64))
+        }
+        Value::Array(items) => items.iter().try_for_each(value_for_clients),
+        Value::Map(entries) => entries.iter().try_for_each(|(key, value)| {
+            match key {
+                Value::String(s) if s.as_bytes() == b"__proto__" => Err(ScanError::ProtoKey),
+                Value::String(_) | Value::Integer(_) | Value::F32(_) | Value::F64(_) => Ok(()),
+                Value::Nil => Err(ScanError::MapKey("nil")),
+                Value::Boolean(_) => Err(ScanError::MapKey("a boolean")),
+                Value::Binary(_) => Err(ScanError::MapKey("binary")),
+                Value::Ext(..) => Err(ScanError::MapKey("an extension")),
+                Value::Map(_) => Err(ScanError::MapKey("a map")),
+                Value::Array(_) => Err(ScanError::MapKey("an array")),
+            }?;
+            value_for_clients(value)
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Where one top-level entry of an encoded map lies: its key at `key..value`, its value at
@@ -711,13 +801,14 @@ pub fn type_reason(kind: &str) -> &'static str {
 pub const PEER_NOT_FOUND: &str = "peer_not_found";
 
 /// Checks the first object of a frame body (what the clients merge over the header) without
-/// decoding it: it must be a map whose top-level keys are none of [`SERVER_FIELDS`] and
-/// [`HEADER_ONLY_FIELDS`], and whose `type`, if any, is not refused ([`refused_type`]).
+/// decoding it: it must be a map the clients can decode ([`object_for_clients`]) whose
+/// top-level keys are none of [`SERVER_FIELDS`] and [`HEADER_ONLY_FIELDS`], and whose `type`,
+/// if any, is not refused ([`refused_type`]).
 pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     if body.is_empty() {
         return Ok(());
     }
-    object(body, Limits::WALK)?;
+    object_for_clients(body, Limits::WALK)?;
     // The walk above proved the map whole, so every entry is there.
     let entries = map_entries(body).ok_or(BodyError::NotMap)?;
     for entry in entries {
@@ -838,9 +929,16 @@ mod tests {
             keys in proptest::collection::vec(0usize..7, 0..15),
             values in proptest::collection::vec(any::<u8>(), 0..40),
         ) {
-            let data = body(&keys, &values);
-            prop_assert_eq!(check_body(&data), body_by_scanner(&data));
-            prop_assert_eq!(check_body(&values), body_by_scanner(&values));
+            for data in [body(&keys, &values), values.clone()] {
+                // The scanner reads chunked messages, which their receivers decode inside a
+                // call; the body check also refuses what the clients cannot decode at all.
+                match object_for_clients(&data, Limits::WALK) {
+                    Err(e @ (ScanError::MapKey(_) | ScanError::ProtoKey | ScanError::Timestamp(_))) => {
+                        prop_assert_eq!(check_body(&data), Err(BodyError::Msgpack(e)));
+                    }
+                    _ => prop_assert_eq!(check_body(&data), body_by_scanner(&data)),
+                }
+            }
         }
     }
 
@@ -991,6 +1089,122 @@ mod tests {
         assert_eq!(map_value(&body, "promise"), None);
         assert_eq!(array_items(args, 2), None);
         assert_eq!(map_value(&[0x81, 0xa1], "x"), None);
+    }
+
+    #[test]
+    fn what_the_javascript_clients_cannot_decode_is_refused_for_them() {
+        let key = |key: Value| pack(&Value::Map(vec![("a".into(), 1.into()), (key, 2.into())]));
+        for (key_value, kind) in [
+            (Value::Nil, "nil"),
+            (true.into(), "a boolean"),
+            (Value::Binary(vec![1, 2]), "binary"),
+            (Value::Ext(3, vec![0; 4]), "an extension"),
+            (Value::Array(vec![]), "an array"),
+            (Value::Map(vec![]), "a map"),
+        ] {
+            let data = key(key_value.clone());
+            assert_eq!(
+                object_for_clients(&data, Limits::WALK),
+                Err(ScanError::MapKey(kind))
+            );
+            assert_eq!(
+                value_for_clients(&decode(&data, Limits::WALK).unwrap().0),
+                Err(ScanError::MapKey(kind))
+            );
+            // Any other reader takes it as it is.
+            assert_eq!(object(&data, Limits::WALK).unwrap().len, data.len());
+            assert_eq!(
+                check_body(&data),
+                Err(BodyError::Msgpack(ScanError::MapKey(kind)))
+            );
+        }
+        for fine in [Value::from(7), Value::from(-3), Value::F64(0.5), "b".into()] {
+            let data = key(fine);
+            assert_eq!(
+                object_for_clients(&data, Limits::WALK).unwrap().len,
+                data.len()
+            );
+        }
+        // A key position is found however deep, after nested values, and never in an array.
+        let deep = pack(&map(vec![
+            (
+                "args",
+                Value::Array(vec![map(vec![("x", map(vec![("y", 1.into())]))])]),
+            ),
+            (
+                "kwargs",
+                Value::Map(vec![
+                    ("z".into(), Value::Array(vec![Value::Nil, true.into()])),
+                    (Value::Nil, 1.into()),
+                ]),
+            ),
+        ]));
+        assert_eq!(
+            object_for_clients(&deep, Limits::WALK),
+            Err(ScanError::MapKey("nil"))
+        );
+        let arrays = pack(&Value::Array(vec![
+            Value::Nil,
+            Value::Map(vec![(1.into(), Value::Nil)]),
+            true.into(),
+        ]));
+        assert!(object_for_clients(&arrays, Limits::WALK).is_ok());
+        // `__proto__` is refused as a key, anywhere, and passes as a value.
+        let proto = pack(&map(vec![(
+            "args",
+            Value::Array(vec![map(vec![("__proto__", 1.into())])]),
+        )]));
+        assert_eq!(
+            object_for_clients(&proto, Limits::WALK),
+            Err(ScanError::ProtoKey)
+        );
+        let as_value = pack(&map(vec![("k", "__proto__".into())]));
+        assert!(object_for_clients(&as_value, Limits::WALK).is_ok());
+        // Timestamps of 4, 8 and 12 bytes pass; of any other size (fixext or ext) they do not,
+        // and other extension types are not looked into.
+        for len in [4usize, 8, 12] {
+            let data = pack(&Value::Array(vec![Value::Ext(-1, vec![0; len])]));
+            assert!(object_for_clients(&data, Limits::WALK).is_ok(), "{len}");
+        }
+        for len in [0usize, 1, 2, 3, 16, 300] {
+            let data = pack(&Value::Array(vec![Value::Ext(-1, vec![0; len])]));
+            assert_eq!(
+                object_for_clients(&data, Limits::WALK),
+                Err(ScanError::Timestamp(len as u64)),
+                "{len}"
+            );
+            assert_eq!(
+                value_for_clients(&decode(&data, Limits::WALK).unwrap().0),
+                Err(ScanError::Timestamp(len as u64))
+            );
+            let other = pack(&Value::Ext(5, vec![0xff; len]));
+            assert!(object_for_clients(&other, Limits::WALK).is_ok());
+        }
+        let message = ScanError::MapKey("nil").to_string();
+        assert!(
+            message.contains("JavaScript clients cannot decode"),
+            "{message}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_decoded_check_agrees_with_the_encoded_one(
+            data in proptest::collection::vec(
+                prop_oneof![Just(0x81u8), Just(0x82), Just(0x91), Just(0xc0), Just(0xc3), Just(0xd4),
+                    Just(0xd6), Just(0xff), Just(0xa1), Just(0x5f), Just(0x01), Just(0xa9), Just(0xc4)],
+                0..40,
+            ),
+        ) {
+            let encoded = object_for_clients(&data, Limits::WALK);
+            match decode(&data, Limits::WALK) {
+                Ok((value, _)) => prop_assert_eq!(encoded.map(|_| ()), value_for_clients(&value)),
+                // The encoded check may stop earlier, at what the clients cannot decode.
+                Err(_) => prop_assert!(encoded.is_err()),
+            }
+        }
     }
 
     #[test]
