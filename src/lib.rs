@@ -373,6 +373,7 @@ impl App {
         }
         tokio::spawn(reload_revocations_now_and_then(state.clone()));
         tokio::spawn(probe_now_and_then(state.clone()));
+        tokio::spawn(drop_orphaned_chunks(state.clone()));
         offer_first_run(&state).await;
         Ok(App {
             listener,
@@ -568,6 +569,23 @@ async fn probe_now_and_then(state: Arc<AppState>) {
             probe.check().await;
         }
         state.ice.check_listeners().await;
+    }
+}
+
+/// How often chunked messages nobody touches are looked for.
+const CHUNK_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Tells receivers to remove chunked messages the server forgot unprocessed, as they are
+/// forgotten, and forgets idle ones now and then.
+async fn drop_orphaned_chunks(state: Arc<AppState>) {
+    let mut ticker = tokio::time::interval(CHUNK_SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = state.stopping.cancelled() => return,
+            _ = state.hub.chunks.orphaned() => {}
+            _ = ticker.tick() => state.hub.chunks.sweep(),
+        }
+        state.hub.drop_orphans(&state.peer.server_user).await;
     }
 }
 

@@ -144,7 +144,7 @@ proptest! {
         let mut message = pack(&Value::Map(vec![("type".into(), "method".into())]));
         message.extend(&dirty);
         let watch = ChunkWatch::default();
-        watch.vet("ws/eve", "ws/alice", &message_cache_call("create", vec!["k".into()]), |_| false).unwrap();
+        watch.vet("ws/eve", false, "ws/alice", &message_cache_call("create", vec!["k".into()]), |_| false).unwrap();
         let mut chunks: Vec<(usize, &[u8])> = message.chunks(piece).enumerate().collect();
         if reversed {
             chunks.reverse();
@@ -152,9 +152,9 @@ proptest! {
         for (index, chunk) in chunks {
             let args = vec!["k".into(), (index as u64).into(), Value::Binary(chunk.to_vec())];
             // A chunk may be refused on its own (it is then never delivered).
-            let _ = watch.vet("ws/eve", "ws/alice", &message_cache_call("set", args), |_| false);
+            let _ = watch.vet("ws/eve", false, "ws/alice", &message_cache_call("set", args), |_| false);
         }
-        let verdict = watch.vet("ws/eve", "ws/alice", &message_cache_call("process", vec!["k".into()]), |_| false);
+        let verdict = watch.vet("ws/eve", false, "ws/alice", &message_cache_call("process", vec!["k".into()]), |_| false);
         prop_assert!(verdict.is_err());
     }
 }

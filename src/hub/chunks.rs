@@ -9,6 +9,12 @@
 //! key is delivered with a suffix derived from the sender's address. The one exception is a
 //! chunked answer (`heartbeat` true), whose key is the receiver's own call session: only the
 //! callee of that call may send it, and only one sender may use a key at a time.
+//!
+//! The receiving client keeps a message's chunks until its `process` or `remove`, for ever
+//! otherwise. So the bytes a sender may have in flight are bounded (lower for anonymous
+//! senders), and when the server forgets a message that was not processed (its sender left,
+//! it went idle, its `process` was refused) the receiver is told to remove it
+//! ([`ChunkWatch::take_orphans`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -23,6 +29,14 @@ use crate::rpc::scan::{self, Limits, Scanner};
 const MAX_MESSAGES_PER_SENDER: usize = 64;
 /// Chunks that arrived ahead of their turn, held per sender until the gap fills.
 const MAX_EARLY_BYTES_PER_SENDER: usize = 16 * 1024 * 1024;
+/// Bytes of unprocessed chunks one sender may have delivered to all its targets: what its
+/// receivers hold for it.
+pub const MAX_BYTES_PER_SENDER: u64 = 1 << 30;
+/// The same for an anonymous sender.
+pub const MAX_BYTES_PER_ANONYMOUS_SENDER: u64 = 64 << 20;
+/// Forgotten messages whose receivers have not been told yet; past this (a burst of many
+/// thousand senders leaving at once) the receivers keep them.
+const MAX_ORPHANS: usize = 1 << 16;
 /// A message not touched for this long is forgotten (its `process` is then refused).
 const IDLE_LIMIT: Duration = Duration::from_secs(600);
 const MAX_KEY_LEN: usize = 256;
@@ -49,6 +63,8 @@ struct Watched {
     poisoned: Option<ChunkRefusal>,
     /// The bytes of the main message, while it fits in [`MAX_MAIN`].
     main: Option<Vec<u8>>,
+    /// Chunk bytes delivered (what the receiver holds of it).
+    bytes: u64,
 }
 
 impl Watched {
@@ -63,6 +79,7 @@ impl Watched {
             touched: Instant::now(),
             poisoned: None,
             main: Some(Vec::new()),
+            bytes: 0,
         }
     }
 
@@ -80,9 +97,11 @@ impl Watched {
             if data.len() > early_room {
                 return Err("too many chunks arrived ahead of their turn".into());
             }
+            self.bytes += data.len() as u64;
             self.early.insert(index, data);
             return Ok(());
         }
+        self.bytes += data.len() as u64;
         self.scan(&data)?;
         self.next += 1;
         while let Some(data) = self.early.remove(&self.next) {
@@ -165,6 +184,10 @@ impl Watched {
 #[derive(Default)]
 pub struct ChunkWatch {
     messages: Mutex<HashMap<Key, Watched>>,
+    /// Messages forgotten unprocessed, whose receivers are to remove them.
+    orphans: Mutex<Vec<Key>>,
+    /// Wakes whoever tells the receivers.
+    orphaned: tokio::sync::Notify,
     /// Keys the namespace suffixes of this instance: a sender cannot compute another's.
     suffixes: std::hash::RandomState,
 }
@@ -285,10 +308,12 @@ impl ChunkWatch {
 
     /// Looks at a frame from `sender` to `target`; `Err` says why it must not be delivered.
     /// `answers(session)` says whether the sender was sent the target's call `session` (a
-    /// chunked answer goes under that session's key).
+    /// chunked answer goes under that session's key); an anonymous sender may have fewer
+    /// bytes in flight.
     pub fn vet(
         &self,
         sender: &str,
+        anonymous: bool,
         target: &str,
         frame: &Frame,
         answers: impl Fn(&str) -> bool,
@@ -357,7 +382,7 @@ impl ChunkWatch {
                     }
                     return Ok(delivered(&slot, !answer));
                 }
-                messages.retain(|_, w| w.touched.elapsed() < IDLE_LIMIT);
+                self.sweep_locked(&mut messages);
                 if messages.values().filter(|w| w.sender == sender).count()
                     >= MAX_MESSAGES_PER_SENDER
                 {
@@ -370,11 +395,12 @@ impl ChunkWatch {
                 Ok(delivered(&slot, !answer))
             }
             Op::Append | Op::Set => {
-                let early_held: usize = messages
+                let (early_held, held) = messages
                     .values()
                     .filter(|w| w.sender == sender)
-                    .map(Watched::early_bytes)
-                    .sum();
+                    .fold((0, 0), |(early, all), w| {
+                        (early + w.early_bytes(), all + w.bytes)
+                    });
                 let Some(slot) = mine(&messages) else {
                     return Err("this chunked message was not created through the server".into());
                 };
@@ -383,12 +409,32 @@ impl ChunkWatch {
                 };
                 watched.touched = Instant::now();
                 let room = MAX_EARLY_BYTES_PER_SENDER.saturating_sub(early_held);
-                let outcome = if op == Op::Append {
-                    args.data(1)
-                        .and_then(|data| watched.chunk(watched.received, data, room))
+                let max_bytes = if anonymous {
+                    MAX_BYTES_PER_ANONYMOUS_SENDER
                 } else {
-                    args.index(1)
-                        .and_then(|index| args.data(2).and_then(|d| watched.chunk(index, d, room)))
+                    MAX_BYTES_PER_SENDER
+                };
+                let size = |data: &Bytes| -> Result<(), ChunkRefusal> {
+                    if held + data.len() as u64 > max_bytes {
+                        return Err(format!(
+                            "too many bytes of chunked messages in flight from this sender (at most {} MiB); process or remove some first",
+                            max_bytes >> 20
+                        )
+                        .into());
+                    }
+                    Ok(())
+                };
+                let outcome = if op == Op::Append {
+                    args.data(1).and_then(|data| {
+                        size(&data)?;
+                        watched.chunk(watched.received, data, room)
+                    })
+                } else {
+                    args.index(1).and_then(|index| {
+                        let data = args.data(2)?;
+                        size(&data)?;
+                        watched.chunk(index, data, room)
+                    })
                 };
                 if let Err(reason) = &outcome {
                     watched.poisoned.get_or_insert_with(|| reason.clone());
@@ -404,7 +450,12 @@ impl ChunkWatch {
                 let Some(watched) = messages.remove(&slot) else {
                     return Err("this chunked message was not created through the server".into());
                 };
-                watched.verdict()?;
+                if let Err(refused) = watched.verdict() {
+                    // Its chunks went through; its `process` will not.
+                    drop(messages);
+                    self.orphan(vec![slot]);
+                    return Err(refused);
+                }
                 Ok(Vetted {
                     call_session: watched.call_session(),
                     ..delivered(&slot, watched.namespaced)
@@ -420,9 +471,69 @@ impl ChunkWatch {
         }
     }
 
-    /// Forgets the messages of a sender that left.
-    pub(crate) fn forget(&self, sender: &str) {
-        self.lock().retain(|_, w| w.sender != sender);
+    /// Forgets the messages of a client that left: those it sent (their receivers are to
+    /// remove them) and those sent to it.
+    pub(crate) fn forget(&self, client: &str) {
+        let mut messages = self.lock();
+        let mut gone = Vec::new();
+        messages.retain(|key, w| {
+            if key.0 == client {
+                return false;
+            }
+            let keep = w.sender != client;
+            if !keep {
+                gone.push(key.clone());
+            }
+            keep
+        });
+        drop(messages);
+        self.orphan(gone);
+    }
+
+    /// Forgets the messages nobody touched for [`IDLE_LIMIT`] (their receivers are to remove
+    /// them).
+    pub(crate) fn sweep(&self) {
+        self.sweep_locked(&mut self.lock());
+    }
+
+    fn sweep_locked(&self, messages: &mut HashMap<Key, Watched>) {
+        let mut idle = Vec::new();
+        messages.retain(|key, w| {
+            let keep = w.touched.elapsed() < IDLE_LIMIT;
+            if !keep {
+                idle.push(key.clone());
+            }
+            keep
+        });
+        self.orphan(idle);
+    }
+
+    fn orphan(&self, keys: Vec<Key>) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let room = MAX_ORPHANS.saturating_sub(orphans.len());
+        if keys.len() > room {
+            tracing::warn!(
+                dropped = keys.len() - room,
+                "too many forgotten chunked messages at once: their receivers keep some"
+            );
+        }
+        orphans.extend(keys.into_iter().take(room));
+        drop(orphans);
+        self.orphaned.notify_one();
+    }
+
+    /// The messages forgotten unprocessed since the last call, as (receiver, key as
+    /// delivered): each receiver still holds the chunks and is to be told to remove them.
+    pub(crate) fn take_orphans(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Waits until a message is forgotten unprocessed.
+    pub(crate) async fn orphaned(&self) {
+        self.orphaned.notified().await;
     }
 
     /// Messages being watched now.
@@ -433,6 +544,22 @@ impl ChunkWatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The manager's call that tells `target` to remove the chunks it holds under `key`.
+pub(crate) fn remove_frame(from: &str, target: &str, key: &str, user: &rmpv::Value) -> Bytes {
+    use crate::rpc::value::obj;
+    let ws = target.split('/').next().unwrap_or_default();
+    let header = obj([
+        ("type", "method".into()),
+        ("from", from.into()),
+        ("to", target.into()),
+        ("method", "services.built-in.message_cache.remove".into()),
+        ("ws", ws.into()),
+        ("user", user.clone()),
+    ]);
+    let body = obj([("args", rmpv::Value::Array(vec![key.into()]))]);
+    crate::rpc::frame::encode(&header, Some(&body))
 }
 
 #[cfg(test)]
@@ -469,7 +596,7 @@ mod tests {
     }
 
     fn vet(watch: &ChunkWatch, sender: &str, frame: &Frame) -> Result<Vetted, ChunkRefusal> {
-        watch.vet(sender, "ws/alice", frame, none)
+        watch.vet(sender, false, "ws/alice", frame, none)
     }
 
     fn send(
@@ -651,17 +778,114 @@ mod tests {
         let answer = call("create", vec!["sess".into(), true.into()]);
         assert!(vet(&watch, "ws/eve", &answer).is_err());
         let vetted = watch
-            .vet("ws/eve", "ws/alice", &answer, |s| s == "sess")
+            .vet("ws/eve", false, "ws/alice", &answer, |s| s == "sess")
             .unwrap();
         assert_eq!(delivered_key(vetted, &answer), "sess");
         // Even one that was sent the call too may not join a key another sender holds.
         assert!(
             watch
-                .vet("ws/bob", "ws/alice", &answer, |s| s == "sess")
+                .vet("ws/bob", false, "ws/alice", &answer, |s| s == "sess")
                 .is_err()
         );
         // Never to a whole workspace.
-        assert!(watch.vet("ws/eve", "ws/*", &create, none).is_err());
+        assert!(watch.vet("ws/eve", false, "ws/*", &create, none).is_err());
+    }
+
+    fn set(key: &str, index: u64, data: Vec<u8>) -> Frame {
+        call(
+            "set",
+            vec![key.into(), index.into(), Value::Binary(data), false.into()],
+        )
+    }
+
+    #[test]
+    fn what_a_sender_has_in_flight_is_bounded_lower_when_anonymous() {
+        let watch = ChunkWatch::default();
+        let create = call("create", vec!["k".into(), false.into()]);
+        let mib = 1 << 20;
+        for (sender, anonymous) in [("ws/anon", true), ("ws/user", false)] {
+            watch
+                .vet(sender, anonymous, "ws/alice", &create, none)
+                .unwrap();
+            let mut index = 0;
+            // The message's main part, then a megabyte at a time.
+            let main = message(&obj([("args", Value::Array(vec![]))]));
+            watch
+                .vet(sender, anonymous, "ws/alice", &set("k", 0, main), none)
+                .unwrap();
+            let refused = loop {
+                index += 1;
+                let chunk = set("k", index, vec![0; mib]);
+                if let Err(refused) = watch.vet(sender, anonymous, "ws/alice", &chunk, none) {
+                    break refused;
+                }
+                assert!(index <= 70, "{sender} was never refused");
+                if !anonymous && index == 70 {
+                    break ChunkRefusal("not refused".into());
+                }
+            };
+            if anonymous {
+                assert_eq!(index, 64, "{refused}");
+                assert!(refused.0.contains("at most 64 MiB"), "{refused}");
+            } else {
+                assert_eq!(refused.0, "not refused");
+            }
+        }
+        // The refused message is poisoned: its process is refused and its receiver told to
+        // remove what it got.
+        let process = call("process", vec!["k".into(), false.into()]);
+        assert!(
+            watch
+                .vet("ws/anon", true, "ws/alice", &process, none)
+                .is_err()
+        );
+        let orphans = watch.take_orphans();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0, "ws/alice");
+        assert!(orphans[0].1.starts_with("k~"));
+    }
+
+    #[test]
+    fn receivers_are_told_to_remove_what_the_server_forgets() {
+        let watch = ChunkWatch::default();
+        let create = call("create", vec!["k".into(), false.into()]);
+        let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
+        let started = |sender: &str| {
+            let key = delivered_key(vet(&watch, sender, &create).unwrap(), &create);
+            vet(&watch, sender, &set("k", 0, whole[..3].to_vec())).unwrap();
+            key
+        };
+        // Processed or removed by its sender: the receiver needs no word.
+        started("ws/a");
+        vet(&watch, "ws/a", &set("k", 1, whole[3..].to_vec())).unwrap();
+        vet(&watch, "ws/a", &call("process", vec!["k".into()])).unwrap();
+        started("ws/b");
+        vet(&watch, "ws/b", &call("remove", vec!["k".into()])).unwrap();
+        assert!(watch.take_orphans().is_empty());
+        // Refused at process (incomplete), or its sender left: the receiver is told.
+        let c = started("ws/c");
+        assert!(vet(&watch, "ws/c", &call("process", vec!["k".into()])).is_err());
+        let d = started("ws/d");
+        watch.forget("ws/d");
+        assert_eq!(
+            watch.take_orphans(),
+            [("ws/alice".to_string(), c), ("ws/alice".to_string(), d)]
+        );
+        // The receiver left: nothing to tell.
+        started("ws/e");
+        watch.forget("ws/alice");
+        assert!(watch.is_empty());
+        assert!(watch.take_orphans().is_empty());
+        // The call that tells it, as the manager's, with no answer asked for.
+        let frame =
+            Frame::parse(remove_frame("*/manager-x", "ws/alice", "k~1", &Value::Nil)).unwrap();
+        assert_eq!(
+            frame.field("method"),
+            Some("services.built-in.message_cache.remove")
+        );
+        assert_eq!(frame.field("from"), Some("*/manager-x"));
+        assert_eq!(frame.field("ws"), Some("ws"));
+        assert!(scan::map_value(&frame.body, "promise").is_none());
     }
 
     #[test]

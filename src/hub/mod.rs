@@ -619,12 +619,14 @@ impl Hub {
         let vetted = crate::rpc::scan::check_body(&frame.body)
             .map_err(|e| chunks::ChunkRefusal(e.to_string()))
             .and_then(|()| {
-                self.chunks.vet(sender.addr, &target, &frame, |session| {
-                    // A call that came through another instance is not seen here: its
-                    // answer's content is still vetted like any other.
-                    !self.clients.contains_key(&target)
-                        || self.inflight.awaits_answer(&target, session, sender.addr)
-                })
+                let anonymous = sender.user.is_anonymous();
+                self.chunks
+                    .vet(sender.addr, anonymous, &target, &frame, |session| {
+                        // A call that came through another instance is not seen here: its
+                        // answer's content is still vetted like any other.
+                        !self.clients.contains_key(&target)
+                            || self.inflight.awaits_answer(&target, session, sender.addr)
+                    })
             });
         let mut frame = frame;
         match vetted {
@@ -722,6 +724,19 @@ impl Hub {
                 let frame = &refused.into_inner().incoming.frame;
                 let reject = crate::rpc::peer::refusal(frame, &to, sender.addr, &error);
                 Routed::Refused { error, reject }
+            }
+        }
+    }
+
+    /// Tells the receivers of chunked messages the watch forgot unprocessed to remove them
+    /// (the clients keep such chunks for ever otherwise). The call goes out as the manager's,
+    /// with no answer asked for; a receiver that is gone needs nothing.
+    pub(crate) async fn drop_orphans(&self, server_user: &rmpv::Value) {
+        let from = format!("*/{}", self.manager_id);
+        for (target, key) in self.chunks.take_orphans() {
+            let data = chunks::remove_frame(&from, &target, &key, server_user);
+            if let Err(e) = self.send(&target, Outbound::Binary(data)).await {
+                tracing::debug!(error = %e, "a receiver of a forgotten chunked message is gone");
             }
         }
     }

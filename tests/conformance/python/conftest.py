@@ -42,6 +42,17 @@ def wait_until(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what} (last error: {last})")
 
 
+async def wait_for(predicate, timeout, what):
+    """Awaits `predicate()` until it is true or `timeout` seconds pass, letting the event loop
+    (and the clients on it) run in between."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 COTURN_SECRET = "coturn-shared-secret-for-tests"
 
 

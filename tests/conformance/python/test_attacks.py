@@ -13,7 +13,7 @@ import pytest
 import websockets
 from hypha_rpc import connect_to_server
 
-from conftest import Server, run
+from conftest import Server, run, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -153,6 +153,16 @@ def test_a_chunked_call_cannot_pass_for_the_owner_of_a_real_client(server):
             await raw_call(ws, target, cache + "set", ["k1", i // (256 * 1024), forged[i:i + 256 * 1024], False], f"s{i}")
         with pytest.raises(RuntimeError, match='carries "from"'):
             await raw_call(ws, target, cache + "process", ["k1", False], "p1")
+
+        # Alice's client got the chunks and keeps them until a process or remove that will not
+        # come: the server tells it to remove them, as it does when a sender leaves mid-way.
+        async def alice_holds_nothing():
+            return not alice.rpc._object_store.get("message_cache")
+
+        await wait_for(alice_holds_nothing, 10, "alice's client to drop the refused message")
+        await raw_call(ws, target, cache + "create", ["k2", False], "c2")
+        await raw_call(ws, target, cache + "set", ["k2", 0, main_part, False], "s2")
+        assert len(alice.rpc._object_store["message_cache"]) == 1
         # Directly, in one frame, the same.
         with pytest.raises(RuntimeError, match='carries "from"'):
             await raw_call(ws, target, "services.vault.reveal", [], "d1", extra={"from": f"{alice.config.workspace}/x"})
@@ -164,6 +174,7 @@ def test_a_chunked_call_cannot_pass_for_the_owner_of_a_real_client(server):
             await raw_call(ws, target, "services.vault.reveal", [], "h1")
         assert calls == []
         await ws.close()
+        await wait_for(alice_holds_nothing, 10, "alice's client to drop what a sender that left began")
         await alice.disconnect()
 
     run(main())

@@ -10,18 +10,9 @@ from hypha_rpc import connect_to_server
 
 from urllib.parse import urlencode
 
-from conftest import announce_body, hypha_token, run
+from conftest import announce_body, hypha_token, run, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def wait_for(predicate, timeout, what):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class RawStream:
