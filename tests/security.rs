@@ -619,6 +619,30 @@ async fn refused_frame(mallory: &mut Socket, alice: &mut Socket, data: Vec<u8>, 
     );
 }
 
+/// The next frame `receiver` gets is the manager's call to remove the chunked message it
+/// holds under a key starting with `key` (one the server forgot unprocessed); no answer is
+/// asked for.
+async fn told_to_remove(receiver: &mut Socket, key: &str) {
+    let (removal, body) = next_frame(receiver, Duration::from_secs(5))
+        .await
+        .expect("the receiver is told to remove the message");
+    assert_removal(&removal, &body, key);
+}
+
+/// `removal` and `body` are the manager's call to remove the message under `key...`.
+fn assert_removal(removal: &Value, body: &Value, key: &str) {
+    assert_eq!(
+        field(removal, "method").and_then(Value::as_str),
+        Some("services.built-in.message_cache.remove")
+    );
+    let from = field(removal, "from").and_then(Value::as_str).unwrap();
+    assert!(from.starts_with("*/manager-"), "{from}");
+    let args = field(body, "args").and_then(Value::as_array).unwrap();
+    let removed = args[0].as_str().unwrap();
+    assert!(removed.starts_with(key), "{removed}");
+    assert!(field(body, "promise").is_none());
+}
+
 #[tokio::test]
 async fn frames_cannot_reach_past_what_their_receiver_offers() {
     let app = spawn_app(|s| s.connections.method_timeout = Duration::from_secs(2)).await;
@@ -755,6 +779,8 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
         refused.contains("not a function any client offers"),
         "{refused}"
     );
+    // Alice got the chunks, never the process: the server tells her to drop them.
+    told_to_remove(&mut alice, "k~").await;
     assert!(
         next_frame(&mut alice, Duration::from_millis(200))
             .await
@@ -880,8 +906,21 @@ async fn chunked_messages_are_vetted_as_they_pass() {
                 .send(Message::Binary(frame(&header, Some(&body)).into()))
                 .await
                 .unwrap();
-            // Delivered calls are answered by the victim; refused ones are answered by the server.
-            if let Some((delivered, _)) = next_frame(alice, Duration::from_millis(500)).await {
+            // Delivered calls are answered by the victim; refused ones are answered by the
+            // server, which tells the victim to drop the chunks of a refused process.
+            if let Some((delivered, delivered_body)) =
+                next_frame(alice, Duration::from_millis(500)).await
+            {
+                if field(&delivered, "method").and_then(Value::as_str) == Some(&cache("remove")) {
+                    // The removal came before the sender's reject.
+                    assert_removal(&delivered, &delivered_body, &format!("{key}~"));
+                    let refused = answer(mallory, &session).await;
+                    assert!(
+                        refused.is_err() && method == cache("process"),
+                        "{refused:?}"
+                    );
+                    return refused;
+                }
                 assert_eq!(
                     field(&delivered, "method").and_then(Value::as_str),
                     Some(method.as_str())
@@ -907,6 +946,10 @@ async fn chunked_messages_are_vetted_as_they_pass() {
                     .unwrap();
             }
             last = answer(mallory, &session).await;
+            if last.is_err() && method == cache("process") {
+                // The chunks reached the victim, the process did not: it is told to drop them.
+                told_to_remove(alice, &format!("{key}~")).await;
+            }
             last.as_ref().map_err(|e| e.clone())?;
         }
         last
