@@ -549,18 +549,9 @@ impl ChunkWatch {
 
 /// The manager's call that tells `target` to remove the chunks it holds under `key`.
 pub(crate) fn remove_frame(from: &str, target: &str, key: &str, user: &rmpv::Value) -> Bytes {
-    use crate::rpc::value::obj;
     let ws = target.split('/').next().unwrap_or_default();
-    let header = obj([
-        ("type", "method".into()),
-        ("from", from.into()),
-        ("to", target.into()),
-        ("method", "services.built-in.message_cache.remove".into()),
-        ("ws", ws.into()),
-        ("user", user.clone()),
-    ]);
-    let body = obj([("args", rmpv::Value::Array(vec![key.into()]))]);
-    crate::rpc::frame::encode(&header, Some(&body))
+    let method = "services.built-in.message_cache.remove";
+    crate::rpc::peer::method_frame(from, target, method, vec![key.into()], ws, user)
 }
 
 #[cfg(test)]
@@ -809,7 +800,7 @@ mod tests {
                 .vet(sender, anonymous, "ws/alice", &create, none)
                 .unwrap();
             let mut index = 0;
-            // The message's main part, then a megabyte at a time.
+            // The message's main part, then 4 MiB at a time.
             let main = message(&obj([("args", Value::Array(vec![]))]));
             watch
                 .vet(sender, anonymous, "ws/alice", &set("k", 0, main), none)

@@ -581,7 +581,7 @@ pub(crate) fn refusal(frame: &Frame, callee: &str, caller: &str, message: &str) 
 }
 
 /// A `method` message with no promise: replies, heartbeats and other one-way calls.
-fn method_frame(
+pub(crate) fn method_frame(
     from: &str,
     to: &str,
     method: &str,
