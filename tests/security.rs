@@ -741,6 +741,36 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
     data[0] += 1;
     data.extend_from_slice(&[0xc0, 0x01]);
     refused_frame(&mut mallory, &mut alice, data, "must be a string").await;
+    // A type that is not text (an array `["constructor"]` reads as "constructor" to the
+    // JavaScript clients), in the header or in the body merged over it.
+    let mut data = header(&[]);
+    data[0] += 1;
+    data.extend_from_slice(b"\xa4type\x91\xabconstructor");
+    refused_frame(
+        &mut mallory,
+        &mut alice,
+        data,
+        "field \"type\" must be a string",
+    )
+    .await;
+    let mut data = header(&[("type", "method")]);
+    data.extend_from_slice(b"\x81\xa4type\x91\xabconstructor");
+    refused_frame(&mut mallory, &mut alice, data, "type that is not a string").await;
+    // Strings written overlong, which the JavaScript clients' decoder reads as the name they
+    // spell (`C1 9F` is `_`): a `__proto__` key in the header, a `from` key in the body, a
+    // header type.
+    let overlong_proto = b"\xa9\xc1\x9f_proto__\x01";
+    let mut data = header(&[("type", "method")]);
+    data[0] += 1;
+    data.extend_from_slice(overlong_proto);
+    refused_frame(&mut mallory, &mut alice, data, "not valid UTF-8").await;
+    let mut data = header(&[("type", "method")]);
+    data.extend_from_slice(b"\x81\xa5fro\xc1\xad\xa7manager");
+    refused_frame(&mut mallory, &mut alice, data, "not valid UTF-8").await;
+    let mut data = header(&[]);
+    data[0] += 1;
+    data.extend_from_slice(b"\xa4type\xabconstruct\xc1\xb2");
+    refused_frame(&mut mallory, &mut alice, data, "not valid UTF-8").await;
     // A chunked message's own header is held to the same rules once assembled.
     let inner = frame(
         &map(&[
@@ -844,6 +874,17 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
             "{path}: {answer}"
         );
     }
+    // A msgpack string that is not UTF-8 would be encoded again as binary: refused too.
+    let (status, _, answer) = http(
+        &app,
+        "POST",
+        &format!("{base}/ping"),
+        &[("Content-Type", "application/msgpack")],
+        b"\x81\xa1x\x81\xa1\xff\x01",
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("not valid UTF-8"), "{answer}");
     assert!(
         next_frame(&mut alice, Duration::from_millis(200))
             .await

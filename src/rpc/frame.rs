@@ -88,10 +88,15 @@ impl Frame {
 
     /// A string field of the header.
     pub fn field(&self, key: &str) -> Option<&str> {
+        self.raw_field(key).and_then(text)
+    }
+
+    /// The encoded value of a header field, whatever its type.
+    pub fn raw_field(&self, key: &str) -> Option<&[u8]> {
         self.entries
             .iter()
             .find(|e| self.key_of(e) == Some(key))
-            .and_then(|e| text(&self.head[e.value..e.end]))
+            .map(|e| &self.head[e.value..e.end])
     }
 
     /// The header's top-level keys, in order: `None` for a key that is not a string.

@@ -49,8 +49,8 @@ pub fn check_method(path: &str) -> Result<(), String> {
 }
 
 /// Checks a header as its receiver will read it: every key a string and none repeated (the
-/// server reads the first, the clients the last), its `type` one a client may send, and its
-/// `method` a path to a function.
+/// server reads the first, the clients the last), its `type`, `method` and `session` strings
+/// if present, its `type` one a client may send, and its `method` a path to a function.
 pub fn check_header(frame: &Frame) -> Result<(), String> {
     let mut keys: Vec<&str> = Vec::with_capacity(frame.entry_count());
     for key in frame.raw_keys() {
@@ -67,6 +67,18 @@ pub fn check_header(frame: &Frame) -> Result<(), String> {
             ));
         }
         keys.push(key);
+    }
+    // The server reads these, and the JavaScript clients use `type` as a property name (an
+    // array `["constructor"]` reads as "constructor"): present, each must be text.
+    for name in ["type", "method", "session"] {
+        if frame
+            .raw_field(name)
+            .is_some_and(|value| scan::text(value).is_none())
+        {
+            return Err(format!(
+                "the frame's header field {name:?} must be a string"
+            ));
+        }
     }
     if let Some(kind) = frame.field("type").and_then(scan::refused_type) {
         return Err(format!(
@@ -172,6 +184,34 @@ mod tests {
         for (entries, expected) in cases {
             let refused = check_header(&header(&entries)).unwrap_err();
             assert!(refused.contains(expected), "{refused} / {expected}");
+        }
+        // What the server reads must be text: `["constructor"]` as a type reads as
+        // "constructor" to the JavaScript clients.
+        for name in ["type", "method", "session"] {
+            for value in [
+                Value::Array(vec!["constructor".into()]),
+                Value::from(5),
+                Value::Nil,
+            ] {
+                let refused = check_header(&header(&[(key(name), value)])).unwrap_err();
+                assert_eq!(
+                    refused,
+                    format!("the frame's header field {name:?} must be a string")
+                );
+            }
+        }
+        // So must every string: an overlong `_` would read as `_` (`__proto__`) to them.
+        for (k, v) in [
+            (&b"\xc1\x9f_proto__"[..], &b"x"[..]),
+            (b"type", b"construct\xc1\xb2"),
+            (b"method", b"S.resolve.\xc1\x9f_globals__"),
+        ] {
+            let mut data = vec![0x81, 0xa0 | k.len() as u8];
+            data.extend_from_slice(k);
+            data.push(0xa0 | v.len() as u8);
+            data.extend_from_slice(v);
+            let refused = Frame::parse(Bytes::from(data)).unwrap_err().to_string();
+            assert!(refused.contains("not valid UTF-8"), "{refused}");
         }
         let dunder = header(&[(key("method"), "S.resolve.__globals__".into())]);
         assert!(check_header(&dunder).is_err());

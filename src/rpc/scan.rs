@@ -56,6 +56,10 @@ pub enum ScanError {
         "has a timestamp (extension type -1) of {0} bytes, which the JavaScript clients cannot decode (only 4, 8 or 12)"
     )]
     Timestamp(u64),
+    #[error(
+        "has a string that is not valid UTF-8, which the clients would read differently from each other and from the server"
+    )]
+    NotText,
 }
 
 /// The cost of one scanned object.
@@ -498,10 +502,29 @@ pub fn object(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
 
 /// [`object`], refusing also what the JavaScript clients' decoder throws on (in Node, out of
 /// the process): a map key that is not a string or a number, a `__proto__` key, and a
-/// timestamp (extension type -1) that is not 4, 8 or 12 bytes long. For what a client sends
-/// to other clients.
+/// timestamp (extension type -1) that is not 4, 8 or 12 bytes long; and a string that is not
+/// valid UTF-8 (an overlong `__proto__` or `type` would pass for another name). For what a
+/// client sends to other clients.
 pub fn object_for_clients(data: &[u8], limits: Limits) -> Result<Scanned, ScanError> {
     walk::<true>(data, limits)
+}
+
+/// Whether the bytes of a string are text every client reads as the server does: UTF-8, with
+/// no overlong or truncated sequence (the JavaScript clients' decoder reads `C1 9F` as `_` and
+/// runs past a truncated end) and nothing past U+10FFFF. A surrogate (`ED A0..BF ..`) passes:
+/// the JavaScript clients encode a lone one that way, and it decodes to no other character.
+fn text_for_clients(bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    // Every round consumes at least three bytes, so this ends.
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(_) => return true,
+            Err(e) => match rest[e.valid_up_to()..] {
+                [0xed, 0xa0..=0xbf, 0x80..=0xbf, ..] => rest = &rest[e.valid_up_to() + 3..],
+                _ => return false,
+            },
+        }
+    }
 }
 
 /// What a value is, by its marker, when it is not a string or a number.
@@ -553,7 +576,7 @@ fn walk<const CLIENTS: bool>(data: &[u8], limits: Limits) -> Result<Scanned, Sca
         }
         match parsed {
             Item::Scalar => count(&mut scanned, 0)?,
-            Item::Bytes { len, .. } => {
+            Item::Bytes { len, is_str } => {
                 count(&mut scanned, len)?;
                 let rest = (data.len() - pos) as u64;
                 if len > rest {
@@ -561,6 +584,9 @@ fn walk<const CLIENTS: bool>(data: &[u8], limits: Limits) -> Result<Scanned, Sca
                 }
                 if CLIENTS {
                     let payload = &data[pos..pos + len as usize];
+                    if is_str && !text_for_clients(payload) {
+                        return Err(ScanError::NotText);
+                    }
                     if at_key && payload == b"__proto__" {
                         return Err(ScanError::ProtoKey);
                     }
@@ -605,15 +631,19 @@ pub fn decode(data: &[u8], limits: Limits) -> Result<(rmpv::Value, usize), ScanE
 
 /// Checks a decoded value as [`object_for_clients`] checks an encoded one, for values the
 /// server builds from what a caller sent (an HTTP call's arguments) before they go to a client.
+/// Stricter on one point: any string that is not UTF-8 (a surrogate too) is refused, since the
+/// value would be encoded again, and such a string comes out as binary.
 pub fn value_for_clients(value: &rmpv::Value) -> Result<(), ScanError> {
     use rmpv::Value;
     match value {
+        Value::String(s) if s.as_str().is_none() => Err(ScanError::NotText),
         Value::Ext(-1, data) if !matches!(data.len(), 4 | 8 | 12) => {
             Err(ScanError::Timestamp(data.len() as u64))
         }
         Value::Array(items) => items.iter().try_for_each(value_for_clients),
         Value::Map(entries) => entries.iter().try_for_each(|(key, value)| {
             match key {
+                Value::String(s) if s.as_str().is_none() => Err(ScanError::NotText),
                 Value::String(s) if s.as_bytes() == b"__proto__" => Err(ScanError::ProtoKey),
                 Value::String(_) | Value::Integer(_) | Value::F32(_) | Value::F64(_) => Ok(()),
                 Value::Nil => Err(ScanError::MapKey("nil")),
@@ -747,6 +777,8 @@ pub enum BodyError {
     HeaderField(String),
     #[error("the frame body gives the frame the type {0:?}: {reason}", reason = type_reason(.0))]
     RefusedType(String),
+    #[error("the frame body gives the frame a type that is not a string")]
+    TypeNotText,
 }
 
 /// Message types only the server sends: a client's frame of such a type would make its
@@ -803,7 +835,7 @@ pub const PEER_NOT_FOUND: &str = "peer_not_found";
 /// Checks the first object of a frame body (what the clients merge over the header) without
 /// decoding it: it must be a map the clients can decode ([`object_for_clients`]) whose
 /// top-level keys are none of [`SERVER_FIELDS`] and [`HEADER_ONLY_FIELDS`], and whose `type`,
-/// if any, is not refused ([`refused_type`]).
+/// if any, is a string and not refused ([`refused_type`]).
 pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     if body.is_empty() {
         return Ok(());
@@ -812,6 +844,7 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     // The walk above proved the map whole, so every entry is there.
     let entries = map_entries(body).ok_or(BodyError::NotMap)?;
     for entry in entries {
+        // A key that is not text is a number or holds a surrogate: none of the names below.
         let Some(name) = text(&body[entry.key..entry.value]) else {
             continue;
         };
@@ -821,10 +854,13 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
         if HEADER_ONLY_FIELDS.contains(&name) {
             return Err(BodyError::HeaderField(name.to_string()));
         }
-        if name == "type"
-            && let Some(kind) = text(&body[entry.value..entry.end]).and_then(refused_type)
-        {
-            return Err(BodyError::RefusedType(kind.to_string()));
+        if name == "type" {
+            // The JavaScript clients look the type up among their handlers as a property name
+            // (`["constructor"]` reads as "constructor"), so it must be text.
+            let kind = text(&body[entry.value..entry.end]).ok_or(BodyError::TypeNotText)?;
+            if let Some(kind) = refused_type(kind) {
+                return Err(BodyError::RefusedType(kind.to_string()));
+            }
         }
     }
     Ok(())
@@ -933,7 +969,7 @@ mod tests {
                 // The scanner reads chunked messages, which their receivers decode inside a
                 // call; the body check also refuses what the clients cannot decode at all.
                 match object_for_clients(&data, Limits::WALK) {
-                    Err(e @ (ScanError::MapKey(_) | ScanError::ProtoKey | ScanError::Timestamp(_))) => {
+                    Err(e @ (ScanError::MapKey(_) | ScanError::ProtoKey | ScanError::Timestamp(_) | ScanError::NotText)) => {
                         prop_assert_eq!(check_body(&data), Err(BodyError::Msgpack(e)));
                     }
                     _ => prop_assert_eq!(check_body(&data), body_by_scanner(&data)),
@@ -1185,6 +1221,90 @@ mod tests {
             message.contains("JavaScript clients cannot decode"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn strings_the_clients_would_read_as_other_names_are_refused_for_them() {
+        /// A one-entry map whose key and value are strings of these raw bytes.
+        fn entry(key: &[u8], value: &[u8]) -> Vec<u8> {
+            let mut out = vec![0x81, 0xa0 | key.len() as u8];
+            out.extend_from_slice(key);
+            out.push(0xa0 | value.len() as u8);
+            out.extend_from_slice(value);
+            out
+        }
+        // `_` written overlong (`C1 9F`), which the JavaScript clients read as `_`.
+        let overlong_proto = [b"\xc1\x9f_proto__".as_slice()].concat();
+        let overlong_from = [b"fro".as_slice(), b"\xc1\xad"].concat();
+        let bad = [
+            overlong_proto.as_slice(),
+            overlong_from.as_slice(),
+            b"\xe0\x81\x9f",     // `_` in three bytes
+            b"\xf0\x80\x81\x9f", // and in four
+            b"ab\xe2\x82",       // truncated at the end
+            b"\xf4\x90\x80\x80", // past U+10FFFF
+            b"\xff",
+            b"\x80",
+        ];
+        for bytes in bad {
+            for data in [entry(bytes, b"v"), entry(b"k", bytes)] {
+                assert_eq!(
+                    object_for_clients(&data, Limits::WALK),
+                    Err(ScanError::NotText),
+                    "{bytes:?}"
+                );
+                assert_eq!(
+                    check_body(&data),
+                    Err(BodyError::Msgpack(ScanError::NotText))
+                );
+                assert_eq!(
+                    value_for_clients(&decode(&data, Limits::WALK).unwrap().0),
+                    Err(ScanError::NotText)
+                );
+                // Other readers take it as it is.
+                assert_eq!(object(&data, Limits::WALK).unwrap().len, data.len());
+            }
+        }
+        // Text passes, and so do surrogates (a JavaScript client's lone one): they decode to
+        // no other character. Re-encoded from a decoded value they would turn into binary, so
+        // the decoded check refuses them.
+        for good in ["plain", "caf\u{e9}", "\u{1f600}", ""] {
+            let data = entry(b"k", good.as_bytes());
+            assert!(object_for_clients(&data, Limits::WALK).is_ok(), "{good}");
+            assert!(value_for_clients(&decode(&data, Limits::WALK).unwrap().0).is_ok());
+        }
+        for surrogate in [b"\xed\xa0\x80".as_slice(), b"a\xed\xbf\xbfb\xed\xa0\x80"] {
+            let data = entry(surrogate, surrogate);
+            assert!(object_for_clients(&data, Limits::WALK).is_ok());
+            assert_eq!(
+                value_for_clients(&decode(&data, Limits::WALK).unwrap().0),
+                Err(ScanError::NotText)
+            );
+        }
+        // A long string is checked as a whole.
+        let mut long = vec![0xd9, 201];
+        long.extend(std::iter::repeat_n(b'a', 200));
+        long.push(0xc1);
+        assert_eq!(
+            object_for_clients(&long, Limits::WALK),
+            Err(ScanError::NotText)
+        );
+        assert!(ScanError::NotText.to_string().contains("not valid UTF-8"));
+    }
+
+    #[test]
+    fn a_body_type_that_is_not_text_is_refused() {
+        for kind in [
+            Value::Array(vec!["constructor".into()]),
+            Value::from(3),
+            Value::Nil,
+            Value::Map(vec![]),
+        ] {
+            let data = pack(&map(vec![("args", Value::Array(vec![])), ("type", kind)]));
+            assert_eq!(check_body(&data), Err(BodyError::TypeNotText));
+        }
+        let fine = pack(&map(vec![("type", "method".into())]));
+        assert_eq!(check_body(&fine), Ok(()));
     }
 
     proptest! {
