@@ -281,6 +281,24 @@ impl CallArgs<'_> {
         self.items.get(at).is_some_and(|item| *item == [0xc3])
     }
 
+    /// The body of a `create` that starts `key` afresh at the receiver: its arguments become
+    /// `[key, answer, true]`, overwrite forced. The receiver may still hold chunks under the
+    /// key that the server never saw or has forgotten (the clients keep their cache across a
+    /// reconnect); kept, they would be assembled with the ones the server scans.
+    fn with_fresh_create(&self, key: &str, answer: bool) -> Bytes {
+        let base = self.body.as_ptr() as usize;
+        let start = self.args.as_ptr() as usize - base;
+        let end = start + self.args.len();
+        let mut out = Vec::with_capacity(self.body.len() + key.len() + 8);
+        out.extend_from_slice(&self.body[..start]);
+        let _ = rmp::encode::write_array_len(&mut out, 3);
+        let _ = rmp::encode::write_str(&mut out, key);
+        let _ = rmp::encode::write_bool(&mut out, answer);
+        let _ = rmp::encode::write_bool(&mut out, true);
+        out.extend_from_slice(&self.body[end..]);
+        Bytes::from(out)
+    }
+
     /// The body with the key (the first argument) replaced.
     fn with_key(&self, key: &str) -> Bytes {
         let base = self.body.as_ptr() as usize;
@@ -291,7 +309,6 @@ impl CallArgs<'_> {
         out.extend_from_slice(&self.body[..start]);
         let _ = rmp::encode::write_str(&mut out, key);
         out.extend_from_slice(&self.body[end..]);
-        let _ = self.args;
         Bytes::from(out)
     }
 }
@@ -360,6 +377,11 @@ impl ChunkWatch {
             body: namespaced_key.then(|| args.with_key(&watched_key.1)),
             call_session: None,
         };
+        // A message the server starts watching starts empty at its receiver too.
+        let fresh = |watched_key: &Key, answer: bool| Vetted {
+            body: Some(args.with_fresh_create(&watched_key.1, answer)),
+            call_session: None,
+        };
         match op {
             Op::Create => {
                 let answer = args.flag(1);
@@ -378,10 +400,11 @@ impl ChunkWatch {
                         return Err("another sender is using this message key".into());
                     }
                     // Without overwrite the client refuses and keeps what it has; so do we.
-                    if overwrite {
-                        *existing = Watched::new(sender, !answer);
+                    if !overwrite {
+                        return Ok(delivered(&slot, !answer));
                     }
-                    return Ok(delivered(&slot, !answer));
+                    *existing = Watched::new(sender, !answer);
+                    return Ok(fresh(&slot, answer));
                 }
                 self.sweep_locked(&mut messages);
                 if messages.values().filter(|w| w.sender == sender).count()
@@ -393,7 +416,7 @@ impl ChunkWatch {
                     .into());
                 }
                 messages.insert(slot.clone(), Watched::new(sender, !answer));
-                Ok(delivered(&slot, !answer))
+                Ok(fresh(&slot, answer))
             }
             Op::Append | Op::Set => {
                 let (early_held, held) = messages
@@ -781,6 +804,52 @@ mod tests {
         );
         // Never to a whole workspace.
         assert!(watch.vet("ws/eve", false, "ws/*", &create, none).is_err());
+    }
+
+    /// The arguments a vetted call delivers.
+    fn delivered_args(vetted: Vetted, original: &Frame) -> Value {
+        let body = vetted.body.unwrap_or_else(|| original.body.clone());
+        let args = scan::map_value(&body, "args").unwrap();
+        scan::decode(args, Limits::WALK).unwrap().0
+    }
+
+    #[test]
+    fn a_message_the_server_starts_watching_starts_empty_at_its_receiver() {
+        let watch = ChunkWatch::default();
+        // The clients send create(key, heartbeat): whatever the receiver held under the key
+        // (its cache outlives a reconnect) is overwritten, since the server scans only what
+        // it sees from now on.
+        let create = call("create", vec!["k".into(), false.into()]);
+        let args = delivered_args(vet(&watch, "ws/eve", &create).unwrap(), &create);
+        let Value::Array(args) = args else {
+            panic!("{args}")
+        };
+        assert!(args[0].as_str().unwrap().starts_with("k~"), "{args:?}");
+        assert_eq!(args[1..], [false.into(), true.into()]);
+        // Once watched, a create without overwrite is the client's own refusal to make, and
+        // leaves both sides as they were; with overwrite both start afresh.
+        let again = call("create", vec!["k".into(), false.into(), false.into()]);
+        let args = delivered_args(vet(&watch, "ws/eve", &again).unwrap(), &again);
+        assert_eq!(args.as_array().unwrap()[1..], [false.into(), false.into()]);
+        let overwrite = call("create", vec!["k".into(), false.into(), true.into()]);
+        let args = delivered_args(vet(&watch, "ws/eve", &overwrite).unwrap(), &overwrite);
+        assert_eq!(args.as_array().unwrap()[1..], [false.into(), true.into()]);
+        // Extra arguments go; an answer keeps its key and says so.
+        let answer = call(
+            "create",
+            vec!["sess".into(), true.into(), false.into(), 9.into()],
+        );
+        let vetted = watch
+            .vet("ws/eve", false, "ws/alice", &answer, |s| s == "sess")
+            .unwrap();
+        assert_eq!(
+            delivered_args(vetted, &answer),
+            Value::Array(vec!["sess".into(), true.into(), true.into()])
+        );
+        // After the receiver left (and came back), the message starts afresh again.
+        watch.forget("ws/alice");
+        let args = delivered_args(vet(&watch, "ws/eve", &again).unwrap(), &again);
+        assert_eq!(args.as_array().unwrap()[1..], [false.into(), true.into()]);
     }
 
     fn set(key: &str, index: u64, data: Vec<u8>) -> Frame {

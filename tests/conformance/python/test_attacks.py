@@ -130,19 +130,25 @@ def test_amplifying_messages_leave_memory_bounded():
         server.stop()
 
 
+async def vault_and_stranger(server, alice_id, stranger_id):
+    """A real client offering a protected `vault.reveal` (its calls' contexts are recorded), and
+    a raw connection from another workspace: (alice, calls, stranger, alice's address)."""
+    alice = await connect_to_server({"server_url": server.url, "client_id": alice_id})
+    calls = []
+
+    def reveal(context=None):
+        calls.append(context)
+        return "the secret"
+
+    await alice.register_service({"id": "vault", "config": {"visibility": "protected", "require_context": True},
+                                  "reveal": reveal})
+    stranger, _ = await raw_connect(server.ws_url, stranger_id)
+    return alice, calls, stranger, f"{alice.config.workspace}/{alice_id}"
+
+
 def test_a_chunked_call_cannot_pass_for_the_owner_of_a_real_client(server):
     async def main():
-        alice = await connect_to_server({"server_url": server.url, "client_id": "alice-cli"})
-        calls = []
-
-        def reveal(context=None):
-            calls.append(context)
-            return "the secret"
-
-        await alice.register_service({"id": "vault", "config": {"visibility": "protected", "require_context": True},
-                                      "reveal": reveal})
-        ws, info = await raw_connect(server.ws_url, "mallory")
-        target = f"{alice.config.workspace}/alice-cli"
+        alice, calls, ws, target = await vault_and_stranger(server, "alice-cli", "mallory")
         cache = "services.built-in.message_cache."
         # The assembled message names alice's own workspace as its sender.
         main_part = msgpack.packb({"type": "method", "method": "services.vault.reveal", "session": "m1"})
@@ -175,6 +181,66 @@ def test_a_chunked_call_cannot_pass_for_the_owner_of_a_real_client(server):
         assert calls == []
         await ws.close()
         await wait_for(alice_holds_nothing, 10, "alice's client to drop what a sender that left began")
+        await alice.disconnect()
+
+    run(main())
+
+
+async def answers(ws, sessions, any_of=()):
+    """Reads `ws` until each of `sessions`, and one of `any_of` if given, is answered:
+    {session: ("resolve" | "reject", value)}."""
+    found = {}
+    deadline = time.monotonic() + 20
+
+    def done():
+        return all(s in found for s in sessions) and (not any_of or any(s in found for s in any_of))
+
+    while not done() and time.monotonic() < deadline:
+        try:
+            message = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+        if isinstance(message, str):
+            continue
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(message)
+        parts = list(unpacker)
+        session, _, outcome = parts[0].get("method", "").rpartition(".")
+        if (session in sessions or session in any_of) and outcome in ("resolve", "reject"):
+            found[session] = (outcome, parts[1]["args"][0])
+    assert done(), f"answered: {found}, waited for {sessions} and one of {any_of}"
+    return found
+
+
+def test_a_receiver_that_reconnects_assembles_only_what_the_server_saw(server):
+    async def main():
+        alice, calls, ws, target = await vault_and_stranger(server, "alice-re", "mallory-re")
+        cache = "services.built-in.message_cache."
+        # A whole forged message (its body names alice's workspace as the sender) sits in
+        # alice's cache, never processed.
+        forged = msgpack.packb({"type": "method", "method": "services.vault.reveal", "session": "m1"})
+        forged += msgpack.packb({"args": [], "promise": "*", "t": 10, "from": f"{alice.config.workspace}/x"})
+        await raw_call(ws, target, cache + "create", ["k3", False], "c1")
+        await raw_call(ws, target, cache + "set", ["k3", 0, forged, False], "s1")
+        # Alice's connection drops; her client comes back by itself and keeps its cache.
+        await alice.rpc._connection._websocket.close()
+        assert await alice.echo("back") == "back"
+        held = alice.rpc._object_store.get("message_cache") or {}
+        assert any(key.startswith("k3~") for key in held), held
+        # The same key again, a clean message appended, processed: the server scanned only the
+        # clean one, and alice's client must assemble only that (it then refuses the stranger).
+        clean = msgpack.packb({"type": "method", "method": "services.vault.reveal", "session": "m2"})
+        clean += msgpack.packb({"args": [], "promise": "*", "t": 10})
+        # (An attacker would go on whatever the create answered.)
+        await raw_call(ws, target, cache + "create", ["k3", False], "c2", wait=False)
+        created = await answers(ws, {"c2"})
+        await raw_call(ws, target, cache + "append", ["k3", clean, False], "a2")
+        await raw_call(ws, target, cache + "process", ["k3", False], "p2", wait=False)
+        answered = await answers(ws, {"p2"}, any_of={"m1", "m2"})
+        assert calls == [] and "m1" not in answered, answered
+        assert answered["m2"][0] == "reject" and "Permission denied" in answered["m2"][1]["_rvalue"], answered
+        assert created["c2"][0] == "resolve" and answered["p2"][0] == "resolve", (created, answered)
+        await ws.close()
         await alice.disconnect()
 
     run(main())
