@@ -11,13 +11,15 @@
 //! callee of that call may send it, and only one sender may use a key at a time.
 //!
 //! The receiving client keeps a message's chunks until its `process` or `remove`, for ever
-//! otherwise. So the bytes a sender may have in flight are bounded (lower for anonymous
-//! senders), and when the server forgets a message that was not processed (its sender left,
-//! it went idle, its `process` was refused) the receiver is told to remove it
-//! ([`ChunkWatch::take_orphans`]).
+//! otherwise, and across a reconnect. So a message the server starts watching starts empty at
+//! its receiver (its `create` goes out with overwrite on); the bytes a sender may have in
+//! flight are bounded (lower for anonymous senders), and so are those one receiver holds; and
+//! when the server forgets a message that was not processed (its sender left, it went idle,
+//! its `process` was refused) the receiver is told to remove it
+//! ([`ChunkWatch::take_orphans`]), the bytes staying charged until it has been.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,9 +37,13 @@ pub const MAX_BYTES_PER_SENDER: u64 = 1 << 30;
 /// The same for an anonymous sender (the clients' own tests send a 64 MiB array, and get it
 /// back, as anonymous users).
 pub const MAX_BYTES_PER_ANONYMOUS_SENDER: u64 = 256 << 20;
+/// Bytes of unprocessed chunks one receiver may hold from all its senders.
+pub const MAX_BYTES_PER_RECEIVER: u64 = 2 << 30;
 /// Forgotten messages whose receivers have not been told yet; past this (a burst of many
 /// thousand senders leaving at once) the receivers keep them.
 const MAX_ORPHANS: usize = 1 << 16;
+/// Removes sent at once to receivers that cannot take them right away.
+const MAX_REMOVES_IN_FLIGHT: usize = 256;
 /// A message not touched for this long is forgotten (its `process` is then refused).
 const IDLE_LIMIT: Duration = Duration::from_secs(600);
 const MAX_KEY_LEN: usize = 256;
@@ -182,15 +188,108 @@ impl Watched {
 }
 
 /// The chunked messages in flight through this instance, by target and key.
+/// What one sender has at its receivers: charged as its chunks are delivered, released when
+/// the receiver is done with the message (processed, removed, overwritten, or the receiver
+/// left) or the server's remove has gone out to it.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Held {
+    /// Its messages, watched or waiting for their remove.
+    messages: usize,
+    /// Their chunk bytes the receivers hold.
+    bytes: u64,
+    /// Chunks of its that arrived ahead of their turn, held here.
+    early: usize,
+}
+
+/// A forgotten message whose receiver is still to be told to remove it; its bytes stay
+/// charged to its sender and receiver until then ([`ChunkWatch::released`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Orphan {
+    pub receiver: String,
+    /// The key as delivered.
+    pub key: String,
+    sender: String,
+    bytes: u64,
+}
+
 #[derive(Default)]
+struct State {
+    messages: HashMap<Key, Watched>,
+    senders: HashMap<String, Held>,
+    /// The chunk bytes each receiver holds, from every sender.
+    receivers: HashMap<String, u64>,
+}
+
+impl State {
+    /// Takes a message out of the watch: its early chunks are no longer held here; what its
+    /// receiver holds stays charged until [`State::release`].
+    fn take(&mut self, slot: &Key) -> Option<Watched> {
+        let watched = self.messages.remove(slot)?;
+        if let Some(held) = self.senders.get_mut(&watched.sender) {
+            held.early = held.early.saturating_sub(watched.early_bytes());
+        }
+        Some(watched)
+    }
+
+    /// Releases one message of `sender` and its `bytes` at `receiver`.
+    fn release(&mut self, sender: &str, receiver: &str, bytes: u64) {
+        if let Some(held) = self.senders.get_mut(sender) {
+            held.messages = held.messages.saturating_sub(1);
+            held.bytes = held.bytes.saturating_sub(bytes);
+            if *held == Held::default() {
+                self.senders.remove(sender);
+            }
+        }
+        if let Some(held) = self.receivers.get_mut(receiver) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                self.receivers.remove(receiver);
+            }
+        }
+    }
+
+    /// Takes a message out and releases it at once (its receiver is done with it or gone).
+    fn drop_message(&mut self, slot: &Key) -> Option<Watched> {
+        let watched = self.take(slot)?;
+        self.release(&watched.sender, &slot.0, watched.bytes);
+        Some(watched)
+    }
+
+    /// Takes a message out whose receiver must be told to remove it.
+    fn orphan(&mut self, slot: Key) -> Option<Orphan> {
+        let watched = self.take(&slot)?;
+        Some(Orphan {
+            receiver: slot.0,
+            key: slot.1,
+            sender: watched.sender,
+            bytes: watched.bytes,
+        })
+    }
+}
+
+/// The chunked messages in flight through this instance, by target and key.
 pub struct ChunkWatch {
-    messages: Mutex<HashMap<Key, Watched>>,
+    state: Mutex<State>,
     /// Messages forgotten unprocessed, whose receivers are to remove them.
-    orphans: Mutex<Vec<Key>>,
+    orphans: Mutex<Vec<Orphan>>,
     /// Wakes whoever tells the receivers.
     orphaned: tokio::sync::Notify,
+    /// Removes being sent to receivers whose queue was full (or on another instance).
+    sending: Arc<tokio::sync::Semaphore>,
     /// Keys the namespace suffixes of this instance: a sender cannot compute another's.
     suffixes: std::hash::RandomState,
+}
+
+impl Default for ChunkWatch {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            orphans: Mutex::default(),
+            orphaned: tokio::sync::Notify::new(),
+            sending: Arc::new(tokio::sync::Semaphore::new(MAX_REMOVES_IN_FLIGHT)),
+            suffixes: std::hash::RandomState::new(),
+        }
+    }
 }
 
 /// Why a `message_cache` call is not delivered (said to its sender in the reject).
@@ -314,8 +413,8 @@ impl CallArgs<'_> {
 }
 
 impl ChunkWatch {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Watched>> {
-        self.messages.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The key `sender`'s message `key` is delivered under.
@@ -327,7 +426,7 @@ impl ChunkWatch {
     /// Looks at a frame from `sender` to `target`; `Err` says why it must not be delivered.
     /// `answers(session)` says whether the sender was sent the target's call `session` (a
     /// chunked answer goes under that session's key); an anonymous sender may have fewer
-    /// bytes in flight.
+    /// bytes in flight, and a receiver holds at most [`MAX_BYTES_PER_RECEIVER`] from all.
     pub fn vet(
         &self,
         sender: &str,
@@ -359,7 +458,8 @@ impl ChunkWatch {
         let args = CallArgs::read(&frame.body)?;
         let key = args.key()?;
         let namespaced = self.namespaced(sender, &key);
-        let mut messages = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         // The message this call is about: in the sender's namespace, or under the session key
         // of an answer this sender is sending.
         let mine = |messages: &HashMap<Key, Watched>| {
@@ -382,6 +482,8 @@ impl ChunkWatch {
             body: Some(args.with_fresh_create(&watched_key.1, answer)),
             call_session: None,
         };
+        let not_created =
+            || ChunkRefusal::from("this chunked message was not created through the server");
         match op {
             Op::Create => {
                 let answer = args.flag(1);
@@ -395,7 +497,7 @@ impl ChunkWatch {
                 } else {
                     (target.to_string(), namespaced.clone())
                 };
-                if let Some(existing) = messages.get_mut(&slot) {
+                let idle = if let Some(existing) = state.messages.get(&slot) {
                     if existing.sender != sender {
                         return Err("another sender is using this message key".into());
                     }
@@ -403,51 +505,65 @@ impl ChunkWatch {
                     if !overwrite {
                         return Ok(delivered(&slot, !answer));
                     }
-                    *existing = Watched::new(sender, !answer);
-                    return Ok(fresh(&slot, answer));
-                }
-                self.sweep_locked(&mut messages);
-                if messages.values().filter(|w| w.sender == sender).count()
-                    >= MAX_MESSAGES_PER_SENDER
-                {
-                    return Err(format!(
-                        "too many chunked messages in flight (at most {MAX_MESSAGES_PER_SENDER})"
-                    )
-                    .into());
-                }
-                messages.insert(slot.clone(), Watched::new(sender, !answer));
+                    // The receiver drops what it had: so is it released.
+                    state.drop_message(&slot);
+                    Vec::new()
+                } else {
+                    let idle = Self::sweep_locked(state);
+                    let held = state.senders.get(sender).map_or(0, |h| h.messages);
+                    if held >= MAX_MESSAGES_PER_SENDER {
+                        drop(guard);
+                        self.orphan(idle);
+                        return Err(format!(
+                            "too many chunked messages in flight (at most {MAX_MESSAGES_PER_SENDER})"
+                        )
+                        .into());
+                    }
+                    idle
+                };
+                state
+                    .messages
+                    .insert(slot.clone(), Watched::new(sender, !answer));
+                state
+                    .senders
+                    .entry(sender.to_string())
+                    .or_default()
+                    .messages += 1;
+                drop(guard);
+                self.orphan(idle);
                 Ok(fresh(&slot, answer))
             }
             Op::Append | Op::Set => {
-                let (early_held, held) = messages
-                    .values()
-                    .filter(|w| w.sender == sender)
-                    .fold((0, 0), |(early, all), w| {
-                        (early + w.early_bytes(), all + w.bytes)
-                    });
-                let Some(slot) = mine(&messages) else {
-                    return Err("this chunked message was not created through the server".into());
-                };
-                let Some(watched) = messages.get_mut(&slot) else {
-                    return Err("this chunked message was not created through the server".into());
-                };
+                let held = state.senders.get(sender).copied().unwrap_or_default();
+                let at_receiver = state.receivers.get(target).copied().unwrap_or(0);
+                let slot = mine(&state.messages).ok_or_else(not_created)?;
+                let watched = state.messages.get_mut(&slot).ok_or_else(not_created)?;
                 watched.touched = Instant::now();
-                let room = MAX_EARLY_BYTES_PER_SENDER.saturating_sub(early_held);
+                let room = MAX_EARLY_BYTES_PER_SENDER.saturating_sub(held.early);
                 let max_bytes = if anonymous {
                     MAX_BYTES_PER_ANONYMOUS_SENDER
                 } else {
                     MAX_BYTES_PER_SENDER
                 };
                 let size = |data: &Bytes| -> Result<(), ChunkRefusal> {
-                    if held + data.len() as u64 > max_bytes {
+                    let len = data.len() as u64;
+                    if held.bytes + len > max_bytes {
                         return Err(format!(
                             "too many bytes of chunked messages in flight from this sender (at most {} MiB); process or remove some first",
                             max_bytes >> 20
                         )
                         .into());
                     }
+                    if at_receiver + len > MAX_BYTES_PER_RECEIVER {
+                        return Err(format!(
+                            "the receiver holds too many bytes of unprocessed chunked messages (at most {} MiB from all senders); try again later",
+                            MAX_BYTES_PER_RECEIVER >> 20
+                        )
+                        .into());
+                    }
                     Ok(())
                 };
+                let before = (watched.bytes, watched.early_bytes());
                 let outcome = if op == Op::Append {
                     args.data(1).and_then(|data| {
                         size(&data)?;
@@ -465,94 +581,119 @@ impl ChunkWatch {
                     watched.early.clear();
                 }
                 let namespaced_key = watched.namespaced;
+                let (bytes, early) = (watched.bytes, watched.early_bytes());
+                let added = bytes.saturating_sub(before.0);
+                let sender_held = state.senders.entry(sender.to_string()).or_default();
+                sender_held.bytes += added;
+                sender_held.early = (sender_held.early + early).saturating_sub(before.1);
+                if added > 0 {
+                    *state.receivers.entry(target.to_string()).or_default() += added;
+                }
                 outcome.map(|()| delivered(&slot, namespaced_key))
             }
             Op::Process => {
-                let slot = mine(&messages).ok_or_else(|| {
-                    "this chunked message was not created through the server".to_string()
-                })?;
-                let Some(watched) = messages.remove(&slot) else {
-                    return Err("this chunked message was not created through the server".into());
-                };
-                if let Err(refused) = watched.verdict() {
+                let slot = mine(&state.messages).ok_or_else(not_created)?;
+                let verdict = state.messages.get(&slot).ok_or_else(not_created)?.verdict();
+                if let Err(refused) = verdict {
                     // Its chunks went through; its `process` will not.
-                    drop(messages);
-                    self.orphan(vec![slot]);
+                    let orphan = state.orphan(slot);
+                    drop(guard);
+                    self.orphan(orphan.into_iter().collect());
                     return Err(refused);
                 }
+                let watched = state.drop_message(&slot).ok_or_else(not_created)?;
                 Ok(Vetted {
                     call_session: watched.call_session(),
                     ..delivered(&slot, watched.namespaced)
                 })
             }
-            Op::Remove => match mine(&messages) {
-                Some(slot) => {
-                    let namespaced_key = messages.remove(&slot).is_some_and(|w| w.namespaced);
-                    Ok(delivered(&slot, namespaced_key))
-                }
-                None => Err("this chunked message was not created through the server".into()),
-            },
+            Op::Remove => {
+                let slot = mine(&state.messages).ok_or_else(not_created)?;
+                let namespaced_key = state.drop_message(&slot).is_some_and(|w| w.namespaced);
+                Ok(delivered(&slot, namespaced_key))
+            }
         }
     }
 
     /// Forgets the messages of a client that left: those it sent (their receivers are to
     /// remove them) and those sent to it.
     pub(crate) fn forget(&self, client: &str) {
-        let mut messages = self.lock();
+        let mut state = self.lock();
+        let slots: Vec<Key> = state
+            .messages
+            .iter()
+            .filter(|(slot, w)| slot.0 == client || w.sender == client)
+            .map(|(slot, _)| slot.clone())
+            .collect();
         let mut gone = Vec::new();
-        messages.retain(|key, w| {
-            if key.0 == client {
-                return false;
+        for slot in slots {
+            if slot.0 == client {
+                state.drop_message(&slot);
+            } else {
+                gone.extend(state.orphan(slot));
             }
-            let keep = w.sender != client;
-            if !keep {
-                gone.push(key.clone());
-            }
-            keep
-        });
-        drop(messages);
+        }
+        drop(state);
         self.orphan(gone);
     }
 
     /// Forgets the messages nobody touched for [`IDLE_LIMIT`] (their receivers are to remove
     /// them).
     pub(crate) fn sweep(&self) {
-        self.sweep_locked(&mut self.lock());
-    }
-
-    fn sweep_locked(&self, messages: &mut HashMap<Key, Watched>) {
-        let mut idle = Vec::new();
-        messages.retain(|key, w| {
-            let keep = w.touched.elapsed() < IDLE_LIMIT;
-            if !keep {
-                idle.push(key.clone());
-            }
-            keep
-        });
+        let idle = Self::sweep_locked(&mut self.lock());
         self.orphan(idle);
     }
 
-    fn orphan(&self, keys: Vec<Key>) {
-        if keys.is_empty() {
+    /// Takes out the idle messages; their receivers are to be told ([`ChunkWatch::orphan`],
+    /// once the lock is let go).
+    fn sweep_locked(state: &mut State) -> Vec<Orphan> {
+        let idle: Vec<Key> = state
+            .messages
+            .iter()
+            .filter(|(_, w)| w.touched.elapsed() >= IDLE_LIMIT)
+            .map(|(slot, _)| slot.clone())
+            .collect();
+        idle.into_iter()
+            .filter_map(|slot| state.orphan(slot))
+            .collect()
+    }
+
+    /// Queues forgotten messages for their receivers to be told (never with the state lock
+    /// held: past [`MAX_ORPHANS`] they are released here).
+    fn orphan(&self, forgotten: Vec<Orphan>) {
+        if forgotten.is_empty() {
             return;
         }
         let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
         let room = MAX_ORPHANS.saturating_sub(orphans.len());
-        if keys.len() > room {
+        let mut forgotten = forgotten.into_iter();
+        orphans.extend(forgotten.by_ref().take(room));
+        drop(orphans);
+        let dropped: Vec<Orphan> = forgotten.collect();
+        if !dropped.is_empty() {
             tracing::warn!(
-                dropped = keys.len() - room,
+                dropped = dropped.len(),
                 "too many forgotten chunked messages at once: their receivers keep some"
             );
+            for orphan in &dropped {
+                self.released(orphan);
+            }
         }
-        orphans.extend(keys.into_iter().take(room));
-        drop(orphans);
         self.orphaned.notify_one();
     }
 
-    /// The messages forgotten unprocessed since the last call, as (receiver, key as
-    /// delivered): each receiver still holds the chunks and is to be told to remove them.
-    pub(crate) fn take_orphans(&self) -> Vec<(String, String)> {
+    /// The messages forgotten unprocessed since the last call: each receiver still holds the
+    /// chunks and is to be told to remove them; then [`ChunkWatch::released`].
+    pub(crate) fn take_orphans(&self) -> Vec<Orphan> {
         std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The remove of `orphan` has gone out (or its receiver is gone): its sender and receiver
+    /// are charged for it no longer.
+    pub(crate) fn released(&self, orphan: &Orphan) {
+        let mut state = self.lock();
+        // Its early chunks were released when it was forgotten.
+        state.release(&orphan.sender, &orphan.receiver, orphan.bytes);
     }
 
     /// Waits until a message is forgotten unprocessed.
@@ -560,9 +701,21 @@ impl ChunkWatch {
         self.orphaned.notified().await;
     }
 
+    /// A place among the removes being sent to receivers that cannot take them right away
+    /// (at most [`MAX_REMOVES_IN_FLIGHT`] at once).
+    pub(crate) async fn remove_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.sending.clone().acquire_owned().await.ok()
+    }
+
+    /// The messages `sender` has at its receivers (watched, or waiting for their remove).
+    #[cfg(test)]
+    pub(crate) fn messages_of(&self, sender: &str) -> usize {
+        self.lock().senders.get(sender).map_or(0, |h| h.messages)
+    }
+
     /// Messages being watched now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().messages.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -903,8 +1056,71 @@ mod tests {
         );
         let orphans = watch.take_orphans();
         assert_eq!(orphans.len(), 1);
-        assert_eq!(orphans[0].0, "ws/alice");
-        assert!(orphans[0].1.starts_with("k~"));
+        assert_eq!(orphans[0].receiver, "ws/alice");
+        assert!(orphans[0].key.starts_with("k~"));
+    }
+
+    /// Starts message `key` from `sender` to `target` and sends `pieces` chunks of `piece`
+    /// bytes after its main part; the first refusal, if any.
+    fn fill(
+        watch: &ChunkWatch,
+        (sender, anonymous): (&str, bool),
+        target: &str,
+        key: &str,
+        pieces: u64,
+        piece: usize,
+    ) -> Result<(), ChunkRefusal> {
+        let create = call("create", vec![key.into(), false.into()]);
+        watch.vet(sender, anonymous, target, &create, none)?;
+        let main = message(&obj([("args", Value::Array(vec![]))]));
+        watch.vet(sender, anonymous, target, &set(key, 0, main), none)?;
+        for index in 1..=pieces {
+            let chunk = set(key, index, vec![0; piece]);
+            watch.vet(sender, anonymous, target, &chunk, none)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn what_receivers_hold_stays_charged_until_they_are_told_and_is_bounded_per_receiver() {
+        let watch = ChunkWatch::default();
+        let anon = ("ws/anon", true);
+        let piece = 16 << 20;
+        let whole = (MAX_BYTES_PER_ANONYMOUS_SENDER as usize / piece - 1) as u64;
+        fill(&watch, anon, "ws/alice", "k", whole, piece).unwrap();
+        // Its sender leaves: the receiver still holds the bytes until the remove is out, and
+        // the sender (the same address, back) may not send more meanwhile.
+        watch.forget("ws/anon");
+        let orphans = watch.take_orphans();
+        assert_eq!(orphans.len(), 1);
+        let refused = fill(&watch, anon, "ws/alice", "k2", 2, piece).unwrap_err();
+        assert!(refused.0.contains("at most 256 MiB"), "{refused}");
+        watch.released(&orphans[0]);
+        fill(&watch, anon, "ws/alice", "k3", 2, piece).unwrap();
+        // Many senders, one receiver: at most MAX_BYTES_PER_RECEIVER in all.
+        let piece = 64 << 20;
+        let per_sender = (MAX_BYTES_PER_SENDER as usize / piece) as u64 - 1;
+        fill(&watch, ("ws/a", false), "ws/bob", "k", per_sender, piece).unwrap();
+        fill(&watch, ("ws/b", false), "ws/bob", "k", per_sender, piece).unwrap();
+        let refused = fill(&watch, ("ws/c", false), "ws/bob", "k", 4, piece).unwrap_err();
+        assert!(
+            refused.0.contains("receiver holds too many bytes"),
+            "{refused}"
+        );
+        fill(&watch, ("ws/c", false), "ws/carol", "k", 4, piece).unwrap();
+        // Processed, removed or overwritten, it is released at once.
+        let remove = call("remove", vec!["k".into()]);
+        watch.vet("ws/a", false, "ws/bob", &remove, none).unwrap();
+        fill(&watch, ("ws/c", false), "ws/bob", "k2", 4, piece).unwrap();
+        // Bob holds b's message, c's first (one piece got in before he was full) and second;
+        // c has those two and carol's.
+        let main = message(&obj([("args", Value::Array(vec![]))])).len() as u64;
+        let state = watch.lock();
+        assert_eq!(
+            state.receivers["ws/bob"],
+            (per_sender + 1 + 4) * piece as u64 + 3 * main
+        );
+        assert_eq!(state.senders["ws/c"].messages, 3);
     }
 
     #[test]
@@ -929,8 +1145,13 @@ mod tests {
         assert!(vet(&watch, "ws/c", &call("process", vec!["k".into()])).is_err());
         let d = started("ws/d");
         watch.forget("ws/d");
+        let told: Vec<(String, String)> = watch
+            .take_orphans()
+            .into_iter()
+            .map(|o| (o.receiver, o.key))
+            .collect();
         assert_eq!(
-            watch.take_orphans(),
+            told,
             [("ws/alice".to_string(), c), ("ws/alice".to_string(), d)]
         );
         // The receiver left: nothing to tell.

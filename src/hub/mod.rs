@@ -730,14 +730,29 @@ impl Hub {
 
     /// Tells the receivers of chunked messages the watch forgot unprocessed to remove them
     /// (the clients keep such chunks for ever otherwise). The call goes out as the manager's,
-    /// with no answer asked for; a receiver that is gone needs nothing.
-    pub(crate) async fn drop_orphans(&self, server_user: &rmpv::Value) {
+    /// with no answer asked for; a receiver that is gone needs nothing. A receiver whose queue
+    /// is full (or that is on another instance) is told by a task of its own, so that one that
+    /// stopped reading holds up nobody else; the message stays charged to its sender and
+    /// receiver until its remove is out.
+    pub(crate) async fn drop_orphans(self: &Arc<Self>, server_user: &rmpv::Value) {
         let from = format!("*/{}", self.manager_id);
-        for (target, key) in self.chunks.take_orphans() {
-            let data = chunks::remove_frame(&from, &target, &key, server_user);
-            if let Err(e) = self.send(&target, Outbound::Binary(data)).await {
-                tracing::debug!(error = %e, "a receiver of a forgotten chunked message is gone");
+        for orphan in self.chunks.take_orphans() {
+            let data = chunks::remove_frame(&from, &orphan.receiver, &orphan.key, server_user);
+            if self.try_send_local(&orphan.receiver, &data) {
+                self.chunks.released(&orphan);
+                continue;
             }
+            let Some(slot) = self.chunks.remove_slot().await else {
+                return;
+            };
+            let hub = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.send(&orphan.receiver, Outbound::Binary(data)).await {
+                    tracing::debug!(error = %e, "a receiver of a forgotten chunked message is gone");
+                }
+                hub.chunks.released(&orphan);
+                drop(slot);
+            });
         }
     }
 
@@ -906,6 +921,81 @@ mod tests {
         for i in 0..10 {
             assert!(hub.is_connected(&format!("ws-{i}/c")));
         }
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_stopped_reading_holds_up_no_other_remove() {
+        use crate::rpc::value::{encode, obj};
+        // Slow consumers are given an hour: a remove that waited for one would hang here.
+        let hub = Arc::new(Hub::new(
+            "manager".into(),
+            Duration::from_secs(3600),
+            Arc::new(bus::LocalBus),
+            mpsc::channel(1).0,
+        ));
+        let live = |conn_id: u64, room: usize| {
+            let (tx, rx) = mpsc::channel(16);
+            let handle = ClientHandle {
+                tx,
+                room: Room::new(room),
+                ..handle(conn_id)
+            };
+            (handle, rx)
+        };
+        let (stuck, _stuck_queue) = live(1, 1024);
+        let stuck_kill = stuck.kill.clone();
+        let (alice, mut alice_queue) = live(2, 1 << 20);
+        hub.insert("ws/stuck", "ws", stuck, false).unwrap();
+        hub.insert("ws/alice", "ws", alice, false).unwrap();
+        // The stuck client's queue is full.
+        assert!(hub.try_send_local("ws/stuck", &Bytes::from(vec![0; 1024])));
+        // Eve starts a chunked message to each, and leaves.
+        let cache_call = |to: &str, function: &str, args: Vec<rmpv::Value>| {
+            let header = obj([
+                ("type", "method".into()),
+                ("to", to.into()),
+                (
+                    "method",
+                    format!("services.built-in.message_cache.{function}").into(),
+                ),
+            ]);
+            let mut data = encode(&header);
+            data.extend(encode(&obj([("args", rmpv::Value::Array(args))])));
+            Frame::parse(Bytes::from(data)).unwrap()
+        };
+        for to in ["ws/stuck", "ws/alice"] {
+            for (function, args) in [
+                ("create", vec!["k".into(), false.into()]),
+                ("append", vec!["k".into(), rmpv::Value::Binary(vec![1; 10])]),
+            ] {
+                let frame = cache_call(to, function, args);
+                hub.chunks
+                    .vet("ws/eve", false, to, &frame, |_| false)
+                    .unwrap();
+            }
+        }
+        hub.chunks.forget("ws/eve");
+        assert_eq!(hub.chunks.messages_of("ws/eve"), 2);
+        tokio::time::timeout(Duration::from_secs(10), hub.drop_orphans(&rmpv::Value::Nil))
+            .await
+            .expect("the removes went out without waiting for the stuck client");
+        // Alice is told at once; the stuck client's remove waits in a task of its own, and
+        // Eve is charged for that message until it is out (or the client gone).
+        let (Outbound::Binary(removal), _) = alice_queue.try_recv().unwrap().into_parts();
+        let removal = Frame::parse(removal).unwrap();
+        assert_eq!(
+            removal.field("method"),
+            Some("services.built-in.message_cache.remove")
+        );
+        assert_eq!(hub.chunks.messages_of("ws/eve"), 1);
+        stuck_kill.cancel();
+        for _ in 0..500 {
+            if hub.chunks.messages_of("ws/eve") == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the stuck client's message was never released");
     }
 
     #[test]
