@@ -33,7 +33,8 @@ fn value() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
         (-1e12f64..1e12).prop_map(Value::F64),
-        ".{0,40}".prop_map(|s: String| Value::from(s.as_str())),
+        // (A leading byte order mark is refused on its own: the JavaScript clients drop it.)
+        ".{0,40}".prop_map(|s: String| Value::from(s.trim_start_matches('\u{feff}'))),
         proptest::collection::vec(any::<u8>(), 0..300).prop_map(Value::Binary),
         // A timestamp (-1) of a size the JavaScript clients cannot decode is refused on
         // its own; the values here are ones every client reads.
@@ -69,9 +70,11 @@ fn bodies() -> impl Strategy<Value = (Vec<(Value, Value)>, usize, &'static str, 
         value(),
     )
         .prop_map(|(entries, at, field, forged)| {
+            let mut seen = std::collections::HashSet::new();
+            // A body repeats no key (refused on its own).
             let entries: Vec<(Value, Value)> = entries
                 .into_iter()
-                .filter(|(k, _)| !SERVER_FIELDS.contains(&k.as_str()))
+                .filter(|(k, _)| !SERVER_FIELDS.contains(&k.as_str()) && seen.insert(k.clone()))
                 .map(|(k, v)| (Value::from(k.as_str()), v))
                 .collect();
             let at = at.index(entries.len() + 1);
@@ -109,10 +112,14 @@ proptest! {
             prop_assert_eq!(again.field("ws"), Some("ws"));
             prop_assert!(!again.keys().any(|k| k == "ctx"));
         }
-        let mut scanner = scan::Scanner::new(Limits::WALK, Some(1));
-        for piece in data.chunks(7) {
-            if scanner.feed(piece).is_err() {
-                break;
+        for mut scanner in [
+            scan::Scanner::new(Limits::WALK, Some(1)),
+            scan::Scanner::for_chunked(Limits::WALK, Some(1)),
+        ] {
+            for piece in data.chunks(7) {
+                if scanner.feed(piece).is_err() {
+                    break;
+                }
             }
         }
     }

@@ -696,6 +696,19 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
     )
     .await;
     assert!(refused.unwrap_err().contains("only the header may carry"));
+    // A body key repeated: the server reads the first (a chunked message's `args`), the
+    // clients the last.
+    let refused = call_with_body(
+        &mut mallory,
+        &target,
+        "services.built-in.message_cache.create",
+        &[
+            ("args", Value::Array(vec!["k".into(), false.into()])),
+            ("args", Value::Array(vec!["x".into(), false.into()])),
+        ],
+    )
+    .await;
+    assert!(refused.unwrap_err().contains("\"args\" twice"));
     // What the JavaScript clients' decoder throws on (in Node, out of the process), deep in
     // a body: a key that is not a string or a number, `__proto__`, a timestamp of odd size.
     for (argument, expected) in [
@@ -1022,6 +1035,23 @@ async fn chunked_messages_are_vetted_as_they_pass() {
     let body_notice = assembled(&[("type", "peer_not_found".into())]);
     let refused = send_chunks(&mut mallory, &mut alice, &target, &body_notice, "k4").await;
     assert!(refused.unwrap_err().contains("only the server sends"));
+    // A body key the JavaScript clients read as `from` (written overlong, past the first
+    // chunk): the chunk that carries it is refused, and so is the message's process.
+    let mut overlong = frame(
+        &map(&[
+            ("type", "method".into()),
+            ("method", "services.vault.open".into()),
+        ]),
+        None,
+    );
+    overlong.extend_from_slice(b"\x82\xa4args\x91\xc6\x00\x09\x27\xc0");
+    overlong.extend(std::iter::repeat_n(1u8, 600_000));
+    overlong.extend_from_slice(b"\xa5fro\xc1\xad\xafws-user-alice/x");
+    let refused = send_chunks(&mut mallory, &mut alice, &target, &overlong, "k5").await;
+    assert!(refused.unwrap_err().contains("not valid UTF-8"));
+    let refused = call(&mut mallory, &target, &cache("process"), vec!["k5".into()]).await;
+    assert!(refused.unwrap_err().contains("not valid UTF-8"));
+    told_to_remove(&mut alice, "k5~").await;
     // Chunks that skip create, or an alias of a cache function, are refused too.
     let skipped = call(
         &mut mallory,

@@ -79,7 +79,7 @@ impl Watched {
         Self {
             sender: sender.to_string(),
             namespaced,
-            scanner: Scanner::new(Limits::WALK, Some(1)),
+            scanner: Scanner::for_chunked(Limits::WALK, Some(1)),
             received: 0,
             next: 0,
             early: BTreeMap::new(),
@@ -177,6 +177,11 @@ impl Watched {
                 .map_err(|e| ChunkRefusal(format!("the chunked message's header: {e}")))?;
             crate::rpc::rules::check_header(&main)
                 .map_err(|e| ChunkRefusal(format!("the chunked message's header: {e}")))?;
+            // The receiver fires it by its type: without one, processing fails and the chunks
+            // stay at the receiver.
+            if main.field("type").is_none() {
+                return Err("the chunked message's header has no type".into());
+            }
         }
         match self.scanner.objects() {
             0 => Err("the chunked message is incomplete".into()),
@@ -351,12 +356,18 @@ impl CallArgs<'_> {
         Ok(CallArgs { body, args, items })
     }
 
+    /// The message key: a string of at most 256 bytes, and not a name every JavaScript
+    /// object has (an answer's key is used as it is, as a property of the receiver's cache).
     fn key(&self) -> Result<String, ChunkRefusal> {
         self.items
             .first()
             .and_then(|item| rmp::decode::read_str_from_slice(item).ok())
             .map(|(s, _)| s.to_string())
-            .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+            .filter(|k| {
+                !k.is_empty()
+                    && k.len() <= MAX_KEY_LEN
+                    && !scan::JS_BUILTIN_TYPES.contains(&k.as_str())
+            })
             .ok_or_else(|| "the message_cache call names no valid key".into())
     }
 
@@ -487,7 +498,6 @@ impl ChunkWatch {
         match op {
             Op::Create => {
                 let answer = args.flag(1);
-                let overwrite = args.flag(2);
                 let slot: Key = if answer {
                     // The key is the receiver's session: only its callee answers under it.
                     if !answers(&key) {
@@ -501,11 +511,9 @@ impl ChunkWatch {
                     if existing.sender != sender {
                         return Err("another sender is using this message key".into());
                     }
-                    // Without overwrite the client refuses and keeps what it has; so do we.
-                    if !overwrite {
-                        return Ok(delivered(&slot, !answer));
-                    }
-                    // The receiver drops what it had: so is it released.
+                    // Overwritten, whatever the sender asked: a receiver may no longer hold what
+                    // the server scanned (the JavaScript clients drop the oldest of many), and
+                    // would then start an empty message the server reads as a continuation.
                     state.drop_message(&slot);
                     Vec::new()
                 } else {
@@ -979,14 +987,17 @@ mod tests {
         };
         assert!(args[0].as_str().unwrap().starts_with("k~"), "{args:?}");
         assert_eq!(args[1..], [false.into(), true.into()]);
-        // Once watched, a create without overwrite is the client's own refusal to make, and
-        // leaves both sides as they were; with overwrite both start afresh.
+        // Once watched, a create starts afresh on both sides too, with or without overwrite:
+        // the receiver may have dropped what it held (the JavaScript clients drop the oldest
+        // of many messages), and would otherwise start empty while the server reads on.
+        let prefix = message(&obj([("args", Value::Array(vec![]))]));
+        vet(&watch, "ws/eve", &set("k", 0, prefix[..5].to_vec())).unwrap();
         let again = call("create", vec!["k".into(), false.into(), false.into()]);
         let args = delivered_args(vet(&watch, "ws/eve", &again).unwrap(), &again);
-        assert_eq!(args.as_array().unwrap()[1..], [false.into(), false.into()]);
-        let overwrite = call("create", vec!["k".into(), false.into(), true.into()]);
-        let args = delivered_args(vet(&watch, "ws/eve", &overwrite).unwrap(), &overwrite);
         assert_eq!(args.as_array().unwrap()[1..], [false.into(), true.into()]);
+        vet(&watch, "ws/eve", &set("k", 0, prefix.clone())).unwrap();
+        let process = call("process", vec!["k".into()]);
+        assert!(vet(&watch, "ws/eve", &process).is_ok());
         // Extra arguments go; an answer keeps its key and says so.
         let answer = call(
             "create",
@@ -1003,6 +1014,14 @@ mod tests {
         watch.forget("ws/alice");
         let args = delivered_args(vet(&watch, "ws/eve", &again).unwrap(), &again);
         assert_eq!(args.as_array().unwrap()[1..], [false.into(), true.into()]);
+        // A key is never a property every JavaScript object has (an answer's is used as is).
+        for key in ["__proto__", "constructor", "hasOwnProperty"] {
+            let create = call("create", vec![key.into(), true.into()]);
+            let refused = watch
+                .vet("ws/eve", false, "ws/alice", &create, |_| true)
+                .unwrap_err();
+            assert!(refused.0.contains("no valid key"), "{key}");
+        }
     }
 
     fn set(key: &str, index: u64, data: Vec<u8>) -> Frame {

@@ -60,6 +60,14 @@ pub enum ScanError {
         "has a string that is not valid UTF-8, which the clients would read differently from each other and from the server"
     )]
     NotText,
+    #[error(
+        "has a string that starts with a byte order mark (U+FEFF), which the JavaScript clients drop: they would read another name than the server"
+    )]
+    Bom,
+    #[error(
+        "has a map key that is a number; a chunked message's keys must be strings (the Python clients cannot decode others)"
+    )]
+    NumberKey,
 }
 
 /// The cost of one scanned object.
@@ -75,6 +83,8 @@ pub struct Scanned {
 const VALUE_SIZE: u64 = std::mem::size_of::<rmpv::Value>() as u64;
 /// Keys longer than this are never one of the watched keys; they are not captured.
 const KEY_CAPTURE: usize = 16;
+/// The longest `type` captured: longer than any refused type ([`refused_type`]).
+const TYPE_CAPTURE: u64 = 32;
 
 #[derive(Debug, Clone, Copy)]
 struct Level {
@@ -91,6 +101,8 @@ enum Payload {
     TopKey,
     /// A short string value of a top-level `type` key.
     TypeValue,
+    /// A short string in key position deeper down (read for `__proto__`, in the clients' mode).
+    Key,
 }
 
 /// An incremental scanner: feed it bytes in as many pieces as they come.
@@ -121,7 +133,75 @@ pub struct Scanner {
     failed: Option<ScanError>,
     /// Bytes consumed so far, over every piece fed.
     consumed: u64,
+    /// Whether it also refuses what would make a receiving client fail to decode or fire
+    /// the message ([`Scanner::for_chunked`]).
+    clients: bool,
+    /// The check of the string being read, in the clients' mode.
+    text: Option<TextCheck>,
+    /// A top-level map's `type` that is not a string was seen.
+    type_not_text: bool,
 }
+
+/// The UTF-8 check of one string read in pieces: strict (no surrogate), and no leading byte
+/// order mark.
+#[derive(Debug, Clone, Default)]
+struct TextCheck {
+    /// The start of a character the last piece ended in.
+    carry: [u8; 4],
+    carry_len: usize,
+    start: [u8; 3],
+    seen: usize,
+}
+
+impl TextCheck {
+    /// Takes the next piece of the string; `false` once it cannot be text.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        if self.seen < 3 {
+            let n = (3 - self.seen).min(data.len());
+            self.start[self.seen..self.seen + n].copy_from_slice(&data[..n]);
+        }
+        self.seen = self.seen.saturating_add(data.len());
+        // Finish the character the last piece ended in (at most three more bytes).
+        while self.carry_len > 0 {
+            let Some((&byte, rest)) = data.split_first() else {
+                return true;
+            };
+            self.carry[self.carry_len] = byte;
+            self.carry_len += 1;
+            data = rest;
+            match std::str::from_utf8(&self.carry[..self.carry_len]) {
+                Ok(_) => self.carry_len = 0,
+                Err(e) if e.error_len().is_none() && self.carry_len < 4 => {}
+                Err(_) => return false,
+            }
+        }
+        match std::str::from_utf8(data) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_none() => {
+                let tail = &data[e.valid_up_to()..];
+                self.carry[..tail.len()].copy_from_slice(tail);
+                self.carry_len = tail.len();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The verdict once the whole string is read.
+    fn finish(&self) -> Result<(), ScanError> {
+        if self.carry_len > 0 {
+            return Err(ScanError::NotText);
+        }
+        if self.seen >= 3 && self.start == BOM {
+            return Err(ScanError::Bom);
+        }
+        Ok(())
+    }
+}
+
+/// A byte order mark in UTF-8: a decoder (the JavaScript clients' TextDecoder) drops it at
+/// the start of a string.
+const BOM: [u8; 3] = [0xef, 0xbb, 0xbf];
 
 /// How many bytes a marker's head takes (marker included), before any payload.
 fn head_len(marker: u8) -> usize {
@@ -223,7 +303,27 @@ impl Scanner {
             refused_type: None,
             failed: None,
             consumed: 0,
+            clients: false,
+            text: None,
+            type_not_text: false,
         }
+    }
+
+    /// A scanner for a chunked message, which its receiver decodes and fires once assembled:
+    /// besides bounds, it refuses what would make either client fail there (and keep the
+    /// chunks for ever), or read a name the server did not: a string that is not strict
+    /// UTF-8 (no surrogate) or starts with a byte order mark, a map key that is not a string,
+    /// a `__proto__` key, a timestamp of odd size. See also [`Scanner::type_not_text`].
+    pub fn for_chunked(limits: Limits, watch: Option<usize>) -> Self {
+        Self {
+            clients: true,
+            ..Self::new(limits, watch)
+        }
+    }
+
+    /// Whether a top-level map scanned so far has a `type` that is not a string.
+    pub(crate) fn type_not_text(&self) -> bool {
+        self.type_not_text
     }
 
     /// Top-level objects complete so far.
@@ -286,9 +386,17 @@ impl Scanner {
             if self.payload != Payload::Opaque {
                 self.key.extend_from_slice(&data[..n]);
             }
+            if let Some(check) = &mut self.text
+                && !check.feed(&data[..n])
+            {
+                return Err(ScanError::NotText);
+            }
             self.skip -= n as u64;
             if self.skip == 0 {
-                self.payload_done();
+                if let Some(check) = self.text.take() {
+                    check.finish()?;
+                }
+                self.payload_done()?;
                 self.complete()?;
             }
             return Ok(n);
@@ -335,11 +443,34 @@ impl Scanner {
 
     fn head_ready(&mut self) -> Result<(), ScanError> {
         let parsed = item(&self.head[..self.head_len]);
+        let marker = self.head[0];
+        let type_byte = self.head[self.head_len - 1];
         self.head_len = 0;
         let watched_top = self.watch == Some(self.objects) && self.stack.is_empty();
         // The item right after a top-level `type` key is its value.
         let type_value = std::mem::take(&mut self.type_next);
-        match parsed? {
+        let at_key = self
+            .stack
+            .last()
+            .is_some_and(|level| level.is_map && level.remaining.is_multiple_of(2));
+        let parsed = parsed?;
+        if self.clients {
+            let is_str = matches!(parsed, Item::Bytes { is_str: true, .. });
+            if at_key && !is_str {
+                return Err(key_kind(marker).map_or(ScanError::NumberKey, ScanError::MapKey));
+            }
+            if type_value && !is_str {
+                self.type_not_text = true;
+            }
+            if let Item::Bytes { len, .. } = parsed
+                && matches!(marker, 0xc7..=0xc9 | 0xd4..=0xd8)
+                && type_byte == 0xff
+                && !matches!(len, 4 | 8 | 12)
+            {
+                return Err(ScanError::Timestamp(len));
+            }
+        }
+        match parsed {
             Item::Scalar => {
                 if watched_top {
                     self.watched_is_map = Some(false);
@@ -352,18 +483,26 @@ impl Scanner {
                     self.watched_is_map = Some(false);
                 }
                 self.count(len)?;
-                self.payload = if !is_str || len > KEY_CAPTURE as u64 {
+                self.payload = if !is_str {
+                    Payload::Opaque
+                } else if type_value && len <= TYPE_CAPTURE {
+                    Payload::TypeValue
+                } else if len > KEY_CAPTURE as u64 {
                     Payload::Opaque
                 } else if self.in_top_key_position() {
                     Payload::TopKey
-                } else if type_value {
-                    Payload::TypeValue
+                } else if self.clients && at_key {
+                    Payload::Key
                 } else {
                     Payload::Opaque
                 };
                 self.key.clear();
+                if self.clients && is_str {
+                    self.text = Some(TextCheck::default());
+                }
                 if len == 0 {
-                    self.payload_done();
+                    self.text = None;
+                    self.payload_done()?;
                     self.complete()
                 } else {
                     self.skip = len;
@@ -391,9 +530,16 @@ impl Scanner {
         }
     }
 
-    fn payload_done(&mut self) {
-        match std::mem::replace(&mut self.payload, Payload::Opaque) {
-            Payload::Opaque => {}
+    fn payload_done(&mut self) -> Result<(), ScanError> {
+        let payload = std::mem::replace(&mut self.payload, Payload::Opaque);
+        if self.clients
+            && matches!(payload, Payload::TopKey | Payload::Key)
+            && self.key == b"__proto__"
+        {
+            return Err(ScanError::ProtoKey);
+        }
+        match payload {
+            Payload::Opaque | Payload::Key => {}
             Payload::TopKey => {
                 self.type_next = self.key == b"type";
                 if self.watch == Some(self.objects)
@@ -408,6 +554,7 @@ impl Scanner {
                 }
             }
         }
+        Ok(())
     }
 
     /// One item is complete: count it against its container, closing the containers it fills.
@@ -513,6 +660,7 @@ pub fn object_for_clients(data: &[u8], limits: Limits) -> Result<Scanned, ScanEr
 /// no overlong or truncated sequence (the JavaScript clients' decoder reads `C1 9F` as `_` and
 /// runs past a truncated end) and nothing past U+10FFFF. A surrogate (`ED A0..BF ..`) passes:
 /// the JavaScript clients encode a lone one that way, and it decodes to no other character.
+/// (A leading byte order mark is refused apart: [`ScanError::Bom`].)
 fn text_for_clients(bytes: &[u8]) -> bool {
     let mut rest = bytes;
     // Every round consumes at least three bytes, so this ends.
@@ -584,6 +732,9 @@ fn walk<const CLIENTS: bool>(data: &[u8], limits: Limits) -> Result<Scanned, Sca
                 }
                 if CLIENTS {
                     let payload = &data[pos..pos + len as usize];
+                    if is_str && payload.starts_with(&BOM) {
+                        return Err(ScanError::Bom);
+                    }
                     if is_str && !text_for_clients(payload) {
                         return Err(ScanError::NotText);
                     }
@@ -637,6 +788,7 @@ pub fn value_for_clients(value: &rmpv::Value) -> Result<(), ScanError> {
     use rmpv::Value;
     match value {
         Value::String(s) if s.as_str().is_none() => Err(ScanError::NotText),
+        Value::String(s) if s.as_bytes().starts_with(&BOM) => Err(ScanError::Bom),
         Value::Ext(-1, data) if !matches!(data.len(), 4 | 8 | 12) => {
             Err(ScanError::Timestamp(data.len() as u64))
         }
@@ -644,6 +796,7 @@ pub fn value_for_clients(value: &rmpv::Value) -> Result<(), ScanError> {
         Value::Map(entries) => entries.iter().try_for_each(|(key, value)| {
             match key {
                 Value::String(s) if s.as_str().is_none() => Err(ScanError::NotText),
+                Value::String(s) if s.as_bytes().starts_with(&BOM) => Err(ScanError::Bom),
                 Value::String(s) if s.as_bytes() == b"__proto__" => Err(ScanError::ProtoKey),
                 Value::String(_) | Value::Integer(_) | Value::F32(_) | Value::F64(_) => Ok(()),
                 Value::Nil => Err(ScanError::MapKey("nil")),
@@ -779,6 +932,10 @@ pub enum BodyError {
     RefusedType(String),
     #[error("the frame body gives the frame a type that is not a string")]
     TypeNotText,
+    #[error(
+        "the frame body has the key {0:?} twice (the server would read the first, the clients the last)"
+    )]
+    RepeatedKey(String),
 }
 
 /// Message types only the server sends: a client's frame of such a type would make its
@@ -843,11 +1000,17 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     object_for_clients(body, Limits::WALK)?;
     // The walk above proved the map whole, so every entry is there.
     let entries = map_entries(body).ok_or(BodyError::NotMap)?;
+    // The server reads the first of a repeated key (`args` of a chunked-message call), the
+    // clients the last.
+    let mut seen = std::collections::HashSet::new();
     for entry in entries {
         // A key that is not text is a number or holds a surrogate: none of the names below.
         let Some(name) = text(&body[entry.key..entry.value]) else {
             continue;
         };
+        if !seen.insert(name) {
+            return Err(BodyError::RepeatedKey(name.chars().take(100).collect()));
+        }
         if SERVER_FIELDS.contains(&name) {
             return Err(BodyError::ServerField(name.to_string()));
         }
@@ -879,6 +1042,9 @@ pub(crate) fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
         if HEADER_ONLY_FIELDS.contains(&key.as_str()) {
             return Err(BodyError::HeaderField(key.clone()));
         }
+    }
+    if scanner.type_not_text() {
+        return Err(BodyError::TypeNotText);
     }
     match scanner.refused_type() {
         Some(kind) => Err(BodyError::RefusedType(kind.to_string())),
@@ -972,7 +1138,17 @@ mod tests {
                     Err(e @ (ScanError::MapKey(_) | ScanError::ProtoKey | ScanError::Timestamp(_) | ScanError::NotText)) => {
                         prop_assert_eq!(check_body(&data), Err(BodyError::Msgpack(e)));
                     }
-                    _ => prop_assert_eq!(check_body(&data), body_by_scanner(&data)),
+                    _ => match check_body(&data) {
+                        // The scanner (for chunked messages, where the server reads no key
+                        // by its first occurrence) lets a repeated key be.
+                        Err(BodyError::RepeatedKey(key)) => {
+                            let (value, _) = decode(&data, Limits::WALK).unwrap();
+                            let entries = value.as_map().unwrap();
+                            let times = entries.iter().filter(|(k, _)| k.as_str() == Some(key.as_str())).count();
+                            prop_assert!(times >= 2, "{key}");
+                        }
+                        other => prop_assert_eq!(other, body_by_scanner(&data)),
+                    },
                 }
             }
         }
@@ -1088,7 +1264,12 @@ mod tests {
             (&own_type, Ok(())),
             (&elsewhere, Ok(())),
         ] {
-            assert_eq!(check_body(body), expected);
+            // A frame's body may not repeat a key at all.
+            let whole = match body == &repeated {
+                true => Err(BodyError::RepeatedKey("type".into())),
+                false => expected.clone(),
+            };
+            assert_eq!(check_body(body), whole);
             assert_eq!(body_by_scanner(body), expected);
             for piece in 1..body.len() {
                 let mut scanner = Scanner::new(Limits::WALK, Some(0));
@@ -1290,6 +1471,113 @@ mod tests {
             Err(ScanError::NotText)
         );
         assert!(ScanError::NotText.to_string().contains("not valid UTF-8"));
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_and_a_repeated_body_key_are_refused() {
+        // The JavaScript clients' TextDecoder (every string in a browser, long ones in Node)
+        // drops a leading U+FEFF: "\u{feff}peer_not_found" would read as a server notice.
+        let bom = pack(&map(vec![("type", "\u{feff}peer_not_found".into())]));
+        assert_eq!(object_for_clients(&bom, Limits::WALK), Err(ScanError::Bom));
+        assert_eq!(check_body(&bom), Err(BodyError::Msgpack(ScanError::Bom)));
+        let key = pack(&Value::Map(vec![("\u{feff}from".into(), 1.into())]));
+        assert_eq!(object_for_clients(&key, Limits::WALK), Err(ScanError::Bom));
+        assert_eq!(
+            value_for_clients(&decode(&key, Limits::WALK).unwrap().0),
+            Err(ScanError::Bom)
+        );
+        let inside = pack(&map(vec![("k", "a\u{feff}b".into())]));
+        assert!(object_for_clients(&inside, Limits::WALK).is_ok());
+        // A repeated top-level key, however each is written (fixstr and str8 here).
+        let mut twice = vec![0x82, 0xa4];
+        twice.extend_from_slice(b"args\x90\xd9\x04args\x91\xa1x");
+        assert_eq!(
+            check_body(&twice),
+            Err(BodyError::RepeatedKey("args".into()))
+        );
+        let nested = pack(&map(vec![
+            ("a", map(vec![("x", 1.into())])),
+            ("b", map(vec![("x", 1.into())])),
+        ]));
+        assert_eq!(check_body(&nested), Ok(()));
+    }
+
+    /// The verdict on a chunked message fed in pieces of `piece` bytes.
+    fn chunked(data: &[u8], piece: usize) -> Result<(), BodyError> {
+        let mut scanner = Scanner::for_chunked(Limits::WALK, Some(1));
+        for part in data.chunks(piece) {
+            scanner.feed(part)?;
+        }
+        verdict(&scanner)
+    }
+
+    #[test]
+    fn chunked_messages_are_held_to_what_both_clients_decode_and_fire() {
+        let main = pack(&map(vec![("type", "method".into())]));
+        let with_body = |body: &[u8]| [main.as_slice(), body].concat();
+        let fine = with_body(&pack(&map(vec![
+            ("args", Value::Array(vec!["caf\u{e9} \u{1f600}".into()])),
+            ("kwargs", Value::Map(vec![("x".into(), 1.into())])),
+        ])));
+        // Every character cut at every place.
+        for piece in [1, 2, 3, 5, 4096] {
+            assert_eq!(chunked(&fine, piece), Ok(()), "{piece}");
+        }
+        let raw_key = |key: &[u8]| {
+            let mut body = vec![0x82, 0xa4];
+            body.extend_from_slice(b"args\x90");
+            body.push(0xa0 | key.len() as u8);
+            body.extend_from_slice(key);
+            body.push(0x01);
+            with_body(&body)
+        };
+        let nested_key = |key: Value| {
+            with_body(&pack(&map(vec![(
+                "args",
+                Value::Array(vec![Value::Map(vec![(key, 1.into())])]),
+            )])))
+        };
+        let cases = [
+            // `from` written overlong: the JavaScript clients read "from".
+            (raw_key(b"fro\xc1\xad"), ScanError::NotText),
+            // A surrogate: the Python clients fail to decode it (and keep the chunks).
+            (raw_key(b"\xed\xa0\x80"), ScanError::NotText),
+            (raw_key(b"ab\xe2\x82"), ScanError::NotText),
+            (raw_key(b"\xef\xbb\xbffrom"), ScanError::Bom),
+            (raw_key(b"__proto__"), ScanError::ProtoKey),
+            (nested_key("__proto__".into()), ScanError::ProtoKey),
+            (nested_key(7.into()), ScanError::NumberKey),
+            (nested_key(Value::Nil), ScanError::MapKey("nil")),
+            (
+                with_body(&pack(&map(vec![(
+                    "args",
+                    Value::Array(vec![Value::Ext(-1, vec![0; 3])]),
+                )]))),
+                ScanError::Timestamp(3),
+            ),
+        ];
+        for (data, expected) in cases {
+            for piece in [1, 2, 4096] {
+                assert_eq!(
+                    chunked(&data, piece),
+                    Err(BodyError::Msgpack(expected.clone())),
+                    "{piece}: {expected}"
+                );
+            }
+        }
+        // The body's type must be a string, and a long refused one is read too.
+        let typed = |kind: Value| with_body(&pack(&map(vec![("type", kind)])));
+        assert_eq!(
+            chunked(&typed(Value::Array(vec!["constructor".into()])), 1),
+            Err(BodyError::TypeNotText)
+        );
+        assert_eq!(
+            chunked(&typed("client_disconnected".into()), 3),
+            Err(BodyError::RefusedType("client_disconnected".into()))
+        );
+        // The plain scanner lets all of these be.
+        let mut plain = Scanner::new(Limits::WALK, Some(1));
+        plain.feed(&raw_key(b"\xed\xa0\x80")).unwrap();
     }
 
     #[test]
