@@ -13,7 +13,7 @@ import pytest
 import websockets
 from hypha_rpc import connect_to_server
 
-from conftest import Server, run, wait_for
+from conftest import Server, json_line, node_background, run, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -270,3 +270,75 @@ def test_client_log_lines_cannot_be_forged_or_flood_the_log():
         assert grown < 20_000, grown
     finally:
         server.stop()
+
+
+async def refused(ws, data, session=None):
+    """Sends raw `data`; returns the server's refusal: its error message, or the reject of
+    `session`. Fails if the frame was answered otherwise or not at all."""
+    await ws.send(data)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            message = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+        if isinstance(message, str):
+            error = json.loads(message)
+            if error.get("type") == "error":
+                return error["message"]
+            continue
+        unpacker = msgpack.Unpacker()
+        unpacker.feed(message)
+        parts = list(unpacker)
+        if session and parts[0].get("method") == f"{session}.reject":
+            return parts[1]["args"][0]["_rvalue"]
+    raise AssertionError("the frame was not refused")
+
+
+def test_a_node_client_survives_what_its_decoder_would_die_of(server):
+    """The JavaScript client decodes and fires a frame outside any try: each of these would end
+    its Node process (or make it read a name the server did not). Refused, it lives on."""
+    proc = node_background("provider.mjs", server.url, "js-victim")
+    try:
+        ws_name = json_line(proc.stdout, "READY ")["workspace"]
+        target = f"{ws_name}/js-victim"
+
+        def header(**extra):
+            return msgpack.packb({"type": "method", "to": target, "method": "services.js-math.add", **extra})
+
+        def with_raw_key(raw):
+            # A header {"to": target, <raw key>: 1} with the key's bytes as given.
+            return b"\x82" + msgpack.packb("to") + msgpack.packb(target) + bytes([0xa0 | len(raw)]) + raw + b"\x01"
+
+        body_end = msgpack.packb("promise") + msgpack.packb("*") + msgpack.packb("t") + msgpack.packb(5)
+        cases = [
+            # `__proto__` written overlong (C1 9F is `_` to its decoder): a header key.
+            (with_raw_key(b"\xc1\x9f_proto__"), None, "not valid UTF-8"),
+            # A type that is an array (read as the property "constructor").
+            (b"\x82" + msgpack.packb("to") + msgpack.packb(target) + b"\xa4type\x91\xabconstructor", None,
+             "must be a string"),
+            (msgpack.packb({"type": "constructor", "to": target}), None, "every JavaScript object has"),
+            # In a call's body: a nil key, a `__proto__` key, an odd timestamp, an array type.
+            (header(session="b1") + b"\x83\xa4args\x91\x81\xc0\x01" + body_end, "b1", "map key that is nil"),
+            (header(session="b2") + b"\x83\xa4args\x91\x81\xa9__proto__\x01" + body_end, "b2", "__proto__"),
+            (header(session="b3") + b"\x83\xa4args\x91\xc7\x03\xff\x00\x00\x00" + body_end, "b3", "timestamp"),
+            (header(session="b4") + b"\x84\xa4args\x90\xa4type\x91\xabconstructor" + body_end, "b4",
+             "type that is not a string"),
+        ]
+
+        async def main():
+            ws, _ = await raw_connect(server.ws_url, "mallory-js")
+            for data, session, expected in cases:
+                message = await refused(ws, data, session)
+                assert expected in message, (expected, message)
+            await ws.close()
+            assert proc.poll() is None, proc.stderr.read()
+            c = await connect_to_server({"server_url": server.url})
+            svc = await c.get_service(f"{target}:js-math")
+            assert await svc.add(20, 22) == 42
+            await c.disconnect()
+
+        run(main())
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=20)
