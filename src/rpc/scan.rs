@@ -1002,7 +1002,7 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
     let entries = map_entries(body).ok_or(BodyError::NotMap)?;
     // The server reads the first of a repeated key (`args` of a chunked-message call), the
     // clients the last.
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = SeenKeys::default();
     for entry in entries {
         // A key that is not text is a number or holds a surrogate: none of the names below.
         let Some(name) = text(&body[entry.key..entry.value]) else {
@@ -1027,6 +1027,31 @@ pub fn check_body(body: &[u8]) -> Result<(), BodyError> {
         }
     }
     Ok(())
+}
+
+/// The keys of a map seen so far: the first few in place (a frame body has a handful), the
+/// rest in a set, so that checking for a repeat allocates nothing for a usual body and stays
+/// linear for a large one.
+#[derive(Default)]
+struct SeenKeys<'a> {
+    first: [&'a str; 16],
+    len: usize,
+    rest: std::collections::HashSet<&'a str>,
+}
+
+impl<'a> SeenKeys<'a> {
+    /// `false` if `key` was seen before.
+    fn insert(&mut self, key: &'a str) -> bool {
+        if self.first[..self.len].contains(&key) {
+            return false;
+        }
+        if self.len < self.first.len() {
+            self.first[self.len] = key;
+            self.len += 1;
+            return true;
+        }
+        self.rest.insert(key)
+    }
 }
 
 /// The verdict on the watched object of a scanner that has read all of it.
@@ -1500,6 +1525,21 @@ mod tests {
             ("b", map(vec![("x", 1.into())])),
         ]));
         assert_eq!(check_body(&nested), Ok(()));
+        // Past the first sixteen keys too, either side of them.
+        let names: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let many = |repeat: Option<&str>| {
+            let mut entries: Vec<(&str, Value)> =
+                names.iter().map(|n| (n.as_str(), Value::Nil)).collect();
+            entries.extend(repeat.map(|n| (n, Value::Nil)));
+            pack(&map(entries))
+        };
+        assert_eq!(check_body(&many(None)), Ok(()));
+        for repeated in ["k3", "k30"] {
+            assert_eq!(
+                check_body(&many(Some(repeated))),
+                Err(BodyError::RepeatedKey(repeated.into()))
+            );
+        }
     }
 
     /// The verdict on a chunked message fed in pieces of `piece` bytes.
