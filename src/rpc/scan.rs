@@ -68,6 +68,10 @@ pub enum ScanError {
         "has a map key that is a number; a chunked message's keys must be strings (the Python clients cannot decode others)"
     )]
     NumberKey,
+    #[error(
+        "has a timestamp whose nanoseconds are 1,000,000,000 or more, which the Python clients cannot decode"
+    )]
+    TimestampNanos,
 }
 
 /// The cost of one scanned object.
@@ -103,6 +107,23 @@ enum Payload {
     TypeValue,
     /// A short string in key position deeper down (read for `__proto__`, in the clients' mode).
     Key,
+    /// An 8- or 12-byte timestamp, whose nanoseconds are read (in the clients' mode).
+    Timestamp,
+}
+
+/// Whether a timestamp's payload (extension type -1) holds nanoseconds the Python clients
+/// refuse (10^9 or more): the top 30 bits of the 8-byte form, the first 32 of the 12-byte one.
+fn nanos_out_of_range(payload: &[u8]) -> bool {
+    let Some(first) = payload.get(..4) else {
+        return false;
+    };
+    let first = u32::from_be_bytes([first[0], first[1], first[2], first[3]]);
+    let nanos = match payload.len() {
+        8 => first >> 2,
+        12 => first,
+        _ => return false,
+    };
+    nanos >= 1_000_000_000
 }
 
 /// An incremental scanner: feed it bytes in as many pieces as they come.
@@ -483,7 +504,10 @@ impl Scanner {
                     self.watched_is_map = Some(false);
                 }
                 self.count(len)?;
-                self.payload = if !is_str {
+                let timestamp = matches!(marker, 0xc7..=0xc9 | 0xd4..=0xd8) && type_byte == 0xff;
+                self.payload = if self.clients && timestamp && len >= 8 {
+                    Payload::Timestamp
+                } else if !is_str {
                     Payload::Opaque
                 } else if type_value && len <= TYPE_CAPTURE {
                     Payload::TypeValue
@@ -538,8 +562,11 @@ impl Scanner {
         {
             return Err(ScanError::ProtoKey);
         }
+        if payload == Payload::Timestamp && nanos_out_of_range(&self.key) {
+            return Err(ScanError::TimestampNanos);
+        }
         match payload {
-            Payload::Opaque | Payload::Key => {}
+            Payload::Opaque | Payload::Key | Payload::Timestamp => {}
             Payload::TopKey => {
                 self.type_next = self.key == b"type";
                 if self.watch == Some(self.objects)
@@ -659,7 +686,9 @@ pub fn object_for_clients(data: &[u8], limits: Limits) -> Result<Scanned, ScanEr
 /// Whether the bytes of a string are text every client reads as the server does: UTF-8, with
 /// no overlong or truncated sequence (the JavaScript clients' decoder reads `C1 9F` as `_` and
 /// runs past a truncated end) and nothing past U+10FFFF. A surrogate (`ED A0..BF ..`) passes:
-/// the JavaScript clients encode a lone one that way, and it decodes to no other character.
+/// the JavaScript clients encode a lone one that way. (Their decoder joins a high and a low
+/// one into the character they stand for, never into ASCII: every name the server reads is
+/// ASCII.)
 /// (A leading byte order mark is refused apart: [`ScanError::Bom`].)
 fn text_for_clients(bytes: &[u8]) -> bool {
     let mut rest = bytes;
@@ -747,6 +776,9 @@ fn walk<const CLIENTS: bool>(data: &[u8], limits: Limits) -> Result<Scanned, Sca
                     if timestamp && !matches!(len, 4 | 8 | 12) {
                         return Err(ScanError::Timestamp(len));
                     }
+                    if timestamp && nanos_out_of_range(payload) {
+                        return Err(ScanError::TimestampNanos);
+                    }
                 }
                 pos += len as usize;
             }
@@ -792,6 +824,7 @@ pub fn value_for_clients(value: &rmpv::Value) -> Result<(), ScanError> {
         Value::Ext(-1, data) if !matches!(data.len(), 4 | 8 | 12) => {
             Err(ScanError::Timestamp(data.len() as u64))
         }
+        Value::Ext(-1, data) if nanos_out_of_range(data) => Err(ScanError::TimestampNanos),
         Value::Array(items) => items.iter().try_for_each(value_for_clients),
         Value::Map(entries) => entries.iter().try_for_each(|(key, value)| {
             match key {
@@ -1604,6 +1637,42 @@ mod tests {
                     "{piece}: {expected}"
                 );
             }
+        }
+        // A timestamp's nanoseconds must be below 10^9 (the Python clients refuse the rest),
+        // in the 8-byte form (top 30 bits) and the 12-byte one (first 32).
+        let stamp = |payload: Vec<u8>| {
+            with_body(&pack(&map(vec![(
+                "args",
+                Value::Array(vec![Value::Ext(-1, payload)]),
+            )])))
+        };
+        let nanos_8 = |nanos: u64| ((nanos << 34) | 1).to_be_bytes().to_vec();
+        let nanos_12 = |nanos: u32| [nanos.to_be_bytes().as_slice(), &[0; 8]].concat();
+        for (payload, ok) in [
+            (nanos_8(999_999_999), true),
+            (nanos_8(1_000_000_000), false),
+            (nanos_8((1 << 30) - 1), false),
+            (nanos_12(999_999_999), true),
+            (nanos_12(1_000_000_000), false),
+            (vec![0xff; 4], true),
+        ] {
+            let data = stamp(payload.clone());
+            let expected = match ok {
+                true => Ok(()),
+                false => Err(BodyError::Msgpack(ScanError::TimestampNanos)),
+            };
+            for piece in [1, 3, 4096] {
+                assert_eq!(chunked(&data, piece), expected, "{payload:?}");
+            }
+            let whole = pack(&Value::Ext(-1, payload));
+            assert_eq!(
+                object_for_clients(&whole, Limits::WALK).map(|_| ()),
+                expected.clone().map_err(|_| ScanError::TimestampNanos)
+            );
+            assert_eq!(
+                value_for_clients(&decode(&whole, Limits::WALK).unwrap().0),
+                expected.map_err(|_| ScanError::TimestampNanos)
+            );
         }
         // The body's type must be a string, and a long refused one is read too.
         let typed = |kind: Value| with_body(&pack(&map(vec![("type", kind)])));
