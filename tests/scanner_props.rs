@@ -96,6 +96,7 @@ fn message_cache_call(function: &str, args: Vec<Value>) -> Frame {
             "method".into(),
             format!("services.built-in.message_cache.{function}").into(),
         ),
+        ("session".into(), format!("s-{function}").into()),
     ]);
     let mut data = pack(&header);
     data.extend(pack(&Value::Map(vec![("args".into(), Value::Array(args))])));

@@ -15,8 +15,9 @@
 //! its receiver (its `create` goes out with overwrite on); the bytes a sender may have in
 //! flight are bounded (lower for anonymous senders), and so are those one receiver holds; and
 //! when the server forgets a message that was not processed (its sender left, it went idle,
-//! its `process` was refused) the receiver is told to remove it
-//! ([`ChunkWatch::take_orphans`]), the bytes staying charged until it has been.
+//! its `process` was refused, or its receiver rejected the `process`: it then keeps the
+//! chunks) the receiver is told to remove it ([`ChunkWatch::take_orphans`]), the bytes staying
+//! charged until it has been. A processed message stays charged until its receiver answers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -217,9 +218,21 @@ pub(crate) struct Orphan {
     bytes: u64,
 }
 
+/// A message whose `process` was delivered: its receiver deletes the chunks only once firing
+/// it went through, so it stays charged until the receiver answers the `process` call
+/// (`resolve`: released; `reject`: the receiver is told to remove it).
+struct Processing {
+    orphan: Orphan,
+    since: Instant,
+}
+
+/// (receiver, sender, session of the `process` call): where its answer is awaited.
+type Answer = (String, String, String);
+
 #[derive(Default)]
 struct State {
     messages: HashMap<Key, Watched>,
+    processing: HashMap<Answer, Processing>,
     senders: HashMap<String, Held>,
     /// The chunk bytes each receiver holds, from every sender.
     receivers: HashMap<String, u64>,
@@ -275,6 +288,8 @@ impl State {
 /// The chunked messages in flight through this instance, by target and key.
 pub struct ChunkWatch {
     state: Mutex<State>,
+    /// How many `process` answers are awaited: answers are looked at only when some are.
+    awaiting: std::sync::atomic::AtomicUsize,
     /// Messages forgotten unprocessed, whose receivers are to remove them.
     orphans: Mutex<Vec<Orphan>>,
     /// Wakes whoever tells the receivers.
@@ -289,6 +304,7 @@ impl Default for ChunkWatch {
     fn default() -> Self {
         Self {
             state: Mutex::default(),
+            awaiting: Default::default(),
             orphans: Mutex::default(),
             orphaned: tokio::sync::Notify::new(),
             sending: Arc::new(tokio::sync::Semaphore::new(MAX_REMOVES_IN_FLIGHT)),
@@ -601,6 +617,13 @@ impl ChunkWatch {
             }
             Op::Process => {
                 let slot = mine(&state.messages).ok_or_else(not_created)?;
+                // Its answer says whether the receiver let the chunks go.
+                let session = frame
+                    .field("session")
+                    .filter(|s| !s.is_empty() && s.len() <= MAX_KEY_LEN)
+                    .ok_or(
+                        "a message_cache process must be a call that is answered (with a session)",
+                    )?;
                 let verdict = state.messages.get(&slot).ok_or_else(not_created)?.verdict();
                 if let Err(refused) = verdict {
                     // Its chunks went through; its `process` will not.
@@ -609,7 +632,28 @@ impl ChunkWatch {
                     self.orphan(orphan.into_iter().collect());
                     return Err(refused);
                 }
-                let watched = state.drop_message(&slot).ok_or_else(not_created)?;
+                let watched = state.take(&slot).ok_or_else(not_created)?;
+                let processing = Processing {
+                    orphan: Orphan {
+                        receiver: slot.0.clone(),
+                        key: slot.1.clone(),
+                        sender: watched.sender.clone(),
+                        bytes: watched.bytes,
+                    },
+                    since: Instant::now(),
+                };
+                let answer = (target.to_string(), sender.to_string(), session.to_string());
+                match state.processing.insert(answer, processing) {
+                    // The same call again: the first is settled as if answered.
+                    Some(replaced) => {
+                        let o = replaced.orphan;
+                        state.release(&o.sender, &o.receiver, o.bytes);
+                    }
+                    None => {
+                        self.awaiting
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 Ok(Vetted {
                     call_session: watched.call_session(),
                     ..delivered(&slot, watched.namespaced)
@@ -621,6 +665,68 @@ impl ChunkWatch {
                 Ok(delivered(&slot, namespaced_key))
             }
         }
+    }
+
+    /// Whether any `process` answer is awaited (frames need not be looked at otherwise).
+    pub(crate) fn awaits_answers(&self) -> bool {
+        self.awaiting.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// Notes a frame from `from` to `to` calling `method`: the answer to a `process` settles
+    /// what its receiver (`from`) holds. Cheap when no answer is awaited.
+    pub(crate) fn answered(&self, from: &str, to: &str, method: Option<&str>) {
+        use std::sync::atomic::Ordering;
+        if self.awaiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let Some((session, outcome)) = method.and_then(|m| m.rsplit_once('.')) else {
+            return;
+        };
+        if outcome != "resolve" && outcome != "reject" {
+            return;
+        }
+        let mut state = self.lock();
+        let answer = (from.to_string(), to.to_string(), session.to_string());
+        let Some(settled) = state.processing.remove(&answer) else {
+            return;
+        };
+        self.awaiting.fetch_sub(1, Ordering::Relaxed);
+        let o = settled.orphan;
+        if outcome == "resolve" {
+            state.release(&o.sender, &o.receiver, o.bytes);
+        } else {
+            drop(state);
+            self.orphan(vec![o]);
+        }
+    }
+
+    /// Takes out what is awaited from `receiver` (it left: nothing to tell) and what waited
+    /// too long for its answer (its receiver is to remove it; a remove of what it already
+    /// deleted only makes it log an error).
+    fn settle_processing(&self, state: &mut State, receiver: Option<&str>) -> Vec<Orphan> {
+        let settled: Vec<Answer> = state
+            .processing
+            .iter()
+            .filter(|(answer, p)| {
+                Some(answer.0.as_str()) == receiver || p.since.elapsed() >= IDLE_LIMIT
+            })
+            .map(|(answer, _)| answer.clone())
+            .collect();
+        let mut told = Vec::new();
+        for answer in settled {
+            let Some(p) = state.processing.remove(&answer) else {
+                continue;
+            };
+            self.awaiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let o = p.orphan;
+            if Some(o.receiver.as_str()) == receiver {
+                state.release(&o.sender, &o.receiver, o.bytes);
+            } else {
+                told.push(o);
+            }
+        }
+        told
     }
 
     /// Forgets the messages of a client that left: those it sent (their receivers are to
@@ -641,6 +747,9 @@ impl ChunkWatch {
                 gone.extend(state.orphan(slot));
             }
         }
+        if !state.processing.is_empty() {
+            gone.extend(self.settle_processing(&mut state, Some(client)));
+        }
         drop(state);
         self.orphan(gone);
     }
@@ -648,7 +757,10 @@ impl ChunkWatch {
     /// Forgets the messages nobody touched for [`IDLE_LIMIT`] (their receivers are to remove
     /// them).
     pub(crate) fn sweep(&self) {
-        let idle = Self::sweep_locked(&mut self.lock());
+        let mut state = self.lock();
+        let mut idle = Self::sweep_locked(&mut state);
+        idle.extend(self.settle_processing(&mut state, None));
+        drop(state);
         self.orphan(idle);
     }
 
@@ -744,7 +856,10 @@ mod tests {
     use crate::rpc::value::{encode, obj};
     use rmpv::Value;
 
+    /// A `message_cache` call to `ws/alice`, under a session of its own.
     fn call(function: &str, args: Vec<Value>) -> Frame {
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let header = obj([
             ("type", "method".into()),
             ("to", "ws/alice".into()),
@@ -752,6 +867,7 @@ mod tests {
                 "method",
                 format!("services.built-in.message_cache.{function}").into(),
             ),
+            ("session", format!("call{n}").into()),
         ]);
         let mut data = encode(&header);
         data.extend(encode(&obj([("args", Value::Array(args))])));
@@ -1077,6 +1193,56 @@ mod tests {
         assert_eq!(orphans.len(), 1);
         assert_eq!(orphans[0].receiver, "ws/alice");
         assert!(orphans[0].key.starts_with("k~"));
+    }
+
+    #[test]
+    fn a_processed_message_is_charged_until_its_receiver_answers() {
+        let watch = ChunkWatch::default();
+        let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
+        let processed = |key: &str| {
+            let create = call("create", vec![key.into(), false.into()]);
+            vet(&watch, "ws/eve", &create).unwrap();
+            vet(&watch, "ws/eve", &set(key, 0, whole.clone())).unwrap();
+            let process = call("process", vec![key.into()]);
+            vet(&watch, "ws/eve", &process).unwrap();
+            process.field("session").unwrap().to_string()
+        };
+        // c is never answered.
+        let (ok, failed, _) = (processed("a"), processed("b"), processed("c"));
+        assert_eq!(watch.messages_of("ws/eve"), 3);
+        assert!(watch.awaits_answers());
+        // Answers from anyone else, or to anyone else, settle nothing.
+        watch.answered("ws/bob", "ws/eve", Some(&format!("{ok}.resolve")));
+        watch.answered("ws/alice", "ws/bob", Some(&format!("{ok}.resolve")));
+        watch.answered("ws/alice", "ws/eve", Some(&format!("{ok}.heartbeat")));
+        assert_eq!(watch.messages_of("ws/eve"), 3);
+        // Resolved: the receiver deleted the chunks. Rejected: it kept them, and is told.
+        watch.answered("ws/alice", "ws/eve", Some(&format!("{ok}.resolve")));
+        assert_eq!(watch.messages_of("ws/eve"), 2);
+        assert!(watch.take_orphans().is_empty());
+        watch.answered("ws/alice", "ws/eve", Some(&format!("{failed}.reject")));
+        let told = watch.take_orphans();
+        assert_eq!(told.len(), 1);
+        assert!(told[0].key.starts_with("b~"), "{told:?}");
+        assert_eq!(watch.messages_of("ws/eve"), 2);
+        watch.released(&told[0]);
+        // The receiver left before answering: nothing to tell, nothing held.
+        watch.forget("ws/alice");
+        assert_eq!(watch.messages_of("ws/eve"), 0);
+        assert!(!watch.awaits_answers());
+        assert!(watch.take_orphans().is_empty());
+        // A process that is not a call awaiting an answer is refused.
+        let create = call("create", vec!["d".into(), false.into()]);
+        vet(&watch, "ws/eve", &create).unwrap();
+        let mut data = encode(&obj([
+            ("type", "method".into()),
+            ("to", "ws/alice".into()),
+            ("method", "services.built-in.message_cache.process".into()),
+        ]));
+        data.extend(encode(&obj([("args", Value::Array(vec!["d".into()]))])));
+        let unanswered = Frame::parse(Bytes::from(data)).unwrap();
+        let refused = vet(&watch, "ws/eve", &unanswered).unwrap_err();
+        assert!(refused.0.contains("answered"), "{refused}");
     }
 
     /// Starts message `key` from `sender` to `target` and sends `pieces` chunks of `piece`

@@ -664,6 +664,8 @@ impl Hub {
             return Ok(Routed::Delivered);
         }
         self.inflight.observe(sender.addr, &target, &frame);
+        self.chunks
+            .answered(sender.addr, &target, frame.field("method"));
         let sent = match self.send_local(&target, Outbound::Binary(out)).await {
             Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
                 self.send_elsewhere(&target, data).await

@@ -128,6 +128,14 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
 /// Notes the call a frame for `to` opens, answers or keeps alive.
 fn observe(state: &AppState, to: &str, data: &Bytes) {
     note_call(&state.hub.inflight, to, data);
+    // The answer to a chunked message's `process` settles what its receiver holds (the
+    // message was vetted here, where its sender is).
+    if state.hub.chunks.awaits_answers() {
+        let fields = CallFields::of_trusted(data);
+        if let Some(from) = fields.from {
+            state.hub.chunks.answered(from, to, fields.method);
+        }
+    }
 }
 
 /// What a frame from another instance for `to` does to the calls tracked here.

@@ -246,6 +246,31 @@ def test_a_receiver_that_reconnects_assembles_only_what_the_server_saw(server):
     run(main())
 
 
+def test_a_receiver_that_fails_to_process_a_message_is_told_to_drop_it(server):
+    async def main():
+        alice, calls, ws, target = await vault_and_stranger(server, "alice-fp", "mallory-fp")
+        cache = "services.built-in.message_cache."
+        # Number keys: the JavaScript clients read them, the Python client's decoder refuses
+        # them, and its process then fails before it deletes the chunks.
+        message = msgpack.packb({"type": "method", "method": "services.vault.reveal", "session": "m5"})
+        message += msgpack.packb({"args": [{1: "one"}], "promise": "*", "t": 10})
+        await raw_call(ws, target, cache + "create", ["k5", False], "c5")
+        await raw_call(ws, target, cache + "append", ["k5", message, False], "a5")
+        with pytest.raises(RuntimeError, match="int is not allowed for map key"):
+            await raw_call(ws, target, cache + "process", ["k5", False], "p5")
+
+        # The server saw the reject go back: the receiver is told to remove what it kept.
+        async def alice_holds_nothing():
+            return not alice.rpc._object_store.get("message_cache")
+
+        await wait_for(alice_holds_nothing, 10, "alice's client to drop the message it failed to process")
+        assert calls == []
+        await ws.close()
+        await alice.disconnect()
+
+    run(main())
+
+
 def test_client_log_lines_cannot_be_forged_or_flood_the_log():
     server = Server().start()
     try:
