@@ -1832,3 +1832,96 @@ async fn one_login_key_holds_one_waiting_check() {
     );
     still_works(&app).await;
 }
+
+#[tokio::test]
+async fn a_session_awaiting_a_chunked_process_answer_is_that_calls_alone() {
+    let app = spawn_app(|_| {}).await;
+    let (mut mallory, _) = connect(&app, "mallory").await;
+    let (mut alice, alice_info) = connect(&app, "alice").await;
+    let target = format!("{}/alice", alice_info["workspace"].as_str().unwrap());
+    let cache = |f: &str| format!("services.built-in.message_cache.{f}");
+    // Sends a call under `session`; alice (a raw client) does not answer it.
+    async fn send(
+        mallory: &mut Socket,
+        target: &str,
+        method: &str,
+        session: &str,
+        args: Vec<Value>,
+    ) {
+        let header = map(&[
+            ("type", "method".into()),
+            ("to", target.into()),
+            ("method", method.into()),
+            ("session", session.into()),
+        ]);
+        let body = map(&[("args", Value::Array(args)), ("promise", "*".into())]);
+        mallory
+            .send(Message::Binary(frame(&header, Some(&body)).into()))
+            .await
+            .unwrap();
+    }
+    let message = frame(
+        &map(&[("type", "method".into()), ("method", "services.s.f".into())]),
+        Some(&map(&[("args", Value::Array(vec![]))])),
+    );
+    let chunk = |key: &str| {
+        vec![
+            key.into(),
+            0.into(),
+            Value::Binary(message.clone()),
+            false.into(),
+        ]
+    };
+    // (method, session, arguments, refused): alice (a raw client) answers nothing.
+    let steps: Vec<(String, &str, Vec<Value>, bool)> = vec![
+        (
+            cache("create"),
+            "c1",
+            vec!["k1".into(), false.into()],
+            false,
+        ),
+        (cache("set"), "s1", chunk("k1"), false),
+        (
+            cache("create"),
+            "c2",
+            vec!["k2".into(), false.into()],
+            false,
+        ),
+        (cache("set"), "s2", chunk("k2"), false),
+        // A call alice has not answered yet, then a process under its session.
+        ("services.built-in.ping".into(), "shared", vec![], false),
+        (
+            cache("process"),
+            "shared",
+            vec!["k1".into(), false.into()],
+            true,
+        ),
+        // A process, then another call under its session.
+        (
+            cache("process"),
+            "p2",
+            vec!["k2".into(), false.into()],
+            false,
+        ),
+        ("services.built-in.ping".into(), "p2", vec![], true),
+    ];
+    for (method, session, args, refused) in steps {
+        send(&mut mallory, &target, &method, session, args).await;
+        if refused {
+            let error = answer(&mut mallory, session).await.unwrap_err();
+            assert!(
+                error.contains("in use by another call"),
+                "{method}: {error}"
+            );
+        } else {
+            let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
+            assert!(delivered.is_some(), "{method} under {session}");
+        }
+    }
+    assert!(
+        next_frame(&mut alice, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    still_works(&app).await;
+}

@@ -47,6 +47,8 @@ const MAX_ORPHANS: usize = 1 << 16;
 const MAX_REMOVES_IN_FLIGHT: usize = 256;
 /// A message not touched for this long is forgotten (its `process` is then refused).
 const IDLE_LIMIT: Duration = Duration::from_secs(600);
+/// A `process` not answered in this long is taken as failed (the receiver answers at once).
+const ANSWER_LIMIT: Duration = Duration::from_secs(60);
 const MAX_KEY_LEN: usize = 256;
 /// The main message (the routing header) of a chunked message is kept up to this size, to
 /// read the session its receiver may answer under.
@@ -214,7 +216,8 @@ pub(crate) struct Orphan {
     pub receiver: String,
     /// The key as delivered.
     pub key: String,
-    sender: String,
+    /// Its sender, while it is still charged for it (a processed message no longer is).
+    sender: Option<String>,
     bytes: u64,
 }
 
@@ -251,6 +254,12 @@ impl State {
 
     /// Releases one message of `sender` and its `bytes` at `receiver`.
     fn release(&mut self, sender: &str, receiver: &str, bytes: u64) {
+        self.release_sender(sender, bytes);
+        self.release_receiver(receiver, bytes);
+    }
+
+    /// Releases one message of `sender` and its `bytes`.
+    fn release_sender(&mut self, sender: &str, bytes: u64) {
         if let Some(held) = self.senders.get_mut(sender) {
             held.messages = held.messages.saturating_sub(1);
             held.bytes = held.bytes.saturating_sub(bytes);
@@ -258,6 +267,10 @@ impl State {
                 self.senders.remove(sender);
             }
         }
+    }
+
+    /// Releases `bytes` that `receiver` held.
+    fn release_receiver(&mut self, receiver: &str, bytes: u64) {
         if let Some(held) = self.receivers.get_mut(receiver) {
             *held = held.saturating_sub(bytes);
             if *held == 0 {
@@ -279,7 +292,7 @@ impl State {
         Some(Orphan {
             receiver: slot.0,
             key: slot.1,
-            sender: watched.sender,
+            sender: Some(watched.sender),
             bytes: watched.bytes,
         })
     }
@@ -562,6 +575,7 @@ impl ChunkWatch {
                 let at_receiver = state.receivers.get(target).copied().unwrap_or(0);
                 let slot = mine(&state.messages).ok_or_else(not_created)?;
                 let watched = state.messages.get_mut(&slot).ok_or_else(not_created)?;
+                heartbeat_flag(&args, if op == Op::Append { 2 } else { 3 }, watched)?;
                 watched.touched = Instant::now();
                 let room = MAX_EARLY_BYTES_PER_SENDER.saturating_sub(held.early);
                 let max_bytes = if anonymous {
@@ -624,7 +638,13 @@ impl ChunkWatch {
                     .ok_or(
                         "a message_cache process must be a call that is answered (with a session)",
                     )?;
-                let verdict = state.messages.get(&slot).ok_or_else(not_created)?.verdict();
+                let answer = (target.to_string(), sender.to_string(), session.to_string());
+                if state.processing.contains_key(&answer) {
+                    return Err("this session already awaits the answer to another process".into());
+                }
+                let watched = state.messages.get(&slot).ok_or_else(not_created)?;
+                heartbeat_flag(&args, 1, watched)?;
+                let verdict = watched.verdict();
                 if let Err(refused) = verdict {
                     // Its chunks went through; its `process` will not.
                     let orphan = state.orphan(slot);
@@ -632,28 +652,21 @@ impl ChunkWatch {
                     self.orphan(orphan.into_iter().collect());
                     return Err(refused);
                 }
+                // The sender is done with it; what its receiver holds stays counted there.
                 let watched = state.take(&slot).ok_or_else(not_created)?;
+                state.release_sender(&watched.sender, watched.bytes);
                 let processing = Processing {
                     orphan: Orphan {
                         receiver: slot.0.clone(),
                         key: slot.1.clone(),
-                        sender: watched.sender.clone(),
+                        sender: None,
                         bytes: watched.bytes,
                     },
                     since: Instant::now(),
                 };
-                let answer = (target.to_string(), sender.to_string(), session.to_string());
-                match state.processing.insert(answer, processing) {
-                    // The same call again: the first is settled as if answered.
-                    Some(replaced) => {
-                        let o = replaced.orphan;
-                        state.release(&o.sender, &o.receiver, o.bytes);
-                    }
-                    None => {
-                        self.awaiting
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
+                state.processing.insert(answer, processing);
+                self.awaiting
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Vetted {
                     call_session: watched.call_session(),
                     ..delivered(&slot, watched.namespaced)
@@ -665,6 +678,17 @@ impl ChunkWatch {
                 Ok(delivered(&slot, namespaced_key))
             }
         }
+    }
+
+    /// Whether `receiver` owes `sender` the answer to a `process` under `session`: no other call
+    /// may use that session, or its answer would settle the message.
+    pub(crate) fn awaits(&self, receiver: &str, sender: &str, session: &str) -> bool {
+        self.awaits_answers()
+            && self.lock().processing.contains_key(&(
+                receiver.to_string(),
+                sender.to_string(),
+                session.to_string(),
+            ))
     }
 
     /// Whether any `process` answer is awaited (frames need not be looked at otherwise).
@@ -693,7 +717,7 @@ impl ChunkWatch {
         self.awaiting.fetch_sub(1, Ordering::Relaxed);
         let o = settled.orphan;
         if outcome == "resolve" {
-            state.release(&o.sender, &o.receiver, o.bytes);
+            state.release_receiver(&o.receiver, o.bytes);
         } else {
             drop(state);
             self.orphan(vec![o]);
@@ -708,7 +732,7 @@ impl ChunkWatch {
             .processing
             .iter()
             .filter(|(answer, p)| {
-                Some(answer.0.as_str()) == receiver || p.since.elapsed() >= IDLE_LIMIT
+                Some(answer.0.as_str()) == receiver || p.since.elapsed() >= ANSWER_LIMIT
             })
             .map(|(answer, _)| answer.clone())
             .collect();
@@ -721,7 +745,7 @@ impl ChunkWatch {
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let o = p.orphan;
             if Some(o.receiver.as_str()) == receiver {
-                state.release(&o.sender, &o.receiver, o.bytes);
+                state.release_receiver(&o.receiver, o.bytes);
             } else {
                 told.push(o);
             }
@@ -813,7 +837,10 @@ impl ChunkWatch {
     pub(crate) fn released(&self, orphan: &Orphan) {
         let mut state = self.lock();
         // Its early chunks were released when it was forgotten.
-        state.release(&orphan.sender, &orphan.receiver, orphan.bytes);
+        if let Some(sender) = &orphan.sender {
+            state.release_sender(sender, orphan.bytes);
+        }
+        state.release_receiver(&orphan.receiver, orphan.bytes);
     }
 
     /// Waits until a message is forgotten unprocessed.
@@ -841,6 +868,20 @@ impl ChunkWatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Checks the `heartbeat` argument at `at` of a call about `watched`: true exactly for a
+/// chunked answer. The clients look a true one up as a session of theirs and throw when there
+/// is none, which would leave the chunks with them.
+fn heartbeat_flag(args: &CallArgs<'_>, at: usize, watched: &Watched) -> Result<(), ChunkRefusal> {
+    if args.flag(at) == watched.namespaced {
+        return Err(format!(
+            "a message_cache call's heartbeat argument must be {} for this message",
+            !watched.namespaced
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The manager's call that tells `target` to remove the chunks it holds under `key`.
@@ -1199,41 +1240,48 @@ mod tests {
     fn a_processed_message_is_charged_until_its_receiver_answers() {
         let watch = ChunkWatch::default();
         let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
+        let held = || watch.lock().receivers.get("ws/alice").copied().unwrap_or(0);
         let processed = |key: &str| {
             let create = call("create", vec![key.into(), false.into()]);
             vet(&watch, "ws/eve", &create).unwrap();
             vet(&watch, "ws/eve", &set(key, 0, whole.clone())).unwrap();
-            let process = call("process", vec![key.into()]);
+            let process = call("process", vec![key.into(), false.into()]);
             vet(&watch, "ws/eve", &process).unwrap();
             process.field("session").unwrap().to_string()
         };
         // c is never answered.
         let (ok, failed, _) = (processed("a"), processed("b"), processed("c"));
-        assert_eq!(watch.messages_of("ws/eve"), 3);
-        assert!(watch.awaits_answers());
+        let one = whole.len() as u64;
+        // The sender is done with them; the receiver holds them until it answers.
+        assert_eq!(watch.messages_of("ws/eve"), 0);
+        assert_eq!(held(), 3 * one);
+        assert!(watch.awaits("ws/alice", "ws/eve", &ok));
         // Answers from anyone else, or to anyone else, settle nothing.
         watch.answered("ws/bob", "ws/eve", Some(&format!("{ok}.resolve")));
         watch.answered("ws/alice", "ws/bob", Some(&format!("{ok}.resolve")));
         watch.answered("ws/alice", "ws/eve", Some(&format!("{ok}.heartbeat")));
-        assert_eq!(watch.messages_of("ws/eve"), 3);
+        assert_eq!(held(), 3 * one);
         // Resolved: the receiver deleted the chunks. Rejected: it kept them, and is told.
         watch.answered("ws/alice", "ws/eve", Some(&format!("{ok}.resolve")));
-        assert_eq!(watch.messages_of("ws/eve"), 2);
+        assert_eq!(held(), 2 * one);
         assert!(watch.take_orphans().is_empty());
         watch.answered("ws/alice", "ws/eve", Some(&format!("{failed}.reject")));
         let told = watch.take_orphans();
         assert_eq!(told.len(), 1);
         assert!(told[0].key.starts_with("b~"), "{told:?}");
-        assert_eq!(watch.messages_of("ws/eve"), 2);
+        assert_eq!(held(), 2 * one);
         watch.released(&told[0]);
+        assert_eq!(held(), one);
         // The receiver left before answering: nothing to tell, nothing held.
         watch.forget("ws/alice");
-        assert_eq!(watch.messages_of("ws/eve"), 0);
+        assert_eq!(held(), 0);
         assert!(!watch.awaits_answers());
         assert!(watch.take_orphans().is_empty());
-        // A process that is not a call awaiting an answer is refused.
+        // A process that is not a call awaiting an answer is refused, and so is one under a
+        // session that already awaits another's answer (its answer would settle both).
         let create = call("create", vec!["d".into(), false.into()]);
         vet(&watch, "ws/eve", &create).unwrap();
+        vet(&watch, "ws/eve", &set("d", 0, whole.clone())).unwrap();
         let mut data = encode(&obj([
             ("type", "method".into()),
             ("to", "ws/alice".into()),
@@ -1243,6 +1291,63 @@ mod tests {
         let unanswered = Frame::parse(Bytes::from(data)).unwrap();
         let refused = vet(&watch, "ws/eve", &unanswered).unwrap_err();
         assert!(refused.0.contains("answered"), "{refused}");
+        let first = call("process", vec!["d".into(), false.into()]);
+        vet(&watch, "ws/eve", &first).unwrap();
+        vet(&watch, "ws/eve", &create).unwrap();
+        vet(&watch, "ws/eve", &set("d", 0, whole.clone())).unwrap();
+        let refused = vet(&watch, "ws/eve", &first).unwrap_err();
+        assert!(refused.0.contains("already awaits"), "{refused}");
+    }
+
+    /// Starts message `key` from `ws/eve` to `ws/alice`.
+    fn created(watch: &ChunkWatch, key: &str) {
+        let create = call("create", vec![key.into(), false.into()]);
+        vet(watch, "ws/eve", &create).unwrap();
+    }
+
+    #[test]
+    fn the_heartbeat_flag_says_whether_the_message_is_an_answer() {
+        // The clients look a true heartbeat up as a session of theirs and throw without one,
+        // keeping the chunks: a sender's message takes false, an answer true.
+        let watch = ChunkWatch::default();
+        created(&watch, "k");
+        let append = |flag: bool| {
+            call(
+                "append",
+                vec!["k".into(), Value::Binary(vec![0x80]), flag.into()],
+            )
+        };
+        let refused = vet(&watch, "ws/eve", &append(true)).unwrap_err();
+        assert!(
+            refused.0.contains("heartbeat argument must be false"),
+            "{refused}"
+        );
+        created(&watch, "k");
+        vet(&watch, "ws/eve", &append(false)).unwrap();
+        let refused = vet(
+            &watch,
+            "ws/eve",
+            &call("process", vec!["k".into(), true.into()]),
+        )
+        .unwrap_err();
+        assert!(refused.0.contains("heartbeat"), "{refused}");
+        let answer = call("create", vec!["sess".into(), true.into()]);
+        watch
+            .vet("ws/eve", false, "ws/alice", &answer, |s| s == "sess")
+            .unwrap();
+        let set = call(
+            "set",
+            vec![
+                "sess".into(),
+                0.into(),
+                Value::Binary(vec![0x80]),
+                false.into(),
+            ],
+        );
+        let refused = watch
+            .vet("ws/eve", false, "ws/alice", &set, |s| s == "sess")
+            .unwrap_err();
+        assert!(refused.0.contains("must be true"), "{refused}");
     }
 
     /// Starts message `key` from `sender` to `target` and sends `pieces` chunks of `piece`

@@ -613,6 +613,17 @@ impl Hub {
         if target_client.is_empty() || target_ws.is_empty() || target_client.contains('/') {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         }
+        // A session awaiting the answer to a chunked message's `process` is that call's alone:
+        // another call's answer under it would settle the message in its place.
+        if let Some(session) = frame.field("session")
+            && (self.chunks.awaits(&target, sender.addr, session)
+                || (frame.field("method") == Some("services.built-in.message_cache.process")
+                    && self.inflight.awaits_answer(sender.addr, session, &target)))
+        {
+            let error = "this session is in use by another call to the same client".to_string();
+            let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
+            return Ok(Routed::Refused { error, reject });
+        }
         // The clients merge the body over the header the server wrote, so a body may not
         // carry the fields the server sets; and what a chunked message will assemble into is
         // vetted the same way as it passes.
