@@ -425,28 +425,28 @@ impl CallArgs<'_> {
     /// key that the server never saw or has forgotten (the clients keep their cache across a
     /// reconnect); kept, they would be assembled with the ones the server scans.
     fn with_fresh_create(&self, key: &str, answer: bool) -> Bytes {
-        let base = self.body.as_ptr() as usize;
-        let start = self.args.as_ptr() as usize - base;
-        let end = start + self.args.len();
-        let mut out = Vec::with_capacity(self.body.len() + key.len() + 8);
-        out.extend_from_slice(&self.body[..start]);
-        let _ = rmp::encode::write_array_len(&mut out, 3);
-        let _ = rmp::encode::write_str(&mut out, key);
-        let _ = rmp::encode::write_bool(&mut out, answer);
-        let _ = rmp::encode::write_bool(&mut out, true);
-        out.extend_from_slice(&self.body[end..]);
-        Bytes::from(out)
+        self.replacing(self.args, |out| {
+            let _ = rmp::encode::write_array_len(&mut *out, 3);
+            let _ = rmp::encode::write_str(&mut *out, key);
+            let _ = rmp::encode::write_bool(&mut *out, answer);
+            let _ = rmp::encode::write_bool(out, true);
+        })
     }
 
     /// The body with the key (the first argument) replaced.
     fn with_key(&self, key: &str) -> Bytes {
-        let base = self.body.as_ptr() as usize;
-        let first = self.items[0];
-        let start = first.as_ptr() as usize - base;
-        let end = start + first.len();
+        self.replacing(self.items[0], |out| {
+            let _ = rmp::encode::write_str(out, key);
+        })
+    }
+
+    /// The body with `part` (a slice of it) replaced by what `write` writes.
+    fn replacing(&self, part: &[u8], write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        let start = part.as_ptr() as usize - self.body.as_ptr() as usize;
+        let end = start + part.len();
         let mut out = Vec::with_capacity(self.body.len() + 32);
         out.extend_from_slice(&self.body[..start]);
-        let _ = rmp::encode::write_str(&mut out, key);
+        write(&mut out);
         out.extend_from_slice(&self.body[end..]);
         Bytes::from(out)
     }

@@ -107,6 +107,12 @@ enum Payload {
     Timestamp,
 }
 
+/// Whether an item's head (marker and length bytes) is a timestamp's: an extension, whose type
+/// (the last byte of its head) is -1.
+fn is_timestamp(head: &[u8]) -> bool {
+    matches!(head.first(), Some(0xc7..=0xc9 | 0xd4..=0xd8)) && head.last() == Some(&0xff)
+}
+
 /// Whether a timestamp's payload (extension type -1) holds nanoseconds the Python clients
 /// refuse (10^9 or more): the top 30 bits of the 8-byte form, the first 32 of the 12-byte one.
 fn nanos_out_of_range(payload: &[u8]) -> bool {
@@ -461,7 +467,7 @@ impl Scanner {
     fn head_ready(&mut self) -> Result<(), ScanError> {
         let parsed = item(&self.head[..self.head_len]);
         let marker = self.head[0];
-        let type_byte = self.head[self.head_len - 1];
+        let timestamp = is_timestamp(&self.head[..self.head_len]);
         self.head_len = 0;
         let watched_top = self.watch == Some(self.objects) && self.stack.is_empty();
         // The item right after a top-level `type` key is its value.
@@ -480,8 +486,7 @@ impl Scanner {
                 self.type_not_text = true;
             }
             if let Item::Bytes { len, .. } = parsed
-                && matches!(marker, 0xc7..=0xc9 | 0xd4..=0xd8)
-                && type_byte == 0xff
+                && timestamp
                 && !matches!(len, 4 | 8 | 12)
             {
                 return Err(ScanError::Timestamp(len));
@@ -500,7 +505,6 @@ impl Scanner {
                     self.watched_is_map = Some(false);
                 }
                 self.count(len)?;
-                let timestamp = matches!(marker, 0xc7..=0xc9 | 0xd4..=0xd8) && type_byte == 0xff;
                 self.payload = if self.clients && timestamp && len >= 8 {
                     Payload::Timestamp
                 } else if !is_str {
@@ -766,9 +770,7 @@ fn walk<const CLIENTS: bool>(data: &[u8], limits: Limits) -> Result<Scanned, Sca
                     if at_key && payload == b"__proto__" {
                         return Err(ScanError::ProtoKey);
                     }
-                    // An extension's type is the last byte of its head; -1 is a timestamp.
-                    let timestamp =
-                        matches!(marker, 0xc7..=0xc9 | 0xd4..=0xd8) && head.last() == Some(&0xff);
+                    let timestamp = is_timestamp(head);
                     if timestamp && !matches!(len, 4 | 8 | 12) {
                         return Err(ScanError::Timestamp(len));
                     }
