@@ -19,6 +19,8 @@ pub struct Metrics {
     pub connections: Gauge,
     pub http_streams: Gauge,
     pub services: Gauge,
+    pub chunked_messages: Gauge,
+    pub chunked_answers_awaited: Gauge,
     pub bus_up: Gauge,
     pub demo_viewers: Gauge,
     pub probe_up: Gauge,
@@ -33,6 +35,8 @@ impl Metrics {
             connections: Gauge::default(),
             http_streams: Gauge::default(),
             services: Gauge::default(),
+            chunked_messages: Gauge::default(),
+            chunked_answers_awaited: Gauge::default(),
             bus_up: Gauge::default(),
             demo_viewers: Gauge::default(),
             probe_up: Gauge::default(),
@@ -50,6 +54,16 @@ impl Metrics {
             metrics.http_streams.clone(),
         );
         r.register("services", "Registered services", metrics.services.clone());
+        r.register(
+            "chunked_messages",
+            "Chunked messages between clients being relayed and read now",
+            metrics.chunked_messages.clone(),
+        );
+        r.register(
+            "chunked_answers_awaited",
+            "Processed chunked messages whose receiver has not answered the process yet (it holds their chunks until it does)",
+            metrics.chunked_answers_awaited.clone(),
+        );
         r.register(
             "routed_messages",
             "Frames routed between clients",

@@ -1834,94 +1834,190 @@ async fn one_login_key_holds_one_waiting_check() {
 }
 
 #[tokio::test]
-async fn a_session_awaiting_a_chunked_process_answer_is_that_calls_alone() {
+async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
+    // The answer to a chunked message's `process` tells the server whether the receiver let
+    // the chunks go. A sender that knew the session it goes under could hand the receiver a
+    // callback of that name in some other call and settle the message early.
     let app = spawn_app(|_| {}).await;
-    let (mut mallory, _) = connect(&app, "mallory").await;
+    let (mut mallory, mallory_info) = connect(&app, "mallory").await;
     let (mut alice, alice_info) = connect(&app, "alice").await;
-    let target = format!("{}/alice", alice_info["workspace"].as_str().unwrap());
+    let (mut bob, bob_info) = connect(&app, "bob").await;
+    let ws = |info: &serde_json::Value| info["workspace"].as_str().unwrap().to_string();
+    let (mallory_addr, alice_addr, bob_addr) = (
+        format!("{}/mallory", ws(&mallory_info)),
+        format!("{}/alice", ws(&alice_info)),
+        format!("{}/bob", ws(&bob_info)),
+    );
     let cache = |f: &str| format!("services.built-in.message_cache.{f}");
-    // Sends a call under `session`; alice (a raw client) does not answer it.
-    async fn send(
-        mallory: &mut Socket,
-        target: &str,
-        method: &str,
-        session: &str,
-        args: Vec<Value>,
-    ) {
-        let header = map(&[
+    let callback = |session: &str, name: &str| {
+        map(&[
+            ("_rtype", "method".into()),
+            ("_rtarget", mallory_addr.as_str().into()),
+            ("_rmethod", format!("{session}.{name}").into()),
+            ("_rpromise", false.into()),
+        ])
+    };
+    let promise = |session: &str| {
+        map(&[
+            ("heartbeat", callback(session, "heartbeat")),
+            ("interval", 15.0.into()),
+            ("resolve", callback(session, "resolve")),
+            ("reject", callback(session, "reject")),
+        ])
+    };
+    let call = |to: &str, method: &str, session: Option<&str>, body: rmpv::Value| {
+        let mut header = vec![
             ("type", "method".into()),
-            ("to", target.into()),
+            ("to", to.into()),
             ("method", method.into()),
-            ("session", session.into()),
-        ]);
-        let body = map(&[("args", Value::Array(args)), ("promise", "*".into())]);
-        mallory
-            .send(Message::Binary(frame(&header, Some(&body)).into()))
-            .await
-            .unwrap();
-    }
+        ];
+        if let Some(session) = session {
+            header.push(("session", session.into()));
+        }
+        Message::Binary(frame(&map(&header), Some(&body)).into())
+    };
     let message = frame(
         &map(&[("type", "method".into()), ("method", "services.s.f".into())]),
-        Some(&map(&[("args", Value::Array(vec![]))])),
+        Some(&map(&[("args", rmpv::Value::Array(vec![]))])),
     );
-    let chunk = |key: &str| {
-        vec![
-            key.into(),
-            0.into(),
-            Value::Binary(message.clone()),
-            false.into(),
+    // Mallory sends alice the chunks of message `key` (each delivered), not processed yet.
+    let chunks = |key: &str| {
+        [
+            ("create", vec![key.into(), false.into()]),
+            (
+                "set",
+                vec![
+                    key.into(),
+                    0.into(),
+                    rmpv::Value::Binary(message.clone()),
+                    false.into(),
+                ],
+            ),
         ]
+        .map(|(method, args)| {
+            let body = map(&[("args", rmpv::Value::Array(args))]);
+            call(&alice_addr, &cache(method), None, body)
+        })
     };
-    // (method, session, arguments, refused): alice (a raw client) answers nothing.
-    let steps: Vec<(String, &str, Vec<Value>, bool)> = vec![
-        (
-            cache("create"),
-            "c1",
-            vec!["k1".into(), false.into()],
-            false,
-        ),
-        (cache("set"), "s1", chunk("k1"), false),
-        (
-            cache("create"),
-            "c2",
-            vec!["k2".into(), false.into()],
-            false,
-        ),
-        (cache("set"), "s2", chunk("k2"), false),
-        // A call alice has not answered yet, then a process under its session.
-        ("services.built-in.ping".into(), "shared", vec![], false),
-        (
-            cache("process"),
-            "shared",
-            vec!["k1".into(), false.into()],
-            true,
-        ),
-        // A process, then another call under its session.
-        (
-            cache("process"),
-            "p2",
-            vec!["k2".into(), false.into()],
-            false,
-        ),
-        ("services.built-in.ping".into(), "p2", vec![], true),
-    ];
-    for (method, session, args, refused) in steps {
-        send(&mut mallory, &target, &method, session, args).await;
-        if refused {
-            let error = answer(&mut mallory, session).await.unwrap_err();
-            assert!(
-                error.contains("in use by another call"),
-                "{method}: {error}"
-            );
-        } else {
-            let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
-            assert!(delivered.is_some(), "{method} under {session}");
-        }
+    for chunk in chunks("k") {
+        mallory.send(chunk).await.unwrap();
+        let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
+        assert!(delivered.is_some());
     }
+    let body = map(&[
+        ("args", rmpv::Value::Array(vec!["k".into(), false.into()])),
+        ("promise", promise("p1")),
+    ]);
+    mallory
+        .send(call(&alice_addr, &cache("process"), Some("p1"), body))
+        .await
+        .unwrap();
+    let (header, body) = next_frame(&mut alice, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let text = |v: Option<&rmpv::Value>| v.and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let key = text(
+        field(&body, "args")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first()),
+    );
+    let server = text(field(&header, "session"));
+    assert!(server.starts_with('~') && server != "p1", "{header}");
+    let delivered = field(&body, "promise").unwrap();
+    for name in ["resolve", "reject", "heartbeat"] {
+        let method = text(field(field(delivered, name).unwrap(), "_rmethod"));
+        assert_eq!(method, format!("{server}.{name}"));
+    }
+    // Alice calls back as a client does: method `<session>.heartbeat`, parent `<session>`.
+    let from_alice = |method: String, to: &str| {
+        let header = map(&[
+            ("type", "method".into()),
+            ("to", to.into()),
+            ("method", method.into()),
+            ("parent", server.as_str().into()),
+        ]);
+        let body = map(&[("args", rmpv::Value::Array(vec![rmpv::Value::Nil]))]);
+        Message::Binary(frame(&header, Some(&body)).into())
+    };
+    alice
+        .send(from_alice(format!("{server}.heartbeat"), &mallory_addr))
+        .await
+        .unwrap();
+    let (header, _) = next_frame(&mut mallory, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(text(field(&header, "method")), "p1.heartbeat");
+    assert_eq!(text(field(&header, "parent")), "p1");
+    // The trick: alice calls `p1.resolve` (a callback mallory handed her). It reaches
+    // mallory, and settles nothing.
+    let trick = map(&[
+        ("type", "method".into()),
+        ("to", mallory_addr.as_str().into()),
+        ("method", "p1.resolve".into()),
+    ]);
+    let body = map(&[("args", rmpv::Value::Array(vec![rmpv::Value::Nil]))]);
+    alice
+        .send(Message::Binary(frame(&trick, Some(&body)).into()))
+        .await
+        .unwrap();
+    let (header, _) = next_frame(&mut mallory, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(text(field(&header, "method")), "p1.resolve");
+    // The server's session sent anywhere but to the sender never leaves the server.
+    alice
+        .send(from_alice(format!("{server}.resolve"), &bob_addr))
+        .await
+        .unwrap();
     assert!(
-        next_frame(&mut alice, Duration::from_millis(200))
+        next_frame(&mut bob, Duration::from_millis(300))
             .await
             .is_none()
     );
+    // The real answer: a reject (the receiver kept the chunks). Mallory is told under its own
+    // session, and alice is told to remove the message: it was still awaited.
+    alice
+        .send(from_alice(format!("{server}.reject"), &mallory_addr))
+        .await
+        .unwrap();
+    let (header, _) = next_frame(&mut mallory, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(text(field(&header, "method")), "p1.reject");
+    let (header, body) = next_frame(&mut alice, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(text(field(&header, "method")), cache("remove"));
+    let removed = text(
+        field(&body, "args")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first()),
+    );
+    assert_eq!(removed, key);
+    // A process whose promise names another session is refused.
+    for chunk in chunks("k2") {
+        mallory.send(chunk).await.unwrap();
+        let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
+        assert!(delivered.is_some());
+    }
+    let mut forged = promise("p2");
+    if let rmpv::Value::Map(entries) = &mut forged {
+        entries.push(("resolve".into(), callback("elsewhere", "resolve")));
+    }
+    let body = map(&[
+        ("args", rmpv::Value::Array(vec!["k2".into(), false.into()])),
+        ("promise", forged),
+    ]);
+    mallory
+        .send(call(&alice_addr, &cache("process"), Some("p2"), body))
+        .await
+        .unwrap();
+    let error = answer(&mut mallory, "p2").await.unwrap_err();
+    assert!(error.contains("promise"), "{error}");
+    // ...and alice told to drop what she got of it.
+    let (header, _) = next_frame(&mut alice, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(text(field(&header, "method")), cache("remove"));
     still_works(&app).await;
 }

@@ -25,6 +25,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     m.connections.set(count(state.hub.connection_count()));
     m.http_streams.set(count(state.streams.len()));
     m.services.set(count(state.registry.len()));
+    m.chunked_messages.set(count(state.hub.chunks.len()));
+    m.chunked_answers_awaited
+        .set(count(state.hub.chunks.answers_awaited()));
     m.bus_up.set(i64::from(state.hub.bus().is_up()));
     m.demo_viewers.set(count(state.demo.viewers()));
     if let Some(probe) = state.ice.probe() {

@@ -17,9 +17,11 @@
 //! when the server forgets a message that was not processed (its sender left, it went idle,
 //! its `process` was refused, or its receiver rejected the `process`: it then keeps the
 //! chunks) the receiver is told to remove it ([`ChunkWatch::take_orphans`]), the bytes staying
-//! charged until it has been. A processed message stays charged until its receiver answers.
+//! charged until it has been. A processed message stays charged until its receiver answers,
+//! and the `process` goes out under a session of the server's choosing, so that only that
+//! answer settles it ([`ChunkWatch::restore`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,15 @@ const MAX_REMOVES_IN_FLIGHT: usize = 256;
 const IDLE_LIMIT: Duration = Duration::from_secs(600);
 /// A `process` not answered in this long is taken as failed (the receiver answers at once).
 const ANSWER_LIMIT: Duration = Duration::from_secs(60);
+/// `process` answers one receiver may owe at once: each is kept for up to [`ANSWER_LIMIT`],
+/// and a receiver that answers (any unmodified client) owes them for a moment only.
+pub const MAX_AWAITED_PER_RECEIVER: usize = 1024;
+/// What starts a session the server chose for a `process` call (the clients' own sessions
+/// are alphanumeric): frames without it are not looked up.
+const SERVER_SESSION_MARK: char = '~';
+/// The header fields that may name a `process` call's session in its receiver's frames to the
+/// sender: the answer's `method` (`<session>.resolve`), its `parent`, a notice's `session`.
+const SESSION_FIELDS: [&str; 3] = ["method", "parent", "session"];
 const MAX_KEY_LEN: usize = 256;
 /// The main message (the routing header) of a chunked message is kept up to this size, to
 /// read the session its receiver may answer under.
@@ -224,18 +235,28 @@ pub(crate) struct Orphan {
 /// A message whose `process` was delivered: its receiver deletes the chunks only once firing
 /// it went through, so it stays charged until the receiver answers the `process` call
 /// (`resolve`: released; `reject`: the receiver is told to remove it).
+///
+/// The call is delivered under a session the server chose (kept by it, in
+/// [`State::processing`]), and the receiver's frames to the sender naming it are given the
+/// sender's own back: the sender never learns it, so it cannot get the receiver to call
+/// `<session>.resolve` some other way and settle the message before the receiver is done.
 struct Processing {
+    /// The receiver (who owes the answer) and the key it holds the chunks under.
     orphan: Orphan,
+    /// Who sent the `process` call.
+    sender: String,
+    /// The session the sender chose for it.
+    session: String,
     since: Instant,
 }
-
-/// (receiver, sender, session of the `process` call): where its answer is awaited.
-type Answer = (String, String, String);
 
 #[derive(Default)]
 struct State {
     messages: HashMap<Key, Watched>,
-    processing: HashMap<Answer, Processing>,
+    /// By the session the server chose for each `process` call.
+    processing: HashMap<String, Processing>,
+    /// The server sessions each receiver owes an answer under.
+    owed: HashMap<String, HashSet<String>>,
     senders: HashMap<String, Held>,
     /// The chunk bytes each receiver holds, from every sender.
     receivers: HashMap<String, u64>,
@@ -284,6 +305,19 @@ impl State {
         let watched = self.take(slot)?;
         self.release(&watched.sender, &slot.0, watched.bytes);
         Some(watched)
+    }
+
+    /// Takes out the `process` awaited under the server session `server`.
+    fn settle(&mut self, server: &str) -> Option<Processing> {
+        let settled = self.processing.remove(server)?;
+        let receiver = &settled.orphan.receiver;
+        if let Some(owed) = self.owed.get_mut(receiver) {
+            owed.remove(server);
+            if owed.is_empty() {
+                self.owed.remove(receiver);
+            }
+        }
+        Some(settled)
     }
 
     /// Takes a message out whose receiver must be told to remove it.
@@ -346,10 +380,26 @@ impl From<&str> for ChunkRefusal {
 /// What to deliver of a vetted `message_cache` call.
 #[derive(Debug, Default)]
 pub struct Vetted {
-    /// Deliver it with this body (the key put in the sender's namespace); `None`: as it came.
+    /// Deliver it with this body (the key put in the sender's namespace, a `process`'s
+    /// callbacks under the server's session); `None`: as it came.
     pub body: Option<Bytes>,
     /// The `process` of a chunked call: the session the receiver may answer it under.
     pub call_session: Option<String>,
+    /// A `process`: the session the server chose for it, to deliver it under (its header's
+    /// `session` renamed; [`ChunkWatch::restore`] gives the sender's back).
+    pub server_session: Option<String>,
+}
+
+/// What a frame from a receiver to a sender is, as to the sessions the server chose.
+#[derive(Debug)]
+pub(crate) enum Restored {
+    /// It names none of them: deliver it as it is.
+    Unchanged,
+    /// It names one: deliver this, which names the sender's own session instead.
+    Renamed(Frame),
+    /// It names one, but it goes to or comes from another client than the `process` call's
+    /// (a callback with another target): it is not delivered, so the session stays secret.
+    Misdirected,
 }
 
 /// The functions of `message_cache`.
@@ -442,14 +492,109 @@ impl CallArgs<'_> {
 
     /// The body with `part` (a slice of it) replaced by what `write` writes.
     fn replacing(&self, part: &[u8], write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
-        let start = part.as_ptr() as usize - self.body.as_ptr() as usize;
-        let end = start + part.len();
-        let mut out = Vec::with_capacity(self.body.len() + 32);
-        out.extend_from_slice(&self.body[..start]);
-        write(&mut out);
-        out.extend_from_slice(&self.body[end..]);
+        let mut written = Vec::new();
+        write(&mut written);
+        self.spliced(&mut [(part, written)])
+    }
+
+    /// The body with each part (a slice of it; none overlapping) replaced by its bytes.
+    fn spliced(&self, parts: &mut [Splice<'_>]) -> Bytes {
+        let base = self.body.as_ptr() as usize;
+        parts.sort_by_key(|(part, _)| part.as_ptr() as usize);
+        let mut out = Vec::with_capacity(self.body.len() + 64);
+        let mut at = 0;
+        for (part, bytes) in parts.iter() {
+            let start = part.as_ptr() as usize - base;
+            out.extend_from_slice(&self.body[at..start]);
+            out.extend_from_slice(bytes);
+            at = start + part.len();
+        }
+        out.extend_from_slice(&self.body[at..]);
         Bytes::from(out)
     }
+}
+
+/// A part of a body (a slice of it) and the bytes that replace it.
+type Splice<'a> = (&'a [u8], Vec<u8>);
+
+/// Why a `process` call's promise is refused.
+const PROMISE_REFUSED: &str = "a message_cache process's promise must be its own resolve and reject callbacks (and heartbeat), each under the call's session";
+
+/// The `promise` of a `process` call under `session`, its callbacks moved under the server's
+/// session `server`: (where it lies in the body, what replaces it). `None` for the promise
+/// `"*"`, which the receiver writes out from the header's session.
+fn promise_under<'a>(
+    body: &'a [u8],
+    session: &str,
+    server: &str,
+) -> Result<Option<Splice<'a>>, ChunkRefusal> {
+    let promise = scan::map_value(body, "promise")
+        .ok_or("a message_cache process must be a call that is answered (with a promise)")?;
+    if scan::text(promise) == Some("*") {
+        return Ok(None);
+    }
+    let refused = || ChunkRefusal::from(PROMISE_REFUSED);
+    let entries: Vec<scan::MapEntry> = scan::map_entries(promise).ok_or_else(refused)?.collect();
+    let mut out = Vec::with_capacity(promise.len() + 64);
+    let _ = rmp::encode::write_map_len(&mut out, entries.len() as u32);
+    let mut seen: Vec<&str> = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let key = scan::text(&promise[entry.key..entry.value]).ok_or_else(refused)?;
+        if seen.contains(&key) {
+            return Err(refused());
+        }
+        seen.push(key);
+        out.extend_from_slice(&promise[entry.key..entry.value]);
+        let value = &promise[entry.value..entry.end];
+        match key {
+            "interval" => out.extend_from_slice(value),
+            "resolve" | "reject" | "heartbeat" => callback_under(
+                value,
+                &format!("{session}.{key}"),
+                &format!("{server}.{key}"),
+                &mut out,
+            )
+            .ok_or_else(refused)?,
+            _ => return Err(refused()),
+        }
+    }
+    if !(seen.contains(&"resolve") && seen.contains(&"reject")) {
+        return Err(refused());
+    }
+    Ok(Some((promise, out)))
+}
+
+/// Writes the encoded callback `callback` with its one `_rmethod`, which must be `method`,
+/// made `renamed`; `None` if it is not such a callback.
+fn callback_under(callback: &[u8], method: &str, renamed: &str, out: &mut Vec<u8>) -> Option<()> {
+    let entries: Vec<scan::MapEntry> = scan::map_entries(callback)?.collect();
+    let _ = rmp::encode::write_map_len(&mut *out, entries.len() as u32);
+    let mut seen: Vec<&str> = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let key = scan::text(&callback[entry.key..entry.value])?;
+        if seen.contains(&key) {
+            return None;
+        }
+        seen.push(key);
+        out.extend_from_slice(&callback[entry.key..entry.value]);
+        let value = &callback[entry.value..entry.end];
+        if key == "_rmethod" {
+            if scan::text(value) != Some(method) {
+                return None;
+            }
+            let _ = rmp::encode::write_str(&mut *out, renamed);
+        } else {
+            out.extend_from_slice(value);
+        }
+    }
+    seen.contains(&"_rmethod").then_some(())
+}
+
+/// The server session a header field names, if it names one (see [`SERVER_SESSION_MARK`]).
+fn server_session_in(value: &str) -> Option<&str> {
+    value
+        .starts_with(SERVER_SESSION_MARK)
+        .then(|| value.split('.').next().unwrap_or(value))
 }
 
 impl ChunkWatch {
@@ -515,12 +660,12 @@ impl ChunkWatch {
         };
         let delivered = |watched_key: &Key, namespaced_key: bool| Vetted {
             body: namespaced_key.then(|| args.with_key(&watched_key.1)),
-            call_session: None,
+            ..Vetted::default()
         };
         // A message the server starts watching starts empty at its receiver too.
         let fresh = |watched_key: &Key, answer: bool| Vetted {
             body: Some(args.with_fresh_create(&watched_key.1, answer)),
-            call_session: None,
+            ..Vetted::default()
         };
         let not_created =
             || ChunkRefusal::from("this chunked message was not created through the server");
@@ -631,30 +776,60 @@ impl ChunkWatch {
             }
             Op::Process => {
                 let slot = mine(&state.messages).ok_or_else(not_created)?;
-                // Its answer says whether the receiver let the chunks go.
-                let session = frame
+                let watched = state.messages.get(&slot).ok_or_else(not_created)?;
+                // Its answer says whether the receiver let the chunks go: a process that will
+                // not go through leaves the chunks there, and the receiver is told to drop them.
+                let refused = |state: &mut State, reason: ChunkRefusal| {
+                    let orphan = state.orphan(slot.clone());
+                    (orphan, reason)
+                };
+                let checked = frame
                     .field("session")
                     .filter(|s| !s.is_empty() && s.len() <= MAX_KEY_LEN)
-                    .ok_or(
-                        "a message_cache process must be a call that is answered (with a session)",
-                    )?;
-                let answer = (target.to_string(), sender.to_string(), session.to_string());
-                if state.processing.contains_key(&answer) {
-                    return Err("this session already awaits the answer to another process".into());
-                }
-                let watched = state.messages.get(&slot).ok_or_else(not_created)?;
-                heartbeat_flag(&args, 1, watched)?;
-                let verdict = watched.verdict();
-                if let Err(refused) = verdict {
-                    // Its chunks went through; its `process` will not.
-                    let orphan = state.orphan(slot);
-                    drop(guard);
-                    self.orphan(orphan.into_iter().collect());
-                    return Err(refused);
-                }
+                    .ok_or_else(|| {
+                        ChunkRefusal::from(
+                            "a message_cache process must be a call that is answered (with a session)",
+                        )
+                    })
+                    .and_then(|session| {
+                        heartbeat_flag(&args, 1, watched)?;
+                        watched.verdict()?;
+                        let owed = state.owed.get(target).map_or(0, HashSet::len);
+                        if owed >= MAX_AWAITED_PER_RECEIVER {
+                            return Err(format!(
+                                "the receiver has not answered {owed} processed chunked messages yet; try again later"
+                            )
+                            .into());
+                        }
+                        let server = loop {
+                            let server = format!("{SERVER_SESSION_MARK}{}", crate::ids::random_id(24));
+                            if !state.processing.contains_key(&server) {
+                                break server;
+                            }
+                        };
+                        let promise = promise_under(&frame.body, session, &server)?;
+                        Ok((session, server, promise))
+                    });
+                let (session, server, promise) = match checked {
+                    Ok(checked) => checked,
+                    Err(reason) => {
+                        let (orphan, reason) = refused(state, reason);
+                        drop(guard);
+                        self.orphan(orphan.into_iter().collect());
+                        return Err(reason);
+                    }
+                };
                 // The sender is done with it; what its receiver holds stays counted there.
                 let watched = state.take(&slot).ok_or_else(not_created)?;
                 state.release_sender(&watched.sender, watched.bytes);
+                let mut parts = Vec::with_capacity(2);
+                if watched.namespaced {
+                    let mut key = Vec::with_capacity(slot.1.len() + 2);
+                    let _ = rmp::encode::write_str(&mut key, &slot.1);
+                    parts.push((args.items[0], key));
+                }
+                parts.extend(promise);
+                let body = (!parts.is_empty()).then(|| args.spliced(&mut parts));
                 let processing = Processing {
                     orphan: Orphan {
                         receiver: slot.0.clone(),
@@ -662,14 +837,22 @@ impl ChunkWatch {
                         sender: None,
                         bytes: watched.bytes,
                     },
+                    sender: sender.to_string(),
+                    session: session.to_string(),
                     since: Instant::now(),
                 };
-                state.processing.insert(answer, processing);
+                state.processing.insert(server.clone(), processing);
+                state
+                    .owed
+                    .entry(slot.0.clone())
+                    .or_default()
+                    .insert(server.clone());
                 self.awaiting
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Vetted {
+                    body,
                     call_session: watched.call_session(),
-                    ..delivered(&slot, watched.namespaced)
+                    server_session: Some(server),
                 })
             }
             Op::Remove => {
@@ -680,74 +863,99 @@ impl ChunkWatch {
         }
     }
 
-    /// Whether `receiver` owes `sender` the answer to a `process` under `session`: no other call
-    /// may use that session, or its answer would settle the message.
-    pub(crate) fn awaits(&self, receiver: &str, sender: &str, session: &str) -> bool {
-        self.awaits_answers()
-            && self.lock().processing.contains_key(&(
-                receiver.to_string(),
-                sender.to_string(),
-                session.to_string(),
-            ))
-    }
-
     /// Whether any `process` answer is awaited (frames need not be looked at otherwise).
     pub(crate) fn awaits_answers(&self) -> bool {
-        self.awaiting.load(std::sync::atomic::Ordering::Relaxed) > 0
+        self.answers_awaited() > 0
     }
 
-    /// Notes a frame from `from` to `to` calling `method`: the answer to a `process` settles
-    /// what its receiver (`from`) holds. Cheap when no answer is awaited.
-    pub(crate) fn answered(&self, from: &str, to: &str, method: Option<&str>) {
+    /// How many `process` answers are awaited.
+    pub fn answers_awaited(&self) -> usize {
+        self.awaiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a frame whose header has these `method`, `parent` and `session` may name a
+    /// session the server chose (then [`ChunkWatch::restore`] is worth its lock).
+    pub(crate) fn may_name_server_session(&self, fields: [Option<&str>; 3]) -> bool {
+        self.awaits_answers()
+            && fields
+                .iter()
+                .flatten()
+                .any(|v| server_session_in(v).is_some())
+    }
+
+    /// Looks at a frame from `from` to `to` for a session the server chose for a `process`
+    /// call: the receiver's frames to the sender naming it (the answer, its heartbeats, a
+    /// notice that the receiver is gone) are given the sender's own session, and the answer
+    /// settles what the receiver holds. Cheap when no answer is awaited.
+    pub(crate) fn restore(&self, from: &str, to: &str, frame: &Frame) -> Restored {
         use std::sync::atomic::Ordering;
-        if self.awaiting.load(Ordering::Relaxed) == 0 {
-            return;
+        if !self.awaits_answers() {
+            return Restored::Unchanged;
         }
-        let Some((session, outcome)) = method.and_then(|m| m.rsplit_once('.')) else {
-            return;
-        };
-        if outcome != "resolve" && outcome != "reject" {
-            return;
-        }
-        let mut state = self.lock();
-        let answer = (from.to_string(), to.to_string(), session.to_string());
-        let Some(settled) = state.processing.remove(&answer) else {
-            return;
-        };
-        self.awaiting.fetch_sub(1, Ordering::Relaxed);
-        let o = settled.orphan;
-        if outcome == "resolve" {
-            state.release_receiver(&o.receiver, o.bytes);
-        } else {
-            drop(state);
-            self.orphan(vec![o]);
-        }
-    }
-
-    /// Takes out what is awaited from `receiver` (it left: nothing to tell) and what waited
-    /// too long for its answer (its receiver is to remove it; a remove of what it already
-    /// deleted only makes it log an error).
-    fn settle_processing(&self, state: &mut State, receiver: Option<&str>) -> Vec<Orphan> {
-        let settled: Vec<Answer> = state
-            .processing
+        let Some(server) = SESSION_FIELDS
             .iter()
-            .filter(|(answer, p)| {
-                Some(answer.0.as_str()) == receiver || p.since.elapsed() >= ANSWER_LIMIT
-            })
-            .map(|(answer, _)| answer.clone())
-            .collect();
-        let mut told = Vec::new();
-        for answer in settled {
-            let Some(p) = state.processing.remove(&answer) else {
-                continue;
-            };
-            self.awaiting
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            let o = p.orphan;
-            if Some(o.receiver.as_str()) == receiver {
+            .filter_map(|key| frame.field(key))
+            .find_map(server_session_in)
+        else {
+            return Restored::Unchanged;
+        };
+        let mut state = self.lock();
+        let Some(awaited) = state.processing.get(server) else {
+            // Settled or timed out: nothing of the sender's is named by it any more.
+            return Restored::Unchanged;
+        };
+        if awaited.orphan.receiver != from || awaited.sender != to {
+            return Restored::Misdirected;
+        }
+        let session = awaited.session.clone();
+        let outcome = frame
+            .field("method")
+            .and_then(|m| m.strip_prefix(server))
+            .and_then(|rest| rest.strip_prefix('.'));
+        if matches!(outcome, Some("resolve" | "reject"))
+            && let Some(settled) = state.settle(server)
+        {
+            self.awaiting.fetch_sub(1, Ordering::Relaxed);
+            let o = settled.orphan;
+            if outcome == Some("resolve") {
                 state.release_receiver(&o.receiver, o.bytes);
             } else {
-                told.push(o);
+                drop(state);
+                self.orphan(vec![o]);
+            }
+        }
+        Restored::Renamed(frame.renamed(&SESSION_FIELDS, server, &session))
+    }
+
+    /// Takes out what `receiver` owes (it left: nothing to tell, nothing held).
+    fn settle_receiver(&self, state: &mut State, receiver: &str) {
+        let Some(owed) = state.owed.remove(receiver) else {
+            return;
+        };
+        for server in owed {
+            if let Some(p) = state.processing.remove(&server) {
+                self.awaiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                state.release_receiver(receiver, p.orphan.bytes);
+            }
+        }
+    }
+
+    /// Takes out what waited too long for its answer: its receiver is to remove it (a remove
+    /// of what it already deleted only makes it log an error).
+    fn expire_answers(&self, state: &mut State) -> Vec<Orphan> {
+        let expired: Vec<String> = state
+            .processing
+            .iter()
+            .filter(|(_, p)| p.since.elapsed() >= ANSWER_LIMIT)
+            .map(|(server, _)| server.clone())
+            .collect();
+        let mut told = Vec::with_capacity(expired.len());
+        for server in expired {
+            if let Some(p) = state.settle(&server) {
+                self.awaiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                told.push(p.orphan);
             }
         }
         told
@@ -771,9 +979,7 @@ impl ChunkWatch {
                 gone.extend(state.orphan(slot));
             }
         }
-        if !state.processing.is_empty() {
-            gone.extend(self.settle_processing(&mut state, Some(client)));
-        }
+        self.settle_receiver(&mut state, client);
         drop(state);
         self.orphan(gone);
     }
@@ -783,7 +989,7 @@ impl ChunkWatch {
     pub(crate) fn sweep(&self) {
         let mut state = self.lock();
         let mut idle = Self::sweep_locked(&mut state);
-        idle.extend(self.settle_processing(&mut state, None));
+        idle.extend(self.expire_answers(&mut state));
         drop(state);
         self.orphan(idle);
     }
@@ -911,7 +1117,42 @@ mod tests {
             ("session", format!("call{n}").into()),
         ]);
         let mut data = encode(&header);
-        data.extend(encode(&obj([("args", Value::Array(args))])));
+        let mut body = vec![("args".into(), Value::Array(args))];
+        if function == "process" {
+            body.push(("promise".into(), promise(&format!("call{n}"))));
+        }
+        data.extend(encode(&Value::Map(body)));
+        Frame::parse(Bytes::from(data)).unwrap()
+    }
+
+    /// The promise a client sends with a call under `session`.
+    fn promise(session: &str) -> Value {
+        let callback = |name: &str| {
+            obj([
+                ("_rtype", "method".into()),
+                ("_rtarget", "ws/eve".into()),
+                ("_rmethod", format!("{session}.{name}").into()),
+                ("_rpromise", false.into()),
+            ])
+        };
+        obj([
+            ("heartbeat", callback("heartbeat")),
+            ("interval", 15.0.into()),
+            ("resolve", callback("resolve")),
+            ("reject", callback("reject")),
+        ])
+    }
+
+    /// A frame from `from` to `to` calling `method` under the parent session `parent`.
+    fn callback_frame(from: &str, to: &str, method: &str, parent: &str) -> Frame {
+        let mut data = encode(&obj([
+            ("type", "method".into()),
+            ("from", from.into()),
+            ("to", to.into()),
+            ("method", method.into()),
+            ("parent", parent.into()),
+        ]));
+        data.extend(encode(&obj([("args", Value::Array(vec![Value::Nil]))])));
         Frame::parse(Bytes::from(data)).unwrap()
     }
 
@@ -1241,31 +1482,93 @@ mod tests {
         let watch = ChunkWatch::default();
         let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
         let held = || watch.lock().receivers.get("ws/alice").copied().unwrap_or(0);
+        // (the sender's session, the server's, the body delivered)
         let processed = |key: &str| {
             let create = call("create", vec![key.into(), false.into()]);
             vet(&watch, "ws/eve", &create).unwrap();
             vet(&watch, "ws/eve", &set(key, 0, whole.clone())).unwrap();
             let process = call("process", vec![key.into(), false.into()]);
-            vet(&watch, "ws/eve", &process).unwrap();
-            process.field("session").unwrap().to_string()
+            let vetted = vet(&watch, "ws/eve", &process).unwrap();
+            let own = process.field("session").unwrap().to_string();
+            let server = vetted.server_session.unwrap();
+            (own, server, vetted.body.unwrap())
         };
         // c is never answered.
-        let (ok, failed, _) = (processed("a"), processed("b"), processed("c"));
+        let ((ok, ok_server, body), (_, failed_server, _), _) =
+            (processed("a"), processed("b"), processed("c"));
         let one = whole.len() as u64;
         // The sender is done with them; the receiver holds them until it answers.
         assert_eq!(watch.messages_of("ws/eve"), 0);
         assert_eq!(held(), 3 * one);
-        assert!(watch.awaits("ws/alice", "ws/eve", &ok));
-        // Answers from anyone else, or to anyone else, settle nothing.
-        watch.answered("ws/bob", "ws/eve", Some(&format!("{ok}.resolve")));
-        watch.answered("ws/alice", "ws/bob", Some(&format!("{ok}.resolve")));
-        watch.answered("ws/alice", "ws/eve", Some(&format!("{ok}.heartbeat")));
+        // The receiver gets the callbacks under the server's session, which the sender never
+        // chose and never sees.
+        assert!(
+            ok_server.starts_with('~') && ok_server.len() > 20,
+            "{ok_server}"
+        );
+        let (body, _) = scan::decode(&body, Limits::decode(body.len(), 64, 8)).unwrap();
+        let promise = crate::rpc::value::get(&body, "promise").unwrap();
+        for name in ["resolve", "reject", "heartbeat"] {
+            let callback = crate::rpc::value::get(promise, name).unwrap();
+            let method = crate::rpc::value::get_str(callback, "_rmethod").unwrap();
+            assert_eq!(method, format!("{ok_server}.{name}"));
+            assert_eq!(
+                crate::rpc::value::get_str(callback, "_rtarget"),
+                Some("ws/eve")
+            );
+        }
+        let restored = |from: &str, to: &str, method: String, parent: &str| {
+            watch.restore(from, to, &callback_frame(from, to, &method, parent))
+        };
+        // The sender's own session settles nothing (a callback it handed the receiver).
+        let own = restored("ws/alice", "ws/eve", format!("{ok}.resolve"), &ok);
+        assert!(matches!(own, Restored::Unchanged), "{own:?}");
+        // The server's session, from or to anyone else, is not delivered.
+        for (from, to) in [("ws/bob", "ws/eve"), ("ws/alice", "ws/bob")] {
+            let other = restored(from, to, format!("{ok_server}.resolve"), &ok_server);
+            assert!(matches!(other, Restored::Misdirected), "{other:?}");
+        }
+        // A heartbeat reaches the sender under its own session, and settles nothing.
+        let beat = restored(
+            "ws/alice",
+            "ws/eve",
+            format!("{ok_server}.heartbeat"),
+            &ok_server,
+        );
+        let Restored::Renamed(beat) = beat else {
+            panic!("{beat:?}")
+        };
+        assert_eq!(
+            beat.field("method"),
+            Some(format!("{ok}.heartbeat").as_str())
+        );
+        assert_eq!(beat.field("parent"), Some(ok.as_str()));
         assert_eq!(held(), 3 * one);
         // Resolved: the receiver deleted the chunks. Rejected: it kept them, and is told.
-        watch.answered("ws/alice", "ws/eve", Some(&format!("{ok}.resolve")));
+        let answer = restored(
+            "ws/alice",
+            "ws/eve",
+            format!("{ok_server}.resolve"),
+            &ok_server,
+        );
+        let Restored::Renamed(answer) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(
+            answer.field("method"),
+            Some(format!("{ok}.resolve").as_str())
+        );
         assert_eq!(held(), 2 * one);
         assert!(watch.take_orphans().is_empty());
-        watch.answered("ws/alice", "ws/eve", Some(&format!("{failed}.reject")));
+        // Settled: the session names nothing of the sender's any more.
+        let late = restored("ws/bob", "ws/eve", format!("{ok_server}.resolve"), "");
+        assert!(matches!(late, Restored::Unchanged), "{late:?}");
+        restored(
+            "ws/alice",
+            "ws/eve",
+            format!("{failed_server}.reject"),
+            &failed_server,
+        );
         let told = watch.take_orphans();
         assert_eq!(told.len(), 1);
         assert!(told[0].key.starts_with("b~"), "{told:?}");
@@ -1277,8 +1580,8 @@ mod tests {
         assert_eq!(held(), 0);
         assert!(!watch.awaits_answers());
         assert!(watch.take_orphans().is_empty());
-        // A process that is not a call awaiting an answer is refused, and so is one under a
-        // session that already awaits another's answer (its answer would settle both).
+        // A process that is not a call awaiting an answer is refused, and its receiver told to
+        // remove the chunks.
         let create = call("create", vec!["d".into(), false.into()]);
         vet(&watch, "ws/eve", &create).unwrap();
         vet(&watch, "ws/eve", &set("d", 0, whole.clone())).unwrap();
@@ -1291,12 +1594,98 @@ mod tests {
         let unanswered = Frame::parse(Bytes::from(data)).unwrap();
         let refused = vet(&watch, "ws/eve", &unanswered).unwrap_err();
         assert!(refused.0.contains("answered"), "{refused}");
-        let first = call("process", vec!["d".into(), false.into()]);
-        vet(&watch, "ws/eve", &first).unwrap();
-        vet(&watch, "ws/eve", &create).unwrap();
-        vet(&watch, "ws/eve", &set("d", 0, whole.clone())).unwrap();
-        let refused = vet(&watch, "ws/eve", &first).unwrap_err();
-        assert!(refused.0.contains("already awaits"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
+    }
+
+    #[test]
+    fn a_process_promise_must_be_its_own_callbacks() {
+        let watch = ChunkWatch::default();
+        let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
+        let process_with = |promise: Value| {
+            let create = call("create", vec!["k".into(), false.into()]);
+            vet(&watch, "ws/eve", &create).unwrap();
+            vet(&watch, "ws/eve", &set("k", 0, whole.clone())).unwrap();
+            let mut data = encode(&obj([
+                ("type", "method".into()),
+                ("to", "ws/alice".into()),
+                ("method", "services.built-in.message_cache.process".into()),
+                ("session", "mine".into()),
+            ]));
+            data.extend(encode(&obj([
+                ("args", Value::Array(vec!["k".into(), false.into()])),
+                ("promise", promise),
+            ])));
+            vet(&watch, "ws/eve", &Frame::parse(Bytes::from(data)).unwrap())
+        };
+        let get = |v: &Value, k: &str| crate::rpc::value::get(v, k).unwrap().clone();
+        let set_in = |mut v: Value, k: &str, to: Value| {
+            if let Value::Map(entries) = &mut v {
+                entries.retain(|(key, _)| key.as_str() != Some(k));
+                entries.push((k.into(), to));
+            }
+            v
+        };
+        let own = promise("mine");
+        // Another session's resolve; a stray key; a repeated key; no reject; not a map.
+        let mut refused = vec![
+            set_in(own.clone(), "resolve", get(&promise("other"), "resolve")),
+            set_in(own.clone(), "extra", get(&own, "resolve")),
+            Value::Map(vec![
+                ("resolve".into(), get(&own, "resolve")),
+                ("reject".into(), get(&own, "reject")),
+                ("resolve".into(), get(&promise("other"), "resolve")),
+            ]),
+            obj([("resolve", get(&own, "resolve"))]),
+            Value::from(3),
+        ];
+        // A callback with its `_rmethod` twice.
+        let mut twice = get(&own, "resolve");
+        if let Value::Map(entries) = &mut twice {
+            entries.push(("_rmethod".into(), "other.resolve".into()));
+        }
+        refused.push(set_in(own.clone(), "resolve", twice));
+        for promise in refused {
+            let error = process_with(promise.clone()).unwrap_err();
+            assert!(error.0.contains("promise"), "{promise}: {error}");
+            // Its chunks are dropped at the receiver.
+            assert_eq!(watch.take_orphans().len(), 1, "{promise}");
+        }
+        // `"*"`: the receiver writes the callbacks from the header's session.
+        let star = process_with("*".into()).unwrap();
+        assert!(star.server_session.is_some());
+        let whole_promise = process_with(own).unwrap();
+        assert!(whole_promise.server_session.is_some());
+    }
+
+    #[test]
+    fn a_receiver_owes_a_bounded_number_of_answers() {
+        let watch = ChunkWatch::default();
+        let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
+        let process = |n: usize| {
+            let key = format!("k{n}");
+            let create = call("create", vec![key.as_str().into(), false.into()]);
+            vet(&watch, "ws/eve", &create).unwrap();
+            vet(&watch, "ws/eve", &set(&key, 0, whole.clone())).unwrap();
+            let process = call("process", vec![key.as_str().into(), false.into()]);
+            vet(&watch, "ws/eve", &process)
+        };
+        let servers: Vec<String> = (0..MAX_AWAITED_PER_RECEIVER)
+            .map(|n| process(n).unwrap().server_session.unwrap())
+            .collect();
+        let refused = process(MAX_AWAITED_PER_RECEIVER).unwrap_err();
+        assert!(refused.0.contains("not answered"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
+        // One answer makes room for one more.
+        let answer = callback_frame("ws/alice", "ws/eve", &format!("{}.resolve", servers[0]), "");
+        assert!(matches!(
+            watch.restore("ws/alice", "ws/eve", &answer),
+            Restored::Renamed(_)
+        ));
+        process(MAX_AWAITED_PER_RECEIVER + 1).unwrap();
+        assert!(process(MAX_AWAITED_PER_RECEIVER + 2).is_err());
+        // Its sessions are all different.
+        let distinct: HashSet<&String> = servers.iter().collect();
+        assert_eq!(distinct.len(), servers.len());
     }
 
     /// Starts message `key` from `ws/eve` to `ws/alice`.

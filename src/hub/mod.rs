@@ -613,17 +613,6 @@ impl Hub {
         if target_client.is_empty() || target_ws.is_empty() || target_client.contains('/') {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         }
-        // A session awaiting the answer to a chunked message's `process` is that call's alone:
-        // another call's answer under it would settle the message in its place.
-        if let Some(session) = frame.field("session")
-            && (self.chunks.awaits(&target, sender.addr, session)
-                || (frame.field("method") == Some("services.built-in.message_cache.process")
-                    && self.inflight.awaits_answer(sender.addr, session, &target)))
-        {
-            let error = "this session is in use by another call to the same client".to_string();
-            let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
-            return Ok(Routed::Refused { error, reject });
-        }
         // The clients merge the body over the header the server wrote, so a body may not
         // carry the fields the server sets; and what a chunked message will assemble into is
         // vetted the same way as it passes.
@@ -640,7 +629,7 @@ impl Hub {
                     })
             });
         let mut frame = frame;
-        match vetted {
+        let server_session = match vetted {
             Err(chunks::ChunkRefusal(error)) => {
                 let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
                 return Ok(Routed::Refused { error, reject });
@@ -653,9 +642,31 @@ impl Hub {
                 if let Some(session) = vetted.call_session {
                     self.inflight.opened(sender.addr, &target, &session);
                 }
+                vetted.server_session
             }
-        }
-        let out = frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
+        };
+        // A frame to the sender of a `process` call names the session the server chose for it:
+        // the sender is told its own.
+        let frame = match self.chunks.restore(sender.addr, &target, &frame) {
+            chunks::Restored::Unchanged => frame,
+            chunks::Restored::Renamed(renamed) => renamed,
+            chunks::Restored::Misdirected => {
+                let error = "this frame names a call between two other clients".to_string();
+                let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
+                return Ok(Routed::Refused { error, reject });
+            }
+        };
+        // A `process` goes out under the server's session; the sender's is what the calls it
+        // has open are tracked by (and what a notice that the receiver is gone names).
+        let renamed;
+        let delivered = match (&server_session, frame.field("session")) {
+            (Some(server), Some(own)) => {
+                renamed = frame.renamed(&["session"], own, server);
+                &renamed
+            }
+            _ => &frame,
+        };
+        let out = delivered.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
         self.routed_messages.inc();
         self.routed_bytes.inc_by(out.len() as u64);
         if target_client == "*" {
@@ -675,8 +686,6 @@ impl Hub {
             return Ok(Routed::Delivered);
         }
         self.inflight.observe(sender.addr, &target, &frame);
-        self.chunks
-            .answered(sender.addr, &target, frame.field("method"));
         let sent = match self.send_local(&target, Outbound::Binary(out)).await {
             Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
                 self.send_elsewhere(&target, data).await

@@ -155,6 +155,48 @@ impl Frame {
         out.put_slice(&self.body);
         out.freeze()
     }
+
+    /// The frame with the session `old` renamed `new` in the string fields `keys` of its
+    /// header: a value that is `old`, or starts with `old.` (a callback under that session),
+    /// gets `new` in its place. Other entries and the body are kept as they are.
+    pub(crate) fn renamed(&self, keys: &[&str], old: &str, new: &str) -> Frame {
+        let mut head = Vec::with_capacity(self.head.len() + new.len() * keys.len());
+        let _ = rmp::encode::write_map_len(&mut head, self.entries.len() as u32);
+        for entry in &self.entries {
+            head.extend_from_slice(&self.head[entry.key..entry.value]);
+            let value = &self.head[entry.value..entry.end];
+            let renamed = self
+                .key_of(entry)
+                .filter(|key| keys.contains(key))
+                .and_then(|_| text(value))
+                .and_then(|value| value.strip_prefix(old))
+                .filter(|rest| rest.is_empty() || rest.starts_with('.'));
+            match renamed {
+                Some(rest) => {
+                    let _ = rmp::encode::write_str(&mut head, &format!("{new}{rest}"));
+                }
+                None => head.extend_from_slice(value),
+            }
+        }
+        let head = Bytes::from(head);
+        // Written here from whole entries: every one is found again.
+        let entries = map_entries(&head)
+            .map(Iterator::collect)
+            .unwrap_or_default();
+        Frame {
+            head,
+            entries,
+            body: self.body.clone(),
+        }
+    }
+
+    /// The frame as bytes: its header and body.
+    pub(crate) fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.head.len() + self.body.len());
+        out.put_slice(&self.head);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
 }
 
 /// The string-keyed top-level entries of a frame's header, walked lazily from the start (a
@@ -219,6 +261,34 @@ mod tests {
         let many: Vec<Value> = (0..70_000).map(|i| i.into()).collect();
         let huge = encode(&obj([("user", Value::Array(many))]), None);
         assert!(Frame::parse_trusted(huge).is_err());
+    }
+
+    #[test]
+    fn renaming_a_session_touches_only_the_named_fields_and_whole_segments() {
+        let header = obj([
+            ("type", "method".into()),
+            ("method", "~s.resolve".into()),
+            ("parent", "~s".into()),
+            ("session", "~s2".into()),
+            ("note", "~s".into()),
+            ("n", 7.into()),
+        ]);
+        let body = vec![0x91, 0xc0];
+        let mut data = crate::rpc::value::encode(&header);
+        data.extend_from_slice(&body);
+        let frame = Frame::parse(Bytes::from(data)).unwrap();
+        let renamed = frame.renamed(&["method", "parent", "session", "n"], "~s", "own");
+        assert_eq!(renamed.field("method"), Some("own.resolve"));
+        assert_eq!(renamed.field("parent"), Some("own"));
+        // Another session that merely starts the same, and fields not named, are kept.
+        assert_eq!(renamed.field("session"), Some("~s2"));
+        assert_eq!(renamed.field("note"), Some("~s"));
+        assert_eq!(renamed.raw_field("n"), Some(&[7u8][..]));
+        assert_eq!(renamed.body.as_ref(), body.as_slice());
+        let again = Frame::parse(renamed.to_bytes()).unwrap();
+        assert_eq!(again.keys().count(), 6);
+        assert_eq!(again.field("method"), Some("own.resolve"));
+        assert_eq!(again.body.as_ref(), body.as_slice());
     }
 
     #[test]

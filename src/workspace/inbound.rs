@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::AppState;
 use crate::auth::UserInfo;
 use crate::cluster::bus::{Announcement, Inbound};
+use crate::hub::chunks::Restored;
 use crate::hub::inflight::{CallFields, InFlight};
 use crate::hub::{Outbound, Unsent};
 use crate::rpc::frame::Frame;
@@ -63,7 +64,9 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
                 let lane = &lanes[lane_of(&to)];
                 // Nothing of this lane waits before it: straight into the client's queue.
                 let item = if lane.waiting.load(Ordering::Acquire) == 0 {
-                    observe(&state, &to, &data);
+                    let Some(data) = observe(&state, &to, data) else {
+                        continue;
+                    };
                     if state.hub.try_send_local(&to, &data) {
                         continue;
                     }
@@ -125,15 +128,42 @@ pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
     }
 }
 
-/// Notes the call a frame for `to` opens, answers or keeps alive.
-fn observe(state: &AppState, to: &str, data: &Bytes) {
-    note_call(&state.hub.inflight, to, data);
-    // The answer to a chunked message's `process` settles what its receiver holds (the
-    // message was vetted here, where its sender is).
-    if state.hub.chunks.awaits_answers() {
-        let fields = CallFields::of_trusted(data);
-        if let Some(from) = fields.from {
-            state.hub.chunks.answered(from, to, fields.method);
+/// Notes the call a frame for `to` opens, answers or keeps alive; `None`: it is not delivered.
+fn observe(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
+    // The answer to a chunked message's `process` (vetted here, where its sender is) names
+    // the session this server chose: the sender is told its own, and what the receiver holds
+    // is settled.
+    let data = restore(state, to, data)?;
+    note_call(&state.hub.inflight, to, &data);
+    Some(data)
+}
+
+/// The frame for `to` as its client is to see it, as to the sessions this server chose for
+/// `process` calls (see [`crate::hub::chunks::ChunkWatch::restore`]).
+fn restore(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
+    let chunks = &state.hub.chunks;
+    if !chunks.awaits_answers() {
+        return Some(data);
+    }
+    let [from, method, parent, session] =
+        crate::rpc::frame::trusted_fields(&data, ["from", "method", "parent", "session"], |_| {
+            false
+        });
+    let Some(from) = from else {
+        return Some(data);
+    };
+    if !chunks.may_name_server_session([method, parent, session]) {
+        return Some(data);
+    }
+    let Ok(frame) = Frame::parse_trusted(data.clone()) else {
+        return Some(data);
+    };
+    match chunks.restore(from, to, &frame) {
+        Restored::Unchanged => Some(data),
+        Restored::Renamed(renamed) => Some(renamed.to_bytes()),
+        Restored::Misdirected => {
+            tracing::debug!("a frame naming another call's session was not delivered");
+            None
         }
     }
 }
@@ -159,9 +189,15 @@ fn note_call(inflight: &InFlight, to: &str, data: &[u8]) {
 /// Delivers frames to the clients of one lane, in order, waiting for room where needed.
 async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<LaneItem>, waiting: Arc<AtomicUsize>) {
     while let Some((to, data, observed)) = rx.recv().await {
-        if !observed {
-            observe(&state, &to, &data);
-        }
+        let data = if observed {
+            Some(data)
+        } else {
+            observe(&state, &to, data)
+        };
+        let Some(data) = data else {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        };
         if let Err(Unsent::Elsewhere(Outbound::Binary(data))) =
             state.hub.send_local(&to, Outbound::Binary(data)).await
         {

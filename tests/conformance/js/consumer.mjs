@@ -1,5 +1,6 @@
 // Connects with the real npm hypha-rpc client, gets a service by id, calls one function and
-// prints `RESULT {json}`. Arguments: server url, service id, function, JSON list of arguments.
+// prints `RESULT {json}`. Arguments: server url, service id, function, JSON list of arguments
+// (an argument `{"$bytes": n}` is sent as n bytes: a large one goes in chunks).
 import { WebSocket } from "ws";
 import { hyphaWebsocketClient } from "hypha-rpc";
 
@@ -12,7 +13,19 @@ const server = await hyphaWebsocketClient.connectToServer({
   WebSocketClass: WebSocket,
 });
 const svc = await server.getService(serviceId);
-const result = await svc[fn](...JSON.parse(argsJson));
+const args = JSON.parse(argsJson).map((a) =>
+  a && typeof a === "object" && "$bytes" in a ? new Uint8Array(a.$bytes).fill(7) : a,
+);
+const result = await svc[fn](...args);
+// Calls of this client still awaiting their answer (a chunked call's process, say), once
+// they are all answered or after ten seconds.
+const deadline = Date.now() + 10000;
+let pending = server.rpc.get_session_stats().promise_sessions;
+while (pending > 0 && Date.now() < deadline) {
+  await new Promise((r) => setTimeout(r, 50));
+  pending = server.rpc.get_session_stats().promise_sessions;
+}
+console.log(`PENDING ${pending}`);
 console.log(`RESULT ${JSON.stringify(result)}`);
 await server.disconnect();
 process.exit(0);

@@ -17,6 +17,9 @@ await server.registerService({
   config: { visibility: "public" },
   add: (a, b) => a + b,
   greet: (name) => `hello ${name} from js`,
+  echo: (x) => x,
+  // Calls of this client still awaiting their answer (a chunked answer's process, say).
+  pending: () => server.rpc.get_session_stats().promise_sessions,
 });
 console.log(`READY ${JSON.stringify({ workspace: server.config.workspace })}`);
 process.stdin.resume();

@@ -1,5 +1,7 @@
 """The real hypha-rpc clients (PyPI and npm) against hypha-rtc: services, large data, WebRTC."""
 
+import asyncio
+import re
 import time
 
 import numpy as np
@@ -9,6 +11,36 @@ from hypha_rpc import connect_to_server, get_rtc_service, register_rtc_service
 from conftest import hypha_token, json_line, node, node_background, result_of, run
 
 pytestmark = pytest.mark.timeout(180)
+
+
+async def all_answered(pending, what):
+    """Polls `pending()` (calls a client still awaits the answer to) until it is 0. A chunked
+    message's `process` is answered after the call it carries, so this is what shows that
+    the answer came back under the session its caller chose."""
+    deadline = time.monotonic() + 10
+    while (n := await pending()) > 0:
+        assert time.monotonic() < deadline, f"{what}: {n} calls never answered"
+        await asyncio.sleep(0.05)
+
+
+def local_pending(client):
+    async def pending():
+        return client.rpc.get_session_stats()["promise_sessions"]
+
+    return pending
+
+
+async def server_awaits_no_answer(server):
+    """The server's own count of processed chunked messages whose answer it awaits."""
+    deadline = time.monotonic() + 10
+    while True:
+        _, metrics, _ = await asyncio.to_thread(server.http_text, "/metrics")
+        found = re.search(r"^hypha_rtc_chunked_answers_awaited (\d+)", metrics, re.M)
+        assert found, metrics
+        if found.group(1) == "0":
+            return
+        assert time.monotonic() < deadline, f"still awaited: {found.group(1)}"
+        await asyncio.sleep(0.05)
 
 
 def test_hypha_token_register_get_and_context(server):
@@ -49,6 +81,10 @@ def test_numpy_4mb_through_the_server(server):
         assert data.nbytes == 4 * 1024 * 1024
         svc = await b.get_service(f"{a.config.workspace}/{a.config.client_id}:arr")
         assert np.array_equal(await svc.echo(data), data)  # client -> client, chunked
+        # Both chunked messages' processes (b's call, a's answer) were answered too.
+        await all_answered(local_pending(b), "the caller")
+        await all_answered(local_pending(a), "the callee")
+        await server_awaits_no_answer(server)
         assert np.array_equal(await b.echo(data), data)  # through the server's own manager
         await a.disconnect()
         await b.disconnect()
@@ -121,6 +157,13 @@ def test_javascript_provider_python_consumer(server):
             svc = await c.get_service(f"{ws}/js-prov:js-math")
             assert await svc.add(20, 22) == 42
             assert await svc.greet("py") == "hello py from js"
+            # 3 MiB each way: a chunked call from Python, a chunked answer from JavaScript,
+            # each processed under a session the server chose and answered under the caller's.
+            data = bytes(range(256)) * (3 * 4096)
+            assert await svc.echo(data) == data
+            await all_answered(local_pending(c), "the Python caller")
+            await all_answered(svc.pending, "the JavaScript callee")
+            await server_awaits_no_answer(server)
             await c.disconnect()
 
         run(main())
@@ -132,11 +175,22 @@ def test_javascript_provider_python_consumer(server):
 def test_python_provider_javascript_consumer(server):
     async def main():
         a = await connect_to_server({"server_url": server.url, "client_id": "py-prov"})
-        await a.register_service({"id": "py-math", "config": {"visibility": "public"}, "square": lambda x: x * x})
-        import asyncio
-
-        out = await asyncio.to_thread(node, "consumer.mjs", server.url, f"{a.config.workspace}/py-prov:py-math", "square", "[12]")
+        await a.register_service(
+            {
+                "id": "py-math",
+                "config": {"visibility": "public"},
+                "square": lambda x: x * x,
+                "total": lambda b: sum(b),
+            }
+        )
+        svc = f"{a.config.workspace}/py-prov:py-math"
+        out = await asyncio.to_thread(node, "consumer.mjs", server.url, svc, "square", "[12]")
         assert result_of(out) == 144
+        # A chunked call from JavaScript (3 MiB of sevens).
+        out = await asyncio.to_thread(node, "consumer.mjs", server.url, svc, "total", '[{"$bytes": 3145728}]')
+        assert result_of(out) == 7 * 3145728
+        assert "PENDING 0" in out.splitlines(), out
+        await server_awaits_no_answer(server)
         await a.disconnect()
 
     run(main())

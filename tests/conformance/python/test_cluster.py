@@ -199,6 +199,18 @@ def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
         assert await lab.size(big) == len(big)
         assert await lab.echo(big) == big
 
+        # The processes of both chunked messages (b's call, vetted by two; a's answer, vetted
+        # by one) were answered across the instances under the sessions their callers chose.
+        async def all_answered():
+            pending = [c.rpc.get_session_stats()["promise_sessions"] for c in (a, b)]
+            awaited = []
+            for server in (one, two):
+                _, metrics, _ = await asyncio.to_thread(server.http_text, "/metrics")
+                awaited.append(re.search(r"^hypha_rtc_chunked_answers_awaited (\d+)", metrics, re.M).group(1))
+            return pending == [0, 0] and awaited == ["0", "0"]
+
+        await poll("both chunked messages' processes to be answered", all_answered, timeout=10)
+
         # ICE credentials from either instance allocate on the same coturn.
         for server in (a, b):
             servers = await server.get_rtc_ice_servers()
