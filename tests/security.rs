@@ -794,8 +794,11 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
     );
     let cache = |f: &str| format!("services.built-in.message_cache.{f}");
     for (function, args) in [
-        ("create", vec!["k".into()]),
-        ("set", vec!["k".into(), 0.into(), Value::Binary(inner)]),
+        ("create", vec!["k".into(), false.into()]),
+        (
+            "set",
+            vec!["k".into(), 0.into(), Value::Binary(inner), false.into()],
+        ),
     ] {
         let session = format!("s{function}");
         let data = frame(
@@ -816,7 +819,13 @@ async fn frames_cannot_reach_past_what_their_receiver_offers() {
             Some(cache(function).as_str())
         );
     }
-    let refused = call(&mut mallory, &target, &cache("process"), vec!["k".into()]).await;
+    let refused = call(
+        &mut mallory,
+        &target,
+        &cache("process"),
+        vec!["k".into(), false.into()],
+    )
+    .await;
     let refused = refused.unwrap_err();
     assert!(
         refused.contains("not a function any client offers"),
@@ -934,14 +943,20 @@ async fn chunked_messages_are_vetted_as_they_pass() {
         key: &str,
     ) -> Result<Value, String> {
         let cache = |f: &str| format!("services.built-in.message_cache.{f}");
-        let mut steps: Vec<(String, Vec<Value>)> = vec![(cache("create"), vec![key.into()])];
+        let mut steps: Vec<(String, Vec<Value>)> =
+            vec![(cache("create"), vec![key.into(), false.into()])];
         for (i, chunk) in data.chunks(256 * 1024).enumerate() {
             steps.push((
                 cache("set"),
-                vec![key.into(), (i as u64).into(), Value::Binary(chunk.to_vec())],
+                vec![
+                    key.into(),
+                    (i as u64).into(),
+                    Value::Binary(chunk.to_vec()),
+                    false.into(),
+                ],
             ));
         }
-        steps.push((cache("process"), vec![key.into()]));
+        steps.push((cache("process"), vec![key.into(), false.into()]));
         let mut last = Ok(Value::Nil);
         for (method, args) in steps {
             let session = format!("s{}", hypha_rtc::ids::random_id(8));
@@ -983,10 +998,14 @@ async fn chunked_messages_are_vetted_as_they_pass() {
                     .and_then(Value::as_str)
                     .unwrap()
                     .to_string();
+                // Answered under the session it came with (a process's is the server's).
+                let delivered_session = field(&delivered, "session")
+                    .and_then(Value::as_str)
+                    .unwrap();
                 let reply = map(&[
                     ("type", "method".into()),
                     ("to", from.as_str().into()),
-                    ("method", format!("{session}.resolve").into()),
+                    ("method", format!("{delivered_session}.resolve").into()),
                 ]);
                 alice
                     .send(Message::Binary(
@@ -1049,7 +1068,13 @@ async fn chunked_messages_are_vetted_as_they_pass() {
     overlong.extend_from_slice(b"\xa5fro\xc1\xad\xafws-user-alice/x");
     let refused = send_chunks(&mut mallory, &mut alice, &target, &overlong, "k5").await;
     assert!(refused.unwrap_err().contains("not valid UTF-8"));
-    let refused = call(&mut mallory, &target, &cache("process"), vec!["k5".into()]).await;
+    let refused = call(
+        &mut mallory,
+        &target,
+        &cache("process"),
+        vec!["k5".into(), false.into()],
+    )
+    .await;
     assert!(refused.unwrap_err().contains("not valid UTF-8"));
     told_to_remove(&mut alice, "k5~").await;
     // Chunks that skip create, or an alias of a cache function, are refused too.
@@ -1057,7 +1082,12 @@ async fn chunked_messages_are_vetted_as_they_pass() {
         &mut mallory,
         &target,
         &cache("set"),
-        vec!["k9".into(), 0.into(), Value::Binary(vec![0x80])],
+        vec![
+            "k9".into(),
+            0.into(),
+            Value::Binary(vec![0x80]),
+            false.into(),
+        ],
     )
     .await;
     assert!(skipped.unwrap_err().contains("not created"));
@@ -1065,7 +1095,7 @@ async fn chunked_messages_are_vetted_as_they_pass() {
         &mut mallory,
         &target,
         &format!("{}.__call__", cache("process")),
-        vec!["k9".into()],
+        vec!["k9".into(), false.into()],
     )
     .await;
     assert!(alias.is_err());
@@ -1904,9 +1934,21 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
         let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
         assert!(delivered.is_some());
     }
+    // Mallory's promise aims its reject at bob: the receiver is given callbacks the server
+    // wrote, all to mallory.
+    let mut aimed = promise("p1");
+    if let rmpv::Value::Map(entries) = &mut aimed {
+        entries.retain(|(k, _)| k.as_str() != Some("reject"));
+        let mut elsewhere = callback("p1", "reject");
+        if let rmpv::Value::Map(fields) = &mut elsewhere {
+            fields.retain(|(k, _)| k.as_str() != Some("_rtarget"));
+            fields.push(("_rtarget".into(), bob_addr.as_str().into()));
+        }
+        entries.push(("reject".into(), elsewhere));
+    }
     let body = map(&[
         ("args", rmpv::Value::Array(vec!["k".into(), false.into()])),
-        ("promise", promise("p1")),
+        ("promise", aimed),
     ]);
     mallory
         .send(call(&alice_addr, &cache("process"), Some("p1"), body))
@@ -1925,8 +1967,12 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
     assert!(server.starts_with('~') && server != "p1", "{header}");
     let delivered = field(&body, "promise").unwrap();
     for name in ["resolve", "reject", "heartbeat"] {
-        let method = text(field(field(delivered, name).unwrap(), "_rmethod"));
-        assert_eq!(method, format!("{server}.{name}"));
+        let callback = field(delivered, name).unwrap();
+        assert_eq!(
+            text(field(callback, "_rmethod")),
+            format!("{server}.{name}")
+        );
+        assert_eq!(text(field(callback, "_rtarget")), mallory_addr);
     }
     // Alice calls back as a client does: method `<session>.heartbeat`, parent `<session>`.
     let from_alice = |method: String, to: &str| {
@@ -1964,13 +2010,26 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
         .await
         .unwrap();
     assert_eq!(text(field(&header, "method")), "p1.resolve");
-    // The server's session sent anywhere but to the sender never leaves the server.
+    // The server's session sent anywhere but to the sender never leaves the server: alice
+    // hears why (her frame is a call), bob gets nothing.
+    let misdirected = map(&[
+        ("type", "method".into()),
+        ("to", bob_addr.as_str().into()),
+        ("method", format!("{server}.resolve").into()),
+        ("session", "a1".into()),
+    ]);
+    let body = map(&[
+        ("args", rmpv::Value::Array(vec![rmpv::Value::Nil])),
+        ("promise", "*".into()),
+    ]);
     alice
-        .send(from_alice(format!("{server}.resolve"), &bob_addr))
+        .send(Message::Binary(frame(&misdirected, Some(&body)).into()))
         .await
         .unwrap();
+    let error = answer(&mut alice, "a1").await.unwrap_err();
+    assert!(error.contains("between two other clients"), "{error}");
     assert!(
-        next_frame(&mut bob, Duration::from_millis(300))
+        next_frame(&mut bob, Duration::from_millis(100))
             .await
             .is_none()
     );
@@ -1994,26 +2053,27 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
             .and_then(|a| a.first()),
     );
     assert_eq!(removed, key);
-    // A process whose promise names another session is refused.
+    // A process with an argument more (the JavaScript client takes the one after the flag
+    // for the context it trusts) is refused.
     for chunk in chunks("k2") {
         mallory.send(chunk).await.unwrap();
         let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
         assert!(delivered.is_some());
     }
-    let mut forged = promise("p2");
-    if let rmpv::Value::Map(entries) = &mut forged {
-        entries.push(("resolve".into(), callback("elsewhere", "resolve")));
-    }
+    let forged_context = map(&[("from", "ws-admin/root".into()), ("ws", "ws-admin".into())]);
     let body = map(&[
-        ("args", rmpv::Value::Array(vec!["k2".into(), false.into()])),
-        ("promise", forged),
+        (
+            "args",
+            rmpv::Value::Array(vec!["k2".into(), false.into(), forged_context, 0.into()]),
+        ),
+        ("promise", promise("p2")),
     ]);
     mallory
         .send(call(&alice_addr, &cache("process"), Some("p2"), body))
         .await
         .unwrap();
     let error = answer(&mut mallory, "p2").await.unwrap_err();
-    assert!(error.contains("promise"), "{error}");
+    assert!(error.contains("takes 2 arguments, not 4"), "{error}");
     // ...and alice told to drop what she got of it.
     let (header, _) = next_frame(&mut alice, Duration::from_secs(5))
         .await

@@ -54,6 +54,8 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(60);
 /// `process` answers one receiver may owe at once: each is kept for up to [`ANSWER_LIMIT`],
 /// and a receiver that answers (any unmodified client) owes them for a moment only.
 pub const MAX_AWAITED_PER_RECEIVER: usize = 1024;
+/// The same, to one sender: no sender can take up a receiver's whole allowance.
+pub const MAX_AWAITED_PER_PAIR: usize = 64;
 /// What starts a session the server chose for a `process` call (the clients' own sessions
 /// are alphanumeric): frames without it are not looked up.
 const SERVER_SESSION_MARK: char = '~';
@@ -517,77 +519,53 @@ impl CallArgs<'_> {
 /// A part of a body (a slice of it) and the bytes that replace it.
 type Splice<'a> = (&'a [u8], Vec<u8>);
 
-/// Why a `process` call's promise is refused.
-const PROMISE_REFUSED: &str = "a message_cache process's promise must be its own resolve and reject callbacks (and heartbeat), each under the call's session";
+/// The shortest and longest heartbeat interval a receiver is given (seconds): the clients
+/// send half their call time-out.
+const HEARTBEAT_INTERVAL: std::ops::RangeInclusive<f64> = 1.0..=3600.0;
 
-/// The `promise` of a `process` call under `session`, its callbacks moved under the server's
-/// session `server`: (where it lies in the body, what replaces it). `None` for the promise
-/// `"*"`, which the receiver writes out from the header's session.
-fn promise_under<'a>(
-    body: &'a [u8],
-    session: &str,
-    server: &str,
-) -> Result<Option<Splice<'a>>, ChunkRefusal> {
-    let promise = scan::map_value(body, "promise")
-        .ok_or("a message_cache process must be a call that is answered (with a promise)")?;
-    if scan::text(promise) == Some("*") {
-        return Ok(None);
+/// The promise a `process` call from `sender` is delivered with, written by the server: its
+/// `resolve`, `reject` and (where the sender asked for heartbeats, at a sane interval)
+/// `heartbeat` callbacks go to the sender under the server's session `server`, whatever the
+/// sender wrote (a callback aimed elsewhere would tell a third client that session, and a
+/// promise the receiver cannot use would leave the process unanswered): (the promise as sent,
+/// what replaces it). `None` when the call has no promise.
+fn server_promise<'a>(body: &'a [u8], sender: &str, server: &str) -> Option<Splice<'a>> {
+    let promise = scan::map_value(body, "promise")?;
+    let interval = if scan::text(promise) == Some("*") {
+        scan::map_value(body, "t")
+    } else {
+        scan::map_value(promise, "heartbeat").and_then(|_| scan::map_value(promise, "interval"))
     }
-    let refused = || ChunkRefusal::from(PROMISE_REFUSED);
-    let entries: Vec<scan::MapEntry> = scan::map_entries(promise).ok_or_else(refused)?.collect();
-    let mut out = Vec::with_capacity(promise.len() + 64);
-    let _ = rmp::encode::write_map_len(&mut out, entries.len() as u32);
-    let mut seen: Vec<&str> = Vec::with_capacity(entries.len());
-    for entry in &entries {
-        let key = scan::text(&promise[entry.key..entry.value]).ok_or_else(refused)?;
-        if seen.contains(&key) {
-            return Err(refused());
+    .and_then(|value| scan::decode(value, Limits::decode(value.len(), 1, 1)).ok())
+    .and_then(|(value, _)| value.as_f64())
+    .filter(|seconds| HEARTBEAT_INTERVAL.contains(seconds));
+    let names: &[&str] = if interval.is_some() {
+        &["heartbeat", "resolve", "reject"]
+    } else {
+        &["resolve", "reject"]
+    };
+    let mut out = Vec::with_capacity(128 + 3 * (sender.len() + server.len()));
+    let _ =
+        rmp::encode::write_map_len(&mut out, names.len() as u32 + u32::from(interval.is_some()));
+    for name in names {
+        let _ = rmp::encode::write_str(&mut out, name);
+        let _ = rmp::encode::write_map_len(&mut out, 4);
+        for (key, value) in [
+            ("_rtype", "method"),
+            ("_rtarget", sender),
+            ("_rmethod", &format!("{server}.{name}")),
+        ] {
+            let _ = rmp::encode::write_str(&mut out, key);
+            let _ = rmp::encode::write_str(&mut out, value);
         }
-        seen.push(key);
-        out.extend_from_slice(&promise[entry.key..entry.value]);
-        let value = &promise[entry.value..entry.end];
-        match key {
-            "interval" => out.extend_from_slice(value),
-            "resolve" | "reject" | "heartbeat" => callback_under(
-                value,
-                &format!("{session}.{key}"),
-                &format!("{server}.{key}"),
-                &mut out,
-            )
-            .ok_or_else(refused)?,
-            _ => return Err(refused()),
-        }
+        let _ = rmp::encode::write_str(&mut out, "_rpromise");
+        let _ = rmp::encode::write_bool(&mut out, false);
     }
-    if !(seen.contains(&"resolve") && seen.contains(&"reject")) {
-        return Err(refused());
+    if let Some(seconds) = interval {
+        let _ = rmp::encode::write_str(&mut out, "interval");
+        let _ = rmp::encode::write_f64(&mut out, seconds);
     }
-    Ok(Some((promise, out)))
-}
-
-/// Writes the encoded callback `callback` with its one `_rmethod`, which must be `method`,
-/// made `renamed`; `None` if it is not such a callback.
-fn callback_under(callback: &[u8], method: &str, renamed: &str, out: &mut Vec<u8>) -> Option<()> {
-    let entries: Vec<scan::MapEntry> = scan::map_entries(callback)?.collect();
-    let _ = rmp::encode::write_map_len(&mut *out, entries.len() as u32);
-    let mut seen: Vec<&str> = Vec::with_capacity(entries.len());
-    for entry in &entries {
-        let key = scan::text(&callback[entry.key..entry.value])?;
-        if seen.contains(&key) {
-            return None;
-        }
-        seen.push(key);
-        out.extend_from_slice(&callback[entry.key..entry.value]);
-        let value = &callback[entry.value..entry.end];
-        if key == "_rmethod" {
-            if scan::text(value) != Some(method) {
-                return None;
-            }
-            let _ = rmp::encode::write_str(&mut *out, renamed);
-        } else {
-            out.extend_from_slice(value);
-        }
-    }
-    seen.contains(&"_rmethod").then_some(())
+    Some((promise, out))
 }
 
 /// The server session a header field names, if it names one (see [`SERVER_SESSION_MARK`]).
@@ -641,6 +619,32 @@ impl ChunkWatch {
             return Err("message_cache calls cannot be end-to-end encrypted: the server vets what they assemble".into());
         }
         let args = CallArgs::read(&frame.body)?;
+        // Exactly what the clients send: a receiver appends its own context after the
+        // arguments (the JavaScript client positionally), so one more would stand in for it.
+        let (function, arity) = match op {
+            Op::Create => ("create", 2..=3),
+            Op::Append => ("append", 3..=3),
+            Op::Set => ("set", 4..=4),
+            Op::Process => ("process", 2..=2),
+            Op::Remove => ("remove", 1..=1),
+        };
+        let arity = (!arity.contains(&args.items.len())).then(|| {
+            ChunkRefusal(format!(
+                "message_cache.{function} takes {} arguments, not {}",
+                if arity.start() == arity.end() {
+                    arity.start().to_string()
+                } else {
+                    format!("{} or {}", arity.start(), arity.end())
+                },
+                args.items.len()
+            ))
+        });
+        // (A `process` refused for it has its message dropped at the receiver, below.)
+        if let Some(refused) = arity.clone()
+            && op != Op::Process
+        {
+            return Err(refused);
+        }
         let key = args.key()?;
         let namespaced = self.namespaced(sender, &key);
         let mut guard = self.lock();
@@ -783,13 +787,14 @@ impl ChunkWatch {
                     let orphan = state.orphan(slot.clone());
                     (orphan, reason)
                 };
-                let checked = frame
-                    .field("session")
-                    .filter(|s| !s.is_empty() && s.len() <= MAX_KEY_LEN)
-                    .ok_or_else(|| {
-                        ChunkRefusal::from(
-                            "a message_cache process must be a call that is answered (with a session)",
-                        )
+                let checked = arity
+                    .map_or(Ok(()), Err)
+                    .and_then(|()| {
+                        frame.field("session").filter(|s| !s.is_empty() && s.len() <= MAX_KEY_LEN).ok_or_else(|| {
+                            ChunkRefusal::from(
+                                "a message_cache process must be a call that is answered (with a session)",
+                            )
+                        })
                     })
                     .and_then(|session| {
                         heartbeat_flag(&args, 1, watched)?;
@@ -807,7 +812,20 @@ impl ChunkWatch {
                                 break server;
                             }
                         };
-                        let promise = promise_under(&frame.body, session, &server)?;
+                        let pair = state.owed.get(target).map_or(0, |owed| {
+                            owed.iter()
+                                .filter(|s| state.processing.get(*s).is_some_and(|p| p.sender == sender))
+                                .count()
+                        });
+                        if pair >= MAX_AWAITED_PER_PAIR {
+                            return Err(format!(
+                                "the receiver has not answered {pair} of this sender's processed chunked messages yet; try again later"
+                            )
+                            .into());
+                        }
+                        let promise = server_promise(&frame.body, sender, &server).ok_or(
+                            "a message_cache process must be a call that is answered (with a promise)",
+                        )?;
                         Ok((session, server, promise))
                     });
                 let (session, server, promise) = match checked {
@@ -828,8 +846,8 @@ impl ChunkWatch {
                     let _ = rmp::encode::write_str(&mut key, &slot.1);
                     parts.push((args.items[0], key));
                 }
-                parts.extend(promise);
-                let body = (!parts.is_empty()).then(|| args.spliced(&mut parts));
+                parts.push(promise);
+                let body = Some(args.spliced(&mut parts));
                 let processing = Processing {
                     orphan: Orphan {
                         receiver: slot.0.clone(),
@@ -892,39 +910,72 @@ impl ChunkWatch {
         if !self.awaits_answers() {
             return Restored::Unchanged;
         }
-        let Some(server) = SESSION_FIELDS
+        let named: Vec<&str> = SESSION_FIELDS
             .iter()
             .filter_map(|key| frame.field(key))
-            .find_map(server_session_in)
-        else {
+            .filter_map(server_session_in)
+            .collect();
+        if named.is_empty() {
             return Restored::Unchanged;
-        };
-        let mut state = self.lock();
-        let Some(awaited) = state.processing.get(server) else {
-            // Settled or timed out: nothing of the sender's is named by it any more.
-            return Restored::Unchanged;
-        };
-        if awaited.orphan.receiver != from || awaited.sender != to {
-            return Restored::Misdirected;
         }
-        let session = awaited.session.clone();
-        let outcome = frame
-            .field("method")
-            .and_then(|m| m.strip_prefix(server))
-            .and_then(|rest| rest.strip_prefix('.'));
-        if matches!(outcome, Some("resolve" | "reject"))
+        let mut state = self.lock();
+        // Each server session it names that is awaited, with the sender's own.
+        let mut renames: Vec<(&str, String)> = Vec::with_capacity(named.len());
+        for server in named {
+            // One settled or timed out names nothing of the sender's any more.
+            let Some(awaited) = state.processing.get(server) else {
+                continue;
+            };
+            if awaited.orphan.receiver != from || awaited.sender != to {
+                return Restored::Misdirected;
+            }
+            if !renames.iter().any(|(s, _)| *s == server) {
+                renames.push((server, awaited.session.clone()));
+            }
+        }
+        // The answer itself: `<server session>.resolve` or `.reject`.
+        let answered = frame.field("method").and_then(|method| {
+            renames.iter().find_map(|(server, _)| {
+                match method.strip_prefix(*server)?.strip_prefix('.')? {
+                    outcome @ ("resolve" | "reject") => Some((*server, outcome)),
+                    _ => None,
+                }
+            })
+        });
+        if let Some((server, outcome)) = answered
             && let Some(settled) = state.settle(server)
         {
             self.awaiting.fetch_sub(1, Ordering::Relaxed);
             let o = settled.orphan;
-            if outcome == Some("resolve") {
+            if outcome == "resolve" {
                 state.release_receiver(&o.receiver, o.bytes);
             } else {
                 drop(state);
                 self.orphan(vec![o]);
             }
+        } else {
+            drop(state);
         }
-        Restored::Renamed(frame.renamed(&SESSION_FIELDS, server, &session))
+        let mut renamed: Option<Frame> = None;
+        for (server, session) in &renames {
+            let current = renamed.as_ref().unwrap_or(frame);
+            renamed = Some(current.renamed(&SESSION_FIELDS, server, session));
+        }
+        renamed.map_or(Restored::Unchanged, Restored::Renamed)
+    }
+
+    /// The sender's own session for the server session `server` of a `process` that reached
+    /// no instance (its receiver is connected nowhere: nothing held any more).
+    pub(crate) fn undelivered(&self, server: &str) -> Option<String> {
+        if server_session_in(server) != Some(server) || !self.awaits_answers() {
+            return None;
+        }
+        let mut state = self.lock();
+        let settled = state.settle(server)?;
+        self.awaiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        state.release_receiver(&settled.orphan.receiver, settled.orphan.bytes);
+        Some(settled.session)
     }
 
     /// Takes out what `receiver` owes (it left: nothing to tell, nothing held).
@@ -1125,6 +1176,27 @@ mod tests {
         Frame::parse(Bytes::from(data)).unwrap()
     }
 
+    /// Sends message `key` (one small call) from `sender` to `ws/alice` and its `process`:
+    /// the `process` frame, and what became of it.
+    fn processed_by(
+        watch: &ChunkWatch,
+        sender: &str,
+        key: &str,
+    ) -> (Frame, Result<Vetted, ChunkRefusal>) {
+        let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
+        let create = call("create", vec![key.into(), false.into()]);
+        vet(watch, sender, &create).unwrap();
+        vet(watch, sender, &set(key, 0, whole)).unwrap();
+        let process = process_of(key);
+        let vetted = vet(watch, sender, &process);
+        (process, vetted)
+    }
+
+    /// The `process` of message `key`, as the clients send it.
+    fn process_of(key: &str) -> Frame {
+        call("process", vec![key.into(), false.into()])
+    }
+
     /// The promise a client sends with a call under `session`.
     fn promise(session: &str) -> Value {
         let callback = |name: &str| {
@@ -1197,12 +1269,7 @@ mod tests {
             ];
             vet(watch, "ws/eve", &call("set", args))?;
         }
-        vet(
-            watch,
-            "ws/eve",
-            &call("process", vec!["k".into(), false.into()]),
-        )
-        .map(|_| ())
+        vet(watch, "ws/eve", &process_of("k")).map(|_| ())
     }
 
     #[test]
@@ -1230,11 +1297,7 @@ mod tests {
                 ];
                 vet(&watch, "ws/eve", &call("set", args)).unwrap();
             }
-            let done = vet(
-                &watch,
-                "ws/eve",
-                &call("process", vec!["k".into(), false.into()]),
-            );
+            let done = vet(&watch, "ws/eve", &process_of("k"));
             assert_eq!(
                 done.unwrap().call_session.as_deref(),
                 Some("s3ss10n"),
@@ -1343,7 +1406,7 @@ mod tests {
         assert!(eve.starts_with("k~") && bob.starts_with("k~") && eve != bob);
         // The attack: one sender sends a clean header, another the forged body under the same
         // key. Each lands in a namespace of its own, so they never meet at the receiver.
-        let set = call("set", vec!["k".into(), 1.into(), Value::Binary(vec![0x80])]);
+        let set = set("k", 1, vec![0x80]);
         assert_ne!(
             delivered_key(vet(&watch, "ws/bob", &set).unwrap(), &set),
             eve
@@ -1394,13 +1457,22 @@ mod tests {
         let args = delivered_args(vet(&watch, "ws/eve", &again).unwrap(), &again);
         assert_eq!(args.as_array().unwrap()[1..], [false.into(), true.into()]);
         vet(&watch, "ws/eve", &set("k", 0, prefix.clone())).unwrap();
-        let process = call("process", vec!["k".into()]);
+        let process = process_of("k");
         assert!(vet(&watch, "ws/eve", &process).is_ok());
-        // Extra arguments go; an answer keeps its key and says so.
-        let answer = call(
+        // Extra arguments are refused (a receiver appends its own context after them); an
+        // answer keeps its key and says so.
+        let extra = call(
             "create",
             vec!["sess".into(), true.into(), false.into(), 9.into()],
         );
+        let refused = watch
+            .vet("ws/eve", false, "ws/alice", &extra, |s| s == "sess")
+            .unwrap_err();
+        assert!(
+            refused.0.contains("takes 2 or 3 arguments, not 4"),
+            "{refused}"
+        );
+        let answer = call("create", vec!["sess".into(), true.into(), false.into()]);
         let vetted = watch
             .vet("ws/eve", false, "ws/alice", &answer, |s| s == "sess")
             .unwrap();
@@ -1465,7 +1537,7 @@ mod tests {
         }
         // The refused message is poisoned: its process is refused and its receiver told to
         // remove what it got.
-        let process = call("process", vec!["k".into(), false.into()]);
+        let process = process_of("k");
         assert!(
             watch
                 .vet("ws/anon", true, "ws/alice", &process, none)
@@ -1484,11 +1556,8 @@ mod tests {
         let held = || watch.lock().receivers.get("ws/alice").copied().unwrap_or(0);
         // (the sender's session, the server's, the body delivered)
         let processed = |key: &str| {
-            let create = call("create", vec![key.into(), false.into()]);
-            vet(&watch, "ws/eve", &create).unwrap();
-            vet(&watch, "ws/eve", &set(key, 0, whole.clone())).unwrap();
-            let process = call("process", vec![key.into(), false.into()]);
-            let vetted = vet(&watch, "ws/eve", &process).unwrap();
+            let (process, vetted) = processed_by(&watch, "ws/eve", key);
+            let vetted = vetted.unwrap();
             let own = process.field("session").unwrap().to_string();
             let server = vetted.server_session.unwrap();
             (own, server, vetted.body.unwrap())
@@ -1590,7 +1659,10 @@ mod tests {
             ("to", "ws/alice".into()),
             ("method", "services.built-in.message_cache.process".into()),
         ]));
-        data.extend(encode(&obj([("args", Value::Array(vec!["d".into()]))])));
+        data.extend(encode(&obj([(
+            "args",
+            Value::Array(vec!["d".into(), false.into()]),
+        )])));
         let unanswered = Frame::parse(Bytes::from(data)).unwrap();
         let refused = vet(&watch, "ws/eve", &unanswered).unwrap_err();
         assert!(refused.0.contains("answered"), "{refused}");
@@ -1598,10 +1670,10 @@ mod tests {
     }
 
     #[test]
-    fn a_process_promise_must_be_its_own_callbacks() {
+    fn a_process_goes_out_with_a_promise_the_server_wrote() {
         let watch = ChunkWatch::default();
         let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
-        let process_with = |promise: Value| {
+        let process_with = |args: Vec<Value>, promise: Option<Value>, t: Option<Value>| {
             let create = call("create", vec!["k".into(), false.into()]);
             vet(&watch, "ws/eve", &create).unwrap();
             vet(&watch, "ws/eve", &set("k", 0, whole.clone())).unwrap();
@@ -1611,81 +1683,167 @@ mod tests {
                 ("method", "services.built-in.message_cache.process".into()),
                 ("session", "mine".into()),
             ]));
-            data.extend(encode(&obj([
-                ("args", Value::Array(vec!["k".into(), false.into()])),
-                ("promise", promise),
-            ])));
+            let mut body = vec![("args".into(), Value::Array(args))];
+            body.extend(promise.map(|p| ("promise".into(), p)));
+            body.extend(t.map(|t| ("t".into(), t)));
+            data.extend(encode(&Value::Map(body)));
             vet(&watch, "ws/eve", &Frame::parse(Bytes::from(data)).unwrap())
         };
-        let get = |v: &Value, k: &str| crate::rpc::value::get(v, k).unwrap().clone();
-        let set_in = |mut v: Value, k: &str, to: Value| {
-            if let Value::Map(entries) = &mut v {
-                entries.retain(|(key, _)| key.as_str() != Some(k));
-                entries.push((k.into(), to));
+        let args = || vec!["k".into(), false.into()];
+        // What the receiver is given: callbacks to the sender under the server's session.
+        let delivered = |vetted: Vetted| {
+            let server = vetted.server_session.unwrap();
+            let body = vetted.body.unwrap();
+            let (body, _) = scan::decode(&body, Limits::decode(body.len(), 64, 8)).unwrap();
+            let promise = crate::rpc::value::get(&body, "promise").unwrap().clone();
+            let Value::Map(entries) = &promise else {
+                panic!("{promise}")
+            };
+            let mut names = Vec::new();
+            for (name, callback) in entries {
+                let name = name.as_str().unwrap().to_string();
+                if name == "interval" {
+                    assert_eq!(callback.as_f64(), Some(15.0));
+                    continue;
+                }
+                assert_eq!(
+                    callback,
+                    &obj([
+                        ("_rtype", "method".into()),
+                        ("_rtarget", "ws/eve".into()),
+                        ("_rmethod", format!("{server}.{name}").into()),
+                        ("_rpromise", false.into()),
+                    ])
+                );
+                names.push(name);
             }
-            v
+            names
         };
-        let own = promise("mine");
-        // Another session's resolve; a stray key; a repeated key; no reject; not a map.
-        let mut refused = vec![
-            set_in(own.clone(), "resolve", get(&promise("other"), "resolve")),
-            set_in(own.clone(), "extra", get(&own, "resolve")),
-            Value::Map(vec![
-                ("resolve".into(), get(&own, "resolve")),
-                ("reject".into(), get(&own, "reject")),
-                ("resolve".into(), get(&promise("other"), "resolve")),
-            ]),
-            obj([("resolve", get(&own, "resolve"))]),
-            Value::from(3),
-        ];
-        // A callback with its `_rmethod` twice.
-        let mut twice = get(&own, "resolve");
-        if let Value::Map(entries) = &mut twice {
-            entries.push(("_rmethod".into(), "other.resolve".into()));
+        let all = ["heartbeat", "resolve", "reject"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            delivered(process_with(args(), Some(promise("mine")), None).unwrap()),
+            all
+        );
+        // Whatever the sender wrote: another session, another target, another kind.
+        let callback = |target: &str, method: &str, kind: &str| {
+            obj([
+                ("_rtype", kind.into()),
+                ("_rtarget", target.into()),
+                ("_rmethod", method.into()),
+            ])
+        };
+        let forged = obj([
+            ("heartbeat", callback("ws/carol", "x.heartbeat", "iostream")),
+            ("interval", 15.into()),
+            ("resolve", callback("ws/carol", "other.resolve", "method")),
+            ("reject", callback("ws/eve", "mine.reject", "iostream")),
+            ("extra", 1.into()),
+        ]);
+        assert_eq!(
+            delivered(process_with(args(), Some(forged), None).unwrap()),
+            all
+        );
+        // `"*"`, which the receiver would write out itself (from `t`): written out here.
+        let star = process_with(args(), Some("*".into()), Some(15.0.into())).unwrap();
+        assert_eq!(delivered(star), all);
+        // No heartbeat asked for, or at an interval no client uses: none is given.
+        let two = ["resolve", "reject"].map(String::from).to_vec();
+        assert_eq!(
+            delivered(process_with(args(), Some("*".into()), None).unwrap()),
+            two
+        );
+        let mut fast = promise("mine");
+        if let Value::Map(entries) = &mut fast {
+            entries.retain(|(k, _)| k.as_str() != Some("interval"));
+            entries.push(("interval".into(), 0.001.into()));
         }
-        refused.push(set_in(own.clone(), "resolve", twice));
-        for promise in refused {
-            let error = process_with(promise.clone()).unwrap_err();
-            assert!(error.0.contains("promise"), "{promise}: {error}");
-            // Its chunks are dropped at the receiver.
-            assert_eq!(watch.take_orphans().len(), 1, "{promise}");
-        }
-        // `"*"`: the receiver writes the callbacks from the header's session.
-        let star = process_with("*".into()).unwrap();
-        assert!(star.server_session.is_some());
-        let whole_promise = process_with(own).unwrap();
-        assert!(whole_promise.server_session.is_some());
+        assert_eq!(
+            delivered(process_with(args(), Some(fast), None).unwrap()),
+            two
+        );
+        // No promise, or an argument more (the JavaScript client would take it for the
+        // context it appends): refused, and the receiver told to drop the chunks.
+        let refused = process_with(args(), None, None).unwrap_err();
+        assert!(refused.0.contains("promise"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
+        let mut more = args();
+        more.push(obj([("from", "ws-admin/x".into())]));
+        more.push(0.into());
+        let refused = process_with(more, Some(promise("mine")), None).unwrap_err();
+        assert!(refused.0.contains("takes 2 arguments, not 4"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
     }
 
     #[test]
     fn a_receiver_owes_a_bounded_number_of_answers() {
         let watch = ChunkWatch::default();
-        let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
-        let process = |n: usize| {
-            let key = format!("k{n}");
-            let create = call("create", vec![key.as_str().into(), false.into()]);
-            vet(&watch, "ws/eve", &create).unwrap();
-            vet(&watch, "ws/eve", &set(&key, 0, whole.clone())).unwrap();
-            let process = call("process", vec![key.as_str().into(), false.into()]);
-            vet(&watch, "ws/eve", &process)
-        };
-        let servers: Vec<String> = (0..MAX_AWAITED_PER_RECEIVER)
-            .map(|n| process(n).unwrap().server_session.unwrap())
+        let process = |sender: &str, n: usize| processed_by(&watch, sender, &format!("k{n}")).1;
+        // One sender may take up a share of what the receiver may owe...
+        let eve: Vec<String> = (0..MAX_AWAITED_PER_PAIR)
+            .map(|n| process("ws/eve", n).unwrap().server_session.unwrap())
             .collect();
-        let refused = process(MAX_AWAITED_PER_RECEIVER).unwrap_err();
-        assert!(refused.0.contains("not answered"), "{refused}");
+        let refused = process("ws/eve", MAX_AWAITED_PER_PAIR).unwrap_err();
+        assert!(refused.0.contains("of this sender's"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
+        // ...and all of them together the whole of it.
+        let mut servers = eve.clone();
+        let senders = MAX_AWAITED_PER_RECEIVER / MAX_AWAITED_PER_PAIR;
+        for s in 1..senders {
+            for n in 0..MAX_AWAITED_PER_PAIR {
+                let vetted = process(&format!("ws/s{s}"), n).unwrap();
+                servers.push(vetted.server_session.unwrap());
+            }
+        }
+        let refused = process("ws/last", 0).unwrap_err();
+        assert!(refused.0.contains("not answered 1024"), "{refused}");
         assert_eq!(watch.take_orphans().len(), 1);
         // One answer makes room for one more.
-        let answer = callback_frame("ws/alice", "ws/eve", &format!("{}.resolve", servers[0]), "");
+        let answer = callback_frame("ws/alice", "ws/eve", &format!("{}.resolve", eve[0]), "");
         assert!(matches!(
             watch.restore("ws/alice", "ws/eve", &answer),
             Restored::Renamed(_)
         ));
-        process(MAX_AWAITED_PER_RECEIVER + 1).unwrap();
-        assert!(process(MAX_AWAITED_PER_RECEIVER + 2).is_err());
+        process("ws/eve", MAX_AWAITED_PER_PAIR + 1).unwrap();
+        assert!(process("ws/last", 1).is_err());
         // Its sessions are all different.
         let distinct: HashSet<&String> = servers.iter().collect();
         assert_eq!(distinct.len(), servers.len());
+    }
+
+    #[test]
+    fn every_server_session_a_frame_names_is_looked_at() {
+        let watch = ChunkWatch::default();
+        let processed = |key: &str| {
+            let (process, vetted) = processed_by(&watch, "ws/eve", key);
+            let vetted = vetted.unwrap();
+            (
+                process.field("session").unwrap().to_string(),
+                vetted.server_session.unwrap(),
+            )
+        };
+        let (own, live) = processed("a");
+        // A stale-looking first field does not hide a live session in the next one.
+        let frame = callback_frame("ws/alice", "ws/bob", "~stale.x", &live);
+        assert!(matches!(
+            watch.restore("ws/alice", "ws/bob", &frame),
+            Restored::Misdirected
+        ));
+        // Between the right pair, both the stale name and the live one: the live one renamed.
+        let frame = callback_frame("ws/alice", "ws/eve", "~stale.x", &live);
+        let Restored::Renamed(renamed) = watch.restore("ws/alice", "ws/eve", &frame) else {
+            panic!("not renamed")
+        };
+        assert_eq!(renamed.field("method"), Some("~stale.x"));
+        assert_eq!(renamed.field("parent"), Some(own.as_str()));
+        // A process that reached no instance: its sender hears its own session, and nothing
+        // stays awaited or held.
+        assert_eq!(watch.undelivered(&live), Some(own));
+        assert_eq!(watch.undelivered(&live), None);
+        assert_eq!(watch.undelivered("mine"), None);
+        assert!(!watch.awaits_answers());
+        assert_eq!(watch.lock().receivers.get("ws/alice"), None);
     }
 
     /// Starts message `key` from `ws/eve` to `ws/alice`.
@@ -1724,15 +1882,7 @@ mod tests {
         watch
             .vet("ws/eve", false, "ws/alice", &answer, |s| s == "sess")
             .unwrap();
-        let set = call(
-            "set",
-            vec![
-                "sess".into(),
-                0.into(),
-                Value::Binary(vec![0x80]),
-                false.into(),
-            ],
-        );
+        let set = set("sess", 0, vec![0x80]);
         let refused = watch
             .vet("ws/eve", false, "ws/alice", &set, |s| s == "sess")
             .unwrap_err();
@@ -1815,13 +1965,13 @@ mod tests {
         // Processed or removed by its sender: the receiver needs no word.
         started("ws/a");
         vet(&watch, "ws/a", &set("k", 1, whole[3..].to_vec())).unwrap();
-        vet(&watch, "ws/a", &call("process", vec!["k".into()])).unwrap();
+        vet(&watch, "ws/a", &process_of("k")).unwrap();
         started("ws/b");
         vet(&watch, "ws/b", &call("remove", vec!["k".into()])).unwrap();
         assert!(watch.take_orphans().is_empty());
         // Refused at process (incomplete), or its sender left: the receiver is told.
         let c = started("ws/c");
-        assert!(vet(&watch, "ws/c", &call("process", vec!["k".into()])).is_err());
+        assert!(vet(&watch, "ws/c", &process_of("k")).is_err());
         let d = started("ws/d");
         watch.forget("ws/d");
         let told: Vec<(String, String)> = watch
@@ -1853,17 +2003,9 @@ mod tests {
     #[test]
     fn chunks_that_bypass_the_watch_are_refused() {
         let watch = ChunkWatch::default();
-        let set = call(
-            "set",
-            vec![
-                "k".into(),
-                0.into(),
-                Value::Binary(vec![0x80]),
-                false.into(),
-            ],
-        );
+        let set = set("k", 0, vec![0x80]);
         assert!(vet(&watch, "ws/eve", &set).is_err());
-        assert!(vet(&watch, "ws/eve", &call("process", vec!["k".into()])).is_err());
+        assert!(vet(&watch, "ws/eve", &process_of("k")).is_err());
         let odd = call("set.__call__", vec![]);
         assert!(vet(&watch, "ws/eve", &odd).is_err());
         let keywords = call(
@@ -1872,9 +2014,14 @@ mod tests {
         );
         assert!(vet(&watch, "ws/eve", &keywords).is_err());
         // A chunk overwritten after it was read would change what the server vetted.
-        vet(&watch, "ws/eve", &call("create", vec!["k".into()])).unwrap();
+        vet(
+            &watch,
+            "ws/eve",
+            &call("create", vec!["k".into(), false.into()]),
+        )
+        .unwrap();
         vet(&watch, "ws/eve", &set).unwrap();
         assert!(vet(&watch, "ws/eve", &set).is_err());
-        assert!(vet(&watch, "ws/eve", &call("process", vec!["k".into()])).is_err());
+        assert!(vet(&watch, "ws/eve", &process_of("k")).is_err());
     }
 }

@@ -466,6 +466,10 @@ impl Hub {
         let [Some(from), Some(to), Some(session)] = fields else {
             return;
         };
+        // A chunked message's `process` went out under the server's session: its caller is
+        // told its own.
+        let own = self.chunks.undelivered(session);
+        let session = own.as_deref().unwrap_or(session);
         let error = match error {
             None => SendError::NotConnected(to.to_string()),
             Some(e) => SendError::Bus(to.to_string(), e),
@@ -613,6 +617,17 @@ impl Hub {
         if target_client.is_empty() || target_ws.is_empty() || target_client.contains('/') {
             return Err(RouteError::BadTarget(to.chars().take(100).collect()));
         }
+        // A frame to the sender of a `process` call names the session the server chose for it:
+        // the sender is told its own.
+        let frame = match self.chunks.restore(sender.addr, &target, &frame) {
+            chunks::Restored::Unchanged => frame,
+            chunks::Restored::Renamed(renamed) => renamed,
+            chunks::Restored::Misdirected => {
+                let error = "this frame names a call between two other clients".to_string();
+                let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
+                return Ok(Routed::Refused { error, reject });
+            }
+        };
         // The clients merge the body over the header the server wrote, so a body may not
         // carry the fields the server sets; and what a chunked message will assemble into is
         // vetted the same way as it passes.
@@ -643,17 +658,6 @@ impl Hub {
                     self.inflight.opened(sender.addr, &target, &session);
                 }
                 vetted.server_session
-            }
-        };
-        // A frame to the sender of a `process` call names the session the server chose for it:
-        // the sender is told its own.
-        let frame = match self.chunks.restore(sender.addr, &target, &frame) {
-            chunks::Restored::Unchanged => frame,
-            chunks::Restored::Renamed(renamed) => renamed,
-            chunks::Restored::Misdirected => {
-                let error = "this frame names a call between two other clients".to_string();
-                let reject = crate::rpc::peer::refusal(&frame, &target, sender.addr, &error);
-                return Ok(Routed::Refused { error, reject });
             }
         };
         // A `process` goes out under the server's session; the sender's is what the calls it
@@ -988,7 +992,10 @@ mod tests {
         for to in ["ws/stuck", "ws/alice"] {
             for (function, args) in [
                 ("create", vec!["k".into(), false.into()]),
-                ("append", vec!["k".into(), rmpv::Value::Binary(vec![1; 10])]),
+                (
+                    "append",
+                    vec!["k".into(), rmpv::Value::Binary(vec![1; 10]), false.into()],
+                ),
             ] {
                 let frame = cache_call(to, function, args);
                 hub.chunks

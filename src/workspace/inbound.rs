@@ -145,10 +145,17 @@ fn restore(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
     if !chunks.awaits_answers() {
         return Some(data);
     }
-    let [from, method, parent, session] =
-        crate::rpc::frame::trusted_fields(&data, ["from", "method", "parent", "session"], |_| {
-            false
-        });
+    // The server writes `from` after the sender's own entries (a notice: before its
+    // `session`), so the sender's `user` after them need not be walked.
+    let [from, method, parent, session, _] = crate::rpc::frame::trusted_fields(
+        &data,
+        ["from", "method", "parent", "session", "type"],
+        |[from, _, _, session, kind]| {
+            from.is_some()
+                && kind.is_some()
+                && (*kind != Some(Some(crate::hub::PEER_NOT_FOUND)) || session.is_some())
+        },
+    );
     let Some(from) = from else {
         return Some(data);
     };
