@@ -62,6 +62,8 @@ const SERVER_SESSION_MARK: char = '~';
 /// The header fields that may name a `process` call's session in its receiver's frames to the
 /// sender: the answer's `method` (`<session>.resolve`), its `parent`, a notice's `session`.
 const SESSION_FIELDS: [&str; 3] = ["method", "parent", "session"];
+/// The method that fires a chunked message at its receiver.
+const PROCESS: &str = "services.built-in.message_cache.process";
 const MAX_KEY_LEN: usize = 256;
 /// The main message (the routing header) of a chunked message is kept up to this size, to
 /// read the session its receiver may answer under.
@@ -198,6 +200,14 @@ impl Watched {
             if main.field("type").is_none() {
                 return Err("the chunked message's header has no type".into());
             }
+            // Fired at the receiver, a `message_cache` call would pass none of the checks a
+            // frame's does (the clients never send one in chunks: each fits in a frame).
+            if main
+                .field("method")
+                .is_some_and(|m| m.starts_with("services.built-in.message_cache"))
+            {
+                return Err("a message_cache call cannot itself be sent in chunks".into());
+            }
         }
         match self.scanner.objects() {
             0 => Err("the chunked message is incomplete".into()),
@@ -259,6 +269,8 @@ struct State {
     processing: HashMap<String, Processing>,
     /// The server sessions each receiver owes an answer under.
     owed: HashMap<String, HashSet<String>>,
+    /// The server sessions each sender awaits an answer under.
+    awaited_by: HashMap<String, HashSet<String>>,
     senders: HashMap<String, Held>,
     /// The chunk bytes each receiver holds, from every sender.
     receivers: HashMap<String, u64>,
@@ -309,14 +321,33 @@ impl State {
         Some(watched)
     }
 
+    /// The message of `sender` to `target` that a call naming `key` is about: in the
+    /// sender's namespace (delivered as `namespaced`), or under the session key of an answer
+    /// this sender is sending.
+    fn slot_of(&self, target: &str, namespaced: &str, key: &str, sender: &str) -> Option<Key> {
+        let spaced = (target.to_string(), namespaced.to_string());
+        if self.messages.contains_key(&spaced) {
+            return Some(spaced);
+        }
+        let plain = (target.to_string(), key.to_string());
+        self.messages
+            .get(&plain)
+            .filter(|w| w.sender == sender)
+            .map(|_| plain)
+    }
+
     /// Takes out the `process` awaited under the server session `server`.
     fn settle(&mut self, server: &str) -> Option<Processing> {
         let settled = self.processing.remove(server)?;
-        let receiver = &settled.orphan.receiver;
-        if let Some(owed) = self.owed.get_mut(receiver) {
-            owed.remove(server);
-            if owed.is_empty() {
-                self.owed.remove(receiver);
+        for (index, client) in [
+            (&mut self.owed, &settled.orphan.receiver),
+            (&mut self.awaited_by, &settled.sender),
+        ] {
+            if let Some(sessions) = index.get_mut(client) {
+                sessions.remove(server);
+                if sessions.is_empty() {
+                    index.remove(client);
+                }
             }
         }
         Some(settled)
@@ -598,6 +629,42 @@ impl ChunkWatch {
         frame: &Frame,
         answers: impl Fn(&str) -> bool,
     ) -> Result<Vetted, ChunkRefusal> {
+        let vetted = self.vet_call(sender, anonymous, target, frame, answers);
+        if vetted.is_err() && frame.field("method") == Some(PROCESS) {
+            // Refused before its message was looked at (how its arguments are written):
+            // the receiver still drops what it holds of that message.
+            self.drop_refused(sender, target, &frame.body);
+        }
+        vetted
+    }
+
+    /// Orphans the message a refused `process` from `sender` names, if it is still watched.
+    fn drop_refused(&self, sender: &str, target: &str, body: &[u8]) {
+        let Some(key) = scan::map_value(body, "args")
+            .and_then(|args| scan::array_items(args, 64))
+            .and_then(|items| items.first().and_then(|item| scan::text(item)))
+        else {
+            return;
+        };
+        let namespaced = self.namespaced(sender, key);
+        let mut state = self.lock();
+        let Some(slot) = state.slot_of(target, &namespaced, key, sender) else {
+            return;
+        };
+        let orphan = state.orphan(slot);
+        drop(state);
+        self.orphan(orphan.into_iter().collect());
+    }
+
+    /// The checks of [`ChunkWatch::vet`].
+    fn vet_call(
+        &self,
+        sender: &str,
+        anonymous: bool,
+        target: &str,
+        frame: &Frame,
+        answers: impl Fn(&str) -> bool,
+    ) -> Result<Vetted, ChunkRefusal> {
         let Some(method) = frame.field("method") else {
             return Ok(Vetted::default());
         };
@@ -651,17 +718,7 @@ impl ChunkWatch {
         let state = &mut *guard;
         // The message this call is about: in the sender's namespace, or under the session key
         // of an answer this sender is sending.
-        let mine = |messages: &HashMap<Key, Watched>| {
-            let spaced = (target.to_string(), namespaced.clone());
-            if messages.contains_key(&spaced) {
-                return Some(spaced);
-            }
-            let plain = (target.to_string(), key.clone());
-            messages
-                .get(&plain)
-                .filter(|w| w.sender == sender)
-                .map(|_| plain)
-        };
+        let mine = |state: &State| state.slot_of(target, &namespaced, &key, sender);
         let delivered = |watched_key: &Key, namespaced_key: bool| Vetted {
             body: namespaced_key.then(|| args.with_key(&watched_key.1)),
             ..Vetted::default()
@@ -722,7 +779,7 @@ impl ChunkWatch {
             Op::Append | Op::Set => {
                 let held = state.senders.get(sender).copied().unwrap_or_default();
                 let at_receiver = state.receivers.get(target).copied().unwrap_or(0);
-                let slot = mine(&state.messages).ok_or_else(not_created)?;
+                let slot = mine(state).ok_or_else(not_created)?;
                 let watched = state.messages.get_mut(&slot).ok_or_else(not_created)?;
                 heartbeat_flag(&args, if op == Op::Append { 2 } else { 3 }, watched)?;
                 watched.touched = Instant::now();
@@ -779,7 +836,7 @@ impl ChunkWatch {
                 outcome.map(|()| delivered(&slot, namespaced_key))
             }
             Op::Process => {
-                let slot = mine(&state.messages).ok_or_else(not_created)?;
+                let slot = mine(state).ok_or_else(not_created)?;
                 let watched = state.messages.get(&slot).ok_or_else(not_created)?;
                 // Its answer says whether the receiver let the chunks go: a process that will
                 // not go through leaves the chunks there, and the receiver is told to drop them.
@@ -802,7 +859,7 @@ impl ChunkWatch {
                         let owed = state.owed.get(target).map_or(0, HashSet::len);
                         if owed >= MAX_AWAITED_PER_RECEIVER {
                             return Err(format!(
-                                "the receiver has not answered {owed} processed chunked messages yet; try again later"
+                                "the receiver has not answered {owed} processed chunked messages yet: this one is dropped"
                             )
                             .into());
                         }
@@ -812,14 +869,14 @@ impl ChunkWatch {
                                 break server;
                             }
                         };
-                        let pair = state.owed.get(target).map_or(0, |owed| {
-                            owed.iter()
-                                .filter(|s| state.processing.get(*s).is_some_and(|p| p.sender == sender))
+let pair = state.awaited_by.get(sender).map_or(0, |sent| {
+                            sent.iter()
+                                .filter(|s| state.processing.get(*s).is_some_and(|p| p.orphan.receiver == target))
                                 .count()
                         });
                         if pair >= MAX_AWAITED_PER_PAIR {
                             return Err(format!(
-                                "the receiver has not answered {pair} of this sender's processed chunked messages yet; try again later"
+                                "the receiver has not answered {pair} of this sender's processed chunked messages yet: this one is dropped"
                             )
                             .into());
                         }
@@ -865,6 +922,11 @@ impl ChunkWatch {
                     .entry(slot.0.clone())
                     .or_default()
                     .insert(server.clone());
+                state
+                    .awaited_by
+                    .entry(sender.to_string())
+                    .or_default()
+                    .insert(server.clone());
                 self.awaiting
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Vetted {
@@ -874,7 +936,7 @@ impl ChunkWatch {
                 })
             }
             Op::Remove => {
-                let slot = mine(&state.messages).ok_or_else(not_created)?;
+                let slot = mine(state).ok_or_else(not_created)?;
                 let namespaced_key = state.drop_message(&slot).is_some_and(|w| w.namespaced);
                 Ok(delivered(&slot, namespaced_key))
             }
@@ -906,7 +968,6 @@ impl ChunkWatch {
     /// notice that the receiver is gone) are given the sender's own session, and the answer
     /// settles what the receiver holds. Cheap when no answer is awaited.
     pub(crate) fn restore(&self, from: &str, to: &str, frame: &Frame) -> Restored {
-        use std::sync::atomic::Ordering;
         if !self.awaits_answers() {
             return Restored::Unchanged;
         }
@@ -943,9 +1004,8 @@ impl ChunkWatch {
             })
         });
         if let Some((server, outcome)) = answered
-            && let Some(settled) = state.settle(server)
+            && let Some(settled) = self.settle(&mut state, server)
         {
-            self.awaiting.fetch_sub(1, Ordering::Relaxed);
             let o = settled.orphan;
             if outcome == "resolve" {
                 state.release_receiver(&o.receiver, o.bytes);
@@ -971,25 +1031,29 @@ impl ChunkWatch {
             return None;
         }
         let mut state = self.lock();
-        let settled = state.settle(server)?;
-        self.awaiting
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let settled = self.settle(&mut state, server)?;
         state.release_receiver(&settled.orphan.receiver, settled.orphan.bytes);
         Some(settled.session)
     }
 
     /// Takes out what `receiver` owes (it left: nothing to tell, nothing held).
     fn settle_receiver(&self, state: &mut State, receiver: &str) {
-        let Some(owed) = state.owed.remove(receiver) else {
+        let Some(owed) = state.owed.get(receiver).cloned() else {
             return;
         };
         for server in owed {
-            if let Some(p) = state.processing.remove(&server) {
-                self.awaiting
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(p) = self.settle(state, &server) {
                 state.release_receiver(receiver, p.orphan.bytes);
             }
         }
+    }
+
+    /// Takes out what `sender` awaits (it left: its receivers' answers may never be seen
+    /// here): the receivers are told to remove the messages (one already deleted only makes
+    /// its receiver log an error).
+    fn settle_sender(&self, state: &mut State, sender: &str) -> Vec<Orphan> {
+        let awaited = state.awaited_by.get(sender).cloned().unwrap_or_default();
+        self.settle_all(state, awaited)
     }
 
     /// Takes out what waited too long for its answer: its receiver is to remove it (a remove
@@ -1001,15 +1065,28 @@ impl ChunkWatch {
             .filter(|(_, p)| p.since.elapsed() >= ANSWER_LIMIT)
             .map(|(server, _)| server.clone())
             .collect();
-        let mut told = Vec::with_capacity(expired.len());
-        for server in expired {
-            if let Some(p) = state.settle(&server) {
-                self.awaiting
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                told.push(p.orphan);
-            }
-        }
-        told
+        self.settle_all(state, expired)
+    }
+
+    /// Takes out the `process` calls awaited under `servers`: their receivers are to be told.
+    fn settle_all(
+        &self,
+        state: &mut State,
+        servers: impl IntoIterator<Item = String>,
+    ) -> Vec<Orphan> {
+        servers
+            .into_iter()
+            .filter_map(|server| self.settle(state, &server))
+            .map(|p| p.orphan)
+            .collect()
+    }
+
+    /// Takes out the `process` awaited under `server`, and counts it no longer.
+    fn settle(&self, state: &mut State, server: &str) -> Option<Processing> {
+        let settled = state.settle(server)?;
+        self.awaiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Some(settled)
     }
 
     /// Forgets the messages of a client that left: those it sent (their receivers are to
@@ -1031,6 +1108,7 @@ impl ChunkWatch {
             }
         }
         self.settle_receiver(&mut state, client);
+        gone.extend(self.settle_sender(&mut state, client));
         drop(state);
         self.orphan(gone);
     }
@@ -1748,6 +1826,9 @@ mod tests {
         // `"*"`, which the receiver would write out itself (from `t`): written out here.
         let star = process_with(args(), Some("*".into()), Some(15.0.into())).unwrap();
         assert_eq!(delivered(star), all);
+        // (The JavaScript client writes `t` as an integer.)
+        let star = process_with(args(), Some("*".into()), Some(15.into())).unwrap();
+        assert_eq!(delivered(star), all);
         // No heartbeat asked for, or at an interval no client uses: none is given.
         let two = ["resolve", "reject"].map(String::from).to_vec();
         assert_eq!(
@@ -1773,6 +1854,41 @@ mod tests {
         more.push(0.into());
         let refused = process_with(more, Some(promise("mine")), None).unwrap_err();
         assert!(refused.0.contains("takes 2 arguments, not 4"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
+        // Refused before its message is looked at (keyword arguments, nine arguments): the
+        // same.
+        let mut keywords = args();
+        keywords.push(obj([("heartbeat", false.into())]));
+        let refused = process_with(keywords, Some(promise("mine")), None).unwrap_err();
+        assert!(refused.0.contains("positional"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
+        let mut nine = args();
+        nine.extend(std::iter::repeat_n(Value::from(0), 7));
+        let refused = process_with(nine, Some(promise("mine")), None).unwrap_err();
+        assert!(refused.0.contains("malformed"), "{refused}");
+        assert_eq!(watch.take_orphans().len(), 1);
+    }
+
+    #[test]
+    fn a_message_cache_call_cannot_travel_in_chunks() {
+        // Fired at the receiver, it would pass none of a frame's checks: a nested `set` of a
+        // forged message, uncharged bytes, a forged context as an extra argument.
+        let watch = ChunkWatch::default();
+        let mut inner = encode(&obj([
+            ("type", "method".into()),
+            ("method", "services.built-in.message_cache.create".into()),
+        ]));
+        inner.extend(encode(&obj([(
+            "args",
+            Value::Array(vec!["evil".into(), false.into(), true.into()]),
+        )])));
+        created(&watch, "k");
+        vet(&watch, "ws/eve", &set("k", 0, inner)).unwrap();
+        let refused = vet(&watch, "ws/eve", &process_of("k")).unwrap_err();
+        assert!(
+            refused.0.contains("cannot itself be sent in chunks"),
+            "{refused}"
+        );
         assert_eq!(watch.take_orphans().len(), 1);
     }
 
@@ -1844,6 +1960,15 @@ mod tests {
         assert_eq!(watch.undelivered("mine"), None);
         assert!(!watch.awaits_answers());
         assert_eq!(watch.lock().receivers.get("ws/alice"), None);
+        // A sender that left will not see its receiver's answer here: the receiver is told
+        // to drop the message, and owes nothing any more.
+        let (_, left) = processed("b");
+        watch.forget("ws/eve");
+        assert!(!watch.awaits_answers());
+        assert!(watch.lock().owed.is_empty() && watch.lock().awaited_by.is_empty());
+        let told = watch.take_orphans();
+        assert_eq!(told.len(), 1, "{left}");
+        assert!(told[0].key.starts_with("b~"));
     }
 
     /// Starts message `key` from `ws/eve` to `ws/alice`.

@@ -663,12 +663,15 @@ impl Hub {
         // A `process` goes out under the server's session; the sender's is what the calls it
         // has open are tracked by (and what a notice that the receiver is gone names).
         let renamed;
-        let delivered = match (&server_session, frame.field("session")) {
-            (Some(server), Some(own)) => {
+        let delivered = match server_session
+            .as_deref()
+            .and_then(|server| Some((server, frame.field("session")?)))
+        {
+            Some((server, own)) => {
                 renamed = frame.renamed(&["session"], own, server);
                 &renamed
             }
-            _ => &frame,
+            None => &frame,
         };
         let out = delivered.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
         self.routed_messages.inc();
@@ -702,6 +705,10 @@ impl Hub {
             Ok(()) => Ok(Routed::Delivered),
             Err(e) => match frame.field("session") {
                 Some(session) => {
+                    // A `process` that reached nobody is answered by nobody.
+                    if let Some(server) = &server_session {
+                        self.chunks.undelivered(server);
+                    }
                     self.inflight.abandoned(sender.addr, session);
                     Ok(Routed::PeerGone {
                         session: session.to_string(),
