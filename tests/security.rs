@@ -1958,11 +1958,15 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
         .await
         .unwrap();
     let text = |v: Option<&rmpv::Value>| v.and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let key = text(
-        field(&body, "args")
-            .and_then(|a| a.as_array())
-            .and_then(|a| a.first()),
-    );
+    // The first argument of a call (a message key).
+    let first_arg = |body: &rmpv::Value| {
+        text(
+            field(body, "args")
+                .and_then(|a| a.as_array())
+                .and_then(|a| a.first()),
+        )
+    };
+    let key = first_arg(&body);
     let server = text(field(&header, "session"));
     assert!(server.starts_with('~') && server != "p1", "{header}");
     let delivered = field(&body, "promise").unwrap();
@@ -2047,11 +2051,7 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
         .await
         .unwrap();
     assert_eq!(text(field(&header, "method")), cache("remove"));
-    let removed = text(
-        field(&body, "args")
-            .and_then(|a| a.as_array())
-            .and_then(|a| a.first()),
-    );
+    let removed = first_arg(&body);
     assert_eq!(removed, key);
     // A process with an argument more (the JavaScript client takes the one after the flag
     // for the context it trusts) is refused.
@@ -2079,5 +2079,29 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
         .await
         .unwrap();
     assert_eq!(text(field(&header, "method")), cache("remove"));
+    // A process whose body carries a field the server sets (refused before the chunk watch
+    // sees it): the same.
+    for chunk in chunks("k3") {
+        mallory.send(chunk).await.unwrap();
+        let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
+        assert!(delivered.is_some());
+    }
+    let body = map(&[
+        ("args", rmpv::Value::Array(vec!["k3".into(), false.into()])),
+        ("promise", promise("p3")),
+        ("from", "ws-admin/root".into()),
+    ]);
+    mallory
+        .send(call(&alice_addr, &cache("process"), Some("p3"), body))
+        .await
+        .unwrap();
+    let error = answer(&mut mallory, "p3").await.unwrap_err();
+    assert!(error.contains("from"), "{error}");
+    let (header, body) = next_frame(&mut alice, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(text(field(&header, "method")), cache("remove"));
+    let removed = first_arg(&body);
+    assert!(removed.starts_with("k3~"), "{removed}");
     still_works(&app).await;
 }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::rpc::frame::Frame;
+use crate::rpc::rules::SERVER_SESSION_MARK;
 use crate::rpc::scan::{self, Limits, Scanner};
 
 /// Messages one sender may have in flight to all its targets.
@@ -56,9 +57,9 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(60);
 pub const MAX_AWAITED_PER_RECEIVER: usize = 1024;
 /// The same, to one sender: no sender can take up a receiver's whole allowance.
 pub const MAX_AWAITED_PER_PAIR: usize = 64;
-/// What starts a session the server chose for a `process` call (the clients' own sessions
-/// are alphanumeric): frames without it are not looked up.
-const SERVER_SESSION_MARK: char = '~';
+/// Settled server sessions remembered (for [`ANSWER_LIMIT`] at most) so that a late frame
+/// naming one still reaches the sender under its own session, and nobody else.
+const MAX_SETTLED: usize = 4096;
 /// The header fields that may name a `process` call's session in its receiver's frames to the
 /// sender: the answer's `method` (`<session>.resolve`), its `parent`, a notice's `session`.
 const SESSION_FIELDS: [&str; 3] = ["method", "parent", "session"];
@@ -262,6 +263,13 @@ struct Processing {
     since: Instant,
 }
 
+/// A settled `process` call: whom its server session is between, and the sender's own.
+struct Settled {
+    receiver: String,
+    sender: String,
+    session: String,
+}
+
 #[derive(Default)]
 struct State {
     messages: HashMap<Key, Watched>,
@@ -271,6 +279,9 @@ struct State {
     owed: HashMap<String, HashSet<String>>,
     /// The server sessions each sender awaits an answer under.
     awaited_by: HashMap<String, HashSet<String>>,
+    /// Settled `process` calls, by server session, oldest first in `settled_order`.
+    settled: HashMap<String, Settled>,
+    settled_order: std::collections::VecDeque<(String, Instant)>,
     senders: HashMap<String, Held>,
     /// The chunk bytes each receiver holds, from every sender.
     receivers: HashMap<String, u64>,
@@ -336,6 +347,43 @@ impl State {
             .map(|_| plain)
     }
 
+    /// Whether `receiver` may owe one more answer to a `process` from `sender`.
+    fn may_await(&self, receiver: &str, sender: &str) -> Result<(), ChunkRefusal> {
+        let owed = self.owed.get(receiver).map_or(0, HashSet::len);
+        if owed >= MAX_AWAITED_PER_RECEIVER {
+            return Err(format!(
+                "the receiver has not answered {owed} processed chunked messages yet: this one is dropped"
+            )
+            .into());
+        }
+        let pair = self.awaited_by.get(sender).map_or(0, |sent| {
+            sent.iter()
+                .filter(|s| {
+                    self.processing
+                        .get(*s)
+                        .is_some_and(|p| p.orphan.receiver == receiver)
+                })
+                .count()
+        });
+        if pair >= MAX_AWAITED_PER_PAIR {
+            return Err(format!(
+                "the receiver has not answered {pair} of this sender's processed chunked messages yet: this one is dropped"
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// A session for a `process` call, of the server's choosing: unguessable, and none in use.
+    fn new_server_session(&self) -> String {
+        loop {
+            let server = format!("{SERVER_SESSION_MARK}{}", crate::ids::random_id(24));
+            if !self.processing.contains_key(&server) && !self.settled.contains_key(&server) {
+                return server;
+            }
+        }
+    }
+
     /// Takes out the `process` awaited under the server session `server`.
     fn settle(&mut self, server: &str) -> Option<Processing> {
         let settled = self.processing.remove(server)?;
@@ -370,6 +418,8 @@ pub struct ChunkWatch {
     state: Mutex<State>,
     /// How many `process` answers are awaited: answers are looked at only when some are.
     awaiting: std::sync::atomic::AtomicUsize,
+    /// How many settled server sessions are remembered (frames are looked at while any are).
+    remembered: std::sync::atomic::AtomicUsize,
     /// Messages forgotten unprocessed, whose receivers are to remove them.
     orphans: Mutex<Vec<Orphan>>,
     /// Wakes whoever tells the receivers.
@@ -385,6 +435,7 @@ impl Default for ChunkWatch {
         Self {
             state: Mutex::default(),
             awaiting: Default::default(),
+            remembered: Default::default(),
             orphans: Mutex::default(),
             orphaned: tokio::sync::Notify::new(),
             sending: Arc::new(tokio::sync::Semaphore::new(MAX_REMOVES_IN_FLIGHT)),
@@ -630,17 +681,21 @@ impl ChunkWatch {
         answers: impl Fn(&str) -> bool,
     ) -> Result<Vetted, ChunkRefusal> {
         let vetted = self.vet_call(sender, anonymous, target, frame, answers);
-        if vetted.is_err() && frame.field("method") == Some(PROCESS) {
+        if vetted.is_err() {
             // Refused before its message was looked at (how its arguments are written):
             // the receiver still drops what it holds of that message.
-            self.drop_refused(sender, target, &frame.body);
+            self.refused(sender, target, frame);
         }
         vetted
     }
 
-    /// Orphans the message a refused `process` from `sender` names, if it is still watched.
-    fn drop_refused(&self, sender: &str, target: &str, body: &[u8]) {
-        let Some(key) = scan::map_value(body, "args")
+    /// A frame from `sender` to `target` is not delivered: if it is the `process` of a message
+    /// still watched, the receiver is told to drop the chunks.
+    pub(crate) fn refused(&self, sender: &str, target: &str, frame: &Frame) {
+        if frame.field("method") != Some(PROCESS) {
+            return;
+        }
+        let Some(key) = scan::map_value(&frame.body, "args")
             .and_then(|args| scan::array_items(args, 64))
             .and_then(|items| items.first().and_then(|item| scan::text(item)))
         else {
@@ -838,57 +893,29 @@ impl ChunkWatch {
             Op::Process => {
                 let slot = mine(state).ok_or_else(not_created)?;
                 let watched = state.messages.get(&slot).ok_or_else(not_created)?;
-                // Its answer says whether the receiver let the chunks go: a process that will
-                // not go through leaves the chunks there, and the receiver is told to drop them.
-                let refused = |state: &mut State, reason: ChunkRefusal| {
-                    let orphan = state.orphan(slot.clone());
-                    (orphan, reason)
-                };
-                let checked = arity
-                    .map_or(Ok(()), Err)
-                    .and_then(|()| {
-                        frame.field("session").filter(|s| !s.is_empty() && s.len() <= MAX_KEY_LEN).ok_or_else(|| {
-                            ChunkRefusal::from(
-                                "a message_cache process must be a call that is answered (with a session)",
-                            )
-                        })
-                    })
-                    .and_then(|session| {
-                        heartbeat_flag(&args, 1, watched)?;
-                        watched.verdict()?;
-                        let owed = state.owed.get(target).map_or(0, HashSet::len);
-                        if owed >= MAX_AWAITED_PER_RECEIVER {
-                            return Err(format!(
-                                "the receiver has not answered {owed} processed chunked messages yet: this one is dropped"
-                            )
-                            .into());
-                        }
-                        let server = loop {
-                            let server = format!("{SERVER_SESSION_MARK}{}", crate::ids::random_id(24));
-                            if !state.processing.contains_key(&server) {
-                                break server;
-                            }
-                        };
-let pair = state.awaited_by.get(sender).map_or(0, |sent| {
-                            sent.iter()
-                                .filter(|s| state.processing.get(*s).is_some_and(|p| p.orphan.receiver == target))
-                                .count()
-                        });
-                        if pair >= MAX_AWAITED_PER_PAIR {
-                            return Err(format!(
-                                "the receiver has not answered {pair} of this sender's processed chunked messages yet: this one is dropped"
-                            )
-                            .into());
-                        }
-                        let promise = server_promise(&frame.body, sender, &server).ok_or(
-                            "a message_cache process must be a call that is answered (with a promise)",
-                        )?;
-                        Ok((session, server, promise))
-                    });
+                let session = frame
+                    .field("session")
+                    .filter(|s| !s.is_empty() && s.len() <= MAX_KEY_LEN);
+                let checked = arity.map_or(Ok(()), Err).and_then(|()| {
+                    let session = session.ok_or(
+                        "a message_cache process must be a call that is answered (with a session)",
+                    )?;
+                    heartbeat_flag(&args, 1, watched)?;
+                    watched.verdict()?;
+                    state.may_await(target, sender)?;
+                    let server = state.new_server_session();
+                    let promise = server_promise(&frame.body, sender, &server).ok_or(
+                        "a message_cache process must be a call that is answered (with a promise)",
+                    )?;
+                    Ok((session, server, promise))
+                });
                 let (session, server, promise) = match checked {
                     Ok(checked) => checked,
+                    // Its answer says whether the receiver let the chunks go: a process that
+                    // will not go through leaves them there, and the receiver is told to drop
+                    // them.
                     Err(reason) => {
-                        let (orphan, reason) = refused(state, reason);
+                        let orphan = state.orphan(slot);
                         drop(guard);
                         self.orphan(orphan.into_iter().collect());
                         return Err(reason);
@@ -943,7 +970,12 @@ let pair = state.awaited_by.get(sender).map_or(0, |sent| {
         }
     }
 
-    /// Whether any `process` answer is awaited (frames need not be looked at otherwise).
+    /// Whether frames may name a session the server chose (one awaited or remembered).
+    pub(crate) fn names_sessions(&self) -> bool {
+        self.awaits_answers() || self.remembered.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// Whether any `process` answer is awaited.
     pub(crate) fn awaits_answers(&self) -> bool {
         self.answers_awaited() > 0
     }
@@ -956,7 +988,7 @@ let pair = state.awaited_by.get(sender).map_or(0, |sent| {
     /// Whether a frame whose header has these `method`, `parent` and `session` may name a
     /// session the server chose (then [`ChunkWatch::restore`] is worth its lock).
     pub(crate) fn may_name_server_session(&self, fields: [Option<&str>; 3]) -> bool {
-        self.awaits_answers()
+        self.names_sessions()
             && fields
                 .iter()
                 .flatten()
@@ -968,7 +1000,7 @@ let pair = state.awaited_by.get(sender).map_or(0, |sent| {
     /// notice that the receiver is gone) are given the sender's own session, and the answer
     /// settles what the receiver holds. Cheap when no answer is awaited.
     pub(crate) fn restore(&self, from: &str, to: &str, frame: &Frame) -> Restored {
-        if !self.awaits_answers() {
+        if !self.names_sessions() {
             return Restored::Unchanged;
         }
         let named: Vec<&str> = SESSION_FIELDS
@@ -983,15 +1015,23 @@ let pair = state.awaited_by.get(sender).map_or(0, |sent| {
         // Each server session it names that is awaited, with the sender's own.
         let mut renames: Vec<(&str, String)> = Vec::with_capacity(named.len());
         for server in named {
-            // One settled or timed out names nothing of the sender's any more.
-            let Some(awaited) = state.processing.get(server) else {
+            // One settled a while ago (or unknown) names nothing of the sender's any more.
+            let known = state
+                .processing
+                .get(server)
+                .map(|p| (&p.orphan.receiver, &p.sender, &p.session))
+                .or_else(|| {
+                    let s = state.settled.get(server)?;
+                    Some((&s.receiver, &s.sender, &s.session))
+                });
+            let Some((receiver, sender, session)) = known else {
                 continue;
             };
-            if awaited.orphan.receiver != from || awaited.sender != to {
+            if receiver != from || sender != to {
                 return Restored::Misdirected;
             }
             if !renames.iter().any(|(s, _)| *s == server) {
-                renames.push((server, awaited.session.clone()));
+                renames.push((server, session.clone()));
             }
         }
         // The answer itself: `<server session>.resolve` or `.reject`.
@@ -1081,12 +1121,35 @@ let pair = state.awaited_by.get(sender).map_or(0, |sent| {
             .collect()
     }
 
-    /// Takes out the `process` awaited under `server`, and counts it no longer.
+    /// Takes out the `process` awaited under `server`, and counts it no longer; its session
+    /// is remembered a while (see [`MAX_SETTLED`]).
     fn settle(&self, state: &mut State, server: &str) -> Option<Processing> {
+        use std::sync::atomic::Ordering;
         let settled = state.settle(server)?;
-        self.awaiting
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.awaiting.fetch_sub(1, Ordering::Relaxed);
+        let named = Settled {
+            receiver: settled.orphan.receiver.clone(),
+            sender: settled.sender.clone(),
+            session: settled.session.clone(),
+        };
+        state.settled.insert(server.to_string(), named);
+        state
+            .settled_order
+            .push_back((server.to_string(), Instant::now()));
+        self.forget_settled(state, |count, _| count > MAX_SETTLED);
         Some(settled)
+    }
+
+    /// Forgets the oldest remembered sessions while `drop(count, settled at)` says so.
+    fn forget_settled(&self, state: &mut State, drop: impl Fn(usize, Instant) -> bool) {
+        while let Some((server, at)) = state.settled_order.front()
+            && drop(state.settled_order.len(), *at)
+        {
+            state.settled.remove(server.as_str());
+            state.settled_order.pop_front();
+        }
+        self.remembered
+            .store(state.settled.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Forgets the messages of a client that left: those it sent (their receivers are to
@@ -1119,6 +1182,7 @@ let pair = state.awaited_by.get(sender).map_or(0, |sent| {
         let mut state = self.lock();
         let mut idle = Self::sweep_locked(&mut state);
         idle.extend(self.expire_answers(&mut state));
+        self.forget_settled(&mut state, |_, at| at.elapsed() >= ANSWER_LIMIT);
         drop(state);
         self.orphan(idle);
     }
@@ -1707,9 +1771,21 @@ mod tests {
         );
         assert_eq!(held(), 2 * one);
         assert!(watch.take_orphans().is_empty());
-        // Settled: the session names nothing of the sender's any more.
+        // Settled: a late frame naming it still reaches the sender under its own session
+        // (settling nothing), and nobody else.
+        let late = restored(
+            "ws/alice",
+            "ws/eve",
+            format!("{ok_server}.heartbeat"),
+            &ok_server,
+        );
+        let Restored::Renamed(late) = late else {
+            panic!("{late:?}")
+        };
+        assert_eq!(late.field("parent"), Some(ok.as_str()));
         let late = restored("ws/bob", "ws/eve", format!("{ok_server}.resolve"), "");
-        assert!(matches!(late, Restored::Unchanged), "{late:?}");
+        assert!(matches!(late, Restored::Misdirected), "{late:?}");
+        assert_eq!(held(), 2 * one);
         restored(
             "ws/alice",
             "ws/eve",
@@ -1969,6 +2045,31 @@ mod tests {
         let told = watch.take_orphans();
         assert_eq!(told.len(), 1, "{left}");
         assert!(told[0].key.starts_with("b~"));
+    }
+
+    #[test]
+    fn settled_sessions_are_remembered_a_bounded_while() {
+        let watch = ChunkWatch::default();
+        let mut first = None;
+        for n in 0..=MAX_SETTLED {
+            let (_, vetted) = processed_by(&watch, "ws/eve", "k");
+            let server = vetted.unwrap().server_session.unwrap();
+            let answer = callback_frame("ws/alice", "ws/eve", &format!("{server}.resolve"), "");
+            assert!(matches!(
+                watch.restore("ws/alice", "ws/eve", &answer),
+                Restored::Renamed(_)
+            ));
+            first.get_or_insert(server);
+            assert!(watch.lock().settled.len() <= MAX_SETTLED, "{n}");
+        }
+        assert!(!watch.awaits_answers() && watch.names_sessions());
+        // The oldest went first: a frame naming it is not looked up any more.
+        let first = first.unwrap();
+        let late = callback_frame("ws/bob", "ws/eve", &format!("{first}.resolve"), "");
+        assert!(matches!(
+            watch.restore("ws/bob", "ws/eve", &late),
+            Restored::Unchanged
+        ));
     }
 
     /// Starts message `key` from `ws/eve` to `ws/alice`.

@@ -631,9 +631,13 @@ impl Hub {
         // The clients merge the body over the header the server wrote, so a body may not
         // carry the fields the server sets; and what a chunked message will assemble into is
         // vetted the same way as it passes.
-        let vetted = crate::rpc::scan::check_body(&frame.body)
-            .map_err(|e| chunks::ChunkRefusal(e.to_string()))
-            .and_then(|()| {
+        let vetted = match crate::rpc::scan::check_body(&frame.body) {
+            Err(e) => {
+                // A chunked message's `process` refused here: its receiver drops the chunks.
+                self.chunks.refused(sender.addr, &target, &frame);
+                Err(chunks::ChunkRefusal(e.to_string()))
+            }
+            Ok(()) => {
                 let anonymous = sender.user.is_anonymous();
                 self.chunks
                     .vet(sender.addr, anonymous, &target, &frame, |session| {
@@ -642,7 +646,8 @@ impl Hub {
                         !self.clients.contains_key(&target)
                             || self.inflight.awaits_answer(&target, session, sender.addr)
                     })
-            });
+            }
+        };
         let mut frame = frame;
         let server_session = match vetted {
             Err(chunks::ChunkRefusal(error)) => {

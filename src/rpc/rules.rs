@@ -48,6 +48,10 @@ pub fn check_method(path: &str) -> Result<(), String> {
     }
 }
 
+/// What starts a session the server chose (for a chunked message's `process` call); the
+/// clients' own sessions are alphanumeric.
+pub const SERVER_SESSION_MARK: char = '~';
+
 /// Checks a header as its receiver will read it: every key a string and none repeated (the
 /// server reads the first, the clients the last), its `type`, `method` and `session` strings
 /// if present, its `type` one a client may send, and its `method` a path to a function.
@@ -79,6 +83,16 @@ pub fn check_header(frame: &Frame) -> Result<(), String> {
                 "the frame's header field {name:?} must be a string"
             ));
         }
+    }
+    // Sessions that start so are the ones the server gives chunked messages' `process`
+    // calls (no client writes one).
+    if frame
+        .field("session")
+        .is_some_and(|session| session.starts_with(SERVER_SESSION_MARK))
+    {
+        return Err(format!(
+            "a session may not start with {SERVER_SESSION_MARK:?}: those are the server's"
+        ));
     }
     if let Some(kind) = frame.field("type").and_then(scan::refused_type) {
         return Err(format!(
@@ -152,7 +166,7 @@ mod tests {
             Ok(())
         );
         let key = |k: &str| Value::from(k);
-        let cases: [(Vec<(Value, Value)>, &str); 6] = [
+        let cases: [(Vec<(Value, Value)>, &str); 7] = [
             (
                 vec![
                     (key("method"), "services.s.f".into()),
@@ -179,6 +193,10 @@ mod tests {
             (
                 vec![(key("type"), "constructor".into())],
                 "every JavaScript object has",
+            ),
+            (
+                vec![(key("session"), "~a1b2c3".into())],
+                "those are the server's",
             ),
         ];
         for (entries, expected) in cases {

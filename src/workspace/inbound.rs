@@ -142,7 +142,7 @@ fn observe(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
 /// `process` calls (see [`crate::hub::chunks::ChunkWatch::restore`]).
 fn restore(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
     let chunks = &state.hub.chunks;
-    if !chunks.awaits_answers() {
+    if !chunks.names_sessions() {
         return Some(data);
     }
     // The server writes `from` after the sender's own entries (a notice: before its
