@@ -1929,11 +1929,18 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
             call(&alice_addr, &cache(method), None, body)
         })
     };
-    for chunk in chunks("k") {
-        mallory.send(chunk).await.unwrap();
-        let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
-        assert!(delivered.is_some());
+    /// Sends each frame from one socket and checks the other gets it.
+    async fn pass_through(
+        from: &mut Socket,
+        to: &mut Socket,
+        frames: impl IntoIterator<Item = Message>,
+    ) {
+        for frame in frames {
+            from.send(frame).await.unwrap();
+            assert!(next_frame(to, Duration::from_secs(5)).await.is_some());
+        }
     }
+    pass_through(&mut mallory, &mut alice, chunks("k")).await;
     // Mallory's promise aims its reject at bob: the receiver is given callbacks the server
     // wrote, all to mallory.
     let mut aimed = promise("p1");
@@ -2055,11 +2062,7 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
     assert_eq!(removed, key);
     // A process with an argument more (the JavaScript client takes the one after the flag
     // for the context it trusts) is refused.
-    for chunk in chunks("k2") {
-        mallory.send(chunk).await.unwrap();
-        let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
-        assert!(delivered.is_some());
-    }
+    pass_through(&mut mallory, &mut alice, chunks("k2")).await;
     let forged_context = map(&[("from", "ws-admin/root".into()), ("ws", "ws-admin".into())]);
     let body = map(&[
         (
@@ -2081,11 +2084,7 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
     assert_eq!(text(field(&header, "method")), cache("remove"));
     // A process whose body carries a field the server sets (refused before the chunk watch
     // sees it): the same.
-    for chunk in chunks("k3") {
-        mallory.send(chunk).await.unwrap();
-        let delivered = next_frame(&mut alice, Duration::from_secs(5)).await;
-        assert!(delivered.is_some());
-    }
+    pass_through(&mut mallory, &mut alice, chunks("k3")).await;
     let body = map(&[
         ("args", rmpv::Value::Array(vec!["k3".into(), false.into()])),
         ("promise", promise("p3")),

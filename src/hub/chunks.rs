@@ -1731,6 +1731,16 @@ mod tests {
         let restored = |from: &str, to: &str, method: String, parent: &str| {
             watch.restore(from, to, &callback_frame(from, to, &method, parent))
         };
+        // The receiver's callback `name` under the server's session, as the sender gets it.
+        let from_receiver = |name: &str| match restored(
+            "ws/alice",
+            "ws/eve",
+            format!("{ok_server}.{name}"),
+            &ok_server,
+        ) {
+            Restored::Renamed(frame) => frame,
+            other => panic!("{other:?}"),
+        };
         // The sender's own session settles nothing (a callback it handed the receiver).
         let own = restored("ws/alice", "ws/eve", format!("{ok}.resolve"), &ok);
         assert!(matches!(own, Restored::Unchanged), "{own:?}");
@@ -1740,15 +1750,7 @@ mod tests {
             assert!(matches!(other, Restored::Misdirected), "{other:?}");
         }
         // A heartbeat reaches the sender under its own session, and settles nothing.
-        let beat = restored(
-            "ws/alice",
-            "ws/eve",
-            format!("{ok_server}.heartbeat"),
-            &ok_server,
-        );
-        let Restored::Renamed(beat) = beat else {
-            panic!("{beat:?}")
-        };
+        let beat = from_receiver("heartbeat");
         assert_eq!(
             beat.field("method"),
             Some(format!("{ok}.heartbeat").as_str())
@@ -1756,15 +1758,7 @@ mod tests {
         assert_eq!(beat.field("parent"), Some(ok.as_str()));
         assert_eq!(held(), 3 * one);
         // Resolved: the receiver deleted the chunks. Rejected: it kept them, and is told.
-        let answer = restored(
-            "ws/alice",
-            "ws/eve",
-            format!("{ok_server}.resolve"),
-            &ok_server,
-        );
-        let Restored::Renamed(answer) = answer else {
-            panic!("{answer:?}")
-        };
+        let answer = from_receiver("resolve");
         assert_eq!(
             answer.field("method"),
             Some(format!("{ok}.resolve").as_str())
@@ -1773,15 +1767,7 @@ mod tests {
         assert!(watch.take_orphans().is_empty());
         // Settled: a late frame naming it still reaches the sender under its own session
         // (settling nothing), and nobody else.
-        let late = restored(
-            "ws/alice",
-            "ws/eve",
-            format!("{ok_server}.heartbeat"),
-            &ok_server,
-        );
-        let Restored::Renamed(late) = late else {
-            panic!("{late:?}")
-        };
+        let late = from_receiver("heartbeat");
         assert_eq!(late.field("parent"), Some(ok.as_str()));
         let late = restored("ws/bob", "ws/eve", format!("{ok_server}.resolve"), "");
         assert!(matches!(late, Restored::Misdirected), "{late:?}");
