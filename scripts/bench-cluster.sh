@@ -5,6 +5,9 @@
 # rounds, and prints the medians and the cross-instance ratio of each figure.
 #   scripts/bench-cluster.sh
 #   ROUNDS=5 CALLS=20000 PAIRS=50 scripts/bench-cluster.sh
+#   LINKS=0 scripts/bench-cluster.sh   (frames between the instances through Redis, no --instance-link)
+#   WORKERS=2 scripts/bench-cluster.sh  (runtime worker threads per instance; default 1: the two
+#                                        instances share the two cores as two hosts' worth)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/common.sh
@@ -12,6 +15,11 @@ source scripts/common.sh
 CALLS="${CALLS:-5000}"
 PAIRS="${PAIRS:-100}"
 ROUNDS="${ROUNDS:-3}"
+LINKS="${LINKS:-1}"
+WORKERS="${WORKERS:-1}"
+[ "$WORKERS" -ge 1 ] 2>/dev/null || { echo "WORKERS must be a positive number, got '$WORKERS'" >&2; exit 1; }
+VIA="through Redis"
+[ "$LINKS" = 1 ] && VIA="over the instance link"
 [ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "ROUNDS must be a positive number, got '$ROUNDS'" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "missing prerequisite: redis-server (Debian package redis-server)" >&2; exit 1; }
 
@@ -33,9 +41,11 @@ done
 PORTS=()
 for name in one two; do
     port=$(free_port)
+    link=()
+    [ "$LINKS" = 1 ] && link=(--instance-link 127.0.0.1:0)
     # Every client of the benchmark comes from loopback (one address): no per-address cap.
-    "$BIN" --port "$port" --jwt-secret bench-secret --server-id "bench-$name" --no-demo --max-connections-per-address 0 \
-        --data-dir "$WORK/$name" --redis-uri "redis://127.0.0.1:$REDIS_PORT/0" 2>"$WORK/$name.log" &
+    TOKIO_WORKER_THREADS="$WORKERS" "$BIN" --port "$port" --jwt-secret bench-secret --server-id "bench-$name" --no-demo --max-connections-per-address 0 \
+        --data-dir "$WORK/$name" --redis-uri "redis://127.0.0.1:$REDIS_PORT/0" "${link[@]}" 2>"$WORK/$name.log" &
     PIDS+=($!)
     PORTS+=("$port")
     for _ in $(seq 1 100); do
@@ -62,8 +72,9 @@ run_load() {
 }
 for round in $(seq 1 "$ROUNDS"); do
     run_load "$ONE" "round $round: same instance (two instances sharing Redis)" same
-    run_load "$TWO" "round $round: cross-instance (through Redis)" cross
+    run_load "$TWO" "round $round: cross-instance ($VIA)" cross
 done
+echo "== two instances, $WORKERS runtime worker thread(s) each, frames between them $VIA"
 python3 - "$WORK/figures.same" "$WORK/figures.cross" <<'PY'
 import statistics, sys
 same = [list(map(float, line.split())) for line in open(sys.argv[1])]
@@ -75,7 +86,7 @@ for i, name in enumerate(names):
     s, c = statistics.median(r[i] for r in same), statistics.median(r[i] for r in cross)
     spread = ", ".join(f"{b / a:.2f}" for a, b in zip((r[i] for r in same), (r[i] for r in cross)))
     if i == 0:
-        print(f"{name}: {s:,.0f} / {c:,.0f} (+{c - s:,.0f} us across Redis; per round +" +
+        print(f"{name}: {s:,.0f} / {c:,.0f} (+{c - s:,.0f} us across instances; per round +" +
               ", +".join(f"{r2[0] - r1[0]:,.0f}" for r1, r2 in zip(same, cross)) + ")")
     else:
         print(f"{name}: {s:,.0f} / {c:,.0f}, ratio {c / s:.2f} (per round {spread}; goal >= 0.8)")

@@ -299,11 +299,13 @@ impl App {
             bus,
             directory,
             inbound,
+            link,
         } = cluster::join(
             &settings.cluster,
             &server_id,
             &manager_id,
             settings.connections.max_frame_size,
+            secrecy::ExposeSecret::expose_secret(&secret).as_bytes(),
             &stopping,
         )
         .await?;
@@ -368,7 +370,11 @@ impl App {
         state.hosted.register(&state);
         tokio::spawn(services::run(state.clone(), server_frames));
         if let Some(rx) = inbound {
-            tokio::spawn(workspace::inbound::run(state.clone(), rx));
+            let deliveries = workspace::inbound::Deliveries::start(state.clone());
+            if let Some(link) = link {
+                tokio::spawn(link.serve(deliveries.clone(), state.stopping.clone()));
+            }
+            tokio::spawn(workspace::inbound::run(deliveries, rx));
             tokio::spawn(workspace::keep_lease(state.clone(), state.stopping.clone()));
         }
         tokio::spawn(reload_revocations_now_and_then(state.clone()));

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub chunked_messages: Gauge,
     pub chunked_answers_awaited: Gauge,
     pub bus_up: Gauge,
+    pub bus_links: Gauge,
     pub demo_viewers: Gauge,
     pub probe_up: Gauge,
     pub probe_age: Gauge<f64, AtomicU64>,
@@ -38,6 +39,7 @@ impl Metrics {
             chunked_messages: Gauge::default(),
             chunked_answers_awaited: Gauge::default(),
             bus_up: Gauge::default(),
+            bus_links: Gauge::default(),
             demo_viewers: Gauge::default(),
             probe_up: Gauge::default(),
             probe_age: Gauge::default(),
@@ -94,6 +96,11 @@ impl Metrics {
                 "bus_up",
                 "1 while the Redis subscription that links the instances is up",
                 metrics.bus_up.clone(),
+            );
+            r.register(
+                "bus_links",
+                "Direct links from this instance to other instances that are up (--instance-link)",
+                metrics.bus_links.clone(),
             );
             r.register(
                 "bus_sent",

@@ -6,6 +6,12 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use rmpv::Value;
 
+/// Room for what the sending instance adds to a client's frame (its header's `user`), or what
+/// an announcement wraps around it, above the largest frame a client may send.
+pub(crate) const FRAME_HEADROOM: usize = 1 << 20;
+/// A buffer grown past this by one large frame or batch is let go afterwards.
+pub(crate) const KEEP_BUFFER: usize = 1 << 20;
+
 /// The bus could not carry a message (Redis unreachable, say).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("the instance bus is unavailable: {0}")]
@@ -68,6 +74,10 @@ pub(crate) trait Bus: Send + Sync {
     /// Whether the bus can carry messages now (for readiness and metrics).
     fn is_up(&self) -> bool {
         true
+    }
+    /// Direct links to other instances that are up now (for metrics).
+    fn links_up(&self) -> usize {
+        0
     }
 }
 

@@ -10,7 +10,8 @@
 //!
 //! Keys (all under `hypha-rtc:`): `instances` (sorted set: instance -> lease end in ms),
 //! `svc:<ws>` (hash: service key -> `owner\n` + msgpack `[seq, id, info]`), `cli:<ws>` (hash:
-//! client -> owner), `own:<instance>` (set of `kind\nws\nfield`, what to remove when it dies).
+//! client -> owner), `own:<instance>` (set of `kind\nws\nfield`, what to remove when it dies),
+//! `links` (hash: instance -> the address its instance link listens on, where it has one).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
@@ -146,6 +147,12 @@ pub(crate) struct RedisDirectory {
     claim: redis::Script,
     /// Lease ends (ms since the epoch) of the instances seen at the last heartbeat.
     leases: RwLock<HashMap<String, i64>>,
+    /// Where this instance's link listens, if it has one (written at every heartbeat).
+    link: std::sync::OnceLock<String>,
+    /// Where the other instances' links listen, as of the last heartbeat.
+    links: RwLock<HashMap<String, String>>,
+    /// Instances found without a link lately, and when (asked again after a heartbeat).
+    unlinked: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Serialises this instance's writes with its resync, so a resync never restores an
     /// entry removed while it ran.
     pub writes: tokio::sync::Mutex<()>,
@@ -159,6 +166,8 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
 
 /// The sorted set of instance leases.
 const INSTANCES: &str = "hypha-rtc:instances";
+/// The hash of instance link addresses.
+const LINKS: &str = "hypha-rtc:links";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -190,8 +199,16 @@ impl RedisDirectory {
             release: redis::Script::new(RELEASE_SCRIPT),
             claim: redis::Script::new(CLAIM_SCRIPT),
             leases: RwLock::new(HashMap::new()),
+            link: std::sync::OnceLock::new(),
+            links: RwLock::new(HashMap::new()),
+            unlinked: std::sync::Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Advertises where this instance's link listens, from the next heartbeat on.
+    pub(crate) fn advertise_link(&self, address: String) {
+        let _ = self.link.set(address);
     }
 
     pub(crate) fn instance(&self) -> &str {
@@ -246,24 +263,82 @@ impl RedisDirectory {
     pub(crate) async fn heartbeat(&self) -> Result<bool, Error> {
         let now = now_ms();
         let mut conn = self.conn.clone();
-        let (added, leases): (i64, Vec<(String, f64)>) = timed(
-            redis::pipe()
-                .cmd("ZADD")
-                .arg(INSTANCES)
-                .arg(now + LEASE.as_millis() as i64)
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(INSTANCES)
+            .arg(now + LEASE.as_millis() as i64)
+            .arg(&self.instance)
+            .cmd("ZRANGE")
+            .arg(INSTANCES)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .cmd("HGETALL")
+            .arg(LINKS);
+        if let Some(link) = self.link.get() {
+            pipe.cmd("HSET")
+                .arg(LINKS)
                 .arg(&self.instance)
-                .cmd("ZRANGE")
-                .arg(INSTANCES)
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES")
-                .query_async(&mut conn),
-        )
-        .await?;
+                .arg(link)
+                .ignore();
+        }
+        let (added, leases, links): (i64, Vec<(String, f64)>, HashMap<String, String>) =
+            timed(pipe.query_async(&mut conn)).await?;
         if let Ok(mut known) = self.leases.write() {
             *known = leases.into_iter().map(|(i, end)| (i, end as i64)).collect();
         }
+        if let Ok(mut known) = self.links.write() {
+            *known = links;
+            known.remove(&self.instance);
+        }
         Ok(added == 1)
+    }
+
+    /// Where `instance`'s link listens: as of the last heartbeat, or asked now for an instance
+    /// newer than that (at most once a heartbeat for one without a link).
+    pub(crate) async fn link_of(&self, instance: &str) -> Result<Option<String>, Error> {
+        if let Some(known) = self
+            .links
+            .read()
+            .ok()
+            .and_then(|l| l.get(instance).cloned())
+        {
+            return Ok(Some(known));
+        }
+        let now = std::time::Instant::now();
+        let asked_lately = self.unlinked.lock().is_ok_and(|mut asked| {
+            asked.retain(|_, at| now.duration_since(*at) < HEARTBEAT);
+            asked.contains_key(instance)
+        });
+        if asked_lately {
+            return Ok(None);
+        }
+        let mut conn = self.conn.clone();
+        let found: Option<String> = timed(
+            redis::cmd("HGET")
+                .arg(LINKS)
+                .arg(instance)
+                .query_async(&mut conn),
+        )
+        .await?;
+        match &found {
+            Some(link) => {
+                if let Ok(mut known) = self.links.write() {
+                    known.insert(instance.to_string(), link.clone());
+                }
+            }
+            None => {
+                if let Ok(mut asked) = self.unlinked.lock() {
+                    asked.insert(instance.to_string(), now);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether links are in use: this instance has one, or another had at the last heartbeat.
+    pub(crate) fn any_links(&self) -> bool {
+        self.link.get().is_some() || self.links.read().map(|l| !l.is_empty()).unwrap_or(false)
     }
 
     /// Instances whose lease runs, by id.
@@ -310,6 +385,19 @@ impl RedisDirectory {
         .await?;
         if let Ok(mut known) = self.leases.write() {
             known.remove(dead);
+        }
+        if let Ok(mut known) = self.links.write() {
+            known.remove(dead);
+        }
+        if claimed == 1 {
+            // A twin that restarted under this id writes its own again at its next heartbeat.
+            let _: Result<i64, Error> = timed(
+                redis::cmd("HDEL")
+                    .arg(LINKS)
+                    .arg(dead)
+                    .query_async(&mut conn),
+            )
+            .await;
         }
         if claimed == 0 {
             return Ok(Released::default());

@@ -4,8 +4,10 @@
 
 pub(crate) mod bus;
 pub(crate) mod directory;
+pub(crate) mod link;
 pub(crate) mod redis;
 pub(crate) mod resp;
+pub(crate) mod routes;
 
 pub(crate) use redis::{ClusterOptions, ClusterSettings};
 
@@ -23,21 +25,24 @@ pub enum ClusterError {
 }
 
 /// What an instance works with: the bus, the shared registry, and (with Redis) what other
-/// instances send here.
+/// instances send here and (with `--instance-link`) where they link to this one.
 pub(crate) struct Joined {
     pub bus: Arc<dyn bus::Bus>,
     pub directory: Arc<dyn Directory>,
     pub inbound: Option<tokio::sync::mpsc::Receiver<bus::Inbound>>,
+    pub link: Option<link::LinkListener>,
 }
 
 /// Chooses the implementation once: in-process without `--redis-uri`; otherwise connects to
 /// Redis, claims this instance's id and starts the bus (which carries frames of up to
-/// `max_frame` bytes from clients).
+/// `max_frame` bytes from clients), linking directly to the instances that listen for links
+/// (`secret`, which every instance shares, proves each to the other).
 pub(crate) async fn join(
     settings: &ClusterSettings,
     server_id: &str,
     manager_id: &str,
     max_frame: usize,
+    secret: &[u8],
     stopping: &tokio_util::sync::CancellationToken,
 ) -> Result<Joined, ClusterError> {
     use secrecy::ExposeSecret;
@@ -46,6 +51,7 @@ pub(crate) async fn join(
             bus: Arc::new(bus::LocalBus),
             directory: Arc::new(LocalDirectory::new(server_id.to_string())),
             inbound: None,
+            link: None,
         });
     };
     crate::ids::ClientId::parse(server_id)?;
@@ -55,9 +61,26 @@ pub(crate) async fn join(
         conn.clone(),
     ));
     directory.claim().await?;
-    directory::RedisDirectory::heartbeat(&directory).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    let bus = redis::RedisBus::start(
+    let key = link::LinkKey::derive(secret);
+    let listener = match &settings.instance_link {
+        Some(address) => {
+            let listener = link::LinkListener::bind(
+                &address.bind,
+                server_id.to_string(),
+                key.clone(),
+                max_frame,
+            )
+            .await?;
+            let advertised = address.advertised(listener.port());
+            tracing::info!(link = %advertised, "other instances link to this one directly");
+            directory.advertise_link(advertised);
+            Some(listener)
+        }
+        None => None,
+    };
+    directory::RedisDirectory::heartbeat(&directory).await?;
+    let redis_bus = redis::RedisBus::start(
         &[format!("*/{manager_id}")],
         server_id.to_string(),
         &client,
@@ -65,12 +88,50 @@ pub(crate) async fn join(
         tx,
         stopping.clone(),
     )?;
+    let bus = Arc::new(routes::LinkBus::new(
+        redis_bus,
+        directory.clone(),
+        server_id.to_string(),
+        key,
+        max_frame,
+    ));
     tracing::info!(redis = %crate::options::redact_url(uri.expose_secret()), instance = %server_id, "sharing routing and the registry through Redis");
     Ok(Joined {
         bus,
         directory,
         inbound: Some(rx),
+        link: listener,
     })
+}
+
+impl routes::Locator for directory::RedisDirectory {
+    fn locate<'a>(
+        &'a self,
+        addr: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(String, String)>, bus::BusError>> {
+        Box::pin(async move {
+            // Managers (`*/...`) are in no workspace's directory: Redis finds them.
+            let Some((ws, client)) = addr.split_once('/').filter(|(ws, _)| *ws != "*") else {
+                return Ok(None);
+            };
+            let owner = self
+                .client_elsewhere(ws, client)
+                .await
+                .map_err(|e| bus::BusError(e.to_string()))?;
+            let Some(owner) = owner else {
+                return Ok(None);
+            };
+            let link = self
+                .link_of(&owner)
+                .await
+                .map_err(|e| bus::BusError(e.to_string()))?;
+            Ok(link.map(|link| (owner, link)))
+        })
+    }
+
+    fn any_links(&self) -> bool {
+        directory::RedisDirectory::any_links(self)
+    }
 }
 
 use futures_util::future::BoxFuture;

@@ -16,7 +16,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{Announcement, Bus, BusError, Inbound, decode_announcement, encode_announcement};
+use super::bus::{
+    Announcement, Bus, BusError, FRAME_HEADROOM, Inbound, KEEP_BUFFER, decode_announcement,
+    encode_announcement,
+};
 use super::resp::{self, Reply};
 
 /// Several instances behind one address.
@@ -31,6 +34,14 @@ pub struct ClusterOptions {
         hide_default_value = true
     )]
     pub redis_uri: Option<String>,
+    /// With --redis-uri: where the other instances link to this one directly (HOST:PORT, an address they can reach; port 0: any free port), so that frames between instances skip Redis [default: none, frames go through Redis]
+    #[arg(
+        long,
+        env = "HYPHA_INSTANCE_LINK",
+        value_name = "HOST:PORT",
+        hide_default_value = true
+    )]
+    pub instance_link: Option<String>,
 }
 
 /// Several instances, validated.
@@ -38,6 +49,54 @@ pub struct ClusterOptions {
 pub struct ClusterSettings {
     /// `None`: one instance, bus and registry in-process. May hold a password.
     pub redis_uri: Option<secrecy::SecretString>,
+    /// Where this instance's link listens and is reached, if it has one.
+    pub instance_link: Option<InstanceLink>,
+}
+
+/// Where an instance's link listens: a host the other instances can reach, and a port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceLink {
+    /// What to listen on (`HOST:PORT` as given).
+    pub bind: String,
+    host: String,
+}
+
+impl InstanceLink {
+    /// Reads `HOST:PORT` (IPv6 hosts in brackets). The host is what the other instances dial,
+    /// so an unspecified address (`0.0.0.0`, `[::]`) is refused.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("expected HOST:PORT, got {text:?}"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("the port of {text:?} is not a port number"))?;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if bare.is_empty() {
+            return Err(format!("expected HOST:PORT, got {text:?}"));
+        }
+        if bare.contains(':') && !host.starts_with('[') {
+            return Err(format!(
+                "write an IPv6 host in brackets, as in [::1]:9600, got {text:?}"
+            ));
+        }
+        if bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+        {
+            return Err(format!(
+                "{text:?} is no address another instance can reach: name this instance's own host or address"
+            ));
+        }
+        Ok(Self {
+            bind: text.to_string(),
+            host: host.to_string(),
+        })
+    }
+
+    /// What the other instances dial, once the listener has its port.
+    pub fn advertised(&self, port: u16) -> String {
+        format!("{}:{port}", self.host)
+    }
 }
 
 impl ClusterOptions {
@@ -55,8 +114,25 @@ impl ClusterOptions {
                 crate::options::redact_url(uri)
             )));
         }
+        let link = self.instance_link.as_deref().filter(|l| !l.is_empty());
+        let instance_link = match link {
+            None => None,
+            Some(_) if uri.is_none() => {
+                return Err(crate::options::SettingsError::new(format!(
+                    "{} links instances that share --redis-uri; set that too",
+                    crate::options::option_name("instance-link")
+                )));
+            }
+            Some(link) => Some(InstanceLink::parse(link).map_err(|e| {
+                crate::options::SettingsError::new(format!(
+                    "{}: {e}",
+                    crate::options::option_name("instance-link")
+                ))
+            })?),
+        };
         Ok(ClusterSettings {
             redis_uri: uri.map(|u| secrecy::SecretString::from(u.to_string())),
+            instance_link,
         })
     }
 }
@@ -145,11 +221,6 @@ const PUBLISH_BATCH: usize = 256;
 const CONTROL_QUEUE: usize = 4096;
 /// Channels per SUBSCRIBE when (re)subscribing everything.
 const SUBSCRIBE_CHUNK: usize = 512;
-/// A write buffer grown past this by one large batch is let go afterwards.
-const KEEP_BUFFER: usize = 1 << 20;
-/// Room for what the sending instance adds to a client's frame (its header's `user`), or
-/// what an announcement wraps around it, above the largest frame a client may send.
-const FRAME_HEADROOM: usize = 1 << 20;
 /// The longest reply the publishing connection takes (its replies are integers).
 const PUBLISH_REPLY_MAX: usize = 64 << 10;
 

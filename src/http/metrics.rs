@@ -29,6 +29,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     m.chunked_answers_awaited
         .set(count(state.hub.chunks.answers_awaited()));
     m.bus_up.set(i64::from(state.hub.bus().is_up()));
+    m.bus_links.set(count(state.hub.bus().links_up()));
     m.demo_viewers.set(count(state.demo.viewers()));
     if let Some(probe) = state.ice.probe() {
         let last = probe.last();

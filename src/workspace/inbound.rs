@@ -40,48 +40,89 @@ impl Lane {
     }
 }
 
-/// Handles the bus's deliveries until the bus stops.
-pub(crate) async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Inbound>) {
-    let lanes: Vec<Lane> = (0..LANES)
-        .map(|_| {
-            let (tx, rx) = mpsc::channel(LANE_QUEUE);
-            let waiting = Arc::new(AtomicUsize::new(0));
-            tokio::spawn(lane(state.clone(), rx, waiting.clone()));
-            Lane { tx, waiting }
+/// Delivers frames from other instances to the clients here: straight into a client's queue
+/// when that takes no waiting, else through the client's lane. Shared by the bus's inbound
+/// task and the instance links' readers.
+pub(crate) struct Deliveries {
+    state: Arc<AppState>,
+    lanes: Vec<Lane>,
+    hasher: std::collections::hash_map::RandomState,
+    manager: String,
+}
+
+impl Deliveries {
+    /// Starts the lanes.
+    pub(crate) fn start(state: Arc<AppState>) -> Arc<Self> {
+        let lanes: Vec<Lane> = (0..LANES)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(LANE_QUEUE);
+                let waiting = Arc::new(AtomicUsize::new(0));
+                tokio::spawn(lane(state.clone(), rx, waiting.clone()));
+                Lane { tx, waiting }
+            })
+            .collect();
+        Arc::new(Self {
+            manager: state.peer.manager_addr(),
+            state,
+            lanes,
+            hasher: std::collections::hash_map::RandomState::new(),
         })
-        .collect();
-    let hasher = std::collections::hash_map::RandomState::new();
-    let lane_of = |addr: &str| (hasher.hash_one(addr) as usize) % LANES;
-    let manager = state.peer.manager_addr();
+    }
+
+    fn lane_of(&self, addr: &str) -> &Lane {
+        &self.lanes[(self.hasher.hash_one(addr) as usize) % LANES]
+    }
+
+    /// Delivers a frame for `to`; false once the lanes have stopped.
+    async fn frame(&self, to: String, data: Bytes) -> bool {
+        let state = &self.state;
+        state.hub.bus_received.inc();
+        if to == self.manager {
+            answer(state, to, data);
+            return true;
+        }
+        let lane = self.lane_of(&to);
+        // Nothing of this lane waits before it: straight into the client's queue.
+        let item = if lane.waiting.load(Ordering::Acquire) == 0 {
+            let Some(data) = observe(state, &to, data) else {
+                return true;
+            };
+            if state.hub.try_send_local(&to, &data) {
+                return true;
+            }
+            (to, data, true)
+        } else {
+            (to, data, false)
+        };
+        lane.send(item).await.is_ok()
+    }
+}
+
+impl crate::cluster::link::Receiver for Deliveries {
+    fn holds(&self, addr: &str) -> bool {
+        addr == self.manager || self.state.hub.get(addr).is_some()
+    }
+
+    fn deliver(&self, to: String, data: Bytes) -> impl Future<Output = bool> + Send {
+        self.frame(to, data)
+    }
+}
+
+/// Handles the bus's deliveries until the bus stops.
+pub(crate) async fn run(deliveries: Arc<Deliveries>, mut rx: mpsc::Receiver<Inbound>) {
+    let state = deliveries.state.clone();
     while let Some(item) = rx.recv().await {
         match item {
             Inbound::Frame { to, data } => {
-                state.hub.bus_received.inc();
-                if to == manager {
-                    answer(&state, to, data);
-                    continue;
-                }
-                let lane = &lanes[lane_of(&to)];
-                // Nothing of this lane waits before it: straight into the client's queue.
-                let item = if lane.waiting.load(Ordering::Acquire) == 0 {
-                    let Some(data) = observe(&state, &to, data) else {
-                        continue;
-                    };
-                    if state.hub.try_send_local(&to, &data) {
-                        continue;
-                    }
-                    (to, data, true)
-                } else {
-                    (to, data, false)
-                };
-                if lane.send(item).await.is_err() {
+                if !deliveries.frame(to, data).await {
                     return;
                 }
             }
             Inbound::Announced(Announcement::Broadcast { workspace, data }) => {
                 for client in state.hub.clients_in(&workspace) {
                     let addr = format!("{workspace}/{client}");
-                    if lanes[lane_of(&addr)]
+                    if deliveries
+                        .lane_of(&addr)
                         .send((addr, data.clone(), false))
                         .await
                         .is_err()

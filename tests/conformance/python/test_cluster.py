@@ -138,8 +138,14 @@ def redis():
 
 
 def instance(name, redis, database_url, coturn):
-    return Server("--server-id", name, "--redis-uri", redis.uri, "--database-url", database_url,
-                  "--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}")
+    """An instance that the others link to directly (frames between instances skip Redis);
+    its link's port is `link_port`."""
+    link_port = free_port()
+    server = Server("--server-id", name, "--redis-uri", redis.uri, "--database-url", database_url,
+                    "--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}",
+                    "--instance-link", f"127.0.0.1:{link_port}")
+    server.link_port = link_port
+    return server
 
 
 @pytest.fixture
@@ -240,6 +246,8 @@ def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
         values = dict(line.split(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
         assert values["hypha_rtc_bus_up"] == "1"
         assert int(values["hypha_rtc_bus_sent_total"]) > 0 and int(values["hypha_rtc_bus_received_total"]) > 0
+        # The frames went over the direct link each way, not through Redis.
+        assert values["hypha_rtc_bus_links"] == "1", metrics
         status, ready, _ = server.http("/health/readiness")
         assert status == 200 and ready["redis"]["state"] == "ok", ready
 
@@ -566,3 +574,51 @@ def test_a_client_id_cannot_be_taken_over_and_a_move_closes_the_old_connection(p
             await ws.close()
 
     run(main(), timeout=200)
+
+
+def test_the_instance_link_takes_nothing_from_a_stranger(pair):
+    """The link port proves the other side knows the instances' secret before it takes a
+    frame: a guessed proof, a frame sent without any greeting, and another protocol are all
+    cut off, and the instances go on routing between themselves."""
+    one, two = pair
+
+    def cut_off(first, then=None):
+        with socket.create_connection(("127.0.0.1", one.link_port), timeout=5) as s:
+            s.sendall(first)
+            if then is not None:
+                greeting = b""
+                while len(greeting) < 5 + 1 + len(one.extra[1]) + 64:
+                    part = s.recv(4096)
+                    assert part, "the link answers a greeting with its own"
+                    greeting += part
+                assert greeting.startswith(b"HRTL1")
+                s.sendall(then)
+            left = b""
+            try:
+                while part := s.recv(4096):
+                    left += part
+            except ConnectionResetError:
+                pass  # closed with bytes of ours unread
+            return left
+
+    name = b"stranger"
+    hello = b"HRTL1" + bytes([len(name)]) + name + os.urandom(32)
+    # A proof made without the secret: no acceptance byte, the connection closes.
+    assert cut_off(hello, os.urandom(32)) == b""
+    # A frame with no greeting at all, and an HTTP request: closed without an answer.
+    assert cut_off(b"\x00\x00\x00\x10\x00\x06ws1/ab" + b"\x80" * 10) == b""
+    assert cut_off(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+
+    async def main():
+        token = hypha_token("kim")
+        a = await connect_to_server({"server_url": one.url, "token": token, "client_id": "far"})
+        await a.register_service({"id": "twice", "config": {"visibility": "protected"}, "f": lambda x: 2 * x})
+        b = await connect_to_server({"server_url": two.url, "token": token, "client_id": "near"})
+        svc = await b.get_service("far:twice")
+        assert await svc.f(21) == 42
+        await a.disconnect()
+        await b.disconnect()
+
+    run(main(), timeout=60)
+    _, metrics, _ = two.http_text("/metrics")
+    assert re.search(r"^hypha_rtc_bus_links 1$", metrics, re.M), metrics

@@ -1,0 +1,773 @@
+//! A direct link between two instances: frames for a client on another instance go straight
+//! to it over TCP instead of through Redis, and the receiving instance answers, frame by
+//! frame, whether it holds that client. One link per pair and direction: the dialer sends
+//! frames, the listener answers each with one byte, in order.
+//!
+//! Both ends prove they know the key derived from the shared `--jwt-secret` (HMAC-SHA256 over
+//! both sides' random nonces and ids) before any frame is taken; the frames themselves travel
+//! in the clear, as they do through Redis, so the link belongs on the instances' private network.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::bus::{BusError, FRAME_HEADROOM, KEEP_BUFFER};
+
+/// What a link's first bytes say: the protocol and its version.
+const MAGIC: &[u8; 5] = b"HRTL1";
+/// The listener's word that the dialer proved itself.
+const ACCEPTED: u8 = 0xA5;
+/// How long dialing, or either side of the handshake, may take.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a link may stall (a frame unanswered, a write not taken) before it counts as
+/// broken: longer than a slow client at the far end may hold up its delivery lane
+/// (`--slow-consumer-timeout`, 5 s by default).
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Links a listener serves at once (handshakes included).
+const MAX_LINKS: usize = 256;
+/// Frames waiting for a link's writer; a sender waits for room beyond this.
+const LINK_QUEUE: usize = 4096;
+/// Frames written as one batch.
+const BATCH: usize = 256;
+/// Frames sent and not yet answered; the writer waits for answers beyond this.
+const MAX_UNANSWERED: usize = 16_384;
+/// The longest address a frame may be for.
+const MAX_ADDRESS: usize = 1024;
+
+/// The key both ends of a link prove they hold; never printed.
+#[derive(Clone)]
+pub(crate) struct LinkKey([u8; 32]);
+
+impl std::fmt::Debug for LinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkKey(***)")
+    }
+}
+
+impl LinkKey {
+    /// Derives the link key from the secret every instance shares (`--jwt-secret`), so that
+    /// the key itself is never the token secret.
+    pub(crate) fn derive(secret: &[u8]) -> Self {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"hypha-rtc instance link v1");
+        Self(mac.finalize().into_bytes().into())
+    }
+
+    /// The proof of one side (`role`) for this handshake.
+    fn proof(&self, role: &[u8], nonces: &Nonces, dialer: &str, listener: &str) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(role);
+        mac.update(&nonces.dialer);
+        mac.update(&nonces.listener);
+        for id in [dialer, listener] {
+            mac.update(&[id.len() as u8]);
+            mac.update(id.as_bytes());
+        }
+        mac
+    }
+}
+
+struct Nonces {
+    dialer: [u8; 32],
+    listener: [u8; 32],
+}
+
+fn broken(what: impl std::fmt::Display) -> BusError {
+    BusError(format!("instance link: {what}"))
+}
+
+async fn timed<T>(
+    what: &str,
+    work: impl Future<Output = std::io::Result<T>>,
+) -> Result<T, BusError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| broken(format!("no answer while {what}")))?
+        .map_err(|e| broken(format!("{what}: {e}")))
+}
+
+/// Reads an id: a length byte and that many bytes of text.
+async fn read_id(io: &mut (impl AsyncRead + Unpin)) -> Result<String, BusError> {
+    let len = timed("reading the peer's id", io.read_u8()).await? as usize;
+    let mut id = vec![0; len];
+    timed("reading the peer's id", io.read_exact(&mut id)).await?;
+    String::from_utf8(id).map_err(|_| broken("the peer's id is not text"))
+}
+
+fn put_id(out: &mut BytesMut, id: &str) -> Result<(), BusError> {
+    let len = u8::try_from(id.len()).map_err(|_| broken("an instance id is too long"))?;
+    out.put_u8(len);
+    out.put_slice(id.as_bytes());
+    Ok(())
+}
+
+/// The dialer's half of the handshake: returns once the listener, which must be `peer`,
+/// proved itself and accepted this instance's proof.
+async fn handshake_dialer(
+    io: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    me: &str,
+    peer: &str,
+    key: &LinkKey,
+) -> Result<(), BusError> {
+    let dialer_nonce: [u8; 32] = rand::random();
+    let mut hello = BytesMut::new();
+    hello.put_slice(MAGIC);
+    put_id(&mut hello, me)?;
+    hello.put_slice(&dialer_nonce);
+    timed("greeting the peer", io.write_all(&hello)).await?;
+    let mut magic = [0; MAGIC.len()];
+    timed("reading the peer's greeting", io.read_exact(&mut magic)).await?;
+    if &magic != MAGIC {
+        return Err(broken("the peer does not speak the instance link protocol"));
+    }
+    let listener = read_id(io).await?;
+    if listener != peer {
+        return Err(broken(format!(
+            "expected instance {peer:?}, reached {listener:?}"
+        )));
+    }
+    let mut nonce = [0; 32];
+    let mut proof = [0; 32];
+    timed("reading the peer's proof", io.read_exact(&mut nonce)).await?;
+    timed("reading the peer's proof", io.read_exact(&mut proof)).await?;
+    let nonces = Nonces {
+        dialer: dialer_nonce,
+        listener: nonce,
+    };
+    key.proof(b"listener", &nonces, me, peer)
+        .verify_slice(&proof)
+        .map_err(|_| {
+            broken(format!(
+                "instance {peer:?} does not share this instance's secret"
+            ))
+        })?;
+    let ours = key
+        .proof(b"dialer", &nonces, me, peer)
+        .finalize()
+        .into_bytes();
+    timed("proving this instance", io.write_all(&ours)).await?;
+    let accepted = timed("waiting to be accepted", io.read_u8()).await?;
+    if accepted != ACCEPTED {
+        return Err(broken(format!("instance {peer:?} refused this instance")));
+    }
+    Ok(())
+}
+
+/// The listener's half: returns the dialer's id once it proved itself.
+async fn handshake_listener(
+    io: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    me: &str,
+    key: &LinkKey,
+) -> Result<String, BusError> {
+    let mut magic = [0; MAGIC.len()];
+    timed("reading a greeting", io.read_exact(&mut magic)).await?;
+    if &magic != MAGIC {
+        return Err(broken(
+            "a connection that does not speak the instance link protocol",
+        ));
+    }
+    let dialer = read_id(io).await?;
+    let mut dialer_nonce = [0; 32];
+    timed("reading a greeting", io.read_exact(&mut dialer_nonce)).await?;
+    let nonces = Nonces {
+        dialer: dialer_nonce,
+        listener: rand::random(),
+    };
+    let mut reply = BytesMut::new();
+    reply.put_slice(MAGIC);
+    put_id(&mut reply, me)?;
+    reply.put_slice(&nonces.listener);
+    reply.put_slice(
+        &key.proof(b"listener", &nonces, &dialer, me)
+            .finalize()
+            .into_bytes(),
+    );
+    timed("answering a greeting", io.write_all(&reply)).await?;
+    let mut proof = [0; 32];
+    timed("reading the dialer's proof", io.read_exact(&mut proof)).await?;
+    key.proof(b"dialer", &nonces, &dialer, me)
+        .verify_slice(&proof)
+        .map_err(|_| broken(format!("{dialer:?} does not share this instance's secret")))?;
+    timed("accepting the dialer", io.write_all(&[ACCEPTED])).await?;
+    Ok(dialer)
+}
+
+/// Appends one frame as the link carries it: its length, its address's length, the address
+/// and the frame.
+fn put_frame(out: &mut BytesMut, to: &str, data: &[u8]) {
+    out.put_u32((2 + to.len() + data.len()) as u32);
+    out.put_u16(to.len() as u16);
+    out.put_slice(to.as_bytes());
+    out.put_slice(data);
+}
+
+/// Takes one whole frame off the front of `buf`: `Ok(None)` until it has all arrived.
+fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(String, Bytes)>, BusError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len < 2 || len > max {
+        return Err(broken(format!("a frame of {len} bytes")));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    let to_len = u16::from_be_bytes([buf[4], buf[5]]) as usize;
+    if to_len == 0 || to_len > MAX_ADDRESS || to_len > len - 2 {
+        return Err(broken(format!("a frame for an address of {to_len} bytes")));
+    }
+    buf.advance(6);
+    let to = buf.split_to(to_len);
+    let to = std::str::from_utf8(&to)
+        .map_err(|_| broken("a frame for an address that is not text"))?
+        .to_string();
+    // Copied out: a frame left waiting in a slow client's queue holds only its own bytes,
+    // never the read buffer it came in.
+    let data = Bytes::copy_from_slice(&buf[..len - 2 - to_len]);
+    buf.advance(len - 2 - to_len);
+    Ok(Some((to, data)))
+}
+
+/// The largest frame a link carries for clients whose frames are at most `max_frame` bytes.
+fn frame_limit(max_frame: usize) -> usize {
+    max_frame
+        .saturating_add(FRAME_HEADROOM)
+        .min(u32::MAX as usize)
+}
+
+/// Where a link's frames go on this instance.
+pub(crate) trait Receiver: Send + Sync + 'static {
+    /// Whether the client `addr` is connected here (the sender is told).
+    fn holds(&self, addr: &str) -> bool;
+    /// Delivers a frame for a client held here, in order; false once this instance stops
+    /// taking frames.
+    fn deliver(&self, to: String, data: Bytes) -> impl Future<Output = bool> + Send;
+}
+
+/// This instance's end for its peers' links: bound at start-up (so a taken port fails the
+/// start), served once the instance can deliver.
+pub(crate) struct LinkListener {
+    listener: TcpListener,
+    instance: String,
+    key: LinkKey,
+    max_frame: usize,
+}
+
+impl LinkListener {
+    /// Binds `address` (port 0: any free port).
+    pub(crate) async fn bind(
+        address: &str,
+        instance: String,
+        key: LinkKey,
+        max_frame: usize,
+    ) -> Result<Self, BusError> {
+        let listener = TcpListener::bind(address).await.map_err(|e| {
+            BusError(format!(
+                "cannot listen for instance links on {address}: {e}"
+            ))
+        })?;
+        Ok(Self {
+            listener,
+            instance,
+            key,
+            max_frame,
+        })
+    }
+
+    /// The port it listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Takes links until `stop`: each frame whose client is here goes to `receiver`, and its
+    /// sender is told whether it was.
+    pub(crate) async fn serve<R: Receiver>(self, receiver: Arc<R>, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(MAX_LINKS));
+        let me: Arc<str> = self.instance.into();
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept an instance link");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many instance links: refused one");
+                continue;
+            };
+            let link = Served {
+                me: me.clone(),
+                key: self.key.clone(),
+                max: frame_limit(self.max_frame),
+                receiver: receiver.clone(),
+            };
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    served = link.run(stream) => if let Err(e) = served {
+                        tracing::warn!(%peer, error = %e, "an instance link ended");
+                    },
+                }
+            });
+        }
+    }
+}
+
+/// One link as its listener serves it.
+struct Served<R> {
+    me: Arc<str>,
+    key: LinkKey,
+    max: usize,
+    receiver: Arc<R>,
+}
+
+impl<R: Receiver> Served<R> {
+    async fn run(self, mut stream: TcpStream) -> Result<(), BusError> {
+        let _ = stream.set_nodelay(true);
+        // The whole handshake within the limit: a stranger holds a slot for no longer.
+        let greeted = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            handshake_listener(&mut stream, &self.me, &self.key),
+        )
+        .await
+        .unwrap_or_else(|_| Err(broken("a greeting that took too long")));
+        let dialer = match greeted {
+            Ok(dialer) => dialer,
+            Err(e) => {
+                // Anyone may knock: not worth a warning each (the dialing instance warns).
+                tracing::debug!(error = %e, "refused a connection to the instance link");
+                return Ok(());
+            }
+        };
+        tracing::debug!(instance = %dialer, "an instance linked to this one");
+        let (mut rd, mut wr) = stream.into_split();
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let mut answers = Vec::with_capacity(BATCH);
+        loop {
+            let read = rd
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| broken(format!("reading frames: {e}")))?;
+            if read == 0 {
+                return Ok(());
+            }
+            while let Some((to, data)) = take_frame(&mut buf, self.max)? {
+                let here = self.receiver.holds(&to);
+                if here && !self.receiver.deliver(to, data).await {
+                    return Ok(());
+                }
+                answers.push(u8::from(here));
+            }
+            // One write answers everything this read brought.
+            if !answers.is_empty() {
+                tokio::time::timeout(ANSWER_TIMEOUT, wr.write_all(&answers))
+                    .await
+                    .map_err(|_| broken("the dialer does not read its answers"))?
+                    .map_err(|e| broken(format!("answering frames: {e}")))?;
+                answers.clear();
+            }
+            if buf.capacity() > KEEP_BUFFER && buf.is_empty() {
+                buf = BytesMut::with_capacity(64 << 10);
+            }
+        }
+    }
+}
+
+/// Told, once, what became of a frame sent over a link (`Ok(true)`: its client is on the
+/// other instance; `Ok(false)`: it is not), with the frame back for a second try elsewhere.
+pub(crate) type Answered = Box<dyn FnOnce(Result<bool, BusError>, Bytes) + Send>;
+
+/// A frame for a link's writer.
+pub(crate) struct Outgoing {
+    pub to: Arc<str>,
+    pub data: Bytes,
+    pub answered: Answered,
+}
+
+/// A frame written and not yet answered.
+struct Unanswered {
+    data: Bytes,
+    answered: Answered,
+    sent: Instant,
+}
+
+/// This instance's link to one other instance, for frames that way.
+pub(crate) struct Link {
+    queue: mpsc::Sender<Outgoing>,
+    closed: CancellationToken,
+    /// The same as `closed`, read on every frame without the token's lock.
+    down: Arc<AtomicBool>,
+}
+
+impl Link {
+    /// Dials `peer` at `address`, proves this instance and starts the link's tasks.
+    pub(crate) async fn dial(
+        address: &str,
+        me: &str,
+        peer: &str,
+        key: &LinkKey,
+        max_frame: usize,
+    ) -> Result<Arc<Self>, BusError> {
+        let mut stream = timed("dialing", TcpStream::connect(address)).await?;
+        let _ = stream.set_nodelay(true);
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            handshake_dialer(&mut stream, me, peer, key),
+        )
+        .await
+        .map_err(|_| broken(format!("instance {peer:?} took too long to greet")))??;
+        let (queue, frames) = mpsc::channel(LINK_QUEUE);
+        let closed = CancellationToken::new();
+        let unanswered = Arc::new(Pending {
+            frames: Mutex::new(VecDeque::new()),
+            room: Notify::new(),
+        });
+        let (rd, wr) = stream.into_split();
+        let limit = frame_limit(max_frame);
+        let down = Arc::new(AtomicBool::new(false));
+        let noted = down.clone();
+        let watched = closed.clone();
+        tokio::spawn(async move {
+            watched.cancelled().await;
+            noted.store(true, Ordering::Release);
+        });
+        tokio::spawn(write_frames(
+            wr,
+            frames,
+            unanswered.clone(),
+            closed.clone(),
+            limit,
+        ));
+        tokio::spawn(read_answers(rd, unanswered, closed.clone()));
+        Ok(Arc::new(Self {
+            queue,
+            closed,
+            down,
+        }))
+    }
+
+    /// Whether the link can no longer carry frames.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// Queues a frame (frames keep their order); the frame comes back when the link is closed.
+    pub(crate) async fn send(&self, frame: Outgoing) -> Result<(), Outgoing> {
+        self.queue.send(frame).await.map_err(|e| e.0)
+    }
+
+    /// Closes the link; what it still holds is answered with an error.
+    pub(crate) fn close(&self) {
+        self.down.store(true, Ordering::Release);
+        self.closed.cancel();
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+/// The frames a link wrote and awaits answers for, oldest first.
+struct Pending {
+    frames: Mutex<VecDeque<Unanswered>>,
+    /// Rung when answers make room.
+    room: Notify,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.frames.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    /// Answers everything still waiting with `error`.
+    fn fail(&self, error: &BusError) {
+        let left: Vec<Unanswered> = self
+            .frames
+            .lock()
+            .map(|mut f| f.drain(..).collect())
+            .unwrap_or_default();
+        for frame in left {
+            (frame.answered)(Err(error.clone()), frame.data);
+        }
+    }
+}
+
+/// Writes queued frames in batches until the link closes; then answers whatever is left.
+async fn write_frames(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut frames: mpsc::Receiver<Outgoing>,
+    pending: Arc<Pending>,
+    closed: CancellationToken,
+    limit: usize,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut out = BytesMut::new();
+    let error = loop {
+        let taken = tokio::select! {
+            _ = closed.cancelled() => break broken("closed"),
+            taken = frames.recv_many(&mut batch, BATCH) => taken,
+        };
+        if taken == 0 {
+            break broken("closed");
+        }
+        if batch.len() < BATCH {
+            // The senders that are ready run first: their frames join this write.
+            tokio::task::yield_now().await;
+            while batch.len() < BATCH {
+                match frames.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
+                }
+            }
+        }
+        // Room for the batch's answers first: a peer that stops answering holds the senders.
+        while pending.len() >= MAX_UNANSWERED {
+            let room = pending.room.notified();
+            tokio::select! {
+                _ = closed.cancelled() => break,
+                _ = room => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        if closed.is_cancelled() {
+            break broken("closed");
+        }
+        out.clear();
+        let now = Instant::now();
+        if let Ok(mut waiting) = pending.frames.lock() {
+            for frame in batch.drain(..) {
+                if frame.to.len() > MAX_ADDRESS
+                    || frame.to.is_empty()
+                    || 2 + frame.to.len() + frame.data.len() > limit
+                {
+                    // Nothing a client sends is this large; refused here rather than at the peer.
+                    (frame.answered)(Err(broken("a frame too large for the link")), frame.data);
+                    continue;
+                }
+                put_frame(&mut out, &frame.to, &frame.data);
+                waiting.push_back(Unanswered {
+                    data: frame.data,
+                    answered: frame.answered,
+                    sent: now,
+                });
+            }
+        }
+        match tokio::time::timeout(ANSWER_TIMEOUT, wr.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => break broken(format!("writing frames: {e}")),
+            Err(_) => break broken("the peer does not read its frames"),
+        }
+        if out.capacity() > KEEP_BUFFER {
+            out = BytesMut::new();
+        }
+    };
+    closed.cancel();
+    pending.fail(&error);
+    frames.close();
+    // Taken for a batch that was not written, or still queued: answered too.
+    while let Ok(frame) = frames.try_recv() {
+        batch.push(frame);
+    }
+    for frame in batch {
+        (frame.answered)(Err(error.clone()), frame.data);
+    }
+}
+
+/// Reads the peer's answers, one byte per frame in the order written, until the link closes
+/// or an answer is overdue.
+async fn read_answers(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    pending: Arc<Pending>,
+    closed: CancellationToken,
+) {
+    let mut buf = [0u8; 4096];
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let error = loop {
+        let read = tokio::select! {
+            _ = closed.cancelled() => break broken("closed"),
+            read = rd.read(&mut buf) => read,
+            _ = check.tick() => {
+                let overdue = pending
+                    .frames
+                    .lock()
+                    .map(|f| f.front().is_some_and(|u| u.sent.elapsed() > ANSWER_TIMEOUT))
+                    .unwrap_or(true);
+                if overdue {
+                    break broken("the peer stopped answering");
+                }
+                continue;
+            }
+        };
+        let n = match read {
+            Ok(0) => break broken("the peer closed the link"),
+            Ok(n) => n,
+            Err(e) => break broken(format!("reading answers: {e}")),
+        };
+        let answered: Option<Vec<(Unanswered, u8)>> =
+            pending.frames.lock().ok().and_then(|mut f| {
+                if f.len() < n {
+                    return None;
+                }
+                Some(f.drain(..n).zip(buf[..n].iter().copied()).collect())
+            });
+        let Some(answered) = answered else {
+            break broken("the peer answered frames never sent");
+        };
+        pending.room.notify_waiters();
+        let mut bad = false;
+        for (frame, answer) in answered {
+            let result = match answer {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => {
+                    bad = true;
+                    Err(broken("the peer answered something unknown"))
+                }
+            };
+            (frame.answered)(result, frame.data);
+        }
+        if bad {
+            break broken("the peer answered something unknown");
+        }
+    };
+    closed.cancel();
+    pending.room.notify_waiters();
+    pending.fail(&error);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_survive_the_wire_and_bad_ones_are_refused() {
+        let mut buf = BytesMut::new();
+        put_frame(&mut buf, "ws1/alice", b"\x81\xa1a\x01");
+        put_frame(&mut buf, "ws1/bob", b"");
+        let whole = buf.clone();
+        // Any prefix waits for the rest.
+        for cut in 0..whole.len().min(18) {
+            let mut part = BytesMut::from(&whole[..cut]);
+            assert!(
+                take_frame(&mut part, 100).unwrap().is_none(),
+                "cut at {cut}"
+            );
+        }
+        let (to, data) = take_frame(&mut buf, 100).unwrap().unwrap();
+        assert_eq!(
+            (to.as_str(), &data[..]),
+            ("ws1/alice", &b"\x81\xa1a\x01"[..])
+        );
+        let (to, data) = take_frame(&mut buf, 100).unwrap().unwrap();
+        assert_eq!((to.as_str(), data.len()), ("ws1/bob", 0));
+        assert!(buf.is_empty());
+        let refused =
+            |bytes: &[u8], max: usize| take_frame(&mut BytesMut::from(bytes), max).is_err();
+        let cases: [(&[u8], &str); 5] = [
+            (b"\x00\x00\x01\x00", "longer than the limit"),
+            (b"\x00\x00\x00\x01", "shorter than an address length"),
+            (b"\x00\x00\x00\x04\x00\x00ab", "an empty address"),
+            (b"\x00\x00\x00\x04\x00\x03ab", "an address past the frame"),
+            (b"\x00\x00\x00\x04\x00\x02\xff\xfe", "an address not text"),
+        ];
+        for (bytes, what) in cases {
+            assert!(refused(bytes, 100), "{what}");
+        }
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (dialed.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn only_instances_that_share_the_secret_link() {
+        let key = LinkKey::derive(b"shared");
+        let (mut a, mut b) = pair().await;
+        let (dialed, listened) = tokio::join!(
+            handshake_dialer(&mut a, "i1", "i2", &key),
+            handshake_listener(&mut b, "i2", &key)
+        );
+        dialed.unwrap();
+        assert_eq!(listened.unwrap(), "i1");
+
+        // Another secret: neither side accepts the other.
+        let other = LinkKey::derive(b"guessed");
+        let (mut a, mut b) = pair().await;
+        let (dialed, listened) = tokio::join!(
+            handshake_dialer(&mut a, "i1", "i2", &other),
+            handshake_listener(&mut b, "i2", &key)
+        );
+        assert!(dialed.unwrap_err().0.contains("does not share"));
+        assert!(listened.is_err());
+
+        // The right secret at the wrong instance: the dialer notices.
+        let (mut a, mut b) = pair().await;
+        let (dialed, _) = tokio::join!(
+            handshake_dialer(&mut a, "i1", "i3", &key),
+            handshake_listener(&mut b, "i2", &key)
+        );
+        assert!(dialed.unwrap_err().0.contains("expected instance"));
+
+        // A dialer that replays an old proof is refused: the listener's nonce is new each time.
+        let (mut a, mut b) = pair().await;
+        let listening = tokio::spawn(async move { handshake_listener(&mut b, "i2", &key).await });
+        let mut hello = BytesMut::new();
+        hello.put_slice(MAGIC);
+        put_id(&mut hello, "i1").unwrap();
+        hello.put_slice(&[7; 32]);
+        a.write_all(&hello).await.unwrap();
+        let mut greeting = vec![0; MAGIC.len() + 1 + 2 + 64];
+        a.read_exact(&mut greeting).await.unwrap();
+        a.write_all(&[0; 32]).await.unwrap();
+        assert!(
+            listening
+                .await
+                .unwrap()
+                .unwrap_err()
+                .0
+                .contains("does not share")
+        );
+
+        // Something else altogether is refused at once.
+        let (mut a, mut b) = pair().await;
+        a.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(
+            handshake_listener(&mut b, "i2", &LinkKey::derive(b"shared"))
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_key_never_prints() {
+        let key = LinkKey::derive(b"top secret");
+        assert_eq!(format!("{key:?}"), "LinkKey(***)");
+    }
+}

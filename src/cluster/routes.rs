@@ -1,0 +1,719 @@
+//! The Bus with direct links: a frame for a client on another instance goes over a link to
+//! the instance the directory names for it; Redis carries the announcements, and the frames
+//! for anyone the directory cannot place (another instance's manager, a client still
+//! connecting, an instance without a link).
+//!
+//! Each address has a route: the link it takes, or Redis, and how many of its frames are on
+//! their way. A route changes only once all its frames on the old way are answered, and a
+//! frame the old instance no longer holds is sent again (once) the new way before anything
+//! newer: frames from one sender to one client keep their order across a move.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
+use tokio::sync::Notify;
+
+use super::bus::{Announcement, Bus, BusError, Delivered};
+use super::link::{Link, LinkKey, Outgoing};
+
+/// How long a route through Redis holds before the directory is asked again.
+const FALLBACK_HOLDS: Duration = Duration::from_secs(2);
+/// How long an instance that could not be dialed is left alone.
+const DIAL_BACKOFF: Duration = Duration::from_secs(5);
+/// Routes kept; past this, the idle ones are forgotten.
+const MAX_ROUTES: usize = 100_000;
+
+/// Where a client lives, as far as the directory knows.
+pub(crate) trait Locator: Send + Sync {
+    /// The other instance holding `addr`, with the address its link listens on; `None` when
+    /// no instance with a link is known to hold it.
+    fn locate<'a>(
+        &'a self,
+        addr: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(String, String)>, BusError>>;
+    /// Whether any other instance listens for links at all (else nothing is looked up).
+    fn any_links(&self) -> bool;
+}
+
+/// The way a route's frames go now.
+#[derive(Clone)]
+enum Via {
+    /// Not known: the directory is asked before the next frame.
+    Unknown,
+    Link(Arc<Link>),
+    /// Through the fallback bus, until the instant given.
+    Fallback(Instant),
+}
+
+impl Via {
+    fn usable(&self) -> bool {
+        match self {
+            Via::Unknown => false,
+            Via::Link(link) => !link.is_closed(),
+            Via::Fallback(until) => Instant::now() < *until,
+        }
+    }
+
+    fn is(&self, link: &Arc<Link>) -> bool {
+        matches!(self, Via::Link(l) if Arc::ptr_eq(l, link))
+    }
+}
+
+/// One address's way and the frames on it.
+struct Route {
+    addr: Arc<str>,
+    state: Mutex<RouteState>,
+    /// Rung when the last frame on the way is answered.
+    drained: Notify,
+    /// Held by whoever changes the way.
+    changing: tokio::sync::Mutex<()>,
+}
+
+struct RouteState {
+    via: Via,
+    /// Frames sent and not yet answered.
+    in_flight: usize,
+    /// Frames the old instance no longer held, to go the new way first.
+    again: VecDeque<(Bytes, Delivered)>,
+}
+
+impl Route {
+    fn idle(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| s.in_flight == 0 && s.again.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// One frame of this route was answered.
+    fn answered(&self) {
+        let drained = self
+            .state
+            .lock()
+            .map(|mut s| {
+                s.in_flight = s.in_flight.saturating_sub(1);
+                s.in_flight == 0
+            })
+            .unwrap_or(true);
+        if drained {
+            self.wake_changer();
+        }
+    }
+
+    /// Wakes whoever waits to change the way (only someone holding `changing` waits).
+    fn wake_changer(&self) {
+        if self.changing.try_lock().is_err() {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Waits until no frame of this route is on its way.
+    async fn drain(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.state.lock().map(|s| s.in_flight == 0).unwrap_or(true) {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
+
+/// An instance's link, or when it may be dialed again.
+enum Slot {
+    Up(Arc<Link>),
+    Failed(Instant),
+}
+
+/// What the bus and the links' answers share.
+struct Shared {
+    fallback: Arc<dyn Bus>,
+    locator: Arc<dyn Locator>,
+    me: String,
+    key: LinkKey,
+    max_frame: usize,
+    routes: DashMap<Arc<str>, Arc<Route>>,
+    links: Mutex<HashMap<String, Slot>>,
+    /// One dial at a time.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+/// The Bus of an instance that links directly to the others (see the module's text).
+pub(crate) struct LinkBus {
+    shared: Arc<Shared>,
+}
+
+impl LinkBus {
+    /// Links to the other instances found by `locator`, and leaves to `fallback` the
+    /// announcements, subscriptions and what cannot be placed.
+    pub(crate) fn new(
+        fallback: Arc<dyn Bus>,
+        locator: Arc<dyn Locator>,
+        me: String,
+        key: LinkKey,
+        max_frame: usize,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                fallback,
+                locator,
+                me,
+                key,
+                max_frame,
+                routes: DashMap::new(),
+                links: Mutex::new(HashMap::new()),
+                dialing: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+}
+
+impl Shared {
+    fn route(&self, addr: &str) -> Arc<Route> {
+        if let Some(route) = self.routes.get(addr) {
+            return route.clone();
+        }
+        if self.routes.len() >= MAX_ROUTES {
+            self.routes
+                .retain(|_, r| Arc::strong_count(r) > 1 || !r.idle());
+        }
+        let addr: Arc<str> = addr.into();
+        self.routes
+            .entry(addr.clone())
+            .or_insert_with(|| {
+                Arc::new(Route {
+                    addr,
+                    state: Mutex::new(RouteState {
+                        via: Via::Unknown,
+                        in_flight: 0,
+                        again: VecDeque::new(),
+                    }),
+                    drained: Notify::new(),
+                    changing: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    /// The route's way if frames may take it now (counted as on their way).
+    fn take_way(route: &Route, count: usize) -> Option<Via> {
+        let mut state = route.state.lock().ok()?;
+        if !state.again.is_empty() || !state.via.usable() {
+            return None;
+        }
+        state.in_flight += count;
+        Some(state.via.clone())
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        addr: &str,
+        data: Bytes,
+        then: Delivered,
+    ) -> Result<(), BusError> {
+        let route = self.route(addr);
+        if let Some(via) = Self::take_way(&route, 1) {
+            self.dispatch(&route, via, data, then, false).await;
+            return Ok(());
+        }
+        let _changing = route.changing.lock().await;
+        if let Some(via) = Self::take_way(&route, 1) {
+            self.dispatch(&route, via, data, then, false).await;
+            return Ok(());
+        }
+        let via = self.change_way(&route).await;
+        self.dispatch(&route, via, data, then, false).await;
+        Ok(())
+    }
+
+    /// Finds the route's new way once its old one is drained, and sends what the old
+    /// instance gave back; the caller holds `changing` and sends one frame more, counted.
+    async fn change_way(self: &Arc<Self>, route: &Arc<Route>) -> Via {
+        route.drain().await;
+        let via = self.find_way(&route.addr).await;
+        let again: Vec<(Bytes, Delivered)> = match route.state.lock() {
+            Ok(mut state) => {
+                state.via = via.clone();
+                state.in_flight += state.again.len() + 1;
+                state.again.drain(..).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for (data, then) in again {
+            self.dispatch(route, via.clone(), data, then, true).await;
+        }
+        via
+    }
+
+    /// Sends what the old instance gave back when no sender came to do it.
+    async fn resend(self: Arc<Self>, route: Arc<Route>) {
+        let _changing = route.changing.lock().await;
+        let waiting = route
+            .state
+            .lock()
+            .map(|s| !s.again.is_empty())
+            .unwrap_or(false);
+        if waiting {
+            self.change_way(&route).await;
+            // `change_way` counted one frame more for a sender; there is none.
+            route.answered();
+        }
+    }
+
+    /// Asks the directory where `addr` lives and links there; Redis where that fails.
+    async fn find_way(&self, addr: &str) -> Via {
+        let fallback = Via::Fallback(Instant::now() + FALLBACK_HOLDS);
+        if !self.locator.any_links() {
+            return fallback;
+        }
+        let (instance, address) = match self.locator.locate(addr).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return fallback,
+            Err(e) => {
+                tracing::debug!(error = %e, client = addr, "cannot place a client; through Redis");
+                return fallback;
+            }
+        };
+        match self.link_to(&instance, &address).await {
+            Some(link) => Via::Link(link),
+            None => fallback,
+        }
+    }
+
+    /// The link to `instance`, dialed if needed; `None` while it cannot be reached.
+    async fn link_to(&self, instance: &str, address: &str) -> Option<Arc<Link>> {
+        let known = |links: &HashMap<String, Slot>| match links.get(instance) {
+            Some(Slot::Up(link)) if !link.is_closed() => Some(Some(link.clone())),
+            Some(Slot::Failed(until)) if Instant::now() < *until => Some(None),
+            _ => None,
+        };
+        if let Some(found) = self.links.lock().ok().and_then(|l| known(&l)) {
+            return found;
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(found) = self.links.lock().ok().and_then(|l| known(&l)) {
+            return found;
+        }
+        let dialed = Link::dial(address, &self.me, instance, &self.key, self.max_frame).await;
+        let slot = match &dialed {
+            Ok(link) => {
+                tracing::info!(%instance, %address, "linked to another instance");
+                Slot::Up(link.clone())
+            }
+            Err(e) => {
+                tracing::warn!(%instance, %address, error = %e, "cannot link to another instance; its frames go through Redis for now");
+                Slot::Failed(Instant::now() + DIAL_BACKOFF)
+            }
+        };
+        if let Ok(mut links) = self.links.lock()
+            && let Some(Slot::Up(old)) = links.insert(instance.to_string(), slot)
+        {
+            old.close();
+        }
+        dialed.ok()
+    }
+
+    /// Sends one frame, already counted on the route, the way given; its answer reaches
+    /// `then` (a frame the link's instance no longer holds goes back to the route, once).
+    async fn dispatch(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        via: Via,
+        data: Bytes,
+        then: Delivered,
+        second_try: bool,
+    ) {
+        let link = match via {
+            Via::Link(link) => link,
+            Via::Unknown | Via::Fallback(_) => {
+                let answered = route.clone();
+                let then: Delivered = Box::new(move |delivered| {
+                    answered.answered();
+                    then(delivered);
+                });
+                if let Err(e) = self.fallback.send_then(&route.addr, data, then).await {
+                    // `send_then` fails only before it took the frame: nobody was told.
+                    tracing::debug!(error = %e, "the fallback bus refused a frame");
+                }
+                return;
+            }
+        };
+        let shared = self.clone();
+        let answered_route = route.clone();
+        let on_link = link.clone();
+        let frame = Outgoing {
+            to: route.addr.clone(),
+            data,
+            answered: Box::new(move |answer, data| {
+                shared.answered(&answered_route, &on_link, answer, data, then, second_try)
+            }),
+        };
+        if let Err(frame) = link.send(frame).await {
+            (frame.answered)(Err(BusError("the instance link closed".into())), frame.data);
+        }
+    }
+
+    /// A link answered one of `route`'s frames.
+    fn answered(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        link: &Arc<Link>,
+        answer: Result<bool, BusError>,
+        data: Bytes,
+        then: Delivered,
+        second_try: bool,
+    ) {
+        match answer {
+            Ok(false) if !second_try => {
+                // The client left that instance: find it again and send this frame there
+                // before anything newer.
+                let resend = match route.state.lock() {
+                    Ok(mut state) => {
+                        if state.via.is(link) {
+                            state.via = Via::Unknown;
+                        }
+                        state.again.push_back((data, then));
+                        state.in_flight = state.in_flight.saturating_sub(1);
+                        state.in_flight == 0
+                    }
+                    Err(_) => false,
+                };
+                if resend {
+                    route.wake_changer();
+                    tokio::spawn(self.clone().resend(route.clone()));
+                }
+            }
+            answer => {
+                if answer.is_err()
+                    && let Ok(mut state) = route.state.lock()
+                    && state.via.is(link)
+                {
+                    state.via = Via::Unknown;
+                }
+                route.answered();
+                then(answer);
+            }
+        }
+    }
+}
+
+impl Bus for LinkBus {
+    fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
+        Box::pin(async move {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let then: Delivered = Box::new(move |delivered| {
+                let _ = done.send(delivered);
+            });
+            self.shared.send(addr, data, then).await?;
+            answer
+                .await
+                .map_err(|_| BusError("the frame was lost on its way".into()))?
+        })
+    }
+
+    fn send_then<'a>(
+        &'a self,
+        addr: &'a str,
+        data: Bytes,
+        then: Delivered,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(self.shared.send(addr, data, then))
+    }
+
+    fn announce(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>> {
+        self.shared.fallback.announce(announcement)
+    }
+
+    fn attach<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+        self.shared.fallback.attach(addr)
+    }
+
+    fn detach<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, ()> {
+        self.shared.fallback.detach(addr)
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn is_up(&self) -> bool {
+        self.shared.fallback.is_up()
+    }
+
+    fn links_up(&self) -> usize {
+        self.shared
+            .links
+            .lock()
+            .map(|links| {
+                links
+                    .values()
+                    .filter(|slot| matches!(slot, Slot::Up(link) if !link.is_closed()))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::link::{LinkListener, Receiver};
+    use std::collections::HashSet;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    /// An instance at the far end of a link: which clients it holds, what it was given.
+    #[derive(Default)]
+    struct Far {
+        holds: Mutex<HashSet<String>>,
+        got: Mutex<Vec<(String, Bytes)>>,
+    }
+
+    impl Receiver for Far {
+        fn holds(&self, addr: &str) -> bool {
+            self.holds.lock().unwrap().contains(addr)
+        }
+
+        async fn deliver(&self, to: String, data: Bytes) -> bool {
+            self.got.lock().unwrap().push((to, data));
+            true
+        }
+    }
+
+    impl Far {
+        fn numbers(&self) -> Vec<u32> {
+            let got = self.got.lock().unwrap();
+            got.iter()
+                .map(|(_, d)| u32::from_be_bytes(d[..4].try_into().unwrap()))
+                .collect()
+        }
+    }
+
+    /// Redis as the tests need it: counts what it carried and holds nobody.
+    #[derive(Default)]
+    struct Redisless {
+        carried: Mutex<Vec<String>>,
+    }
+
+    impl Bus for Redisless {
+        fn send<'a>(&'a self, _: &'a str, _: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
+            Box::pin(async { Ok(false) })
+        }
+        fn send_then<'a>(
+            &'a self,
+            addr: &'a str,
+            _: Bytes,
+            then: Delivered,
+        ) -> BoxFuture<'a, Result<(), BusError>> {
+            self.carried.lock().unwrap().push(addr.to_string());
+            then(Ok(false));
+            Box::pin(async { Ok(()) })
+        }
+        fn announce(&self, _: Announcement) -> BoxFuture<'_, Result<(), BusError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn attach<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn detach<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+        fn is_shared(&self) -> bool {
+            true
+        }
+    }
+
+    /// The directory as the tests set it: address -> (instance, link address).
+    #[derive(Default)]
+    struct Places(Mutex<HashMap<String, (String, String)>>);
+
+    impl Locator for Places {
+        fn locate<'a>(
+            &'a self,
+            addr: &'a str,
+        ) -> BoxFuture<'a, Result<Option<(String, String)>, BusError>> {
+            let found = self.0.lock().unwrap().get(addr).cloned();
+            Box::pin(async move { Ok(found) })
+        }
+        fn any_links(&self) -> bool {
+            true
+        }
+    }
+
+    const SECRET: &[u8] = b"the instances' secret";
+
+    /// Starts instance `id`'s link listener; returns its address.
+    async fn far(id: &str, secret: &[u8], far: &Arc<Far>, stop: &CancellationToken) -> String {
+        let listener =
+            LinkListener::bind("127.0.0.1:0", id.into(), LinkKey::derive(secret), 1 << 20)
+                .await
+                .unwrap();
+        let address = format!("127.0.0.1:{}", listener.port());
+        tokio::spawn(listener.serve(far.clone(), stop.clone()));
+        address
+    }
+
+    /// Sends frames numbered `numbers` to `addr`, one after the other as one sender does;
+    /// returns their answers once all came.
+    async fn send_all(
+        bus: &LinkBus,
+        addr: &str,
+        numbers: std::ops::Range<u32>,
+    ) -> Vec<Result<bool, BusError>> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let count = numbers.len();
+        for n in numbers {
+            let tx = tx.clone();
+            let then: Delivered = Box::new(move |answer| {
+                let _ = tx.send((n, answer));
+            });
+            bus.send_then(addr, Bytes::copy_from_slice(&n.to_be_bytes()), then)
+                .await
+                .unwrap();
+        }
+        let mut answers = Vec::with_capacity(count);
+        while answers.len() < count {
+            let (n, answer) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("every frame is answered")
+                .unwrap();
+            answers.push((n, answer));
+        }
+        answers.sort_by_key(|(n, _)| *n);
+        answers.into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn bus(places: &Arc<Places>, redis: &Arc<Redisless>) -> LinkBus {
+        LinkBus::new(
+            redis.clone(),
+            places.clone(),
+            "a".into(),
+            LinkKey::derive(SECRET),
+            1 << 20,
+        )
+    }
+
+    #[tokio::test]
+    async fn frames_follow_a_client_from_one_instance_to_another_in_order() {
+        let stop = CancellationToken::new();
+        let (b, c) = (Arc::new(Far::default()), Arc::new(Far::default()));
+        let (at_b, at_c) = (
+            far("b", SECRET, &b, &stop).await,
+            far("c", SECRET, &c, &stop).await,
+        );
+        let places = Arc::new(Places::default());
+        let redis = Arc::new(Redisless::default());
+        let bus = bus(&places, &redis);
+        b.holds.lock().unwrap().insert("ws/x".into());
+        places
+            .0
+            .lock()
+            .unwrap()
+            .insert("ws/x".into(), ("b".into(), at_b.clone()));
+
+        let answers = send_all(&bus, "ws/x", 0..200).await;
+        assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
+        assert_eq!(b.numbers(), (0..200).collect::<Vec<_>>());
+        assert!(
+            redis.carried.lock().unwrap().is_empty(),
+            "nothing went through Redis"
+        );
+
+        // The client moves to c: what b no longer holds is sent there again, before anything
+        // newer, and nothing is lost or doubled.
+        b.holds.lock().unwrap().clear();
+        c.holds.lock().unwrap().insert("ws/x".into());
+        places
+            .0
+            .lock()
+            .unwrap()
+            .insert("ws/x".into(), ("c".into(), at_c));
+        let answers = send_all(&bus, "ws/x", 200..400).await;
+        assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
+        assert_eq!(b.numbers(), (0..200).collect::<Vec<_>>());
+        assert_eq!(c.numbers(), (200..400).collect::<Vec<_>>());
+        assert!(redis.carried.lock().unwrap().is_empty());
+
+        // It leaves altogether: the directory has it nowhere, so Redis is asked and says no.
+        c.holds.lock().unwrap().clear();
+        places.0.lock().unwrap().clear();
+        let answers = send_all(&bus, "ws/x", 400..410).await;
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(false))),
+            "{answers:?}"
+        );
+        assert_eq!(redis.carried.lock().unwrap().len(), 10);
+        assert_eq!(c.numbers().len(), 200);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_instance_without_the_secret_gets_no_frames() {
+        let stop = CancellationToken::new();
+        let impostor = Arc::new(Far::default());
+        let at = far("b", b"a guess", &impostor, &stop).await;
+        impostor.holds.lock().unwrap().insert("ws/x".into());
+        let places = Arc::new(Places::default());
+        places
+            .0
+            .lock()
+            .unwrap()
+            .insert("ws/x".into(), ("b".into(), at));
+        let redis = Arc::new(Redisless::default());
+        let bus = bus(&places, &redis);
+        let answers = send_all(&bus, "ws/x", 0..5).await;
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(false))),
+            "{answers:?}"
+        );
+        assert!(impostor.got.lock().unwrap().is_empty());
+        assert_eq!(
+            redis.carried.lock().unwrap().len(),
+            5,
+            "through Redis instead"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn frames_on_a_link_that_breaks_are_answered_and_later_ones_go_through_redis() {
+        let stop = CancellationToken::new();
+        let b = Arc::new(Far::default());
+        let at_b = far("b", SECRET, &b, &stop).await;
+        b.holds.lock().unwrap().insert("ws/x".into());
+        let places = Arc::new(Places::default());
+        places
+            .0
+            .lock()
+            .unwrap()
+            .insert("ws/x".into(), ("b".into(), at_b));
+        let redis = Arc::new(Redisless::default());
+        let bus = bus(&places, &redis);
+        assert!(
+            send_all(&bus, "ws/x", 0..3)
+                .await
+                .iter()
+                .all(|a| matches!(a, Ok(true)))
+        );
+        // b stops: its listener and links go.
+        stop.cancel();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answers = send_all(&bus, "ws/x", 3..4).await;
+            if matches!(answers[0], Ok(false)) {
+                break;
+            }
+            // A frame written before the close was noticed hears an error, never silence.
+            assert!(answers[0].is_err(), "{answers:?}");
+            assert!(Instant::now() < deadline, "the broken link is noticed");
+            tokio::task::yield_now().await;
+        }
+        assert!(!redis.carried.lock().unwrap().is_empty());
+    }
+}
