@@ -6,8 +6,8 @@
 #   scripts/bench-cluster.sh
 #   ROUNDS=5 CALLS=20000 PAIRS=50 scripts/bench-cluster.sh
 #   LINKS=0 scripts/bench-cluster.sh   (frames between the instances through Redis, no --instance-link)
-#   WORKERS=2 scripts/bench-cluster.sh  (runtime worker threads per instance; default 1: the two
-#                                        instances share the two cores as two hosts' worth)
+#   WORKERS=1 scripts/bench-cluster.sh  (runtime worker threads per instance; default: one per
+#                                        core, as the server starts without TOKIO_WORKER_THREADS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/common.sh
@@ -16,7 +16,7 @@ CALLS="${CALLS:-5000}"
 PAIRS="${PAIRS:-100}"
 ROUNDS="${ROUNDS:-3}"
 LINKS="${LINKS:-1}"
-WORKERS="${WORKERS:-1}"
+WORKERS="${WORKERS:-$(nproc)}"
 [ "$WORKERS" -ge 1 ] 2>/dev/null || { echo "WORKERS must be a positive number, got '$WORKERS'" >&2; exit 1; }
 VIA="through Redis"
 [ "$LINKS" = 1 ] && VIA="over the instance link"

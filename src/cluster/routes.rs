@@ -237,16 +237,21 @@ impl Shared {
     async fn change_way(self: &Arc<Self>, route: &Arc<Route>) -> Via {
         route.drain().await;
         let via = self.find_way(&route.addr).await;
+        // What the old instance gave back goes first; the way stays unknown until all of it is
+        // queued, so that no sender's newer frame overtakes its own older one.
         let again: Vec<(Bytes, Delivered)> = match route.state.lock() {
             Ok(mut state) => {
-                state.via = via.clone();
-                state.in_flight += state.again.len() + 1;
+                state.in_flight += state.again.len();
                 state.again.drain(..).collect()
             }
             Err(_) => Vec::new(),
         };
         for (data, then) in again {
             self.dispatch(route, via.clone(), data, then, true).await;
+        }
+        if let Ok(mut state) = route.state.lock() {
+            state.via = via.clone();
+            state.in_flight += 1;
         }
         via
     }
@@ -599,23 +604,49 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn frames_follow_a_client_from_one_instance_to_another_in_order() {
+    /// Instances b and c with their links listening; the client `ws/x` is on b.
+    struct Two {
+        stop: CancellationToken,
+        b: Arc<Far>,
+        c: Arc<Far>,
+        at_c: String,
+        places: Arc<Places>,
+        redis: Arc<Redisless>,
+    }
+
+    async fn two_instances() -> Two {
         let stop = CancellationToken::new();
         let (b, c) = (Arc::new(Far::default()), Arc::new(Far::default()));
-        let (at_b, at_c) = (
-            far("b", SECRET, &b, &stop).await,
-            far("c", SECRET, &c, &stop).await,
-        );
-        let places = Arc::new(Places::default());
-        let redis = Arc::new(Redisless::default());
-        let bus = bus(&places, &redis);
+        let at_b = far("b", SECRET, &b, &stop).await;
+        let at_c = far("c", SECRET, &c, &stop).await;
         b.holds.lock().unwrap().insert("ws/x".into());
+        let places = Arc::new(Places::default());
         places
             .0
             .lock()
             .unwrap()
-            .insert("ws/x".into(), ("b".into(), at_b.clone()));
+            .insert("ws/x".into(), ("b".into(), at_b));
+        Two {
+            stop,
+            b,
+            c,
+            at_c,
+            places,
+            redis: Arc::new(Redisless::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_follow_a_client_from_one_instance_to_another_in_order() {
+        let Two {
+            stop,
+            b,
+            c,
+            at_c,
+            places,
+            redis,
+        } = two_instances().await;
+        let bus = bus(&places, &redis);
 
         let answers = send_all(&bus, "ws/x", 0..200).await;
         assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
@@ -650,6 +681,76 @@ mod tests {
         );
         assert_eq!(redis.carried.lock().unwrap().len(), 10);
         assert_eq!(c.numbers().len(), 200);
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn senders_keep_their_order_when_the_client_moves_under_them() {
+        const EACH: u32 = 3000;
+        let Two {
+            stop,
+            b,
+            c,
+            at_c,
+            places,
+            redis,
+        } = two_instances().await;
+        let bus = Arc::new(bus(&places, &redis));
+        // Two senders at once, each numbering its own frames.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let senders: Vec<_> = (0..2u32)
+            .map(|sender| {
+                let (bus, tx) = (bus.clone(), tx.clone());
+                tokio::spawn(async move {
+                    for n in 0..EACH {
+                        let tx = tx.clone();
+                        let then: Delivered = Box::new(move |answer| {
+                            let _ = tx.send(answer);
+                        });
+                        let mut data = sender.to_be_bytes().to_vec();
+                        data.extend(n.to_be_bytes());
+                        bus.send_then("ws/x", data.into(), then).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        // The client moves while frames are on their way to b.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.got.lock().unwrap().len() < 1000 {
+            assert!(Instant::now() < deadline, "b gets frames");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        c.holds.lock().unwrap().insert("ws/x".into());
+        places
+            .0
+            .lock()
+            .unwrap()
+            .insert("ws/x".into(), ("c".into(), at_c));
+        b.holds.lock().unwrap().clear();
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        for _ in 0..2 * EACH {
+            let answer = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("every frame is answered")
+                .unwrap();
+            assert!(matches!(answer, Ok(true)), "{answer:?}");
+        }
+        let of = |far: &Far, sender: u32| -> Vec<u32> {
+            let got = far.got.lock().unwrap();
+            got.iter()
+                .filter(|(_, d)| d[..4] == sender.to_be_bytes())
+                .map(|(_, d)| u32::from_be_bytes(d[4..8].try_into().unwrap()))
+                .collect()
+        };
+        for sender in 0..2 {
+            let (before, after) = (of(&b, sender), of(&c, sender));
+            let all: Vec<u32> = before.iter().chain(&after).copied().collect();
+            // Each frame once, and in the order sent: everything at b before everything at c.
+            assert_eq!(all, (0..EACH).collect::<Vec<_>>(), "sender {sender}");
+            assert!(!after.is_empty(), "the move came before the last frames");
+        }
         stop.cancel();
     }
 
