@@ -100,7 +100,7 @@ impl Deliveries {
 
 impl crate::cluster::link::Receiver for Deliveries {
     fn holds(&self, addr: &str) -> bool {
-        addr == self.manager || self.state.hub.get(addr).is_some()
+        addr == self.manager || self.state.hub.is_connected(addr)
     }
 
     fn deliver(&self, to: String, data: Bytes) -> impl Future<Output = bool> + Send {
