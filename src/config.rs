@@ -336,6 +336,14 @@ where
         accounts: cli.accounts.settings(),
         demo: cli.demo.settings(&cli.server.host)?,
     };
+    if settings.cluster.instance_link.is_some() && settings.server.jwt_secret.is_none() {
+        // The link's key comes from the secret all instances share; a random one per process
+        // would leave every link refused.
+        return Err(crate::options::SettingsError::new(format!(
+            "{} needs --jwt-secret (HYPHA_JWT_SECRET), the same on every instance: the instances prove themselves to each other with it",
+            crate::options::option_name("instance-link")
+        )));
+    }
     let mut unknown: Vec<&String> = env
         .keys()
         .filter(|k| {
@@ -382,6 +390,44 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn an_instance_link_is_checked_before_the_start() {
+        let refused = |args: &[&str], vars: &[(&str, &str)]| {
+            let mut all = vec!["hypha-rtc"];
+            all.extend_from_slice(args);
+            match load(all, &env(vars)) {
+                Ok(_) => panic!("accepted {args:?}"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let redis = ["--redis-uri", "redis://127.0.0.1:6379/0"];
+        let secret = [("HYPHA_JWT_SECRET", "s")];
+        let with = |link: &'static str| [&redis[..], &["--instance-link", link][..]].concat();
+        assert!(refused(&with("10.0.0.1:9600"), &[]).contains("needs --jwt-secret"));
+        assert!(refused(&["--instance-link", "10.0.0.1:9600"], &secret).contains("--redis-uri"));
+        assert!(refused(&with("0.0.0.0:9600"), &secret).contains("no address another instance"));
+        assert!(refused(&with("[::]:9600"), &secret).contains("no address another instance"));
+        assert!(refused(&with("::1:9600"), &secret).contains("brackets"));
+        assert!(refused(&with("10.0.0.1"), &secret).contains("HOST:PORT"));
+        assert!(refused(&with("h:99999"), &secret).contains("not a port"));
+        let (_, s, _) = load(
+            [
+                "hypha-rtc",
+                redis[0],
+                redis[1],
+                "--instance-link",
+                "[::1]:0",
+            ],
+            &env(&secret),
+        )
+        .unwrap();
+        let link = s.cluster.instance_link.unwrap();
+        assert_eq!(
+            (link.bind.as_str(), link.advertised(9600).as_str()),
+            ("[::1]:0", "[::1]:9600")
+        );
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub(crate) trait Bus: Send + Sync {
     fn links_up(&self) -> usize {
         0
     }
+    /// `instance` is gone (its lease ran out): whatever led to it is let go.
+    fn instance_gone(&self, _instance: &str) {}
 }
 
 /// The bus of a single instance: there is nowhere else to deliver to.

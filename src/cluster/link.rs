@@ -4,8 +4,10 @@
 //! frames, the listener answers each with one byte, in order.
 //!
 //! Both ends prove they know the key derived from the shared `--jwt-secret` (HMAC-SHA256 over
-//! both sides' random nonces and ids) before any frame is taken; the frames themselves travel
-//! in the clear, as they do through Redis, so the link belongs on the instances' private network.
+//! both sides' random nonces and ids; the dialer first, so that a stranger learns nothing to
+//! guess the secret from) before any frame is taken; the frames themselves travel in the
+//! clear, as they do through Redis, so the link belongs on the instances' private network. An
+//! idle link is pinged every 10 s; a listener closes one silent for a minute.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,16 +26,21 @@ use super::bus::{BusError, FRAME_HEADROOM, KEEP_BUFFER};
 
 /// What a link's first bytes say: the protocol and its version.
 const MAGIC: &[u8; 5] = b"HRTL1";
-/// The listener's word that the dialer proved itself.
-const ACCEPTED: u8 = 0xA5;
 /// How long dialing, or either side of the handshake, may take.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a link may stall (a frame unanswered, a write not taken) before it counts as
-/// broken: longer than a slow client at the far end may hold up its delivery lane
+/// broken: well beyond what one slow client at the far end may hold up its delivery lane
 /// (`--slow-consumer-timeout`, 5 s by default).
 pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Links a listener serves at once (handshakes included).
+/// Links a listener serves at once, once proven.
 const MAX_LINKS: usize = 256;
+/// Connections a listener greets at once, not yet proven: strangers cannot take the proven
+/// links' room.
+const MAX_GREETINGS: usize = 32;
+/// A link the dialer leaves idle this long is pinged (a one-byte answer).
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// A listener closes a link that brought nothing (not even a ping) for this long.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// Frames waiting for a link's writer; a sender waits for room beyond this.
 const LINK_QUEUE: usize = 4096;
 /// Frames written as one batch.
@@ -112,8 +119,9 @@ fn put_id(out: &mut BytesMut, id: &str) -> Result<(), BusError> {
     Ok(())
 }
 
-/// The dialer's half of the handshake: returns once the listener, which must be `peer`,
-/// proved itself and accepted this instance's proof.
+/// The dialer's half of the handshake: the dialer proves itself first (so that nobody who
+/// merely reaches the port gets a proof to guess the secret from), then checks the listener's
+/// proof, which must come from `peer`.
 async fn handshake_dialer(
     io: &mut (impl AsyncRead + AsyncWrite + Unpin),
     me: &str,
@@ -138,33 +146,31 @@ async fn handshake_dialer(
         )));
     }
     let mut nonce = [0; 32];
-    let mut proof = [0; 32];
-    timed("reading the peer's proof", io.read_exact(&mut nonce)).await?;
-    timed("reading the peer's proof", io.read_exact(&mut proof)).await?;
+    timed("reading the peer's greeting", io.read_exact(&mut nonce)).await?;
     let nonces = Nonces {
         dialer: dialer_nonce,
         listener: nonce,
     };
+    let ours = key
+        .proof(b"dialer", &nonces, me, peer)
+        .finalize()
+        .into_bytes();
+    timed("proving this instance", io.write_all(&ours)).await?;
+    let mut proof = [0; 32];
+    timed("reading the peer's proof", io.read_exact(&mut proof))
+        .await
+        .map_err(|_| broken(format!("instance {peer:?} refused this instance")))?;
     key.proof(b"listener", &nonces, me, peer)
         .verify_slice(&proof)
         .map_err(|_| {
             broken(format!(
                 "instance {peer:?} does not share this instance's secret"
             ))
-        })?;
-    let ours = key
-        .proof(b"dialer", &nonces, me, peer)
-        .finalize()
-        .into_bytes();
-    timed("proving this instance", io.write_all(&ours)).await?;
-    let accepted = timed("waiting to be accepted", io.read_u8()).await?;
-    if accepted != ACCEPTED {
-        return Err(broken(format!("instance {peer:?} refused this instance")));
-    }
-    Ok(())
+        })
 }
 
-/// The listener's half: returns the dialer's id once it proved itself.
+/// The listener's half: returns the dialer's id once it proved itself, and only then proves
+/// this instance.
 async fn handshake_listener(
     io: &mut (impl AsyncRead + AsyncWrite + Unpin),
     me: &str,
@@ -188,18 +194,17 @@ async fn handshake_listener(
     reply.put_slice(MAGIC);
     put_id(&mut reply, me)?;
     reply.put_slice(&nonces.listener);
-    reply.put_slice(
-        &key.proof(b"listener", &nonces, &dialer, me)
-            .finalize()
-            .into_bytes(),
-    );
     timed("answering a greeting", io.write_all(&reply)).await?;
     let mut proof = [0; 32];
     timed("reading the dialer's proof", io.read_exact(&mut proof)).await?;
     key.proof(b"dialer", &nonces, &dialer, me)
         .verify_slice(&proof)
         .map_err(|_| broken(format!("{dialer:?} does not share this instance's secret")))?;
-    timed("accepting the dialer", io.write_all(&[ACCEPTED])).await?;
+    let ours = key
+        .proof(b"listener", &nonces, &dialer, me)
+        .finalize()
+        .into_bytes();
+    timed("proving this instance", io.write_all(&ours)).await?;
     Ok(dialer)
 }
 
@@ -212,7 +217,11 @@ fn put_frame(out: &mut BytesMut, to: &str, data: &[u8]) {
     out.put_slice(data);
 }
 
-/// Takes one whole frame off the front of `buf`: `Ok(None)` until it has all arrived.
+/// A ping: a frame for no address, and nothing in it.
+const PING: [u8; 6] = [0, 0, 0, 2, 0, 0];
+
+/// Takes one whole frame off the front of `buf`: `Ok(None)` until it has all arrived. A ping
+/// comes out with an empty address.
 fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(String, Bytes)>, BusError> {
     if buf.len() < 4 {
         return Ok(None);
@@ -226,6 +235,10 @@ fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(String, Bytes)>,
         return Ok(None);
     }
     let to_len = u16::from_be_bytes([buf[4], buf[5]]) as usize;
+    if to_len == 0 && len == 2 {
+        buf.advance(6);
+        return Ok(Some((String::new(), Bytes::new())));
+    }
     if to_len == 0 || to_len > MAX_ADDRESS || to_len > len - 2 {
         return Err(broken(format!("a frame for an address of {to_len} bytes")));
     }
@@ -296,6 +309,7 @@ impl LinkListener {
     /// sender is told whether it was.
     pub(crate) async fn serve<R: Receiver>(self, receiver: Arc<R>, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(MAX_LINKS));
+        let greetings = Arc::new(Semaphore::new(MAX_GREETINGS));
         let me: Arc<str> = self.instance.into();
         loop {
             let accepted = tokio::select! {
@@ -310,8 +324,8 @@ impl LinkListener {
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many instance links: refused one");
+            let Ok(greeting) = greetings.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "too many unproven connections to the instance link: refused one");
                 continue;
             };
             let link = Served {
@@ -319,10 +333,11 @@ impl LinkListener {
                 key: self.key.clone(),
                 max: frame_limit(self.max_frame),
                 receiver: receiver.clone(),
+                greeting: Some(greeting),
+                slots: slots.clone(),
             };
             let stop = stop.clone();
             tokio::spawn(async move {
-                let _slot = slot;
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     served = link.run(stream) => if let Err(e) = served {
@@ -340,10 +355,14 @@ struct Served<R> {
     key: LinkKey,
     max: usize,
     receiver: Arc<R>,
+    /// Held while the dialer has not proven itself.
+    greeting: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Room for proven links.
+    slots: Arc<Semaphore>,
 }
 
 impl<R: Receiver> Served<R> {
-    async fn run(self, mut stream: TcpStream) -> Result<(), BusError> {
+    async fn run(mut self, mut stream: TcpStream) -> Result<(), BusError> {
         let _ = stream.set_nodelay(true);
         // The whole handshake within the limit: a stranger holds a slot for no longer.
         let greeted = tokio::time::timeout(
@@ -360,19 +379,28 @@ impl<R: Receiver> Served<R> {
                 return Ok(());
             }
         };
+        self.greeting = None;
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            return Err(broken(format!("too many links: refused {dialer:?}'s")));
+        };
         tracing::debug!(instance = %dialer, "an instance linked to this one");
         let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut answers = Vec::with_capacity(BATCH);
         loop {
-            let read = rd
-                .read_buf(&mut buf)
+            let read = tokio::time::timeout(IDLE_LIMIT, rd.read_buf(&mut buf))
                 .await
+                .map_err(|_| broken(format!("nothing from {dialer:?} for a minute")))?
                 .map_err(|e| broken(format!("reading frames: {e}")))?;
             if read == 0 {
                 return Ok(());
             }
             while let Some((to, data)) = take_frame(&mut buf, self.max)? {
+                // A ping: answered, delivered nowhere.
+                if to.is_empty() {
+                    answers.push(1);
+                    continue;
+                }
                 let here = self.receiver.holds(&to);
                 if here && !self.receiver.deliver(to, data).await {
                     return Ok(());
@@ -472,9 +500,10 @@ impl Link {
         self.down.load(Ordering::Acquire)
     }
 
-    /// Queues a frame (frames keep their order); the frame comes back when the link is closed.
-    pub(crate) async fn send(&self, frame: Outgoing) -> Result<(), Outgoing> {
-        self.queue.send(frame).await.map_err(|e| e.0)
+    /// Room for one frame in the link's queue (frames keep their order); `None` once the link
+    /// is closed. Cancelling the wait takes nothing.
+    pub(crate) async fn reserve(&self) -> Option<mpsc::Permit<'_, Outgoing>> {
+        self.queue.reserve().await.ok()
     }
 
     /// Closes the link; what it still holds is answered with an error.
@@ -524,11 +553,27 @@ async fn write_frames(
     limit: usize,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut refused = Vec::new();
     let mut out = BytesMut::new();
     let error = loop {
         let taken = tokio::select! {
             _ = closed.cancelled() => break broken("closed"),
             taken = frames.recv_many(&mut batch, BATCH) => taken,
+            // Idle: a ping keeps the listener's side open and tells this side the peer lives.
+            _ = tokio::time::sleep(PING_EVERY) => {
+                if let Ok(mut waiting) = pending.frames.lock() {
+                    waiting.push_back(Unanswered {
+                        data: Bytes::new(),
+                        answered: Box::new(|_, _| {}),
+                        sent: Instant::now(),
+                    });
+                }
+                match tokio::time::timeout(ANSWER_TIMEOUT, wr.write_all(&PING)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => break broken(format!("writing a ping: {e}")),
+                    Err(_) => break broken("the peer does not read its frames"),
+                }
+            }
         };
         if taken == 0 {
             break broken("closed");
@@ -563,8 +608,9 @@ async fn write_frames(
                     || frame.to.is_empty()
                     || 2 + frame.to.len() + frame.data.len() > limit
                 {
-                    // Nothing a client sends is this large; refused here rather than at the peer.
-                    (frame.answered)(Err(broken("a frame too large for the link")), frame.data);
+                    // Nothing a client sends is this large; refused here rather than at the
+                    // peer (answered below, outside the lock).
+                    refused.push(frame);
                     continue;
                 }
                 put_frame(&mut out, &frame.to, &frame.data);
@@ -574,6 +620,9 @@ async fn write_frames(
                     sent: now,
                 });
             }
+        }
+        for frame in refused.drain(..) {
+            (frame.answered)(Err(broken("a frame too large for the link")), frame.data);
         }
         match tokio::time::timeout(ANSWER_TIMEOUT, wr.write_all(&out)).await {
             Ok(Ok(())) => {}
@@ -717,15 +766,16 @@ mod tests {
         dialed.unwrap();
         assert_eq!(listened.unwrap(), "i1");
 
-        // Another secret: neither side accepts the other.
+        // Another secret: the listener refuses the dialer's proof and never proves itself, so
+        // a stranger who dials gets nothing to guess the secret from.
         let other = LinkKey::derive(b"guessed");
         let (mut a, mut b) = pair().await;
         let (dialed, listened) = tokio::join!(
             handshake_dialer(&mut a, "i1", "i2", &other),
             handshake_listener(&mut b, "i2", &key)
         );
-        assert!(dialed.unwrap_err().0.contains("does not share"));
-        assert!(listened.is_err());
+        assert!(dialed.unwrap_err().0.contains("refused this instance"));
+        assert!(listened.unwrap_err().0.contains("does not share"));
 
         // The right secret at the wrong instance: the dialer notices.
         let (mut a, mut b) = pair().await;
@@ -743,7 +793,7 @@ mod tests {
         put_id(&mut hello, "i1").unwrap();
         hello.put_slice(&[7; 32]);
         a.write_all(&hello).await.unwrap();
-        let mut greeting = vec![0; MAGIC.len() + 1 + 2 + 64];
+        let mut greeting = vec![0; MAGIC.len() + 1 + 2 + 32];
         a.read_exact(&mut greeting).await.unwrap();
         a.write_all(&[0; 32]).await.unwrap();
         assert!(

@@ -6,7 +6,9 @@
 //! Each address has a route: the link it takes, or Redis, and how many of its frames are on
 //! their way. A route changes only once all its frames on the old way are answered, and a
 //! frame the old instance no longer holds is sent again (once) the new way before anything
-//! newer: frames from one sender to one client keep their order across a move.
+//! newer: frames from one sender to one client keep their order across a move. Every frame
+//! counted on a route is answered exactly once, also when its sender stops waiting for room or
+//! its link goes away ([`Owed`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,10 @@ use super::link::{Link, LinkKey, Outgoing};
 
 /// How long a route through Redis holds before the directory is asked again.
 const FALLBACK_HOLDS: Duration = Duration::from_secs(2);
+/// How long a route through Redis must have been quiet before it moves to a link: a frame
+/// Redis took may still wait in the receiving instance's queue, and the link must not
+/// overtake it.
+const QUIET_BEFORE_LINK: Duration = Duration::from_millis(100);
 /// How long an instance that could not be dialed is left alone.
 const DIAL_BACKOFF: Duration = Duration::from_secs(5);
 /// Routes kept; past this, the idle ones are forgotten.
@@ -75,10 +81,14 @@ struct Route {
 
 struct RouteState {
     via: Via,
-    /// Frames sent and not yet answered.
+    /// Frames counted (sent, or about to be) and not yet answered.
     in_flight: usize,
     /// Frames the old instance no longer held, to go the new way first.
     again: VecDeque<(Bytes, Delivered)>,
+    /// The link whose instance gave frames back: not trusted with them again this time.
+    refused_by: Option<Arc<Link>>,
+    /// When a frame last went through the fallback.
+    last_fallback: Option<Instant>,
 }
 
 impl Route {
@@ -87,28 +97,6 @@ impl Route {
             .lock()
             .map(|s| s.in_flight == 0 && s.again.is_empty())
             .unwrap_or(false)
-    }
-
-    /// One frame of this route was answered.
-    fn answered(&self) {
-        let drained = self
-            .state
-            .lock()
-            .map(|mut s| {
-                s.in_flight = s.in_flight.saturating_sub(1);
-                s.in_flight == 0
-            })
-            .unwrap_or(true);
-        if drained {
-            self.wake_changer();
-        }
-    }
-
-    /// Wakes whoever waits to change the way (only someone holding `changing` waits).
-    fn wake_changer(&self) {
-        if self.changing.try_lock().is_err() {
-            self.drained.notify_waiters();
-        }
     }
 
     /// Waits until no frame of this route is on its way.
@@ -125,9 +113,46 @@ impl Route {
     }
 }
 
-/// An instance's link, or when it may be dialed again.
+/// A frame counted on its route: its sender hears exactly once what became of it, and the
+/// count goes down with that. Dropped unanswered (its sender stopped waiting for room, its
+/// queue went with its link), it answers with an error.
+struct Owed {
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    then: Option<Delivered>,
+}
+
+impl Owed {
+    /// Tells the sender and uncounts the frame.
+    fn settle(mut self, answer: Result<bool, BusError>) {
+        if let Some(then) = self.then.take() {
+            self.shared.uncount(&self.route, None);
+            then(answer);
+        }
+    }
+
+    /// The instance behind `link` no longer holds the client: the frame goes back to its
+    /// route, to be sent again the new way before anything newer.
+    fn give_back(mut self, link: &Arc<Link>, data: Bytes) {
+        if let Some(then) = self.then.take() {
+            self.shared
+                .uncount(&self.route, Some((link.clone(), data, then)));
+        }
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        if let Some(then) = self.then.take() {
+            self.shared.uncount(&self.route, None);
+            then(Err(BusError("the frame was dropped on its way".into())));
+        }
+    }
+}
+
+/// An instance's link (with the address it was dialed at), or when it may be dialed again.
 enum Slot {
-    Up(Arc<Link>),
+    Up(Arc<Link>, String),
     Failed(Instant),
 }
 
@@ -140,8 +165,8 @@ struct Shared {
     max_frame: usize,
     routes: DashMap<Arc<str>, Arc<Route>>,
     links: Mutex<HashMap<String, Slot>>,
-    /// One dial at a time.
-    dialing: tokio::sync::Mutex<()>,
+    /// One dial at a time per instance.
+    dialing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The Bus of an instance that links directly to the others (see the module's text).
@@ -168,7 +193,7 @@ impl LinkBus {
                 max_frame,
                 routes: DashMap::new(),
                 links: Mutex::new(HashMap::new()),
-                dialing: tokio::sync::Mutex::new(()),
+                dialing: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -193,6 +218,8 @@ impl Shared {
                         via: Via::Unknown,
                         in_flight: 0,
                         again: VecDeque::new(),
+                        refused_by: None,
+                        last_fallback: None,
                     }),
                     drained: Notify::new(),
                     changing: tokio::sync::Mutex::new(()),
@@ -201,14 +228,54 @@ impl Shared {
             .clone()
     }
 
-    /// The route's way if frames may take it now (counted as on their way).
-    fn take_way(route: &Route, count: usize) -> Option<Via> {
+    /// A frame counted on `route` from now on.
+    fn owed(self: &Arc<Self>, route: &Arc<Route>, then: Delivered) -> Owed {
+        Owed {
+            shared: self.clone(),
+            route: route.clone(),
+            then: Some(then),
+        }
+    }
+
+    /// The route's way if a frame may take it now (then counted as on its way).
+    fn take_way(route: &Route) -> Option<Via> {
         let mut state = route.state.lock().ok()?;
         if !state.again.is_empty() || !state.via.usable() {
             return None;
         }
-        state.in_flight += count;
+        state.in_flight += 1;
         Some(state.via.clone())
+    }
+
+    /// One frame of `route` is answered, or (`back`) given back by the link's instance. The
+    /// last answer on the way wakes whoever waits to change it; frames given back with nobody
+    /// waiting to take them the new way get a task that does.
+    fn uncount(self: &Arc<Self>, route: &Arc<Route>, back: Option<(Arc<Link>, Bytes, Delivered)>) {
+        let (drained, stranded) = match route.state.lock() {
+            Ok(mut state) => {
+                if let Some((link, data, then)) = back {
+                    if state.via.is(&link) {
+                        state.via = Via::Unknown;
+                    }
+                    state.refused_by = Some(link);
+                    state.again.push_back((data, then));
+                }
+                state.in_flight = state.in_flight.saturating_sub(1);
+                let drained = state.in_flight == 0;
+                (drained, drained && !state.again.is_empty())
+            }
+            Err(_) => (false, false),
+        };
+        if !drained {
+            return;
+        }
+        // Only someone holding `changing` waits for the drain.
+        if route.changing.try_lock().is_err() {
+            route.drained.notify_waiters();
+        }
+        if stranded && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.clone().resend(route.clone()));
+        }
     }
 
     async fn send(
@@ -218,36 +285,62 @@ impl Shared {
         then: Delivered,
     ) -> Result<(), BusError> {
         let route = self.route(addr);
-        if let Some(via) = Self::take_way(&route, 1) {
-            self.dispatch(&route, via, data, then, false).await;
+        if let Some(via) = Self::take_way(&route) {
+            let owed = self.owed(&route, then);
+            self.dispatch(&route, via, data, owed, false).await;
             return Ok(());
         }
         let _changing = route.changing.lock().await;
-        if let Some(via) = Self::take_way(&route, 1) {
-            self.dispatch(&route, via, data, then, false).await;
+        if let Some(via) = Self::take_way(&route) {
+            let owed = self.owed(&route, then);
+            self.dispatch(&route, via, data, owed, false).await;
             return Ok(());
         }
         let via = self.change_way(&route).await;
-        self.dispatch(&route, via, data, then, false).await;
+        let owed = self.owed(&route, then);
+        self.dispatch(&route, via, data, owed, false).await;
         Ok(())
     }
 
-    /// Finds the route's new way once its old one is drained, and sends what the old
-    /// instance gave back; the caller holds `changing` and sends one frame more, counted.
+    /// Finds the route's new way once its old one is drained and sends what the old instance
+    /// gave back; the caller holds `changing` and sends one frame more, already counted.
     async fn change_way(self: &Arc<Self>, route: &Arc<Route>) -> Via {
         route.drain().await;
-        let via = self.find_way(&route.addr).await;
-        // What the old instance gave back goes first; the way stays unknown until all of it is
-        // queued, so that no sender's newer frame overtakes its own older one.
-        let again: Vec<(Bytes, Delivered)> = match route.state.lock() {
+        let (old, refused_by, last_fallback) = match route.state.lock() {
+            Ok(mut state) => (
+                state.via.clone(),
+                state.refused_by.take(),
+                state.last_fallback,
+            ),
+            Err(_) => (Via::Unknown, None, None),
+        };
+        let through_redis_lately = matches!(old, Via::Fallback(_))
+            && last_fallback.is_some_and(|at| at.elapsed() < QUIET_BEFORE_LINK);
+        let mut via = if through_redis_lately {
+            Via::Fallback(Instant::now() + FALLBACK_HOLDS)
+        } else {
+            self.find_way(&route.addr).await
+        };
+        // The directory may still name the instance that just gave the frames back (the
+        // client's new instance has not claimed it yet): Redis reaches it wherever it is.
+        if refused_by.is_some_and(|refused| via.is(&refused)) {
+            via = Via::Fallback(Instant::now() + FALLBACK_HOLDS);
+        }
+        // What the old instance gave back goes first, each owed from here on (a cancel below
+        // answers the rest); the way stays unknown until all of it is queued, so that no
+        // sender's newer frame overtakes its own older one.
+        let again: Vec<(Bytes, Owed)> = match route.state.lock() {
             Ok(mut state) => {
                 state.in_flight += state.again.len();
                 state.again.drain(..).collect()
             }
             Err(_) => Vec::new(),
-        };
-        for (data, then) in again {
-            self.dispatch(route, via.clone(), data, then, true).await;
+        }
+        .into_iter()
+        .map(|(data, then)| (data, self.owed(route, then)))
+        .collect();
+        for (data, owed) in again {
+            self.dispatch(route, via.clone(), data, owed, true).await;
         }
         if let Ok(mut state) = route.state.lock() {
             state.via = via.clone();
@@ -267,14 +360,15 @@ impl Shared {
         if waiting {
             self.change_way(&route).await;
             // `change_way` counted one frame more for a sender; there is none.
-            route.answered();
+            self.uncount(&route, None);
         }
     }
 
     /// Asks the directory where `addr` lives and links there; Redis where that fails.
     async fn find_way(&self, addr: &str) -> Via {
         let fallback = Via::Fallback(Instant::now() + FALLBACK_HOLDS);
-        if !self.locator.any_links() {
+        // Without Redis the directory cannot answer: no sender waits for it to time out.
+        if !self.locator.any_links() || !self.fallback.is_up() {
             return fallback;
         }
         let (instance, address) = match self.locator.locate(addr).await {
@@ -291,17 +385,28 @@ impl Shared {
         }
     }
 
-    /// The link to `instance`, dialed if needed; `None` while it cannot be reached.
+    /// The link to `instance` at `address`, dialed if needed; `None` while it cannot be
+    /// reached. A link dialed at another address (the instance restarted elsewhere) is
+    /// replaced.
     async fn link_to(&self, instance: &str, address: &str) -> Option<Arc<Link>> {
         let known = |links: &HashMap<String, Slot>| match links.get(instance) {
-            Some(Slot::Up(link)) if !link.is_closed() => Some(Some(link.clone())),
+            Some(Slot::Up(link, at)) if !link.is_closed() && at == address => {
+                Some(Some(link.clone()))
+            }
             Some(Slot::Failed(until)) if Instant::now() < *until => Some(None),
             _ => None,
         };
         if let Some(found) = self.links.lock().ok().and_then(|l| known(&l)) {
             return found;
         }
-        let _dialing = self.dialing.lock().await;
+        let dialing = self
+            .dialing
+            .lock()
+            .ok()?
+            .entry(instance.to_string())
+            .or_default()
+            .clone();
+        let _dialing = dialing.lock().await;
         if let Some(found) = self.links.lock().ok().and_then(|l| known(&l)) {
             return found;
         }
@@ -309,7 +414,7 @@ impl Shared {
         let slot = match &dialed {
             Ok(link) => {
                 tracing::info!(%instance, %address, "linked to another instance");
-                Slot::Up(link.clone())
+                Slot::Up(link.clone(), address.to_string())
             }
             Err(e) => {
                 tracing::warn!(%instance, %address, error = %e, "cannot link to another instance; its frames go through Redis for now");
@@ -317,93 +422,69 @@ impl Shared {
             }
         };
         if let Ok(mut links) = self.links.lock()
-            && let Some(Slot::Up(old)) = links.insert(instance.to_string(), slot)
+            && let Some(Slot::Up(old, _)) = links.insert(instance.to_string(), slot)
         {
             old.close();
         }
         dialed.ok()
     }
 
-    /// Sends one frame, already counted on the route, the way given; its answer reaches
-    /// `then` (a frame the link's instance no longer holds goes back to the route, once).
+    /// Sends one frame the way given; `owed` hears its answer (a frame the link's instance no
+    /// longer holds goes back to the route, once).
     async fn dispatch(
         self: &Arc<Self>,
         route: &Arc<Route>,
         via: Via,
         data: Bytes,
-        then: Delivered,
+        owed: Owed,
         second_try: bool,
     ) {
         let link = match via {
             Via::Link(link) => link,
             Via::Unknown | Via::Fallback(_) => {
-                let answered = route.clone();
-                let then: Delivered = Box::new(move |delivered| {
-                    answered.answered();
-                    then(delivered);
-                });
+                if let Ok(mut state) = route.state.lock() {
+                    state.last_fallback = Some(Instant::now());
+                }
+                let then: Delivered = Box::new(move |delivered| owed.settle(delivered));
                 if let Err(e) = self.fallback.send_then(&route.addr, data, then).await {
-                    // `send_then` fails only before it took the frame: nobody was told.
+                    // The frame (and with it `owed`) was dropped: its sender heard an error.
                     tracing::debug!(error = %e, "the fallback bus refused a frame");
                 }
                 return;
             }
         };
-        let shared = self.clone();
-        let answered_route = route.clone();
+        // Waiting for room may be cancelled with the sender: `owed` then answers.
+        let Some(permit) = link.reserve().await else {
+            owed.settle(Err(BusError("the instance link closed".into())));
+            return;
+        };
         let on_link = link.clone();
-        let frame = Outgoing {
+        permit.send(Outgoing {
             to: route.addr.clone(),
             data,
-            answered: Box::new(move |answer, data| {
-                shared.answered(&answered_route, &on_link, answer, data, then, second_try)
+            answered: Box::new(move |answer, data| match answer {
+                Ok(false) if !second_try => owed.give_back(&on_link, data),
+                answer => {
+                    if answer.is_err()
+                        && let Ok(mut state) = owed.route.state.lock()
+                        && state.via.is(&on_link)
+                    {
+                        state.via = Via::Unknown;
+                    }
+                    owed.settle(answer);
+                }
             }),
-        };
-        if let Err(frame) = link.send(frame).await {
-            (frame.answered)(Err(BusError("the instance link closed".into())), frame.data);
-        }
+        });
     }
 
-    /// A link answered one of `route`'s frames.
-    fn answered(
-        self: &Arc<Self>,
-        route: &Arc<Route>,
-        link: &Arc<Link>,
-        answer: Result<bool, BusError>,
-        data: Bytes,
-        then: Delivered,
-        second_try: bool,
-    ) {
-        match answer {
-            Ok(false) if !second_try => {
-                // The client left that instance: find it again and send this frame there
-                // before anything newer.
-                let resend = match route.state.lock() {
-                    Ok(mut state) => {
-                        if state.via.is(link) {
-                            state.via = Via::Unknown;
-                        }
-                        state.again.push_back((data, then));
-                        state.in_flight = state.in_flight.saturating_sub(1);
-                        state.in_flight == 0
-                    }
-                    Err(_) => false,
-                };
-                if resend {
-                    route.wake_changer();
-                    tokio::spawn(self.clone().resend(route.clone()));
-                }
-            }
-            answer => {
-                if answer.is_err()
-                    && let Ok(mut state) = route.state.lock()
-                    && state.via.is(link)
-                {
-                    state.via = Via::Unknown;
-                }
-                route.answered();
-                then(answer);
-            }
+    /// Forgets an instance that is gone: its link closes, its frames are answered.
+    fn forget(&self, instance: &str) {
+        let slot = self.links.lock().ok().and_then(|mut l| l.remove(instance));
+        if let Some(Slot::Up(link, _)) = slot {
+            link.close();
+        }
+        if let Ok(mut dialing) = self.dialing.lock() {
+            dialing.remove(instance);
         }
     }
 }
@@ -458,10 +539,14 @@ impl Bus for LinkBus {
             .map(|links| {
                 links
                     .values()
-                    .filter(|slot| matches!(slot, Slot::Up(link) if !link.is_closed()))
+                    .filter(|slot| matches!(slot, Slot::Up(link, _) if !link.is_closed()))
                     .count()
             })
             .unwrap_or(0)
+    }
+
+    fn instance_gone(&self, instance: &str) {
+        self.shared.forget(instance);
     }
 }
 
@@ -751,6 +836,90 @@ mod tests {
             assert_eq!(all, (0..EACH).collect::<Vec<_>>(), "sender {sender}");
             assert!(!after.is_empty(), "the move came before the last frames");
         }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_from_an_instance_the_directory_still_names_is_sought_through_redis() {
+        let Two {
+            stop,
+            b,
+            places,
+            redis,
+            ..
+        } = two_instances().await;
+        let bus = bus(&places, &redis);
+        assert!(
+            send_all(&bus, "ws/x", 0..5)
+                .await
+                .iter()
+                .all(|a| matches!(a, Ok(true)))
+        );
+        // b lets the client go before the directory hears of it: asking b again would only
+        // turn a frame Redis could still deliver into a "not connected".
+        b.holds.lock().unwrap().clear();
+        let answers = send_all(&bus, "ws/x", 5..10).await;
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(false))),
+            "{answers:?}"
+        );
+        assert_eq!(b.numbers(), (0..5).collect::<Vec<_>>());
+        assert_eq!(redis.carried.lock().unwrap().len(), 5);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn every_counted_frame_is_answered_once_whatever_becomes_of_it() {
+        let Two {
+            stop,
+            c,
+            at_c,
+            places,
+            redis,
+            ..
+        } = two_instances().await;
+        let bus = bus(&places, &redis);
+        let shared = &bus.shared;
+        let route = shared.route("ws/x");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let counted = |n: u32| {
+            route.state.lock().unwrap().in_flight += 1;
+            let tx = tx.clone();
+            shared.owed(
+                &route,
+                Box::new(move |answer| {
+                    let _ = tx.send((n, answer));
+                }),
+            )
+        };
+        // Dropped on its way (its sender cancelled while waiting for room): an error, and
+        // the route is not left counting it.
+        drop(counted(0));
+        assert!(matches!(rx.recv().await, Some((0, Err(_)))));
+        assert!(route.idle());
+
+        // Given back by an instance while another frame is still out; that one's answer is
+        // the last, and no sender comes: the frame given back still goes the new way.
+        let at_b = places.0.lock().unwrap()["ws/x"].1.clone();
+        let b_link = Link::dial(&at_b, "a", "b", &LinkKey::derive(SECRET), 1 << 20)
+            .await
+            .unwrap();
+        let (back, last) = (counted(1), counted(2));
+        back.give_back(&b_link, Bytes::copy_from_slice(&1u32.to_be_bytes()));
+        c.holds.lock().unwrap().insert("ws/x".into());
+        places
+            .0
+            .lock()
+            .unwrap()
+            .insert("ws/x".into(), ("c".into(), at_c));
+        last.settle(Ok(true));
+        assert!(matches!(rx.recv().await, Some((2, Ok(true)))));
+        let resent = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap();
+        assert!(matches!(resent, Some((1, Ok(true)))), "{resent:?}");
+        assert_eq!(c.numbers(), vec![1]);
+        assert!(route.idle());
         stop.cancel();
     }
 

@@ -292,6 +292,7 @@ pub(crate) async fn keep_lease(
             }
         }
         for dead in state.directory.expired() {
+            state.hub.bus().instance_gone(&dead);
             match state.directory.reap(&dead).await {
                 Ok(released) => announce_released(&state, &dead, released).await,
                 Err(e) => {

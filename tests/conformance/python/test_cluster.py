@@ -503,7 +503,7 @@ def test_a_twin_server_id_is_refused(pair):
     one, _ = pair
     server_id = one.extra[one.extra.index("--server-id") + 1]
     twin = subprocess.run([BIN, "--port", str(free_port()), "--data-dir", str(one.data_dir / "twin"),
-                           *one.extra], capture_output=True, text=True, timeout=60)
+                           "--jwt-secret", one.secret, *one.extra], capture_output=True, text=True, timeout=60)
     # It waits out the lease a restarted instance would have left, then gives up: the twin renews.
     assert twin.returncode == 1, twin.stderr
     assert f'another live instance uses the server id "{server_id}"' in twin.stderr, twin.stderr
@@ -587,7 +587,7 @@ def test_the_instance_link_takes_nothing_from_a_stranger(pair):
             s.sendall(first)
             if then is not None:
                 greeting = b""
-                while len(greeting) < 5 + 1 + len(one.extra[1]) + 64:
+                while len(greeting) < 5 + 1 + len(one.extra[1]) + 32:
                     part = s.recv(4096)
                     assert part, "the link answers a greeting with its own"
                     greeting += part
