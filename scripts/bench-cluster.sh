@@ -2,7 +2,8 @@
 # Cross-instance routing figures: starts Debian's redis-server and two release hypha-rtc
 # instances sharing it, all on loopback, then runs the load client (benches/load.rs) twice:
 # caller and responder on the same instance, then on different instances, in ROUNDS alternating
-# rounds, and prints the medians and the cross-instance ratio of each figure.
+# rounds, and prints the medians and the cross-instance ratio of each figure, and the CPU that
+# Redis and both instances spent on each run.
 #   scripts/bench-cluster.sh
 #   ROUNDS=5 CALLS=20000 PAIRS=50 scripts/bench-cluster.sh
 #   LINKS=0 scripts/bench-cluster.sh   (frames between the instances through Redis, no --instance-link)
@@ -57,9 +58,19 @@ done
 ONE="ws://127.0.0.1:${PORTS[0]}/ws"
 TWO="ws://127.0.0.1:${PORTS[1]}/ws"
 cargo bench --no-run --locked --bench load
+# server_ticks: CPU time (user + system, in clock ticks) of Redis and both instances so far.
+server_ticks() {
+    local total=0 pid
+    for pid in "${PIDS[@]}"; do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
 # run_load RESPONDER_URL LABEL KIND: prints the load client's report and appends
-# "SEQUENTIAL_P50_US PAIRS_MSGS_PER_S WINDOW_MSGS_PER_S" to $WORK/figures.KIND
+# "SEQUENTIAL_P50_US PAIRS_MSGS_PER_S WINDOW_MSGS_PER_S SERVER_TICKS" to $WORK/figures.KIND
 run_load() {
+    local ticks
+    ticks=$(server_ticks)
     cargo bench --bench load -- --url "$ONE" --responder-url "$1" --idle 0 --calls "$CALLS" \
         --pairs "$PAIRS" --label "$2" 2>"$WORK/load.err" | tee "$WORK/last" \
         || { cat "$WORK/load.err" >&2; exit 1; }
@@ -67,8 +78,9 @@ run_load() {
         /routed call round trip, sequential/ { for (i = 1; i <= NF; i++) if ($i == "p50") { seq = $(i + 1); break } }
         /100 concurrent pairs|concurrent pairs:/ { for (i = 1; i <= NF; i++) if ($i == "routed" && $(i + 1) == "messages/s") { pairs = $(i - 1) } }
         /calls in flight/ { for (i = 1; i <= NF; i++) if ($i == "routed" && $(i + 1) == "messages/s") { win = $(i - 1) } }
-        END { if (seq == "" || pairs == "" || win == "") exit 1; print seq, pairs, win }' "$WORK/last" >>"$WORK/figures.$3" \
+        END { if (seq == "" || pairs == "" || win == "") exit 1; printf "%s %s %s ", seq, pairs, win }' "$WORK/last" >>"$WORK/figures.$3" \
         || { echo "the load client printed no figures" >&2; exit 1; }
+    echo $(($(server_ticks) - ticks)) >>"$WORK/figures.$3"
 }
 for round in $(seq 1 "$ROUNDS"); do
     run_load "$ONE" "round $round: same instance (two instances sharing Redis)" same
@@ -90,4 +102,8 @@ for i, name in enumerate(names):
               ", +".join(f"{r2[0] - r1[0]:,.0f}" for r1, r2 in zip(same, cross)) + ")")
     else:
         print(f"{name}: {s:,.0f} / {c:,.0f}, ratio {c / s:.2f} (per round {spread}; goal >= 0.8)")
+s, c = statistics.median(r[3] for r in same), statistics.median(r[3] for r in cross)
+print(f"CPU of Redis and both instances for one load-client run (clock ticks): {s:,.0f} / {c:,.0f}, "
+      f"cross-instance costs {c / s:.2f}x (per round " +
+      ", ".join(f"{r2[3] / r1[3]:.2f}x" for r1, r2 in zip(same, cross)) + ")")
 PY
