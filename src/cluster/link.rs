@@ -443,9 +443,25 @@ struct Unanswered {
 /// This instance's link to one other instance, for frames that way.
 pub(crate) struct Link {
     queue: mpsc::Sender<Outgoing>,
-    closed: CancellationToken,
-    /// The same as `closed`, read on every frame without the token's lock.
-    down: Arc<AtomicBool>,
+    closing: Arc<Closing>,
+}
+
+/// Whether a link is closing: the token its tasks wait on, and a flag that every frame reads
+/// without the token's lock.
+struct Closing {
+    token: CancellationToken,
+    down: AtomicBool,
+}
+
+impl Closing {
+    fn close(&self) {
+        self.down.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
 }
 
 impl Link {
@@ -466,38 +482,30 @@ impl Link {
         .await
         .map_err(|_| broken(format!("instance {peer:?} took too long to greet")))??;
         let (queue, frames) = mpsc::channel(LINK_QUEUE);
-        let closed = CancellationToken::new();
+        let closing = Arc::new(Closing {
+            token: CancellationToken::new(),
+            down: AtomicBool::new(false),
+        });
         let unanswered = Arc::new(Pending {
             frames: Mutex::new(VecDeque::new()),
             room: Notify::new(),
         });
         let (rd, wr) = stream.into_split();
         let limit = frame_limit(max_frame);
-        let down = Arc::new(AtomicBool::new(false));
-        let noted = down.clone();
-        let watched = closed.clone();
-        tokio::spawn(async move {
-            watched.cancelled().await;
-            noted.store(true, Ordering::Release);
-        });
         tokio::spawn(write_frames(
             wr,
             frames,
             unanswered.clone(),
-            closed.clone(),
+            closing.clone(),
             limit,
         ));
-        tokio::spawn(read_answers(rd, unanswered, closed.clone()));
-        Ok(Arc::new(Self {
-            queue,
-            closed,
-            down,
-        }))
+        tokio::spawn(read_answers(rd, unanswered, closing.clone()));
+        Ok(Arc::new(Self { queue, closing }))
     }
 
     /// Whether the link can no longer carry frames.
     pub(crate) fn is_closed(&self) -> bool {
-        self.down.load(Ordering::Acquire)
+        self.closing.is_closed()
     }
 
     /// Room for one frame in the link's queue (frames keep their order); `None` once the link
@@ -508,14 +516,13 @@ impl Link {
 
     /// Closes the link; what it still holds is answered with an error.
     pub(crate) fn close(&self) {
-        self.down.store(true, Ordering::Release);
-        self.closed.cancel();
+        self.closing.close();
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.closed.cancel();
+        self.closing.close();
     }
 }
 
@@ -549,7 +556,7 @@ async fn write_frames(
     mut wr: tokio::net::tcp::OwnedWriteHalf,
     mut frames: mpsc::Receiver<Outgoing>,
     pending: Arc<Pending>,
-    closed: CancellationToken,
+    closing: Arc<Closing>,
     limit: usize,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -557,7 +564,7 @@ async fn write_frames(
     let mut out = BytesMut::new();
     let error = loop {
         let taken = tokio::select! {
-            _ = closed.cancelled() => break broken("closed"),
+            _ = closing.token.cancelled() => break broken("closed"),
             taken = frames.recv_many(&mut batch, BATCH) => taken,
             // Idle: a ping keeps the listener's side open and tells this side the peer lives.
             _ = tokio::time::sleep(PING_EVERY) => {
@@ -592,12 +599,12 @@ async fn write_frames(
         while pending.len() >= MAX_UNANSWERED {
             let room = pending.room.notified();
             tokio::select! {
-                _ = closed.cancelled() => break,
+                _ = closing.token.cancelled() => break,
                 _ = room => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
-        if closed.is_cancelled() {
+        if closing.is_closed() {
             break broken("closed");
         }
         out.clear();
@@ -633,7 +640,7 @@ async fn write_frames(
             out = BytesMut::new();
         }
     };
-    closed.cancel();
+    closing.close();
     pending.fail(&error);
     frames.close();
     // Taken for a batch that was not written, or still queued: answered too.
@@ -650,14 +657,14 @@ async fn write_frames(
 async fn read_answers(
     mut rd: tokio::net::tcp::OwnedReadHalf,
     pending: Arc<Pending>,
-    closed: CancellationToken,
+    closing: Arc<Closing>,
 ) {
     let mut buf = [0u8; 4096];
     let mut check = tokio::time::interval(Duration::from_secs(1));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let error = loop {
         let read = tokio::select! {
-            _ = closed.cancelled() => break broken("closed"),
+            _ = closing.token.cancelled() => break broken("closed"),
             read = rd.read(&mut buf) => read,
             _ = check.tick() => {
                 let overdue = pending
@@ -703,7 +710,7 @@ async fn read_answers(
             break broken("the peer answered something unknown");
         }
     };
-    closed.cancel();
+    closing.close();
     pending.room.notify_waiters();
     pending.fail(&error);
 }

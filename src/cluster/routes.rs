@@ -679,113 +679,116 @@ mod tests {
         answers.into_iter().map(|(_, a)| a).collect()
     }
 
-    fn bus(places: &Arc<Places>, redis: &Arc<Redisless>) -> LinkBus {
-        LinkBus::new(
-            redis.clone(),
-            places.clone(),
-            "a".into(),
-            LinkKey::derive(SECRET),
-            1 << 20,
-        )
+    /// Whether every answer is `want` (delivered, or nowhere to be found).
+    fn all_are(answers: &[Result<bool, BusError>], want: bool) -> bool {
+        answers.iter().all(|a| matches!(a, Ok(got) if *got == want))
     }
 
-    /// Instances b and c with their links listening; the client `ws/x` is on b.
-    struct Two {
+    /// Instance a's bus, instances b (with `b_secret`) and c with their links listening, and
+    /// the client `ws/x` on b.
+    struct World {
         stop: CancellationToken,
         b: Arc<Far>,
         c: Arc<Far>,
+        at_b: String,
         at_c: String,
         places: Arc<Places>,
         redis: Arc<Redisless>,
+        bus: Arc<LinkBus>,
     }
 
-    async fn two_instances() -> Two {
-        let stop = CancellationToken::new();
-        let (b, c) = (Arc::new(Far::default()), Arc::new(Far::default()));
-        let at_b = far("b", SECRET, &b, &stop).await;
-        let at_c = far("c", SECRET, &c, &stop).await;
-        b.holds.lock().unwrap().insert("ws/x".into());
-        let places = Arc::new(Places::default());
-        places
-            .0
-            .lock()
-            .unwrap()
-            .insert("ws/x".into(), ("b".into(), at_b));
-        Two {
-            stop,
-            b,
-            c,
-            at_c,
-            places,
-            redis: Arc::new(Redisless::default()),
+    impl World {
+        async fn new(b_secret: &[u8]) -> Self {
+            let stop = CancellationToken::new();
+            let (b, c) = (Arc::new(Far::default()), Arc::new(Far::default()));
+            let at_b = far("b", b_secret, &b, &stop).await;
+            let at_c = far("c", SECRET, &c, &stop).await;
+            let places = Arc::new(Places::default());
+            let redis = Arc::new(Redisless::default());
+            let bus = Arc::new(LinkBus::new(
+                redis.clone(),
+                places.clone(),
+                "a".into(),
+                LinkKey::derive(SECRET),
+                1 << 20,
+            ));
+            let world = Self {
+                stop,
+                b,
+                c,
+                at_b,
+                at_c,
+                places,
+                redis,
+                bus,
+            };
+            world.b.holds.lock().unwrap().insert("ws/x".into());
+            world.place(Some("b"));
+            world
+        }
+
+        /// What the directory says of `ws/x`: on b, on c, or nowhere.
+        fn place(&self, instance: Option<&str>) {
+            let mut places = self.places.0.lock().unwrap();
+            match instance {
+                Some(id) => {
+                    let at = if id == "b" { &self.at_b } else { &self.at_c };
+                    places.insert("ws/x".into(), (id.into(), at.clone()));
+                }
+                None => {
+                    places.clear();
+                }
+            }
+        }
+
+        /// The client moves from b to c, and the directory hears of it.
+        fn move_to_c(&self) {
+            self.c.holds.lock().unwrap().insert("ws/x".into());
+            self.place(Some("c"));
+            self.b.holds.lock().unwrap().clear();
+        }
+
+        fn carried_by_redis(&self) -> usize {
+            self.redis.carried.lock().unwrap().len()
         }
     }
 
     #[tokio::test]
     async fn frames_follow_a_client_from_one_instance_to_another_in_order() {
-        let Two {
-            stop,
-            b,
-            c,
-            at_c,
-            places,
-            redis,
-        } = two_instances().await;
-        let bus = bus(&places, &redis);
-
-        let answers = send_all(&bus, "ws/x", 0..200).await;
-        assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
-        assert_eq!(b.numbers(), (0..200).collect::<Vec<_>>());
-        assert!(
-            redis.carried.lock().unwrap().is_empty(),
-            "nothing went through Redis"
-        );
+        let w = World::new(SECRET).await;
+        let answers = send_all(&w.bus, "ws/x", 0..200).await;
+        assert!(all_are(&answers, true), "{answers:?}");
+        assert_eq!(w.b.numbers(), (0..200).collect::<Vec<_>>());
+        assert_eq!(w.carried_by_redis(), 0, "nothing went through Redis");
 
         // The client moves to c: what b no longer holds is sent there again, before anything
         // newer, and nothing is lost or doubled.
-        b.holds.lock().unwrap().clear();
-        c.holds.lock().unwrap().insert("ws/x".into());
-        places
-            .0
-            .lock()
-            .unwrap()
-            .insert("ws/x".into(), ("c".into(), at_c));
-        let answers = send_all(&bus, "ws/x", 200..400).await;
-        assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
-        assert_eq!(b.numbers(), (0..200).collect::<Vec<_>>());
-        assert_eq!(c.numbers(), (200..400).collect::<Vec<_>>());
-        assert!(redis.carried.lock().unwrap().is_empty());
+        w.move_to_c();
+        let answers = send_all(&w.bus, "ws/x", 200..400).await;
+        assert!(all_are(&answers, true), "{answers:?}");
+        assert_eq!(w.b.numbers(), (0..200).collect::<Vec<_>>());
+        assert_eq!(w.c.numbers(), (200..400).collect::<Vec<_>>());
+        assert_eq!(w.carried_by_redis(), 0);
 
         // It leaves altogether: the directory has it nowhere, so Redis is asked and says no.
-        c.holds.lock().unwrap().clear();
-        places.0.lock().unwrap().clear();
-        let answers = send_all(&bus, "ws/x", 400..410).await;
-        assert!(
-            answers.iter().all(|a| matches!(a, Ok(false))),
-            "{answers:?}"
-        );
-        assert_eq!(redis.carried.lock().unwrap().len(), 10);
-        assert_eq!(c.numbers().len(), 200);
-        stop.cancel();
+        w.c.holds.lock().unwrap().clear();
+        w.place(None);
+        let answers = send_all(&w.bus, "ws/x", 400..410).await;
+        assert!(all_are(&answers, false), "{answers:?}");
+        assert_eq!(w.carried_by_redis(), 10);
+        assert_eq!(w.c.numbers().len(), 200);
+        w.stop.cancel();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn senders_keep_their_order_when_the_client_moves_under_them() {
         const EACH: u32 = 3000;
-        let Two {
-            stop,
-            b,
-            c,
-            at_c,
-            places,
-            redis,
-        } = two_instances().await;
-        let bus = Arc::new(bus(&places, &redis));
+        let w = World::new(SECRET).await;
         // Two senders at once, each numbering its own frames.
         let (tx, mut rx) = mpsc::unbounded_channel();
         let senders: Vec<_> = (0..2u32)
             .map(|sender| {
-                let (bus, tx) = (bus.clone(), tx.clone());
+                let (bus, tx) = (w.bus.clone(), tx.clone());
                 tokio::spawn(async move {
                     for n in 0..EACH {
                         let tx = tx.clone();
@@ -801,17 +804,11 @@ mod tests {
             .collect();
         // The client moves while frames are on their way to b.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while b.got.lock().unwrap().len() < 1000 {
+        while w.b.got.lock().unwrap().len() < 1000 {
             assert!(Instant::now() < deadline, "b gets frames");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        c.holds.lock().unwrap().insert("ws/x".into());
-        places
-            .0
-            .lock()
-            .unwrap()
-            .insert("ws/x".into(), ("c".into(), at_c));
-        b.holds.lock().unwrap().clear();
+        w.move_to_c();
         for sender in senders {
             sender.await.unwrap();
         }
@@ -830,56 +827,33 @@ mod tests {
                 .collect()
         };
         for sender in 0..2 {
-            let (before, after) = (of(&b, sender), of(&c, sender));
+            let (before, after) = (of(&w.b, sender), of(&w.c, sender));
             let all: Vec<u32> = before.iter().chain(&after).copied().collect();
             // Each frame once, and in the order sent: everything at b before everything at c.
             assert_eq!(all, (0..EACH).collect::<Vec<_>>(), "sender {sender}");
             assert!(!after.is_empty(), "the move came before the last frames");
         }
-        stop.cancel();
+        w.stop.cancel();
     }
 
     #[tokio::test]
     async fn a_client_gone_from_an_instance_the_directory_still_names_is_sought_through_redis() {
-        let Two {
-            stop,
-            b,
-            places,
-            redis,
-            ..
-        } = two_instances().await;
-        let bus = bus(&places, &redis);
-        assert!(
-            send_all(&bus, "ws/x", 0..5)
-                .await
-                .iter()
-                .all(|a| matches!(a, Ok(true)))
-        );
+        let w = World::new(SECRET).await;
+        assert!(all_are(&send_all(&w.bus, "ws/x", 0..5).await, true));
         // b lets the client go before the directory hears of it: asking b again would only
         // turn a frame Redis could still deliver into a "not connected".
-        b.holds.lock().unwrap().clear();
-        let answers = send_all(&bus, "ws/x", 5..10).await;
-        assert!(
-            answers.iter().all(|a| matches!(a, Ok(false))),
-            "{answers:?}"
-        );
-        assert_eq!(b.numbers(), (0..5).collect::<Vec<_>>());
-        assert_eq!(redis.carried.lock().unwrap().len(), 5);
-        stop.cancel();
+        w.b.holds.lock().unwrap().clear();
+        let answers = send_all(&w.bus, "ws/x", 5..10).await;
+        assert!(all_are(&answers, false), "{answers:?}");
+        assert_eq!(w.b.numbers(), (0..5).collect::<Vec<_>>());
+        assert_eq!(w.carried_by_redis(), 5);
+        w.stop.cancel();
     }
 
     #[tokio::test]
     async fn every_counted_frame_is_answered_once_whatever_becomes_of_it() {
-        let Two {
-            stop,
-            c,
-            at_c,
-            places,
-            redis,
-            ..
-        } = two_instances().await;
-        let bus = bus(&places, &redis);
-        let shared = &bus.shared;
+        let w = World::new(SECRET).await;
+        let shared = &w.bus.shared;
         let route = shared.route("ws/x");
         let (tx, mut rx) = mpsc::unbounded_channel();
         let counted = |n: u32| {
@@ -900,82 +874,43 @@ mod tests {
 
         // Given back by an instance while another frame is still out; that one's answer is
         // the last, and no sender comes: the frame given back still goes the new way.
-        let at_b = places.0.lock().unwrap()["ws/x"].1.clone();
-        let b_link = Link::dial(&at_b, "a", "b", &LinkKey::derive(SECRET), 1 << 20)
+        let b_link = Link::dial(&w.at_b, "a", "b", &LinkKey::derive(SECRET), 1 << 20)
             .await
             .unwrap();
         let (back, last) = (counted(1), counted(2));
         back.give_back(&b_link, Bytes::copy_from_slice(&1u32.to_be_bytes()));
-        c.holds.lock().unwrap().insert("ws/x".into());
-        places
-            .0
-            .lock()
-            .unwrap()
-            .insert("ws/x".into(), ("c".into(), at_c));
+        w.c.holds.lock().unwrap().insert("ws/x".into());
+        w.place(Some("c"));
         last.settle(Ok(true));
         assert!(matches!(rx.recv().await, Some((2, Ok(true)))));
         let resent = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .unwrap();
         assert!(matches!(resent, Some((1, Ok(true)))), "{resent:?}");
-        assert_eq!(c.numbers(), vec![1]);
+        assert_eq!(w.c.numbers(), vec![1]);
         assert!(route.idle());
-        stop.cancel();
+        w.stop.cancel();
     }
 
     #[tokio::test]
     async fn an_instance_without_the_secret_gets_no_frames() {
-        let stop = CancellationToken::new();
-        let impostor = Arc::new(Far::default());
-        let at = far("b", b"a guess", &impostor, &stop).await;
-        impostor.holds.lock().unwrap().insert("ws/x".into());
-        let places = Arc::new(Places::default());
-        places
-            .0
-            .lock()
-            .unwrap()
-            .insert("ws/x".into(), ("b".into(), at));
-        let redis = Arc::new(Redisless::default());
-        let bus = bus(&places, &redis);
-        let answers = send_all(&bus, "ws/x", 0..5).await;
-        assert!(
-            answers.iter().all(|a| matches!(a, Ok(false))),
-            "{answers:?}"
-        );
-        assert!(impostor.got.lock().unwrap().is_empty());
-        assert_eq!(
-            redis.carried.lock().unwrap().len(),
-            5,
-            "through Redis instead"
-        );
-        stop.cancel();
+        let w = World::new(b"a guess").await;
+        let answers = send_all(&w.bus, "ws/x", 0..5).await;
+        assert!(all_are(&answers, false), "{answers:?}");
+        assert!(w.b.got.lock().unwrap().is_empty());
+        assert_eq!(w.carried_by_redis(), 5, "through Redis instead");
+        w.stop.cancel();
     }
 
     #[tokio::test]
     async fn frames_on_a_link_that_breaks_are_answered_and_later_ones_go_through_redis() {
-        let stop = CancellationToken::new();
-        let b = Arc::new(Far::default());
-        let at_b = far("b", SECRET, &b, &stop).await;
-        b.holds.lock().unwrap().insert("ws/x".into());
-        let places = Arc::new(Places::default());
-        places
-            .0
-            .lock()
-            .unwrap()
-            .insert("ws/x".into(), ("b".into(), at_b));
-        let redis = Arc::new(Redisless::default());
-        let bus = bus(&places, &redis);
-        assert!(
-            send_all(&bus, "ws/x", 0..3)
-                .await
-                .iter()
-                .all(|a| matches!(a, Ok(true)))
-        );
+        let w = World::new(SECRET).await;
+        assert!(all_are(&send_all(&w.bus, "ws/x", 0..3).await, true));
         // b stops: its listener and links go.
-        stop.cancel();
+        w.stop.cancel();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let answers = send_all(&bus, "ws/x", 3..4).await;
+            let answers = send_all(&w.bus, "ws/x", 3..4).await;
             if matches!(answers[0], Ok(false)) {
                 break;
             }
@@ -984,6 +919,6 @@ mod tests {
             assert!(Instant::now() < deadline, "the broken link is noticed");
             tokio::task::yield_now().await;
         }
-        assert!(!redis.carried.lock().unwrap().is_empty());
+        assert!(w.carried_by_redis() > 0);
     }
 }

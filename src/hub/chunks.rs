@@ -1326,12 +1326,17 @@ mod tests {
         key: &str,
     ) -> (Frame, Result<Vetted, ChunkRefusal>) {
         let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
-        let create = call("create", vec![key.into(), false.into()]);
-        vet(watch, sender, &create).unwrap();
-        vet(watch, sender, &set(key, 0, whole)).unwrap();
+        staged(watch, sender, key, whole);
         let process = process_of(key);
         let vetted = vet(watch, sender, &process);
         (process, vetted)
+    }
+
+    /// Opens message `key` from `sender` and fills it with `whole` in one piece.
+    fn staged(watch: &ChunkWatch, sender: &str, key: &str, whole: Vec<u8>) {
+        let create = call("create", vec![key.into(), false.into()]);
+        vet(watch, sender, &create).unwrap();
+        vet(watch, sender, &set(key, 0, whole)).unwrap();
     }
 
     /// The `process` of message `key`, as the clients send it.
@@ -1791,9 +1796,7 @@ mod tests {
         assert!(watch.take_orphans().is_empty());
         // A process that is not a call awaiting an answer is refused, and its receiver told to
         // remove the chunks.
-        let create = call("create", vec!["d".into(), false.into()]);
-        vet(&watch, "ws/eve", &create).unwrap();
-        vet(&watch, "ws/eve", &set("d", 0, whole.clone())).unwrap();
+        staged(&watch, "ws/eve", "d", whole.clone());
         let mut data = encode(&obj([
             ("type", "method".into()),
             ("to", "ws/alice".into()),
@@ -1814,9 +1817,7 @@ mod tests {
         let watch = ChunkWatch::default();
         let whole = message(&obj([("args", Value::Array(vec![1.into()]))]));
         let process_with = |args: Vec<Value>, promise: Option<Value>, t: Option<Value>| {
-            let create = call("create", vec!["k".into(), false.into()]);
-            vet(&watch, "ws/eve", &create).unwrap();
-            vet(&watch, "ws/eve", &set("k", 0, whole.clone())).unwrap();
+            staged(&watch, "ws/eve", "k", whole.clone());
             let mut data = encode(&obj([
                 ("type", "method".into()),
                 ("to", "ws/alice".into()),
