@@ -9,6 +9,10 @@
 #   LINKS=0 scripts/bench-cluster.sh   (frames between the instances through Redis, no --instance-link)
 #   WORKERS=1 scripts/bench-cluster.sh  (runtime worker threads per instance; default: one per
 #                                        core, as the server starts without TOKIO_WORKER_THREADS)
+#   SHARE=1 scripts/bench-cluster.sh    (the cores shared out as the README advises for several
+#                                        instances on one host: the two instances get half the
+#                                        cores' worth of workers each, and the same-instance runs
+#                                        go to a third instance that has them all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/common.sh
@@ -18,7 +22,16 @@ PAIRS="${PAIRS:-100}"
 ROUNDS="${ROUNDS:-3}"
 LINKS="${LINKS:-1}"
 WORKERS="${WORKERS:-$(nproc)}"
+SHARE="${SHARE:-0}"
 [ "$WORKERS" -ge 1 ] 2>/dev/null || { echo "WORKERS must be a positive number, got '$WORKERS'" >&2; exit 1; }
+[ "$SHARE" = 0 ] || [ "$SHARE" = 1 ] || { echo "SHARE must be 0 or 1, got '$SHARE'" >&2; exit 1; }
+# Workers of the instance that serves the same-instance runs, and of each of the two.
+SOLO_WORKERS="$WORKERS"
+PAIR_WORKERS="$WORKERS"
+if [ "$SHARE" = 1 ]; then
+    SOLO_WORKERS=$(nproc)
+    PAIR_WORKERS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+fi
 VIA="through Redis"
 [ "$LINKS" = 1 ] && VIA="over the instance link"
 [ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "ROUNDS must be a positive number, got '$ROUNDS'" >&2; exit 1; }
@@ -39,24 +52,30 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 
-PORTS=()
-for name in one two; do
+# start_instance NAME WORKERS: starts an instance sharing Redis; prints nothing, sets PORT.
+start_instance() {
+    local port link=()
     port=$(free_port)
-    link=()
     [ "$LINKS" = 1 ] && link=(--instance-link 127.0.0.1:0)
     # Every client of the benchmark comes from loopback (one address): no per-address cap.
-    TOKIO_WORKER_THREADS="$WORKERS" "$BIN" --port "$port" --jwt-secret bench-secret --server-id "bench-$name" --no-demo --max-connections-per-address 0 \
-        --data-dir "$WORK/$name" --redis-uri "redis://127.0.0.1:$REDIS_PORT/0" "${link[@]}" 2>"$WORK/$name.log" &
+    TOKIO_WORKER_THREADS="$2" "$BIN" --port "$port" --jwt-secret bench-secret --server-id "bench-$1" --no-demo --max-connections-per-address 0 \
+        --data-dir "$WORK/$1" --redis-uri "redis://127.0.0.1:$REDIS_PORT/0" "${link[@]}" 2>"$WORK/$1.log" &
     PIDS+=($!)
-    PORTS+=("$port")
     for _ in $(seq 1 100); do
         curl -sf "http://127.0.0.1:$port/health/liveness" >/dev/null && break
         sleep 0.1
     done
-done
-
-ONE="ws://127.0.0.1:${PORTS[0]}/ws"
-TWO="ws://127.0.0.1:${PORTS[1]}/ws"
+    PORT=$port
+}
+start_instance one "$PAIR_WORKERS"
+ONE="ws://127.0.0.1:$PORT/ws"
+start_instance two "$PAIR_WORKERS"
+TWO="ws://127.0.0.1:$PORT/ws"
+SOLO="$ONE"
+if [ "$SHARE" = 1 ]; then
+    start_instance solo "$SOLO_WORKERS"
+    SOLO="ws://127.0.0.1:$PORT/ws"
+fi
 cargo bench --no-run --locked --bench load
 # server_ticks: CPU time (user + system, in clock ticks) of Redis and both instances so far.
 server_ticks() {
@@ -69,9 +88,10 @@ server_ticks() {
 # run_load RESPONDER_URL LABEL KIND: prints the load client's report and appends
 # "SEQUENTIAL_P50_US PAIRS_MSGS_PER_S WINDOW_MSGS_PER_S SERVER_TICKS" to $WORK/figures.KIND
 run_load() {
-    local ticks
+    local ticks caller="$ONE"
+    [ "$3" = same ] && caller="$SOLO"
     ticks=$(server_ticks)
-    cargo bench --bench load -- --url "$ONE" --responder-url "$1" --idle 0 --calls "$CALLS" \
+    cargo bench --bench load -- --url "$caller" --responder-url "$1" --idle 0 --calls "$CALLS" \
         --pairs "$PAIRS" --label "$2" 2>"$WORK/load.err" | tee "$WORK/last" \
         || { cat "$WORK/load.err" >&2; exit 1; }
     awk '
@@ -83,10 +103,14 @@ run_load() {
     echo $(($(server_ticks) - ticks)) >>"$WORK/figures.$3"
 }
 for round in $(seq 1 "$ROUNDS"); do
-    run_load "$ONE" "round $round: same instance (two instances sharing Redis)" same
-    run_load "$TWO" "round $round: cross-instance ($VIA)" cross
+    run_load "$SOLO" "round $round: same instance ($SOLO_WORKERS runtime worker(s); instances sharing Redis)" same
+    run_load "$TWO" "round $round: cross-instance ($VIA, $PAIR_WORKERS runtime worker(s) each)" cross
 done
-echo "== two instances, $WORKERS runtime worker thread(s) each, frames between them $VIA"
+if [ "$SHARE" = 1 ]; then
+    echo "== the cores shared out: same instance with $SOLO_WORKERS runtime worker thread(s), across two instances with $PAIR_WORKERS each, frames between them $VIA"
+else
+    echo "== two instances, $WORKERS runtime worker thread(s) each, frames between them $VIA"
+fi
 python3 - "$WORK/figures.same" "$WORK/figures.cross" <<'PY'
 import statistics, sys
 same = [list(map(float, line.split())) for line in open(sys.argv[1])]
@@ -103,7 +127,7 @@ for i, name in enumerate(names):
     else:
         print(f"{name}: {s:,.0f} / {c:,.0f}, ratio {c / s:.2f} (per round {spread}; goal >= 0.8)")
 s, c = statistics.median(r[3] for r in same), statistics.median(r[3] for r in cross)
-print(f"CPU of Redis and both instances for one load-client run (clock ticks): {s:,.0f} / {c:,.0f}, "
+print(f"CPU of Redis and the instances for one load-client run (clock ticks): {s:,.0f} / {c:,.0f}, "
       f"cross-instance costs {c / s:.2f}x (per round " +
       ", ".join(f"{r2[3] / r1[3]:.2f}x" for r1, r2 in zip(same, cross)) + ")")
 PY

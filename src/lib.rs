@@ -498,7 +498,8 @@ async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
         let pending = state
             .hub
             .inflight
-            .pending(|addr| state.hub.is_connected(addr));
+            .pending(|addr| state.hub.is_connected(addr))
+            + state.hub.calls_from_afar();
         if pending == 0 {
             break;
         }

@@ -220,9 +220,26 @@ fn put_frame(out: &mut BytesMut, to: &str, data: &[u8]) {
 /// A ping: a frame for no address, and nothing in it.
 const PING: [u8; 6] = [0, 0, 0, 2, 0, 0];
 
+/// A frame off a link: its address (checked to be text) and the frame, in one allocation.
+struct LinkFrame {
+    whole: Bytes,
+    to_len: usize,
+}
+
+impl LinkFrame {
+    /// The client it is for; empty for a ping.
+    fn to(&self) -> &str {
+        std::str::from_utf8(&self.whole[..self.to_len]).unwrap_or_default()
+    }
+
+    fn data(&self) -> Bytes {
+        self.whole.slice(self.to_len..)
+    }
+}
+
 /// Takes one whole frame off the front of `buf`: `Ok(None)` until it has all arrived. A ping
 /// comes out with an empty address.
-fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(String, Bytes)>, BusError> {
+fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<LinkFrame>, BusError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -237,21 +254,23 @@ fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<(String, Bytes)>,
     let to_len = u16::from_be_bytes([buf[4], buf[5]]) as usize;
     if to_len == 0 && len == 2 {
         buf.advance(6);
-        return Ok(Some((String::new(), Bytes::new())));
+        return Ok(Some(LinkFrame {
+            whole: Bytes::new(),
+            to_len: 0,
+        }));
     }
     if to_len == 0 || to_len > MAX_ADDRESS || to_len > len - 2 {
         return Err(broken(format!("a frame for an address of {to_len} bytes")));
     }
     buf.advance(6);
-    let to = buf.split_to(to_len);
-    let to = std::str::from_utf8(&to)
-        .map_err(|_| broken("a frame for an address that is not text"))?
-        .to_string();
-    // Copied out: a frame left waiting in a slow client's queue holds only its own bytes,
-    // never the read buffer it came in.
-    let data = Bytes::copy_from_slice(&buf[..len - 2 - to_len]);
-    buf.advance(len - 2 - to_len);
-    Ok(Some((to, data)))
+    if std::str::from_utf8(&buf[..to_len]).is_err() {
+        return Err(broken("a frame for an address that is not text"));
+    }
+    // Copied out: a frame left waiting in a slow client's queue holds only its own bytes
+    // (and its address), never the read buffer it came in.
+    let whole = Bytes::copy_from_slice(&buf[..len - 2]);
+    buf.advance(len - 2);
+    Ok(Some(LinkFrame { whole, to_len }))
 }
 
 /// The largest frame a link carries for clients whose frames are at most `max_frame` bytes.
@@ -267,7 +286,7 @@ pub(crate) trait Receiver: Send + Sync + 'static {
     fn holds(&self, addr: &str) -> bool;
     /// Delivers a frame for a client held here, in order; false once this instance stops
     /// taking frames.
-    fn deliver(&self, to: String, data: Bytes) -> impl Future<Output = bool> + Send;
+    fn deliver(&self, to: &str, data: Bytes) -> impl Future<Output = bool> + Send;
 }
 
 /// This instance's end for its peers' links: bound at start-up (so a taken port fails the
@@ -395,14 +414,15 @@ impl<R: Receiver> Served<R> {
             if read == 0 {
                 return Ok(());
             }
-            while let Some((to, data)) = take_frame(&mut buf, self.max)? {
+            while let Some(frame) = take_frame(&mut buf, self.max)? {
+                let to = frame.to();
                 // A ping: answered, delivered nowhere.
                 if to.is_empty() {
                     answers.push(1);
                     continue;
                 }
-                let here = self.receiver.holds(&to);
-                if here && !self.receiver.deliver(to, data).await {
+                let here = self.receiver.holds(to);
+                if here && !self.receiver.deliver(to, frame.data()).await {
                     return Ok(());
                 }
                 answers.push(u8::from(here));
@@ -660,6 +680,8 @@ async fn read_answers(
     closing: Arc<Closing>,
 ) {
     let mut buf = [0u8; 4096];
+    // The frames a read answers, taken off the list at once (kept between reads).
+    let mut answered: Vec<Unanswered> = Vec::with_capacity(BATCH);
     let mut check = tokio::time::interval(Duration::from_secs(1));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let error = loop {
@@ -683,19 +705,19 @@ async fn read_answers(
             Ok(n) => n,
             Err(e) => break broken(format!("reading answers: {e}")),
         };
-        let answered: Option<Vec<(Unanswered, u8)>> =
-            pending.frames.lock().ok().and_then(|mut f| {
-                if f.len() < n {
-                    return None;
-                }
-                Some(f.drain(..n).zip(buf[..n].iter().copied()).collect())
-            });
-        let Some(answered) = answered else {
+        let taken = pending.frames.lock().is_ok_and(|mut f| {
+            if f.len() < n {
+                return false;
+            }
+            answered.extend(f.drain(..n));
+            true
+        });
+        if !taken {
             break broken("the peer answered frames never sent");
-        };
+        }
         pending.room.notify_waiters();
         let mut bad = false;
-        for (frame, answer) in answered {
+        for (frame, answer) in answered.drain(..).zip(buf[..n].iter().copied()) {
             let result = match answer {
                 0 => Ok(false),
                 1 => Ok(true),
@@ -733,13 +755,13 @@ mod tests {
                 "cut at {cut}"
             );
         }
-        let (to, data) = take_frame(&mut buf, 100).unwrap().unwrap();
+        let frame = take_frame(&mut buf, 100).unwrap().unwrap();
         assert_eq!(
-            (to.as_str(), &data[..]),
+            (frame.to(), &frame.data()[..]),
             ("ws1/alice", &b"\x81\xa1a\x01"[..])
         );
-        let (to, data) = take_frame(&mut buf, 100).unwrap().unwrap();
-        assert_eq!((to.as_str(), data.len()), ("ws1/bob", 0));
+        let frame = take_frame(&mut buf, 100).unwrap().unwrap();
+        assert_eq!((frame.to(), frame.data().len()), ("ws1/bob", 0));
         assert!(buf.is_empty());
         let refused =
             |bytes: &[u8], max: usize| take_frame(&mut BytesMut::from(bytes), max).is_err();

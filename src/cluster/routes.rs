@@ -570,8 +570,8 @@ mod tests {
             self.holds.lock().unwrap().contains(addr)
         }
 
-        async fn deliver(&self, to: String, data: Bytes) -> bool {
-            self.got.lock().unwrap().push((to, data));
+        async fn deliver(&self, to: &str, data: Bytes) -> bool {
+            self.got.lock().unwrap().push((to.to_string(), data));
             true
         }
     }

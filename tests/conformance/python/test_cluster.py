@@ -252,6 +252,50 @@ def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
         assert status == 200 and ready["redis"]["state"] == "ok", ready
 
 
+def test_sigterm_waits_for_a_call_from_the_other_instance(pair):
+    """A call from a client of one instance to a client of the other keeps the callee's
+    instance from stopping until it is answered; the call is counted once, by its caller's
+    instance."""
+    one, two = pair
+
+    def resolved(server):
+        _, metrics, _ = server.http_text("/metrics")
+        found = re.search(r'^hypha_rtc_calls_total\{outcome="resolved"\} (\d+)', metrics, re.M)
+        assert found, metrics
+        return int(found.group(1))
+
+    async def main():
+        token = hypha_token("ida")
+        callee = await connect_to_server({"server_url": two.url, "token": token, "client_id": "slow"})
+        started = asyncio.Event()
+
+        async def slow(x):
+            started.set()
+            await asyncio.sleep(2)
+            return x + 1
+
+        await callee.register_service({"id": "slow", "config": {"visibility": "protected"}, "f": slow,
+                                       "quick": lambda x: x + 1})
+        caller = await connect_to_server({"server_url": one.url, "token": token, "client_id": "waits"})
+        svc = await caller.get_service("slow:slow")
+        assert await svc.quick(1) == 2
+        assert resolved(one) >= 1 and resolved(two) == 0, "a call across is counted by its caller's instance only"
+        call = asyncio.ensure_future(svc.f(41))
+        await asyncio.wait_for(started.wait(), 10)
+        sent = time.monotonic()
+        two.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(call, 15) == 42
+        assert time.monotonic() - sent > 1.0, "the call was answered before the shutdown waited for it"
+        for client in (caller, callee):
+            try:
+                await asyncio.wait_for(client.disconnect(), 5)
+            except Exception:  # noqa: BLE001 - the callee's server is gone
+                pass
+
+    run(main())
+    assert two.proc.wait(timeout=30) == 0
+
+
 def test_a_workspace_made_on_one_instance_is_owned_and_deleted_on_both(pair):
     one, two = pair
 
