@@ -498,8 +498,7 @@ async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
         let pending = state
             .hub
             .inflight
-            .pending(|addr| state.hub.is_connected(addr))
-            + state.hub.calls_from_afar();
+            .pending(|addr| state.hub.is_connected(addr));
         if pending == 0 {
             break;
         }

@@ -78,7 +78,7 @@ impl Metrics {
         );
         r.register(
             "calls",
-            "Calls between clients (each counted by its caller's instance) by how they ended: answered (resolved or rejected by the callee), or refused at once because the callee was gone (peer_gone)",
+            "Calls between clients by how they ended: answered (resolved or rejected by the callee), or refused at once because the callee was gone (peer_gone)",
             hub.inflight.ended.clone(),
         );
         r.register(

@@ -31,8 +31,6 @@ pub(crate) struct Session {
     user_msgpack: Vec<u8>,
     permission: Permission,
     calls: Arc<Semaphore>,
-    /// Calls from other instances' clients it has still to answer (shared with its handle).
-    calls_from_afar: crate::hub::inflight::CallsFromAfar,
     peer_ip: IpAddr,
     /// The client's queue (bounded; the hub writes to it).
     pub tx: mpsc::Sender<Queued>,
@@ -117,9 +115,7 @@ impl Session {
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),
             reconnected: reconnecting,
-            calls_from_afar: Default::default(),
         };
-        let calls_from_afar = handle.calls_from_afar.clone();
         let fresh_anonymous = user.token.is_none() && ws == user.own_workspace();
         let taken = if state.hub.insert(&key, ws, handle, reconnecting).is_err() {
             Err(Taken::Live(key.clone()))
@@ -143,7 +139,6 @@ impl Session {
             user_msgpack,
             permission,
             calls,
-            calls_from_afar,
             peer_ip: client_ip,
             tx,
             kill,
@@ -210,7 +205,6 @@ impl Session {
             user_msgpack: &self.user_msgpack,
             may_broadcast: self.permission >= Permission::ReadWrite,
             calls: &self.calls,
-            calls_from_afar: &self.calls_from_afar,
             peer_ip: Some(self.peer_ip),
         }
     }

@@ -1,11 +1,8 @@
 //! Calls in flight between clients, as the router sees them: a frame with a `session` opens a
 //! call, a `<session>.resolve` or `.reject` back to its caller closes it, a `.heartbeat` keeps
-//! it alive. A graceful shutdown waits for them; `/metrics` counts how they ended. A call
-//! between instances is tracked by its caller's; its callee's only counts it on the callee
-//! ([`CallsFromAfar`]), so it is counted once.
+//! it alive. A graceful shutdown waits for them; `/metrics` counts how they ended.
 
 use std::hash::BuildHasherDefault;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -201,21 +198,19 @@ impl InFlight {
         self.keys.hash_one((caller, session))
     }
 
-    /// Notes a frame routed from `from` to `to`; true for an answer to a call not tracked
-    /// here (one that came from another instance: see [`CallsFromAfar`]).
-    pub(crate) fn observe(&self, from: &str, to: &str, frame: &Frame) -> bool {
-        self.observe_fields(from, to, frame.field("method"), frame.field("session"))
+    /// Notes a frame routed from `from` to `to`.
+    pub(crate) fn observe(&self, from: &str, to: &str, frame: &Frame) {
+        self.observe_fields(from, to, frame.field("method"), frame.field("session"));
     }
 
-    /// Notes a frame routed from `from` to `to` by the fields that matter for calls; true for
-    /// an answer to a call not tracked here.
+    /// Notes a frame routed from `from` to `to` by the fields that matter for calls.
     pub(crate) fn observe_fields(
         &self,
         from: &str,
         to: &str,
         method: Option<&str>,
         session: Option<&str>,
-    ) -> bool {
+    ) {
         match step(method, session) {
             Step::Opens(session) => self.opened(from, to, session),
             // Only the callee ends or keeps alive a call: anyone else who learnt its session
@@ -233,8 +228,6 @@ impl InFlight {
                         &self.counters.resolved
                     };
                     counter.inc();
-                } else {
-                    return true;
                 }
             }
             Step::KeepsAlive(session) => {
@@ -246,13 +239,6 @@ impl InFlight {
             }
             Step::Other => {}
         }
-        false
-    }
-
-    /// Whether a frame from another instance opens a call (its callee is here, its caller
-    /// there: counted on the callee, see [`CallsFromAfar`]).
-    pub(crate) fn opens(method: Option<&str>, session: Option<&str>) -> bool {
-        matches!(step(method, session), Step::Opens(_))
     }
 
     /// Notes the call `session` from `from` to `to` (also one the router saw only in pieces:
@@ -298,10 +284,16 @@ impl InFlight {
 
     /// A call that will get no answer (its target was gone), counted as such.
     pub(crate) fn abandoned(&self, caller: &str, session: &str) {
+        self.forget(caller, session);
+        self.counters.peer_gone.inc();
+    }
+
+    /// Stops tracking a call without counting how it ended (the instance of its caller counts
+    /// it).
+    pub(crate) fn forget(&self, caller: &str, session: &str) {
         if self.calls.remove(&self.key(caller, session)).is_some() {
             self.closed(caller);
         }
-        self.counters.peer_gone.inc();
     }
 
     /// Calls between clients that ended with `outcome`.
@@ -358,32 +350,6 @@ impl InFlight {
         for caller in dropped {
             self.closed(&caller);
         }
-    }
-}
-
-/// Calls that reached one client here from callers on other instances and that it has not
-/// answered yet. The callers' instances track those calls; here only their number matters,
-/// so that a graceful stop waits for the answers (counting them costs no map entry per call).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct CallsFromAfar(Arc<AtomicUsize>);
-
-impl CallsFromAfar {
-    /// A call from afar was handed to the client.
-    pub(crate) fn opened(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The client answered a call not tracked here (one from afar, or so it says: a client
-    /// can only lower its own count).
-    pub(crate) fn answered(&self) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    }
-
-    /// Calls from afar the client has still to answer.
-    pub(crate) fn open(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
     }
 }
 

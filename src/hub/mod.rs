@@ -113,8 +113,6 @@ pub(crate) struct ClientHandle {
     /// reconnection token: what settles a claim on the same client id by two instances.
     pub since_ms: i64,
     pub reconnected: bool,
-    /// Calls from callers on other instances it has not answered yet.
-    pub calls_from_afar: inflight::CallsFromAfar,
 }
 
 impl ClientHandle {
@@ -150,8 +148,6 @@ pub(crate) struct Sender<'a> {
     pub may_broadcast: bool,
     /// The calls to the server's own services it may still have running.
     pub calls: &'a Arc<tokio::sync::Semaphore>,
-    /// The calls from callers on other instances it has still to answer.
-    pub calls_from_afar: &'a inflight::CallsFromAfar,
     /// Its network address (behind a trusted proxy, the client's).
     pub peer_ip: Option<std::net::IpAddr>,
 }
@@ -489,9 +485,8 @@ impl Hub {
 
     /// Hands a binary frame to the queue of a client connected here only where that needs no
     /// waiting; `false` where it does not (not here, leaving, queue or byte budget full): the
-    /// caller then uses [`Hub::send_local`], which waits and says why. `call_from_afar`: the
-    /// frame is a call from another instance's client, counted on this one until it answers.
-    pub(crate) fn try_send_local(&self, addr: &str, data: &Bytes, call_from_afar: bool) -> bool {
+    /// caller then uses [`Hub::send_local`], which waits and says why.
+    pub(crate) fn try_send_local(&self, addr: &str, data: &Bytes) -> bool {
         let Some(handle) = self.clients.get(addr) else {
             return false;
         };
@@ -502,34 +497,10 @@ impl Hub {
         let Ok(permit) = handle.room.kib.clone().try_acquire_many_owned(share) else {
             return false;
         };
-        // Counted before the client can see it, so that its answer finds it counted.
-        if call_from_afar {
-            handle.calls_from_afar.opened();
-        }
-        let sent = handle
+        handle
             .tx
             .try_send(Queued::metered(Outbound::Binary(data.clone()), permit))
-            .is_ok();
-        if call_from_afar && !sent {
-            handle.calls_from_afar.answered();
-        }
-        sent
-    }
-
-    /// Counts a call from another instance's client on the client `addr` here, before it is
-    /// handed over with [`Hub::send_local`] (see [`inflight::CallsFromAfar`]).
-    pub(crate) fn call_from_afar(&self, addr: &str) -> Option<inflight::CallsFromAfar> {
-        let calls = self.clients.get(addr)?.calls_from_afar.clone();
-        calls.opened();
-        Some(calls)
-    }
-
-    /// Calls from other instances' clients that clients here have still to answer.
-    pub(crate) fn calls_from_afar(&self) -> usize {
-        self.clients
-            .iter()
-            .map(|client| client.calls_from_afar.open())
-            .sum()
+            .is_ok()
     }
 
     /// Hands a message to the queue of a client connected here. A full queue blocks the sender
@@ -634,6 +605,9 @@ impl Hub {
                 && self.bus.is_shared()
                 && inflight::is_answer(&frame)
             {
+                // The call was noted here when it arrived: it ends (or is kept alive) here too,
+                // or it would hold up this instance's graceful stop.
+                self.inflight.observe(sender.addr, &target, &frame);
                 let out =
                     frame.rewrite(&target, sender.addr, sender.workspace, sender.user_msgpack);
                 if let Err(e) = self.send(&target, Outbound::Binary(out)).await {
@@ -726,9 +700,7 @@ impl Hub {
             }
             return Ok(Routed::Delivered);
         }
-        if self.inflight.observe(sender.addr, &target, &frame) {
-            sender.calls_from_afar.answered();
-        }
+        self.inflight.observe(sender.addr, &target, &frame);
         let sent = match self.send_local(&target, Outbound::Binary(out)).await {
             Err(Unsent::Elsewhere(Outbound::Binary(data))) if self.bus.is_shared() => {
                 self.send_elsewhere(&target, data).await
@@ -807,7 +779,7 @@ impl Hub {
         let from = format!("*/{}", self.manager_id);
         for orphan in self.chunks.take_orphans() {
             let data = chunks::remove_frame(&from, &orphan.receiver, &orphan.key, server_user);
-            if self.try_send_local(&orphan.receiver, &data, false) {
+            if self.try_send_local(&orphan.receiver, &data) {
                 self.chunks.released(&orphan);
                 continue;
             }
@@ -954,41 +926,7 @@ mod tests {
             reason: Default::default(),
             since_ms: 0,
             reconnected: false,
-            calls_from_afar: Default::default(),
         }
-    }
-
-    #[test]
-    fn a_call_from_afar_counts_on_its_callee_only_once_handed_over() {
-        let hub = Hub::new(
-            "manager".into(),
-            Duration::from_secs(1),
-            Arc::new(bus::LocalBus),
-            mpsc::channel(1).0,
-        );
-        let (tx, _queue) = mpsc::channel(1);
-        let callee = ClientHandle {
-            tx,
-            room: Room::new(1 << 20),
-            ..handle(1)
-        };
-        let calls = callee.calls_from_afar.clone();
-        hub.insert("ws/callee", "ws", callee, false).unwrap();
-        let frame = Bytes::from_static(b"call");
-        assert!(hub.try_send_local("ws/callee", &frame, true));
-        assert_eq!((calls.open(), hub.calls_from_afar()), (1, 1));
-        // The queue is full: not handed over, not counted.
-        assert!(!hub.try_send_local("ws/callee", &frame, true));
-        assert_eq!(hub.calls_from_afar(), 1);
-        // Counted ahead of a wait for room; nobody here to count on.
-        assert!(hub.call_from_afar("ws/callee").is_some());
-        assert!(hub.call_from_afar("ws/gone").is_none());
-        assert_eq!(hub.calls_from_afar(), 2);
-        // Answers take them off, never below none.
-        for _ in 0..3 {
-            calls.answered();
-        }
-        assert_eq!(hub.calls_from_afar(), 0);
     }
 
     #[test]
@@ -1051,7 +989,7 @@ mod tests {
         hub.insert("ws/stuck", "ws", stuck, false).unwrap();
         hub.insert("ws/alice", "ws", alice, false).unwrap();
         // The stuck client's queue is full.
-        assert!(hub.try_send_local("ws/stuck", &Bytes::from(vec![0; 1024]), false));
+        assert!(hub.try_send_local("ws/stuck", &Bytes::from(vec![0; 1024])));
         // Eve starts a chunked message to each, and leaves.
         let cache_call = |to: &str, function: &str, args: Vec<rmpv::Value>| {
             let header = obj([

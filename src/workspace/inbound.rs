@@ -23,9 +23,8 @@ use crate::rpc::peer::{Decoded, Incoming};
 const LANES: usize = 8;
 const LANE_QUEUE: usize = 1024;
 
-/// A frame for a lane: its client, and once the call it belongs to was noted, whether it is
-/// a call to be counted on its client (see [`observe`]).
-type LaneItem = (String, Bytes, Option<bool>);
+/// A frame for a lane: its client, and whether the call it belongs to was already noted.
+type LaneItem = (String, Bytes, bool);
 
 /// An ordered way to clients that may make the sender wait.
 struct Lane {
@@ -85,15 +84,15 @@ impl Deliveries {
         let lane = self.lane_of(to);
         // Nothing of this lane waits before it: straight into the client's queue.
         let item = if lane.waiting.load(Ordering::Acquire) == 0 {
-            let Some((data, opens)) = observe(state, to, data) else {
+            let Some(data) = observe(state, to, data) else {
                 return true;
             };
-            if state.hub.try_send_local(to, &data, opens) {
+            if state.hub.try_send_local(to, &data) {
                 return true;
             }
-            (to.to_string(), data, Some(opens))
+            (to.to_string(), data, true)
         } else {
-            (to.to_string(), data, None)
+            (to.to_string(), data, false)
         };
         lane.send(item).await.is_ok()
     }
@@ -124,7 +123,7 @@ pub(crate) async fn run(deliveries: Arc<Deliveries>, mut rx: mpsc::Receiver<Inbo
                     let addr = format!("{workspace}/{client}");
                     if deliveries
                         .lane_of(&addr)
-                        .send((addr, data.clone(), None))
+                        .send((addr, data.clone(), false))
                         .await
                         .is_err()
                     {
@@ -170,15 +169,14 @@ pub(crate) async fn run(deliveries: Arc<Deliveries>, mut rx: mpsc::Receiver<Inbo
     }
 }
 
-/// Notes the call a frame for `to` answers or keeps alive; `None`: it is not delivered. With
-/// it, whether the frame opens a call, to be counted on `to` as it is handed over.
-fn observe(state: &AppState, to: &str, data: Bytes) -> Option<(Bytes, bool)> {
+/// Notes the call a frame for `to` opens, answers or keeps alive; `None`: it is not delivered.
+fn observe(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
     // The answer to a chunked message's `process` (vetted here, where its sender is) names
     // the session this server chose: the sender is told its own, and what the receiver holds
     // is settled.
     let data = restore(state, to, data)?;
-    let opens = note_call(&state.hub.inflight, to, &data);
-    Some((data, opens))
+    note_call(&state.hub.inflight, to, &data);
+    Some(data)
 }
 
 /// The frame for `to` as its client is to see it, as to the sessions this server chose for
@@ -218,11 +216,8 @@ fn restore(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
     }
 }
 
-/// What a frame from another instance for `to` does to the calls tracked here; true for a
-/// frame that opens a call. Such a call is tracked by its caller's instance; here it is only
-/// counted on its callee (see [`crate::hub::inflight::CallsFromAfar`]), which takes no
-/// map entry per call.
-fn note_call(inflight: &InFlight, to: &str, data: &[u8]) -> bool {
+/// What a frame from another instance for `to` does to the calls tracked here.
+fn note_call(inflight: &InFlight, to: &str, data: &[u8]) {
     // The header was written by the instance that published it: only the call's fields are
     // read, not the whole header.
     let fields = CallFields::of_trusted(data);
@@ -232,47 +227,29 @@ fn note_call(inflight: &InFlight, to: &str, data: &[u8]) -> bool {
         if let Some(session) = fields.session {
             inflight.abandoned(to, session);
         }
-        return false;
+        return;
     }
-    let Some(from) = fields.from else {
-        return false;
-    };
-    if InFlight::opens(fields.method, fields.session) {
-        return true;
+    if let Some(from) = fields.from {
+        inflight.observe_fields(from, to, fields.method, fields.session);
     }
-    // An answer that ends no call here (its caller has moved here since, say) was never
-    // counted on a callee here either: nothing to take off.
-    inflight.observe_fields(from, to, fields.method, fields.session);
-    false
 }
 
 /// Delivers frames to the clients of one lane, in order, waiting for room where needed.
 async fn lane(state: Arc<AppState>, mut rx: mpsc::Receiver<LaneItem>, waiting: Arc<AtomicUsize>) {
     while let Some((to, data, observed)) = rx.recv().await {
-        let observed = match observed {
-            Some(opens) => Some((data, opens)),
-            None => observe(&state, &to, data),
+        let data = if observed {
+            Some(data)
+        } else {
+            observe(&state, &to, data)
         };
-        let Some((data, opens)) = observed else {
+        let Some(data) = data else {
             waiting.fetch_sub(1, Ordering::AcqRel);
             continue;
         };
-        // Counted before the client can see it, so that its answer finds it counted.
-        let counted = if opens {
-            state.hub.call_from_afar(&to)
-        } else {
-            None
-        };
-        match state.hub.send_local(&to, Outbound::Binary(data)).await {
-            Ok(()) => {}
-            Err(unsent) => {
-                if let Some(calls) = counted {
-                    calls.answered();
-                }
-                if let Unsent::Elsewhere(Outbound::Binary(data)) = unsent {
-                    peer_left(&state, &to, data).await;
-                }
-            }
+        if let Err(Unsent::Elsewhere(Outbound::Binary(data))) =
+            state.hub.send_local(&to, Outbound::Binary(data)).await
+        {
+            peer_left(&state, &to, data).await;
         }
         waiting.fetch_sub(1, Ordering::AcqRel);
     }
@@ -283,8 +260,8 @@ async fn peer_left(state: &AppState, to: &str, data: Bytes) {
     let Some((session, from)) = awaited_call(&data) else {
         return;
     };
-    // Not tracked here (only counted on its callee, who is gone); the caller's instance
-    // counts how it ended.
+    // Noted when it arrived; the caller's instance counts how it ended.
+    state.hub.inflight.forget(from, session);
     let header = crate::hub::peer_not_found(
         to,
         from,
@@ -363,48 +340,6 @@ mod tests {
             None,
         );
         assert_eq!(awaited_call(&no_session), None);
-    }
-
-    #[test]
-    fn a_call_from_afar_is_counted_on_its_callee_and_tracked_by_its_callers_instance_only() {
-        let inflight = InFlight::default();
-        let call = crate::rpc::frame::encode(
-            &crate::rpc::value::obj([
-                ("type", "method".into()),
-                ("from", "ws1/caller".into()),
-                ("to", "ws1/callee".into()),
-                ("method", "services.lab.f".into()),
-                ("session", "s1".into()),
-            ]),
-            None,
-        );
-        assert!(note_call(&inflight, "ws1/callee", &call));
-        assert_eq!(
-            inflight.pending(|_| true),
-            0,
-            "no map entry for a call from afar"
-        );
-        // Its answer, routed here to the caller's instance, ends no call tracked here: the
-        // router takes it off the callee's count.
-        assert!(inflight.observe_fields("ws1/callee", "ws1/caller", Some("s1.resolve"), None));
-        // An answer to a call tracked here is no call from afar.
-        inflight.opened("ws1/a", "ws1/b", "s2");
-        assert!(!inflight.observe_fields("ws1/b", "ws1/a", Some("s2.resolve"), None));
-        assert_eq!(inflight.ended("resolved"), 1);
-        // An answer that comes back from afar ends the caller's call here.
-        inflight.opened("ws1/caller", "ws1/callee", "s3");
-        let answer = crate::rpc::frame::encode(
-            &crate::rpc::value::obj([
-                ("type", "method".into()),
-                ("from", "ws1/callee".into()),
-                ("to", "ws1/caller".into()),
-                ("method", "s3.resolve".into()),
-            ]),
-            None,
-        );
-        assert!(!note_call(&inflight, "ws1/caller", &answer));
-        assert_eq!(inflight.pending(|_| true), 0);
-        assert_eq!(inflight.ended("resolved"), 2);
     }
 
     #[test]
