@@ -220,7 +220,7 @@ fn put_frame(out: &mut BytesMut, to: &str, data: &[u8]) {
 /// A ping: a frame for no address, and nothing in it.
 const PING: [u8; 6] = [0, 0, 0, 2, 0, 0];
 
-/// A frame off a link: its address (checked to be text) and the frame, in one allocation.
+/// A frame off a link: its address (checked to be text) and the frame, copied out together.
 struct LinkFrame {
     whole: Bytes,
     to_len: usize,

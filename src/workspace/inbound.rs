@@ -175,8 +175,26 @@ fn observe(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
     // the session this server chose: the sender is told its own, and what the receiver holds
     // is settled.
     let data = restore(state, to, data)?;
-    note_call(&state.hub.inflight, to, &data);
+    if note_call(&state.hub.inflight, to, &data) {
+        return Some(as_own_managers(state, data));
+    }
     Some(data)
+}
+
+/// A call from another instance's manager (an HTTP service call, an app, a chunked send) as
+/// this instance's manager's: a client lets only the manager it connected to call its
+/// protected services. Only instances write `*/...` senders (a client's `from` is always its
+/// own address), and the answer still goes to the calling manager: the call's callbacks name
+/// it in the body.
+fn as_own_managers(state: &AppState, data: Bytes) -> Bytes {
+    let own = state.peer.manager_addr();
+    let Ok(frame) = Frame::parse_trusted(data.clone()) else {
+        return data;
+    };
+    match frame.field("from") {
+        Some(from) if from != own => frame.renamed(&["from"], from, &own).to_bytes(),
+        _ => data,
+    }
 }
 
 /// The frame for `to` as its client is to see it, as to the sessions this server chose for
@@ -216,8 +234,9 @@ fn restore(state: &AppState, to: &str, data: Bytes) -> Option<Bytes> {
     }
 }
 
-/// What a frame from another instance for `to` does to the calls tracked here.
-fn note_call(inflight: &InFlight, to: &str, data: &[u8]) {
+/// What a frame from another instance for `to` does to the calls tracked here; true for a
+/// frame from a manager (`*/...`).
+fn note_call(inflight: &InFlight, to: &str, data: &[u8]) -> bool {
     // The header was written by the instance that published it: only the call's fields are
     // read, not the whole header.
     let fields = CallFields::of_trusted(data);
@@ -227,11 +246,13 @@ fn note_call(inflight: &InFlight, to: &str, data: &[u8]) {
         if let Some(session) = fields.session {
             inflight.abandoned(to, session);
         }
-        return;
+        return false;
     }
-    if let Some(from) = fields.from {
-        inflight.observe_fields(from, to, fields.method, fields.session);
-    }
+    let Some(from) = fields.from else {
+        return false;
+    };
+    inflight.observe_fields(from, to, fields.method, fields.session);
+    from.starts_with("*/")
 }
 
 /// Delivers frames to the clients of one lane, in order, waiting for room where needed.
@@ -340,6 +361,30 @@ mod tests {
             None,
         );
         assert_eq!(awaited_call(&no_session), None);
+    }
+
+    #[test]
+    fn a_call_from_a_manager_is_noted_under_its_own_address() {
+        let inflight = InFlight::default();
+        let call = |from: &str| {
+            crate::rpc::frame::encode(
+                &crate::rpc::value::obj([
+                    ("type", "method".into()),
+                    ("from", from.into()),
+                    ("to", "ws1/callee".into()),
+                    ("method", "services.lab.f".into()),
+                    ("session", "s1".into()),
+                ]),
+                None,
+            )
+        };
+        assert!(note_call(&inflight, "ws1/callee", &call("*/manager-a")));
+        assert!(!note_call(&inflight, "ws1/callee", &call("ws1/caller")));
+        assert_eq!(inflight.pending(|_| true), 2);
+        // The answer goes to the calling manager (its callbacks name it), which ends the call
+        // noted under that manager's address.
+        inflight.observe_fields("ws1/callee", "*/manager-a", Some("s1.resolve"), None);
+        assert_eq!(inflight.pending(|_| true), 1);
     }
 
     #[test]

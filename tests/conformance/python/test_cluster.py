@@ -255,7 +255,7 @@ def test_a_service_on_one_instance_is_used_from_the_other(pair, coturn):
 def test_sigterm_waits_for_a_call_from_the_other_instance(pair):
     """A call from a client of one instance to a client of the other keeps the callee's
     instance from stopping until it is answered, and no longer: an answered HTTP service call
-    (the other instance's manager calling the client) holds nothing up."""
+    (the other instance's manager calling the client's protected service) holds nothing up."""
     one, two = pair
 
     def resolved(server):
@@ -276,12 +276,13 @@ def test_sigterm_waits_for_a_call_from_the_other_instance(pair):
 
         await callee.register_service({"id": "slow", "config": {"visibility": "protected"}, "f": slow,
                                        "quick": lambda x: x + 1})
-        await callee.register_service({"id": "open", "config": {"visibility": "public"}, "quick": lambda x: x + 1})
         caller = await connect_to_server({"server_url": one.url, "token": token, "client_id": "waits"})
         svc = await caller.get_service("slow:slow")
         assert await svc.quick(1) == 2
         assert resolved(one) >= 1
-        status, body, _ = await asyncio.to_thread(one.http, "/ws-user-ida/services/open/quick?x=1", token)
+        # An HTTP call through the caller's instance: that instance's manager calls the
+        # callee, whose client lets only its own manager into a protected service.
+        status, body, _ = await asyncio.to_thread(one.http, "/ws-user-ida/services/slow/quick?x=1", token)
         assert (status, body) == (200, 2), body
         call = asyncio.ensure_future(svc.f(41))
         await asyncio.wait_for(started.wait(), 10)
