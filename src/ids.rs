@@ -220,6 +220,9 @@ mod tests {
     fn ids_refuse_separators() {
         assert!(WorkspaceId::parse("ws-user-a").is_ok());
         assert!(WorkspaceId::parse("a/b").is_err());
+        // `*/...` senders are managers': instances trust such a `from` (see
+        // `workspace::inbound`), so no client may have that workspace.
+        assert!(WorkspaceId::parse("*").is_err());
         assert!(ClientId::parse("").is_err());
         assert!(ClientId::parse("x".repeat(200)).is_err());
         assert!(ServiceName::parse("svc:x").is_err());
