@@ -495,10 +495,13 @@ async fn shutdown(state: &AppState, handle: &axum_server::Handle<SocketAddr>) {
     handle.graceful_shutdown(Some(limit + Duration::from_secs(3)));
     let deadline = Instant::now() + limit;
     loop {
-        let pending = state
-            .hub
-            .inflight
-            .pending(|addr| state.hub.is_connected(addr));
+        // Who is here is asked only about calls between clients: hashed once per round, and
+        // only when there are such calls.
+        let here = std::cell::OnceCell::new();
+        let pending = state.hub.inflight.pending(|party| {
+            here.get_or_init(|| state.hub.connected_parties())
+                .contains(&party)
+        });
         if pending == 0 {
             break;
         }

@@ -282,11 +282,9 @@ fn frame_limit(max_frame: usize) -> usize {
 
 /// Where a link's frames go on this instance.
 pub(crate) trait Receiver: Send + Sync + 'static {
-    /// Whether the client `addr` is connected here (the sender is told).
-    fn holds(&self, addr: &str) -> bool;
-    /// Delivers a frame for a client held here, in order; false once this instance stops
-    /// taking frames.
-    fn deliver(&self, to: &str, data: Bytes) -> impl Future<Output = bool> + Send;
+    /// Delivers a frame for `to`, in order, if its client is connected here: whether it was
+    /// (the sender is told), or `None` once this instance stops taking frames.
+    fn deliver(&self, to: &str, data: Bytes) -> impl Future<Output = Option<bool>> + Send;
 }
 
 /// This instance's end for its peers' links: bound at start-up (so a taken port fails the
@@ -421,10 +419,9 @@ impl<R: Receiver> Served<R> {
                     answers.push(1);
                     continue;
                 }
-                let here = self.receiver.holds(to);
-                if here && !self.receiver.deliver(to, frame.data()).await {
+                let Some(here) = self.receiver.deliver(to, frame.data()).await else {
                     return Ok(());
-                }
+                };
                 answers.push(u8::from(here));
             }
             // One write answers everything this read brought.

@@ -566,13 +566,12 @@ mod tests {
     }
 
     impl Receiver for Far {
-        fn holds(&self, addr: &str) -> bool {
-            self.holds.lock().unwrap().contains(addr)
-        }
-
-        async fn deliver(&self, to: &str, data: Bytes) -> bool {
+        async fn deliver(&self, to: &str, data: Bytes) -> Option<bool> {
+            if !self.holds.lock().unwrap().contains(to) {
+                return Some(false);
+            }
             self.got.lock().unwrap().push((to.to_string(), data));
-            true
+            Some(true)
         }
     }
 

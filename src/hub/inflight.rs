@@ -20,8 +20,9 @@ const FORGET_AFTER: Duration = Duration::from_secs(600);
 const MAX_OPEN_PER_CALLER: u32 = 10_000;
 
 struct Open {
-    caller: String,
-    callee: String,
+    /// Keyed hashes of the caller's and the callee's addresses (see [`InFlight::party`]).
+    caller: u64,
+    callee: u64,
     touched: Instant,
     /// When it was sent, for the latency of its answer.
     opened: Instant,
@@ -35,11 +36,15 @@ pub struct Outcome {
 
 /// What the router knows of calls in flight.
 pub struct InFlight {
-    /// Hash of (caller address, session) -> the call; hashed so that looking a call up
-    /// allocates nothing (a collision only blurs a count).
+    /// Hash of (caller address, session) -> the call; hashed so that looking a call up or
+    /// noting one allocates nothing. The hashes are keyed with a secret of this process and
+    /// never leave it, so no client can feasibly make its address or session collide with
+    /// another's (an accidental collision, about one in 10^8 with a million calls open,
+    /// blurs a count).
     calls: DashMap<u64, Open, BuildHasherDefault<PreHashed>>,
-    /// Calls open per caller, to bound what one caller can make the server remember.
-    per_caller: DashMap<String, u32>,
+    /// Calls open per caller (by its address's hash), to bound what one caller can make the
+    /// server remember.
+    per_caller: DashMap<u64, u32, BuildHasherDefault<PreHashed>>,
     keys: std::hash::RandomState,
     /// Calls to the server's own services running now.
     server_calls: AtomicUsize,
@@ -79,7 +84,7 @@ impl Default for InFlight {
         };
         Self {
             calls: DashMap::with_hasher(Default::default()),
-            per_caller: DashMap::new(),
+            per_caller: DashMap::with_hasher(Default::default()),
             keys: Default::default(),
             server_calls: AtomicUsize::new(0),
             ended,
@@ -193,7 +198,14 @@ impl<'a> CallFields<'a> {
 }
 
 impl InFlight {
-    fn key(&self, caller: &str, session: &str) -> u64 {
+    /// The keyed hash that stands for an address here.
+    pub(crate) fn party(&self, addr: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one(addr)
+    }
+
+    /// The key of `caller`'s (by [`Self::party`]) call `session`.
+    fn key(&self, caller: u64, session: &str) -> u64 {
         use std::hash::BuildHasher;
         self.keys.hash_one((caller, session))
     }
@@ -216,11 +228,14 @@ impl InFlight {
             // Only the callee ends or keeps alive a call: anyone else who learnt its session
             // could otherwise make it vanish here, or hold up a graceful stop.
             Step::Answers(session) => {
+                let callee = self.party(from);
                 if let Some((_, open)) = self
                     .calls
-                    .remove_if(&self.key(to, session), |_, open| open.callee == from)
+                    .remove_if(&self.key(self.party(to), session), |_, open| {
+                        open.callee == callee
+                    })
                 {
-                    self.closed(&open.caller);
+                    self.closed(open.caller);
                     self.latency.0.observe(open.opened.elapsed().as_secs_f64());
                     let counter = if method.is_some_and(|m| m.ends_with(".reject")) {
                         &self.counters.rejected
@@ -231,8 +246,9 @@ impl InFlight {
                 }
             }
             Step::KeepsAlive(session) => {
-                if let Some(mut open) = self.calls.get_mut(&self.key(to, session))
-                    && open.callee == from
+                let callee = self.party(from);
+                if let Some(mut open) = self.calls.get_mut(&self.key(self.party(to), session))
+                    && open.callee == callee
                 {
                     open.touched = Instant::now();
                 }
@@ -244,39 +260,34 @@ impl InFlight {
     /// Notes the call `session` from `from` to `to` (also one the router saw only in pieces:
     /// a chunked call, whose session the assembled header names).
     pub(crate) fn opened(&self, from: &str, to: &str, session: &str) {
+        let caller = self.party(from);
         // A caller that opens calls it never lets end is tracked up to a bound.
-        let counted = match self.per_caller.get_mut(from) {
-            Some(open) if *open >= MAX_OPEN_PER_CALLER => false,
-            Some(mut open) => {
-                *open += 1;
-                true
+        {
+            let mut open = self.per_caller.entry(caller).or_insert(0);
+            if *open >= MAX_OPEN_PER_CALLER {
+                return;
             }
-            None => {
-                self.per_caller.insert(from.to_string(), 1);
-                true
-            }
-        };
-        if !counted {
-            return;
+            *open += 1;
         }
         let now = Instant::now();
         let replaced = self.calls.insert(
-            self.key(from, session),
+            self.key(caller, session),
             Open {
-                caller: from.to_string(),
-                callee: to.to_string(),
+                caller,
+                callee: self.party(to),
                 touched: now,
                 opened: now,
             },
         );
-        if replaced.is_some() {
-            self.closed(from);
+        if let Some(replaced) = replaced {
+            self.closed(replaced.caller);
         }
     }
 
     /// Whether `callee` was sent `caller`'s call `session` and has not answered it yet (what
     /// lets it answer in chunks under that session's key).
     pub(crate) fn awaits_answer(&self, caller: &str, session: &str, callee: &str) -> bool {
+        let (caller, callee) = (self.party(caller), self.party(callee));
         self.calls
             .get(&self.key(caller, session))
             .is_some_and(|open| open.caller == caller && open.callee == callee)
@@ -291,8 +302,8 @@ impl InFlight {
     /// Stops tracking a call without counting how it ended (the instance of its caller counts
     /// it).
     pub(crate) fn forget(&self, caller: &str, session: &str) {
-        if self.calls.remove(&self.key(caller, session)).is_some() {
-            self.closed(caller);
+        if let Some((_, open)) = self.calls.remove(&self.key(self.party(caller), session)) {
+            self.closed(open.caller);
         }
     }
 
@@ -302,9 +313,9 @@ impl InFlight {
         self.ended.get_or_create(&Outcome { outcome }).get()
     }
 
-    /// One call of `caller` no longer counts.
-    fn closed(&self, caller: &str) {
-        let none_left = match self.per_caller.get_mut(caller) {
+    /// One call of `caller` (by [`Self::party`]) no longer counts.
+    fn closed(&self, caller: u64) {
+        let none_left = match self.per_caller.get_mut(&caller) {
             Some(mut open) => {
                 *open = open.saturating_sub(1);
                 *open == 0
@@ -313,7 +324,7 @@ impl InFlight {
         };
         // Looked up again only when it may go (another call may have opened meanwhile).
         if none_left {
-            self.per_caller.remove_if(caller, |_, open| *open == 0);
+            self.per_caller.remove_if(&caller, |_, open| *open == 0);
         }
     }
 
@@ -323,12 +334,11 @@ impl InFlight {
         ServerCall(self)
     }
 
-    /// Calls that still need this instance: one end is connected here (`is_here`), and there
-    /// was news of it lately. Forgets the others.
-    pub(crate) fn pending(&self, is_here: impl Fn(&str) -> bool) -> usize {
+    /// Calls that still need this instance: one end is connected here (`is_here`, asked of
+    /// an address's [`Self::party`]), and there was news of it lately. Forgets the others.
+    pub(crate) fn pending(&self, is_here: impl Fn(u64) -> bool) -> usize {
         self.retain(|open| {
-            open.touched.elapsed() < FORGET_AFTER
-                && (is_here(&open.caller) || is_here(&open.callee))
+            open.touched.elapsed() < FORGET_AFTER && (is_here(open.caller) || is_here(open.callee))
         });
         self.calls.len() + self.server_calls.load(Ordering::Relaxed)
     }
@@ -343,12 +353,12 @@ impl InFlight {
         self.calls.retain(|_, open| {
             let kept = keep(open);
             if !kept {
-                dropped.push(open.caller.clone());
+                dropped.push(open.caller);
             }
             kept
         });
         for caller in dropped {
-            self.closed(&caller);
+            self.closed(caller);
         }
     }
 }
@@ -445,7 +455,7 @@ mod tests {
     #[test]
     fn a_call_is_open_until_its_answer() {
         let calls = InFlight::default();
-        let here = |_: &str| true;
+        let here = |_: u64| true;
         calls.observe(
             "ws/a",
             "ws/b",
@@ -467,8 +477,9 @@ mod tests {
             "ws/b",
             &frame(&[("method", "services.x.f"), ("session", "s2")]),
         );
+        assert_eq!(calls.pending(|party| party == calls.party("ws/b")), 1);
         assert_eq!(
-            calls.pending(|addr| addr == "elsewhere"),
+            calls.pending(|party| party == calls.party("elsewhere")),
             0,
             "neither end is here"
         );

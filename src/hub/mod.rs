@@ -354,6 +354,14 @@ impl Hub {
         self.clients.get(addr).map(|h| h.clone())
     }
 
+    /// Every client connected here, as its calls know it ([`inflight::InFlight::party`]).
+    pub(crate) fn connected_parties(&self) -> std::collections::HashSet<u64> {
+        self.clients
+            .iter()
+            .map(|c| self.inflight.party(c.key()))
+            .collect()
+    }
+
     pub(crate) fn is_connected(&self, addr: &str) -> bool {
         self.clients.contains_key(addr)
     }

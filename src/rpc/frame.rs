@@ -4,7 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use rmpv::Value;
 
-use super::scan::{MapEntry, map_entries, text};
+use super::scan::{MapEntry, map_entries, string_bytes, text};
 
 /// What a header may cost to decode; real headers are a handful of short fields (and `user`).
 const HEADER_LIMITS: super::scan::Limits = super::scan::Limits {
@@ -199,10 +199,10 @@ impl Frame {
     }
 }
 
-/// The string-keyed top-level entries of a frame's header, walked lazily from the start (a
-/// value that is not a string reads as `None`): for frames this server wrote, where a few
-/// fields are wanted and the rest (the sender's `user`, the body) need not be looked at. The
-/// walk is bounded like any scan; a malformed header simply ends it.
+/// The string-keyed top-level entries of a frame's header as [`trusted_fields`] walks them,
+/// lazily from the start (a value that is not a string reads as `None`); a malformed header
+/// simply ends the walk.
+#[cfg(test)]
 pub(crate) fn header_entries(data: &[u8]) -> impl Iterator<Item = (&str, Option<&str>)> {
     map_entries(data)
         .into_iter()
@@ -210,18 +210,24 @@ pub(crate) fn header_entries(data: &[u8]) -> impl Iterator<Item = (&str, Option<
         .filter_map(|e| Some((text(&data[e.key..e.value])?, text(&data[e.value..e.end]))))
 }
 
-/// The first value of each of `keys` in a header this server wrote (see [`header_entries`]),
-/// walking its entries only until `enough` says what was found so far will do (a key not
-/// seen yet is `None`, a key whose value is not a string `Some(None)`).
+/// The first value of each of `keys` in a header this server wrote, walking its entries from
+/// the start only until `enough` says what was found so far will do (a key not seen yet is
+/// `None`, a key whose value is not a string `Some(None)`): the rest (the sender's `user`, the
+/// body) is never looked at. The walk is bounded like any scan; a malformed header ends it.
 pub(crate) fn trusted_fields<'a, const N: usize>(
     data: &'a [u8],
     keys: [&str; N],
     enough: impl Fn(&[Option<Option<&'a str>>; N]) -> bool,
 ) -> [Option<&'a str>; N] {
     let mut found = [None; N];
-    for (key, value) in header_entries(data) {
-        if let Some(i) = keys.iter().position(|k| *k == key) {
-            found[i].get_or_insert(value);
+    // Keys are compared as bytes (equal bytes are the same text); a value is read as text only
+    // when its key is wanted.
+    for e in map_entries(data).into_iter().flatten() {
+        let Some(key) = string_bytes(&data[e.key..e.value]) else {
+            continue;
+        };
+        if let Some(i) = keys.iter().position(|k| k.as_bytes() == key) {
+            found[i].get_or_insert_with(|| text(&data[e.value..e.end]));
             if enough(&found) {
                 break;
             }
@@ -342,6 +348,34 @@ mod tests {
         let cut = &data[..data.len() - 5];
         assert_eq!(header_entries(cut).count(), 2);
         assert_eq!(header_entries(b"\xc1").count(), 0);
+    }
+
+    #[test]
+    fn trusted_fields_read_every_string_encoding_and_stop_at_a_cut_one() {
+        // A map of five entries, its strings in each of msgpack's four string encodings.
+        let mut data = vec![0x85];
+        data.extend_from_slice(b"\xa4type\xd9\x06method");
+        data.extend_from_slice(b"\xda\x00\x01n\x93\x01\x02\xa1x");
+        data.extend_from_slice(b"\xdb\x00\x00\x00\x04from\xdb\x00\x00\x00\x04ws/a");
+        data.extend_from_slice(b"\xa7session\xda\x00\x02s1");
+        data.extend_from_slice(b"\xa2to\xa4ws/b");
+        let all = |_: &[Option<Option<&str>>; 5]| false;
+        assert_eq!(
+            trusted_fields(&data, ["type", "n", "from", "session", "to"], all),
+            [Some("method"), None, Some("ws/a"), Some("s1"), Some("ws/b")]
+        );
+        assert_eq!(header_entries(&data).count(), 5);
+        // A string whose head claims more bytes than there are ends the walk there.
+        let mut cut = data[..data.len() - 8].to_vec();
+        cut.extend_from_slice(b"\xa2to\xdb\x00\x01\x00\x00ws");
+        assert_eq!(
+            trusted_fields(&cut, ["type", "n", "from", "session", "to"], all),
+            [Some("method"), None, Some("ws/a"), Some("s1"), None]
+        );
+        assert_eq!(header_entries(&cut).count(), 4);
+        // Only what is wanted is read: the walk stops once `enough` says so.
+        let [from, to] = trusted_fields(&data, ["from", "to"], |[from, _]| from.is_some());
+        assert_eq!((from, to), (Some("ws/a"), None));
     }
 
     #[test]

@@ -880,6 +880,10 @@ impl Iterator for MapEntries<'_> {
         }
         let walk = |from: usize| {
             let rest = self.data.get(from..)?;
+            // Keys and most header values are short strings: their length is in their head.
+            if let Some(len) = string_len(rest) {
+                return (len <= rest.len()).then_some(from + len);
+            }
             object(rest, Limits::WALK).ok().map(|s| from + s.len)
         };
         let key = self.pos;
@@ -891,6 +895,31 @@ impl Iterator for MapEntries<'_> {
         self.pos = end;
         Some(MapEntry { key, value, end })
     }
+}
+
+/// The length of the head and of the bytes of the string at the start of `data`, read from
+/// its head alone; `None` if no string starts there.
+fn string_head(data: &[u8]) -> Option<(usize, usize)> {
+    Some(match *data.first()? {
+        m @ 0xa0..=0xbf => (1, usize::from(m & 0x1f)),
+        0xd9 => (2, usize::from(*data.get(1)?)),
+        0xda => (3, usize::try_from(be(data.get(1..3)?)).ok()?),
+        0xdb => (5, usize::try_from(be(data.get(1..5)?)).ok()?),
+        _ => return None,
+    })
+}
+
+/// The whole encoded length of the string at the start of `data` (head and bytes).
+fn string_len(data: &[u8]) -> Option<usize> {
+    let (head, len) = string_head(data)?;
+    head.checked_add(len)
+}
+
+/// The bytes of an encoded string, unchecked as text (for comparing with a known name: equal
+/// bytes are the same text); `None` for anything else or a string cut short.
+pub(crate) fn string_bytes(encoded: &[u8]) -> Option<&[u8]> {
+    let (head, len) = string_head(encoded)?;
+    encoded.get(head..head.checked_add(len)?)
 }
 
 /// The text of an encoded string; `None` for anything else (or text that is not UTF-8).
@@ -1163,8 +1192,62 @@ mod tests {
         out
     }
 
+    /// [`map_entries`] as the general walker alone would find them (no string fast path).
+    fn entries_by_walker(data: &[u8]) -> Option<Vec<MapEntry>> {
+        let mut entries = map_entries(data)?;
+        let walk = |from: usize| Some(from + object(data.get(from..)?, Limits::WALK).ok()?.len);
+        let mut out = Vec::new();
+        while entries.left > 0 {
+            let key = entries.pos;
+            let Some((value, end)) = walk(key).and_then(|value| Some((value, walk(value)?))) else {
+                break;
+            };
+            entries.left -= 1;
+            entries.pos = end;
+            out.push(MapEntry { key, value, end });
+        }
+        Some(out)
+    }
+
+    /// A string of `len` bytes in msgpack's encoding `form` (fixstr, str8, str16, str32).
+    fn string_in(form: u8, len: usize) -> Vec<u8> {
+        let mut out = match form % 4 {
+            0 => vec![0xa0 | (len as u8 & 0x1f)],
+            1 => vec![0xd9, len as u8],
+            2 => [&[0xda][..], &(len as u16).to_be_bytes()].concat(),
+            _ => [&[0xdb][..], &(len as u32).to_be_bytes()].concat(),
+        };
+        out.extend(std::iter::repeat_n(b'x', len));
+        out
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn map_entries_agree_with_the_walker_whatever_the_strings(
+            // Lengths past 255 and 65,535 too: the high bytes of str16 and str32 heads count.
+            strings in proptest::collection::vec(
+                (any::<u8>(), prop_oneof![0usize..40, 250usize..300, 65_530usize..65_540]),
+                0..12,
+            ),
+            claimed in 0u8..16,
+            cut in any::<proptest::sample::Index>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..20),
+        ) {
+            let mut data = vec![0x80 | claimed];
+            for (form, len) in &strings {
+                data.extend(string_in(*form, *len));
+            }
+            data.extend_from_slice(&tail);
+            // Whole, cut anywhere, and with a string head claiming more than there is.
+            let cut = cut.index(data.len() + 1);
+            let mut overlong = data.clone();
+            overlong.extend_from_slice(&[0xdb, 0xff, 0xff, 0xff, 0xff, b'x']);
+            for data in [&data[..], &data[..cut], &overlong[..]] {
+                prop_assert_eq!(map_entries(data).map(|e| e.collect::<Vec<_>>()), entries_by_walker(data));
+            }
+        }
 
         #[test]
         fn the_whole_slice_walk_agrees_with_the_scanner(

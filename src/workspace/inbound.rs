@@ -73,38 +73,40 @@ impl Deliveries {
         &self.lanes[(self.hasher.hash_one(addr) as usize) % LANES]
     }
 
-    /// Delivers a frame for `to`; false once the lanes have stopped.
-    async fn frame(&self, to: &str, data: Bytes) -> bool {
+    /// Delivers a frame for `to`: whether its client is here (one that is not, with `held_only`,
+    /// is left alone; else its call gets the dead-peer reject), or `None` once the lanes have
+    /// stopped.
+    async fn frame(&self, to: &str, data: Bytes, held_only: bool) -> Option<bool> {
         let state = &self.state;
-        state.hub.bus_received.inc();
         if to == self.manager {
+            state.hub.bus_received.inc();
             answer(state, to.to_string(), data);
-            return true;
+            return Some(true);
         }
+        if held_only && !state.hub.is_connected(to) {
+            return Some(false);
+        }
+        state.hub.bus_received.inc();
         let lane = self.lane_of(to);
         // Nothing of this lane waits before it: straight into the client's queue.
         let item = if lane.waiting.load(Ordering::Acquire) == 0 {
             let Some(data) = observe(state, to, data) else {
-                return true;
+                return Some(true);
             };
             if state.hub.try_send_local(to, &data) {
-                return true;
+                return Some(true);
             }
             (to.to_string(), data, true)
         } else {
             (to.to_string(), data, false)
         };
-        lane.send(item).await.is_ok()
+        lane.send(item).await.ok().map(|()| true)
     }
 }
 
 impl crate::cluster::link::Receiver for Deliveries {
-    fn holds(&self, addr: &str) -> bool {
-        addr == self.manager || self.state.hub.is_connected(addr)
-    }
-
-    fn deliver(&self, to: &str, data: Bytes) -> impl Future<Output = bool> + Send {
-        self.frame(to, data)
+    fn deliver(&self, to: &str, data: Bytes) -> impl Future<Output = Option<bool>> + Send {
+        self.frame(to, data, true)
     }
 }
 
@@ -114,7 +116,7 @@ pub(crate) async fn run(deliveries: Arc<Deliveries>, mut rx: mpsc::Receiver<Inbo
     while let Some(item) = rx.recv().await {
         match item {
             Inbound::Frame { to, data } => {
-                if !deliveries.frame(&to, data).await {
+                if deliveries.frame(&to, data, false).await.is_none() {
                     return;
                 }
             }
