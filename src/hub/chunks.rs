@@ -64,7 +64,7 @@ const MAX_SETTLED: usize = 4096;
 /// sender: the answer's `method` (`<session>.resolve`), its `parent`, a notice's `session`.
 const SESSION_FIELDS: [&str; 3] = ["method", "parent", "session"];
 /// The method that fires a chunked message at its receiver.
-const PROCESS: &str = "services.built-in.message_cache.process";
+pub(crate) const PROCESS: &str = "services.built-in.message_cache.process";
 const MAX_KEY_LEN: usize = 256;
 /// The main message (the routing header) of a chunked message is kept up to this size, to
 /// read the session its receiver may answer under.
@@ -158,6 +158,19 @@ impl Watched {
             data = &data[used..];
         }
         self.scanner.run(data, 2).map(|_| ()).map_err(invalid)
+    }
+
+    /// Whether the assembled message answers the receiver's call `session` (its `method` is
+    /// `<session>.resolve` or `.reject`): `Some(rejects)`. Other messages sent under that
+    /// session (a callback the caller passed, called with much data) answer nothing.
+    fn answers(&self, session: &str) -> Option<bool> {
+        let main = self.main.as_deref()?;
+        let method = scan::text(scan::map_value(main, "method")?)?;
+        match method.strip_prefix(session)? {
+            ".resolve" => Some(false),
+            ".reject" => Some(true),
+            _ => None,
+        }
     }
 
     /// The session of the call this message makes (its receiver may answer under it).
@@ -374,10 +387,19 @@ impl State {
         Ok(())
     }
 
-    /// A session for a `process` call, of the server's choosing: unguessable, and none in use.
-    fn new_server_session(&self) -> String {
+    /// A session for a `process` call, of the server's choosing: unguessable, and none in use;
+    /// that of a chunked answer is tagged (see [`chunked_answer_in`]).
+    fn new_server_session(&self, answers: Option<bool>) -> String {
+        let tag = match answers {
+            Some(false) => ANSWER_RESOLVES,
+            Some(true) => ANSWER_REJECTS,
+            None => "",
+        };
         loop {
-            let server = format!("{SERVER_SESSION_MARK}{}", crate::ids::random_id(24));
+            let server = format!(
+                "{SERVER_SESSION_MARK}{tag}{}",
+                crate::ids::random_id(24 - tag.len())
+            );
             if !self.processing.contains_key(&server) && !self.settled.contains_key(&server) {
                 return server;
             }
@@ -472,6 +494,9 @@ pub struct Vetted {
     /// A `process`: the session the server chose for it, to deliver it under (its header's
     /// `session` renamed; [`ChunkWatch::restore`] gives the sender's back).
     pub server_session: Option<String>,
+    /// The `process` of a chunked answer: the session of the receiver's call it answers, and
+    /// whether it rejects it (the call ends as it passes, as a one-frame answer would).
+    pub answers: Option<(String, bool)>,
 }
 
 /// What a frame from a receiver to a sender is, as to the sessions the server chose.
@@ -648,6 +673,25 @@ fn server_promise<'a>(body: &'a [u8], sender: &str, server: &str) -> Option<Spli
         let _ = rmp::encode::write_f64(&mut out, seconds);
     }
     Some((promise, out))
+}
+
+/// What follows [`SERVER_SESSION_MARK`] in the session of a `process` that delivers a chunked
+/// answer that resolves, or rejects, its receiver's call: the receiver's instance ends the
+/// call by it, never seeing the assembled message. (The rest is lowercase; no client may send
+/// a session that starts with the mark.)
+const ANSWER_RESOLVES: &str = "R";
+const ANSWER_REJECTS: &str = "J";
+
+/// Whether a `process` arriving under `session` delivers a chunked answer: `Some(rejects)`.
+pub(crate) fn chunked_answer_in(session: &str) -> Option<bool> {
+    let tag = session.strip_prefix(SERVER_SESSION_MARK)?;
+    if tag.starts_with(ANSWER_RESOLVES) {
+        Some(false)
+    } else if tag.starts_with(ANSWER_REJECTS) {
+        Some(true)
+    } else {
+        None
+    }
 }
 
 /// The server session a header field names, if it names one (see [`SERVER_SESSION_MARK`]).
@@ -903,13 +947,18 @@ impl ChunkWatch {
                     heartbeat_flag(&args, 1, watched)?;
                     watched.verdict()?;
                     state.may_await(target, sender)?;
-                    let server = state.new_server_session();
+                    // Created as an answer (under the receiver's session, not in the
+                    // sender's namespace) and assembling into one.
+                    let answers = (!watched.namespaced)
+                        .then(|| watched.answers(&slot.1))
+                        .flatten();
+                    let server = state.new_server_session(answers);
                     let promise = server_promise(&frame.body, sender, &server).ok_or(
                         "a message_cache process must be a call that is answered (with a promise)",
                     )?;
-                    Ok((session, server, promise))
+                    Ok((session, server, promise, answers))
                 });
-                let (session, server, promise) = match checked {
+                let (session, server, promise, answers) = match checked {
                     Ok(checked) => checked,
                     // Its answer says whether the receiver let the chunks go: a process that
                     // will not go through leaves them there, and the receiver is told to drop
@@ -956,10 +1005,12 @@ impl ChunkWatch {
                     .insert(server.clone());
                 self.awaiting
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let answers = answers.map(|rejects| (slot.1.clone(), rejects));
                 Ok(Vetted {
                     body,
                     call_session: watched.call_session(),
                     server_session: Some(server),
+                    answers,
                 })
             }
             Op::Remove => {
@@ -2100,6 +2151,58 @@ mod tests {
             .vet("ws/eve", false, "ws/alice", &set, |s| s == "sess")
             .unwrap_err();
         assert!(refused.0.contains("must be true"), "{refused}");
+    }
+
+    #[test]
+    fn only_a_chunked_answer_ends_the_call_it_is_sent_under() {
+        // Sent under the receiver's call `sess`: its answer (resolve or reject), or a callback
+        // the receiver passed in that call, called with much data (not an answer).
+        for (method, answers) in [
+            ("sess.resolve", Some(false)),
+            ("sess.reject", Some(true)),
+            ("sess.cb1", None),
+            ("sessx.resolve", None),
+        ] {
+            let watch = ChunkWatch::default();
+            let awaited = |s: &str| s == "sess";
+            let create = call("create", vec!["sess".into(), true.into()]);
+            watch
+                .vet("ws/eve", false, "ws/alice", &create, awaited)
+                .unwrap();
+            let mut whole = encode(&obj([("type", "method".into()), ("method", method.into())]));
+            whole.extend(encode(&obj([("args", Value::Array(vec![1.into()]))])));
+            let set = call(
+                "set",
+                vec!["sess".into(), 0.into(), Value::Binary(whole), true.into()],
+            );
+            watch
+                .vet("ws/eve", false, "ws/alice", &set, awaited)
+                .unwrap();
+            let process = call("process", vec!["sess".into(), true.into()]);
+            let vetted = watch
+                .vet("ws/eve", false, "ws/alice", &process, awaited)
+                .unwrap();
+            assert_eq!(
+                vetted.answers,
+                answers.map(|rejects| ("sess".to_string(), rejects)),
+                "{method}"
+            );
+            // The receiver's instance reads the same from the session it is delivered under.
+            let server = vetted.server_session.unwrap();
+            assert_eq!(chunked_answer_in(&server), answers, "{method}");
+            assert_eq!(server.len(), 25);
+        }
+        // A message in the sender's own namespace answers nothing, whatever it assembles.
+        let watch = ChunkWatch::default();
+        let whole = encode(&obj([
+            ("type", "method".into()),
+            ("method", "k.resolve".into()),
+        ]));
+        staged(&watch, "ws/eve", "k", whole);
+        let vetted = vet(&watch, "ws/eve", &process_of("k")).unwrap();
+        assert_eq!(vetted.answers, None);
+        assert_eq!(chunked_answer_in(&vetted.server_session.unwrap()), None);
+        assert_eq!(chunked_answer_in("sess"), None);
     }
 
     /// Starts message `key` from `sender` to `target` and sends `pieces` chunks of `piece`

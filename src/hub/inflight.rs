@@ -284,6 +284,19 @@ impl InFlight {
         }
     }
 
+    /// `callee`'s answer to `caller`'s call `session` went out in chunks (its `process` passed
+    /// the router): the call ends as with a one-frame answer.
+    pub(crate) fn answered_in_chunks(
+        &self,
+        caller: &str,
+        session: &str,
+        callee: &str,
+        rejects: bool,
+    ) {
+        let method = format!("{session}.{}", if rejects { "reject" } else { "resolve" });
+        self.observe_fields(callee, caller, Some(&method), None);
+    }
+
     /// Whether `callee` was sent `caller`'s call `session` and has not answered it yet (what
     /// lets it answer in chunks under that session's key).
     pub(crate) fn awaits_answer(&self, caller: &str, session: &str, callee: &str) -> bool {

@@ -673,6 +673,11 @@ impl Hub {
                 if let Some(session) = vetted.call_session {
                     self.inflight.opened(sender.addr, &target, &session);
                 }
+                // A chunked answer: the call it answers ends here.
+                if let Some((session, rejects)) = vetted.answers {
+                    self.inflight
+                        .answered_in_chunks(&target, &session, sender.addr, rejects);
+                }
                 vetted.server_session
             }
         };

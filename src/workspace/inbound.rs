@@ -254,7 +254,28 @@ fn note_call(inflight: &InFlight, to: &str, data: &[u8]) -> bool {
         return false;
     };
     inflight.observe_fields(from, to, fields.method, fields.session);
+    // The `process` of a chunked answer names the call it answers (its key is that call's
+    // session), and the sender's instance, which saw the assembled message, tagged its
+    // session: the call ends here too.
+    if fields.method == Some(crate::hub::chunks::PROCESS)
+        && let Some(rejects) = fields
+            .session
+            .and_then(crate::hub::chunks::chunked_answer_in)
+        && let Some(key) = process_key(data)
+    {
+        inflight.answered_in_chunks(to, key, from, rejects);
+    }
     from.starts_with("*/")
+}
+
+/// The message key a `process` call names (its first argument), read from a frame another
+/// instance wrote.
+fn process_key(data: &[u8]) -> Option<&str> {
+    let header = crate::rpc::scan::object(data, crate::rpc::scan::Limits::WALK).ok()?;
+    let body = data.get(header.len..)?;
+    let args = crate::rpc::scan::map_value(body, "args")?;
+    let first = *crate::rpc::scan::array_items(args, 64)?.first()?;
+    crate::rpc::scan::text(first)
 }
 
 /// Delivers frames to the clients of one lane, in order, waiting for room where needed.
@@ -387,6 +408,60 @@ mod tests {
         // noted under that manager's address.
         inflight.observe_fields("ws1/callee", "*/manager-a", Some("s1.resolve"), None);
         assert_eq!(inflight.pending(|_| true), 1);
+    }
+
+    #[test]
+    fn the_process_of_a_chunked_answer_ends_the_call_it_answers() {
+        let inflight = InFlight::default();
+        inflight.opened("ws1/caller", "ws1/callee", "s1");
+        inflight.opened("ws1/caller", "ws1/callee", "s2");
+        let process = |from: &str, session: &str, key: &str| {
+            crate::rpc::frame::encode(
+                &crate::rpc::value::obj([
+                    ("type", "method".into()),
+                    ("from", from.into()),
+                    ("to", "ws1/caller".into()),
+                    ("method", crate::hub::chunks::PROCESS.into()),
+                    ("session", session.into()),
+                ]),
+                Some(&crate::rpc::value::obj([(
+                    "args",
+                    rmpv::Value::Array(vec![key.into(), "ctx".into()]),
+                )])),
+            )
+        };
+        // Only a process its sender's instance tagged as an answer (a large callback call
+        // under the caller's session is not one), and only the callee's, ends the call.
+        note_call(
+            &inflight,
+            "ws1/caller",
+            &process("ws1/callee", "~abc", "s1"),
+        );
+        note_call(
+            &inflight,
+            "ws1/caller",
+            &process("ws1/other", "~Rabc", "s1"),
+        );
+        assert!(inflight.awaits_answer("ws1/caller", "s1", "ws1/callee"));
+        note_call(
+            &inflight,
+            "ws1/caller",
+            &process("ws1/callee", "~Rabd", "s1"),
+        );
+        assert!(!inflight.awaits_answer("ws1/caller", "s1", "ws1/callee"));
+        assert_eq!(inflight.ended("resolved"), 1);
+        note_call(
+            &inflight,
+            "ws1/caller",
+            &process("ws1/callee", "~Jabe", "s2"),
+        );
+        assert!(!inflight.awaits_answer("ws1/caller", "s2", "ws1/callee"));
+        assert_eq!(inflight.ended("rejected"), 1);
+        assert_eq!(
+            process_key(&process("ws1/callee", "~Rabd", "s1")),
+            Some("s1")
+        );
+        assert_eq!(process_key(b"\x81\xa4type"), None);
     }
 
     #[test]

@@ -300,6 +300,36 @@ def test_sigterm_waits_for_a_call_from_the_other_instance(pair):
     run(main())
 
 
+def test_a_chunked_answer_across_instances_holds_neither_stop(pair):
+    """A call answered in chunks (a result larger than one frame) by a client of the other
+    instance has ended on both instances: neither one's graceful stop waits for it."""
+    one, two = pair
+
+    async def main():
+        token = hypha_token("ida")
+        callee = await connect_to_server({"server_url": two.url, "token": token, "client_id": "big"})
+
+        async def big(n):
+            return b"x" * n
+
+        await callee.register_service({"id": "big", "config": {"visibility": "protected"}, "f": big})
+        caller = await connect_to_server({"server_url": one.url, "token": token, "client_id": "asks"})
+        svc = await caller.get_service("big:big")
+        assert len(await svc.f(3 * 1024 * 1024)) == 3 * 1024 * 1024
+        assert len(await svc.f(10)) == 10
+        sent = time.monotonic()
+        # Both clients stay connected: only a call still counted would hold a stop (for the
+        # whole --shutdown-timeout, 20 s).
+        one.proc.send_signal(signal.SIGTERM)
+        two.proc.send_signal(signal.SIGTERM)
+        codes = await asyncio.gather(asyncio.to_thread(one.proc.wait, 30), asyncio.to_thread(two.proc.wait, 30))
+        return codes, time.monotonic() - sent
+
+    codes, took = run(main())
+    assert codes == [0, 0]
+    assert took < 8, f"a graceful stop waited {took:.1f} s for a call already answered"
+
+
 def test_a_workspace_made_on_one_instance_is_owned_and_deleted_on_both(pair):
     one, two = pair
 

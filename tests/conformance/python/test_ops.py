@@ -203,3 +203,69 @@ def test_sigterm_lets_a_call_in_flight_finish_and_logs_are_json():
         assert messages[-1] == "stopped"
     finally:
         server.stop()
+
+
+def test_sigterm_after_chunked_answers_stops_at_once():
+    """A call answered in chunks (a result larger than one frame) has ended: a later graceful
+    stop does not wait for it."""
+    server = Server().start()
+    try:
+
+        async def main():
+            a = await connect_to_server({"server_url": server.url, "token": hypha_token("gus"), "client_id": "big"})
+
+            async def big(n):
+                return b"x" * n
+
+            await a.register_service({"id": "big", "config": {"visibility": "protected"}, "f": big})
+            b = await connect_to_server({"server_url": server.url, "token": hypha_token("gus"), "client_id": "asks"})
+            svc = await b.get_service("big:big")
+            # Larger than the clients' chunk size: the answer comes through the message cache.
+            assert len(await svc.f(3 * 1024 * 1024)) == 3 * 1024 * 1024
+            assert len(await svc.f(10)) == 10
+            sent = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            # Both clients stay connected: only a call still counted would hold the stop.
+            code = await asyncio.to_thread(server.proc.wait, 30)
+            return code, time.monotonic() - sent
+
+        code, took = run(main())
+        assert code == 0
+        assert took < 8, f"the graceful stop waited {took:.1f} s for calls already answered"
+    finally:
+        server.stop()
+
+
+def test_sigterm_waits_for_a_call_whose_callee_sends_much_to_a_callback():
+    """A callback the caller passed, called with more than one frame holds (sent in chunks
+    under the caller's call, like an answer), does not end that call: a graceful stop still
+    waits for its answer."""
+    server = Server().start()
+    try:
+
+        async def main():
+            a = await connect_to_server({"server_url": server.url, "token": hypha_token("gus"), "client_id": "reports"})
+            reported = asyncio.Event()
+
+            async def work(report):
+                await report(b"x" * (3 * 1024 * 1024))
+                reported.set()
+                await asyncio.sleep(2)
+                return "done"
+
+            await a.register_service({"id": "work", "config": {"visibility": "protected"}, "f": work})
+            b = await connect_to_server({"server_url": server.url, "token": hypha_token("gus"), "client_id": "hears"})
+            svc = await b.get_service("reports:work")
+            heard = []
+            call = asyncio.ensure_future(svc.f(lambda data: heard.append(len(data))))
+            await asyncio.wait_for(reported.wait(), 20)
+            assert heard == [3 * 1024 * 1024]
+            sent = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(call, 15) == "done"
+            assert time.monotonic() - sent > 1.0, "the call was answered before the shutdown waited for it"
+
+        run(main())
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        server.stop()
