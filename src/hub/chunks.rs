@@ -682,6 +682,12 @@ fn server_promise<'a>(body: &'a [u8], sender: &str, server: &str) -> Option<Spli
 const ANSWER_RESOLVES: &str = "R";
 const ANSWER_REJECTS: &str = "J";
 
+/// The message key a `message_cache` call's body names (its first argument), as it stands.
+pub(crate) fn message_key(body: &[u8]) -> Option<&str> {
+    let args = scan::map_value(body, "args")?;
+    scan::text(scan::array_items(args, 64)?.first()?)
+}
+
 /// Whether a `process` arriving under `session` delivers a chunked answer: `Some(rejects)`.
 pub(crate) fn chunked_answer_in(session: &str) -> Option<bool> {
     let tag = session.strip_prefix(SERVER_SESSION_MARK)?;
@@ -739,10 +745,7 @@ impl ChunkWatch {
         if frame.field("method") != Some(PROCESS) {
             return;
         }
-        let Some(key) = scan::map_value(&frame.body, "args")
-            .and_then(|args| scan::array_items(args, 64))
-            .and_then(|items| items.first().and_then(|item| scan::text(item)))
-        else {
+        let Some(key) = message_key(&frame.body) else {
             return;
         };
         let namespaced = self.namespaced(sender, key);

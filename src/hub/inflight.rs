@@ -228,22 +228,8 @@ impl InFlight {
             // Only the callee ends or keeps alive a call: anyone else who learnt its session
             // could otherwise make it vanish here, or hold up a graceful stop.
             Step::Answers(session) => {
-                let callee = self.party(from);
-                if let Some((_, open)) = self
-                    .calls
-                    .remove_if(&self.key(self.party(to), session), |_, open| {
-                        open.callee == callee
-                    })
-                {
-                    self.closed(open.caller);
-                    self.latency.0.observe(open.opened.elapsed().as_secs_f64());
-                    let counter = if method.is_some_and(|m| m.ends_with(".reject")) {
-                        &self.counters.rejected
-                    } else {
-                        &self.counters.resolved
-                    };
-                    counter.inc();
-                }
+                let rejects = method.is_some_and(|m| m.ends_with(".reject"));
+                self.answer(to, session, from, rejects);
             }
             Step::KeepsAlive(session) => {
                 let callee = self.party(from);
@@ -284,17 +270,27 @@ impl InFlight {
         }
     }
 
-    /// `callee`'s answer to `caller`'s call `session` went out in chunks (its `process` passed
-    /// the router): the call ends as with a one-frame answer.
-    pub(crate) fn answered_in_chunks(
-        &self,
-        caller: &str,
-        session: &str,
-        callee: &str,
-        rejects: bool,
-    ) {
-        let method = format!("{session}.{}", if rejects { "reject" } else { "resolve" });
-        self.observe_fields(callee, caller, Some(&method), None);
+    /// `callee` answered `caller`'s call `session` (in one frame, or in chunks whose `process`
+    /// passed): it ends, counted by how. Only the callee ends a call: anyone else who learnt
+    /// its session could otherwise make it vanish here.
+    pub(crate) fn answer(&self, caller: &str, session: &str, callee: &str, rejects: bool) {
+        let callee = self.party(callee);
+        let Some((_, open)) = self
+            .calls
+            .remove_if(&self.key(self.party(caller), session), |_, open| {
+                open.callee == callee
+            })
+        else {
+            return;
+        };
+        self.closed(open.caller);
+        self.latency.0.observe(open.opened.elapsed().as_secs_f64());
+        let counter = if rejects {
+            &self.counters.rejected
+        } else {
+            &self.counters.resolved
+        };
+        counter.inc();
     }
 
     /// Whether `callee` was sent `caller`'s call `session` and has not answered it yet (what

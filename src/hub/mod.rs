@@ -676,7 +676,7 @@ impl Hub {
                 // A chunked answer: the call it answers ends here.
                 if let Some((session, rejects)) = vetted.answers {
                     self.inflight
-                        .answered_in_chunks(&target, &session, sender.addr, rejects);
+                        .answer(&target, &session, sender.addr, rejects);
                 }
                 vetted.server_session
             }

@@ -263,19 +263,15 @@ fn note_call(inflight: &InFlight, to: &str, data: &[u8]) -> bool {
             .and_then(crate::hub::chunks::chunked_answer_in)
         && let Some(key) = process_key(data)
     {
-        inflight.answered_in_chunks(to, key, from, rejects);
+        inflight.answer(to, key, from, rejects);
     }
     from.starts_with("*/")
 }
 
-/// The message key a `process` call names (its first argument), read from a frame another
-/// instance wrote.
+/// The message key a `process` call names, read from a frame another instance wrote.
 fn process_key(data: &[u8]) -> Option<&str> {
     let header = crate::rpc::scan::object(data, crate::rpc::scan::Limits::WALK).ok()?;
-    let body = data.get(header.len..)?;
-    let args = crate::rpc::scan::map_value(body, "args")?;
-    let first = *crate::rpc::scan::array_items(args, 64)?.first()?;
-    crate::rpc::scan::text(first)
+    crate::hub::chunks::message_key(data.get(header.len..)?)
 }
 
 /// Delivers frames to the clients of one lane, in order, waiting for room where needed.
