@@ -47,22 +47,36 @@ pub(crate) enum Inbound {
     Reconnected,
 }
 
-/// Told whether a frame sent with [`Bus::send_then`] reached an instance holding its client.
-pub(crate) type Delivered = Box<dyn FnOnce(Result<bool, BusError>) + Send>;
+/// Told whether a frame sent with [`Bus::send_then`] reached an instance holding its client,
+/// with the frame back (empty where it was lost on its way), so that a sender needs to keep no
+/// copy of it to act on it.
+pub(crate) type Delivered = Box<dyn FnOnce(Result<bool, BusError>, Bytes) + Send>;
 
 /// Carries frames to clients on other instances and announcements to all of them.
 pub(crate) trait Bus: Send + Sync {
     /// Delivers a frame to `addr` on whichever instance holds it: `Ok(false)` when none does.
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>>;
     /// Queues a frame for `addr` and returns once it is queued (frames from one sender keep
-    /// their order); `then` hears later whether any instance held `addr`. The sender need not
-    /// wait for Redis's answer before its next frame.
+    /// their order); `then` hears later, once whatever becomes of the frame (also when this
+    /// returns an error, or its wait is cancelled), whether any instance held `addr`. The
+    /// sender need not wait for Redis's answer before its next frame.
     fn send_then<'a>(
         &'a self,
         addr: &'a str,
         data: Bytes,
         then: Delivered,
     ) -> BoxFuture<'a, Result<(), BusError>>;
+    /// [`Bus::send_then`] where the frame can be handed on at once, without waiting for
+    /// anything: the frame and `then` come back where it cannot (the caller then uses
+    /// `send_then`). Spares the common case the boxed future.
+    fn try_send_then(
+        &self,
+        _addr: &str,
+        data: Bytes,
+        then: Delivered,
+    ) -> Result<(), (Bytes, Delivered)> {
+        Err((data, then))
+    }
     /// Tells the other instances.
     fn announce(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>>;
     /// Starts taking frames for `addr`, which is connected here.
@@ -94,10 +108,10 @@ impl Bus for LocalBus {
     fn send_then<'a>(
         &'a self,
         _addr: &'a str,
-        _data: Bytes,
+        data: Bytes,
         then: Delivered,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        then(Ok(false));
+        then(Ok(false), data);
         Box::pin(async { Ok(()) })
     }
 

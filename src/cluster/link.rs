@@ -45,6 +45,9 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 const LINK_QUEUE: usize = 4096;
 /// Frames written as one batch.
 const BATCH: usize = 256;
+/// Turns the writer lets the ready senders take before a write, while each brings frames: under
+/// load, fewer and fuller writes (and answers); when idle, one turn and no wait.
+const GATHER_TURNS: usize = 4;
 /// Frames sent and not yet answered; the writer waits for answers beyond this.
 const MAX_UNANSWERED: usize = 16_384;
 /// The longest address a frame may be for.
@@ -220,26 +223,11 @@ fn put_frame(out: &mut BytesMut, to: &str, data: &[u8]) {
 /// A ping: a frame for no address, and nothing in it.
 const PING: [u8; 6] = [0, 0, 0, 2, 0, 0];
 
-/// A frame off a link: its address (checked to be text) and the frame, copied out together.
-struct LinkFrame {
-    whole: Bytes,
-    to_len: usize,
-}
-
-impl LinkFrame {
-    /// The client it is for; empty for a ping.
-    fn to(&self) -> &str {
-        std::str::from_utf8(&self.whole[..self.to_len]).unwrap_or_default()
-    }
-
-    fn data(&self) -> Bytes {
-        self.whole.slice(self.to_len..)
-    }
-}
-
-/// Takes one whole frame off the front of `buf`: `Ok(None)` until it has all arrived. A ping
-/// comes out with an empty address.
-fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<LinkFrame>, BusError> {
+/// Takes one whole frame off the front of `buf`: `Ok(None)` until it has all arrived. Its
+/// address goes into `to` (reused from frame to frame; checked to be text, empty for a ping),
+/// and its bytes are copied out on their own: a frame left waiting in a slow client's queue
+/// holds only itself, never the read buffer it came in, and is nobody else's to share.
+fn take_frame(buf: &mut BytesMut, max: usize, to: &mut String) -> Result<Option<Bytes>, BusError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -252,25 +240,22 @@ fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<LinkFrame>, BusEr
         return Ok(None);
     }
     let to_len = u16::from_be_bytes([buf[4], buf[5]]) as usize;
+    to.clear();
     if to_len == 0 && len == 2 {
         buf.advance(6);
-        return Ok(Some(LinkFrame {
-            whole: Bytes::new(),
-            to_len: 0,
-        }));
+        return Ok(Some(Bytes::new()));
     }
     if to_len == 0 || to_len > MAX_ADDRESS || to_len > len - 2 {
         return Err(broken(format!("a frame for an address of {to_len} bytes")));
     }
     buf.advance(6);
-    if std::str::from_utf8(&buf[..to_len]).is_err() {
+    let Ok(address) = std::str::from_utf8(&buf[..to_len]) else {
         return Err(broken("a frame for an address that is not text"));
-    }
-    // Copied out: a frame left waiting in a slow client's queue holds only its own bytes
-    // (and its address), never the read buffer it came in.
-    let whole = Bytes::copy_from_slice(&buf[..len - 2]);
+    };
+    to.push_str(address);
+    let data = Bytes::copy_from_slice(&buf[to_len..len - 2]);
     buf.advance(len - 2);
-    Ok(Some(LinkFrame { whole, to_len }))
+    Ok(Some(data))
 }
 
 /// The largest frame a link carries for clients whose frames are at most `max_frame` bytes.
@@ -404,6 +389,7 @@ impl<R: Receiver> Served<R> {
         let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut answers = Vec::with_capacity(BATCH);
+        let mut to = String::with_capacity(64);
         loop {
             let read = tokio::time::timeout(IDLE_LIMIT, rd.read_buf(&mut buf))
                 .await
@@ -412,14 +398,13 @@ impl<R: Receiver> Served<R> {
             if read == 0 {
                 return Ok(());
             }
-            while let Some(frame) = take_frame(&mut buf, self.max)? {
-                let to = frame.to();
+            while let Some(data) = take_frame(&mut buf, self.max, &mut to)? {
                 // A ping: answered, delivered nowhere.
                 if to.is_empty() {
                     answers.push(1);
                     continue;
                 }
-                let Some(here) = self.receiver.deliver(to, frame.data()).await else {
+                let Some(here) = self.receiver.deliver(&to, data).await else {
                     return Ok(());
                 };
                 answers.push(u8::from(here));
@@ -443,11 +428,51 @@ impl<R: Receiver> Served<R> {
 /// other instance; `Ok(false)`: it is not), with the frame back for a second try elsewhere.
 pub(crate) type Answered = Box<dyn FnOnce(Result<bool, BusError>, Bytes) + Send>;
 
-/// A frame for a link's writer.
+/// A frame for a link's writer. Dropped before it was answered, it answers with an error and
+/// the frame.
 pub(crate) struct Outgoing {
-    pub to: Arc<str>,
-    pub data: Bytes,
-    pub answered: Answered,
+    to: Arc<str>,
+    data: Bytes,
+    answered: Option<Answered>,
+}
+
+impl Outgoing {
+    /// The frame `data` for the client `to`; `answered` hears what became of it.
+    pub(crate) fn new(to: Arc<str>, data: Bytes, answered: Answered) -> Self {
+        Self {
+            to,
+            data,
+            answered: Some(answered),
+        }
+    }
+
+    /// Tells the sender what became of the frame.
+    fn answer(mut self, answer: Result<bool, BusError>) {
+        if let Some(answered) = self.answered.take() {
+            answered(answer, std::mem::take(&mut self.data));
+        }
+    }
+
+    /// The frame and whom to answer, once it is written.
+    fn written(mut self, sent: Instant) -> Option<Unanswered> {
+        let answered = self.answered.take()?;
+        Some(Unanswered {
+            data: std::mem::take(&mut self.data),
+            answered,
+            sent,
+        })
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if let Some(answered) = self.answered.take() {
+            answered(
+                Err(broken("the frame was dropped on its way")),
+                std::mem::take(&mut self.data),
+            );
+        }
+    }
 }
 
 /// A frame written and not yet answered.
@@ -531,6 +556,11 @@ impl Link {
         self.queue.reserve().await.ok()
     }
 
+    /// Room for one frame in the link's queue if there is some now.
+    pub(crate) fn try_reserve(&self) -> Option<mpsc::Permit<'_, Outgoing>> {
+        self.queue.try_reserve().ok()
+    }
+
     /// Closes the link; what it still holds is answered with an error.
     pub(crate) fn close(&self) {
         self.closing.close();
@@ -602,14 +632,22 @@ async fn write_frames(
         if taken == 0 {
             break broken("closed");
         }
-        if batch.len() < BATCH {
-            // The senders that are ready run first: their frames join this write.
+        // The senders that are ready run first: their frames join this write, for as long as
+        // each turn brings more (a bounded number of turns).
+        for _ in 0..GATHER_TURNS {
+            if batch.len() >= BATCH {
+                break;
+            }
             tokio::task::yield_now().await;
+            let before = batch.len();
             while batch.len() < BATCH {
                 match frames.try_recv() {
                     Ok(frame) => batch.push(frame),
                     Err(_) => break,
                 }
+            }
+            if batch.len() == before {
+                break;
             }
         }
         // Room for the batch's answers first: a peer that stops answering holds the senders.
@@ -638,15 +676,11 @@ async fn write_frames(
                     continue;
                 }
                 put_frame(&mut out, &frame.to, &frame.data);
-                waiting.push_back(Unanswered {
-                    data: frame.data,
-                    answered: frame.answered,
-                    sent: now,
-                });
+                waiting.extend(frame.written(now));
             }
         }
         for frame in refused.drain(..) {
-            (frame.answered)(Err(broken("a frame too large for the link")), frame.data);
+            frame.answer(Err(broken("a frame too large for the link")));
         }
         match tokio::time::timeout(ANSWER_TIMEOUT, wr.write_all(&out)).await {
             Ok(Ok(())) => {}
@@ -660,12 +694,15 @@ async fn write_frames(
     closing.close();
     pending.fail(&error);
     frames.close();
-    // Taken for a batch that was not written, or still queued: answered too.
-    while let Ok(frame) = frames.try_recv() {
-        batch.push(frame);
+    // Taken for a batch that was not written: answered too.
+    for frame in batch.drain(..) {
+        frame.answer(Err(error.clone()));
     }
-    for frame in batch {
-        (frame.answered)(Err(error.clone()), frame.data);
+    // Still queued, or about to be by a sender holding room (a permit is held only between
+    // taking it and sending, never across a wait): answered too. The queue ends once no
+    // permit is out.
+    while let Some(frame) = frames.recv().await {
+        frame.answer(Err(error.clone()));
     }
 }
 
@@ -745,23 +782,28 @@ mod tests {
         put_frame(&mut buf, "ws1/bob", b"");
         let whole = buf.clone();
         // Any prefix waits for the rest.
+        let mut to = String::new();
         for cut in 0..whole.len().min(18) {
             let mut part = BytesMut::from(&whole[..cut]);
             assert!(
-                take_frame(&mut part, 100).unwrap().is_none(),
+                take_frame(&mut part, 100, &mut to).unwrap().is_none(),
                 "cut at {cut}"
             );
         }
-        let frame = take_frame(&mut buf, 100).unwrap().unwrap();
+        let data = take_frame(&mut buf, 100, &mut to).unwrap().unwrap();
         assert_eq!(
-            (frame.to(), &frame.data()[..]),
+            (to.as_str(), &data[..]),
             ("ws1/alice", &b"\x81\xa1a\x01"[..])
         );
-        let frame = take_frame(&mut buf, 100).unwrap().unwrap();
-        assert_eq!((frame.to(), frame.data().len()), ("ws1/bob", 0));
+        let data = take_frame(&mut buf, 100, &mut to).unwrap().unwrap();
+        assert_eq!((to.as_str(), data.len()), ("ws1/bob", 0));
         assert!(buf.is_empty());
-        let refused =
-            |bytes: &[u8], max: usize| take_frame(&mut BytesMut::from(bytes), max).is_err();
+        let mut ping = BytesMut::from(&PING[..]);
+        let data = take_frame(&mut ping, 100, &mut to).unwrap().unwrap();
+        assert_eq!((to.as_str(), data.len()), ("", 0), "a ping");
+        let refused = |bytes: &[u8], max: usize| {
+            take_frame(&mut BytesMut::from(bytes), max, &mut String::new()).is_err()
+        };
         let cases: [(&[u8], &str); 5] = [
             (b"\x00\x00\x01\x00", "longer than the limit"),
             (b"\x00\x00\x00\x01", "shorter than an address length"),
@@ -839,6 +881,29 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_frame_dropped_unwritten_answers_with_an_error_and_itself() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let answered: Answered = Box::new(move |answer, data| {
+            tx.send((answer.is_err(), data)).unwrap();
+        });
+        drop(Outgoing::new(
+            "ws/x".into(),
+            Bytes::from_static(b"frame"),
+            answered,
+        ));
+        assert_eq!(rx.try_recv().unwrap(), (true, Bytes::from_static(b"frame")));
+        assert!(rx.try_recv().is_err(), "once");
+        // Written, it is answered by the reader instead: the drop answers nothing.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let answered: Answered = Box::new(move |_, _| tx.send(()).unwrap());
+        let unanswered = Outgoing::new("ws/x".into(), Bytes::from_static(b"frame"), answered)
+            .written(Instant::now())
+            .unwrap();
+        assert!(rx.try_recv().is_err());
+        assert_eq!(unanswered.data, Bytes::from_static(b"frame"));
     }
 
     #[test]

@@ -198,11 +198,32 @@ pub(crate) struct RedisBus {
     control: mpsc::Sender<Control>,
 }
 
-/// A frame to publish, and who hears whether any instance holds its client.
+/// A frame to publish, and who hears whether any instance holds its client (with the frame
+/// back). Dropped unpublished (the publisher stopped, or its sender stopped waiting for room
+/// in the queue), it answers with an error.
 struct Publish {
     channel: String,
     data: Bytes,
-    done: super::bus::Delivered,
+    done: Option<super::bus::Delivered>,
+}
+
+impl Publish {
+    fn answer(mut self, answer: Result<bool, BusError>) {
+        if let Some(done) = self.done.take() {
+            done(answer, std::mem::take(&mut self.data));
+        }
+    }
+}
+
+impl Drop for Publish {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(
+                Err(BusError("the frame was not published".into())),
+                std::mem::take(&mut self.data),
+            );
+        }
+    }
 }
 
 /// A change of this instance's subscriptions.
@@ -294,7 +315,7 @@ async fn publisher(target: resp::Target, mut queue: mpsc::Receiver<Publish>) {
             answers.resize(batch.len(), Err(e));
         }
         for (frame, answer) in batch.drain(..).zip(answers.drain(..)) {
-            (frame.done)(answer);
+            frame.answer(answer);
         }
         if out.capacity() > KEEP_BUFFER {
             out = BytesMut::new();
@@ -359,26 +380,29 @@ impl RedisBus {
         }))
     }
 
+    /// Queues a frame for the publisher; `done` hears what became of it, also when the
+    /// publisher has stopped (the refused frame answers as it drops), so that is no error here.
     async fn queue(
         &self,
         channel: String,
         data: Bytes,
         done: super::bus::Delivered,
     ) -> Result<(), BusError> {
-        self.publish
+        let _ = self
+            .publish
             .send(Publish {
                 channel,
                 data,
-                done,
+                done: Some(done),
             })
-            .await
-            .map_err(|_| BusError("the publisher has stopped".into()))
+            .await;
+        Ok(())
     }
 
     /// Publishes and waits for Redis's answer: whether any instance took it.
     async fn publish_and_wait(&self, channel: String, data: Bytes) -> Result<bool, BusError> {
         let (done, answer) = oneshot::channel();
-        let then: super::bus::Delivered = Box::new(move |delivered| {
+        let then: super::bus::Delivered = Box::new(move |delivered, _| {
             let _ = done.send(delivered);
         });
         self.queue(channel, data, then).await?;
@@ -773,6 +797,21 @@ fn inbound_of(instance: &str, channel: &[u8], payload: &Bytes) -> Option<Inbound
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_never_published_answers_with_an_error_and_itself() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let publish = Publish {
+            channel: "c".into(),
+            data: Bytes::from_static(b"frame"),
+            done: Some(Box::new(move |answer, data| {
+                tx.send((answer.is_err(), data)).unwrap();
+            })),
+        };
+        drop(publish);
+        assert_eq!(rx.try_recv().unwrap(), (true, Bytes::from_static(b"frame")));
+        assert!(rx.try_recv().is_err(), "once");
+    }
 
     #[test]
     fn initial_subscriptions_go_in_chunks_without_what_was_detached() {

@@ -113,21 +113,30 @@ impl Route {
     }
 }
 
-/// A frame counted on its route: its sender hears exactly once what became of it, and the
-/// count goes down with that. Dropped unanswered (its sender stopped waiting for room, its
-/// queue went with its link), it answers with an error.
+/// A frame counted on its route: its sender hears exactly once what became of it, with the
+/// frame back, and the count goes down with that. Dropped unanswered (its sender stopped
+/// waiting for room, or a bus dropped the callback holding it uncalled), it answers with an
+/// error and the frame it still holds (none once handed on).
 struct Owed {
     shared: Arc<Shared>,
     route: Arc<Route>,
     then: Option<Delivered>,
+    /// The frame while it waits for its way; taken out when it is handed on (whatever it is
+    /// handed to gives it back with the answer).
+    data: Bytes,
 }
 
 impl Owed {
-    /// Tells the sender and uncounts the frame.
-    fn settle(mut self, answer: Result<bool, BusError>) {
+    /// The frame, to hand on.
+    fn take_frame(&mut self) -> Bytes {
+        std::mem::take(&mut self.data)
+    }
+
+    /// Tells the sender (with its frame back) and uncounts the frame.
+    fn settle(mut self, answer: Result<bool, BusError>, data: Bytes) {
         if let Some(then) = self.then.take() {
             self.shared.uncount(&self.route, None);
-            then(answer);
+            then(answer, data);
         }
     }
 
@@ -145,7 +154,41 @@ impl Drop for Owed {
     fn drop(&mut self) {
         if let Some(then) = self.then.take() {
             self.shared.uncount(&self.route, None);
-            then(Err(BusError("the frame was dropped on its way".into())));
+            then(
+                Err(BusError("the frame was dropped on its way".into())),
+                std::mem::take(&mut self.data),
+            );
+        }
+    }
+}
+
+/// A frame whose sender waits for its route's way to change, not counted yet. Dropped (its
+/// sender stopped waiting), it answers with an error and the frame.
+struct Uncounted {
+    then: Option<Delivered>,
+    data: Bytes,
+}
+
+impl Uncounted {
+    /// The frame, now counted on `route` (by whoever counted it).
+    fn counted(&mut self, shared: &Arc<Shared>, route: &Arc<Route>) -> Owed {
+        let then = self.then.take();
+        Owed {
+            shared: shared.clone(),
+            route: route.clone(),
+            then,
+            data: std::mem::take(&mut self.data),
+        }
+    }
+}
+
+impl Drop for Uncounted {
+    fn drop(&mut self) {
+        if let Some(then) = self.then.take() {
+            then(
+                Err(BusError("the frame was dropped on its way".into())),
+                std::mem::take(&mut self.data),
+            );
         }
     }
 }
@@ -229,11 +272,12 @@ impl Shared {
     }
 
     /// A frame counted on `route` from now on.
-    fn owed(self: &Arc<Self>, route: &Arc<Route>, then: Delivered) -> Owed {
+    fn owed(self: &Arc<Self>, route: &Arc<Route>, then: Delivered, data: Bytes) -> Owed {
         Owed {
             shared: self.clone(),
             route: route.clone(),
             then: Some(then),
+            data,
         }
     }
 
@@ -278,6 +322,40 @@ impl Shared {
         }
     }
 
+    /// Hands a frame to its route's link at once where the route has one, nothing is to go
+    /// before it and the link's queue has room; else gives the frame and `then` back.
+    fn try_send(
+        self: &Arc<Self>,
+        addr: &str,
+        data: Bytes,
+        then: Delivered,
+    ) -> Result<(), (Bytes, Delivered)> {
+        let route = self.route(addr);
+        let link = {
+            let Ok(mut state) = route.state.lock() else {
+                return Err((data, then));
+            };
+            let Via::Link(link) = &state.via else {
+                return Err((data, then));
+            };
+            if !state.again.is_empty() || link.is_closed() {
+                return Err((data, then));
+            }
+            let link = link.clone();
+            // Counted under the same lock that saw the way: the way cannot change meanwhile.
+            state.in_flight += 1;
+            link
+        };
+        let Some(permit) = link.try_reserve() else {
+            // Taken back; the waiting path counts it again.
+            self.uncount(&route, None);
+            return Err((data, then));
+        };
+        let owed = self.owed(&route, then, data);
+        permit.send(Self::outgoing(&route, &link, owed, false));
+        Ok(())
+    }
+
     async fn send(
         self: &Arc<Self>,
         addr: &str,
@@ -286,19 +364,25 @@ impl Shared {
     ) -> Result<(), BusError> {
         let route = self.route(addr);
         if let Some(via) = Self::take_way(&route) {
-            let owed = self.owed(&route, then);
-            self.dispatch(&route, via, data, owed, false).await;
+            let owed = self.owed(&route, then, data);
+            self.dispatch(&route, via, owed, false).await;
             return Ok(());
         }
+        // Not counted yet while it waits for the way to change: answered if the wait is
+        // cancelled.
+        let mut waiting = Uncounted {
+            then: Some(then),
+            data,
+        };
         let _changing = route.changing.lock().await;
         if let Some(via) = Self::take_way(&route) {
-            let owed = self.owed(&route, then);
-            self.dispatch(&route, via, data, owed, false).await;
+            let owed = waiting.counted(self, &route);
+            self.dispatch(&route, via, owed, false).await;
             return Ok(());
         }
         let via = self.change_way(&route).await;
-        let owed = self.owed(&route, then);
-        self.dispatch(&route, via, data, owed, false).await;
+        let owed = waiting.counted(self, &route);
+        self.dispatch(&route, via, owed, false).await;
         Ok(())
     }
 
@@ -329,7 +413,7 @@ impl Shared {
         // What the old instance gave back goes first, each owed from here on (a cancel below
         // answers the rest); the way stays unknown until all of it is queued, so that no
         // sender's newer frame overtakes its own older one.
-        let again: Vec<(Bytes, Owed)> = match route.state.lock() {
+        let again: Vec<Owed> = match route.state.lock() {
             Ok(mut state) => {
                 state.in_flight += state.again.len();
                 state.again.drain(..).collect()
@@ -337,10 +421,10 @@ impl Shared {
             Err(_) => Vec::new(),
         }
         .into_iter()
-        .map(|(data, then)| (data, self.owed(route, then)))
+        .map(|(data, then)| self.owed(route, then, data))
         .collect();
-        for (data, owed) in again {
-            self.dispatch(route, via.clone(), data, owed, true).await;
+        for owed in again {
+            self.dispatch(route, via.clone(), owed, true).await;
         }
         if let Ok(mut state) = route.state.lock() {
             state.via = via.clone();
@@ -429,14 +513,13 @@ impl Shared {
         dialed.ok()
     }
 
-    /// Sends one frame the way given; `owed` hears its answer (a frame the link's instance no
-    /// longer holds goes back to the route, once).
+    /// Sends the frame `owed` holds the way given; `owed` hears its answer (a frame the
+    /// link's instance no longer holds goes back to the route, once).
     async fn dispatch(
         self: &Arc<Self>,
         route: &Arc<Route>,
         via: Via,
-        data: Bytes,
-        owed: Owed,
+        mut owed: Owed,
         second_try: bool,
     ) {
         let link = match via {
@@ -445,24 +528,40 @@ impl Shared {
                 if let Ok(mut state) = route.state.lock() {
                     state.last_fallback = Some(Instant::now());
                 }
-                let then: Delivered = Box::new(move |delivered| owed.settle(delivered));
+                let data = owed.take_frame();
+                let then: Delivered = Box::new(move |delivered, data| owed.settle(delivered, data));
                 if let Err(e) = self.fallback.send_then(&route.addr, data, then).await {
-                    // The frame (and with it `owed`) was dropped: its sender heard an error.
+                    // `owed` went with the refused frame and answered.
                     tracing::debug!(error = %e, "the fallback bus refused a frame");
                 }
                 return;
             }
         };
-        // Waiting for room may be cancelled with the sender: `owed` then answers.
+        // Waiting for room may be cancelled with the sender: `owed` then answers, with the
+        // frame it still holds.
         let Some(permit) = link.reserve().await else {
-            owed.settle(Err(BusError("the instance link closed".into())));
+            let data = owed.take_frame();
+            owed.settle(Err(BusError("the instance link closed".into())), data);
             return;
         };
+        permit.send(Self::outgoing(route, &link, owed, second_try));
+    }
+
+    /// The frame `owed` holds, for `link`'s queue: a frame the link's instance no longer
+    /// holds goes back to the route (unless this is its second try), a broken link leaves the
+    /// route.
+    fn outgoing(
+        route: &Arc<Route>,
+        link: &Arc<Link>,
+        mut owed: Owed,
+        second_try: bool,
+    ) -> Outgoing {
         let on_link = link.clone();
-        permit.send(Outgoing {
-            to: route.addr.clone(),
+        let data = owed.take_frame();
+        Outgoing::new(
+            route.addr.clone(),
             data,
-            answered: Box::new(move |answer, data| match answer {
+            Box::new(move |answer, data| match answer {
                 Ok(false) if !second_try => owed.give_back(&on_link, data),
                 answer => {
                     if answer.is_err()
@@ -471,10 +570,10 @@ impl Shared {
                     {
                         state.via = Via::Unknown;
                     }
-                    owed.settle(answer);
+                    owed.settle(answer, data);
                 }
             }),
-        });
+        )
     }
 
     /// Forgets an instance that is gone: its link closes, its frames are answered.
@@ -493,7 +592,7 @@ impl Bus for LinkBus {
     fn send<'a>(&'a self, addr: &'a str, data: Bytes) -> BoxFuture<'a, Result<bool, BusError>> {
         Box::pin(async move {
             let (done, answer) = tokio::sync::oneshot::channel();
-            let then: Delivered = Box::new(move |delivered| {
+            let then: Delivered = Box::new(move |delivered, _| {
                 let _ = done.send(delivered);
             });
             self.shared.send(addr, data, then).await?;
@@ -510,6 +609,15 @@ impl Bus for LinkBus {
         then: Delivered,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(self.shared.send(addr, data, then))
+    }
+
+    fn try_send_then(
+        &self,
+        addr: &str,
+        data: Bytes,
+        then: Delivered,
+    ) -> Result<(), (Bytes, Delivered)> {
+        self.shared.try_send(addr, data, then)
     }
 
     fn announce(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), BusError>> {
@@ -597,11 +705,11 @@ mod tests {
         fn send_then<'a>(
             &'a self,
             addr: &'a str,
-            _: Bytes,
+            data: Bytes,
             then: Delivered,
         ) -> BoxFuture<'a, Result<(), BusError>> {
             self.carried.lock().unwrap().push(addr.to_string());
-            then(Ok(false));
+            then(Ok(false), data);
             Box::pin(async { Ok(()) })
         }
         fn announce(&self, _: Announcement) -> BoxFuture<'_, Result<(), BusError>> {
@@ -648,34 +756,54 @@ mod tests {
         address
     }
 
-    /// Sends frames numbered `numbers` to `addr`, one after the other as one sender does;
-    /// returns their answers once all came.
+    /// Sends frames numbered `numbers` to `addr`, one after the other as one sender does (at
+    /// once where it can, else waiting); returns their answers once all came, each of which
+    /// gave its frame back.
     async fn send_all(
         bus: &LinkBus,
         addr: &str,
         numbers: std::ops::Range<u32>,
     ) -> Vec<Result<bool, BusError>> {
+        send_all_counting(bus, addr, numbers).await.0
+    }
+
+    /// [`send_all`], and how many frames were handed on at once (`try_send_then`).
+    async fn send_all_counting(
+        bus: &LinkBus,
+        addr: &str,
+        numbers: std::ops::Range<u32>,
+    ) -> (Vec<Result<bool, BusError>>, usize) {
+        let mut at_once = 0;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let count = numbers.len();
         for n in numbers {
             let tx = tx.clone();
-            let then: Delivered = Box::new(move |answer| {
-                let _ = tx.send((n, answer));
+            let then: Delivered = Box::new(move |answer, data| {
+                let _ = tx.send((n, answer, data));
             });
-            bus.send_then(addr, Bytes::copy_from_slice(&n.to_be_bytes()), then)
-                .await
-                .unwrap();
+            let data = Bytes::copy_from_slice(&n.to_be_bytes());
+            // Both ways the hub sends, mixed for the one sender: at once where it can (else
+            // waiting), and waiting.
+            if n % 3 == 2 {
+                bus.send_then(addr, data, then).await.unwrap();
+            } else {
+                match bus.try_send_then(addr, data, then) {
+                    Ok(()) => at_once += 1,
+                    Err((data, then)) => bus.send_then(addr, data, then).await.unwrap(),
+                }
+            }
         }
         let mut answers = Vec::with_capacity(count);
         while answers.len() < count {
-            let (n, answer) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            let (n, answer, data) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
                 .expect("every frame is answered")
                 .unwrap();
+            assert_eq!(&data[..], &n.to_be_bytes()[..], "frame {n} comes back");
             answers.push((n, answer));
         }
         answers.sort_by_key(|(n, _)| *n);
-        answers.into_iter().map(|(_, a)| a).collect()
+        (answers.into_iter().map(|(_, a)| a).collect(), at_once)
     }
 
     /// Whether every answer is `want` (delivered, or nowhere to be found).
@@ -755,8 +883,12 @@ mod tests {
     #[tokio::test]
     async fn frames_follow_a_client_from_one_instance_to_another_in_order() {
         let w = World::new(SECRET).await;
-        let answers = send_all(&w.bus, "ws/x", 0..200).await;
+        let (answers, at_once) = send_all_counting(&w.bus, "ws/x", 0..200).await;
         assert!(all_are(&answers, true), "{answers:?}");
+        assert!(
+            at_once > 100,
+            "the link took most frames at once: {at_once}"
+        );
         assert_eq!(w.b.numbers(), (0..200).collect::<Vec<_>>());
         assert_eq!(w.carried_by_redis(), 0, "nothing went through Redis");
 
@@ -791,12 +923,15 @@ mod tests {
                 tokio::spawn(async move {
                     for n in 0..EACH {
                         let tx = tx.clone();
-                        let then: Delivered = Box::new(move |answer| {
+                        let then: Delivered = Box::new(move |answer, _| {
                             let _ = tx.send(answer);
                         });
                         let mut data = sender.to_be_bytes().to_vec();
                         data.extend(n.to_be_bytes());
-                        bus.send_then("ws/x", data.into(), then).await.unwrap();
+                        // As the hub sends: at once where it can, else waiting.
+                        if let Err((data, then)) = bus.try_send_then("ws/x", data.into(), then) {
+                            bus.send_then("ws/x", data, then).await.unwrap();
+                        }
                     }
                 })
             })
@@ -860,15 +995,20 @@ mod tests {
             let tx = tx.clone();
             shared.owed(
                 &route,
-                Box::new(move |answer| {
-                    let _ = tx.send((n, answer));
+                Box::new(move |answer, data: Bytes| {
+                    let _ = tx.send((n, answer, data));
                 }),
+                Bytes::copy_from_slice(&n.to_be_bytes()),
             )
         };
-        // Dropped on its way (its sender cancelled while waiting for room): an error, and
-        // the route is not left counting it.
+        // Dropped on its way (its sender cancelled while waiting for room): an error, with the
+        // frame back, and the route is not left counting it.
         drop(counted(0));
-        assert!(matches!(rx.recv().await, Some((0, Err(_)))));
+        let dropped = rx.recv().await;
+        assert!(
+            matches!(&dropped, Some((0, Err(_), data)) if data[..] == 0u32.to_be_bytes()),
+            "{dropped:?}"
+        );
         assert!(route.idle());
 
         // Given back by an instance while another frame is still out; that one's answer is
@@ -880,14 +1020,18 @@ mod tests {
         back.give_back(&b_link, Bytes::copy_from_slice(&1u32.to_be_bytes()));
         w.c.holds.lock().unwrap().insert("ws/x".into());
         w.place(Some("c"));
-        last.settle(Ok(true));
-        assert!(matches!(rx.recv().await, Some((2, Ok(true)))));
+        last.settle(Ok(true), Bytes::new());
+        assert!(matches!(rx.recv().await, Some((2, Ok(true), _))));
         let resent = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .unwrap();
-        assert!(matches!(resent, Some((1, Ok(true)))), "{resent:?}");
+        assert!(
+            matches!(&resent, Some((1, Ok(true), data)) if data[..] == 1u32.to_be_bytes()),
+            "{resent:?}"
+        );
         assert_eq!(w.c.numbers(), vec![1]);
         assert!(route.idle());
+        assert!(rx.try_recv().is_err(), "each frame was answered once");
         w.stop.cancel();
     }
 

@@ -24,8 +24,11 @@ struct Open {
     caller: u64,
     callee: u64,
     touched: Instant,
-    /// When it was sent, for the latency of its answer.
-    opened: Instant,
+    /// When it was sent, for the latency of its answer; `None` for a call that came from
+    /// another instance: how it ends is counted there, by the caller's instance (so a call
+    /// between clients of two instances counts once; a manager's call, as on its own
+    /// instance, counts nowhere).
+    opened: Option<Instant>,
 }
 
 /// How a call ended, the label of the calls counter.
@@ -223,8 +226,32 @@ impl InFlight {
         method: Option<&str>,
         session: Option<&str>,
     ) {
+        self.step(from, to, method, session, true);
+    }
+
+    /// Notes a frame that came from another instance, from `from` for `to`, a client here: a
+    /// call it opens is tracked (a graceful stop waits for its answer) but not counted here
+    /// when it ends: the caller's instance counts it.
+    pub(crate) fn observe_arrived(
+        &self,
+        from: &str,
+        to: &str,
+        method: Option<&str>,
+        session: Option<&str>,
+    ) {
+        self.step(from, to, method, session, false);
+    }
+
+    fn step(
+        &self,
+        from: &str,
+        to: &str,
+        method: Option<&str>,
+        session: Option<&str>,
+        counts: bool,
+    ) {
         match step(method, session) {
-            Step::Opens(session) => self.opened(from, to, session),
+            Step::Opens(session) => self.open(from, to, session, counts),
             // Only the callee ends or keeps alive a call: anyone else who learnt its session
             // could otherwise make it vanish here, or hold up a graceful stop.
             Step::Answers(session) => {
@@ -246,6 +273,11 @@ impl InFlight {
     /// Notes the call `session` from `from` to `to` (also one the router saw only in pieces:
     /// a chunked call, whose session the assembled header names).
     pub(crate) fn opened(&self, from: &str, to: &str, session: &str) {
+        self.open(from, to, session, true);
+    }
+
+    /// Notes a call; `counts`: this instance counts how it ends (its caller is here).
+    fn open(&self, from: &str, to: &str, session: &str, counts: bool) {
         let caller = self.party(from);
         // A caller that opens calls it never lets end is tracked up to a bound.
         {
@@ -262,7 +294,7 @@ impl InFlight {
                 caller,
                 callee: self.party(to),
                 touched: now,
-                opened: now,
+                opened: counts.then_some(now),
             },
         );
         if let Some(replaced) = replaced {
@@ -284,7 +316,10 @@ impl InFlight {
             return;
         };
         self.closed(open.caller);
-        self.latency.0.observe(open.opened.elapsed().as_secs_f64());
+        let Some(opened) = open.opened else {
+            return;
+        };
+        self.latency.0.observe(opened.elapsed().as_secs_f64());
         let counter = if rejects {
             &self.counters.rejected
         } else {
@@ -492,6 +527,21 @@ mod tests {
             0,
             "neither end is here"
         );
+        // A call from another instance's client is tracked until its answer, but its
+        // caller's instance counts it.
+        calls.observe_arrived("ws/far", "ws/b", Some("services.x.f"), Some("s3"));
+        assert_eq!(calls.pending(here), 1);
+        calls.observe("ws/b", "ws/far", &frame(&[("method", "s3.reject")]));
+        assert_eq!(calls.pending(here), 0);
+        assert_eq!(calls.ended("rejected"), 0, "counted where its caller is");
+        calls.observe(
+            "ws/a",
+            "ws/b",
+            &frame(&[("method", "services.x.f"), ("session", "s4")]),
+        );
+        calls.observe("ws/b", "ws/a", &frame(&[("method", "s4.reject")]));
+        assert_eq!(calls.ended("rejected"), 1);
+        assert_eq!(calls.pending(here), 0);
         let guard = calls.server_call();
         assert_eq!(calls.pending(here), 1);
         drop(guard);

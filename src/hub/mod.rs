@@ -444,9 +444,8 @@ impl Hub {
     async fn send_elsewhere(self: &Arc<Self>, target: &str, data: Bytes) -> Result<(), SendError> {
         let hub = self.clone();
         // What the answer needs (sender, target, session) is read back from the frame, which
-        // this server wrote, only when it was not delivered.
-        let sent = data.clone();
-        let then: bus::Delivered = Box::new(move |delivered| {
+        // this server wrote and the bus gives back, only when it was not delivered.
+        let then: bus::Delivered = Box::new(move |delivered, sent| {
             let error = match delivered {
                 Ok(true) => {
                     hub.bus_sent.inc();
@@ -457,6 +456,10 @@ impl Hub {
             };
             hub.undelivered(&sent, error);
         });
+        let (data, then) = match self.bus.try_send_then(target, data, then) {
+            Ok(()) => return Ok(()),
+            Err(back) => back,
+        };
         self.bus
             .send_then(target, data, then)
             .await
@@ -492,23 +495,30 @@ impl Hub {
     }
 
     /// Hands a binary frame to the queue of a client connected here only where that needs no
-    /// waiting; `false` where it does not (not here, leaving, queue or byte budget full): the
-    /// caller then uses [`Hub::send_local`], which waits and says why.
-    pub(crate) fn try_send_local(&self, addr: &str, data: &Bytes) -> bool {
+    /// waiting; the frame back where it does not (not here, leaving, queue or byte budget
+    /// full): the caller then uses [`Hub::send_local`], which waits and says why. Taken by
+    /// value so that a frame nobody else holds is never shared to be queued.
+    pub(crate) fn try_send_local(&self, addr: &str, data: Bytes) -> Result<(), Bytes> {
         let Some(handle) = self.clients.get(addr) else {
-            return false;
+            return Err(data);
         };
         if handle.kill.is_cancelled() {
-            return false;
+            return Err(data);
         }
         let share = handle.room.share(data.len());
         let Ok(permit) = handle.room.kib.clone().try_acquire_many_owned(share) else {
-            return false;
+            return Err(data);
         };
-        handle
+        match handle
             .tx
-            .try_send(Queued::metered(Outbound::Binary(data.clone()), permit))
-            .is_ok()
+            .try_send(Queued::metered(Outbound::Binary(data), permit))
+        {
+            Ok(()) => Ok(()),
+            Err(refused) => {
+                let Outbound::Binary(data) = refused.into_inner().into_parts().0;
+                Err(data)
+            }
+        }
     }
 
     /// Hands a message to the queue of a client connected here. A full queue blocks the sender
@@ -792,10 +802,13 @@ impl Hub {
         let from = format!("*/{}", self.manager_id);
         for orphan in self.chunks.take_orphans() {
             let data = chunks::remove_frame(&from, &orphan.receiver, &orphan.key, server_user);
-            if self.try_send_local(&orphan.receiver, &data) {
-                self.chunks.released(&orphan);
-                continue;
-            }
+            let data = match self.try_send_local(&orphan.receiver, data) {
+                Ok(()) => {
+                    self.chunks.released(&orphan);
+                    continue;
+                }
+                Err(data) => data,
+            };
             let Some(slot) = self.chunks.remove_slot().await else {
                 return;
             };
@@ -1002,7 +1015,10 @@ mod tests {
         hub.insert("ws/stuck", "ws", stuck, false).unwrap();
         hub.insert("ws/alice", "ws", alice, false).unwrap();
         // The stuck client's queue is full.
-        assert!(hub.try_send_local("ws/stuck", &Bytes::from(vec![0; 1024])));
+        assert!(
+            hub.try_send_local("ws/stuck", Bytes::from(vec![0; 1024]))
+                .is_ok()
+        );
         // Eve starts a chunked message to each, and leaves.
         let cache_call = |to: &str, function: &str, args: Vec<rmpv::Value>| {
             let header = obj([

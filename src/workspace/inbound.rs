@@ -93,10 +93,10 @@ impl Deliveries {
             let Some(data) = observe(state, to, data) else {
                 return Some(true);
             };
-            if state.hub.try_send_local(to, &data) {
-                return Some(true);
+            match state.hub.try_send_local(to, data) {
+                Ok(()) => return Some(true),
+                Err(data) => (to.to_string(), data, true),
             }
-            (to.to_string(), data, true)
         } else {
             (to.to_string(), data, false)
         };
@@ -253,7 +253,7 @@ fn note_call(inflight: &InFlight, to: &str, data: &[u8]) -> bool {
     let Some(from) = fields.from else {
         return false;
     };
-    inflight.observe_fields(from, to, fields.method, fields.session);
+    inflight.observe_arrived(from, to, fields.method, fields.session);
     // The `process` of a chunked answer names the call it answers (its key is that call's
     // session), and the sender's instance, which saw the assembled message, tagged its
     // session: the call ends here too.
@@ -404,6 +404,9 @@ mod tests {
         // noted under that manager's address.
         inflight.observe_fields("ws1/callee", "*/manager-a", Some("s1.resolve"), None);
         assert_eq!(inflight.pending(|_| true), 1);
+        // Not counted here, where it arrived (a call between clients is counted by its
+        // caller's instance; a manager's, as on its own instance, by none).
+        assert_eq!(inflight.ended("resolved"), 0);
     }
 
     #[test]

@@ -280,6 +280,8 @@ def test_sigterm_waits_for_a_call_from_the_other_instance(pair):
         svc = await caller.get_service("slow:slow")
         assert await svc.quick(1) == 2
         assert resolved(one) >= 1
+        # Counted once in the cluster: by the caller's instance, not the callee's too.
+        assert resolved(two) == 0
         # An HTTP call through the caller's instance: that instance's manager calls the
         # callee, whose client lets only its own manager into a protected service.
         status, body, _ = await asyncio.to_thread(one.http, "/ws-user-ida/services/slow/quick?x=1", token)
