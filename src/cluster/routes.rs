@@ -932,6 +932,9 @@ mod tests {
                         if let Err((data, then)) = bus.try_send_then("ws/x", data.into(), then) {
                             bus.send_then("ws/x", data, then).await.unwrap();
                         }
+                        // A connection waits for its next frame between two: the move can
+                        // come between any two frames, not only once a sender has to wait.
+                        tokio::task::yield_now().await;
                     }
                 })
             })
