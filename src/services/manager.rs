@@ -575,10 +575,16 @@ pub(crate) async fn resolve(
         let info = Manager.description(state);
         return ServiceEntry::from_info(id, info);
     }
-    let mut found = crate::workspace::find_services(state, &parsed).await?;
-    if parsed.workspace == "public" && super::is_reserved_public_name(&parsed.name) {
-        found.retain(|e| e.id.provider.client.as_str() == state.manager_id());
-    }
+    let found = if parsed.workspace == "public" && super::is_reserved_public_name(&parsed.name) {
+        // Only this instance's manager answers a reserved public name (its TURN credentials,
+        // say): its own registry says all there is, and no other instance is asked, so the
+        // answer neither waits for Redis nor fails while Redis is away.
+        state.registry.in_workspace_where("public", |e| {
+            e.id.provider.client.as_str() == state.manager_id() && parsed.matches(e)
+        })
+    } else {
+        crate::workspace::find_services(state, &parsed).await?
+    };
     if found.is_empty() {
         return Err(Error::NotFound(format!("Service not found: {query}")));
     }

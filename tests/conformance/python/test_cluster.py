@@ -488,6 +488,15 @@ def test_instances_recover_when_redis_restarts(redis, postgres, coturn):
             with pytest.raises(Exception, match="Redis"):
                 await b.register_service({"id": "during", "config": {"visibility": "protected"}, "f": lambda: 1})
             assert await b.echo("still here") == "still here"
+            # TURN credentials come from the instance's own manager, which no other instance
+            # can stand in for: nothing to ask Redis, so they are still handed out.
+            for server in (one, two):
+                status, servers, _ = await asyncio.to_thread(
+                    server.http, "/public/services/coturn/get_rtc_ice_servers", token)
+                assert status == 200, servers
+                assert any(entry.get("credential") for entry in servers), servers
+            ice = await b.get_service("public/coturn")
+            assert any(entry.get("credential") for entry in await ice.get_rtc_ice_servers())
             await asyncio.to_thread(redis.start)
 
             # Both instances come back on their own; what was registered before is there again.
