@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks get_rtc_ice_servers with the coturn probe cached: over HTTP with a Bearer token
 # under wrk (Debian), side by side with Debian's nginx answering the same body with
-# `return 200` (the baseline, same wrk, alternating rounds), and through the websocket RPC with
+# `return 200` (the baseline, same wrk, alternating rounds; with each server's own CPU per
+# request, the steadier figure where wrk shares the cores), and through the websocket RPC with
 # the project's load client. Starts coturn (from the repository's turnserver.conf), nginx and
 # a release hypha-rtc on loopback. After the run it stops hypha-rtc with SIGTERM and checks that
 # the audit table holds one row for every credential the server says it issued.
@@ -83,29 +84,49 @@ NGINX_PID=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$NGINX_PORT/" >/dev/null && break; sleep 0.1; done
 [ "$(curl -sf "http://127.0.0.1:$NGINX_PORT/")" = "$BODY" ] || { echo "nginx does not answer the body" >&2; exit 1; }
 
-# run_wrk URL: prints "REQUESTS_PER_SECOND P99_MS NON_2XX"
+# ticks PID...: CPU clock ticks (user and system) the processes have spent so far.
+ticks() {
+    local total=0 pid
+    for pid in "$@"; do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+# run_wrk URL PID...: prints "REQUESTS_PER_SECOND P99_MS NON_2XX CPU_US_PER_REQUEST", the last
+# from the CPU the processes given (the server under test) spent over the run.
 run_wrk() {
-    wrk -t2 -c64 -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$1" | awk '
+    local url=$1 before after
+    shift
+    before=$(ticks "$@")
+    wrk -t2 -c64 -d"${SECS}s" --latency -H "Authorization: Bearer $TOKEN" "$url" >"$DATA/wrk.out"
+    after=$(ticks "$@")
+    awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+        /requests in/ { requests = $1 }
         /Requests\/sec/ { rps = $2 }
         /^ *99%/ { p = $2; if (p ~ /us$/) { sub(/us/, "", p); p /= 1000 } else if (p ~ /ms$/) { sub(/ms/, "", p) } else if (p ~ /s$/) { sub(/s/, "", p); p *= 1000 } }
         /Non-2xx/ { bad = $NF }
-        END { printf "%s %.2f %d\n", rps, p, bad + 0 }'
+        END { printf "%s %.2f %d %.2f\n", rps, p, bad + 0, (requests > 0 ? ticks * 1e6 / hz / requests : 0) }' "$DATA/wrk.out"
 }
 echo "== get_rtc_ice_servers over HTTP against nginx return 200 (${#BODY}-byte body), wrk -t2 -c64, $ROUNDS alternating rounds of $SECS s"
-OURS=(); BASE=()
+# nginx's CPU is its workers' (and its master's).
+NGINX_PIDS=("$NGINX_PID" $(pgrep -P "$NGINX_PID" || true))
+OURS=(); BASE=(); OURS_CPU=(); BASE_CPU=()
 for round in $(seq 1 "$ROUNDS"); do
-    read -r rps p99 bad < <(run_wrk "$URL")
+    read -r rps p99 bad cpu < <(run_wrk "$URL" "$SERVER_PID")
     [ "$bad" = 0 ] || { echo "hypha-rtc answered $bad requests with a non-2xx status" >&2; exit 1; }
-    OURS+=("$rps"); echo "round $round: hypha-rtc $rps req/s (p99 $p99 ms)"
-    read -r rps p99 bad < <(run_wrk "http://127.0.0.1:$NGINX_PORT/")
-    BASE+=("$rps"); echo "round $round: nginx     $rps req/s (p99 $p99 ms)"
+    OURS+=("$rps"); OURS_CPU+=("$cpu"); echo "round $round: hypha-rtc $rps req/s (p99 $p99 ms), server CPU $cpu us per request"
+    read -r rps p99 bad cpu < <(run_wrk "http://127.0.0.1:$NGINX_PORT/" "${NGINX_PIDS[@]}")
+    BASE+=("$rps"); BASE_CPU+=("$cpu"); echo "round $round: nginx     $rps req/s (p99 $p99 ms), server CPU $cpu us per request"
 done
-python3 - "${OURS[*]}" "${BASE[*]}" <<'PY'
+python3 - "${OURS[*]}" "${BASE[*]}" "${OURS_CPU[*]}" "${BASE_CPU[*]}" <<'PY'
 import statistics, sys
-ours = [float(x) for x in sys.argv[1].split()]
-base = [float(x) for x in sys.argv[2].split()]
+ours, base, ours_cpu, base_cpu = ([float(x) for x in arg.split()] for arg in sys.argv[1:5])
 o, b = statistics.median(ours), statistics.median(base)
 print(f"median: hypha-rtc {o:,.0f} req/s, nginx {b:,.0f} req/s, ratio {o / b:.2f} (goal >= 0.5)")
+# The steadier figure on a shared machine: what each server's own CPU pays per request.
+oc, bc = statistics.median(ours_cpu), statistics.median(base_cpu)
+if oc > 0:
+    print(f"median server CPU per request: hypha-rtc {oc:.1f} us, nginx {bc:.1f} us (nginx's over hypha-rtc's: {bc / oc:.2f})")
 PY
 
 echo "== get_rtc_ice_servers through the websocket RPC"
