@@ -77,20 +77,12 @@ if [ "$SHARE" = 1 ]; then
     SOLO="ws://127.0.0.1:$PORT/ws"
 fi
 cargo bench --no-run --locked --bench load
-# server_ticks: CPU time (user + system, in clock ticks) of Redis and both instances so far.
-server_ticks() {
-    local total=0 pid
-    for pid in "${PIDS[@]}"; do
-        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
-    done
-    echo "$total"
-}
 # run_load RESPONDER_URL LABEL KIND: prints the load client's report and appends
 # "SEQUENTIAL_P50_US PAIRS_MSGS_PER_S WINDOW_MSGS_PER_S SERVER_TICKS" to $WORK/figures.KIND
 run_load() {
-    local ticks caller="$ONE"
+    local before caller="$ONE"
     [ "$3" = same ] && caller="$SOLO"
-    ticks=$(server_ticks)
+    before=$(ticks "${PIDS[@]}")
     cargo bench --bench load -- --url "$caller" --responder-url "$1" --idle 0 --calls "$CALLS" \
         --pairs "$PAIRS" --label "$2" 2>"$WORK/load.err" | tee "$WORK/last" \
         || { cat "$WORK/load.err" >&2; exit 1; }
@@ -100,7 +92,7 @@ run_load() {
         /calls in flight/ { for (i = 1; i <= NF; i++) if ($i == "routed" && $(i + 1) == "messages/s") { win = $(i - 1) } }
         END { if (seq == "" || pairs == "" || win == "") exit 1; printf "%s %s %s ", seq, pairs, win }' "$WORK/last" >>"$WORK/figures.$3" \
         || { echo "the load client printed no figures" >&2; exit 1; }
-    echo $(($(server_ticks) - ticks)) >>"$WORK/figures.$3"
+    echo $(($(ticks "${PIDS[@]}") - before)) >>"$WORK/figures.$3"
 }
 for round in $(seq 1 "$ROUNDS"); do
     run_load "$SOLO" "round $round: same instance ($SOLO_WORKERS runtime worker(s); instances sharing Redis)" same

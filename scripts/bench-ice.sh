@@ -84,14 +84,6 @@ NGINX_PID=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$NGINX_PORT/" >/dev/null && break; sleep 0.1; done
 [ "$(curl -sf "http://127.0.0.1:$NGINX_PORT/")" = "$BODY" ] || { echo "nginx does not answer the body" >&2; exit 1; }
 
-# ticks PID...: CPU clock ticks (user and system) the processes have spent so far.
-ticks() {
-    local total=0 pid
-    for pid in "$@"; do
-        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
-    done
-    echo "$total"
-}
 # run_wrk URL PID...: prints "REQUESTS_PER_SECOND P99_MS NON_2XX CPU_US_PER_REQUEST", the last
 # from the CPU the processes given (the server under test) spent over the run.
 run_wrk() {

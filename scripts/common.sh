@@ -19,6 +19,16 @@ apt_install() {
     fi
 }
 
+# ticks PID...: CPU clock ticks (user and system) the processes have spent so far (for the
+# benchmarks' CPU figures; `getconf CLK_TCK` ticks make a second).
+ticks() {
+    local total=0 pid
+    for pid in "$@"; do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+
 # venv_for REQUIREMENTS NAME: prints the path of a virtual environment under $CACHE holding
 # exactly REQUIREMENTS (kept while the file is unchanged), creating it when needed.
 venv_for() {

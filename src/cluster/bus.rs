@@ -52,6 +52,65 @@ pub(crate) enum Inbound {
 /// copy of it to act on it.
 pub(crate) type Delivered = Box<dyn FnOnce(Result<bool, BusError>, Bytes) + Send>;
 
+/// A frame on its way and whom to tell what became of it: told once, with the frame back.
+/// Dropped untold (its sender stopped waiting, the queue it waited in went away), it tells an
+/// error, so that no sender waits for ever.
+pub(crate) struct Sending {
+    then: Option<Delivered>,
+    data: Bytes,
+    /// What it tells if dropped untold.
+    dropped: &'static str,
+}
+
+impl Sending {
+    pub(crate) fn new(data: Bytes, then: Delivered) -> Self {
+        Self {
+            then: Some(then),
+            data,
+            dropped: "the frame was dropped on its way",
+        }
+    }
+
+    /// The same, telling `error` if dropped untold.
+    pub(crate) fn dropped_as(mut self, error: &'static str) -> Self {
+        self.dropped = error;
+        self
+    }
+
+    /// The frame.
+    pub(crate) fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// The frame, handed on (whatever takes it gives it back with the answer).
+    pub(crate) fn take_data(&mut self) -> Bytes {
+        std::mem::take(&mut self.data)
+    }
+
+    /// The frame again, as it came back from whatever it was handed to.
+    pub(crate) fn put_data(&mut self, data: Bytes) {
+        self.data = data;
+    }
+
+    /// Tells what became of the frame, with the frame.
+    pub(crate) fn tell(mut self, answer: Result<bool, BusError>) {
+        if let Some(then) = self.then.take() {
+            then(answer, self.take_data());
+        }
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Some(then) = self.then.take() {
+            then(
+                Err(BusError(self.dropped.into())),
+                std::mem::take(&mut self.data),
+            );
+        }
+    }
+}
+
 /// Carries frames to clients on other instances and announcements to all of them.
 pub(crate) trait Bus: Send + Sync {
     /// Delivers a frame to `addr` on whichever instance holds it: `Ok(false)` when none does.

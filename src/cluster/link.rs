@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{BusError, FRAME_HEADROOM, KEEP_BUFFER};
+use super::bus::{BusError, Delivered, FRAME_HEADROOM, KEEP_BUFFER, Sending};
 
 /// What a link's first bytes say: the protocol and its version.
 const MAGIC: &[u8; 5] = b"HRTL1";
@@ -424,61 +424,36 @@ impl<R: Receiver> Served<R> {
     }
 }
 
-/// Told, once, what became of a frame sent over a link (`Ok(true)`: its client is on the
-/// other instance; `Ok(false)`: it is not), with the frame back for a second try elsewhere.
-pub(crate) type Answered = Box<dyn FnOnce(Result<bool, BusError>, Bytes) + Send>;
-
-/// A frame for a link's writer. Dropped before it was answered, it answers with an error and
-/// the frame.
+/// A frame for a link's writer: its client, and whom to tell what became of it (`Ok(true)`:
+/// its client is on the other instance; `Ok(false)`: it is not), with the frame back for a
+/// second try elsewhere.
 pub(crate) struct Outgoing {
     to: Arc<str>,
-    data: Bytes,
-    answered: Option<Answered>,
+    frame: Sending,
 }
 
 impl Outgoing {
-    /// The frame `data` for the client `to`; `answered` hears what became of it.
-    pub(crate) fn new(to: Arc<str>, data: Bytes, answered: Answered) -> Self {
+    /// The frame `data` for the client `to`; `then` hears what became of it.
+    pub(crate) fn new(to: Arc<str>, data: Bytes, then: Delivered) -> Self {
         Self {
             to,
-            data,
-            answered: Some(answered),
+            frame: Sending::new(data, then)
+                .dropped_as("instance link: the frame was dropped on its way"),
         }
     }
 
-    /// Tells the sender what became of the frame.
-    fn answer(mut self, answer: Result<bool, BusError>) {
-        if let Some(answered) = self.answered.take() {
-            answered(answer, std::mem::take(&mut self.data));
-        }
-    }
-
-    /// The frame and whom to answer, once it is written.
-    fn written(mut self, sent: Instant) -> Option<Unanswered> {
-        let answered = self.answered.take()?;
-        Some(Unanswered {
-            data: std::mem::take(&mut self.data),
-            answered,
+    /// The frame, once it is written, waiting for its answer.
+    fn written(self, sent: Instant) -> Unanswered {
+        Unanswered {
+            frame: self.frame,
             sent,
-        })
-    }
-}
-
-impl Drop for Outgoing {
-    fn drop(&mut self) {
-        if let Some(answered) = self.answered.take() {
-            answered(
-                Err(broken("the frame was dropped on its way")),
-                std::mem::take(&mut self.data),
-            );
         }
     }
 }
 
 /// A frame written and not yet answered.
 struct Unanswered {
-    data: Bytes,
-    answered: Answered,
+    frame: Sending,
     sent: Instant,
 }
 
@@ -592,8 +567,8 @@ impl Pending {
             .lock()
             .map(|mut f| f.drain(..).collect())
             .unwrap_or_default();
-        for frame in left {
-            (frame.answered)(Err(error.clone()), frame.data);
+        for left in left {
+            left.frame.tell(Err(error.clone()));
         }
     }
 }
@@ -617,8 +592,7 @@ async fn write_frames(
             _ = tokio::time::sleep(PING_EVERY) => {
                 if let Ok(mut waiting) = pending.frames.lock() {
                     waiting.push_back(Unanswered {
-                        data: Bytes::new(),
-                        answered: Box::new(|_, _| {}),
+                        frame: Sending::new(Bytes::new(), Box::new(|_, _| {})),
                         sent: Instant::now(),
                     });
                 }
@@ -668,19 +642,21 @@ async fn write_frames(
             for frame in batch.drain(..) {
                 if frame.to.len() > MAX_ADDRESS
                     || frame.to.is_empty()
-                    || 2 + frame.to.len() + frame.data.len() > limit
+                    || 2 + frame.to.len() + frame.frame.data().len() > limit
                 {
                     // Nothing a client sends is this large; refused here rather than at the
                     // peer (answered below, outside the lock).
                     refused.push(frame);
                     continue;
                 }
-                put_frame(&mut out, &frame.to, &frame.data);
-                waiting.extend(frame.written(now));
+                put_frame(&mut out, &frame.to, frame.frame.data());
+                waiting.push_back(frame.written(now));
             }
         }
         for frame in refused.drain(..) {
-            frame.answer(Err(broken("a frame too large for the link")));
+            frame
+                .frame
+                .tell(Err(broken("a frame too large for the link")));
         }
         match tokio::time::timeout(ANSWER_TIMEOUT, wr.write_all(&out)).await {
             Ok(Ok(())) => {}
@@ -696,13 +672,13 @@ async fn write_frames(
     frames.close();
     // Taken for a batch that was not written: answered too.
     for frame in batch.drain(..) {
-        frame.answer(Err(error.clone()));
+        frame.frame.tell(Err(error.clone()));
     }
     // Still queued, or about to be by a sender holding room (a permit is held only between
     // taking it and sending, never across a wait): answered too. The queue ends once no
     // permit is out.
     while let Some(frame) = frames.recv().await {
-        frame.answer(Err(error.clone()));
+        frame.frame.tell(Err(error.clone()));
     }
 }
 
@@ -760,7 +736,7 @@ async fn read_answers(
                     Err(broken("the peer answered something unknown"))
                 }
             };
-            (frame.answered)(result, frame.data);
+            frame.frame.tell(result);
         }
         if bad {
             break broken("the peer answered something unknown");
@@ -886,7 +862,7 @@ mod tests {
     #[test]
     fn a_frame_dropped_unwritten_answers_with_an_error_and_itself() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let answered: Answered = Box::new(move |answer, data| {
+        let answered: Delivered = Box::new(move |answer, data| {
             tx.send((answer.is_err(), data)).unwrap();
         });
         drop(Outgoing::new(
@@ -896,14 +872,15 @@ mod tests {
         ));
         assert_eq!(rx.try_recv().unwrap(), (true, Bytes::from_static(b"frame")));
         assert!(rx.try_recv().is_err(), "once");
-        // Written, it is answered by the reader instead: the drop answers nothing.
+        // Written, it waits for the reader's answer: being written tells nothing.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let answered: Answered = Box::new(move |_, _| tx.send(()).unwrap());
+        let answered: Delivered = Box::new(move |_, _| {
+            let _ = tx.send(());
+        });
         let unanswered = Outgoing::new("ws/x".into(), Bytes::from_static(b"frame"), answered)
-            .written(Instant::now())
-            .unwrap();
+            .written(Instant::now());
         assert!(rx.try_recv().is_err());
-        assert_eq!(unanswered.data, Bytes::from_static(b"frame"));
+        assert_eq!(*unanswered.frame.data(), Bytes::from_static(b"frame"));
     }
 
     #[test]

@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::bus::{
-    Announcement, Bus, BusError, FRAME_HEADROOM, Inbound, KEEP_BUFFER, decode_announcement,
-    encode_announcement,
+    Announcement, Bus, BusError, FRAME_HEADROOM, Inbound, KEEP_BUFFER, Sending,
+    decode_announcement, encode_announcement,
 };
 use super::resp::{self, Reply};
 
@@ -198,32 +198,12 @@ pub(crate) struct RedisBus {
     control: mpsc::Sender<Control>,
 }
 
-/// A frame to publish, and who hears whether any instance holds its client (with the frame
-/// back). Dropped unpublished (the publisher stopped, or its sender stopped waiting for room
-/// in the queue), it answers with an error.
+/// A frame to publish, and who hears whether any instance holds its client (dropped
+/// unpublished, with the publisher stopped or its sender no longer waiting for room in the
+/// queue, it tells an error).
 struct Publish {
     channel: String,
-    data: Bytes,
-    done: Option<super::bus::Delivered>,
-}
-
-impl Publish {
-    fn answer(mut self, answer: Result<bool, BusError>) {
-        if let Some(done) = self.done.take() {
-            done(answer, std::mem::take(&mut self.data));
-        }
-    }
-}
-
-impl Drop for Publish {
-    fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            done(
-                Err(BusError("the frame was not published".into())),
-                std::mem::take(&mut self.data),
-            );
-        }
-    }
+    frame: Sending,
 }
 
 /// A change of this instance's subscriptions.
@@ -292,10 +272,10 @@ async fn publisher(target: resp::Target, mut queue: mpsc::Receiver<Publish>) {
             // Encoded only when there is a connection to write it to.
             Some(c) => {
                 out.clear();
-                for frame in &batch {
+                for publish in &batch {
                     resp::put_command(
                         &mut out,
-                        &[b"PUBLISH", frame.channel.as_bytes(), &frame.data],
+                        &[b"PUBLISH", publish.channel.as_bytes(), publish.frame.data()],
                     );
                 }
                 tokio::time::timeout(
@@ -314,8 +294,8 @@ async fn publisher(target: resp::Target, mut queue: mpsc::Receiver<Publish>) {
             answers.clear();
             answers.resize(batch.len(), Err(e));
         }
-        for (frame, answer) in batch.drain(..).zip(answers.drain(..)) {
-            frame.answer(answer);
+        for (publish, answer) in batch.drain(..).zip(answers.drain(..)) {
+            publish.frame.tell(answer);
         }
         if out.capacity() > KEEP_BUFFER {
             out = BytesMut::new();
@@ -392,8 +372,7 @@ impl RedisBus {
             .publish
             .send(Publish {
                 channel,
-                data,
-                done: Some(done),
+                frame: Sending::new(data, done).dropped_as("the frame was not published"),
             })
             .await;
         Ok(())
@@ -803,10 +782,12 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let publish = Publish {
             channel: "c".into(),
-            data: Bytes::from_static(b"frame"),
-            done: Some(Box::new(move |answer, data| {
-                tx.send((answer.is_err(), data)).unwrap();
-            })),
+            frame: Sending::new(
+                Bytes::from_static(b"frame"),
+                Box::new(move |answer, data| {
+                    tx.send((answer.is_err(), data)).unwrap();
+                }),
+            ),
         };
         drop(publish);
         assert_eq!(rx.try_recv().unwrap(), (true, Bytes::from_static(b"frame")));

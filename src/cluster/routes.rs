@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
-use super::bus::{Announcement, Bus, BusError, Delivered};
+use super::bus::{Announcement, Bus, BusError, Delivered, Sending};
 use super::link::{Link, LinkKey, Outgoing};
 
 /// How long a route through Redis holds before the directory is asked again.
@@ -84,7 +84,7 @@ struct RouteState {
     /// Frames counted (sent, or about to be) and not yet answered.
     in_flight: usize,
     /// Frames the old instance no longer held, to go the new way first.
-    again: VecDeque<(Bytes, Delivered)>,
+    again: VecDeque<Sending>,
     /// The link whose instance gave frames back: not trusted with them again this time.
     refused_by: Option<Arc<Link>>,
     /// When a frame last went through the fallback.
@@ -120,75 +120,45 @@ impl Route {
 struct Owed {
     shared: Arc<Shared>,
     route: Arc<Route>,
-    then: Option<Delivered>,
-    /// The frame while it waits for its way; taken out when it is handed on (whatever it is
-    /// handed to gives it back with the answer).
-    data: Bytes,
+    /// The frame (until it is handed on) and whom to tell; `None` once told.
+    frame: Option<Sending>,
 }
 
 impl Owed {
-    /// The frame, to hand on.
+    /// The frame, to hand on (whatever takes it gives it back with the answer).
     fn take_frame(&mut self) -> Bytes {
-        std::mem::take(&mut self.data)
+        self.frame
+            .as_mut()
+            .map(Sending::take_data)
+            .unwrap_or_default()
     }
 
     /// Tells the sender (with its frame back) and uncounts the frame.
     fn settle(mut self, answer: Result<bool, BusError>, data: Bytes) {
-        if let Some(then) = self.then.take() {
+        if let Some(mut frame) = self.frame.take() {
             self.shared.uncount(&self.route, None);
-            then(answer, data);
+            frame.put_data(data);
+            frame.tell(answer);
         }
     }
 
     /// The instance behind `link` no longer holds the client: the frame goes back to its
     /// route, to be sent again the new way before anything newer.
     fn give_back(mut self, link: &Arc<Link>, data: Bytes) {
-        if let Some(then) = self.then.take() {
+        if let Some(mut frame) = self.frame.take() {
+            frame.put_data(data);
             self.shared
-                .uncount(&self.route, Some((link.clone(), data, then)));
+                .uncount(&self.route, Some((link.clone(), frame)));
         }
     }
 }
 
 impl Drop for Owed {
     fn drop(&mut self) {
-        if let Some(then) = self.then.take() {
+        if let Some(frame) = self.frame.take() {
             self.shared.uncount(&self.route, None);
-            then(
-                Err(BusError("the frame was dropped on its way".into())),
-                std::mem::take(&mut self.data),
-            );
-        }
-    }
-}
-
-/// A frame whose sender waits for its route's way to change, not counted yet. Dropped (its
-/// sender stopped waiting), it answers with an error and the frame.
-struct Uncounted {
-    then: Option<Delivered>,
-    data: Bytes,
-}
-
-impl Uncounted {
-    /// The frame, now counted on `route` (by whoever counted it).
-    fn counted(&mut self, shared: &Arc<Shared>, route: &Arc<Route>) -> Owed {
-        let then = self.then.take();
-        Owed {
-            shared: shared.clone(),
-            route: route.clone(),
-            then,
-            data: std::mem::take(&mut self.data),
-        }
-    }
-}
-
-impl Drop for Uncounted {
-    fn drop(&mut self) {
-        if let Some(then) = self.then.take() {
-            then(
-                Err(BusError("the frame was dropped on its way".into())),
-                std::mem::take(&mut self.data),
-            );
+            // Told as it drops, with what it still holds.
+            drop(frame);
         }
     }
 }
@@ -272,12 +242,11 @@ impl Shared {
     }
 
     /// A frame counted on `route` from now on.
-    fn owed(self: &Arc<Self>, route: &Arc<Route>, then: Delivered, data: Bytes) -> Owed {
+    fn owed(self: &Arc<Self>, route: &Arc<Route>, frame: Sending) -> Owed {
         Owed {
             shared: self.clone(),
             route: route.clone(),
-            then: Some(then),
-            data,
+            frame: Some(frame),
         }
     }
 
@@ -294,15 +263,15 @@ impl Shared {
     /// One frame of `route` is answered, or (`back`) given back by the link's instance. The
     /// last answer on the way wakes whoever waits to change it; frames given back with nobody
     /// waiting to take them the new way get a task that does.
-    fn uncount(self: &Arc<Self>, route: &Arc<Route>, back: Option<(Arc<Link>, Bytes, Delivered)>) {
+    fn uncount(self: &Arc<Self>, route: &Arc<Route>, back: Option<(Arc<Link>, Sending)>) {
         let (drained, stranded) = match route.state.lock() {
             Ok(mut state) => {
-                if let Some((link, data, then)) = back {
+                if let Some((link, frame)) = back {
                     if state.via.is(&link) {
                         state.via = Via::Unknown;
                     }
                     state.refused_by = Some(link);
-                    state.again.push_back((data, then));
+                    state.again.push_back(frame);
                 }
                 state.in_flight = state.in_flight.saturating_sub(1);
                 let drained = state.in_flight == 0;
@@ -351,7 +320,7 @@ impl Shared {
             self.uncount(&route, None);
             return Err((data, then));
         };
-        let owed = self.owed(&route, then, data);
+        let owed = self.owed(&route, Sending::new(data, then));
         permit.send(Self::outgoing(&route, &link, owed, false));
         Ok(())
     }
@@ -363,25 +332,21 @@ impl Shared {
         then: Delivered,
     ) -> Result<(), BusError> {
         let route = self.route(addr);
+        // Not counted yet; told if its sender stops waiting for the way to change.
+        let frame = Sending::new(data, then);
         if let Some(via) = Self::take_way(&route) {
-            let owed = self.owed(&route, then, data);
+            let owed = self.owed(&route, frame);
             self.dispatch(&route, via, owed, false).await;
             return Ok(());
         }
-        // Not counted yet while it waits for the way to change: answered if the wait is
-        // cancelled.
-        let mut waiting = Uncounted {
-            then: Some(then),
-            data,
-        };
         let _changing = route.changing.lock().await;
         if let Some(via) = Self::take_way(&route) {
-            let owed = waiting.counted(self, &route);
+            let owed = self.owed(&route, frame);
             self.dispatch(&route, via, owed, false).await;
             return Ok(());
         }
         let via = self.change_way(&route).await;
-        let owed = waiting.counted(self, &route);
+        let owed = self.owed(&route, frame);
         self.dispatch(&route, via, owed, false).await;
         Ok(())
     }
@@ -421,7 +386,7 @@ impl Shared {
             Err(_) => Vec::new(),
         }
         .into_iter()
-        .map(|(data, then)| self.owed(route, then, data))
+        .map(|frame| self.owed(route, frame))
         .collect();
         for owed in again {
             self.dispatch(route, via.clone(), owed, true).await;
@@ -998,10 +963,12 @@ mod tests {
             let tx = tx.clone();
             shared.owed(
                 &route,
-                Box::new(move |answer, data: Bytes| {
-                    let _ = tx.send((n, answer, data));
-                }),
-                Bytes::copy_from_slice(&n.to_be_bytes()),
+                Sending::new(
+                    Bytes::copy_from_slice(&n.to_be_bytes()),
+                    Box::new(move |answer, data: Bytes| {
+                        let _ = tx.send((n, answer, data));
+                    }),
+                ),
             )
         };
         // Dropped on its way (its sender cancelled while waiting for room): an error, with the

@@ -431,29 +431,16 @@ mod tests {
         };
         // Only a process its sender's instance tagged as an answer (a large callback call
         // under the caller's session is not one), and only the callee's, ends the call.
-        note_call(
-            &inflight,
-            "ws1/caller",
-            &process("ws1/callee", "~abc", "s1"),
-        );
-        note_call(
-            &inflight,
-            "ws1/caller",
-            &process("ws1/other", "~Rabc", "s1"),
-        );
+        let arrives = |from: &str, session: &str, key: &str| {
+            note_call(&inflight, "ws1/caller", &process(from, session, key))
+        };
+        arrives("ws1/callee", "~abc", "s1");
+        arrives("ws1/other", "~Rabc", "s1");
         assert!(inflight.awaits_answer("ws1/caller", "s1", "ws1/callee"));
-        note_call(
-            &inflight,
-            "ws1/caller",
-            &process("ws1/callee", "~Rabd", "s1"),
-        );
+        arrives("ws1/callee", "~Rabd", "s1");
         assert!(!inflight.awaits_answer("ws1/caller", "s1", "ws1/callee"));
         assert_eq!(inflight.ended("resolved"), 1);
-        note_call(
-            &inflight,
-            "ws1/caller",
-            &process("ws1/callee", "~Jabe", "s2"),
-        );
+        arrives("ws1/callee", "~Jabe", "s2");
         assert!(!inflight.awaits_answer("ws1/caller", "s2", "ws1/callee"));
         assert_eq!(inflight.ended("rejected"), 1);
         assert_eq!(
