@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod latency;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
@@ -239,6 +240,20 @@ pub struct App {
 }
 
 impl App {
+    /// For unit tests: an app on a free loopback port, its data in a new temporary directory
+    /// (returned, for the test to remove).
+    #[cfg(test)]
+    pub(crate) async fn for_tests() -> (App, std::path::PathBuf) {
+        let mut settings = Settings::default();
+        settings.server.port = 0;
+        settings.store.data_dir =
+            std::env::temp_dir().join(format!("hypha-rtc-unit-{}", ids::random_id(10)));
+        settings.server.jwt_secret = Some(secrecy::SecretString::from("unit-test".to_string()));
+        let data_dir = settings.store.data_dir.clone();
+        let app = App::build(settings).await.expect("the app builds");
+        (app, data_dir)
+    }
+
     /// Binds the listener and builds the state; nothing runs until [`App::run_until_stopped`].
     pub async fn build(settings: Settings) -> Result<App, StartupError> {
         let addr = format!("{}:{}", settings.server.host, settings.server.port);

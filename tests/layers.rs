@@ -11,6 +11,7 @@ use std::path::Path;
 /// all). Every module below the web and service layers is kept from them and from the root.
 const FORBIDDEN: &[(&str, &str)] = &[
     ("ids", "*"),
+    ("latency", "*"),
     ("options", "*"),
     ("memory", "*"),
     ("logging", "*"),

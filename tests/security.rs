@@ -2104,3 +2104,142 @@ async fn a_process_goes_out_under_a_session_its_sender_never_learns() {
     assert!(removed.starts_with("k3~"), "{removed}");
     still_works(&app).await;
 }
+
+/// HTTP service calls are taken before the router when their path is plain; both ways answer
+/// alike, keep the CORS rules, and leave everything else (other methods, escaped or
+/// malformed paths, unreadable queries) to the router.
+#[tokio::test]
+async fn http_service_calls_answer_alike_whichever_way_they_take() {
+    let app = spawn_app(|s| s.turn = turn_settings(0)).await;
+    let alice = token(&app, "alice", &[], 3600);
+    let bearer = format!("Bearer {alice}");
+    let as_alice = [("Authorization", bearer.as_str())];
+    let ice = "get_rtc_ice_servers?test_connectivity=false&ttl=60";
+    let usernames = |body: &str| -> Vec<String> {
+        let servers: serde_json::Value = serde_json::from_str(body).unwrap();
+        servers
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["username"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The direct way and, with an escape in the path, the router's.
+    for path in [
+        format!("/public/services/coturn/{ice}"),
+        format!("/public/services/c%6Fturn/{ice}"),
+        format!("/%70ublic/services/coturn/{ice}"),
+    ] {
+        let (status, headers, body) = http(&app, "GET", &path, &as_alice, b"").await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(header(&headers, "content-type"), Some("application/json"));
+        let names = usernames(&body);
+        assert!(
+            !names.is_empty() && names.iter().all(|n| n.ends_with(":alice")),
+            "{path}: {body}"
+        );
+        let (status, _, body) = http(&app, "POST", &path, &as_alice, b"{}").await;
+        assert_eq!(status, 200, "{path}: {body}");
+        // Anonymous callers get no credentials either way.
+        let (status, _, body) = http(&app, "GET", &path, &[], b"").await;
+        assert_eq!(status, 403, "{path}: {body}");
+        let (status, headers, body) = http(
+            &app,
+            "GET",
+            &path,
+            &[("Accept", "application/msgpack"), as_alice[0]],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(
+            header(&headers, "content-type"),
+            Some("application/msgpack")
+        );
+    }
+    // The router answers what is not a plain call: HEAD as GET, other methods refused (with
+    // CORS as ever), extra or missing segments not found.
+    let path = format!("/public/services/coturn/{ice}");
+    let (status, _, _) = http(&app, "HEAD", &path, &as_alice, b"").await;
+    assert_eq!(status, 200);
+    let evil = ("Origin", "http://evil.example");
+    let (status, headers, _) = http(&app, "PUT", &path, &[as_alice[0], evil], b"").await;
+    assert_eq!(status, 405);
+    assert_eq!(
+        header(&headers, "access-control-allow-origin"),
+        Some("http://evil.example")
+    );
+    for path in [
+        "/public/services/coturn/get_rtc_ice_servers/",
+        "/public/services/coturn/get_rtc_ice_servers/more",
+        "/public/service/coturn/get_rtc_ice_servers",
+    ] {
+        let (status, headers, body) = http(&app, "GET", path, &[as_alice[0], evil], b"").await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(
+            header(&headers, "access-control-allow-origin"),
+            Some("http://evil.example")
+        );
+    }
+    // A query value that is not UTF-8 reads as text with a replacement character, which the
+    // function refuses in words.
+    let (status, _, body) = http(
+        &app,
+        "GET",
+        "/public/services/coturn/get_rtc_ice_servers?ttl=%FF",
+        &as_alice,
+        b"",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("ttl must be a positive integer"), "{body}");
+    // CORS holds on the direct way: a foreign page's cookie is not used, the own page's is.
+    let cookie = format!("access_token={alice}");
+    let own = format!("http://{}", app.addr);
+    let path = format!("/public/services/coturn/{ice}");
+    let (status, headers, body) = http(
+        &app,
+        "GET",
+        &path,
+        &[("Origin", "http://evil.example"), ("Cookie", &cookie)],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "the cookie of a foreign origin was used: {body}"
+    );
+    assert_eq!(
+        header(&headers, "access-control-allow-origin"),
+        Some("http://evil.example")
+    );
+    assert_eq!(header(&headers, "access-control-allow-credentials"), None);
+    let (status, headers, body) = http(
+        &app,
+        "GET",
+        &path,
+        &[("Origin", &own), ("Cookie", &cookie)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        header(&headers, "access-control-allow-credentials"),
+        Some("true")
+    );
+    // A body beyond the bound is refused in words.
+    let big = vec![0xc0u8; 16 * 1024 * 1024 + 1];
+    let (status, _, body) = http(
+        &app,
+        "POST",
+        "/public/services/coturn/get_rtc_ice_servers",
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", "application/msgpack"),
+        ],
+        &big,
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("at most 16777216 bytes"), "{body}");
+}

@@ -159,9 +159,14 @@ impl UserInfo {
         format!("ws-user-{}", self.id)
     }
 
+    /// Whether `workspace` is [`Self::own_workspace`] (without writing that name out).
+    pub(crate) fn is_own_workspace(&self, workspace: &str) -> bool {
+        workspace.strip_prefix("ws-user-") == Some(self.id.as_str())
+    }
+
     /// The user's permission in a workspace, if any.
     pub fn permission(&self, workspace: &str) -> Option<Permission> {
-        if self.is_admin() || (workspace == self.own_workspace() && self.id != "http-anonymous") {
+        if self.is_admin() || (self.is_own_workspace(workspace) && self.id != "http-anonymous") {
             return Some(Permission::Admin);
         }
         let granted = self.scope.workspaces.get(workspace).copied();
@@ -214,6 +219,17 @@ mod tests {
         let anon = UserInfo::anonymous(600);
         assert!(anon.is_anonymous());
         assert!(anon.own_workspace().starts_with("ws-user-anonymouz-"));
+        assert!(user.is_own_workspace("ws-user-alice"));
+        for other in [
+            "ws-user-alic",
+            "ws-user-alice2",
+            "ws-user-",
+            "alice",
+            "ws-usr-alice",
+            "",
+        ] {
+            assert!(!user.is_own_workspace(other), "{other}");
+        }
         assert_eq!(
             UserInfo::http_anonymous().permission("ws-user-http-anonymous"),
             None

@@ -172,7 +172,7 @@ impl WorkspaceBook {
         if made.owned_by(user) {
             return Some(Permission::Admin);
         }
-        if !made.exists() && workspace == user.own_workspace() {
+        if !made.exists() && user.is_own_workspace(workspace) {
             // A user's own workspace is theirs again once the one they made is deleted.
             return granted;
         }

@@ -155,9 +155,9 @@ pub(crate) struct Cors<S> {
     policy: Arc<CorsPolicy>,
 }
 
-impl<S> tower::Service<Request> for Cors<S>
+impl<S, B> tower::Service<Request<B>> for Cors<S>
 where
-    S: tower::Service<Request, Response = Response>,
+    S: tower::Service<Request<B>, Response = Response>,
 {
     type Response = Response;
     type Error = S::Error;
@@ -167,7 +167,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let Some(origin) = request.headers().get(header::ORIGIN).cloned() else {
             return CorsFuture::Inner {
                 future: self.inner.call(request),
@@ -192,7 +192,11 @@ where
 
 /// The answer to a preflight from `origin`: 403 for an origin not allowed, else 204 with the
 /// methods and headers it may use.
-fn preflight_answer(policy: &CorsPolicy, origin: &HeaderValue, request: &Request) -> Response {
+fn preflight_answer<B>(
+    policy: &CorsPolicy,
+    origin: &HeaderValue,
+    request: &Request<B>,
+) -> Response {
     let text = origin.to_str().unwrap_or("");
     if !policy.allowed(text) {
         let mut refused = StatusCode::FORBIDDEN.into_response();

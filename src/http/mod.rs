@@ -138,7 +138,8 @@ pub(crate) fn escape(text: &str) -> String {
 /// The client id calls made over HTTP come from (no websocket client may take it).
 pub(crate) const HTTP_CLIENT: &str = "http-client";
 
-/// All routes of the server.
+/// All routes of the server, without the layers around them (CORS among them: see
+/// [`service`], which is what is served).
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     let demo = if state.settings.demo.enabled {
         demo::router()
@@ -163,15 +164,18 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(demo)
         .merge(services::router())
         .merge(apps::router())
-        .layer(cors::CorsLayer(state.cors.clone()))
         .with_state(state)
 }
 
-/// The HTTP service as served: the routes, with request bodies held to time-outs (idle for
-/// `--header-timeout`, three times that in all, so a body that trickles in is cut off), and
-/// the peer's address for the handlers.
+/// The HTTP service as served: the routes (HTTP service calls taken before the router, see
+/// [`services::WithCalls`]) behind the CORS policy, with request bodies held to time-outs
+/// (idle for `--header-timeout`, three times that in all, so a body that trickles in is cut
+/// off), and the peer's address for the handlers. The layers wrap the router as a whole: one
+/// added with `Router::layer` wraps every route again, a boxed service and future per request.
 pub(crate) type Service = axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
-    tower_http::timeout::RequestBodyDeadline<tower_http::timeout::RequestBodyTimeout<Router>>,
+    tower_http::timeout::RequestBodyDeadline<
+        tower_http::timeout::RequestBodyTimeout<cors::Cors<services::WithCalls>>,
+    >,
     std::net::SocketAddr,
 >;
 
@@ -179,12 +183,14 @@ pub(crate) type Service = axum::extract::connect_info::IntoMakeServiceWithConnec
 pub(crate) fn service(state: Arc<AppState>) -> Service {
     use axum::ServiceExt;
     let idle = state.settings.admission.header_timeout;
-    let routes = router(state);
+    let cors = cors::CorsLayer(state.cors.clone());
+    let routes = services::WithCalls::new(state.clone(), router(state));
     let bounded = tower::ServiceBuilder::new()
         .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
             crate::net::body_deadline(idle),
         ))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(idle))
+        .layer(cors)
         .service(routes);
     ServiceExt::<axum::extract::Request<axum::body::Body>>::into_make_service_with_connect_info::<
         std::net::SocketAddr,
@@ -207,18 +213,29 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for ClientIp {
         parts: &mut axum::http::request::Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let peer = parts
-            .extensions
+        Ok(ClientIp::of(state, &parts.extensions, &parts.headers))
+    }
+}
+
+impl ClientIp {
+    /// The address of a request with these extensions (the peer's, from the listener) and
+    /// headers.
+    pub(crate) fn of(
+        state: &AppState,
+        extensions: &axum::http::Extensions,
+        headers: &HeaderMap,
+    ) -> Self {
+        let peer = extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|info| info.0)
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-        Ok(ClientIp(
+        ClientIp(
             state
                 .settings
                 .admission
                 .trusted_proxies
-                .client_ip(peer, &parts.headers),
-        ))
+                .client_ip(peer, headers),
+        )
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -24,6 +24,9 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Largest JSON body: JSON's small tokens grow many times over once decoded.
 const MAX_JSON_BODY: usize = 2 * 1024 * 1024;
 
+/// The routes. Requests for the last one are mostly taken before the router by
+/// [`WithCalls`]: a route or a `Router::layer` added here (or elsewhere in the router) that
+/// should apply to them must be added on that way too.
 pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/{workspace}/services", get(list))
@@ -34,7 +37,6 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
             "/{workspace}/services/{service}/{function}",
             get(call_function).post(call_function),
         )
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }
 
 /// `GET /{workspace}/services`: `list_services` for the workspace.
@@ -145,6 +147,102 @@ fn query_value(text: &str) -> Value {
     }
 }
 
+/// The router with HTTP service calls taken before it. `GET|POST
+/// /{workspace}/services/{service}/{function}` is the route every HTTP call takes (pages
+/// fetch their TURN credentials through it), and the general router cost about as much again
+/// as such a call itself: the match, the route's parameters copied into the request, a boxed
+/// service and future per route. A GET or POST whose path has that shape in plain segments
+/// (no `%` escapes, so nothing to decode) goes straight to [`call`]; every other request goes
+/// to the router, which holds the same route and answers it the same way.
+#[derive(Clone)]
+pub(crate) struct WithCalls {
+    state: Arc<AppState>,
+    router: Router,
+}
+
+impl WithCalls {
+    pub(crate) fn new(state: Arc<AppState>, router: Router) -> Self {
+        Self { state, router }
+    }
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for WithCalls
+where
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<
+        futures_util::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>,
+        axum::routing::future::RouteFuture<std::convert::Infallible>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The router is always ready, and so is the direct way.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        let request = request.map(axum::body::Body::new);
+        let Some(named) = plain_call(&request) else {
+            return Either::Right(self.router.call(request));
+        };
+        let state = self.state.clone();
+        let super::ClientIp(ip) =
+            super::ClientIp::of(&state, request.extensions(), request.headers());
+        Either::Left(Box::pin(async move {
+            Ok(call(state, named, ip, request).await.into_response())
+        }))
+    }
+}
+
+/// What a request names for a call: the path's workspace, service and function, and the
+/// query's parameters.
+#[derive(Debug, PartialEq)]
+struct Named {
+    workspace: String,
+    service: String,
+    function: String,
+    params: HashMap<String, String>,
+}
+
+/// What a GET or POST to `/{workspace}/services/{service}/{function}` names, where its
+/// segments need no decoding; `None` for anything the router should see. The query is read
+/// by the router's own extractor (which decodes leniently and so does not fail for a map of
+/// strings; were it to, the router would answer its error).
+fn plain_call(request: &Request) -> Option<Named> {
+    if request.method() != Method::GET && request.method() != Method::POST {
+        return None;
+    }
+    let mut segments = request.uri().path().strip_prefix('/')?.split('/');
+    let (Some(workspace), Some("services"), Some(service), Some(function), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return None;
+    };
+    let plain = |segment: &str| !segment.is_empty() && !segment.contains('%');
+    if !(plain(workspace) && plain(service) && plain(function)) {
+        return None;
+    }
+    let Query(params) = Query::try_from_uri(request.uri()).ok()?;
+    Some(Named {
+        workspace: workspace.into(),
+        service: service.into(),
+        function: function.into(),
+        params,
+    })
+}
+
+/// The route's handler, for the requests [`WithCalls`] leaves to the router.
 async fn call_function(
     State(state): State<Arc<AppState>>,
     Path((workspace, service, function)): Path<(String, String, String)>,
@@ -152,6 +250,29 @@ async fn call_function(
     super::ClientIp(ip): super::ClientIp,
     request: Request,
 ) -> Result<Response, Error> {
+    let named = Named {
+        workspace,
+        service,
+        function,
+        params,
+    };
+    call(state, named, ip, request).await
+}
+
+/// Calls the function a request names with the query's parameters and the body's arguments,
+/// as the caller.
+async fn call(
+    state: Arc<AppState>,
+    named: Named,
+    ip: std::net::IpAddr,
+    request: Request,
+) -> Result<Response, Error> {
+    let Named {
+        workspace,
+        service,
+        function,
+        params,
+    } = named;
     let user = super::caller(&state, request.headers()).await?;
     let accepts_msgpack = accepts_msgpack(request.headers());
     let msgpack = request
@@ -167,9 +288,7 @@ async fn call_function(
     let mut positional = Vec::new();
     // Only a POST carries arguments in its body; a GET's is not read.
     let body = if request.method() == Method::POST {
-        Bytes::from_request(request, &state)
-            .await
-            .map_err(|e| body_error(&e))?
+        read_body(request.into_body()).await?
     } else {
         Bytes::new()
     };
@@ -282,33 +401,121 @@ fn accepts_msgpack(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.contains("application/msgpack"))
 }
 
-/// A body that could not be read, as the error the caller sees (its status and words kept).
-fn body_error(rejection: &axum::extract::rejection::BytesRejection) -> Error {
-    let text = rejection.body_text();
-    match rejection.status() {
-        axum::http::StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(text),
-        _ => Error::BadRequest(text),
+/// A POST's body, at most [`MAX_BODY`] bytes (read here rather than through a body-limit
+/// layer, which would wrap every route of the router once more).
+async fn read_body(body: axum::body::Body) -> Result<Bytes, Error> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::PayloadTooLarge(
+            format!("a request body may hold at most {MAX_BODY} bytes"),
+        )),
+        Err(e) => Err(Error::BadRequest(format!(
+            "the request body could not be read: {e}"
+        ))),
     }
 }
 
 /// A result as a JSON answer, written straight from the msgpack value.
 fn json(result: &Value) -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        value::json_bytes(result),
-    )
-        .into_response()
+    typed(value::json_bytes(result), "application/json")
 }
 
 /// JSON, or msgpack when the client asks for it.
 fn respond(accepts_msgpack: bool, result: &Value) -> Response {
     if accepts_msgpack {
-        let bytes = value::encode(result);
-        return (
-            [(axum::http::header::CONTENT_TYPE, "application/msgpack")],
-            bytes,
-        )
-            .into_response();
+        return typed(value::encode(result), "application/msgpack");
     }
     json(result)
+}
+
+/// A 200 answer with `body` of `content_type` (built directly: the header set once).
+fn typed(body: Vec<u8>, content_type: &'static str) -> Response {
+    let mut response = Response::new(axum::body::Body::from(body));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a GET or POST of a plain `/{workspace}/services/{service}/{function}` goes the
+    /// direct way (its query read as the router's extractor reads it).
+    #[test]
+    fn only_plain_calls_skip_the_router() {
+        let taken = |method: &str, uri: &str| {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            plain_call(&request).map(|named| {
+                let mut params: Vec<_> = named.params.into_iter().collect();
+                params.sort();
+                ([named.workspace, named.service, named.function], params)
+            })
+        };
+        let parts = |w: &str, s: &str, f: &str| [w.to_string(), s.to_string(), f.to_string()];
+        assert_eq!(
+            taken("GET", "/public/services/coturn/get_rtc_ice_servers"),
+            Some((parts("public", "coturn", "get_rtc_ice_servers"), vec![]))
+        );
+        assert_eq!(
+            taken("POST", "/ws-user-a/services/c:svc@app/f?x=1&y=%22z%22"),
+            Some((
+                parts("ws-user-a", "c:svc@app", "f"),
+                vec![("x".into(), "1".into()), ("y".into(), "\"z\"".into())]
+            ))
+        );
+        for (method, uri) in [
+            ("HEAD", "/public/services/coturn/f"),
+            ("PUT", "/public/services/coturn/f"),
+            ("OPTIONS", "/public/services/coturn/f"),
+            ("GET", "/public/services/c%6Fturn/f"),
+            ("GET", "/p%75blic/services/coturn/f"),
+            ("GET", "/public/services/coturn/f%20"),
+            ("GET", "/public/services/coturn/f/"),
+            ("GET", "/public/services/coturn/f/g"),
+            ("GET", "/public/services/coturn"),
+            ("GET", "/public/services//f"),
+            ("GET", "//services/coturn/f"),
+            ("GET", "/public/service/coturn/f"),
+            ("GET", "/public/apps/coturn/f"),
+        ] {
+            assert_eq!(taken(method, uri), None, "{method} {uri}");
+        }
+    }
+
+    /// `WithCalls` answers plain calls itself and hands everything else to its router: in
+    /// front of a router without routes, a plain call is answered (anonymous callers get no
+    /// TURN credentials: 403) and every other request is not found.
+    #[tokio::test]
+    async fn plain_calls_are_answered_without_the_router() {
+        use tower::ServiceExt;
+        let (app, data_dir) = crate::App::for_tests().await;
+        let calls = WithCalls::new(app.state(), Router::new());
+        let status = |method: &str, uri: &str| {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let calls = calls.clone();
+            async move { calls.oneshot(request).await.unwrap().status().as_u16() }
+        };
+        let ice = "/public/services/coturn/get_rtc_ice_servers";
+        assert_eq!(status("GET", ice).await, 403);
+        assert_eq!(status("POST", ice).await, 403);
+        assert_eq!(status("HEAD", ice).await, 404);
+        assert_eq!(status("PUT", ice).await, 404);
+        assert_eq!(
+            status("GET", "/public/services/c%6Fturn/get_rtc_ice_servers").await,
+            404
+        );
+        std::fs::remove_dir_all(data_dir).ok();
+    }
 }

@@ -10,8 +10,8 @@ use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
+use crate::latency::Latency;
 use crate::rpc::frame::Frame;
 
 /// A call seen without news for this long no longer counts (its caller timed out or left).
@@ -121,11 +121,11 @@ impl std::hash::Hasher for PreHashed {
 
 /// A histogram of call latencies, from 20 µs to about 20 s.
 #[derive(Clone, Debug)]
-pub struct CallLatency(pub Histogram);
+pub struct CallLatency(pub Latency);
 
 impl Default for CallLatency {
     fn default() -> Self {
-        CallLatency(Histogram::new(exponential_buckets(20e-6, 2.0, 21)))
+        CallLatency(Latency::exponential(20e-6, 2.0, 21))
     }
 }
 
@@ -319,7 +319,7 @@ impl InFlight {
         let Some(opened) = open.opened else {
             return;
         };
-        self.latency.0.observe(opened.elapsed().as_secs_f64());
+        self.latency.0.observe(opened.elapsed());
         let counter = if rejects {
             &self.counters.rejected
         } else {

@@ -1,6 +1,7 @@
 //! The credential audit's writer. A request for ICE servers queues its row and answers at
-//! once; one task gathers the queued rows for up to 20 ms (512 at most) and writes them as one
-//! multi-row `INSERT`, so under load a commit carries hundreds of rows and no request waits
+//! once; one task, woken by a first row, lets the queue fill for 20 ms and then writes what
+//! it holds in multi-row `INSERT`s of up to 512 rows, so under load a commit carries hundreds
+//! of rows, the writer wakes once per batch rather than once per row, and no request waits
 //! for the database. A batch that cannot be written is kept and tried again (the rows are not
 //! dropped), the store reports itself failing meanwhile, and with `--audit-required` no more
 //! credentials are handed out until it recovers. Shutdown and the audit's readers flush the
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::AnyPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{IceIssuance, StoreError};
@@ -24,8 +25,8 @@ const QUEUE: usize = 16_384;
 const BATCH: usize = 512;
 /// How long the writer waits for more rows before writing what it has.
 const LINGER: Duration = Duration::from_millis(20);
-/// Rows kept while the store refuses them (beyond this the writer stops taking rows from the
-/// queue, which then fills).
+/// Rows the writer holds at most, taken from the queue and not yet written (while the store
+/// refuses them, say); beyond this it stops taking rows from the queue, which then fills.
 const MAX_PENDING: usize = 65_536;
 /// The longest pause between attempts at a batch the store refused.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -72,6 +73,8 @@ impl Health {
 #[derive(Clone)]
 pub(crate) struct Audit {
     queue: mpsc::Sender<Item>,
+    /// Cuts the writer's wait short when a flush is queued.
+    flushing: Arc<Notify>,
     health: Arc<Health>,
 }
 
@@ -79,6 +82,7 @@ impl Audit {
     /// Starts the writer on `pool`.
     pub(crate) fn start(pool: AnyPool, sqlite: bool, health: Arc<Health>) -> Self {
         let (queue, items) = mpsc::channel(QUEUE);
+        let flushing = Arc::new(Notify::new());
         tokio::spawn(write(
             pool,
             if sqlite {
@@ -87,9 +91,14 @@ impl Audit {
                 Dialect::Postgres
             },
             items,
+            flushing.clone(),
             health.clone(),
         ));
-        Self { queue, health }
+        Self {
+            queue,
+            flushing,
+            health,
+        }
     }
 
     /// Queues a row without waiting. With `required`, refuses while the store is failing (no
@@ -116,28 +125,32 @@ impl Audit {
     pub(crate) async fn flush(&self, limit: Duration) -> bool {
         let (done, written) = oneshot::channel();
         let flushed = async {
-            self.queue.send(Item::Flush(done)).await.is_ok() && written.await.unwrap_or(false)
+            if self.queue.send(Item::Flush(done)).await.is_err() {
+                return false;
+            }
+            self.flushing.notify_one();
+            written.await.unwrap_or(false)
         };
         tokio::time::timeout(limit, flushed).await.unwrap_or(false)
     }
 }
 
-/// The writer: gathers rows for up to `LINGER` (or `BATCH` of them), writes them, answers the
-/// flushes that came with them; keeps and retries rows the store refused, with a growing pause.
+/// The writer: after a first row, sleeps for `LINGER` (or until a flush is asked for, or not
+/// at all while a batch's worth is queued) and then takes everything queued meanwhile, so a
+/// busy queue wakes it once per batch rather than once per row; writes what it took in
+/// batches, answers the flushes that came with them; keeps and retries rows the store
+/// refused, with a growing pause.
 async fn write(
     pool: AnyPool,
     dialect: Dialect,
     mut items: mpsc::Receiver<Item>,
+    flushing: Arc<Notify>,
     health: Arc<Health>,
 ) {
     let mut pending: Vec<IceIssuance> = Vec::with_capacity(BATCH);
     let mut flushes: Vec<oneshot::Sender<bool>> = Vec::new();
     let mut backoff = Duration::ZERO;
     let mut closed = false;
-    let take = |item, pending: &mut Vec<_>, flushes: &mut Vec<_>| match item {
-        Item::Row(row) => pending.push(row),
-        Item::Flush(done) => flushes.push(done),
-    };
     while !closed {
         let deadline = if pending.is_empty() {
             match items.recv().await {
@@ -149,18 +162,34 @@ async fn write(
             // The last attempt failed: pause before the next, still taking rows and flushes.
             Instant::now() + backoff
         };
-        while flushes.is_empty() && (backoff > Duration::ZERO || pending.len() < BATCH) {
-            if pending.len() >= MAX_PENDING {
-                tokio::time::sleep_until(deadline).await;
-                break;
-            }
-            match tokio::time::timeout_at(deadline, items.recv()).await {
-                Ok(Some(item)) => take(item, &mut pending, &mut flushes),
-                Ok(None) => {
-                    closed = true;
-                    break;
+        // Takes rows in slices of at most `LINGER`, so that a long pause still empties the
+        // queue into `pending`; a flush ends the wait, and no wait begins while a batch is
+        // already there to write (outside a pause).
+        loop {
+            let ready = backoff.is_zero() && pending.len() + items.len() >= BATCH;
+            if flushes.is_empty() && !ready {
+                let slice = deadline.min(Instant::now() + LINGER);
+                tokio::select! {
+                    () = tokio::time::sleep_until(slice) => {}
+                    () = flushing.notified() => {}
                 }
-                Err(_) => break,
+            }
+            while pending.len() < MAX_PENDING {
+                match items.try_recv() {
+                    Ok(item) => take(item, &mut pending, &mut flushes),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if closed
+                || !flushes.is_empty()
+                || (backoff.is_zero() && pending.len() >= BATCH)
+                || Instant::now() >= deadline
+            {
+                break;
             }
         }
         while !pending.is_empty() {
@@ -191,6 +220,14 @@ async fn write(
             rows = pending.len(),
             "the audit writer stopped with rows the store refused"
         );
+    }
+}
+
+/// Puts a queued item where the writer keeps it.
+fn take(item: Item, pending: &mut Vec<IceIssuance>, flushes: &mut Vec<oneshot::Sender<bool>>) {
+    match item {
+        Item::Row(row) => pending.push(row),
+        Item::Flush(done) => flushes.push(done),
     }
 }
 

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::UserInfo;
@@ -209,7 +208,7 @@ pub struct IceService {
     pub issued: Counter,
     pub refused: Counter,
     /// Seconds to answer a request for ICE servers (the probe included when asked).
-    pub latency: Histogram,
+    pub latency: crate::latency::Latency,
     /// Every address and transport clients are given, as last checked (once a minute).
     listeners: std::sync::Mutex<Vec<probe::ListenerState>>,
     /// The system's trust anchors for the `turns:` check, read at its first run.
@@ -269,7 +268,7 @@ impl IceService {
             audit_required,
             issued: Counter::default(),
             refused: Counter::default(),
-            latency: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
+            latency: crate::latency::Latency::exponential(50e-6, 2.0, 18),
             listeners: Default::default(),
             roots: Default::default(),
         })
@@ -330,7 +329,7 @@ impl IceService {
     ) -> Result<rmpv::Value, IceError> {
         let started = std::time::Instant::now();
         let outcome = self.issue(user, request).await;
-        self.latency.observe(started.elapsed().as_secs_f64());
+        self.latency.observe(started.elapsed());
         let counter = if outcome.is_ok() {
             &self.issued
         } else {

@@ -85,7 +85,7 @@ pub(crate) struct Probe {
     /// The verdicts of the last hour or so, oldest first, at most [`HISTORY`].
     history: std::sync::Mutex<std::collections::VecDeque<Verdict>>,
     /// Seconds each probe took, whatever its verdict.
-    pub latency: prometheus_client::metrics::histogram::Histogram,
+    pub latency: crate::latency::Latency,
 }
 
 impl Probe {
@@ -103,9 +103,7 @@ impl Probe {
             running: tokio::sync::Mutex::new(()),
             last: std::sync::Mutex::new(None),
             history: Default::default(),
-            latency: prometheus_client::metrics::histogram::Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(100e-6, 2.0, 16),
-            ),
+            latency: crate::latency::Latency::exponential(100e-6, 2.0, 16),
         }
     }
 
@@ -130,7 +128,7 @@ impl Probe {
         }
         let started = Instant::now();
         let outcome = self.run().await;
-        self.latency.observe(started.elapsed().as_secs_f64());
+        self.latency.observe(started.elapsed());
         match &outcome {
             ProbeOutcome::Ok { .. } => tracing::debug!(address = %self.address, "coturn probe ok"),
             other => tracing::warn!(state = other.state(), "{}", other.describe(&self.address)),
