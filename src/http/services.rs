@@ -161,6 +161,7 @@ pub(crate) struct WithCalls {
 }
 
 impl WithCalls {
+    /// Takes plain HTTP service calls before `router`, answering them as `state`'s server.
     pub(crate) fn new(state: Arc<AppState>, router: Router) -> Self {
         Self { state, router }
     }
@@ -203,7 +204,7 @@ where
 
 /// What a request names for a call: the path's workspace, service and function, and the
 /// query's parameters.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct Named {
     workspace: String,
     service: String,
@@ -443,17 +444,20 @@ fn typed(body: Vec<u8>, content_type: &'static str) -> Response {
 mod tests {
     use super::*;
 
+    fn request(method: &str, uri: &str) -> Request {
+        axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
     /// Only a GET or POST of a plain `/{workspace}/services/{service}/{function}` goes the
     /// direct way (its query read as the router's extractor reads it).
     #[test]
     fn only_plain_calls_skip_the_router() {
         let taken = |method: &str, uri: &str| {
-            let request = axum::http::Request::builder()
-                .method(method)
-                .uri(uri)
-                .body(axum::body::Body::empty())
-                .unwrap();
-            plain_call(&request).map(|named| {
+            plain_call(&request(method, uri)).map(|named| {
                 let mut params: Vec<_> = named.params.into_iter().collect();
                 params.sort();
                 ([named.workspace, named.service, named.function], params)
@@ -499,12 +503,7 @@ mod tests {
         let (app, data_dir) = crate::App::for_tests().await;
         let calls = WithCalls::new(app.state(), Router::new());
         let status = |method: &str, uri: &str| {
-            let request = axum::http::Request::builder()
-                .method(method)
-                .uri(uri)
-                .body(axum::body::Body::empty())
-                .unwrap();
-            let calls = calls.clone();
+            let (calls, request) = (calls.clone(), request(method, uri));
             async move { calls.oneshot(request).await.unwrap().status().as_u16() }
         };
         let ice = "/public/services/coturn/get_rtc_ice_servers";

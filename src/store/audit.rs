@@ -361,18 +361,64 @@ mod tests {
         assert_eq!(rows_json(&[]).unwrap(), "[]");
     }
 
-    /// Every size of batch SQLite's statements take, on both sides of each statement's size,
-    /// lands whole and exactly (the padding rows leave nothing behind); more than a batch is
-    /// refused without writing any of it.
-    #[tokio::test]
-    async fn sqlite_batches_of_every_size_land_exactly() {
+    /// A new SQLite store's directory and pool.
+    async fn sqlite_store() -> (std::path::PathBuf, AnyPool) {
         let dir =
             std::env::temp_dir().join(format!("hypha-rtc-audit-{}", crate::ids::random_id(8)));
         std::fs::create_dir_all(&dir).unwrap();
         let store = crate::store::Store::open(&format!("sqlite://{}/t.db", dir.display()))
             .await
             .unwrap();
-        let pool = store.pool.clone();
+        (dir, store.pool.clone())
+    }
+
+    /// The writer takes rows in bursts: a flush after more than a batch answers once all of
+    /// them are written, and rows still queued when the last sender goes are written before
+    /// the writer ends (none lost when the queue closes mid-linger).
+    #[tokio::test]
+    async fn the_writer_writes_every_row_by_a_flush_and_when_its_queue_closes() {
+        let (dir, pool) = sqlite_store().await;
+        let count = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM ice_credentials")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        };
+        let row = |i: usize| IceIssuance {
+            user_id: format!("writer-{i}"),
+            issued_at: i as i64,
+            ttl: 60,
+            expires_at: i as i64 + 60,
+        };
+        let audit = Audit::start(pool.clone(), true, Arc::new(Health::default()));
+        for i in 0..(3 * BATCH + 7) {
+            audit.record(row(i), true).unwrap();
+        }
+        assert!(audit.flush(Duration::from_secs(10)).await);
+        assert_eq!(count().await, (3 * BATCH + 7) as i64);
+        for i in 0..100 {
+            audit.record(row(10_000 + i), true).unwrap();
+        }
+        drop(audit);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count().await < (3 * BATCH + 107) as i64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} rows",
+                count().await
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(count().await, (3 * BATCH + 107) as i64);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// Every size of batch SQLite's statements take, on both sides of each statement's size,
+    /// lands whole and exactly (the padding rows leave nothing behind); more than a batch is
+    /// refused without writing any of it.
+    #[tokio::test]
+    async fn sqlite_batches_of_every_size_land_exactly() {
+        let (dir, pool) = sqlite_store().await;
         let mut expected = Vec::new();
         for (b, size) in [1, 7, 8, 9, 32, 33, 127, 128, 129, 511, BATCH]
             .into_iter()
