@@ -1,7 +1,7 @@
-//! Latency histograms for the metrics that take no lock to observe: one atomic add to a
-//! bucket and one to the sum, so workers observing at once never wait on each other (the
-//! `prometheus-client` histogram takes a write lock per observation, and two workers
-//! answering requests contended for it). Encoded exactly as that histogram is.
+//! Latency histograms for the metrics that take no lock to observe: an atomic add to a
+//! bucket and a compare-and-swap on the sum, so workers observing at once never wait on each
+//! other (the `prometheus-client` histogram takes a write lock per observation, and two
+//! workers answering requests contended for it). Encoded exactly as that histogram is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +21,8 @@ struct LatencyBuckets {
     bounds: Box<[f64]>,
     /// Observations per bucket (not cumulative), one more than `bounds`.
     counts: Box<[AtomicU64]>,
-    /// Sum of all observations in seconds, as the bits of an `f64` (added to by
-    /// compare-and-swap: it never wraps, as a sum of whole nanoseconds would in time).
+    /// Sum of all observations in seconds, as the bits of an `f64` (as the histogram it
+    /// replaces keeps it), added to by compare-and-swap.
     sum: AtomicU64,
 }
 
@@ -135,10 +135,12 @@ mod tests {
     #[test]
     fn latency_counts_every_observation_from_every_thread() {
         let latency = Latency::exponential(1e-6, 2.0, 20);
+        let start = std::sync::Barrier::new(4);
         std::thread::scope(|s| {
             for t in 0..4u64 {
-                let latency = &latency;
+                let (latency, start) = (&latency, &start);
                 s.spawn(move || {
+                    start.wait();
                     for i in 0..10_000u64 {
                         latency.observe(Duration::from_nanos(1 + (i * 37 + t) % 3_000_000));
                     }

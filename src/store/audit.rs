@@ -21,10 +21,15 @@ use super::{IceIssuance, StoreError};
 /// logs) rather than making requests wait.
 const QUEUE: usize = 16_384;
 /// Rows written per statement (one statement is one transaction: a batch the store refuses
-/// is retried whole without writing any of it twice).
+/// is retried whole; one whose answer never came, cut off by [`WRITE_LIMIT`] or a lost
+/// connection, may have been written all the same, and is then written twice: an audit row
+/// too many, never one too few).
 const BATCH: usize = 512;
 /// How long the writer waits for more rows before writing what it has.
 const LINGER: Duration = Duration::from_millis(20);
+/// The longest a batch's statement may take before it counts as failed (a store that hangs
+/// is a failing store: `--audit-required` then stops handing out credentials).
+const WRITE_LIMIT: Duration = Duration::from_secs(10);
 /// Rows the writer holds at most, taken from the queue and not yet written (while the store
 /// refuses them, say); beyond this it stops taking rows from the queue, which then fills.
 const MAX_PENDING: usize = 65_536;
@@ -164,9 +169,10 @@ async fn write(
         };
         // Takes rows in slices of at most `LINGER`, so that a long pause still empties the
         // queue into `pending`; a flush ends the wait, and no wait begins while a batch is
-        // already there to write (outside a pause).
+        // already there to write (outside a pause, and only while taking rows goes on).
+        let mut taking = true;
         loop {
-            let ready = backoff.is_zero() && pending.len() + items.len() >= BATCH;
+            let ready = taking && backoff.is_zero() && pending.len() + items.len() >= BATCH;
             if flushes.is_empty() && !ready {
                 let slice = deadline.min(Instant::now() + LINGER);
                 tokio::select! {
@@ -174,16 +180,9 @@ async fn write(
                     () = flushing.notified() => {}
                 }
             }
-            while pending.len() < MAX_PENDING {
-                match items.try_recv() {
-                    Ok(item) => take(item, &mut pending, &mut flushes),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
+            let before = pending.len() + flushes.len();
+            closed = take_queued(&mut items, &mut pending, &mut flushes);
+            taking = pending.len() + flushes.len() > before;
             if closed
                 || !flushes.is_empty()
                 || (backoff.is_zero() && pending.len() >= BATCH)
@@ -194,7 +193,15 @@ async fn write(
         }
         while !pending.is_empty() {
             let n = pending.len().min(BATCH);
-            let outcome = write_batch(&pool, dialect, &pending[..n]).await;
+            let outcome =
+                tokio::time::timeout(WRITE_LIMIT, write_batch(&pool, dialect, &pending[..n]))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(sqlx::Error::Protocol(format!(
+                            "a write of {n} rows took longer than {} s",
+                            WRITE_LIMIT.as_secs()
+                        )))
+                    });
             health.record(&outcome);
             match outcome {
                 Ok(()) => {
@@ -221,6 +228,29 @@ async fn write(
             "the audit writer stopped with rows the store refused"
         );
     }
+}
+
+/// Takes what is queued now, up to [`MAX_PENDING`] rows held, without waiting (a message a
+/// sender is still writing is left for the next turn: `try_recv` would park the worker's
+/// thread until it is written); says whether the queue is closed and empty.
+fn take_queued(
+    items: &mut mpsc::Receiver<Item>,
+    pending: &mut Vec<IceIssuance>,
+    flushes: &mut Vec<oneshot::Sender<bool>>,
+) -> bool {
+    use futures_util::FutureExt;
+    let mut taken = Vec::new();
+    while pending.len() < MAX_PENDING {
+        let room = (MAX_PENDING - pending.len()).min(BATCH);
+        match items.recv_many(&mut taken, room).now_or_never() {
+            Some(0) => return true,
+            Some(_) => taken
+                .drain(..)
+                .for_each(|item| take(item, pending, flushes)),
+            None => break,
+        }
+    }
+    false
 }
 
 /// Puts a queued item where the writer keeps it.
@@ -410,6 +440,51 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(count().await, (3 * BATCH + 107) as i64);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A store that refuses writes: the flush says so, the audit reports itself failing,
+    /// required rows are refused and optional ones kept; once the store takes writes again
+    /// every kept row is written exactly once and the audit is healthy again.
+    #[tokio::test]
+    async fn refused_rows_are_kept_and_written_once_the_store_takes_them() {
+        let (dir, pool) = sqlite_store().await;
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON ice_credentials \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let health = Arc::new(Health::default());
+        let audit = Audit::start(pool.clone(), true, health.clone());
+        let row = |i: usize| IceIssuance {
+            user_id: format!("kept-{i}"),
+            issued_at: i as i64,
+            ttl: 60,
+            expires_at: i as i64 + 60,
+        };
+        for i in 0..600 {
+            audit.record(row(i), true).unwrap();
+        }
+        assert!(!audit.flush(Duration::from_secs(10)).await);
+        assert!(health.failing());
+        assert!(health.last_error().unwrap_or_default().contains("refused"));
+        assert!(audit.record(row(600), true).is_err());
+        audit.record(row(600), false).unwrap();
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(audit.flush(Duration::from_secs(10)).await);
+        assert!(!health.failing());
+        let written: Vec<String> =
+            sqlx::query_scalar("SELECT user_id FROM ice_credentials ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let expected: Vec<String> = (0..=600).map(|i| row(i).user_id).collect();
+        assert_eq!(written, expected);
         std::fs::remove_dir_all(dir).ok();
     }
 
