@@ -196,10 +196,98 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogQueue {
     }
 }
 
+/// A log site that speaks at most once per interval and counts what it left out: under a
+/// flood (every request refused while the store is down) the workers neither format nor queue
+/// a line per occurrence, and the log still says how many there were.
+pub struct Sampled {
+    every: Duration,
+    /// When the next line may go out, in milliseconds since [`Sampled::since`]'s start.
+    next_ms: std::sync::atomic::AtomicU64,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+impl Sampled {
+    /// A site that writes at most one line per `every`.
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            skipped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// For one occurrence: `Some(left_out)` when it is to be logged (with the number left out
+    /// since the last line), `None` when it is to be left out (and counted).
+    pub fn take(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Self::since();
+        let next = self.next_ms.load(Relaxed);
+        let every = u64::try_from(self.every.as_millis()).unwrap_or(u64::MAX);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now.saturating_add(every), Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.skipped.swap(0, Relaxed));
+        }
+        self.skipped.fetch_add(1, Relaxed);
+        None
+    }
+
+    /// Milliseconds since the first call in this process (a clock that never goes back).
+    fn since() -> u64 {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(Instant::now);
+        u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::sync::mpsc;
+
+    /// A flood is logged once per interval, with the count of what was left out; every
+    /// occurrence is either logged or counted.
+    #[test]
+    fn a_sampled_site_speaks_once_per_interval_and_counts_the_rest() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let site = Sampled::new(Duration::from_secs(3600));
+        assert_eq!(site.take(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(site.take(), None);
+        }
+        // The next line, once the interval is over, says how many were left out.
+        site.next_ms.store(0, Relaxed);
+        assert_eq!(site.take(), Some(1000));
+        assert_eq!(site.take(), None);
+        let quick = Sampled::new(Duration::ZERO);
+        assert_eq!(quick.take(), Some(0));
+        assert_eq!(quick.take(), Some(0));
+        // Four threads at once: one line; every other occurrence counted, in that line's
+        // count (a thread may count between the winner's two steps) or still waiting.
+        let shared = Sampled::new(Duration::from_secs(3600));
+        let (logged, reported) = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..1000).fold((0u64, 0u64), |(n, r), _| match shared.take() {
+                            Some(k) => (n + 1, r + k),
+                            None => (n, r),
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+        });
+        assert_eq!(logged, 1);
+        assert_eq!(reported + shared.skipped.load(Relaxed), 3999);
+    }
 
     /// A sink the test reads back; it can be held shut to act as a stalled log reader.
     #[derive(Clone)]

@@ -110,10 +110,11 @@ impl Audit {
     /// credential is handed out while its record may not be written).
     pub(crate) fn record(&self, row: IceIssuance, required: bool) -> Result<(), StoreError> {
         if required && self.health.failing() {
-            return Err(StoreError::Audit(format!(
-                "the store refuses writes ({})",
-                self.health.last_error().unwrap_or_default()
-            )));
+            // No lock and no formatting per refusal: the writer logs the store's error with
+            // each attempt, and `/health/readiness` reports it.
+            return Err(StoreError::Audit(
+                "the store refuses writes (its error is in the log and /health/readiness)".into(),
+            ));
         }
         self.queue.try_send(Item::Row(row)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {

@@ -382,11 +382,19 @@ impl IceService {
             self.audit_required,
         );
         if let Err(e) = recorded {
+            // While the store is down every request comes here: one line a second, with a count.
+            static UNRECORDED: crate::logging::Sampled =
+                crate::logging::Sampled::new(std::time::Duration::from_secs(1));
+            let left_out = UNRECORDED.take();
             if self.audit_required {
-                tracing::warn!(error = %e, user = %user.id, "TURN credentials refused: the audit cannot record them");
+                if let Some(left_out) = left_out {
+                    tracing::warn!(error = %e, user = %user.id, left_out, "TURN credentials refused: the audit cannot record them");
+                }
                 return Err(IceError::AuditUnavailable);
             }
-            tracing::warn!(error = %e, user = %user.id, "TURN credentials issued without an audit row (--audit-required false)");
+            if let Some(left_out) = left_out {
+                tracing::warn!(error = %e, user = %user.id, left_out, "TURN credentials issued without an audit row (--audit-required false)");
+            }
         }
         let mut servers: Vec<rmpv::Value> =
             Vec::with_capacity(self.coturn_urls.len() + self.static_entries.len());
