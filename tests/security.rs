@@ -2196,15 +2196,7 @@ async fn http_service_calls_answer_alike_whichever_way_they_take() {
     // CORS holds on the direct way: a foreign page's cookie is not used, the own page's is.
     let cookie = format!("access_token={alice}");
     let own = format!("http://{}", app.addr);
-    let path = format!("/public/services/coturn/{ice}");
-    let (status, headers, body) = http(
-        &app,
-        "GET",
-        &path,
-        &[("Origin", "http://evil.example"), ("Cookie", &cookie)],
-        b"",
-    )
-    .await;
+    let (status, headers, body) = http(&app, "GET", &path, &[evil, ("Cookie", &cookie)], b"").await;
     assert_eq!(
         status, 403,
         "the cookie of a foreign origin was used: {body}"
@@ -2242,4 +2234,44 @@ async fn http_service_calls_answer_alike_whichever_way_they_take() {
     .await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("at most 16777216 bytes"), "{body}");
+}
+
+/// The direct way of HTTP service calls takes the caller's address as the router's way does:
+/// a forwarded address counts only from a trusted proxy, so a caller cannot slip out of a
+/// per-address limit (ten sign-ins waiting per address) by naming another address each time.
+#[tokio::test]
+async fn http_service_calls_believe_forwarded_addresses_only_from_trusted_proxies() {
+    async fn starts(app: &TestApp, from: impl Fn(usize) -> String) -> Vec<u16> {
+        let mut statuses = Vec::new();
+        for n in 0..11 {
+            let address = from(n);
+            let (status, _, _) = http(
+                app,
+                "POST",
+                "/public/services/hypha-login/start",
+                &[("X-Forwarded-For", address.as_str())],
+                b"",
+            )
+            .await;
+            statuses.push(status);
+        }
+        statuses
+    }
+    let mut expected = vec![200; 10];
+    expected.push(429);
+    let untrusted = spawn_app(|_| {}).await;
+    assert_eq!(
+        starts(&untrusted, |n| format!("198.51.100.{n}")).await,
+        expected
+    );
+    let trusted = spawn_app(|s| {
+        s.admission.trusted_proxies =
+            hypha_rtc::net::client_addr::TrustedProxies::parse("127.0.0.1").unwrap();
+    })
+    .await;
+    assert_eq!(
+        starts(&trusted, |n| format!("198.51.100.{n}")).await,
+        vec![200; 11]
+    );
+    assert_eq!(starts(&trusted, |_| "203.0.113.7".into()).await, expected);
 }

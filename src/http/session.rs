@@ -116,7 +116,7 @@ impl Session {
                 .unwrap_or(0),
             reconnected: reconnecting,
         };
-        let fresh_anonymous = user.token.is_none() && ws == user.own_workspace();
+        let fresh_anonymous = user.token.is_none() && user.is_own_workspace(ws);
         let taken = if state.hub.insert(&key, ws, handle, reconnecting).is_err() {
             Err(Taken::Live(key.clone()))
         } else {

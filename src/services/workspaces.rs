@@ -102,7 +102,7 @@ fn unmade_info(
     workspace: &str,
     permission: Option<Permission>,
 ) -> serde_json::Value {
-    let owners: Vec<&str> = if workspace == user.own_workspace() {
+    let owners: Vec<&str> = if user.is_own_workspace(workspace) {
         vec![user.id.as_str()]
     } else {
         vec![]
@@ -175,7 +175,7 @@ fn workspace_id(user: &UserInfo, id: &str) -> Result<WorkspaceId, Error> {
             "the workspace name {id} is reserved"
         )));
     }
-    if id.starts_with("ws-user-") && id != user.own_workspace() {
+    if id.starts_with("ws-user-") && !user.is_own_workspace(id) {
         return Err(Error::PermissionDenied(format!(
             "{id} is another user's own workspace; yours is {}",
             user.own_workspace()
@@ -351,7 +351,7 @@ async fn create(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Valu
         None => {
             // A workspace that tokens name and that has clients now is in use: taking its
             // name would void their grants under them.
-            if id.as_str() != ctx.user.own_workspace()
+            if !ctx.user.is_own_workspace(id.as_str())
                 && !crate::workspace::clients_in(state, id.as_str())
                     .await?
                     .is_empty()
