@@ -343,7 +343,7 @@ impl App {
         str0m::crypto::from_feature_flags().install_process_default();
         let ice = turn::IceService::new(settings.turn.clone(), store.clone());
         let demo = demo::Producer::new(settings.demo.clone());
-        let metrics = metrics::Metrics::new(&hub, &ice, &demo);
+        let metrics = metrics::Metrics::new(&hub, &ice, &demo, &store);
         let state = Arc::new(AppState {
             tokens,
             accounts: auth::accounts::Accounts::new(
@@ -479,18 +479,51 @@ impl App {
                 tokio::spawn(server.serve(app))
             }
         };
-        tokio::select! {
-            _ = stop => {}
-            served = &mut server => return served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-        }
-        shutdown(&state, &handle).await;
-        let served = match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
-            Ok(served) => served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-            Err(_) => Ok(()),
+        // Rows an earlier run's store would not take before it stopped: written first (here,
+        // once serving has begun, so that every way out below closes the audit).
+        state
+            .store
+            .recover_audit(&state.settings.store.data_dir)
+            .await;
+        let failed = tokio::select! {
+            _ = stop => None,
+            served = &mut server => Some(served.unwrap_or_else(|e| Err(std::io::Error::other(e)))),
         };
-        // Last, once no request can queue another row: the audit writes what it holds.
-        if !state.store.flush(std::time::Duration::from_secs(5)).await {
-            tracing::warn!("the store did not confirm its last writes");
+        let served = match failed {
+            Some(served) => served,
+            None => {
+                shutdown(&state, &handle).await;
+                match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
+                    Ok(served) => served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+                    Err(_) => Ok(()),
+                }
+            }
+        };
+        // Last: the audit refuses rows from here on (a call still waiting for its coturn
+        // probe gets no credentials) and writes what it holds, or keeps it for the next start.
+        let closed = state
+            .store
+            .close_audit(
+                std::time::Duration::from_secs(3),
+                Some(state.settings.store.data_dir.clone()),
+            )
+            .await;
+        match closed {
+            store::AuditClosed::Written => {}
+            store::AuditClosed::Kept { rows, files } => {
+                let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                tracing::error!(rows, files = %files.join(", "), "the store did not take the last audit rows in time; they are kept in the files and written at the next start");
+            }
+            store::AuditClosed::Lost { rows, why } => {
+                tracing::error!(
+                    rows,
+                    why,
+                    "the store did not take the last audit rows in time, and they could not be kept: they are lost"
+                );
+            }
+            store::AuditClosed::Unconfirmed => {
+                tracing::error!("the audit writer did not confirm its last writes");
+            }
         }
         tracing::info!("stopped");
         served

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 
 use crate::demo::Producer;
 use crate::hub::Hub;
+use crate::store::Store;
 use crate::turn::IceService;
 
 /// The registry and the gauges set at each scrape.
@@ -26,11 +27,12 @@ pub struct Metrics {
     pub demo_viewers: Gauge,
     pub probe_up: Gauge,
     pub probe_age: Gauge<f64, AtomicU64>,
+    pub audit_waiting: Gauge,
 }
 
 impl Metrics {
     /// Registers what the parts count; the bus and demo families only where they exist.
-    pub(crate) fn new(hub: &Hub, ice: &IceService, demo: &Producer) -> Self {
+    pub(crate) fn new(hub: &Hub, ice: &IceService, demo: &Producer, store: &Store) -> Self {
         let mut metrics = Self {
             registry: Registry::with_prefix("hypha_rtc"),
             connections: Gauge::default(),
@@ -43,6 +45,7 @@ impl Metrics {
             demo_viewers: Gauge::default(),
             probe_up: Gauge::default(),
             probe_age: Gauge::default(),
+            audit_waiting: Gauge::default(),
         };
         let r = &mut metrics.registry;
         r.register(
@@ -127,6 +130,22 @@ impl Metrics {
             "ice_duration_seconds",
             "Seconds to answer get_rtc_ice_servers",
             ice.latency.clone(),
+        );
+        let audit = store.audit_counters();
+        r.register(
+            "audit_rows_written",
+            "Credential audit rows written to the store",
+            audit.written,
+        );
+        r.register(
+            "audit_rows_unrecorded",
+            "Credential audit rows that could not be queued (the store failing under --audit-required, a full queue, a stopping server); under --audit-required no credentials went with them",
+            audit.unrecorded,
+        );
+        r.register(
+            "audit_rows_waiting",
+            "Credential audit rows queued or held by the writer, not yet written",
+            metrics.audit_waiting.clone(),
         );
         if let Some(probe) = ice.probe() {
             r.register(

@@ -31,6 +31,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     m.bus_up.set(i64::from(state.hub.bus().is_up()));
     m.bus_links.set(count(state.hub.bus().links_up()));
     m.demo_viewers.set(count(state.demo.viewers()));
+    m.audit_waiting.set(count(state.store.audit_waiting()));
     if let Some(probe) = state.ice.probe() {
         let last = probe.last();
         let up = matches!(last, Some((_, ProbeOutcome::Ok { .. })));

@@ -8,6 +8,7 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 
 mod audit;
+mod spill;
 pub(crate) mod workspace_data;
 pub(crate) mod workspaces;
 
@@ -160,6 +161,14 @@ pub struct Store {
     health: std::sync::Arc<audit::Health>,
 }
 
+pub(crate) use audit::Closed as AuditClosed;
+
+/// The audit's counters for `/metrics`, shared with its writer.
+pub(crate) struct AuditCounters {
+    pub written: prometheus_client::metrics::counter::Counter,
+    pub unrecorded: prometheus_client::metrics::counter::Counter,
+}
+
 /// The store's state as readiness reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum StoreState {
@@ -247,10 +256,41 @@ impl Store {
         self.audit.record(row, required)
     }
 
-    /// Writes every queued audit row, waiting at most `limit` (server shutdown, and the
-    /// audit's readers); says whether all were written.
+    /// Writes every queued audit row, waiting at most `limit` (the audit's readers); says
+    /// whether all were written.
     pub(crate) async fn flush(&self, limit: Duration) -> bool {
         self.audit.flush(limit).await
+    }
+
+    /// Has the audit write the rows earlier runs kept in `dir` (see `spill`) before new ones,
+    /// and keep its own there if the store will not take them at the stop. Called once, as
+    /// the server starts.
+    pub(crate) async fn recover_audit(&self, dir: &std::path::Path) {
+        self.audit.recover(dir.to_path_buf()).await;
+    }
+
+    /// The server stops: refuses audit rows from now on, waits at most `limit` for the store
+    /// to take those it holds, and keeps the rest in a file in `keep_in`.
+    pub(crate) async fn close_audit(
+        &self,
+        limit: Duration,
+        keep_in: Option<std::path::PathBuf>,
+    ) -> AuditClosed {
+        self.audit.close(limit, keep_in).await
+    }
+
+    /// Audit rows queued or held, not yet written (for `/metrics`).
+    pub(crate) fn audit_waiting(&self) -> usize {
+        self.audit.waiting()
+    }
+
+    /// The audit's counters, shared with its writer: rows written, rows that could not be
+    /// queued (for `/metrics`).
+    pub(crate) fn audit_counters(&self) -> AuditCounters {
+        AuditCounters {
+            written: self.health.written.clone(),
+            unrecorded: self.health.unrecorded.clone(),
+        }
     }
 
     /// Adds a user; fails if the email is taken.

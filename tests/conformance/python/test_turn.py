@@ -133,6 +133,73 @@ def test_every_credential_is_audited_also_across_a_sigterm(coturn):
     assert issued >= 500 and rows == issued, (issued, rows)
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_audit_rows_the_store_refuses_at_a_stop_are_written_at_the_next_start(coturn, store, request):
+    """The store refuses the audit's writes when the server is stopped: the rows it holds
+    are kept in a private file in the data directory, and the next start writes them and
+    removes the file; none lost, none written twice. The metrics show rows waiting."""
+    import signal
+    import stat
+
+    postgres = request.getfixturevalue("postgres") if store == "postgres" else None
+    s = Server("--coturn-secret", COTURN_SECRET, "--coturn-uri", f"127.0.0.1:{coturn.port}", "--ice-rate-limit", "0", "--audit-required", "false", postgres=postgres)
+    path = "/public/services/coturn/get_rtc_ice_servers?test_connectivity=false"
+    token = hypha_token("ada")
+    if postgres:
+        refuse = ["CREATE FUNCTION deny() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'the store is read-only'; END $$ LANGUAGE plpgsql",
+                  "CREATE TRIGGER deny BEFORE INSERT ON ice_credentials FOR EACH STATEMENT EXECUTE FUNCTION deny()"]
+        allow = "DROP TRIGGER deny ON ice_credentials"
+    else:
+        refuse = ["CREATE TRIGGER deny BEFORE INSERT ON ice_credentials BEGIN SELECT RAISE(ABORT, 'the store is read-only'); END"]
+        allow = "DROP TRIGGER deny"
+
+    def rows():
+        counted = s.sql("SELECT COUNT(*) FROM ice_credentials WHERE user_id = 'ada'")
+        return int(counted.strip()) if isinstance(counted, str) else counted[0][0]
+
+    def metric(name):
+        _, text, _ = s.http_text("/metrics")
+        return int(float(next(l for l in text.splitlines() if l.startswith(name + " ")).split()[1]))
+
+    def kept():
+        return sorted(s.data_dir.glob("audit-unwritten-*.jsonl"))
+
+    try:
+        s.start()
+        for _ in range(3):
+            assert s.http(path, token)[0] == 200
+        wait_until(lambda: rows() == 3, 10, "the first rows")
+        for statement in refuse:
+            s.sql(statement)
+        secrets = []
+        for _ in range(40):
+            status, servers, _ = s.http(path, token)
+            assert status == 200, servers
+            secrets.append(servers[0]["credential"])
+        wait_until(lambda: metric("hypha_rtc_audit_rows_waiting") == 40, 10, "40 rows waiting")
+        assert metric("hypha_rtc_audit_rows_written_total") == 3
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0, s.log.read_text()
+        log = s.log.read_text()
+        assert "they are kept in the files" in log, log
+        [file] = kept()
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+        text = file.read_text()
+        assert text.count("\n") == 40 and '"u":"ada"' in text
+        assert not any(secret in text for secret in secrets)
+        assert rows() == 3
+        s.sql(allow)
+        s.start()
+        wait_until(lambda: rows() == 43, 10, "the kept rows written")
+        wait_until(lambda: not kept(), 10, "the file removed")
+        wait_until(lambda: metric("hypha_rtc_audit_rows_written_total") == 40, 10, "40 rows counted")
+        assert s.http(path, token)[0] == 200
+        wait_until(lambda: rows() == 44, 10, "a new row")
+        assert metric("hypha_rtc_audit_rows_unrecorded_total") == 0
+    finally:
+        s.stop()
+
+
 def test_coturn_refuses_expired_and_foreign_credentials(coturn):
     def credential(secret, expiry):
         username = f"{expiry}:mallory"
