@@ -481,10 +481,7 @@ impl App {
         };
         // Rows an earlier run's store would not take before it stopped: written first (here,
         // once serving has begun, so that every way out below closes the audit).
-        state
-            .store
-            .recover_audit(&state.settings.store.data_dir)
-            .await;
+        state.store.recover_audit(&state.settings.store.data_dir);
         let failed = tokio::select! {
             _ = stop => None,
             served = &mut server => Some(served.unwrap_or_else(|e| Err(std::io::Error::other(e)))),

@@ -210,11 +210,19 @@ impl Audit {
         tokio::time::timeout(limit, flushed).await.unwrap_or(false)
     }
 
-    /// Has the writer take the rows earlier runs kept in `dir` (a file at a time, before new
-    /// rows; each file removed once its rows are written) and keep its own there at the stop.
-    pub(crate) async fn recover(&self, dir: PathBuf) {
-        if self.queue.send(Item::Recover(dir)).await.is_ok() {
-            self.flushing.notify_one();
+    /// Has the writer take the rows earlier runs kept in `dir` (a few files at a time,
+    /// before new rows; each file removed once its rows are written) and keep its own there
+    /// at the stop. Never waits: with the queue full (it is empty as the server starts) the
+    /// files wait for the next start.
+    pub(crate) fn recover(&self, dir: PathBuf) {
+        match self.queue.try_send(Item::Recover(dir)) {
+            Ok(()) => self.flushing.notify_one(),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    "the audit's queue is full: rows earlier runs kept wait for the next start"
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -304,14 +312,14 @@ impl Writer {
     /// not at all while a batch's worth is queued) and then takes everything queued meanwhile,
     /// so a busy queue wakes it once per batch rather than once per row; writes what it took
     /// in batches, answers the flushes that came with them; keeps and retries rows the store
-    /// refused, with a growing pause. Rows of earlier runs are claimed a file at a time, once
-    /// those before are written. Asked to stop, it closes the queue, takes all that is in it,
+    /// refused, with a growing pause. Rows of earlier runs are claimed a bound's worth of
+    /// files at a time, once those claimed before are written. Asked to stop, it closes the queue, takes all that is in it,
     /// and ends with [`Writer::finish`].
     async fn run(mut self, mut items: mpsc::Receiver<Item>, flushing: Arc<Notify>) {
         let mut backoff = Duration::ZERO;
         let mut closed = false;
         while !closed {
-            if self.held.unclaimed && self.held.recovered == 0 && !self.stopping() {
+            if self.claim_due() {
                 self.claim().await;
             }
             self.close_queue_once_stopping(&mut items);
@@ -360,10 +368,10 @@ impl Writer {
                     break;
                 }
             }
-            if self.held.unclaimed && self.held.recovered == 0 && !self.stopping() {
+            if self.claim_due() {
                 self.claim().await;
             }
-            let all = self.write_held().await;
+            let all = self.write_held(&mut items).await;
             backoff = if all {
                 Duration::ZERO
             } else {
@@ -373,7 +381,13 @@ impl Writer {
                 let _ = done.send(all);
             }
         }
-        self.finish(backoff).await;
+        self.finish(&mut items, backoff).await;
+    }
+
+    /// Whether kept files wait to be claimed and may be now: the rows of those claimed
+    /// before are written, and no stop is asked.
+    fn claim_due(&self) -> bool {
+        self.held.unclaimed && self.held.recovered == 0 && !self.stopping()
     }
 
     /// Whether the stop has been asked for.
@@ -432,7 +446,12 @@ impl Writer {
                     closed = true;
                     break;
                 }
-                Some(_) => taken.drain(..).for_each(|item| self.held.take(item)),
+                Some(_) => {
+                    taken.drain(..).for_each(|item| self.held.take(item));
+                    self.health
+                        .held
+                        .store(self.held.rows.len(), Ordering::Relaxed);
+                }
                 None => break,
             }
         }
@@ -444,8 +463,13 @@ impl Writer {
 
     /// Writes the held rows in batches until one fails (a write still going at the stop's
     /// deadline is cut off: the store may have taken it all the same, and its rows are then
-    /// written twice); says whether all were written.
-    async fn write_held(&mut self) -> bool {
+    /// written twice); says whether all were written. While a backlog is written (a batch's
+    /// worth or more left, after an outage), each batch written makes room for as many
+    /// queued rows, taken at once, so the queue keeps moving and requests are not refused
+    /// for want of room; kept files due are claimed on the way (a saturated writer may not
+    /// come back to its loop for long). Taking stops at a flush, answered once the rows held
+    /// are written; with less than a batch left it writes that and returns, to linger.
+    async fn write_held(&mut self, items: &mut mpsc::Receiver<Item>) -> bool {
         while !self.held.rows.is_empty() {
             let n = self.held.rows.len().min(BATCH);
             let batch = &self.held.rows[..n];
@@ -470,6 +494,13 @@ impl Writer {
                 Ok(()) => {
                     self.held.written(n);
                     self.health.written.inc_by(n as u64);
+                    if self.held.flushes.is_empty() && self.held.rows.len() >= BATCH {
+                        // Closed and empty: the caller finds that out by itself.
+                        self.take_queued(items);
+                        if self.claim_due() {
+                            self.claim().await;
+                        }
+                    }
                     self.health
                         .held
                         .store(self.held.rows.len(), Ordering::Relaxed);
@@ -486,7 +517,7 @@ impl Writer {
     /// The queue is closed and empty. At a stop, tries the store until the stop's deadline,
     /// keeps what it would not take in files, and says how it went; otherwise (every sender
     /// gone, outside a server) says what is left unwritten.
-    async fn finish(mut self, mut backoff: Duration) {
+    async fn finish(mut self, items: &mut mpsc::Receiver<Item>, mut backoff: Duration) {
         let Some(deadline) = *self.deadline.borrow() else {
             if !self.held.rows.is_empty() {
                 tracing::error!(
@@ -498,7 +529,7 @@ impl Writer {
         };
         while !self.held.rows.is_empty() && Instant::now() < deadline {
             tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
-            self.write_held().await;
+            self.write_held(items).await;
             backoff = (backoff * 2).clamp(Duration::from_millis(50), MAX_BACKOFF);
         }
         self.held.removed().await;
@@ -824,7 +855,6 @@ mod tests {
             .map(|i| row("before", i).user_id)
             .collect();
         assert!(user_ids(&pool).await == expected, "every row, once");
-        assert_eq!(audit.waiting(), 0);
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -909,6 +939,93 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
+    /// After an outage the writer holds all it may and the queue is full: once the store
+    /// takes writes again the queue has room after the first batches of the backlog, not
+    /// only once the whole backlog is written; what is held stays within its bound; every
+    /// row lands once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_moves_while_a_backlog_is_written() {
+        let (dir, pool) = sqlite_store().await;
+        refuse_inserts(&pool).await;
+        let health = Arc::new(Health::default());
+        let audit = Audit::start(pool.clone(), true, health.clone());
+        let mut accepted = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while audit.waiting() < MAX_PENDING + QUEUE {
+            assert!(std::time::Instant::now() < deadline, "{}", audit.waiting());
+            match audit.record(row("backlog", accepted), false) {
+                Ok(()) => accepted += 1,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let written_when_room = loop {
+            assert!(health.held.load(Ordering::Relaxed) <= MAX_PENDING);
+            if audit.record(row("backlog", accepted), false).is_ok() {
+                accepted += 1;
+                break health.written.get();
+            }
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert!(
+            written_when_room < (MAX_PENDING / 2) as u64,
+            "the queue had room only after {written_when_room} rows were written"
+        );
+        assert!(audit.flush(Duration::from_secs(30)).await);
+        let expected: Vec<String> = (0..accepted).map(|i| row("backlog", i).user_id).collect();
+        assert!(
+            user_ids(&pool).await == expected,
+            "every row, once, in order"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// Kept files given to a writer under steady traffic are written while the traffic goes
+    /// on, and their files go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kept_rows_are_written_under_steady_traffic() {
+        let (dir, pool) = sqlite_store().await;
+        let kept_dir = dir.join("kept");
+        let kept: Vec<IceIssuance> = (0..3 * BATCH).map(|i| row("kept", i)).collect();
+        let files = spill::write(&kept_dir, &kept).unwrap();
+        let audit = Audit::start(pool.clone(), true, Arc::new(Health::default()));
+        let traffic = {
+            let audit = audit.clone();
+            tokio::spawn(async move {
+                for i in 0..1_000_000 {
+                    if audit.record(row("steady", i), false).is_err() {
+                        return i;
+                    }
+                    if i % 8 == 0 {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                }
+                1_000_000
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        audit.recover(kept_dir.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while files[0].exists() {
+            assert!(!traffic.is_finished() && std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            audit.close(Duration::from_secs(10), None).await,
+            Closed::Written
+        );
+        let sent = traffic.await.unwrap();
+        let ids = user_ids(&pool).await;
+        assert_eq!(ids.len(), kept.len() + sent);
+        let kept_written: Vec<&String> = ids.iter().filter(|id| id.starts_with("kept-")).collect();
+        assert!(kept_written.len() == kept.len(), "every kept row, once");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
     /// Rows the store refuses until the stop's deadline are kept in a file; a writer started
     /// later on the same directory writes them first (once), removes the file; if the store
     /// refuses again at that writer's stop, the kept rows and the new ones go to one new
@@ -933,7 +1050,7 @@ mod tests {
         // The store still refuses: the next writer keeps old and new rows in one new file.
         let health = Arc::new(Health::default());
         let audit = Audit::start(pool.clone(), true, health.clone());
-        audit.recover(kept_dir.clone()).await;
+        audit.recover(kept_dir.clone());
         for i in 0..5 {
             audit.record(row("second", i), false).unwrap();
         }
@@ -959,7 +1076,7 @@ mod tests {
             .await
             .unwrap();
         let audit = Audit::start(pool.clone(), true, Arc::new(Health::default()));
-        audit.recover(kept_dir.clone()).await;
+        audit.recover(kept_dir.clone());
         audit.record(row("third", 0), true).unwrap();
         assert!(audit.flush(Duration::from_secs(10)).await);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1000,7 +1117,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         let audit = Audit::start(pool.clone(), true, Arc::new(Health::default()));
-        audit.recover(kept_dir.clone()).await;
+        audit.recover(kept_dir.clone());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let left = std::fs::read_dir(&kept_dir).unwrap().count();

@@ -265,8 +265,8 @@ impl Store {
     /// Has the audit write the rows earlier runs kept in `dir` (see `spill`) before new ones,
     /// and keep its own there if the store will not take them at the stop. Called once, as
     /// the server starts.
-    pub(crate) async fn recover_audit(&self, dir: &std::path::Path) {
-        self.audit.recover(dir.to_path_buf()).await;
+    pub(crate) fn recover_audit(&self, dir: &std::path::Path) {
+        self.audit.recover(dir.to_path_buf());
     }
 
     /// The server stops: refuses audit rows from now on, waits at most `limit` for the store

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use super::IceIssuance;
 
-/// How the files are named: `audit-unwritten-<ms since the epoch>-<random>.jsonl`.
+/// How the files are named: `audit-unwritten-<ms since the epoch>-<random>-<n>.jsonl`.
 const PREFIX: &str = "audit-unwritten-";
 const SUFFIX: &str = ".jsonl";
 /// Rows per file, so that claiming one file at a time keeps what is held bounded.
@@ -47,12 +47,11 @@ pub(crate) fn write(dir: &Path, rows: &[IceIssuance]) -> std::io::Result<Vec<Pat
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
+    // One random part for the files of one write: they sort together, in order.
+    let group = crate::ids::random_id(8);
     let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
     for (n, chunk) in rows.chunks(ROWS_PER_FILE).enumerate() {
-        let name = format!(
-            "{PREFIX}{millis:013}-{n:04}-{}{SUFFIX}",
-            crate::ids::random_id(8)
-        );
+        let name = format!("{PREFIX}{millis:013}-{group}-{n:04}{SUFFIX}");
         let temporary = dir.join(format!(".{name}.tmp"));
         let outcome = write_temporary(&temporary, chunk);
         written.push((temporary, dir.join(name)));
@@ -238,6 +237,11 @@ fn claim_file(path: &Path) -> std::io::Result<Option<(Vec<IceIssuance>, File)>> 
     let reader = BufReader::new((&file).take(MAX_FILE));
     for (n, line) in reader.lines().enumerate() {
         let line = line?;
+        if n == ROWS_PER_FILE {
+            return Err(std::io::Error::other(format!(
+                "more than {ROWS_PER_FILE} rows, more than the server writes to a file"
+            )));
+        }
         let row = parse_line(&line)
             .map_err(|why| std::io::Error::other(format!("line {}: {why}", n + 1)))?;
         rows.push(row);
@@ -313,7 +317,7 @@ mod tests {
     }
 
     /// Claiming takes whole files up to the bound (the first whatever its size) and says
-    /// more are left; files that are not rows, links, pipes and files too large are left in
+    /// more are left; files that are not rows, links, pipes and files too large or too long are left in
     /// place, none of their lines taken; stale temporary files go; no directory, no rows.
     #[test]
     fn claims_are_bounded_and_strange_files_left_alone() {
@@ -360,6 +364,13 @@ mod tests {
             assert!(made.unwrap().success());
             strange.extend([link, pipe]);
         }
+        let long = dir.join(format!("{PREFIX}0000000000013-long{SUFFIX}"));
+        std::fs::write(
+            &long,
+            "{\"u\":\"x\",\"i\":1,\"t\":1,\"e\":2}\n".repeat(ROWS_PER_FILE + 1),
+        )
+        .unwrap();
+        strange.push(long);
         let big = dir.join(format!("{PREFIX}0000000000012-big{SUFFIX}"));
         File::create(&big).unwrap().set_len(MAX_FILE + 1).unwrap();
         strange.push(big);
