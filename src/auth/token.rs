@@ -190,7 +190,8 @@ impl TokenIssuer {
     pub fn prune_revoked(&self, now: i64) {
         let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
         let leeway = self.validation.leeway as i64;
-        revoked.retain(|_, expires_at| *expires_at + leeway >= now);
+        // Saturating: a token that never expires (`exp` near `i64::MAX`) stays revoked.
+        revoked.retain(|_, expires_at| expires_at.saturating_add(leeway) >= now);
     }
 
     /// How many revocations are remembered (for metrics and tests).
@@ -241,7 +242,7 @@ impl TokenIssuer {
             && let Some(proof) = &user.token
             // The checks that time and revocation can change; the rest held when it was
             // verified and cannot change (nbf only moves into the past).
-            && proof.expires_at >= now - self.validation.leeway as i64
+            && proof.expires_at >= now.saturating_sub(self.validation.leeway as i64)
         {
             if self.is_revoked(proof) {
                 return Err(TokenError::Revoked);
@@ -564,6 +565,11 @@ mod tests {
         assert_eq!(tokens.verify(&recon), Err(TokenError::Revoked));
         tokens.prune_revoked(from.expires_at + 3600);
         assert_eq!(tokens.revoked_count(), 0);
+        // A token that never expires stays revoked (no overflow, no panic, never forgotten).
+        tokens.mark_revoked("forever".into(), i64::MAX);
+        tokens.prune_revoked(crate::auth::now_secs());
+        tokens.prune_revoked(i64::MAX);
+        assert_eq!(tokens.revoked_count(), 1);
     }
 
     #[test]

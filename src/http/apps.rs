@@ -6,6 +6,14 @@
 //! response streams out as the app sends it (server-sent events pass through as they come).
 //! The caller's `Authorization` and `Cookie` headers are not passed on: they are credentials
 //! for this server, and the app learns who calls from the call's context.
+//!
+//! An app is anyone's content (an anonymous client may register one) served on this server's
+//! origin, where the visitor's sign-in cookie is honoured. So every app response carries a
+//! `Content-Security-Policy: sandbox` without `allow-same-origin`: a page of an app runs in an
+//! opaque origin, its requests to this server are cross-site (the `SameSite=Strict` cookie is
+//! not sent, and `cookie_allowed` refuses it), and it cannot read or clear this origin's
+//! storage or register a service worker over it. Headers that act on the origin itself
+//! (`Set-Cookie`, `Clear-Site-Data`, `Service-Worker-Allowed`) are dropped from its responses.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -246,6 +254,21 @@ fn bytes_of(value: Option<&Value>) -> Result<Vec<u8>, Error> {
     }
 }
 
+/// What every app response is held to (see the module's doc): scripts, forms, pop-ups,
+/// downloads and dialogs work; the page's origin is opaque. An app's own policy, if it sends
+/// one, applies as well (a browser enforces every policy it is given).
+const APP_SANDBOX: &str = "sandbox allow-scripts allow-forms allow-popups \
+     allow-popups-to-escape-sandbox allow-downloads allow-modals";
+
+/// Response headers an app may not send: they act on this server's origin (its cookies, its
+/// stored data, the scope of its service workers), not on the app's response.
+fn acts_on_origin(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "set-cookie" | "set-cookie2" | "clear-site-data" | "service-worker-allowed"
+    )
+}
+
 /// Headers that concern one connection, never passed through.
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -278,10 +301,14 @@ fn headers(message: &Value) -> Result<HeaderMap, Error> {
         };
         let name = HeaderName::from_bytes(&bytes_of(Some(name))?).map_err(|_| bad())?;
         let value = HeaderValue::from_bytes(&bytes_of(Some(value))?).map_err(|_| bad())?;
-        if !hop_by_hop(&name) {
+        if !hop_by_hop(&name) && !acts_on_origin(&name) {
             map.append(name, value);
         }
     }
+    map.append(
+        axum::http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(APP_SANDBOX),
+    );
     Ok(map)
 }
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, COTURN_SECRET, SECRET, Server, node, result_of, wait_until
+from conftest import BIN, COTURN_SECRET, SECRET, Server, node, result_of, run, wait_until
 from test_login import PASSWORD, add_user, store_args
 
 pytestmark = pytest.mark.timeout(240)
@@ -236,3 +236,56 @@ def test_the_accounts_api_checks_like_the_command_line(site):
     # The audit lists issuance per hour and per user.
     status, audit, _ = site.http("/api/admin/audit", token=admin)
     assert status == 200 and sum(n for _, n in audit["per_hour"]) >= 1 and audit["by_user"], audit
+
+
+LURE = b"""<!doctype html><title>an app</title><p id="out"></p><script>
+fetch('/api/admin/users', {method: 'POST', credentials: 'include', headers: {'Content-Type': 'application/json'},
+  body: JSON.stringify({email: 'lured@example.org', password: 'long enough'})})
+  .then((r) => 'status ' + r.status, (e) => 'failed ' + e)
+  .then((t) => { document.getElementById('out').textContent = t; });
+</script>"""
+
+
+def test_an_app_page_cannot_act_with_its_visitors_sign_in(site):
+    """Anyone may serve an app on the server's origin, an anonymous client too. An admin who
+    opens one lends it nothing: the page runs sandboxed in an opaque origin, its request to add
+    an account goes without the admin's cookie and is refused, and no account is added; the
+    headers an app could use on the origin itself (Set-Cookie, Clear-Site-Data) never leave
+    the server."""
+    import asyncio
+
+    import httpx
+    from hypha_rpc import connect_to_server
+
+    from test_apps import asgi_service
+
+    async def app(scope, receive, send):
+        headers = [[b"content-type", b"text/html; charset=utf-8"]]
+        if scope["path"] == "/on-the-origin":
+            headers += [[b"set-cookie", b"access_token=planted; Path=/"], [b"clear-site-data", b'"cookies"']]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": LURE})
+
+    async def main():
+        provider = await connect_to_server({"server_url": site.url})
+        await provider.register_service(asgi_service("lure", app))
+        url = f"{site.url}/{provider.config.workspace}/apps/lure/"
+        async with httpx.AsyncClient(timeout=20) as http:
+            served = await http.get(url + "on-the-origin")
+        plan = [{"name": "app-sandboxed", "url": url, "viewport": PHONE,
+                 "waitFor": "document.getElementById('out').textContent !== ''", "texts": ["#out"]}]
+        seen = await asyncio.to_thread(visit, site, plan, "admin@example.org")
+        await provider.disconnect()
+        return served, seen[0]
+
+    served, page = run(main())
+    assert served.status_code == 200 and b"lured@example.org" in served.content
+    assert "set-cookie" not in served.headers and "clear-site-data" not in served.headers
+    policy = served.headers["content-security-policy"]
+    assert "sandbox" in policy and "allow-same-origin" not in policy, policy
+    assert page["status"] == 200 and page["csp"] == policy, page
+    outcome = page["texts"]["#out"]
+    assert outcome.startswith("failed") or outcome in ("status 401", "status 403"), outcome
+    admin = token_for(site, "admin@example.org")
+    status, users, _ = site.http("/api/admin/users", token=admin)
+    assert status == 200 and "lured@example.org" not in json.dumps(users), users
