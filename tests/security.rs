@@ -2275,3 +2275,42 @@ async fn http_service_calls_believe_forwarded_addresses_only_from_trusted_proxie
     );
     assert_eq!(starts(&trusted, |_| "203.0.113.7".into()).await, expected);
 }
+
+/// A client that asks for replies outside the queue (`refresh_token`) and never reads them
+/// fills its socket's buffers: the server gives up on it within the ping time-out rather than
+/// waiting for ever with the connection, its session and its slot held.
+#[tokio::test]
+async fn a_client_that_never_reads_its_control_replies_is_let_go() {
+    use futures_util::StreamExt;
+    let app = spawn_app(|s| {
+        s.connections.ping_timeout = Duration::from_secs(2);
+        s.connections.rate_limit = 1_000_000;
+    })
+    .await;
+    let alice = token(&app, "alice", &[], 3600);
+    let (socket, info) = connect_with(&app, hello("deaf", Some(&alice), None))
+        .await
+        .unwrap();
+    let addr = format!("{}/deaf", info["workspace"].as_str().unwrap());
+    assert!(app.is_connected(&addr));
+    // The reading half is kept, and never read.
+    let (mut sink, _unread) = socket.split();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut sent = 0u64;
+    while app.is_connected(&addr) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still connected after {sent} requests"
+        );
+        let request = Message::Text(r#"{"type":"refresh_token"}"#.into());
+        match tokio::time::timeout(Duration::from_millis(100), sink.send(request)).await {
+            Ok(Ok(())) => sent += 1,
+            // The buffers are full both ways, or the server has let go.
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+        if sent.is_multiple_of(512) {
+            tokio::task::yield_now().await;
+        }
+    }
+    still_works(&app).await;
+}

@@ -35,6 +35,11 @@ use crate::rpc::scan::{self, Limits, Scanner};
 const MAX_MESSAGES_PER_SENDER: usize = 64;
 /// Chunks that arrived ahead of their turn, held per sender until the gap fills.
 const MAX_EARLY_BYTES_PER_SENDER: usize = 16 * 1024 * 1024;
+/// What a chunk held ahead of its turn costs besides its bytes (its entry), so that empty
+/// chunks are not free.
+const EARLY_CHUNK_COST: usize = 64;
+/// Chunks of one message held ahead of their turn at most.
+const MAX_EARLY_CHUNKS: usize = 4096;
 /// Bytes of unprocessed chunks one sender may have delivered to all its targets: what its
 /// receivers hold for it.
 pub const MAX_BYTES_PER_SENDER: u64 = 1 << 30;
@@ -84,6 +89,8 @@ struct Watched {
     /// The next index the scanner waits for.
     next: u64,
     early: BTreeMap<u64, Bytes>,
+    /// What `early` costs: its bytes and [`EARLY_CHUNK_COST`] per chunk.
+    early_held: usize,
     touched: Instant,
     /// Set when the message can no longer be vouched for; its `process` is refused.
     poisoned: Option<ChunkRefusal>,
@@ -102,6 +109,7 @@ impl Watched {
             received: 0,
             next: 0,
             early: BTreeMap::new(),
+            early_held: 0,
             touched: Instant::now(),
             poisoned: None,
             main: Some(Vec::new()),
@@ -109,8 +117,16 @@ impl Watched {
         }
     }
 
+    /// What the chunks held ahead of their turn cost (bytes and entries), kept as they come
+    /// and go rather than summed.
     fn early_bytes(&self) -> usize {
-        self.early.values().map(Bytes::len).sum()
+        self.early_held
+    }
+
+    /// Drops the chunks held ahead of their turn.
+    fn drop_early(&mut self) {
+        self.early.clear();
+        self.early_held = 0;
     }
 
     /// Takes chunk `index`; scans it now if its turn has come.
@@ -120,17 +136,22 @@ impl Watched {
             return Err(format!("chunk {index} of this message was already sent").into());
         }
         if index > self.next {
-            if data.len() > early_room {
+            let cost = data.len() + EARLY_CHUNK_COST;
+            if cost > early_room || self.early.len() >= MAX_EARLY_CHUNKS {
                 return Err("too many chunks arrived ahead of their turn".into());
             }
             self.bytes += data.len() as u64;
-            self.early.insert(index, data);
+            self.early_held += cost;
+            // Copied: a slice would keep the whole frame it came in alive, however small the
+            // chunk (and the frame could be padded to its limit).
+            self.early.insert(index, Bytes::copy_from_slice(&data));
             return Ok(());
         }
         self.bytes += data.len() as u64;
         self.scan(&data)?;
         self.next += 1;
         while let Some(data) = self.early.remove(&self.next) {
+            self.early_held -= data.len() + EARLY_CHUNK_COST;
             self.scan(&data)?;
             self.next += 1;
         }
@@ -924,7 +945,7 @@ impl ChunkWatch {
                 };
                 if let Err(reason) = &outcome {
                     watched.poisoned.get_or_insert_with(|| reason.clone());
-                    watched.early.clear();
+                    watched.drop_early();
                 }
                 let namespaced_key = watched.namespaced;
                 let (bytes, early) = (watched.bytes, watched.early_bytes());
@@ -1349,6 +1370,36 @@ mod tests {
     use super::*;
     use crate::rpc::value::{encode, obj};
     use rmpv::Value;
+
+    /// Chunks ahead of their turn: each costs its entry as well as its bytes (empty ones are
+    /// not free), their number per message is bounded, a held chunk does not keep the frame
+    /// it came in alive, and their cost goes with them.
+    #[test]
+    fn chunks_ahead_of_their_turn_are_bounded_and_copied() {
+        let mut watched = Watched::new("ws/bob", false);
+        let frame = Bytes::from(vec![7u8; 1 << 20]);
+        watched.chunk(3, frame.slice(0..1), usize::MAX).unwrap();
+        assert!(frame.is_unique(), "the held chunk pins its frame");
+        assert_eq!(watched.early_bytes(), 1 + EARLY_CHUNK_COST);
+        assert!(
+            watched
+                .chunk(4, Bytes::new(), EARLY_CHUNK_COST - 1)
+                .is_err()
+        );
+        let mut index = 4;
+        while watched.early.len() < MAX_EARLY_CHUNKS {
+            watched.chunk(index, Bytes::new(), usize::MAX).unwrap();
+            index += 1;
+        }
+        assert!(watched.chunk(index, Bytes::new(), usize::MAX).is_err());
+        assert_eq!(
+            watched.early_bytes(),
+            1 + MAX_EARLY_CHUNKS * EARLY_CHUNK_COST
+        );
+        assert_eq!(watched.early.len(), MAX_EARLY_CHUNKS);
+        watched.drop_early();
+        assert_eq!(watched.early_bytes(), 0);
+    }
 
     /// A `message_cache` call to `ws/alice`, under a session of its own.
     fn call(function: &str, args: Vec<Value>) -> Frame {

@@ -22,7 +22,15 @@ const MAX_MESSAGES_PER_CLIENT: usize = 32;
 const MAX_KEY_LEN: usize = 256;
 /// Highest chunk index accepted (a 64 MiB message has 256 chunks of 256 KiB).
 const MAX_INDEX: u64 = 65_536;
+/// What a chunk costs besides its bytes (its entry), so that empty chunks are not free.
+const CHUNK_COST: usize = 64;
 
+/// What a chunk of `len` bytes is charged.
+fn cost(len: usize) -> usize {
+    len + CHUNK_COST
+}
+
+/// A message being assembled; `bytes` is what its chunks cost (see [`cost`]).
 #[derive(Default)]
 struct Message {
     chunks: BTreeMap<u64, Bytes>,
@@ -35,10 +43,17 @@ struct Owner {
     bytes: usize,
 }
 
+/// The owners and what they hold together (kept as it changes, not summed per chunk).
+#[derive(Default)]
+struct Book {
+    owners: HashMap<String, Owner>,
+    total: usize,
+}
+
 /// Chunked messages being assembled, per client.
 #[derive(Default)]
 pub struct MessageCache {
-    owners: Mutex<HashMap<String, Owner>>,
+    book: Mutex<Book>,
 }
 
 fn checked_key(key: &str) -> Result<&str, Error> {
@@ -58,20 +73,26 @@ fn missing(key: &str) -> Error {
 }
 
 impl MessageCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Owner>> {
-        self.owners.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bytes held for all clients.
+    /// What is held for all clients (bytes and entries).
     #[cfg(test)]
     pub(crate) fn total_bytes(&self) -> usize {
-        self.lock().values().map(|o| o.bytes).sum()
+        let book = self.lock();
+        debug_assert_eq!(
+            book.total,
+            book.owners.values().map(|o| o.bytes).sum::<usize>()
+        );
+        book.total
     }
 
     /// `message_cache.create`.
     pub(crate) fn create(&self, owner: &str, key: &str, overwrite: bool) -> Result<(), Error> {
         let key = checked_key(key)?;
-        let mut owners = self.lock();
+        let mut book = self.lock();
+        let Book { owners, total } = &mut *book;
         let entry = owners.entry(owner.to_string()).or_default();
         if let Some(old) = entry.messages.get(key) {
             if !overwrite {
@@ -80,6 +101,7 @@ impl MessageCache {
                 )));
             }
             entry.bytes -= old.bytes;
+            *total -= old.bytes;
         } else if entry.messages.len() >= MAX_MESSAGES_PER_CLIENT {
             return Err(Error::Busy(format!(
                 "too many chunked messages in flight (at most {MAX_MESSAGES_PER_CLIENT} per client)"
@@ -99,8 +121,8 @@ impl MessageCache {
         data: Bytes,
         limit: usize,
     ) -> Result<(), Error> {
-        let mut owners = self.lock();
-        let total: usize = owners.values().map(|o| o.bytes).sum();
+        let mut book = self.lock();
+        let Book { owners, total } = &mut *book;
         let entry = owners.get_mut(owner).ok_or_else(|| missing(key))?;
         let held = entry.bytes;
         let message = entry.messages.get_mut(key).ok_or_else(|| missing(key))?;
@@ -110,46 +132,55 @@ impl MessageCache {
                 "chunk index {index} is beyond the largest message this server assembles"
             )));
         }
-        let replaced = message.chunks.get(&index).map_or(0, Bytes::len);
-        let after = held - replaced + data.len();
+        let replaced = message.chunks.get(&index).map_or(0, |c| cost(c.len()));
+        let added = cost(data.len());
+        let after = held - replaced + added;
         if after > limit {
             let freed = message.bytes;
             entry.messages.remove(key);
             entry.bytes -= freed;
+            *total -= freed;
             return Err(Error::BadRequest(format!(
                 "chunked message exceeds the limit of {limit} bytes this client may send to the server at once"
             )));
         }
-        if total + data.len().saturating_sub(replaced) > MAX_BYTES_TOTAL {
+        if *total + added.saturating_sub(replaced) > MAX_BYTES_TOTAL {
             return Err(Error::Unavailable(
                 "the server is holding too many chunked messages; try again shortly".into(),
             ));
         }
-        message.bytes = message.bytes - replaced + data.len();
-        message.chunks.insert(index, data);
+        message.bytes = message.bytes - replaced + added;
+        // Copied: a slice would keep the whole frame it came in alive, however small the
+        // chunk (and the frame could be padded to its limit).
+        message.chunks.insert(index, Bytes::copy_from_slice(&data));
         entry.bytes = after;
+        *total = *total - replaced + added;
         Ok(())
     }
 
     /// `message_cache.remove`.
     pub(crate) fn remove(&self, owner: &str, key: &str) -> Result<(), Error> {
-        let mut owners = self.lock();
+        let mut book = self.lock();
+        let Book { owners, total } = &mut *book;
         let entry = owners.get_mut(owner).ok_or_else(|| missing(key))?;
         let message = entry.messages.remove(key).ok_or_else(|| missing(key))?;
         entry.bytes -= message.bytes;
+        *total -= message.bytes;
         Ok(())
     }
 
     /// `message_cache.process`: takes the message out and reassembles it.
     pub(crate) fn take(&self, owner: &str, key: &str) -> Result<Frame, Error> {
         let message = {
-            let mut owners = self.lock();
+            let mut book = self.lock();
+            let Book { owners, total } = &mut *book;
             let entry = owners.get_mut(owner).ok_or_else(|| missing(key))?;
             let message = entry.messages.remove(key).ok_or_else(|| missing(key))?;
             entry.bytes -= message.bytes;
+            *total -= message.bytes;
             message
         };
-        let mut data = Vec::with_capacity(message.bytes);
+        let mut data = Vec::with_capacity(message.chunks.values().map(Bytes::len).sum());
         for (expected, (index, chunk)) in message.chunks.iter().enumerate() {
             if *index != expected as u64 {
                 return Err(Error::BadRequest(format!(
@@ -163,7 +194,10 @@ impl MessageCache {
 
     /// Drops everything a client that went away had parked.
     pub(crate) fn forget(&self, owner: &str) {
-        self.lock().remove(owner);
+        let mut book = self.lock();
+        if let Some(gone) = book.owners.remove(owner) {
+            book.total -= gone.bytes;
+        }
     }
 }
 
@@ -179,6 +213,7 @@ mod tests {
         cache
             .put("ws/a", "k", None, Bytes::from(vec![0; 1000]), 1500)
             .unwrap();
+        assert_eq!(cache.total_bytes(), 1000 + CHUNK_COST);
         let err = cache
             .put("ws/a", "k", None, Bytes::from(vec![0; 1000]), 1500)
             .unwrap_err();
@@ -202,9 +237,25 @@ mod tests {
                 100,
             )
             .unwrap();
-        assert_eq!(cache.total_bytes(), 6);
+        assert_eq!(cache.total_bytes(), 6 + CHUNK_COST);
         cache.forget("ws/b");
         assert_eq!(cache.total_bytes(), 0);
+        // Empty chunks are not free: a client's allowance ends their number too.
+        cache.create("ws/d", "k", false).unwrap();
+        let mut taken = 0;
+        while cache
+            .put("ws/d", "k", None, Bytes::new(), 100 * CHUNK_COST)
+            .is_ok()
+        {
+            taken += 1;
+            assert!(taken <= 100);
+        }
+        assert_eq!(taken, 100);
+        assert_eq!(
+            cache.total_bytes(),
+            0,
+            "the message past its limit is dropped"
+        );
         assert!(cache.create("ws/c", &"k".repeat(300), false).is_err());
     }
 }

@@ -147,7 +147,10 @@ pub struct Scanner {
     /// The top-level object whose map keys are reported, by position.
     watch: Option<usize>,
     watched_is_map: Option<bool>,
-    keys: Vec<String>,
+    /// The first top-level key of the watched object that a client may not send (one of
+    /// [`SERVER_FIELDS`] and [`HEADER_ONLY_FIELDS`]): all that is kept of its keys, so a map
+    /// of millions of keys costs nothing to watch.
+    refused_key: Option<String>,
     /// The item that comes next is the value of a top-level `type` key.
     type_next: bool,
     /// The first refused message type ([`refused_type`]) found as the `type` of a top-level
@@ -321,7 +324,7 @@ impl Scanner {
             objects: 0,
             watch,
             watched_is_map: None,
-            keys: Vec::new(),
+            refused_key: None,
             type_next: false,
             refused_type: None,
             failed: None,
@@ -364,10 +367,9 @@ impl Scanner {
         self.watched_is_map
     }
 
-    /// The top-level string keys of the watched object seen so far that were at most
-    /// 16 bytes long (longer ones are not kept).
-    pub(crate) fn keys(&self) -> &[String] {
-        &self.keys
+    /// The first top-level key of the watched object seen so far that a client may not send.
+    pub(crate) fn refused_key(&self) -> Option<&str> {
+        self.refused_key.as_deref()
     }
 
     /// A refused message type ([`refused_type`]), if some top-level map scanned so far has it
@@ -570,9 +572,11 @@ impl Scanner {
             Payload::TopKey => {
                 self.type_next = self.key == b"type";
                 if self.watch == Some(self.objects)
+                    && self.refused_key.is_none()
                     && let Ok(key) = std::str::from_utf8(&self.key)
+                    && (SERVER_FIELDS.contains(&key) || HEADER_ONLY_FIELDS.contains(&key))
                 {
-                    self.keys.push(key.to_string());
+                    self.refused_key = Some(key.to_string());
                 }
             }
             Payload::TypeValue => {
@@ -1120,13 +1124,12 @@ pub(crate) fn verdict(scanner: &Scanner) -> Result<(), BodyError> {
         return Err(BodyError::NotMap);
     }
     // The first offending key, as the whole-slice check finds it.
-    for key in scanner.keys() {
-        if SERVER_FIELDS.contains(&key.as_str()) {
-            return Err(BodyError::ServerField(key.clone()));
-        }
-        if HEADER_ONLY_FIELDS.contains(&key.as_str()) {
-            return Err(BodyError::HeaderField(key.clone()));
-        }
+    if let Some(key) = scanner.refused_key() {
+        return Err(if SERVER_FIELDS.contains(&key) {
+            BodyError::ServerField(key.to_string())
+        } else {
+            BodyError::HeaderField(key.to_string())
+        });
     }
     if scanner.type_not_text() {
         return Err(BodyError::TypeNotText);
@@ -1663,6 +1666,31 @@ mod tests {
             scanner.feed(part)?;
         }
         verdict(&scanner)
+    }
+
+    /// A chunked body of half a million short keys keeps nothing per key (it used to keep
+    /// every key of up to 16 bytes: gigabytes for a few hundred megabytes sent); the first
+    /// refused key after them is still the one reported.
+    #[test]
+    fn a_body_of_many_keys_is_watched_without_keeping_them() {
+        let main = pack(&map(vec![("type", "method".into())]));
+        let entries = 500_000u32;
+        let mut body = vec![0xdf];
+        body.extend((entries + 2).to_be_bytes());
+        for _ in 0..entries {
+            body.extend([0xa0, 0xc0]);
+        }
+        for key in ["ws", "from"] {
+            body.push(0xa0 | key.len() as u8);
+            body.extend(key.as_bytes());
+            body.push(0xc0);
+        }
+        let mut scanner = Scanner::for_chunked(Limits::WALK, Some(1));
+        for part in [main.as_slice(), &body].concat().chunks(65_536) {
+            scanner.feed(part).unwrap();
+        }
+        assert_eq!(scanner.refused_key(), Some("ws"));
+        assert_eq!(verdict(&scanner), Err(BodyError::ServerField("ws".into())));
     }
 
     #[test]

@@ -391,7 +391,10 @@ async fn serve_frames(
                         // otherwise be part of every idle connection's future.
                         if let Err(e) = boxed(|| session.route(state, data)).await {
                             errors += 1;
-                            let _ = socket.send(Message::Text(error_text(&e.to_string()).into())).await;
+                            let told = Message::Text(error_text(&e.to_string()).into());
+                            if send_within(socket, told, settings.ping_timeout).await.is_err() {
+                                return "stopped reading its messages";
+                            }
                             if errors >= MAX_PROTOCOL_ERRORS {
                                 close_with(socket, CLOSE_POLICY, "too many invalid frames").await;
                                 return "too many invalid frames";
@@ -405,7 +408,10 @@ async fn serve_frames(
                             return "rate limit";
                         }
                         if let Some(reply) = control_type(text.as_str()).and_then(|kind| session.control(state, &kind)) {
-                            let _ = socket.send(Message::Text(reply.to_string().into())).await;
+                            let reply = Message::Text(reply.to_string().into());
+                            if send_within(socket, reply, settings.ping_timeout).await.is_err() {
+                                return "stopped reading its messages";
+                            }
                         }
                     }
                     Message::Close(_) => return "closed by the client",
@@ -425,13 +431,24 @@ async fn serve_frames(
                     Some(_) => {}
                     None => {
                         ping_sent = Some(now);
-                        if socket.send(Message::Ping(Bytes::new())).await.is_err() {
-                            return "write failed";
+                        let ping = Message::Ping(Bytes::new());
+                        if send_within(socket, ping, settings.ping_timeout).await.is_err() {
+                            return "write failed or timed out";
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Sends a message outside the queue (an error, a control reply, a ping) within `limit`: a
+/// client that stops reading cannot hold its connection, and what it holds, by never taking
+/// one (the queue's writes are cut by the hub's slow-consumer check instead).
+async fn send_within(socket: &mut WebSocket, message: Message, limit: Duration) -> Result<(), ()> {
+    match tokio::time::timeout(limit, socket.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
     }
 }
 
