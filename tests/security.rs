@@ -167,6 +167,62 @@ async fn scope_injection_through_generate_token_is_refused() {
     // The child cannot reach bob's workspace, nor register anything in public.
     let bad = connect_with(&app, hello("cam-1", minted.as_str(), Some("ws-user-bob"))).await;
     assert!(bad.unwrap_err().contains("bound to workspace"));
+    // A token bound to one client id (an admin's here, so that it may derive at all) derives
+    // only tokens bound to that id: none for another client, and one asked without a client
+    // id is bound to it all the same.
+    let bound = manager_call(
+        &mut socket,
+        &info,
+        "generate_token",
+        vec![map(&[
+            ("client_id", "cam-9".into()),
+            ("permission", "admin".into()),
+        ])],
+    )
+    .await
+    .unwrap();
+    let (mut camera, camera_info) = connect_with(&app, hello("cam-9", bound.as_str(), None))
+        .await
+        .unwrap();
+    let other = map(&[("client_id", "cam-2".into())]);
+    let refused = manager_call(&mut camera, &camera_info, "generate_token", vec![other]).await;
+    let refused = refused.unwrap_err();
+    assert!(refused.contains("bound to client cam-9"), "{refused}");
+    let derived = manager_call(&mut camera, &camera_info, "generate_token", vec![map(&[])])
+        .await
+        .unwrap();
+    let derived = app.tokens().parse(derived.as_str().unwrap()).unwrap();
+    assert_eq!(
+        derived.scope.client.as_ref().map(|c| c.as_str()),
+        Some("cam-9")
+    );
+    // A token restricted to one purpose (refused on websockets) derives, over HTTP, only
+    // tokens restricted alike.
+    let download_only = raw_token(json!({
+        "iss": "https://amun.ai/", "aud": "https://amun-ai.eu.auth0.com/api/v2/",
+        "sub": "eve", "exp": now() + 600, "scope": "ws:ws-user-eve#a file:download",
+    }));
+    let (status, _, body) = http(
+        &app,
+        "POST",
+        "/ws-user-eve/services/ws/generate_token",
+        &[
+            ("Authorization", &format!("Bearer {download_only}")),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"config": {"permission": "admin"}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let minted: String = serde_json::from_str(&body).unwrap();
+    let child = app.tokens().parse(&minted).unwrap();
+    assert!(
+        child.scope.to_claim().contains("file:download"),
+        "{}",
+        child.scope.to_claim()
+    );
+    let refused = connect_with(&app, hello("eve-1", Some(&minted), None)).await;
+    assert!(refused.is_err());
     still_works(&app).await;
 }
 
@@ -2313,4 +2369,49 @@ async fn a_client_that_never_reads_its_control_replies_is_let_go() {
         }
     }
     still_works(&app).await;
+}
+
+/// A sign-in form posted by another site (login CSRF: the visitor silently signed in to the
+/// attacker's account) or by an app's sandboxed page is refused before any password is
+/// checked; the server's own page (same origin, or no browser at all) still signs in.
+#[tokio::test]
+async fn sign_in_forms_from_other_sites_are_refused() {
+    let app = spawn_app(|_| {}).await;
+    let hash = hypha_rtc::auth::accounts::hash_password("correct horse").unwrap();
+    app.add_user(&hypha_rtc::store::UserRecord {
+        id: "umallory".into(),
+        email: "mallory@example.org".into(),
+        password_hash: hash,
+        roles: vec![],
+        created_at: now(),
+        disabled_at: None,
+    })
+    .await;
+    let form = b"email=mallory%40example.org&password=correct+horse";
+    let post = |extra: Vec<(&'static str, &'static str)>| {
+        let app = &app;
+        async move {
+            let mut headers = vec![("Content-Type", "application/x-www-form-urlencoded")];
+            headers.extend(extra);
+            http(app, "POST", "/public/apps/hypha-login/", &headers, form).await
+        }
+    };
+    for hostile in [
+        vec![
+            ("Origin", "https://evil.example"),
+            ("Sec-Fetch-Site", "cross-site"),
+        ],
+        vec![("Sec-Fetch-Site", "cross-site")],
+        vec![("Origin", "null"), ("Sec-Fetch-Site", "cross-site")],
+    ] {
+        let (status, headers, body) = post(hostile.clone()).await;
+        assert_eq!(status, 403, "{hostile:?}: {body}");
+        assert!(body.contains("another site"), "{body}");
+        assert!(header(&headers, "set-cookie").is_none(), "{hostile:?}");
+    }
+    for own in [vec![("Sec-Fetch-Site", "same-origin")], vec![]] {
+        let (status, headers, body) = post(own.clone()).await;
+        assert_eq!(status, 200, "{own:?}: {body}");
+        assert!(header(&headers, "set-cookie").is_some_and(|c| c.contains("access_token=")));
+    }
 }

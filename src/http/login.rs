@@ -90,6 +90,14 @@ async fn sign_in(
         )
             .into_response()
     };
+    // A form another site (or an app's sandboxed page) posts would sign the visitor in to an
+    // account of its choosing: only this server's own pages may post it.
+    if !state.cors.cookie_allowed(&headers) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "Sign in from this server's own page: a form from another site is refused",
+        );
+    }
     let user = match state
         .accounts
         .sign_in(form.email.trim(), &form.password, address)

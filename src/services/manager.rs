@@ -935,6 +935,16 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
             ClientId::parse(c).map_err(|e| Error::BadRequest(e.to_string()))
         })
         .transpose()?;
+    // A token bound to one client id derives only tokens bound to the same id.
+    let client = match (&caller.scope.client, client) {
+        (Some(bound), Some(asked)) if *bound != asked => {
+            return Err(Error::PermissionDenied(format!(
+                "this token is bound to client {bound}; it cannot derive a token for client {asked}"
+            )));
+        }
+        (Some(bound), _) => Some(bound.clone()),
+        (None, asked) => asked,
+    };
     let extra = match field("extra_scopes") {
         None | Some(Value::Nil) => Vec::new(),
         Some(Value::Array(items)) if items.len() <= crate::auth::scope::MAX_EXTRA => items
@@ -982,6 +992,12 @@ fn generate_token(state: &AppState, ctx: &CallContext, args: &Args) -> Result<Va
     child.scope.current = Some(workspace);
     child.scope.client = client;
     child.scope.extra = extra;
+    // A token restricted to one purpose (`file:download`) derives only tokens restricted alike.
+    for scope in caller.scope.extra.iter().filter(|s| s.is_specialized()) {
+        if !child.scope.extra.contains(scope) {
+            child.scope.extra.push(scope.clone());
+        }
+    }
     let token = match from {
         Some(from) => state
             .tokens
