@@ -2415,3 +2415,67 @@ async fn sign_in_forms_from_other_sites_are_refused() {
         assert!(header(&headers, "set-cookie").is_some_and(|c| c.contains("access_token=")));
     }
 }
+
+/// A reconnection token carries the grants of the token the client came with, not the
+/// permission its connection had: an owner removed from a workspace gets no admin back by
+/// reconnecting with a reconnection token from before (or refreshed after) the removal.
+#[tokio::test]
+async fn a_removed_owner_does_not_get_back_in_through_a_reconnection_token() {
+    let app = spawn_app(|_| {}).await;
+    let alice = token(&app, "alice", &[], 3600);
+    let carol = token(&app, "carol", &[], 3600);
+    let (mut home, info) = connect_with(&app, hello("a-home", Some(&alice), None))
+        .await
+        .unwrap();
+    let described = |owners: &[&str]| {
+        map(&[
+            ("id", "lab-owned".into()),
+            (
+                "owners",
+                Value::Array(owners.iter().map(|o| Value::from(*o)).collect()),
+            ),
+        ])
+    };
+    manager_call(
+        &mut home,
+        &info,
+        "create_workspace",
+        vec![described(&["alice", "carol"])],
+    )
+    .await
+    .unwrap();
+    let resume = |reconnection: &str| {
+        json!({"client_id": "c-1", "workspace": "lab-owned", "token": null,
+               "reconnection_token": reconnection})
+    };
+    let (inside, inside_info) = connect_with(&app, hello("c-1", Some(&carol), Some("lab-owned")))
+        .await
+        .unwrap();
+    let reconnection = inside_info["reconnection_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(inside);
+    eventually(Duration::from_secs(10), "carol's connection to end", || {
+        !app.is_connected("lab-owned/c-1")
+    })
+    .await;
+    // While she owns it, the reconnection token brings her back.
+    let (back, _) = connect_with(&app, resume(&reconnection)).await.unwrap();
+    drop(back);
+    eventually(Duration::from_secs(10), "carol's connection to end", || {
+        !app.is_connected("lab-owned/c-1")
+    })
+    .await;
+    manager_call(
+        &mut home,
+        &info,
+        "create_workspace",
+        vec![described(&["alice"]), true.into()],
+    )
+    .await
+    .unwrap();
+    let refused = connect_with(&app, resume(&reconnection)).await;
+    assert!(refused.is_err(), "a removed owner got back in");
+    still_works(&app).await;
+}

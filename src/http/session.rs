@@ -154,15 +154,14 @@ impl Session {
 
     /// The identity with the connection's client and workspace: what its reconnection tokens
     /// carry. Made when a token is issued (at the start and on `refresh_token`), not kept: it
-    /// would be a second copy of the user in every idle connection.
+    /// would be a second copy of the user in every idle connection. It carries the grants of
+    /// the token the client came with, never the permission the connection was given: that
+    /// may have come from owning a workspace, and is worked out again at the reconnection (an
+    /// owner removed since gets no admin back through a token refreshed meanwhile).
     fn scoped(&self) -> UserInfo {
         let mut scoped = (*self.user).clone();
         scoped.scope.client = Some(self.addr.client.clone());
         scoped.scope.current = Some(self.addr.workspace.clone());
-        scoped
-            .scope
-            .workspaces
-            .insert(self.addr.workspace.clone(), self.permission);
         scoped
     }
 
