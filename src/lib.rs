@@ -689,7 +689,8 @@ async fn watch_accounts(state: Arc<AppState>) {
         }
         ticks += 1;
         if ticks.is_multiple_of(30) {
-            state.hub.inflight.prune();
+            let here = state.hub.connected_parties();
+            state.hub.inflight.prune(|party| here.contains(&party));
             state.ice.prune();
             state.tokens.prune_limits();
             state.client_log.prune();

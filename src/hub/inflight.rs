@@ -18,6 +18,9 @@ use crate::rpc::frame::Frame;
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Most calls of one caller tracked at once.
 const MAX_OPEN_PER_CALLER: u32 = 10_000;
+/// A call this old whose caller and callee have both left this instance is forgotten at the
+/// next prune (younger ones are kept: their caller may have connected as the prune began).
+const GONE_AFTER: Duration = Duration::from_secs(10);
 
 struct Open {
     /// Keyed hashes of the caller's and the callee's addresses (see [`InFlight::party`]).
@@ -387,9 +390,22 @@ impl InFlight {
         self.calls.len() + self.server_calls.load(Ordering::Relaxed)
     }
 
-    /// Drops calls without news for a long time (run now and then).
-    pub(crate) fn prune(&self) {
-        self.retain(|open| open.touched.elapsed() < FORGET_AFTER);
+    /// Drops calls without news for a long time, and those neither of whose ends is here
+    /// any more (`is_here`, asked of an address's [`Self::party`]): nobody is left to answer
+    /// them or to be answered, and a client that opened thousands of calls and left (again
+    /// and again, under new ids) would otherwise leave them for [`FORGET_AFTER`]. Run now and
+    /// then.
+    pub(crate) fn prune(&self, is_here: impl Fn(u64) -> bool) {
+        self.retain(|open| {
+            let age = open.touched.elapsed();
+            age < FORGET_AFTER && (age < GONE_AFTER || is_here(open.caller) || is_here(open.callee))
+        });
+    }
+
+    /// Calls tracked now.
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
+        self.calls.len()
     }
 
     fn retain(&self, keep: impl Fn(&Open) -> bool) {
@@ -494,6 +510,37 @@ mod tests {
             assert_eq!(CallFields::of_trusted(&data), expected, "{case:?}");
         }
         assert_eq!(CallFields::of_trusted(b"\xc1"), CallFields::default());
+    }
+
+    /// A prune forgets the calls whose caller and callee have both gone (once they are a few
+    /// seconds old), keeps the others, and gives the callers' allowance back.
+    #[test]
+    fn calls_whose_ends_are_gone_are_pruned() {
+        let calls = InFlight::default();
+        for n in 0..5 {
+            let session = format!("s{n}");
+            calls.observe(
+                "ws/left",
+                "ws/left",
+                &frame(&[("method", "services.x.f"), ("session", &session)]),
+            );
+        }
+        calls.observe(
+            "ws/stays",
+            "ws/left",
+            &frame(&[("method", "services.x.f"), ("session", "kept")]),
+        );
+        let stays = calls.party("ws/stays");
+        let here = |party: u64| party == stays;
+        calls.prune(here);
+        assert_eq!(calls.tracked(), 6, "young calls are kept");
+        for mut open in calls.calls.iter_mut() {
+            open.touched -= GONE_AFTER;
+        }
+        calls.prune(here);
+        assert_eq!(calls.tracked(), 1);
+        assert!(calls.per_caller.get(&calls.party("ws/left")).is_none());
+        assert!(calls.awaits_answer("ws/stays", "kept", "ws/left"));
     }
 
     #[test]
