@@ -69,6 +69,9 @@ pub struct AppState {
     pub(crate) accounts: auth::accounts::Accounts,
     /// Who may connect, how many at once.
     pub(crate) admission: Arc<net::admission::Admission>,
+    /// HTTP streams (`GET /rpc`) counted as connections are, by their client's address: over
+    /// HTTP/2 one connection carries many, each a session.
+    pub(crate) stream_slots: Arc<net::admission::Admission>,
     /// Which browser origins may call with credentials.
     pub(crate) cors: Arc<http::cors::CorsPolicy>,
     /// The services the server answers itself.
@@ -360,6 +363,7 @@ impl App {
             hosted: services::Hosted::new(settings.demo.enabled),
             pending_logins: Default::default(),
             admission: net::admission::Admission::new(settings.admission.clone()),
+            stream_slots: net::admission::Admission::new(settings.admission.clone()),
             cors: Arc::new(http::cors::CorsPolicy::new(
                 &settings.http.allow_origins,
                 &[&public_base_url, &local_base_url],

@@ -2479,3 +2479,54 @@ async fn a_removed_owner_does_not_get_back_in_through_a_reconnection_token() {
     assert!(refused.is_err(), "a removed owner got back in");
     still_works(&app).await;
 }
+
+/// HTTP streams (`GET /rpc`) are counted by their client's address as connections are, by
+/// themselves: over HTTP/2, or behind a proxy, one connection carries many, each a session.
+/// Past the limit a stream is refused (429); one closed gives its place back.
+#[tokio::test]
+async fn http_streams_are_counted_per_address_by_themselves() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(|s| {
+        s.admission.max_per_address = 2;
+        s.admission.trusted_proxies =
+            hypha_rtc::net::client_addr::TrustedProxies::parse("127.0.0.1").unwrap();
+    })
+    .await;
+    // A stream from 198.51.100.7 through the (trusted) proxy on loopback: its status, and
+    // the connection, kept open while the stream lives.
+    let open = |client: &'static str| {
+        let addr = app.addr;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "GET /rpc?client_id={client} HTTP/1.1\r\nHost: {addr}\r\n\
+                 X-Forwarded-For: 198.51.100.7\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut head = vec![0u8; 12];
+            tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+                .await
+                .expect("a status in time")
+                .unwrap();
+            let status: u16 = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
+            (status, stream)
+        }
+    };
+    let (first, first_stream) = open("s1").await;
+    let (second, _second_stream) = open("s2").await;
+    let (third, _) = open("s3").await;
+    assert_eq!((first, second, third), (200, 200, 429));
+    drop(first_stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (again, _kept) = open("s4").await;
+        if again == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -78,6 +78,8 @@ pub(crate) struct Stream {
     secret: String,
     limit: Mutex<RateLimit>,
     errors: AtomicU32,
+    /// The stream's place in the per-address and total counts, given back as it goes.
+    _slot: crate::net::admission::Slot,
 }
 
 impl Stream {
@@ -146,6 +148,14 @@ async fn open(
     if let Err(reason) = account_usable(&state, &admitted.user).await {
         return refuse(StatusCode::UNAUTHORIZED, reason);
     }
+    // Held as long as the stream: HTTP/2 carries many streams on one connection, so they are
+    // counted by themselves, within the same limits as connections.
+    let Ok(slot) = state.stream_slots.admit(client_ip) else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many HTTP streams are open (from this address, or in all); close some first",
+        );
+    };
     let (session, rx) = match Session::open(&state, admitted, client_ip).await {
         Ok(opened) => opened,
         Err(taken @ Taken::Live(_)) => return refuse(StatusCode::CONFLICT, taken.to_string()),
@@ -163,6 +173,7 @@ async fn open(
         limit: Mutex::new(RateLimit::new(state.settings.connections.rate_limit)),
         errors: AtomicU32::new(0),
         session,
+        _slot: slot,
     });
     let mut cookie = format!(
         "{}={}; HttpOnly; SameSite=Strict; Max-Age={}",
