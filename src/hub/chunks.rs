@@ -29,15 +29,15 @@ use bytes::Bytes;
 
 use crate::rpc::frame::Frame;
 use crate::rpc::rules::SERVER_SESSION_MARK;
+// What a chunk held ahead of its turn costs besides its bytes: as a chunk in the server's own
+// cache does.
+use crate::rpc::cache::CHUNK_COST as EARLY_CHUNK_COST;
 use crate::rpc::scan::{self, Limits, Scanner};
 
 /// Messages one sender may have in flight to all its targets.
 const MAX_MESSAGES_PER_SENDER: usize = 64;
 /// Chunks that arrived ahead of their turn, held per sender until the gap fills.
 const MAX_EARLY_BYTES_PER_SENDER: usize = 16 * 1024 * 1024;
-/// What a chunk held ahead of its turn costs besides its bytes (its entry), so that empty
-/// chunks are not free.
-const EARLY_CHUNK_COST: usize = 64;
 /// Chunks of one message held ahead of their turn at most.
 const MAX_EARLY_CHUNKS: usize = 4096;
 /// Bytes of unprocessed chunks one sender may have delivered to all its targets: what its

@@ -22,8 +22,9 @@ const MAX_MESSAGES_PER_CLIENT: usize = 32;
 const MAX_KEY_LEN: usize = 256;
 /// Highest chunk index accepted (a 64 MiB message has 256 chunks of 256 KiB).
 const MAX_INDEX: u64 = 65_536;
-/// What a chunk costs besides its bytes (its entry), so that empty chunks are not free.
-const CHUNK_COST: usize = 64;
+/// What a held chunk costs besides its bytes (its entry), so that empty chunks are not free
+/// (here and in the hub's chunks held ahead of their turn).
+pub(crate) const CHUNK_COST: usize = 64;
 
 /// What a chunk of `len` bytes is charged.
 fn cost(len: usize) -> usize {

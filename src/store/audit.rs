@@ -313,8 +313,8 @@ impl Writer {
     /// so a busy queue wakes it once per batch rather than once per row; writes what it took
     /// in batches, answers the flushes that came with them; keeps and retries rows the store
     /// refused, with a growing pause. Rows of earlier runs are claimed a bound's worth of
-    /// files at a time, once those claimed before are written. Asked to stop, it closes the queue, takes all that is in it,
-    /// and ends with [`Writer::finish`].
+    /// files at a time, once those claimed before are written. Asked to stop, it closes the
+    /// queue, takes all that is in it, and ends with [`Writer::finish`].
     async fn run(mut self, mut items: mpsc::Receiver<Item>, flushing: Arc<Notify>) {
         let mut backoff = Duration::ZERO;
         let mut closed = false;
@@ -390,6 +390,13 @@ impl Writer {
         self.held.unclaimed && self.held.recovered == 0 && !self.stopping()
     }
 
+    /// Tells `/metrics` how many rows the writer holds.
+    fn note_held(&self) {
+        self.health
+            .held
+            .store(self.held.rows.len(), Ordering::Relaxed);
+    }
+
     /// Whether the stop has been asked for.
     fn stopping(&self) -> bool {
         self.deadline.borrow().is_some()
@@ -420,9 +427,7 @@ impl Writer {
         self.held.recovered += claim.rows.len();
         self.held.rows.splice(0..0, claim.rows);
         self.held.files.extend(claim.files);
-        self.health
-            .held
-            .store(self.held.rows.len(), Ordering::Relaxed);
+        self.note_held();
     }
 
     /// Takes what is queued now, up to [`MAX_PENDING`] rows held (all of it once the stop is
@@ -448,16 +453,12 @@ impl Writer {
                 }
                 Some(_) => {
                     taken.drain(..).for_each(|item| self.held.take(item));
-                    self.health
-                        .held
-                        .store(self.held.rows.len(), Ordering::Relaxed);
+                    self.note_held();
                 }
                 None => break,
             }
         }
-        self.health
-            .held
-            .store(self.held.rows.len(), Ordering::Relaxed);
+        self.note_held();
         closed
     }
 
@@ -501,9 +502,7 @@ impl Writer {
                             self.claim().await;
                         }
                     }
-                    self.health
-                        .held
-                        .store(self.held.rows.len(), Ordering::Relaxed);
+                    self.note_held();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, rows = self.held.rows.len(), "cannot write ICE audit rows; keeping them to try again");
@@ -833,6 +832,21 @@ mod tests {
         .unwrap();
     }
 
+    /// Records rows `tag-0`, `tag-1`, ... (optional ones) until the writer holds all it may
+    /// and its queue is full, against a store that refuses them; how many were taken.
+    async fn fill(audit: &Audit, tag: &str) -> usize {
+        let mut accepted = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while audit.waiting() < MAX_PENDING + QUEUE {
+            assert!(std::time::Instant::now() < deadline, "{}", audit.waiting());
+            match audit.record(row(tag, accepted), false) {
+                Ok(()) => accepted += 1,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        accepted
+    }
+
     /// A stop writes every row accepted before it (more than a batch) and refuses every row
     /// after it, counted.
     #[tokio::test]
@@ -915,15 +929,7 @@ mod tests {
         let kept_dir = dir.join("kept");
         refuse_inserts(&pool).await;
         let audit = Audit::start(pool.clone(), true, Arc::new(Health::default()));
-        let mut accepted = 0;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while audit.waiting() < MAX_PENDING + QUEUE {
-            assert!(std::time::Instant::now() < deadline, "{}", audit.waiting());
-            match audit.record(row("full", accepted), false) {
-                Ok(()) => accepted += 1,
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
+        let accepted = fill(&audit, "full").await;
         assert_eq!(accepted, MAX_PENDING + QUEUE);
         assert!(audit.record(row("full", accepted), false).is_err());
         let closed = audit
@@ -949,15 +955,8 @@ mod tests {
         refuse_inserts(&pool).await;
         let health = Arc::new(Health::default());
         let audit = Audit::start(pool.clone(), true, health.clone());
-        let mut accepted = 0;
+        let mut accepted = fill(&audit, "backlog").await;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while audit.waiting() < MAX_PENDING + QUEUE {
-            assert!(std::time::Instant::now() < deadline, "{}", audit.waiting());
-            match audit.record(row("backlog", accepted), false) {
-                Ok(()) => accepted += 1,
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
         sqlx::query("DROP TRIGGER refuse")
             .execute(&pool)
             .await
